@@ -1,0 +1,201 @@
+// Shared helpers for every kernel in kernels/*.cu: FP16 storage helpers, block reductions and the
+// bilinear sampling used by both masks.cu and combine.cu (one definition, so the two cannot drift).
+//
+// Header-free on purpose: NVRTC provides the builtin vector types (uint2, uint4, float4) and the
+// math functions (floorf, expf, fminf, ...), and FP16 is handled here with the same PTX `cvt`
+// instructions that cuda_fp16.hpp uses. So the kernels compile with libnvrtc alone, with no CUDA
+// headers on the machine. FP16 values are passed around as their raw 16-bit pattern (`f16raw`).
+//
+// build.rs embeds the files; src/backend/cuda/kernels.rs inlines this file once at the top of the
+// single NVRTC program and drops the `#include "common.cuh"` lines of the .cu files. The guard
+// keeps the files valid for a plain `nvcc -I kernels masks.cu` as well.
+#ifndef SCORECAM_COMMON_CUH
+#define SCORECAM_COMMON_CUH
+
+typedef unsigned short f16raw;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// ---------------------------------------------------------------------------------------------
+// FP16 <-> f32 (round to nearest even, like __float2half / half::f16::from_f32).
+__device__ __forceinline__ float h2f(f16raw h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ f16raw f2h(float f) {
+    f16raw h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// Two halves packed in a u32 (low half = lower address).
+__device__ __forceinline__ float lo_f(u32 v) { return h2f((f16raw)(v & 0xffffu)); }
+__device__ __forceinline__ float hi_f(u32 v) { return h2f((f16raw)(v >> 16)); }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)f2h(lo) | ((u32)f2h(hi) << 16);
+}
+
+__device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
+
+// True when `p` is aligned to `bytes` (a power of two).
+__device__ __forceinline__ bool is_aligned(const void* p, u64 bytes) {
+    return (reinterpret_cast<u64>(p) & (bytes - 1)) == 0;
+}
+
+// Grid-stride helpers (64-bit: element counts may exceed 2^31).
+__device__ __forceinline__ i64 global_tid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ i64 global_stride() { return (i64)gridDim.x * blockDim.x; }
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Every block that uses them has blockDim.x a multiple of 32 (the launchers guarantee
+// it), all threads of the block must call them (block-uniform control flow), and each call
+// returns the result to every thread.
+__device__ __forceinline__ float warp_min(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Block-wide min and max together (one pair of barriers for both).
+__device__ __forceinline__ void block_min_max(float& mn, float& mx) {
+    __shared__ float s_min[32];
+    __shared__ float s_max[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    mn = warp_min(mn);
+    mx = warp_max(mx);
+    __syncthreads();  // a previous call may still be reading s_min[0] / s_max[0]
+    if (lane == 0) {
+        s_min[warp] = mn;
+        s_max[warp] = mx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float a = lane < nwarps ? s_min[lane] : f32_inf();
+        float b = lane < nwarps ? s_max[lane] : -f32_inf();
+        a = warp_min(a);
+        b = warp_max(b);
+        if (lane == 0) {
+            s_min[0] = a;
+            s_max[0] = b;
+        }
+    }
+    __syncthreads();
+    mn = s_min[0];
+    mx = s_max[0];
+}
+
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float s_red[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) s_red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float a = lane < nwarps ? s_red[lane] : -f32_inf();
+        a = warp_max(a);
+        if (lane == 0) s_red[0] = a;
+    }
+    __syncthreads();
+    return s_red[0];
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float s_sum[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) s_sum[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float a = lane < nwarps ? s_sum[lane] : 0.0f;
+        a = warp_sum(a);
+        if (lane == 0) s_sum[0] = a;
+    }
+    __syncthreads();
+    return s_sum[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bilinear sampling, exactly as PyTorch's upsample_bilinear2d with an output size:
+//   align_corners=False: scale = in/out, src = scale·(dst + 0.5) − 0.5, clamped at 0;
+//   align_corners=True:  scale = (in − 1)/(out − 1) (0 when out == 1), src = scale·dst.
+//   i0 = floor(src) (≤ in − 1), i1 = min(i0 + 1, in − 1), lambda = src − i0.
+// and the value h0·(w0·v00 + w1·v01) + h1·(w0·v10 + w1·v11) with h0 = 1 − lambda_y etc.
+struct Tap {
+    int i0;
+    int i1;
+    float l1;  // weight of i1; i0 gets 1 - l1
+};
+
+__device__ __forceinline__ float bilinear_scale(int in, int out, bool align_corners) {
+    if (align_corners) return out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.0f;
+    return (float)in / (float)out;
+}
+
+__device__ __forceinline__ Tap bilinear_tap(int dst, int in, float scale, bool align_corners) {
+    float src;
+    if (align_corners) {
+        src = scale * (float)dst;
+    } else {
+        src = scale * ((float)dst + 0.5f) - 0.5f;
+        src = src < 0.0f ? 0.0f : src;
+    }
+    Tap t;
+    int i0 = (int)src;  // src >= 0: truncation is floor
+    i0 = i0 < in - 1 ? i0 : in - 1;
+    t.i0 = i0;
+    t.i1 = i0 + 1 < in ? i0 + 1 : in - 1;
+    t.l1 = src - (float)i0;
+    return t;
+}
+
+// One value of the upsampled plane from the taps of its row and column. `plane` is row-major
+// [h][w] with element (y, x) at plane[(y·w + x)·stride] (stride 1 in shared memory, K when
+// reading straight from NHWC activations).
+template <typename Load>
+__device__ __forceinline__ float bilinear_value(const Load& at, Tap ty, Tap tx) {
+    const float wx1 = tx.l1, wx0 = 1.0f - tx.l1;
+    const float wy1 = ty.l1, wy0 = 1.0f - ty.l1;
+    const float top = wx0 * at(ty.i0, tx.i0) + wx1 * at(ty.i0, tx.i1);
+    const float bot = wx0 * at(ty.i1, tx.i0) + wx1 * at(ty.i1, tx.i1);
+    return wy0 * top + wy1 * bot;
+}
+
+// A [h][w] f32 plane in shared memory.
+struct SmemPlane {
+    const float* p;
+    int w;
+    __device__ __forceinline__ float operator()(int y, int x) const { return p[y * w + x]; }
+};
+// A [h][w] f32 plane in global memory.
+struct GlobalPlaneF32 {
+    const float* p;
+    int w;
+    __device__ __forceinline__ float operator()(int y, int x) const { return p[(i64)y * w + x]; }
+};
+// Channel `c` of one NHWC FP16 image [h][w][k] in global memory.
+struct GlobalPlaneF16 {
+    const f16raw* p;  // already offset to the image and channel
+    int w;
+    int k;
+    __device__ __forceinline__ float operator()(int y, int x) const {
+        return h2f(p[((i64)y * w + x) * k]);
+    }
+};
+
+#endif  // SCORECAM_COMMON_CUH

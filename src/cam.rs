@@ -1,0 +1,336 @@
+//! Score-CAM orchestration, backend-agnostic: base forward → masks → masked forwards (batched,
+//! across images) → scores → channel weights → combined maps. See DESIGN.md "Score-CAM, exactly".
+
+use std::sync::Arc;
+
+use crate::backend::cpu::{min_max, softmax, upsample_bilinear};
+use crate::backend::{Backend, MaskItem, Plan, Semantics, Stage};
+use crate::error::{Error, Result};
+use crate::model::{MapShape, Vgg};
+
+/// What to explain and how.
+#[derive(Clone, Debug)]
+pub struct CamOptions {
+    pub semantics: Semantics,
+    /// `features.N` (torchvision numbering); `None`: the last conv's ReLU output.
+    pub layer: Option<String>,
+    /// Target classes (shared by every image); `None`: each image's top-1.
+    pub classes: Option<Vec<usize>>,
+    /// Most masked inputs per forward (bounds memory).
+    pub mask_batch: usize,
+    /// Most images whose masked inputs are forwarded together.
+    pub image_batch: usize,
+}
+
+impl Default for CamOptions {
+    fn default() -> Self {
+        CamOptions {
+            semantics: Semantics::Official,
+            layer: None,
+            classes: None,
+            mask_batch: 64,
+            image_batch: 1,
+        }
+    }
+}
+
+/// The map for one target class of one image.
+#[derive(Clone, Debug)]
+pub struct ClassMap {
+    pub class: usize,
+    /// Softmax probability of `class` on the unmasked input.
+    pub score: f32,
+    /// `[S, S]` in [0, 1].
+    pub map: Vec<f32>,
+    /// The map was constant (all zeros written).
+    pub flat: bool,
+    /// Per-channel score: official `s_k` (0 for skipped channels), channel-softmax logit `z_k`.
+    pub channel_scores: Vec<f32>,
+}
+
+/// Everything computed for one image.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    pub top1: usize,
+    /// Softmax over the classes of the unmasked input.
+    pub probs: Vec<f32>,
+    /// Raw logits of the unmasked input.
+    pub logits: Vec<f32>,
+    /// Channels whose activations are constant (skipped in official mode).
+    pub flat_channels: usize,
+    pub maps: Vec<ClassMap>,
+}
+
+/// Buffers sized once for the plan and reused for every image group.
+struct Buffers<B: Backend> {
+    images: B::Buf,
+    base_logits: B::Buf,
+    acts: B::Buf,
+    masked: B::Buf,
+    masked_logits: B::Buf,
+}
+
+/// Runs Score-CAM on one backend with one model and one set of options.
+pub struct Explainer<B: Backend> {
+    backend: B,
+    model: Arc<Vgg>,
+    opts: CamOptions,
+    plan: Plan,
+    acts_shape: MapShape,
+    bufs: Buffers<B>,
+}
+
+impl<B: Backend> Explainer<B> {
+    /// Resolve the layer, prepare the backend and allocate every buffer. On out-of-memory the
+    /// mask batch is halved (with a notice on stderr) until it fits; at 1 the error is returned.
+    pub fn new(mut backend: B, model: Arc<Vgg>, opts: CamOptions) -> Result<Self> {
+        if opts.mask_batch == 0 || opts.image_batch == 0 {
+            return Err(Error::Usage(
+                "--mask-batch and --image-batch must be at least 1".into(),
+            ));
+        }
+        let classes = model.num_classes();
+        if let Some(bad) = opts.classes.iter().flatten().find(|&&c| c >= classes) {
+            return Err(Error::Usage(format!(
+                "--class {bad} is out of range: the model has {classes} classes (0..={})",
+                classes - 1
+            )));
+        }
+        let capture = match &opts.layer {
+            Some(name) => model.resolve_layer(name).map_err(Error::Usage)?,
+            None => model.default_capture(),
+        };
+        let s = model.input_size();
+        let acts_shape = model.capture_shape(capture, s);
+        let mut plan = Plan {
+            input_size: s,
+            max_images: opts.image_batch,
+            max_masks: opts.mask_batch,
+            capture,
+        };
+        let bufs = loop {
+            match Self::setup(&mut backend, &model, plan, acts_shape) {
+                Ok(bufs) => break bufs,
+                Err(Error::OutOfMemory(msg)) if plan.max_masks > 1 => {
+                    plan.max_masks /= 2;
+                    eprintln!(
+                        "notice: out of memory ({msg}); retrying with --mask-batch {}",
+                        plan.max_masks
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Explainer {
+            backend,
+            model,
+            opts,
+            plan,
+            acts_shape,
+            bufs,
+        })
+    }
+
+    fn setup(backend: &mut B, model: &Arc<Vgg>, plan: Plan, a: MapShape) -> Result<Buffers<B>> {
+        let (s, c) = (plan.input_size, model.num_classes());
+        backend.prepare(model, plan)?;
+        Ok(Buffers {
+            images: backend.alloc(&[plan.max_images, 3, s, s])?,
+            base_logits: backend.alloc(&[plan.max_images, c])?,
+            acts: backend.alloc(&[plan.max_images, a.c, a.h, a.w])?,
+            masked: backend.alloc(&[plan.max_masks, 3, s, s])?,
+            masked_logits: backend.alloc(&[plan.max_masks, c])?,
+        })
+    }
+
+    pub fn backend(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    pub fn model(&self) -> &Vgg {
+        &self.model
+    }
+
+    pub fn model_arc(&self) -> Arc<Vgg> {
+        Arc::clone(&self.model)
+    }
+
+    /// The mask batch in use (smaller than asked for after an out-of-memory retry).
+    pub fn mask_batch(&self) -> usize {
+        self.plan.max_masks
+    }
+
+    /// Name of the layer whose activations make the masks.
+    pub fn layer_name(&self) -> String {
+        self.model.capture_name(self.plan.capture)
+    }
+
+    /// Shape `[K, h, w]` of the activations the masks are made from.
+    pub fn capture_shape(&self) -> MapShape {
+        self.acts_shape
+    }
+
+    /// Explain images given as S×S RGB u8 (HWC). Images are processed in groups of
+    /// `image_batch`; the masked inputs of a group share forward batches.
+    pub fn explain(&mut self, images: &[Vec<u8>]) -> Result<Vec<Explanation>> {
+        let mut out = Vec::with_capacity(images.len());
+        for group in images.chunks(self.plan.max_images) {
+            out.extend(self.explain_group(group)?);
+        }
+        Ok(out)
+    }
+
+    fn explain_group(&mut self, group: &[Vec<u8>]) -> Result<Vec<Explanation>> {
+        let n = group.len();
+        let s = self.plan.input_size;
+        let MapShape { c: k, h, w } = self.acts_shape;
+        let sem = self.opts.semantics;
+        let meta = &self.model.meta;
+        let (be, bufs) = (&mut self.backend, &mut self.bufs);
+
+        be.mark(Some(Stage::Preprocess))?;
+        for (slot, rgb) in group.iter().enumerate() {
+            if rgb.len() != s * s * 3 {
+                return Err(Error::Invalid(format!(
+                    "image {slot} has {} bytes, expected {s}×{s}×3",
+                    rgb.len()
+                )));
+            }
+            be.preprocess(rgb, meta.mean, meta.std, &mut bufs.images, slot)?;
+        }
+
+        be.mark(Some(Stage::BaseForward))?;
+        be.forward(&bufs.images, n, &mut bufs.base_logits, Some(&mut bufs.acts))?;
+        let logits = be.download(&bufs.base_logits, n)?;
+        let acts = be.download(&bufs.acts, n)?;
+
+        // Per image: probabilities, targets, flat channels.
+        let classes = self.model.num_classes();
+        let mut results: Vec<Explanation> = Vec::with_capacity(n);
+        let mut targets: Vec<Vec<usize>> = Vec::with_capacity(n);
+        let mut flat: Vec<Vec<bool>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let row = &logits[i * classes..][..classes];
+            let probs = softmax(row);
+            let top1 = argmax(row);
+            targets.push(self.opts.classes.clone().unwrap_or_else(|| vec![top1]));
+            let f = flat_channels(&acts[i * k * h * w..][..k * h * w], k, h * w);
+            results.push(Explanation {
+                top1,
+                probs,
+                logits: row.to_vec(),
+                flat_channels: f.iter().filter(|&&x| x).count(),
+                maps: Vec::new(),
+            });
+            flat.push(f);
+        }
+        let t = targets[0].len();
+
+        // Official mode never forwards a flat channel (weight 0); channel-softmax forwards all.
+        let items: Vec<MaskItem> = (0..n)
+            .flat_map(|i| (0..k).map(move |c| (i, c)))
+            .filter(|&(i, c)| sem == Semantics::ChannelSoftmax || !flat[i][c])
+            .map(|(i, c)| MaskItem {
+                image: i as u32,
+                channel: c as u32,
+            })
+            .collect();
+
+        // scores[i][target j][channel]
+        let mut scores = vec![vec![vec![0f32; k]; t]; n];
+        for batch in items.chunks(self.plan.max_masks) {
+            be.mark(Some(Stage::Masks))?;
+            be.masked_inputs(&bufs.images, &bufs.acts, batch, sem, &mut bufs.masked)?;
+            be.mark(Some(Stage::MaskedForward))?;
+            be.forward(&bufs.masked, batch.len(), &mut bufs.masked_logits, None)?;
+            be.mark(Some(Stage::Scores))?;
+            let row_targets: Vec<u32> = batch
+                .iter()
+                .flat_map(|it| targets[it.image as usize].iter().map(|&c| c as u32))
+                .collect();
+            let got = be.scores(
+                &bufs.masked_logits,
+                batch.len(),
+                &row_targets,
+                sem.score_is_probability(),
+            )?;
+            for (r, it) in batch.iter().enumerate() {
+                for j in 0..t {
+                    scores[it.image as usize][j][it.channel as usize] = got[r * t + j];
+                }
+            }
+        }
+
+        be.mark(Some(Stage::Combine))?;
+        for (i, res) in results.iter_mut().enumerate() {
+            for (j, &class) in targets[i].iter().enumerate() {
+                let channel_scores = std::mem::take(&mut scores[i][j]);
+                let weights = match sem {
+                    Semantics::Official => channel_scores.clone(),
+                    Semantics::ChannelSoftmax => softmax(&channel_scores),
+                };
+                let (low_or_map, flat_map) = be.combine(&bufs.acts, i, &weights, sem)?;
+                let (map, flat_map) = match sem {
+                    Semantics::Official => (low_or_map, flat_map),
+                    Semantics::ChannelSoftmax => grad_cam_scale(&low_or_map, h, w, s),
+                };
+                res.maps.push(ClassMap {
+                    class,
+                    score: res.probs[class],
+                    map,
+                    flat: flat_map,
+                    channel_scores,
+                });
+            }
+        }
+        be.mark(None)?;
+        Ok(results)
+    }
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Which of `k` channels of `plane` values each are constant. Decided on the low-resolution
+/// activations: a constant channel upsamples to a constant map and a varying one does not, so
+/// this equals the official `U.max() == U.min()` test without upsampling, on every backend alike.
+pub fn flat_channels(acts: &[f32], k: usize, plane: usize) -> Vec<bool> {
+    (0..k)
+        .map(|c| {
+            let (lo, hi) = min_max(&acts[c * plane..][..plane]);
+            lo == hi
+        })
+        .collect()
+}
+
+/// pytorch-grad-cam 1.5.7's post-processing of `ReLU(Σ α_k A_k)` (`[h, w]`): `scale_cam_image`
+/// with the target size (x − min, / (max + 1e-7), cv2.resize bilinear to S×S), then
+/// `aggregate_multi_layers` (max(·, 0), mean over the one layer, `scale_cam_image` again).
+/// Returns the S×S map and whether it was constant.
+pub fn grad_cam_scale(low: &[f32], h: usize, w: usize, s: usize) -> (Vec<f32>, bool) {
+    let scale = |x: &mut [f32]| {
+        let (lo, _) = min_max(x);
+        x.iter_mut().for_each(|v| *v -= lo);
+        let (_, hi) = min_max(x);
+        x.iter_mut().for_each(|v| *v /= 1e-7 + hi);
+    };
+    let mut l = low.to_vec();
+    let (lo, hi) = min_max(&l);
+    scale(&mut l);
+    // cv2.resize(INTER_LINEAR) uses half-pixel centres with edge clamping: the same sampling as
+    // PyTorch's align_corners=False.
+    let mut map = upsample_bilinear(&l, h, w, s, false);
+    map.iter_mut().for_each(|v| *v = v.max(0.0));
+    scale(&mut map);
+    (map, lo == hi)
+}

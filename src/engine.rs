@@ -1,0 +1,142 @@
+//! Choosing a backend and loading a model: the glue between the CLI and [`crate::cam`].
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, Stage};
+use crate::cam::{CamOptions, Explainer, Explanation};
+use crate::error::{Error, Result};
+use crate::model::{MapShape, Vgg};
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA when a usable GPU is found, else the CPU (with a one-line notice).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Load the model: `--random-weights SEED` builds VGG16 in memory, else the weights file is
+/// resolved (`--weights`, `$SCORECAM_WEIGHTS`, `weights/vgg16.safetensors`, hub cache/download).
+/// `input_size` overrides the file's `input_size`.
+pub fn load_model(
+    weights: Option<&Path>,
+    random_seed: Option<u64>,
+    input_size: Option<usize>,
+    show_progress: bool,
+) -> Result<Arc<Vgg>> {
+    let mut model = match random_seed {
+        Some(seed) => Vgg::random_vgg16(seed),
+        None => {
+            let path = crate::hub::resolve_weights(weights, show_progress)?;
+            crate::weights::load(&path)?
+        }
+    };
+    if let Some(s) = input_size {
+        if s < 32 {
+            return Err(Error::Usage(format!(
+                "--input-size {s}: must be at least 32"
+            )));
+        }
+        model.meta.input_size = s;
+        model
+            .validate()
+            .map_err(|m| Error::Usage(format!("--input-size {s}: {m}")))?;
+    }
+    Ok(Arc::new(model))
+}
+
+/// An explainer on whichever backend was chosen.
+pub enum Engine {
+    Cpu(Explainer<CpuBackend>),
+    Cuda(Box<Explainer<CudaBackend>>),
+}
+
+/// Run `$body` with `$e` bound to the explainer inside, whatever its backend.
+macro_rules! with_explainer {
+    ($engine:expr, $e:ident => $body:expr) => {
+        match $engine {
+            Engine::Cpu($e) => $body,
+            Engine::Cuda($e) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// Open the backend and prepare the explainer. `auto` falls back to the CPU with a notice
+    /// on stderr when no usable GPU is found; `cuda` fails with `Error::CudaUnavailable`.
+    pub fn new(choice: BackendChoice, model: Arc<Vgg>, opts: CamOptions) -> Result<Engine> {
+        let cuda = match choice {
+            BackendChoice::Cpu => None,
+            BackendChoice::Cuda => Some(CudaBackend::new(0)?),
+            BackendChoice::Auto => match CudaBackend::new(0) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("notice: no usable GPU ({e}); running on the CPU");
+                    None
+                }
+            },
+        };
+        Ok(match cuda {
+            Some(b) => Engine::Cuda(Box::new(Explainer::new(b, model, opts)?)),
+            None => Engine::Cpu(Explainer::new(CpuBackend::new(), model, opts)?),
+        })
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Engine::Cuda(_))
+    }
+
+    pub fn explain(&mut self, images: &[Vec<u8>]) -> Result<Vec<Explanation>> {
+        with_explainer!(self, e => e.explain(images))
+    }
+
+    pub fn describe(&mut self) -> String {
+        with_explainer!(self, e => e.backend().describe())
+    }
+
+    /// The model's class labels, if it has any.
+    pub fn labels(&self) -> Option<&[String]> {
+        with_explainer!(self, e => e.model().meta.labels.as_deref())
+    }
+
+    pub fn input_size(&self) -> usize {
+        with_explainer!(self, e => e.model().input_size())
+    }
+
+    pub fn model_arc(&self) -> Arc<Vgg> {
+        with_explainer!(self, e => e.model_arc())
+    }
+
+    pub fn layer_name(&self) -> String {
+        with_explainer!(self, e => e.layer_name())
+    }
+
+    pub fn capture_shape(&self) -> MapShape {
+        with_explainer!(self, e => e.capture_shape())
+    }
+
+    pub fn mask_batch(&self) -> usize {
+        with_explainer!(self, e => e.mask_batch())
+    }
+
+    /// Plain forward timings (see [`crate::bench::forward`]). Re-plans the backend: run Score-CAM
+    /// with a fresh engine afterwards.
+    pub fn bench_forward(&mut self, sizes: &[usize], reps: usize) -> Result<serde_json::Value> {
+        with_explainer!(self, e => {
+            let model = e.model_arc();
+            crate::bench::forward(e.backend(), &model, sizes, reps)
+        })
+    }
+
+    pub fn set_profiling(&mut self, on: bool) {
+        with_explainer!(self, e => e.backend().set_profiling(on))
+    }
+
+    pub fn take_stage_times(&mut self) -> Result<Vec<(Stage, f64)>> {
+        with_explainer!(self, e => e.backend().take_stage_times())
+    }
+}

@@ -1,0 +1,447 @@
+//! The VGG layer list: what the weights describe, independent of any backend.
+//!
+//! A VGG is `features` (Conv3x3+ReLU and MaxPool2 stages), AdaptiveAvgPool2d(7×7), flatten in
+//! C,H,W order, then `classifier` (Linear layers, ReLU between them, none after the last).
+//! Module indices follow torchvision's numbering so that `--layer features.N` means what it means
+//! in PyTorch. BatchNorm (the `_bn` variants) is folded into the conv at load time.
+
+/// One conv3×3 (pad 1, stride 1) followed by ReLU. Weights in PyTorch's OIHW layout.
+#[derive(Clone, Debug)]
+pub struct ConvLayer {
+    /// torchvision index of the conv module (`features.{conv_index}`).
+    pub conv_index: usize,
+    /// torchvision index of the ReLU after it (`conv_index+1`, or `+2` in `_bn` models).
+    pub relu_index: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// [cout, cin, 3, 3]
+    pub weight: Vec<f32>,
+    /// [cout]
+    pub bias: Vec<f32>,
+}
+
+/// One stage of `features`.
+#[derive(Clone, Debug)]
+pub enum FeatureStage {
+    Conv(ConvLayer),
+    /// MaxPool2d(2, 2) at torchvision index `index`.
+    MaxPool {
+        index: usize,
+    },
+}
+
+/// One Linear layer of the classifier. Weights `[fout, fin]` (PyTorch layout).
+#[derive(Clone, Debug)]
+pub struct LinearLayer {
+    /// torchvision index (`classifier.{index}`).
+    pub index: usize,
+    pub fin: usize,
+    pub fout: usize,
+    /// ReLU after this layer (all but the last).
+    pub relu: bool,
+    /// [fout, fin]; `fin` is in C,H,W order of the 7×7 pooled features for the first layer.
+    pub weight: Vec<f32>,
+    /// [fout]
+    pub bias: Vec<f32>,
+}
+
+/// Preprocessing and labelling facts carried by the weights file.
+#[derive(Clone, Debug)]
+pub struct ModelMeta {
+    pub input_size: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// One label per class, from the file's metadata or `weights/imagenet_classes.txt`.
+    pub labels: Option<Vec<String>>,
+    pub arch: Option<String>,
+    /// Where the weights came from (a path, or `random(seed)`).
+    pub source: String,
+    /// The dtypes found in the file (F32/F16/BF16), for `inspect`.
+    pub dtypes: Vec<String>,
+}
+
+impl Default for ModelMeta {
+    fn default() -> Self {
+        ModelMeta {
+            input_size: 224,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            labels: None,
+            arch: None,
+            source: String::new(),
+            dtypes: Vec::new(),
+        }
+    }
+}
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// AdaptiveAvgPool2d output side between features and classifier.
+pub const POOLED: usize = 7;
+
+/// A whole VGG network with host f32 weights.
+#[derive(Clone, Debug)]
+pub struct Vgg {
+    pub features: Vec<FeatureStage>,
+    pub classifier: Vec<LinearLayer>,
+    pub meta: ModelMeta,
+}
+
+/// Where to take the activations that Score-CAM turns into masks: the output of one `features`
+/// module. Conv and ReLU are one stage here; `pre_relu` selects the conv's own output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// Index into [`Vgg::features`].
+    pub stage: usize,
+    /// For a conv stage: take the output before the ReLU. Ignored for pools.
+    pub pre_relu: bool,
+}
+
+/// Shape of a feature map: channels, height, width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Vgg {
+    pub fn num_classes(&self) -> usize {
+        self.classifier.last().map(|l| l.fout).unwrap_or(0)
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.meta.input_size
+    }
+
+    pub fn convs(&self) -> impl Iterator<Item = &ConvLayer> {
+        self.features.iter().filter_map(|s| match s {
+            FeatureStage::Conv(c) => Some(c),
+            FeatureStage::MaxPool { .. } => None,
+        })
+    }
+
+    /// Output shape of every feature stage for a square input of side `s`.
+    pub fn stage_shapes(&self, s: usize) -> Vec<MapShape> {
+        let mut shape = MapShape { c: 3, h: s, w: s };
+        self.features
+            .iter()
+            .map(|stage| {
+                shape = match stage {
+                    FeatureStage::Conv(c) => MapShape { c: c.cout, ..shape },
+                    FeatureStage::MaxPool { .. } => MapShape {
+                        c: shape.c,
+                        h: shape.h / 2,
+                        w: shape.w / 2,
+                    },
+                };
+                shape
+            })
+            .collect()
+    }
+
+    /// Shape of the features' output (before the adaptive pool).
+    pub fn features_shape(&self, s: usize) -> MapShape {
+        self.stage_shapes(s)
+            .last()
+            .copied()
+            .unwrap_or(MapShape { c: 3, h: s, w: s })
+    }
+
+    /// The default Score-CAM layer: the ReLU output of the last conv (VGG16: `features.29`).
+    pub fn default_capture(&self) -> Capture {
+        let stage = self
+            .features
+            .iter()
+            .rposition(|s| matches!(s, FeatureStage::Conv(_)))
+            .unwrap_or(0);
+        Capture {
+            stage,
+            pre_relu: false,
+        }
+    }
+
+    /// Resolve `features.N` (torchvision numbering) to a capture point. Accepts a conv index
+    /// (its output before ReLU), a ReLU index, a BatchNorm index in `_bn` models (the folded conv
+    /// output, before ReLU) and a MaxPool index.
+    pub fn resolve_layer(&self, name: &str) -> Result<Capture, String> {
+        let n: usize = name
+            .strip_prefix("features.")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                format!("layer `{name}`: expected `features.N` with N a conv, ReLU or pool index")
+            })?;
+        for (stage, s) in self.features.iter().enumerate() {
+            match s {
+                FeatureStage::Conv(c) if n == c.relu_index => {
+                    return Ok(Capture {
+                        stage,
+                        pre_relu: false,
+                    })
+                }
+                FeatureStage::Conv(c) if n >= c.conv_index && n < c.relu_index => {
+                    return Ok(Capture {
+                        stage,
+                        pre_relu: true,
+                    })
+                }
+                FeatureStage::MaxPool { index } if *index == n => {
+                    return Ok(Capture {
+                        stage,
+                        pre_relu: false,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Err(format!(
+            "layer `{name}` is not a module of this model's features (valid: {})",
+            self.layer_names().join(", ")
+        ))
+    }
+
+    /// Name of a capture point in torchvision numbering.
+    pub fn capture_name(&self, cap: Capture) -> String {
+        match &self.features[cap.stage] {
+            FeatureStage::Conv(c) if cap.pre_relu => format!("features.{}", c.conv_index),
+            FeatureStage::Conv(c) => format!("features.{}", c.relu_index),
+            FeatureStage::MaxPool { index } => format!("features.{index}"),
+        }
+    }
+
+    /// Every selectable layer name, in order.
+    pub fn layer_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for s in &self.features {
+            match s {
+                FeatureStage::Conv(c) => {
+                    names.push(format!("features.{}", c.conv_index));
+                    names.push(format!("features.{}", c.relu_index));
+                }
+                FeatureStage::MaxPool { index } => names.push(format!("features.{index}")),
+            }
+        }
+        names
+    }
+
+    /// Shape of the activations at a capture point for input side `s`.
+    pub fn capture_shape(&self, cap: Capture, s: usize) -> MapShape {
+        self.stage_shapes(s)[cap.stage]
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.convs()
+            .map(|c| c.weight.len() + c.bias.len())
+            .chain(
+                self.classifier
+                    .iter()
+                    .map(|l| l.weight.len() + l.bias.len()),
+            )
+            .sum()
+    }
+
+    /// Multiply-accumulates of one forward pass at input side `s` (×2 for FLOPs).
+    pub fn macs(&self, s: usize) -> u64 {
+        let shapes = self.stage_shapes(s);
+        let mut macs = 0u64;
+        for (stage, shape) in self.features.iter().zip(&shapes) {
+            if let FeatureStage::Conv(c) = stage {
+                macs += (shape.h * shape.w * c.cout * c.cin * 9) as u64;
+            }
+        }
+        macs + self
+            .classifier
+            .iter()
+            .map(|l| (l.fin * l.fout) as u64)
+            .sum::<u64>()
+    }
+
+    /// Check that the layers chain: each conv's `cin` is the previous `cout`, the first takes 3
+    /// channels, and the first Linear takes `C×7×7` features. Returns a message naming the layer.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut c = 3;
+        let mut any_conv = false;
+        for s in &self.features {
+            if let FeatureStage::Conv(l) = s {
+                if l.cin != c {
+                    return Err(format!(
+                        "features.{}.weight: takes {} input channels but the previous layer gives {}",
+                        l.conv_index, l.cin, c
+                    ));
+                }
+                c = l.cout;
+                any_conv = true;
+            }
+        }
+        if !any_conv {
+            return Err("no conv layers (`features.N.weight`) found".into());
+        }
+        let mut fin = c * POOLED * POOLED;
+        if self.classifier.is_empty() {
+            return Err("no classifier layers (`classifier.N.weight`) found".into());
+        }
+        for l in &self.classifier {
+            if l.fin != fin {
+                return Err(format!(
+                    "classifier.{}.weight: takes {} inputs but the previous layer gives {}",
+                    l.index, l.fin, fin
+                ));
+            }
+            fin = l.fout;
+        }
+        let pools = self
+            .features
+            .iter()
+            .filter(|s| matches!(s, FeatureStage::MaxPool { .. }))
+            .count();
+        let s = self.meta.input_size;
+        if s >> pools == 0 {
+            return Err(format!(
+                "input size {s} is too small for {pools} max-pools (the features would be empty)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The torchvision VGG16 architecture (configuration "D") with deterministic He-initialised
+    /// weights: for benchmarks and tests without a download. Biases are small and positive so
+    /// activations do not die out layer after layer.
+    pub fn random_vgg16(seed: u64) -> Vgg {
+        Self::random_from_config(VGG16_CONFIG, &[4096, 4096, 1000], seed, 224)
+    }
+
+    /// Build a VGG from a torchvision-style config (channel counts, 0 for a max-pool) and the
+    /// classifier's widths, with He-initialised weights from `seed`.
+    pub fn random_from_config(cfg: &[usize], head: &[usize], seed: u64, input_size: usize) -> Vgg {
+        let mut rng = SplitMix64(seed);
+        let mut features = Vec::new();
+        let (mut idx, mut cin) = (0, 3);
+        for &v in cfg {
+            if v == 0 {
+                features.push(FeatureStage::MaxPool { index: idx });
+                idx += 1;
+            } else {
+                let std = (2.0 / (cin as f32 * 9.0)).sqrt();
+                features.push(FeatureStage::Conv(ConvLayer {
+                    conv_index: idx,
+                    relu_index: idx + 1,
+                    cin,
+                    cout: v,
+                    weight: (0..v * cin * 9).map(|_| rng.normal() * std).collect(),
+                    bias: (0..v).map(|_| 0.01 + 0.01 * rng.uniform()).collect(),
+                }));
+                idx += 2;
+                cin = v;
+            }
+        }
+        let mut classifier = Vec::new();
+        let mut fin = cin * POOLED * POOLED;
+        for (j, &fout) in head.iter().enumerate() {
+            let std = (2.0 / fin as f32).sqrt();
+            classifier.push(LinearLayer {
+                index: 3 * j,
+                fin,
+                fout,
+                relu: j + 1 < head.len(),
+                weight: (0..fout * fin).map(|_| rng.normal() * std).collect(),
+                bias: (0..fout).map(|_| 0.01 * rng.uniform()).collect(),
+            });
+            fin = fout;
+        }
+        Vgg {
+            features,
+            classifier,
+            meta: ModelMeta {
+                input_size,
+                arch: Some("vgg16 (random)".into()),
+                source: format!("random(seed={seed})"),
+                dtypes: vec!["F32".into()],
+                ..ModelMeta::default()
+            },
+        }
+    }
+}
+
+/// torchvision's VGG16 ("D") features: channel counts, 0 = MaxPool2d(2,2).
+pub const VGG16_CONFIG: &[usize] = &[
+    64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
+];
+
+/// Small, fast, reproducible generator for the random models (no external RNG dependency needed
+/// for a handful of normals; the stream is part of the `--random-weights SEED` contract).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vgg16_shapes_and_names() {
+        let m = Vgg::random_from_config(VGG16_CONFIG, &[8, 8, 10], 1, 224);
+        assert_eq!(m.features_shape(224), MapShape { c: 512, h: 7, w: 7 });
+        let cap = m.default_capture();
+        assert_eq!(m.capture_name(cap), "features.29");
+        assert_eq!(
+            m.capture_shape(cap, 224),
+            MapShape {
+                c: 512,
+                h: 14,
+                w: 14
+            }
+        );
+        assert_eq!(m.resolve_layer("features.29").unwrap(), cap);
+        assert_eq!(
+            m.resolve_layer("features.28").unwrap(),
+            Capture {
+                stage: cap.stage,
+                pre_relu: true
+            }
+        );
+        assert_eq!(
+            m.capture_name(m.resolve_layer("features.30").unwrap()),
+            "features.30"
+        );
+        assert!(m.resolve_layer("features.31").is_err());
+        assert!(m.resolve_layer("classifier.0").is_err());
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn vgg16_parameter_count_matches_torchvision() {
+        // torchvision.models.vgg16().parameters(): 138,357,544.
+        let m = Vgg::random_vgg16(0);
+        assert_eq!(m.parameter_count(), 138_357_544);
+        // 15.47 GMACs per 224² forward (the commonly quoted figure).
+        assert_eq!(m.macs(224) / 10_000_000, 1547);
+    }
+
+    #[test]
+    fn random_weights_are_deterministic() {
+        let a = Vgg::random_from_config(&[4, 0], &[3], 7, 32);
+        let b = Vgg::random_from_config(&[4, 0], &[3], 7, 32);
+        let c = Vgg::random_from_config(&[4, 0], &[3], 8, 32);
+        let w = |m: &Vgg| m.convs().next().unwrap().weight.clone();
+        assert_eq!(w(&a), w(&b));
+        assert_ne!(w(&a), w(&c));
+    }
+}

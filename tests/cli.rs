@@ -1,0 +1,374 @@
+//! The binary end to end on a tiny model: outputs, results.jsonl, exit codes, and every rejected
+//! input leaving no output file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use scorecam_gpu::model::Vgg;
+
+const BIN: &str = env!("CARGO_BIN_EXE_scorecam-gpu");
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    weights: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let model = Vgg::random_from_config(&[8, 0, 16, 0, 16, 0], &[16, 10], 5, 32);
+        let weights = dir.path().join("tiny.safetensors");
+        scorecam_gpu::weights::save(&model, &weights, "F32").unwrap();
+        Fixture { dir, weights }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A 40×48 RGB PNG with some structure.
+    fn image(&self, name: &str, seed: u8) -> PathBuf {
+        let img = image::RgbImage::from_fn(48, 40, |x, y| {
+            image::Rgb([
+                (x * 5) as u8 ^ seed,
+                (y * 6) as u8,
+                if (x / 8 + y / 8) % 2 == 0 { 200 } else { seed },
+            ])
+        });
+        let p = self.path(name);
+        img.save(&p).unwrap();
+        p
+    }
+
+    /// Run `explain` on the CPU with the tiny model; `out` is the output directory.
+    fn explain(&self, out: &Path, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("explain")
+            .arg("--weights")
+            .arg(&self.weights)
+            .args(["--backend", "cpu", "--out"])
+            .arg(out)
+            .args(extra);
+        cmd.output().unwrap()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn results(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every file in `dir`, sorted (temp files would show up here).
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn explain_writes_maps_pngs_and_results() {
+    let f = Fixture::new();
+    let a = f.image("a.png", 1);
+    let b = f.image("b.png", 90);
+    let out = f.path("out");
+    for mode in ["official", "channel-softmax"] {
+        let o = f.explain(
+            &out.join(mode),
+            &[
+                "--mode",
+                mode,
+                "--mask-batch",
+                "5",
+                a.to_str().unwrap(),
+                b.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let dir = out.join(mode);
+        assert_eq!(
+            files(&dir),
+            [
+                "a.heatmap.png",
+                "a.npy",
+                "a.overlay.png",
+                "b.heatmap.png",
+                "b.npy",
+                "b.overlay.png",
+                "results.jsonl"
+            ]
+        );
+        let lines = results(&dir);
+        assert_eq!(lines.len(), 2);
+        for (line, img) in lines.iter().zip([&a, &b]) {
+            assert_eq!(line["image"], img.to_str().unwrap());
+            assert_eq!(line["mode"], mode);
+            let class = line["class"].as_u64().unwrap();
+            assert!(class < 10);
+            let score = line["score"].as_f64().unwrap();
+            assert!(score > 0.0 && score <= 1.0);
+            assert!(line["ms"].as_f64().unwrap() >= 0.0);
+            assert!(line["flat_channels"].as_u64().unwrap() <= 16);
+            let (map, shape) =
+                scorecam_gpu::image::read_npy(Path::new(line["map"].as_str().unwrap())).unwrap();
+            assert_eq!(shape, [32, 32]);
+            assert!(map.iter().all(|v| (0.0..=1.0).contains(v)));
+            // Official maps are min-max normalized (max exactly 1); pytorch-grad-cam divides by
+            // max + 1e-7, so its maximum is just below 1.
+            let max = map.iter().copied().fold(0f32, f32::max);
+            assert!(max > 0.999, "normalized map reaches 1, got max {max}");
+        }
+        let png = image::open(dir.join("a.overlay.png")).unwrap();
+        assert_eq!((png.width(), png.height()), (32, 32));
+    }
+}
+
+#[test]
+fn one_bad_image_fails_alone_with_exit_1() {
+    let f = Fixture::new();
+    let good = f.image("good.png", 3);
+    let empty = f.path("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    let text = f.path("notes.jpg");
+    std::fs::write(&text, b"this is not an image").unwrap();
+    let out = f.path("out");
+    let o = f.explain(
+        &out,
+        &[
+            empty.to_str().unwrap(),
+            good.to_str().unwrap(),
+            text.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("empty.png") && err.contains("notes.jpg"),
+        "{err}"
+    );
+    let lines = results(&out);
+    assert_eq!(lines.len(), 3);
+    let errors: Vec<_> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+    assert_eq!(errors.len(), 2);
+    assert!(errors
+        .iter()
+        .all(|l| !l["error"].as_str().unwrap().is_empty()));
+    // Only the good image's outputs exist: no partial or temporary files.
+    assert_eq!(
+        files(&out),
+        [
+            "good.heatmap.png",
+            "good.npy",
+            "good.overlay.png",
+            "results.jsonl"
+        ]
+    );
+}
+
+#[test]
+fn same_stem_twice_does_not_overwrite_and_classes_share_passes() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.path("x")).unwrap();
+    std::fs::create_dir_all(f.path("y")).unwrap();
+    let a = f.image("x/cat.png", 1);
+    let b = f.image("y/cat.png", 2);
+    let out = f.path("out");
+    let o = f.explain(
+        &out,
+        &[
+            "--no-png",
+            "--class",
+            "2,7",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        files(&out),
+        [
+            "cat-2.class2.npy",
+            "cat-2.class7.npy",
+            "cat.class2.npy",
+            "cat.class7.npy",
+            "results.jsonl"
+        ]
+    );
+    let classes: Vec<u64> = results(&out)
+        .iter()
+        .map(|l| l["class"].as_u64().unwrap())
+        .collect();
+    assert_eq!(classes, [2, 7, 2, 7]);
+}
+
+#[test]
+fn usage_and_weights_errors_exit_2_without_output_files() {
+    let f = Fixture::new();
+    let img = f.image("a.png", 1);
+    let img = img.to_str().unwrap();
+
+    // Class out of range, unknown layer.
+    let out = f.path("o1");
+    let o = f.explain(&out, &["--class", "10", img]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--class 10"), "{}", stderr(&o));
+    let o = f.explain(&out, &["--layer", "features.99", img]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("features.99"), "{}", stderr(&o));
+    assert!(files(&out).is_empty(), "{:?}", files(&out));
+
+    // Truncated weights.
+    let bytes = std::fs::read(&f.weights).unwrap();
+    let cut = f.path("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = f.path("o2");
+    let o = Command::new(BIN)
+        .args(["explain", "--backend", "cpu", "--weights"])
+        .arg(&cut)
+        .arg("--out")
+        .arg(&out)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cut.safetensors"), "{}", stderr(&o));
+    assert!(files(&out).is_empty());
+
+    // Missing weights file.
+    let o = Command::new(BIN)
+        .args([
+            "explain",
+            "--backend",
+            "cpu",
+            "--weights",
+            "/nonexistent/w.safetensors",
+            img,
+        ])
+        .current_dir(f.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/w.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn unwritable_output_directory_is_a_clear_error() {
+    let f = Fixture::new();
+    let img = f.image("a.png", 1);
+    let blocker = f.path("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = blocker.join("out");
+    let o = f.explain(&out, &[img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(out.to_str().unwrap()), "{}", stderr(&o));
+    assert_eq!(
+        files(f.dir.path())
+            .iter()
+            .filter(|n| n.starts_with('.'))
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn cuda_backend_without_gpu_exits_2() {
+    if scorecam_gpu::backend::cuda::CudaBackend::probe().is_ok() {
+        println!("skipped: a CUDA device is present");
+        return;
+    }
+    let f = Fixture::new();
+    let img = f.image("a.png", 1);
+    let out = f.path("out");
+    let o = Command::new(BIN)
+        .args(["explain", "--backend", "cuda", "--weights"])
+        .arg(&f.weights)
+        .arg("--out")
+        .arg(&out)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("CUDA"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    // auto falls back to the CPU with a notice.
+    let o = Command::new(BIN)
+        .args(["explain", "--backend", "auto", "--weights"])
+        .arg(&f.weights)
+        .arg("--out")
+        .arg(&out)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("notice: no usable GPU"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn offline_without_weights_explains_how_to_get_them() {
+    let f = Fixture::new();
+    let img = f.image("a.png", 1);
+    let o = Command::new(BIN)
+        .args(["explain", "--backend", "cpu"])
+        .arg(&img)
+        .current_dir(f.dir.path())
+        .env_remove("SCORECAM_WEIGHTS")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", f.path("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--weights") && err.contains("--random-weights"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_lists_layers() {
+    let f = Fixture::new();
+    let o = Command::new(BIN)
+        .arg("inspect")
+        .arg("--weights")
+        .arg(&f.weights)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "features.0",
+        "features.2",
+        "MaxPool2d",
+        "classifier.3",
+        "input size: 32×32",
+        "parameters:",
+        "F32",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let o = Command::new(BIN)
+        .args(["inspect", "--random-weights", "1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("parameters: 138357544"));
+}

@@ -1,0 +1,325 @@
+//! Every CPU op against naive loops written straight from the definitions.
+
+use scorecam_gpu::backend::cpu::{self, CpuBackend};
+use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics};
+use scorecam_gpu::model::{Capture, Vgg};
+use std::sync::Arc;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+#[test]
+fn conv3x3_matches_naive() {
+    for &(n, cin, cout, h, w) in &[
+        (1, 3, 4, 5, 7),
+        (2, 5, 3, 8, 8),
+        (3, 2, 6, 1, 1),
+        (1, 16, 8, 6, 3),
+    ] {
+        let x = values(n * cin * h * w, 1);
+        let wt = values(cout * cin * 9, 2);
+        let b = values(cout, 3);
+        let got = cpu::conv3x3(&x, n, cin, h, w, &wt, &b, cout);
+        let mut want = vec![0f32; n * cout * h * w];
+        for i in 0..n {
+            for o in 0..cout {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let mut acc = b[o] as f64;
+                        for c in 0..cin {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = (
+                                        y as isize + ky as isize - 1,
+                                        xx as isize + kx as isize - 1,
+                                    );
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    acc += (wt[((o * cin + c) * 3 + ky) * 3 + kx]
+                                        * x[((i * cin + c) * h + iy as usize) * w + ix as usize])
+                                        as f64;
+                                }
+                            }
+                        }
+                        want[((i * cout + o) * h + y) * w + xx] = acc as f32;
+                    }
+                }
+            }
+        }
+        assert_close(
+            &got,
+            &want,
+            1e-5,
+            &format!("conv {n}x{cin}x{h}x{w}->{cout}"),
+        );
+    }
+}
+
+#[test]
+fn maxpool_and_avgpool_match_naive() {
+    let (planes, h, w) = (3, 7, 6);
+    let x = values(planes * h * w, 4);
+    let got = cpu::maxpool2(&x, planes, h, w);
+    let mut want = Vec::new();
+    for p in 0..planes {
+        for oy in 0..h / 2 {
+            for ox in 0..w / 2 {
+                let mut m = f32::NEG_INFINITY;
+                for dy in 0..2 {
+                    for dx in 0..2 {
+                        m = m.max(x[p * h * w + (2 * oy + dy) * w + 2 * ox + dx]);
+                    }
+                }
+                want.push(m);
+            }
+        }
+    }
+    assert_eq!(got, want);
+
+    // Adaptive average pooling: PyTorch's bins, for shrinking (10→7), growing (4→7) and identity.
+    for &(h, w) in &[(10, 9), (4, 4), (7, 7), (1, 2)] {
+        let x = values(2 * h * w, 5);
+        let got = cpu::adaptive_avgpool(&x, 2, h, w, 7, 7);
+        let mut want = Vec::new();
+        for p in 0..2 {
+            for oy in 0..7 {
+                let (y0, y1) = ((oy * h) / 7, ((oy + 1) * h + 6) / 7);
+                for ox in 0..7 {
+                    let (x0, x1) = ((ox * w) / 7, ((ox + 1) * w + 6) / 7);
+                    let mut s = 0.0;
+                    for yy in y0..y1 {
+                        for xx in x0..x1 {
+                            s += x[p * h * w + yy * w + xx];
+                        }
+                    }
+                    want.push(s / ((y1 - y0) * (x1 - x0)) as f32);
+                }
+            }
+        }
+        assert_close(&got, &want, 1e-6, &format!("avgpool {h}x{w}"));
+    }
+}
+
+#[test]
+fn linear_matches_naive() {
+    let (n, fin, fout) = (3, 17, 5);
+    let x = values(n * fin, 6);
+    let wt = values(fout * fin, 7);
+    let b = values(fout, 8);
+    let got = cpu::linear(&x, n, fin, &wt, &b, fout);
+    let want: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let (x, wt, b) = (&x, &wt, &b);
+            (0..fout).map(move |o| {
+                b[o] + (0..fin)
+                    .map(|k| x[i * fin + k] * wt[o * fin + k])
+                    .sum::<f32>()
+            })
+        })
+        .collect();
+    assert_close(&got, &want, 1e-5, "linear");
+}
+
+/// PyTorch's bilinear interpolation, written out from its source formula for one output pixel.
+fn torch_bilinear(a: &[f32], h: usize, w: usize, s: usize, y: usize, x: usize, align: bool) -> f32 {
+    let coord = |d: usize, inp: usize| -> f32 {
+        if align {
+            d as f32 * (inp as f32 - 1.0) / (s as f32 - 1.0)
+        } else {
+            (((d as f32) + 0.5) * inp as f32 / s as f32 - 0.5).max(0.0)
+        }
+    };
+    let (sy, sx) = (coord(y, h), coord(x, w));
+    let (y0, x0) = (sy.floor() as usize, sx.floor() as usize);
+    let (y1, x1) = ((y0 + 1).min(h - 1), (x0 + 1).min(w - 1));
+    let (ly, lx) = (sy - y0 as f32, sx - x0 as f32);
+    (1.0 - ly) * ((1.0 - lx) * a[y0 * w + x0] + lx * a[y0 * w + x1])
+        + ly * ((1.0 - lx) * a[y1 * w + x0] + lx * a[y1 * w + x1])
+}
+
+#[test]
+fn upsample_matches_pytorch_formula() {
+    for &(h, w, s) in &[(14, 14, 224), (4, 4, 32), (3, 5, 17), (1, 1, 8)] {
+        let a = values(h * w, 9);
+        for align in [false, true] {
+            let got = cpu::upsample_bilinear(&a, h, w, s, align);
+            for y in 0..s {
+                for x in 0..s {
+                    let want = torch_bilinear(&a, h, w, s, y, x, align);
+                    assert!(
+                        (got[y * s + x] - want).abs() < 1e-5,
+                        "({h},{w})->{s} align={align} at ({y},{x})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn prepared_backend(model: &Arc<Vgg>, cap: Capture, n: usize) -> CpuBackend {
+    let mut be = CpuBackend::new();
+    let plan = Plan {
+        input_size: model.input_size(),
+        max_images: n,
+        max_masks: 8,
+        capture: cap,
+    };
+    be.prepare(model, plan).unwrap();
+    be
+}
+
+#[test]
+fn masked_inputs_scores_and_combine_match_naive() {
+    let model = Arc::new(Vgg::random_from_config(&[4, 0, 6, 0], &[5], 3, 32));
+    let cap = model.default_capture();
+    let mut be = prepared_backend(&model, cap, 2);
+    let (s, k, h, w) = (32, 6, 16, 16);
+    let mut images = be.alloc(&[2, 3, s, s]).unwrap();
+    images.data = values(2 * 3 * s * s, 10);
+    let mut acts = be.alloc(&[2, k, h, w]).unwrap();
+    acts.data = values(2 * k * h * w, 11);
+    let items = [
+        MaskItem {
+            image: 1,
+            channel: 4,
+        },
+        MaskItem {
+            image: 0,
+            channel: 0,
+        },
+    ];
+    for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
+        let mut out = be.alloc(&[4, 3, s, s]).unwrap();
+        be.masked_inputs(&images, &acts, &items, sem, &mut out)
+            .unwrap();
+        for (r, it) in items.iter().enumerate() {
+            let (i, c) = (it.image as usize, it.channel as usize);
+            let a = &acts.data[(i * k + c) * h * w..][..h * w];
+            let u: Vec<f32> = (0..s * s)
+                .map(|p| torch_bilinear(a, h, w, s, p / s, p % s, sem.align_corners()))
+                .collect();
+            let lo = u.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = u.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let eps = if sem == Semantics::Official {
+                0.0
+            } else {
+                1e-8
+            };
+            let want: Vec<f32> = (0..3 * s * s)
+                .map(|q| images.data[i * 3 * s * s + q] * (u[q % (s * s)] - lo) / (hi - lo + eps))
+                .collect();
+            assert_close(
+                &out.data[r * 3 * s * s..][..3 * s * s],
+                &want,
+                1e-5,
+                &format!("mask {sem:?} {r}"),
+            );
+        }
+
+        // Combine: official = min-max(ReLU(Σ w_k U_k)) at S×S; channel-softmax = ReLU(Σ w_k A_k).
+        let weights = values(k, 12);
+        let (map, flat) = be.combine(&acts, 1, &weights, sem).unwrap();
+        assert!(!flat);
+        let a1 = &acts.data[k * h * w..][..k * h * w];
+        let want: Vec<f32> = match sem {
+            Semantics::Official => {
+                let raw: Vec<f32> = (0..s * s)
+                    .map(|p| {
+                        (0..k)
+                            .map(|c| {
+                                weights[c]
+                                    * torch_bilinear(&a1[c * h * w..], h, w, s, p / s, p % s, false)
+                            })
+                            .sum::<f32>()
+                            .max(0.0)
+                    })
+                    .collect();
+                let lo = raw.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                raw.iter().map(|v| (v - lo) / (hi - lo)).collect()
+            }
+            Semantics::ChannelSoftmax => (0..h * w)
+                .map(|p| {
+                    (0..k)
+                        .map(|c| weights[c] * a1[c * h * w + p])
+                        .sum::<f32>()
+                        .max(0.0)
+                })
+                .collect(),
+        };
+        assert_close(&map, &want, 1e-4, &format!("combine {sem:?}"));
+    }
+
+    // A constant map is flat and written as zeros.
+    let (map, flat) = be
+        .combine(&acts, 0, &vec![0.0; k], Semantics::Official)
+        .unwrap();
+    assert!(flat && map.iter().all(|&v| v == 0.0));
+
+    // Scores: softmax probability or raw logit of each row's targets.
+    let mut logits = be.alloc(&[3, 5]).unwrap();
+    logits.data = values(15, 13).iter().map(|v| v * 10.0).collect();
+    let targets = [4u32, 0, 1, 1, 2, 3];
+    let probs = be.scores(&logits, 3, &targets, true).unwrap();
+    let raw = be.scores(&logits, 3, &targets, false).unwrap();
+    for r in 0..3 {
+        let row = &logits.data[r * 5..][..5];
+        let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
+        for j in 0..2 {
+            let t = targets[r * 2 + j] as usize;
+            assert!((probs[r * 2 + j] as f64 - (row[t] as f64).exp() / z).abs() < 1e-6);
+            assert_eq!(raw[r * 2 + j], row[t]);
+        }
+    }
+}
+
+#[test]
+fn forward_captures_every_stage_consistently() {
+    // The activations captured at stage i, pushed through the rest of the network by hand,
+    // give the same logits as the whole forward.
+    let model = Arc::new(Vgg::random_from_config(&[4, 0, 6, 6, 0], &[8, 5], 4, 32));
+    let x = values(2 * 3 * 32 * 32, 14);
+    let (logits, _) = cpu::forward(&model, &x, 2, 32, None);
+    for name in model.layer_names() {
+        let cap = model.resolve_layer(&name).unwrap();
+        let (l2, acts) = cpu::forward(&model, &x, 2, 32, Some(cap));
+        assert_eq!(logits, l2);
+        let shape = model.capture_shape(cap, 32);
+        let acts = acts.unwrap_or_else(|| panic!("{name}: nothing captured"));
+        assert_eq!(acts.len(), 2 * shape.c * shape.h * shape.w, "{name}");
+        if cap.pre_relu {
+            assert!(
+                acts.iter().any(|&v| v < 0.0),
+                "{name}: pre-ReLU output has negatives"
+            );
+        } else {
+            assert!(
+                acts.iter().all(|&v| v >= 0.0),
+                "{name}: post-ReLU output is non-negative"
+            );
+        }
+    }
+}

@@ -1,0 +1,873 @@
+//! The CUDA backend against its CPU twin, op by op (normalized MSE thresholds per op, in the
+//! style of ggml's `test-backend-ops`), on a whole random VGG16, through full Score-CAM runs, and
+//! against the golden fixtures made by PyTorch.
+//!
+//! Without a usable GPU every test prints `skipped: no CUDA device` and passes; with
+//! `SCORECAM_REQUIRE_GPU=1` a missing GPU fails them instead. Run on a GPU host with
+//! `--test-threads=1` (one device, big buffers). `--ignored` adds the full 512-channel VGG16 run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
+use scorecam_gpu::backend::cuda::CudaBackend;
+use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics, Stage};
+use scorecam_gpu::cam::{CamOptions, Explainer, Explanation};
+use scorecam_gpu::image::{self, ResizeMode};
+use scorecam_gpu::model::{Capture, FeatureStage, Vgg, IMAGENET_MEAN, IMAGENET_STD};
+use scorecam_gpu::{weights, Error};
+use serde_json::Value;
+
+// ------------------------------------------------------------------------------------------
+// Shared helpers
+
+/// Whether a usable CUDA device is there. Without one this prints the skip notice (and panics
+/// with the probe's error under `SCORECAM_REQUIRE_GPU=1`).
+fn gpu_available() -> bool {
+    match CudaBackend::probe() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("SCORECAM_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("SCORECAM_REQUIRE_GPU=1 but no usable CUDA device: {e}");
+            }
+            println!("skipped: no CUDA device ({e})");
+            false
+        }
+    }
+}
+
+/// The CUDA backend, or `None` (after the skip notice) when there is no usable GPU.
+fn gpu() -> Option<CudaBackend> {
+    if !gpu_available() {
+        return None;
+    }
+    Some(
+        CudaBackend::new(0).unwrap_or_else(|e| {
+            panic!("the probe found a device, but CudaBackend::new failed: {e}")
+        }),
+    )
+}
+
+/// Normalized mean squared error `mse(got − want) / mean(want²)` (plain MSE when `want` is all
+/// zeros).
+fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "nmse: lengths differ");
+    assert!(!want.is_empty(), "nmse: empty");
+    let n = want.len() as f64;
+    let err: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum::<f64>()
+        / n;
+    let pow: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>() / n;
+    if pow == 0.0 {
+        err
+    } else {
+        err / pow
+    }
+}
+
+/// Assert `nmse(got, want) ≤ max`, printing the measured value either way.
+fn check_nmse(got: &[f32], want: &[f32], max: f64, what: &str) -> f64 {
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite value in the CUDA output"
+    );
+    let e = nmse(got, want);
+    println!("{what}: nmse {e:.3e} (max {max:.0e})");
+    assert!(e <= max, "{what}: normalized MSE {e:.3e} > {max:.0e}");
+    e
+}
+
+/// Pearson correlation.
+fn corr(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let n = a.len() as f64;
+    let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64 - ma, y as f64 - mb);
+        sab += x * y;
+        saa += x * x;
+        sbb += y * y;
+    }
+    if saa == 0.0 && sbb == 0.0 {
+        return 1.0; // both constant
+    }
+    sab / (saa.sqrt() * sbb.sqrt())
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Deterministic pseudo-random RGB bytes.
+fn rgb_bytes(n: usize, seed: u64) -> Vec<u8> {
+    values(n, seed)
+        .iter()
+        .map(|v| ((v + 1.0) * 127.9) as u8)
+        .collect()
+}
+
+/// Round to FP16 precision, so both backends can be given identical inputs.
+fn r16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+}
+
+fn cpu_buf(shape: &[usize], data: Vec<f32>) -> CpuBuf {
+    assert_eq!(shape.iter().product::<usize>(), data.len());
+    CpuBuf {
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The tiny VGG of the op tests: conv8 · pool · conv16 · pool · conv16 · conv16 · pool at 32²
+/// (features end at 4×4, so the adaptive pool upsamples to 7×7), head 784 → 32 → 32 → 10.
+fn tiny_model() -> Arc<Vgg> {
+    Arc::new(Vgg::random_from_config(
+        &[8, 0, 16, 0, 16, 16, 0],
+        &[32, 32, 10],
+        1,
+        32,
+    ))
+}
+
+fn plan(model: &Vgg, max_images: usize, max_masks: usize, capture: Capture) -> Plan {
+    Plan {
+        input_size: model.input_size(),
+        max_images,
+        max_masks,
+        capture,
+    }
+}
+
+/// `n` normalized images of side `s`, rounded to FP16 (NCHW f32), made by the CPU backend.
+fn cpu_images(n: usize, s: usize, seed: u64) -> Vec<f32> {
+    let mut cpu = CpuBackend::new();
+    let mut buf = cpu.alloc(&[n, 3, s, s]).unwrap();
+    for i in 0..n {
+        let rgb = rgb_bytes(s * s * 3, seed + i as u64);
+        cpu.preprocess(&rgb, IMAGENET_MEAN, IMAGENET_STD, &mut buf, i)
+            .unwrap();
+    }
+    r16(&buf.data)
+}
+
+// ------------------------------------------------------------------------------------------
+// Detection
+
+#[test]
+fn new_never_panics_and_reports_unavailability() {
+    match CudaBackend::new(0) {
+        Ok(be) => {
+            let d = be.describe();
+            println!("{d}");
+            assert!(
+                d.starts_with("cuda: ") && d.contains("sm_") && d.contains("cuDNN"),
+                "{d}"
+            );
+        }
+        Err(e) => {
+            assert!(
+                matches!(e, Error::CudaUnavailable(_)),
+                "expected CudaUnavailable, got {e:?}"
+            );
+            if std::env::var("SCORECAM_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("SCORECAM_REQUIRE_GPU=1 but {e}");
+            }
+            println!("skipped: no CUDA device ({e})");
+        }
+    }
+    // A device that does not exist is an error, never a panic.
+    assert!(matches!(
+        CudaBackend::new(1 << 20),
+        Err(Error::CudaUnavailable(_))
+    ));
+}
+
+// ------------------------------------------------------------------------------------------
+// Op by op against the CPU twin
+
+#[test]
+fn preprocess_matches_cpu() {
+    let Some(mut g) = gpu() else { return };
+    let mut c = CpuBackend::new();
+    let (mean, std) = ([0.5, 0.4, 0.3], [0.25, 0.2, 0.3]);
+    for (i, s) in [32usize, 33, 224].into_iter().enumerate() {
+        let rgb = rgb_bytes(s * s * 3, 10 + i as u64);
+        let mut gb = g.alloc(&[3, 3, s, s]).unwrap();
+        let mut cb = c.alloc(&[3, 3, s, s]).unwrap();
+        g.preprocess(&rgb, mean, std, &mut gb, 1).unwrap();
+        c.preprocess(&rgb, mean, std, &mut cb, 1).unwrap();
+        let got = g.download(&gb, 3).unwrap();
+        let want = c.download(&cb, 3).unwrap();
+        check_nmse(&got, &want, 1e-6, &format!("preprocess s={s}"));
+        // Rows 0 and 2 were never written: still zero.
+        let row = 3 * s * s;
+        assert!(got[..row].iter().chain(&got[2 * row..]).all(|&v| v == 0.0));
+    }
+}
+
+#[test]
+fn forward_matches_cpu_at_every_stage() {
+    let Some(mut g) = gpu() else { return };
+    let mut c = CpuBackend::new();
+    let model = tiny_model();
+    let s = model.input_size();
+    let classes = model.num_classes();
+    let n = 3;
+    let x = cpu_images(n, s, 100);
+    let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
+    let cx = cpu_buf(&[n, 3, s, s], x);
+    for (stage, st) in model.features.iter().enumerate() {
+        let pre_options: &[bool] = match st {
+            FeatureStage::Conv(_) => &[false, true],
+            FeatureStage::MaxPool { .. } => &[false],
+        };
+        for &pre_relu in pre_options {
+            let cap = Capture { stage, pre_relu };
+            let name = model.capture_name(cap);
+            let p = plan(&model, n, 5, cap);
+            g.prepare(&model, p).unwrap();
+            c.prepare(&model, p).unwrap();
+            let a = model.capture_shape(cap, s);
+            let (mut gl, mut ga) = (
+                g.alloc(&[n, classes]).unwrap(),
+                g.alloc(&[n, a.c, a.h, a.w]).unwrap(),
+            );
+            let (mut cl, mut ca) = (
+                c.alloc(&[n, classes]).unwrap(),
+                c.alloc(&[n, a.c, a.h, a.w]).unwrap(),
+            );
+            g.forward(&gx, n, &mut gl, Some(&mut ga)).unwrap();
+            c.forward(&cx, n, &mut cl, Some(&mut ca)).unwrap();
+            let (gav, cav) = (g.download(&ga, n).unwrap(), c.download(&ca, n).unwrap());
+            check_nmse(
+                &gav,
+                &cav,
+                1e-4,
+                &format!("forward capture {name} (stage {stage}, pre_relu {pre_relu})"),
+            );
+            if pre_relu {
+                assert!(
+                    cav.iter().any(|&v| v < 0.0),
+                    "{name}: the pre-ReLU capture has no negative value"
+                );
+            }
+            let (glv, clv) = (g.download(&gl, n).unwrap(), c.download(&cl, n).unwrap());
+            check_nmse(
+                &glv,
+                &clv,
+                1e-4,
+                &format!("forward logits (capture {name})"),
+            );
+        }
+    }
+    // Batch sizes the plan did not name (planned on first use), no capture.
+    let cap = model.default_capture();
+    g.prepare(&model, plan(&model, n, 5, cap)).unwrap();
+    c.prepare(&model, plan(&model, n, 5, cap)).unwrap();
+    for rows in [1, 2, 3, 2] {
+        let mut gl = g.alloc(&[5, classes]).unwrap();
+        let mut cl = c.alloc(&[5, classes]).unwrap();
+        g.forward(&gx, rows, &mut gl, None).unwrap();
+        c.forward(&cx, rows, &mut cl, None).unwrap();
+        check_nmse(
+            &g.download(&gl, rows).unwrap(),
+            &c.download(&cl, rows).unwrap(),
+            1e-4,
+            &format!("forward logits, {rows} rows"),
+        );
+    }
+}
+
+#[test]
+fn masked_inputs_match_cpu() {
+    let Some(mut g) = gpu() else { return };
+    let mut c = CpuBackend::new();
+    let model = tiny_model();
+    let s = model.input_size();
+    let n = 3;
+    let x = cpu_images(n, s, 200);
+    // Capture points with 4× (8×8 → 32) and 2× (16×16 → 32) upsampling.
+    for cap in [
+        model.default_capture(),
+        Capture {
+            stage: 1,
+            pre_relu: false,
+        },
+    ] {
+        let a = model.capture_shape(cap, s);
+        c.prepare(&model, plan(&model, n, 64, cap)).unwrap();
+        g.prepare(&model, plan(&model, n, 64, cap)).unwrap();
+        let cx = cpu_buf(&[n, 3, s, s], x.clone());
+        let mut cl = c.alloc(&[n, model.num_classes()]).unwrap();
+        let mut ca = c.alloc(&[n, a.c, a.h, a.w]).unwrap();
+        c.forward(&cx, n, &mut cl, Some(&mut ca)).unwrap();
+        // Identical FP16-representable activations on both sides.
+        let acts = r16(&ca.data);
+        let ca = cpu_buf(&[n, a.c, a.h, a.w], acts.clone());
+        let ga = g.upload_f32(&[n, a.c, a.h, a.w], &acts).unwrap();
+        let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
+        let plane = a.h * a.w;
+        let items: Vec<MaskItem> = (0..n)
+            .flat_map(|i| (0..a.c).map(move |k| (i, k)))
+            .filter(|&(i, k)| {
+                let ch = &acts[(i * a.c + k) * plane..][..plane];
+                ch.iter().any(|&v| v != ch[0]) // non-constant channels only (official skips them)
+            })
+            .map(|(i, k)| MaskItem {
+                image: i as u32,
+                channel: k as u32,
+            })
+            .collect();
+        assert!(items.len() > n, "too few non-constant channels");
+        for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
+            let b = items.len();
+            let mut gout = g.alloc(&[b + 2, 3, s, s]).unwrap();
+            let mut cout = c.alloc(&[b + 2, 3, s, s]).unwrap();
+            g.masked_inputs(&gx, &ga, &items, sem, &mut gout).unwrap();
+            c.masked_inputs(&cx, &ca, &items, sem, &mut cout).unwrap();
+            check_nmse(
+                &g.download(&gout, b).unwrap(),
+                &c.download(&cout, b).unwrap(),
+                1e-5,
+                &format!(
+                    "masked_inputs {} {}×{} → {s} ({b} items)",
+                    sem.name(),
+                    a.h,
+                    a.w
+                ),
+            );
+            // A batch that reuses the same buffer with fewer items.
+            let few = &items[3..7];
+            g.masked_inputs(&gx, &ga, few, sem, &mut gout).unwrap();
+            c.masked_inputs(&cx, &ca, few, sem, &mut cout).unwrap();
+            check_nmse(
+                &g.download(&gout, 4).unwrap(),
+                &c.download(&cout, 4).unwrap(),
+                1e-5,
+                &format!("masked_inputs {} (4 items)", sem.name()),
+            );
+        }
+    }
+}
+
+#[test]
+fn scores_match_cpu() {
+    let Some(mut g) = gpu() else { return };
+    let mut c = CpuBackend::new();
+    for (classes, rows, n, t) in [
+        (10usize, 6usize, 5usize, 2usize),
+        (1000, 70, 67, 1),
+        (1000, 4, 4, 3),
+    ] {
+        let logits: Vec<f32> = values(rows * classes, 7 + classes as u64)
+            .iter()
+            .map(|v| v * 8.0)
+            .collect();
+        let gl = g.upload_f32(&[rows, classes], &logits).unwrap();
+        let cl = cpu_buf(&[rows, classes], logits);
+        let targets: Vec<u32> = values(n * t, 9)
+            .iter()
+            .map(|v| ((v + 1.0) * 0.5 * classes as f32) as u32 % classes as u32)
+            .collect();
+        for probability in [true, false] {
+            let got = g.scores(&gl, n, &targets, probability).unwrap();
+            let want = c.scores(&cl, n, &targets, probability).unwrap();
+            assert_eq!(got.len(), n * t);
+            check_nmse(
+                &got,
+                &want,
+                1e-6,
+                &format!(
+                    "scores {} {classes} classes, {n}×{t}",
+                    if probability { "probability" } else { "logit" }
+                ),
+            );
+        }
+    }
+}
+
+#[test]
+fn combine_matches_cpu() {
+    let Some(mut g) = gpu() else { return };
+    let mut c = CpuBackend::new();
+    let model = tiny_model();
+    let s = model.input_size();
+    for cap in [
+        model.default_capture(),
+        Capture {
+            stage: 1,
+            pre_relu: false,
+        },
+    ] {
+        let a = model.capture_shape(cap, s);
+        let p = plan(&model, 2, 8, cap);
+        g.prepare(&model, p).unwrap();
+        c.prepare(&model, p).unwrap();
+        let shape = [2, a.c, a.h, a.w];
+        let acts = r16(&values(2 * a.c * a.h * a.w, 31)
+            .iter()
+            .map(|v| v + 0.3)
+            .collect::<Vec<_>>());
+        let ga = g.upload_f32(&shape, &acts).unwrap();
+        let ca = cpu_buf(&shape, acts);
+        let probs: Vec<f32> = values(a.c, 41)
+            .iter()
+            .enumerate()
+            .map(|(k, v)| if k % 5 == 0 { 0.0 } else { (v + 1.0) * 0.5 })
+            .collect();
+        let logits: Vec<f32> = values(a.c, 43).iter().map(|v| v * 3.0).collect();
+        let m = logits.iter().copied().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = logits.iter().map(|v| (v - m).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let alpha: Vec<f32> = e.iter().map(|v| v / sum).collect();
+        for (sem, w) in [
+            (Semantics::Official, &probs),
+            (Semantics::ChannelSoftmax, &alpha),
+        ] {
+            let (gm, gf) = g.combine(&ga, 1, w, sem).unwrap();
+            let (cm, cf) = c.combine(&ca, 1, w, sem).unwrap();
+            assert_eq!(gm.len(), cm.len(), "{} map size", sem.name());
+            assert_eq!(gf, cf, "{} flat flag", sem.name());
+            check_nmse(
+                &gm,
+                &cm,
+                1e-5,
+                &format!("combine {} {}×{}", sem.name(), a.h, a.w),
+            );
+        }
+        // A flat official map: all weights zero.
+        let zeros = vec![0f32; a.c];
+        let (gm, gf) = g.combine(&ga, 0, &zeros, Semantics::Official).unwrap();
+        assert!(
+            gf && gm.iter().all(|&v| v == 0.0),
+            "an all-zero official map must be flat zeros"
+        );
+    }
+}
+
+#[test]
+fn out_of_memory_is_an_error_and_the_backend_recovers() {
+    let Some(mut g) = gpu() else { return };
+    let model = tiny_model();
+    let cap = model.default_capture();
+    match g.prepare(&model, plan(&model, 1, 1 << 28, cap)) {
+        Err(Error::OutOfMemory(msg)) => println!("absurd plan rejected: {msg}"),
+        other => panic!("expected Error::OutOfMemory, got {other:?}"),
+    }
+    match g.alloc(&[1 << 40, 3, 224, 224]) {
+        Err(Error::OutOfMemory(msg)) => println!("absurd buffer rejected: {msg}"),
+        Err(e) => panic!("expected Error::OutOfMemory, got {e:?}"),
+        Ok(_) => panic!("expected Error::OutOfMemory, got a buffer"),
+    }
+    // A real driver out-of-memory: two buffers of 60% of the device each.
+    let (_, total) = g.device_memory().unwrap();
+    let cols = total / 10 * 6 / 4 / 1024;
+    let first = g.alloc(&[1024, cols]);
+    let second = g.alloc(&[1024, cols]);
+    match (&first, &second) {
+        (_, Err(Error::OutOfMemory(msg))) | (Err(Error::OutOfMemory(msg)), _) => {
+            println!("driver out-of-memory reported: {msg}")
+        }
+        _ => panic!(
+            "two buffers of 60% of {total} bytes: expected Error::OutOfMemory, got {:?} / {:?}",
+            first.as_ref().err(),
+            second.as_ref().err()
+        ),
+    }
+    drop((first, second));
+    // Still usable with a sane plan.
+    let mut c = CpuBackend::new();
+    let s = model.input_size();
+    g.prepare(&model, plan(&model, 2, 4, cap)).unwrap();
+    c.prepare(&model, plan(&model, 2, 4, cap)).unwrap();
+    let x = cpu_images(2, s, 300);
+    let gx = g.upload_f32(&[2, 3, s, s], &x).unwrap();
+    let cx = cpu_buf(&[2, 3, s, s], x);
+    let mut gl = g.alloc(&[2, 10]).unwrap();
+    let mut cl = c.alloc(&[2, 10]).unwrap();
+    g.forward(&gx, 2, &mut gl, None).unwrap();
+    c.forward(&cx, 2, &mut cl, None).unwrap();
+    check_nmse(
+        &g.download(&gl, 2).unwrap(),
+        &c.download(&cl, 2).unwrap(),
+        1e-4,
+        "forward after an out-of-memory plan",
+    );
+}
+
+#[test]
+fn stage_times_are_recorded() {
+    let Some(mut g) = gpu() else { return };
+    let model = tiny_model();
+    let s = model.input_size();
+    g.prepare(&model, plan(&model, 2, 4, model.default_capture()))
+        .unwrap();
+    let x = g.upload_f32(&[2, 3, s, s], &cpu_images(2, s, 400)).unwrap();
+    let mut l = g.alloc(&[2, 10]).unwrap();
+    assert!(
+        g.take_stage_times().unwrap().is_empty(),
+        "profiling is off by default"
+    );
+    g.set_profiling(true);
+    g.mark(Some(Stage::BaseForward)).unwrap();
+    g.forward(&x, 2, &mut l, None).unwrap();
+    g.mark(Some(Stage::MaskedForward)).unwrap();
+    g.forward(&x, 2, &mut l, None).unwrap();
+    g.mark(None).unwrap();
+    let t = g.take_stage_times().unwrap();
+    println!("stage times: {t:?}");
+    let stages: Vec<Stage> = t.iter().map(|(st, _)| *st).collect();
+    assert_eq!(stages, vec![Stage::BaseForward, Stage::MaskedForward]);
+    assert!(t.iter().all(|(_, ms)| *ms >= 0.0 && ms.is_finite()));
+    assert!(
+        g.take_stage_times().unwrap().is_empty(),
+        "times are reset by take_stage_times"
+    );
+    g.set_profiling(false);
+}
+
+// ------------------------------------------------------------------------------------------
+// Whole model: random VGG16 at 224²
+
+#[test]
+fn vgg16_logits_match_cpu() {
+    let Some(mut g) = gpu() else { return };
+    let mut c = CpuBackend::new();
+    let model = Arc::new(Vgg::random_vgg16(0));
+    let s = 224;
+    let n = 2;
+    let p = plan(&model, n, n, model.default_capture());
+    g.prepare(&model, p).unwrap();
+    c.prepare(&model, p).unwrap();
+    let imgs = scorecam_gpu::bench::synthetic_images(n, s);
+    let (mut gx, mut cx) = (
+        g.alloc(&[n, 3, s, s]).unwrap(),
+        c.alloc(&[n, 3, s, s]).unwrap(),
+    );
+    for (i, rgb) in imgs.iter().enumerate() {
+        g.preprocess(rgb, model.meta.mean, model.meta.std, &mut gx, i)
+            .unwrap();
+        c.preprocess(rgb, model.meta.mean, model.meta.std, &mut cx, i)
+            .unwrap();
+    }
+    let (mut gl, mut cl) = (g.alloc(&[n, 1000]).unwrap(), c.alloc(&[n, 1000]).unwrap());
+    g.forward(&gx, n, &mut gl, None).unwrap();
+    c.forward(&cx, n, &mut cl, None).unwrap();
+    let (gv, cv) = (g.download(&gl, n).unwrap(), c.download(&cl, n).unwrap());
+    check_nmse(&gv, &cv, 1e-3, "VGG16 logits");
+    for i in 0..n {
+        let (gr, cr) = (&gv[i * 1000..][..1000], &cv[i * 1000..][..1000]);
+        let (gt, ct) = (argmax(gr), argmax(cr));
+        if gt != ct {
+            // Only acceptable for a near tie on the CPU side (FP16 noise ~1e-2 of the logits).
+            let gap = cr[ct] - cr[gt];
+            let spread = cr.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(
+                gap <= 1e-3 * spread,
+                "image {i}: top-1 CUDA {gt} vs CPU {ct} (CPU gap {gap})"
+            );
+            println!("image {i}: top-1 differs on a near tie (CPU gap {gap})");
+        }
+    }
+}
+
+fn explain_both(
+    model: &Arc<Vgg>,
+    opts: CamOptions,
+    imgs: &[Vec<u8>],
+) -> Option<(Vec<Explanation>, Vec<Explanation>)> {
+    let g = gpu()?;
+    let mut ge = Explainer::new(g, Arc::clone(model), opts.clone()).unwrap();
+    let mut ce = Explainer::new(CpuBackend::new(), Arc::clone(model), opts).unwrap();
+    let t0 = std::time::Instant::now();
+    let gx = ge.explain(imgs).unwrap();
+    let tg = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let cx = ce.explain(imgs).unwrap();
+    println!("explain: CUDA {tg:?}, CPU {:?}", t0.elapsed());
+    Some((gx, cx))
+}
+
+fn compare_explanations(gx: &[Explanation], cx: &[Explanation], what: &str) {
+    assert_eq!(gx.len(), cx.len());
+    for (i, (g, c)) in gx.iter().zip(cx).enumerate() {
+        assert_eq!(g.top1, c.top1, "{what} image {i}: predicted class");
+        println!(
+            "{what} image {i}: flat channels CUDA {} CPU {}",
+            g.flat_channels, c.flat_channels
+        );
+        assert_eq!(g.maps.len(), c.maps.len());
+        for (gm, cm) in g.maps.iter().zip(&c.maps) {
+            assert_eq!(gm.class, cm.class);
+            let r = corr(&gm.map, &cm.map);
+            println!("{what} image {i} class {}: map corr {r:.6}", gm.class);
+            assert!(
+                r >= 0.99,
+                "{what} image {i} class {}: map correlation {r:.5} < 0.99",
+                gm.class
+            );
+            assert!(
+                gm.map.iter().all(|v| (0.0..=1.0).contains(v)),
+                "{what}: map outside [0, 1]"
+            );
+        }
+    }
+}
+
+/// Full Score-CAM on both backends at `features.4` (64 channels at 112², so 128 masked inputs
+/// for two images: batches of 48, 48 and a remainder).
+#[test]
+fn vgg16_score_cam_matches_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let model = Arc::new(Vgg::random_vgg16(0));
+    let imgs = scorecam_gpu::bench::synthetic_images(2, 224);
+    for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
+        let opts = CamOptions {
+            semantics: sem,
+            layer: Some("features.4".into()),
+            classes: None,
+            mask_batch: 48,
+            image_batch: 2,
+        };
+        let Some((gx, cx)) = explain_both(&model, opts, &imgs) else {
+            return;
+        };
+        compare_explanations(&gx, &cx, &format!("VGG16 features.4 {}", sem.name()));
+    }
+}
+
+/// The default layer (`features.29`, 512 channels): 1024 masked forwards per mode on the CPU.
+#[test]
+#[ignore = "slow on the CPU side: run with --ignored on a GPU host"]
+fn vgg16_score_cam_default_layer_matches_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let model = Arc::new(Vgg::random_vgg16(0));
+    let imgs = scorecam_gpu::bench::synthetic_images(2, 224);
+    for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
+        let opts = CamOptions {
+            semantics: sem,
+            layer: None,
+            classes: None,
+            mask_batch: 100,
+            image_batch: 2,
+        };
+        let Some((gx, cx)) = explain_both(&model, opts, &imgs) else {
+            return;
+        };
+        compare_explanations(&gx, &cx, &format!("VGG16 default layer {}", sem.name()));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Golden fixtures (tests/fixtures, made by PyTorch + pytorch-grad-cam 1.5.7)
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn manifest() -> Option<Value> {
+    let path = fixtures().join("manifest.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(serde_json::from_str(&text).expect("manifest.json parses")),
+        Err(_) => {
+            println!("skipped: no {}", path.display());
+            None
+        }
+    }
+}
+
+fn npy(rel: &Value) -> Vec<f32> {
+    image::read_npy(&fixtures().join(rel.as_str().unwrap()))
+        .unwrap()
+        .0
+}
+
+fn fixture_model(file: &Value) -> Arc<Vgg> {
+    Arc::new(weights::load(&fixtures().join(file.as_str().unwrap())).unwrap())
+}
+
+fn fixture_rgb(file: &Value, s: usize) -> Vec<u8> {
+    image::load_rgb(
+        &fixtures().join(file.as_str().unwrap()),
+        s,
+        ResizeMode::Crop,
+    )
+    .unwrap()
+}
+
+/// `|got − want| ≤ atol + rtol·|want|` element-wise; returns the worst |Δ|.
+fn check_tol(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        assert!(
+            d <= atol + rtol * w.abs(),
+            "{what}[{i}]: CUDA {g}, golden {w} (|Δ| {d})"
+        );
+        worst = worst.max(d);
+    }
+    worst
+}
+
+fn gpu_tol(m: &Value, key: &str, default: (f32, f32)) -> (f32, f32) {
+    let t = &m["tolerances"]["gpu_f16"][key];
+    match (t["atol"].as_f64(), t["rtol"].as_f64()) {
+        (Some(a), Some(r)) => (a as f32, r as f32),
+        _ => default,
+    }
+}
+
+#[test]
+fn fixtures_forward_matches_golden() {
+    let Some(m) = manifest() else { return };
+    let Some(mut g) = gpu() else { return };
+    let (la, lr) = gpu_tol(&m, "logits", (0.03, 0.02));
+    let (aa, ar) = gpu_tol(&m, "activations", (0.03, 0.02));
+    for case in m["forward"].as_array().unwrap() {
+        let what = format!(
+            "{} × {}",
+            case["model"].as_str().unwrap(),
+            case["image"].as_str().unwrap()
+        );
+        let model = fixture_model(&case["model_file"]);
+        let s = model.input_size();
+        let rgb = fixture_rgb(&case["image_file"], s);
+        let mut layers: Vec<(Capture, Option<&Value>)> = case["activations"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(l, f)| (model.resolve_layer(l).unwrap(), Some(f)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if layers.is_empty() {
+            layers.push((model.default_capture(), None));
+        }
+        for (cap, file) in layers {
+            g.prepare(&model, plan(&model, 1, 4, cap)).unwrap();
+            let a = model.capture_shape(cap, s);
+            let mut x = g.alloc(&[1, 3, s, s]).unwrap();
+            g.preprocess(&rgb, model.meta.mean, model.meta.std, &mut x, 0)
+                .unwrap();
+            check_tol(
+                &g.download(&x, 1).unwrap(),
+                &npy(&case["input"]),
+                0.01,
+                0.0,
+                &format!("{what} input (FP16)"),
+            );
+            let mut l = g.alloc(&[1, model.num_classes()]).unwrap();
+            let mut acts = g.alloc(&[1, a.c, a.h, a.w]).unwrap();
+            g.forward(&x, 1, &mut l, Some(&mut acts)).unwrap();
+            let logits = g.download(&l, 1).unwrap();
+            let want = npy(&case["logits"]);
+            let d = check_tol(&logits, &want, la, lr, &format!("{what} logits"));
+            if let Some(top1) = case["top1"].as_u64() {
+                assert_eq!(argmax(&logits), top1 as usize, "{what}: top-1");
+            }
+            let mut line = format!("{what}: logits max|Δ| {d:.2e}");
+            if let Some(file) = file {
+                let name = model.capture_name(cap);
+                let d = check_tol(
+                    &g.download(&acts, 1).unwrap(),
+                    &npy(file),
+                    aa,
+                    ar,
+                    &format!("{what} {name}"),
+                );
+                line += &format!(", {name} max|Δ| {d:.2e}");
+            }
+            println!("{line}");
+        }
+    }
+}
+
+#[test]
+fn fixtures_score_cam_matches_golden() {
+    let Some(m) = manifest() else { return };
+    if !gpu_available() {
+        return;
+    }
+    let (la, lr) = gpu_tol(&m, "logits", (0.03, 0.02));
+    for case in m["cams"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        let model = fixture_model(&case["model_file"]);
+        let s = model.input_size();
+        let img = fixture_rgb(&case["image_file"], s);
+        let class = case["class"].as_u64().unwrap() as usize;
+        for (sem, key) in [
+            (Semantics::Official, "official"),
+            (Semantics::ChannelSoftmax, "channel_softmax"),
+        ] {
+            let opts = CamOptions {
+                semantics: sem,
+                layer: case["layer"].as_str().map(str::to_string),
+                classes: Some(vec![class]),
+                mask_batch: 7, // several batches and a remainder
+                image_batch: 1,
+            };
+            let g = gpu().expect("probed above");
+            let mut ex = Explainer::new(g, Arc::clone(&model), opts).unwrap();
+            let e = ex.explain(std::slice::from_ref(&img)).unwrap().remove(0);
+            check_tol(
+                &e.logits,
+                &npy(&case["logits"]),
+                la,
+                lr,
+                &format!("{id} logits"),
+            );
+            if case["top1"].as_bool() == Some(true) {
+                assert_eq!(e.top1, class, "{id}: top-1");
+            }
+            if let Some(f) = case["flat_channels"].as_u64() {
+                assert_eq!(e.flat_channels as u64, f, "{id}: flat channels");
+            }
+            let cm = &e.maps[0];
+            let want = npy(&case[key]["map"]);
+            let r = corr(&cm.map, &want);
+            let max_diff = cm
+                .map
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("{id} {key}: map corr {r:.6}, max |Δ| {max_diff:.2e}");
+            assert!(r >= 0.99, "{id} {key}: map correlation {r:.5} < 0.99");
+            if let Some(flat) = case[key].get("map_flat").and_then(Value::as_bool) {
+                assert_eq!(cm.flat, flat, "{id} {key}: flat map");
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Every hand-written kernel compiles with NVRTC, with no GPU: CUBIN for sm_80 and sm_90 (the
+//! kernel names must be global functions in the ELF symbol table) and PTX for compute_80 (the
+//! fallback path; `.entry` names).
+//!
+//! Without a loadable NVRTC these tests print `skipped: no NVRTC` and pass, unless
+//! `SCORECAM_REQUIRE_NVRTC=1` (CI: `eval "$(bash .ci/install-nvrtc.sh)"` first).
+
+use scorecam_gpu::backend::cuda::kernels::{
+    compile_for_arch, is_cubin, kernel_names, nvrtc_available, nvrtc_version,
+};
+use scorecam_gpu::Error;
+
+/// Whether to run; panics when NVRTC is required but missing.
+fn have_nvrtc() -> bool {
+    if nvrtc_available() {
+        return true;
+    }
+    if std::env::var("SCORECAM_REQUIRE_NVRTC").as_deref() == Ok("1") {
+        panic!(
+            "SCORECAM_REQUIRE_NVRTC=1 but NVRTC (libnvrtc.so) cannot be loaded; \
+             LD_LIBRARY_PATH={:?}",
+            std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+        );
+    }
+    println!("skipped: no NVRTC");
+    false
+}
+
+fn u16_at(b: &[u8], o: usize) -> usize {
+    u16::from_le_bytes(b[o..o + 2].try_into().unwrap()) as usize
+}
+fn u32_at(b: &[u8], o: usize) -> usize {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize
+}
+fn u64_at(b: &[u8], o: usize) -> usize {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) as usize
+}
+
+/// Names of the global function symbols (STB_GLOBAL, STT_FUNC) of a 64-bit little-endian ELF.
+fn elf_global_functions(elf: &[u8]) -> Vec<String> {
+    assert!(
+        elf.len() > 64 && &elf[..4] == b"\x7fELF",
+        "not an ELF image"
+    );
+    assert_eq!(elf[4], 2, "not a 64-bit ELF");
+    assert_eq!(elf[5], 1, "not a little-endian ELF");
+    let shoff = u64_at(elf, 0x28);
+    let shentsize = u16_at(elf, 0x3a);
+    let shnum = u16_at(elf, 0x3c);
+    let section = |i: usize| {
+        let h = shoff + i * shentsize;
+        // (type, offset, size, link, entsize)
+        (
+            u32_at(elf, h + 4),
+            u64_at(elf, h + 24),
+            u64_at(elf, h + 32),
+            u32_at(elf, h + 40),
+            u64_at(elf, h + 56),
+        )
+    };
+    let mut names = Vec::new();
+    for i in 0..shnum {
+        let (ty, off, size, link, entsize) = section(i);
+        if ty != 2 {
+            continue; // SHT_SYMTAB only
+        }
+        let (_, str_off, str_size, _, _) = section(link);
+        let strtab = &elf[str_off..str_off + str_size];
+        let entsize = if entsize == 0 { 24 } else { entsize };
+        for s in (off..off + size).step_by(entsize) {
+            let info = elf[s + 4];
+            if info >> 4 != 1 || info & 0xf != 2 {
+                continue;
+            }
+            let name = &strtab[u32_at(elf, s)..];
+            let end = name.iter().position(|&c| c == 0).unwrap();
+            names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        }
+    }
+    names
+}
+
+/// `.entry` names of a PTX module.
+fn ptx_entries(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|l| {
+            let i = l.find(".entry ")?;
+            let rest = l[i + ".entry ".len()..].trim_start();
+            let end = rest
+                .find(|c: char| c == '(' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            Some(rest[..end].to_string())
+        })
+        .collect()
+}
+
+fn check(arch: &str, want_cubin: bool) {
+    if !have_nvrtc() {
+        return;
+    }
+    let image = compile_for_arch(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+    let (kind, found) = if is_cubin(&image) {
+        ("CUBIN", elf_global_functions(&image))
+    } else {
+        (
+            "PTX",
+            ptx_entries(std::str::from_utf8(&image).expect("PTX is text")),
+        )
+    };
+    if want_cubin {
+        assert_eq!(kind, "CUBIN", "{arch}: NVRTC gave PTX, not a CUBIN");
+    } else {
+        assert_eq!(kind, "PTX", "{arch}: expected PTX");
+    }
+    for name in kernel_names() {
+        assert!(
+            found.iter().any(|f| f == name),
+            "{arch}: kernel `{name}` missing from the {kind}; found {found:?}"
+        );
+    }
+    println!(
+        "{arch}: {kind} of {} bytes from NVRTC {:?}, all {} kernels present: {}",
+        image.len(),
+        nvrtc_version().unwrap_or((0, 0)),
+        kernel_names().len(),
+        kernel_names().join(", ")
+    );
+}
+
+#[test]
+fn compiles_all_kernels_for_sm_80() {
+    check("sm_80", true);
+}
+
+#[test]
+fn compiles_all_kernels_for_sm_90() {
+    check("sm_90", true);
+}
+
+#[test]
+fn compiles_all_kernels_to_ptx_for_compute_80() {
+    check("compute_80", false);
+}
+
+#[test]
+fn second_compile_is_cached() {
+    if !have_nvrtc() {
+        return;
+    }
+    let t = std::time::Instant::now();
+    let a = compile_for_arch("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let b = compile_for_arch("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a, b);
+    let again = std::time::Instant::now();
+    compile_for_arch("sm_90").unwrap();
+    assert!(again.elapsed() < t.elapsed().max(std::time::Duration::from_millis(50)));
+}
+
+#[test]
+fn malformed_arch_is_rejected() {
+    // No NVRTC needed: the arch is checked first.
+    for bad in ["90", "gfx90a", "sm_x"] {
+        match compile_for_arch(bad) {
+            Err(Error::Invalid(m)) => assert!(m.contains(bad), "{m}"),
+            other => panic!("{bad}: {:?}", other.map(|v| v.len())),
+        }
+    }
+}
