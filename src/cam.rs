@@ -111,14 +111,7 @@ impl<B: Backend> Explainer<B> {
         let bufs = loop {
             match Self::setup(&mut backend, &model, plan, acts_shape) {
                 Ok(bufs) => break bufs,
-                Err(Error::OutOfMemory(msg)) if plan.max_masks > 1 => {
-                    plan.max_masks /= 2;
-                    eprintln!(
-                        "notice: out of memory ({msg}); retrying with --mask-batch {}",
-                        plan.max_masks
-                    );
-                }
-                Err(e) => return Err(e),
+                Err(e) => halve_on_oom(e, &mut plan)?,
             }
         };
         Ok(Explainer {
@@ -172,10 +165,28 @@ impl<B: Backend> Explainer<B> {
 
     /// Explain images given as S×S RGB u8 (HWC). Images are processed in groups of
     /// `image_batch`; the masked inputs of a group share forward batches.
+    /// On out-of-memory while running (a workspace that grows for an odd batch size, another
+    /// process taking memory) the mask batch is halved, buffers rebuilt and the group retried.
     pub fn explain(&mut self, images: &[Vec<u8>]) -> Result<Vec<Explanation>> {
         let mut out = Vec::with_capacity(images.len());
         for group in images.chunks(self.plan.max_images) {
-            out.extend(self.explain_group(group)?);
+            loop {
+                match self.explain_group(group) {
+                    Ok(r) => {
+                        out.extend(r);
+                        break;
+                    }
+                    Err(e) => {
+                        halve_on_oom(e, &mut self.plan)?;
+                        self.bufs = Self::setup(
+                            &mut self.backend,
+                            &self.model,
+                            self.plan,
+                            self.acts_shape,
+                        )?;
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -285,6 +296,25 @@ impl<B: Backend> Explainer<B> {
         }
         be.mark(None)?;
         Ok(results)
+    }
+}
+
+/// Out of memory with a mask batch above 1: halve it (with a notice) and let the caller retry.
+/// Any other error, or out of memory at batch 1, is returned.
+fn halve_on_oom(e: Error, plan: &mut Plan) -> Result<()> {
+    match e {
+        Error::OutOfMemory(msg) if plan.max_masks > 1 => {
+            plan.max_masks /= 2;
+            eprintln!(
+                "notice: out of memory ({msg}); retrying with --mask-batch {}",
+                plan.max_masks
+            );
+            Ok(())
+        }
+        Error::OutOfMemory(msg) => Err(Error::OutOfMemory(format!(
+            "{msg}, even with --mask-batch 1; free GPU memory or use --backend cpu"
+        ))),
+        e => Err(e),
     }
 }
 

@@ -51,7 +51,7 @@ pub fn load_model(
 
 /// An explainer on whichever backend was chosen.
 pub enum Engine {
-    Cpu(Explainer<CpuBackend>),
+    Cpu(Box<Explainer<CpuBackend>>),
     Cuda(Box<Explainer<CudaBackend>>),
 }
 
@@ -82,7 +82,7 @@ impl Engine {
         };
         Ok(match cuda {
             Some(b) => Engine::Cuda(Box::new(Explainer::new(b, model, opts)?)),
-            None => Engine::Cpu(Explainer::new(CpuBackend::new(), model, opts)?),
+            None => Engine::Cpu(Box::new(Explainer::new(CpuBackend::new(), model, opts)?)),
         })
     }
 

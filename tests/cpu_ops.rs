@@ -106,9 +106,9 @@ fn maxpool_and_avgpool_match_naive() {
         let mut want = Vec::new();
         for p in 0..2 {
             for oy in 0..7 {
-                let (y0, y1) = ((oy * h) / 7, ((oy + 1) * h + 6) / 7);
+                let (y0, y1) = ((oy * h) / 7, ((oy + 1) * h).div_ceil(7));
                 for ox in 0..7 {
-                    let (x0, x1) = ((ox * w) / 7, ((ox + 1) * w + 6) / 7);
+                    let (x0, x1) = ((ox * w) / 7, ((ox + 1) * w).div_ceil(7));
                     let mut s = 0.0;
                     for yy in y0..y1 {
                         for xx in x0..x1 {

@@ -94,7 +94,7 @@ impl Backend for CpuBackend {
         let len: usize = shape.iter().product();
         let mut data = Vec::new();
         data.try_reserve_exact(len)
-            .map_err(|_| Error::OutOfMemory(format!("host buffer of {} MiB", len * 4 >> 20)))?;
+            .map_err(|_| Error::OutOfMemory(format!("host buffer of {} MiB", (len * 4) >> 20)))?;
         data.resize(len, 0.0);
         Ok(CpuBuf {
             shape: shape.to_vec(),

@@ -716,27 +716,20 @@ fn run_conv(
             .map_err(|e| dnn_err(&op, e))?;
         let cands = cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, identity, WS_CAP)
             .map_err(|e| dnn_err(&op, e))?;
-        let fitting: Vec<Candidate> = cands
-            .iter()
-            .copied()
-            .filter(|c| c.ws <= workspace.len())
-            .collect();
-        let order = if fitting.is_empty() {
-            // Grow the shared workspace to the smallest candidate's need (rare: a batch size
-            // not planned at prepare whose algorithms all want more).
-            let need = cands.iter().map(|c| c.ws).min().ok_or_else(|| {
-                Error::cuda(
-                    &op,
-                    "cuDNN offers no forward algorithm for this convolution",
-                )
-            })?;
-            *workspace = dev.alloc::<u8>(need, "cuDNN workspace")?;
-            cands
-        } else {
-            fitting
-        };
+        if cands.is_empty() {
+            return Err(Error::cuda(
+                &op,
+                "cuDNN offers no forward algorithm for this convolution",
+            ));
+        }
         let mut last_err = None;
-        for c in order.into_iter().filter(|c| c.ws <= workspace.len()) {
+        // cuDNN's ranking, as at prepare. The workspace grows when the preferred algorithm needs
+        // more (once per new batch size): falling back to a smaller-workspace algorithm can cost
+        // 30× (non-tensor-core IMPLICIT_GEMM) on a remainder batch.
+        for c in cands {
+            if c.ws > workspace.len() {
+                *workspace = dev.alloc::<u8>(c.ws, "cuDNN workspace")?;
+            }
             let p = conv_ptrs(dev, layer, x, y, workspace);
             // SAFETY: x holds ≥ n·in_len, y ≥ n·out_len elements (checked by the caller);
             // workspace ≥ c.ws bytes.
