@@ -12,6 +12,13 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
 bin=target/gpu-bundle/scorecam-gpu
+# cuDNN/cuBLAS/NVRTC may live in the toolkit, the system or PyTorch's pip wheels: find each one.
+sp=$(python3 -c "import site; print(site.getsitepackages()[0])" 2>/dev/null)
+for lib in libcudnn.so.9 libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
+  f=$(find /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu "$sp/nvidia" -maxdepth 3 -name "$lib" 2>/dev/null | head -1)
+  [ -n "$f" ] && LD_LIBRARY_PATH="$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
 
 echo "== tests"

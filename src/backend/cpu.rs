@@ -234,8 +234,9 @@ pub fn forward(
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     // Two ping-pong activation buffers kept per thread: VGG16's first layers produce ~100 MB at
     // batch 8, and fresh allocations that size cost more in page faults than the copy they hold.
-    ACTS.with(|cell| {
-        let (x, y) = &mut *cell.borrow_mut();
+    let (mut xa, mut ya) = ACTS.with(|cell| cell.take());
+    let result = {
+        let (x, y) = (&mut xa, &mut ya);
         x.clear();
         x.extend_from_slice(&input[..n * 3 * s * s]);
         let (mut c, mut h, mut w) = (3, s, s);
@@ -271,7 +272,9 @@ pub fn forward(
             }
         }
         (feats, captured)
-    })
+    };
+    ACTS.with(|cell| cell.replace((xa, ya)));
+    result
 }
 
 thread_local! {
@@ -323,14 +326,15 @@ pub fn conv3x3_into(
         .par_chunks_mut(cout * hw)
         .zip(x.par_chunks(cin * hw))
         .for_each(|(yi, xi)| {
-            COLS.with(|cols| {
-                let cols = &mut *cols.borrow_mut();
-                im2col3x3(xi, cin, h, w, cols);
-                for (o, row) in yi.chunks_mut(hw).enumerate() {
-                    row.fill(bias[o]);
-                }
-                matmul_acc(cout, hw, cin * 9, weight, cols, yi, inner);
-            });
+            // Take the buffer out of the thread-local rather than borrowing it across the work:
+            // rayon may run another image's closure on this thread while we wait inside im2col.
+            let mut cols = COLS.with(|c| c.take());
+            im2col3x3(xi, cin, h, w, &mut cols);
+            for (o, row) in yi.chunks_mut(hw).enumerate() {
+                row.fill(bias[o]);
+            }
+            matmul_acc(cout, hw, cin * 9, weight, &cols, yi, inner);
+            COLS.with(|c| c.replace(cols));
             if relu {
                 yi.iter_mut().for_each(|v| *v = v.max(0.0));
             }

@@ -447,6 +447,11 @@ impl Drop for CudaBackend {
 
 /// Check the shared libraries, count devices, open device `ordinal`. Returns the context and
 /// `"<name> (sm_XY"` (unclosed: callers append).
+/// How to make a library the loader cannot find visible (libraries are dlopen'ed by name).
+const LIB_HINT: &str =
+    "; add its directory to LD_LIBRARY_PATH (CUDA toolkit: /usr/local/cuda/lib64; \
+     pip wheels: site-packages/nvidia/cu13/lib and site-packages/nvidia/cudnn/lib)";
+
 fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
     // SAFETY: these only try to dlopen the libraries.
     unsafe {
@@ -457,19 +462,22 @@ fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
             ));
         }
         if !cudarc::cudnn::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(
-                "cuDNN (libcudnn.so.9) was not found on the library path".into(),
-            ));
+            return Err(Error::CudaUnavailable(format!(
+                "{}{LIB_HINT}",
+                "cuDNN (libcudnn.so.9) was not found on the library path"
+            )));
         }
         if !cudarc::cublas::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(
-                "cuBLAS (libcublas.so) was not found on the library path".into(),
-            ));
+            return Err(Error::CudaUnavailable(format!(
+                "{}{LIB_HINT}",
+                "cuBLAS (libcublas.so) was not found on the library path"
+            )));
         }
         if !cudarc::nvrtc::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(
-                "NVRTC (libnvrtc.so) was not found on the library path".into(),
-            ));
+            return Err(Error::CudaUnavailable(format!(
+                "{}{LIB_HINT}",
+                "NVRTC (libnvrtc.so) was not found on the library path"
+            )));
         }
     }
     let count = CudaContext::device_count().map_err(|e| unavailable("no usable CUDA device", e))?;
