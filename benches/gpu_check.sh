@@ -10,7 +10,7 @@
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
+export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1 RUST_TEST_NOCAPTURE=1
 bin=target/gpu-bundle/scorecam-gpu
 # cuDNN/cuBLAS/NVRTC may live in the toolkit, the system or PyTorch's pip wheels: find each one.
 sp=$(python3 -c "import site; print(site.getsitepackages()[0])" 2>/dev/null)
