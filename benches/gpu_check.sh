@@ -21,6 +21,7 @@ done
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
 
+export SCORECAM_BIN=$PWD/$bin
 echo "== tests"
 timeout "${TEST_TIMEOUT:-300}" target/gpu-bundle/run.sh > "$out/tests.log" 2>&1
 echo "tests exit: $?" | tee -a "$out/tests.log"
@@ -36,5 +37,6 @@ echo "== peers"
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-timeout "${PEERS_TIMEOUT:-200}" python3 benches/peers_gpu.py --engine-json "$out/engine_official.json" \
+# PyTorch brings its own cuDNN: keep the engine's library path away from it.
+timeout "${PEERS_TIMEOUT:-200}" env -u LD_LIBRARY_PATH python3 benches/peers_gpu.py --engine-json "$out/engine_official.json" \
   --json-out "$out/peers.json" 2>&1 | tee "$out/peers.log" | tail -30

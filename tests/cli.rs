@@ -6,7 +6,13 @@ use std::process::{Command, Output};
 
 use scorecam_gpu::model::Vgg;
 
-const BIN: &str = env!("CARGO_BIN_EXE_scorecam-gpu");
+/// The binary under test: cargo's build, or `$SCORECAM_BIN` where the tests run from a bundle
+/// on another machine (target/gpu-bundle on a GPU host).
+fn bin() -> PathBuf {
+    std::env::var_os("SCORECAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_scorecam-gpu")))
+}
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -42,7 +48,7 @@ impl Fixture {
 
     /// Run `explain` on the CPU with the tiny model; `out` is the output directory.
     fn explain(&self, out: &Path, extra: &[&str]) -> Output {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.arg("explain")
             .arg("--weights")
             .arg(&self.weights)
@@ -233,7 +239,7 @@ fn usage_and_weights_errors_exit_2_without_output_files() {
     let cut = f.path("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let out = f.path("o2");
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .args(["explain", "--backend", "cpu", "--weights"])
         .arg(&cut)
         .arg("--out")
@@ -246,7 +252,7 @@ fn usage_and_weights_errors_exit_2_without_output_files() {
     assert!(files(&out).is_empty());
 
     // Missing weights file.
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .args([
             "explain",
             "--backend",
@@ -294,7 +300,7 @@ fn cuda_backend_without_gpu_exits_2() {
     let f = Fixture::new();
     let img = f.image("a.png", 1);
     let out = f.path("out");
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .args(["explain", "--backend", "cuda", "--weights"])
         .arg(&f.weights)
         .arg("--out")
@@ -306,7 +312,7 @@ fn cuda_backend_without_gpu_exits_2() {
     assert!(stderr(&o).contains("CUDA"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     // auto falls back to the CPU with a notice.
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .args(["explain", "--backend", "auto", "--weights"])
         .arg(&f.weights)
         .arg("--out")
@@ -326,7 +332,7 @@ fn cuda_backend_without_gpu_exits_2() {
 fn offline_without_weights_explains_how_to_get_them() {
     let f = Fixture::new();
     let img = f.image("a.png", 1);
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .args(["explain", "--backend", "cpu"])
         .arg(&img)
         .current_dir(f.dir.path())
@@ -347,7 +353,7 @@ fn offline_without_weights_explains_how_to_get_them() {
 #[test]
 fn inspect_lists_layers() {
     let f = Fixture::new();
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .arg("inspect")
         .arg("--weights")
         .arg(&f.weights)
@@ -366,7 +372,7 @@ fn inspect_lists_layers() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
-    let o = Command::new(BIN)
+    let o = Command::new(bin())
         .args(["inspect", "--random-weights", "1"])
         .output()
         .unwrap();
