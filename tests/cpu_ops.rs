@@ -1,24 +1,12 @@
 //! Every CPU op against naive loops written straight from the definitions.
 
+mod common;
+
+use common::values;
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
 use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics};
 use scorecam_gpu::model::{Capture, Vgg};
 use std::sync::Arc;
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");

@@ -6,16 +6,17 @@
 //! `SCORECAM_REQUIRE_GPU=1` a missing GPU fails them instead. Run on a GPU host with
 //! `--test-threads=1` (one device, big buffers). `--ignored` adds the full 512-channel VGG16 run.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod common;
+
+use common::{check_tol, corr, fixture_model, fixture_rgb, manifest, npy, values};
 use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
 use scorecam_gpu::backend::cuda::CudaBackend;
 use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics, Stage};
 use scorecam_gpu::cam::{CamOptions, Explainer, Explanation};
-use scorecam_gpu::image::{self, ResizeMode};
 use scorecam_gpu::model::{Capture, FeatureStage, Vgg, IMAGENET_MEAN, IMAGENET_STD};
-use scorecam_gpu::{weights, Error};
+use scorecam_gpu::Error;
 use serde_json::Value;
 
 // ------------------------------------------------------------------------------------------
@@ -78,40 +79,6 @@ fn check_nmse(got: &[f32], want: &[f32], max: f64, what: &str) -> f64 {
     println!("{what}: nmse {e:.3e} (max {max:.0e})");
     assert!(e <= max, "{what}: normalized MSE {e:.3e} > {max:.0e}");
     e
-}
-
-/// Pearson correlation.
-fn corr(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64 - ma, y as f64 - mb);
-        sab += x * y;
-        saa += x * x;
-        sbb += y * y;
-    }
-    if saa == 0.0 && sbb == 0.0 {
-        return 1.0; // both constant
-    }
-    sab / (saa.sqrt() * sbb.sqrt())
-}
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// Deterministic pseudo-random RGB bytes.
@@ -691,55 +658,6 @@ fn vgg16_score_cam_default_layer_matches_cpu() {
 
 // ------------------------------------------------------------------------------------------
 // Golden fixtures (tests/fixtures, made by PyTorch + pytorch-grad-cam 1.5.7)
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn manifest() -> Option<Value> {
-    let path = fixtures().join("manifest.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("manifest.json parses")),
-        Err(_) => {
-            println!("skipped: no {}", path.display());
-            None
-        }
-    }
-}
-
-fn npy(rel: &Value) -> Vec<f32> {
-    image::read_npy(&fixtures().join(rel.as_str().unwrap()))
-        .unwrap()
-        .0
-}
-
-fn fixture_model(file: &Value) -> Arc<Vgg> {
-    Arc::new(weights::load(&fixtures().join(file.as_str().unwrap())).unwrap())
-}
-
-fn fixture_rgb(file: &Value, s: usize) -> Vec<u8> {
-    image::load_rgb(
-        &fixtures().join(file.as_str().unwrap()),
-        s,
-        ResizeMode::Crop,
-    )
-    .unwrap()
-}
-
-/// `|got − want| ≤ atol + rtol·|want|` element-wise; returns the worst |Δ|.
-fn check_tol(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) -> f32 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = 0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        assert!(
-            d <= atol + rtol * w.abs(),
-            "{what}[{i}]: CUDA {g}, golden {w} (|Δ| {d})"
-        );
-        worst = worst.max(d);
-    }
-    worst
-}
 
 fn gpu_tol(m: &Value, key: &str, default: (f32, f32)) -> (f32, f32) {
     let t = &m["tolerances"]["gpu_f16"][key];

@@ -1,72 +1,22 @@
 //! The CPU engine against the golden fixtures made by PyTorch, a port of the official Score-CAM
 //! and pytorch-grad-cam 1.5.7 (`tests/fixtures/make_fixtures.py`; outputs committed).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 
+use common::{
+    check_tol as check, corr, fixture_model as model, fixture_rgb as rgb, fixtures as dir, npy,
+};
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
 use scorecam_gpu::backend::Semantics;
 use scorecam_gpu::cam::{CamOptions, Explainer};
 use scorecam_gpu::image::{self, ResizeMode};
-use scorecam_gpu::{weights, Vgg};
 use serde_json::Value;
-
-fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn manifest() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
-}
-
-fn npy(rel: &Value) -> Vec<f32> {
-    image::read_npy(&dir().join(rel.as_str().unwrap()))
-        .unwrap()
-        .0
-}
-
-fn model(file: &Value) -> Arc<Vgg> {
-    Arc::new(weights::load(&dir().join(file.as_str().unwrap())).unwrap())
-}
-
-fn rgb(file: &Value, s: usize) -> Vec<u8> {
-    image::load_rgb(&dir().join(file.as_str().unwrap()), s, ResizeMode::Crop).unwrap()
-}
-
-/// max |a−b| / (atol + rtol·|b|) ≤ 1, element-wise; reports the worst element.
-fn check(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) -> f32 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = 0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        assert!(
-            d <= atol + rtol * w.abs(),
-            "{what}[{i}]: got {g}, want {w} (|Δ| {d})"
-        );
-        worst = worst.max(d);
-    }
-    worst
-}
-
-fn corr(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (
-        a.iter().map(|&v| v as f64).sum::<f64>() / n,
-        b.iter().map(|&v| v as f64).sum::<f64>() / n,
-    );
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64 - ma, y as f64 - mb);
-        sab += x * y;
-        saa += x * x;
-        sbb += y * y;
-    }
-    sab / (saa.sqrt() * sbb.sqrt())
-}
 
 #[test]
 fn forward_logits_and_activations_match_pytorch() {
-    let m = manifest();
+    let m = common::manifest().expect("tests/fixtures/manifest.json");
     let mut worst = 0f32;
     for case in m["forward"].as_array().unwrap() {
         let what = format!("{} × {}", case["model"], case["image"]);
@@ -110,7 +60,7 @@ fn forward_logits_and_activations_match_pytorch() {
 
 #[test]
 fn score_cam_maps_match_references_in_both_modes() {
-    let m = manifest();
+    let m = common::manifest().expect("tests/fixtures/manifest.json");
     let mut report = Vec::new();
     for case in m["cams"].as_array().unwrap() {
         let id = case["id"].as_str().unwrap();
@@ -172,7 +122,7 @@ fn score_cam_maps_match_references_in_both_modes() {
 
 #[test]
 fn preprocessing_matches_torchvision() {
-    let m = manifest();
+    let m = common::manifest().expect("tests/fixtures/manifest.json");
     for case in m["preprocess"].as_array().unwrap() {
         let mode = match case["mode"].as_str().unwrap() {
             "crop" => ResizeMode::Crop,
