@@ -55,27 +55,29 @@ pub fn run(
     let bar = progress_bar(paths.len(), opts.progress);
     for chunk in paths.chunks(image_batch.max(1)) {
         // Decode; images that fail are reported now and left out of the batch.
-        let mut batch: Vec<(&PathBuf, Vec<u8>)> = Vec::new();
+        let (mut names, mut rgbs): (Vec<&PathBuf>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
         for path in chunk {
             match img::load_rgb(path, s, opts.resize) {
-                Ok(rgb) => batch.push((path, rgb)),
+                Ok(rgb) => {
+                    names.push(path);
+                    rgbs.push(rgb);
+                }
                 Err(e) => {
                     summary.failed += 1;
                     report_error(&results, path, &e)?;
                 }
             }
         }
-        if batch.is_empty() {
+        if rgbs.is_empty() {
             bar.inc(chunk.len() as u64);
             continue;
         }
-        let rgbs: Vec<Vec<u8>> = batch.iter().map(|(_, rgb)| rgb.clone()).collect();
         let t0 = Instant::now();
         let explained = engine.explain(&rgbs);
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / batch.len() as f64;
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / rgbs.len() as f64;
         match explained {
             Ok(explanations) => {
-                for ((path, rgb), ex) in batch.iter().zip(&explanations) {
+                for ((path, rgb), ex) in names.iter().zip(&rgbs).zip(&explanations) {
                     let stem = unique_stem(path, &mut stems);
                     match write_outputs(engine, path, &stem, rgb, ex, s, mode, ms, opts, &results) {
                         Ok(()) => summary.ok += 1,
@@ -87,7 +89,7 @@ pub fn run(
                 }
             }
             Err(e) => {
-                for (path, _) in &batch {
+                for path in &names {
                     summary.failed += 1;
                     report_error(&results, path, &e)?;
                 }
