@@ -1,6 +1,8 @@
 //! The binary end to end on a tiny model: outputs, results.jsonl, exit codes, and every rejected
 //! input leaving no output file behind.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -148,25 +150,37 @@ fn one_bad_image_fails_alone_with_exit_1() {
     std::fs::write(&empty, b"").unwrap();
     let text = f.path("notes.jpg");
     std::fs::write(&text, b"this is not an image").unwrap();
+    let cut = f.path("cut.png");
+    let whole = std::fs::read(f.image("whole.png", 9)).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let huge = f.path("huge.png");
+    std::fs::write(&huge, common::png_claiming(20000, 20000, 8, 2)).unwrap();
+    std::fs::remove_file(f.path("whole.png")).unwrap();
     let out = f.path("out");
+    let bad = [&empty, &text, &cut, &huge];
     let o = f.explain(
         &out,
         &[
             empty.to_str().unwrap(),
             good.to_str().unwrap(),
             text.to_str().unwrap(),
+            cut.to_str().unwrap(),
+            huge.to_str().unwrap(),
         ],
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(
-        err.contains("empty.png") && err.contains("notes.jpg"),
-        "{err}"
-    );
+    for p in bad {
+        assert!(
+            err.contains(p.to_str().unwrap()),
+            "{p:?} not named in: {err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "{err}");
     let lines = results(&out);
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 5);
     let errors: Vec<_> = lines.iter().filter(|l| l.get("error").is_some()).collect();
-    assert_eq!(errors.len(), 2);
+    assert_eq!(errors.len(), 4);
     assert!(errors
         .iter()
         .all(|l| !l["error"].as_str().unwrap().is_empty()));

@@ -4,6 +4,8 @@
 //! Most inputs are made here at run time in a temp dir. The PIL references under
 //! `tests/data/images/` come from `tests/data/images/make_refs.py`.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -113,40 +115,6 @@ fn noise(w: u32, h: u32, seed: u32) -> RgbImage {
     })
 }
 
-/// PNG chunk with its CRC (crc32 over type and data, polynomial 0xEDB88320).
-fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in kind.iter().chain(data) {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    let mut out = (data.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    out.extend_from_slice(&(!crc).to_be_bytes());
-    out
-}
-
-/// A PNG that is only a header claiming `w`×`h` (an empty IDAT and IEND follow, so decoders
-/// that read up to the pixel data get that far).
-fn png_claiming(w: u32, h: u32, bit_depth: u8, color_type: u8) -> Vec<u8> {
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend(png_chunk(b"IHDR", &ihdr));
-    png.extend(png_chunk(b"IDAT", &[]));
-    png.extend(png_chunk(b"IEND", &[]));
-    png
-}
-
 // ---------------------------------------------------------------------------------------------
 // Bad inputs: clear errors that name the file, never a panic
 // ---------------------------------------------------------------------------------------------
@@ -198,7 +166,11 @@ fn missing_file_and_directory_are_rejected() {
 #[test]
 fn png_claiming_20000x20000_fails_fast_without_allocating() {
     let d = tmp();
-    let p = file(d.path(), "huge.png", &png_claiming(20000, 20000, 8, 2));
+    let p = file(
+        d.path(),
+        "huge.png",
+        &common::png_claiming(20000, 20000, 8, 2),
+    );
     let t0 = Instant::now();
     let r = load_rgb(&p, S, ResizeMode::Crop);
     assert!(
@@ -220,7 +192,11 @@ fn png_claiming_20000x20000_fails_fast_without_allocating() {
 fn png_that_would_need_over_1_gib_is_refused_before_decoding() {
     // 16000×16000 RGBA, 16 bits: within the side limit, but 1.9 GiB of pixels.
     let d = tmp();
-    let p = file(d.path(), "deep.png", &png_claiming(16000, 16000, 16, 6));
+    let p = file(
+        d.path(),
+        "deep.png",
+        &common::png_claiming(16000, 16000, 16, 6),
+    );
     let t0 = Instant::now();
     let r = load_rgb(&p, S, ResizeMode::Crop);
     assert!(
