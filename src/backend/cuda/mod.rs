@@ -445,13 +445,18 @@ impl Drop for CudaBackend {
     }
 }
 
+/// A CUDA library the dynamic loader cannot find, with how to make it visible (libraries are
+/// dlopen'ed by name, so only the loader's search path counts).
+fn missing_library(what: &str) -> Error {
+    Error::CudaUnavailable(format!(
+        "{what} was not found on the library path; add its directory to LD_LIBRARY_PATH \
+         (CUDA toolkit: /usr/local/cuda/lib64; pip wheels: site-packages/nvidia/cu13/lib and \
+         site-packages/nvidia/cudnn/lib)"
+    ))
+}
+
 /// Check the shared libraries, count devices, open device `ordinal`. Returns the context and
 /// `"<name> (sm_XY"` (unclosed: callers append).
-/// How to make a library the loader cannot find visible (libraries are dlopen'ed by name).
-const LIB_HINT: &str =
-    "; add its directory to LD_LIBRARY_PATH (CUDA toolkit: /usr/local/cuda/lib64; \
-     pip wheels: site-packages/nvidia/cu13/lib and site-packages/nvidia/cudnn/lib)";
-
 fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
     // SAFETY: these only try to dlopen the libraries.
     unsafe {
@@ -462,22 +467,13 @@ fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
             ));
         }
         if !cudarc::cudnn::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(format!(
-                "{}{LIB_HINT}",
-                "cuDNN (libcudnn.so.9) was not found on the library path"
-            )));
+            return Err(missing_library("cuDNN (libcudnn.so.9)"));
         }
         if !cudarc::cublas::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(format!(
-                "{}{LIB_HINT}",
-                "cuBLAS (libcublas.so) was not found on the library path"
-            )));
+            return Err(missing_library("cuBLAS (libcublas.so)"));
         }
         if !cudarc::nvrtc::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(format!(
-                "{}{LIB_HINT}",
-                "NVRTC (libnvrtc.so) was not found on the library path"
-            )));
+            return Err(missing_library("NVRTC (libnvrtc.so)"));
         }
     }
     let count = CudaContext::device_count().map_err(|e| unavailable("no usable CUDA device", e))?;
