@@ -77,7 +77,8 @@ pub struct Explainer<B: Backend> {
     opts: CamOptions,
     plan: Plan,
     acts_shape: MapShape,
-    bufs: Buffers<B>,
+    /// `None` only while being rebuilt after an out-of-memory error.
+    bufs: Option<Buffers<B>>,
 }
 
 impl<B: Backend> Explainer<B> {
@@ -108,20 +109,26 @@ impl<B: Backend> Explainer<B> {
             max_masks: opts.mask_batch,
             capture,
         };
-        let bufs = loop {
-            match Self::setup(&mut backend, &model, plan, acts_shape) {
-                Ok(bufs) => break bufs,
-                Err(e) => halve_on_oom(e, &mut plan)?,
-            }
-        };
+        let bufs = Self::fit(&mut backend, &model, &mut plan, acts_shape)?;
         Ok(Explainer {
             backend,
             model,
             opts,
             plan,
             acts_shape,
-            bufs,
+            bufs: Some(bufs),
         })
+    }
+
+    /// Prepare the backend and allocate the buffers, halving the mask batch on out-of-memory
+    /// until they fit (see [`halve_on_oom`]).
+    fn fit(backend: &mut B, model: &Arc<Vgg>, plan: &mut Plan, a: MapShape) -> Result<Buffers<B>> {
+        loop {
+            match Self::setup(backend, model, *plan, a) {
+                Ok(bufs) => return Ok(bufs),
+                Err(e) => halve_on_oom(e, plan)?,
+            }
+        }
     }
 
     fn setup(backend: &mut B, model: &Arc<Vgg>, plan: Plan, a: MapShape) -> Result<Buffers<B>> {
@@ -153,6 +160,15 @@ impl<B: Backend> Explainer<B> {
         self.plan.max_masks
     }
 
+    /// Most images explained together (their masked inputs share forward batches).
+    pub fn image_batch(&self) -> usize {
+        self.plan.max_images
+    }
+
+    pub fn semantics(&self) -> Semantics {
+        self.opts.semantics
+    }
+
     /// Name of the layer whose activations make the masks.
     pub fn layer_name(&self) -> String {
         self.model.capture_name(self.plan.capture)
@@ -178,12 +194,15 @@ impl<B: Backend> Explainer<B> {
                     }
                     Err(e) => {
                         halve_on_oom(e, &mut self.plan)?;
-                        self.bufs = Self::setup(
+                        // Free the old buffers before allocating smaller ones.
+                        self.bufs = None;
+                        let bufs = Self::fit(
                             &mut self.backend,
                             &self.model,
-                            self.plan,
+                            &mut self.plan,
                             self.acts_shape,
                         )?;
+                        self.bufs = Some(bufs);
                     }
                 }
             }
@@ -197,7 +216,10 @@ impl<B: Backend> Explainer<B> {
         let MapShape { c: k, h, w } = self.acts_shape;
         let sem = self.opts.semantics;
         let meta = &self.model.meta;
-        let (be, bufs) = (&mut self.backend, &mut self.bufs);
+        let be = &mut self.backend;
+        let bufs = self.bufs.as_mut().ok_or_else(|| {
+            Error::Invalid("explainer buffers missing after a failed rebuild".into())
+        })?;
 
         be.mark(Some(Stage::Preprocess))?;
         for (slot, rgb) in group.iter().enumerate() {

@@ -86,10 +86,6 @@ impl Engine {
         })
     }
 
-    pub fn is_cuda(&self) -> bool {
-        matches!(self, Engine::Cuda(_))
-    }
-
     pub fn explain(&mut self, images: &[Vec<u8>]) -> Result<Vec<Explanation>> {
         with_explainer!(self, e => e.explain(images))
     }
@@ -121,6 +117,14 @@ impl Engine {
 
     pub fn mask_batch(&self) -> usize {
         with_explainer!(self, e => e.mask_batch())
+    }
+
+    pub fn image_batch(&self) -> usize {
+        with_explainer!(self, e => e.image_batch())
+    }
+
+    pub fn semantics(&self) -> crate::backend::Semantics {
+        with_explainer!(self, e => e.semantics())
     }
 
     /// Plain forward timings (see [`crate::bench::forward`]). Re-plans the backend: run Score-CAM

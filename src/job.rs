@@ -41,19 +41,14 @@ pub fn prepare_out_dir(dir: &Path) -> Result<()> {
 
 /// Run the job over `paths`. Returns the summary; only a failure to write results.jsonl itself
 /// aborts the job.
-pub fn run(
-    engine: &mut Engine,
-    paths: &[PathBuf],
-    mode: &str,
-    opts: &JobOptions,
-    s: usize,
-    image_batch: usize,
-) -> Result<JobSummary> {
+pub fn run(engine: &mut Engine, paths: &[PathBuf], opts: &JobOptions) -> Result<JobSummary> {
+    let s = engine.input_size();
+    let mode = engine.semantics().name();
     let results = opts.out_dir.join("results.jsonl");
     let mut stems = HashSet::new();
     let mut summary = JobSummary::default();
     let bar = progress_bar(paths.len(), opts.progress);
-    for chunk in paths.chunks(image_batch.max(1)) {
+    for chunk in paths.chunks(engine.image_batch()) {
         // Decode; images that fail are reported now and left out of the batch.
         let (mut names, mut rgbs): (Vec<&PathBuf>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
         for path in chunk {

@@ -189,7 +189,6 @@ fn explain(a: ExplainArgs) -> Result<u8> {
     // Fail on an unwritable output directory before loading anything.
     job::prepare_out_dir(&a.out).map_err(|e| Error::Usage(e.to_string()))?;
     let mut engine = open_engine(&a.model, &a.cam, a.classes.clone(), true)?;
-    let s = engine.input_size();
     let opts = JobOptions {
         out_dir: a.out.clone(),
         resize: match a.resize {
@@ -199,12 +198,7 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         pngs: !a.no_png,
         progress: true,
     };
-    let mode = Semantics::from(a.cam.mode).name();
-    let image_batch = a
-        .cam
-        .image_batch
-        .unwrap_or(if engine.is_cuda() { 8 } else { 1 });
-    let summary = job::run(&mut engine, &a.images, mode, &opts, s, image_batch)?;
+    let summary = job::run(&mut engine, &a.images, &opts)?;
     eprintln!(
         "{} of {} images explained on {} (layer {}); results in {}",
         summary.ok,
