@@ -1,6 +1,7 @@
 //! Score-CAM orchestration, backend-agnostic: base forward → masks → masked forwards (batched,
 //! across images) → scores → channel weights → combined maps. See DESIGN.md "Score-CAM, exactly".
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::cpu::{min_max, softmax, upsample_bilinear};
@@ -8,17 +9,72 @@ use crate::backend::{Backend, MaskItem, Plan, Semantics, Stage};
 use crate::error::{Error, Result};
 use crate::model::{MapShape, Vgg};
 
+/// Most images explained together. Beyond a few dozen the masked batches are full anyway, and
+/// the per-image buffers (input, activations) grow with it.
+pub const MAX_IMAGE_BATCH: usize = 256;
+
+/// Which classes to explain for an image. All of them share the image's masked passes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// The `k` classes with the highest logits on the unmasked input, best first.
+    Top(usize),
+    /// These classes, in this order, each once.
+    Classes(Vec<usize>),
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Targets::Top(1)
+    }
+}
+
+impl Targets {
+    /// Classes in the given order with repeats removed (`--class 3,3` explains class 3 once).
+    pub fn classes(list: impl IntoIterator<Item = usize>) -> Targets {
+        let mut seen = std::collections::HashSet::new();
+        Targets::Classes(list.into_iter().filter(|c| seen.insert(*c)).collect())
+    }
+
+    /// Check against a model with `num_classes` classes; the message names the bad value.
+    pub fn check(&self, num_classes: usize) -> std::result::Result<(), String> {
+        match self {
+            Targets::Top(0) => Err("--top-k must be at least 1".into()),
+            Targets::Top(k) if *k > num_classes => Err(format!(
+                "--top-k {k} is more than the model's {num_classes} classes"
+            )),
+            Targets::Top(_) => Ok(()),
+            Targets::Classes(list) if list.is_empty() => Err("no target class given".into()),
+            Targets::Classes(list) => match list.iter().find(|&&c| c >= num_classes) {
+                Some(bad) => Err(format!(
+                    "class {bad} is out of range: the model has {num_classes} classes (0..={})",
+                    num_classes - 1
+                )),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// The classes to explain for an image with these logits.
+    fn resolve(&self, logits: &[f32]) -> Vec<usize> {
+        match self {
+            Targets::Classes(list) => list.clone(),
+            Targets::Top(k) => ranking(logits).into_iter().take(*k).collect(),
+        }
+    }
+}
+
 /// What to explain and how.
 #[derive(Clone, Debug)]
 pub struct CamOptions {
     pub semantics: Semantics,
     /// `features.N` (torchvision numbering); `None`: the last conv's ReLU output.
     pub layer: Option<String>,
-    /// Target classes (shared by every image); `None`: each image's top-1.
-    pub classes: Option<Vec<usize>>,
-    /// Most masked inputs per forward (bounds memory).
+    /// Target classes of every image unless [`Explainer::explain_for`] gives its own.
+    pub targets: Targets,
+    /// Most masked inputs per forward (bounds memory). Capped at what a group of images can
+    /// use: `image_batch` × the layer's channels.
     pub mask_batch: usize,
-    /// Most images whose masked inputs are forwarded together.
+    /// Most images whose masked inputs are forwarded together (capped at [`MAX_IMAGE_BATCH`]).
     pub image_batch: usize,
 }
 
@@ -27,17 +83,27 @@ impl Default for CamOptions {
         CamOptions {
             semantics: Semantics::Official,
             layer: None,
-            classes: None,
+            targets: Targets::Top(1),
             mask_batch: 64,
             image_batch: 1,
         }
     }
 }
 
+/// Masked forward passes of the images being explained, for progress displays: `planned` grows
+/// when a group starts, `done` after every masked batch. Shared with another thread.
+#[derive(Debug, Default)]
+pub struct PassCounter {
+    pub planned: AtomicU64,
+    pub done: AtomicU64,
+}
+
 /// The map for one target class of one image.
 #[derive(Clone, Debug)]
 pub struct ClassMap {
     pub class: usize,
+    /// Rank of `class` by logit on the unmasked input (1: the top-1 class).
+    pub rank: usize,
     /// Softmax probability of `class` on the unmasked input.
     pub score: f32,
     /// `[S, S]` in [0, 1].
@@ -58,6 +124,8 @@ pub struct Explanation {
     pub logits: Vec<f32>,
     /// Channels whose activations are constant (skipped in official mode).
     pub flat_channels: usize,
+    /// Masked forward passes run for this image.
+    pub masked_passes: usize,
     pub maps: Vec<ClassMap>,
 }
 
@@ -79,6 +147,7 @@ pub struct Explainer<B: Backend> {
     acts_shape: MapShape,
     /// `None` only while being rebuilt after an out-of-memory error.
     bufs: Option<Buffers<B>>,
+    passes: Option<Arc<PassCounter>>,
 }
 
 impl<B: Backend> Explainer<B> {
@@ -90,23 +159,21 @@ impl<B: Backend> Explainer<B> {
                 "--mask-batch and --image-batch must be at least 1".into(),
             ));
         }
-        let classes = model.num_classes();
-        if let Some(bad) = opts.classes.iter().flatten().find(|&&c| c >= classes) {
-            return Err(Error::Usage(format!(
-                "--class {bad} is out of range: the model has {classes} classes (0..={})",
-                classes - 1
-            )));
-        }
+        opts.targets
+            .check(model.num_classes())
+            .map_err(Error::Usage)?;
         let capture = match &opts.layer {
             Some(name) => model.resolve_layer(name).map_err(Error::Usage)?,
             None => model.default_capture(),
         };
         let s = model.input_size();
         let acts_shape = model.capture_shape(capture, s);
+        // Never plan for more than a group can use: larger batches only cost memory.
+        let max_images = opts.image_batch.min(MAX_IMAGE_BATCH);
         let mut plan = Plan {
             input_size: s,
-            max_images: opts.image_batch,
-            max_masks: opts.mask_batch,
+            max_images,
+            max_masks: opts.mask_batch.min(max_images * acts_shape.c),
             capture,
         };
         let bufs = Self::fit(&mut backend, &model, &mut plan, acts_shape)?;
@@ -117,7 +184,13 @@ impl<B: Backend> Explainer<B> {
             plan,
             acts_shape,
             bufs: Some(bufs),
+            passes: None,
         })
+    }
+
+    /// Count masked passes into `counter` from now on (see [`PassCounter`]).
+    pub fn set_pass_counter(&mut self, counter: Arc<PassCounter>) {
+        self.passes = Some(counter);
     }
 
     /// Prepare the backend and allocate the buffers, halving the mask batch on out-of-memory
@@ -179,15 +252,37 @@ impl<B: Backend> Explainer<B> {
         self.acts_shape
     }
 
-    /// Explain images given as S×S RGB u8 (HWC). Images are processed in groups of
-    /// `image_batch`; the masked inputs of a group share forward batches.
+    /// Explain images given as S×S RGB u8 (HWC), each for the options' targets. Images are
+    /// processed in groups of `image_batch`; the masked inputs of a group share forward batches.
     /// On out-of-memory while running (a workspace that grows for an odd batch size, another
     /// process taking memory) the mask batch is halved, buffers rebuilt and the group retried.
     pub fn explain(&mut self, images: &[Vec<u8>]) -> Result<Vec<Explanation>> {
+        let targets = vec![self.opts.targets.clone(); images.len()];
+        self.explain_for(images, &targets)
+    }
+
+    /// Like [`Explainer::explain`], with each image's own targets (`targets[i]` for
+    /// `images[i]`, checked against the model's classes).
+    pub fn explain_for(
+        &mut self,
+        images: &[Vec<u8>],
+        targets: &[Targets],
+    ) -> Result<Vec<Explanation>> {
+        if targets.len() != images.len() {
+            return Err(Error::Invalid(format!(
+                "{} target lists for {} images",
+                targets.len(),
+                images.len()
+            )));
+        }
+        for t in targets {
+            t.check(self.model.num_classes()).map_err(Error::Usage)?;
+        }
         let mut out = Vec::with_capacity(images.len());
-        for group in images.chunks(self.plan.max_images) {
+        let n = self.plan.max_images;
+        for (group, group_targets) in images.chunks(n).zip(targets.chunks(n)) {
             loop {
-                match self.explain_group(group) {
+                match self.explain_group(group, group_targets) {
                     Ok(r) => {
                         out.extend(r);
                         break;
@@ -210,7 +305,11 @@ impl<B: Backend> Explainer<B> {
         Ok(out)
     }
 
-    fn explain_group(&mut self, group: &[Vec<u8>]) -> Result<Vec<Explanation>> {
+    fn explain_group(
+        &mut self,
+        group: &[Vec<u8>],
+        group_targets: &[Targets],
+    ) -> Result<Vec<Explanation>> {
         let n = group.len();
         let s = self.plan.input_size;
         let MapShape { c: k, h, w } = self.acts_shape;
@@ -220,8 +319,9 @@ impl<B: Backend> Explainer<B> {
         let bufs = self.bufs.as_mut().ok_or_else(|| {
             Error::Invalid("explainer buffers missing after a failed rebuild".into())
         })?;
+        let mut marks = StageMarks::default();
 
-        be.mark(Some(Stage::Preprocess))?;
+        marks.enter(be, Some(Stage::Preprocess))?;
         for (slot, rgb) in group.iter().enumerate() {
             if rgb.len() != s * s * 3 {
                 return Err(Error::Invalid(format!(
@@ -232,7 +332,7 @@ impl<B: Backend> Explainer<B> {
             be.preprocess(rgb, meta.mean, meta.std, &mut bufs.images, slot)?;
         }
 
-        be.mark(Some(Stage::BaseForward))?;
+        marks.enter(be, Some(Stage::BaseForward))?;
         be.forward(&bufs.images, n, &mut bufs.base_logits, Some(&mut bufs.acts))?;
         let logits = be.download(&bufs.base_logits, n)?;
         let acts = be.download(&bufs.acts, n)?;
@@ -246,18 +346,34 @@ impl<B: Backend> Explainer<B> {
             let row = &logits[i * classes..][..classes];
             let probs = softmax(row);
             let top1 = argmax(row);
-            targets.push(self.opts.classes.clone().unwrap_or_else(|| vec![top1]));
+            targets.push(group_targets[i].resolve(row));
             let f = flat_channels(&acts[i * k * h * w..][..k * h * w], k, h * w);
+            let flat_count = f.iter().filter(|&&x| x).count();
             results.push(Explanation {
                 top1,
                 probs,
                 logits: row.to_vec(),
-                flat_channels: f.iter().filter(|&&x| x).count(),
+                flat_channels: flat_count,
+                masked_passes: match sem {
+                    Semantics::Official => k - flat_count,
+                    Semantics::ChannelSoftmax => k,
+                },
                 maps: Vec::new(),
             });
             flat.push(f);
         }
-        let t = targets[0].len();
+        // The scoring op reads the same number of targets per row: images with fewer targets
+        // repeat their last one, and the extra scores are dropped.
+        let t = targets.iter().map(Vec::len).max().unwrap_or(1);
+        let padded: Vec<Vec<u32>> = targets
+            .iter()
+            .map(|list| {
+                let last = *list.last().expect("targets are never empty (checked)");
+                (0..t)
+                    .map(|j| *list.get(j).unwrap_or(&last) as u32)
+                    .collect()
+            })
+            .collect();
 
         // Official mode never forwards a flat channel (weight 0); channel-softmax forwards all.
         let items: Vec<MaskItem> = (0..n)
@@ -269,17 +385,20 @@ impl<B: Backend> Explainer<B> {
             })
             .collect();
 
+        if let Some(p) = &self.passes {
+            p.planned.fetch_add(items.len() as u64, Ordering::Relaxed);
+        }
         // scores[i][target j][channel]
         let mut scores = vec![vec![vec![0f32; k]; t]; n];
         for batch in items.chunks(self.plan.max_masks) {
-            be.mark(Some(Stage::Masks))?;
+            marks.enter(be, Some(Stage::Masks))?;
             be.masked_inputs(&bufs.images, &bufs.acts, batch, sem, &mut bufs.masked)?;
-            be.mark(Some(Stage::MaskedForward))?;
+            marks.enter(be, Some(Stage::MaskedForward))?;
             be.forward(&bufs.masked, batch.len(), &mut bufs.masked_logits, None)?;
-            be.mark(Some(Stage::Scores))?;
+            marks.enter(be, Some(Stage::Scores))?;
             let row_targets: Vec<u32> = batch
                 .iter()
-                .flat_map(|it| targets[it.image as usize].iter().map(|&c| c as u32))
+                .flat_map(|it| padded[it.image as usize].iter().copied())
                 .collect();
             let got = be.scores(
                 &bufs.masked_logits,
@@ -292,10 +411,14 @@ impl<B: Backend> Explainer<B> {
                     scores[it.image as usize][j][it.channel as usize] = got[r * t + j];
                 }
             }
+            if let Some(p) = &self.passes {
+                p.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
         }
 
-        be.mark(Some(Stage::Combine))?;
+        marks.enter(be, Some(Stage::Combine))?;
         for (i, res) in results.iter_mut().enumerate() {
+            let order = ranking(&res.logits);
             for (j, &class) in targets[i].iter().enumerate() {
                 let channel_scores = std::mem::take(&mut scores[i][j]);
                 let weights = match sem {
@@ -309,6 +432,7 @@ impl<B: Backend> Explainer<B> {
                 };
                 res.maps.push(ClassMap {
                     class,
+                    rank: 1 + order.iter().position(|&c| c == class).unwrap_or(0),
                     score: res.probs[class],
                     map,
                     flat: flat_map,
@@ -316,8 +440,23 @@ impl<B: Backend> Explainer<B> {
                 });
             }
         }
-        be.mark(None)?;
+        marks.enter(be, None)?;
         Ok(results)
+    }
+}
+
+/// Stage boundaries, told to the backend's timers (`bench`, `--profile`) and to NVTX (nsys).
+#[derive(Default)]
+struct StageMarks {
+    range: Option<crate::trace::Range>,
+}
+
+impl StageMarks {
+    fn enter<B: Backend>(&mut self, be: &mut B, stage: Option<Stage>) -> Result<()> {
+        self.range = None; // close the previous stage's range first
+        be.mark(stage)?;
+        self.range = stage.map(|s| crate::trace::range(s.name()));
+        Ok(())
     }
 }
 
@@ -333,11 +472,25 @@ fn halve_on_oom(e: Error, plan: &mut Plan) -> Result<()> {
             );
             Ok(())
         }
-        Error::OutOfMemory(msg) => Err(Error::OutOfMemory(format!(
-            "{msg}, even with --mask-batch 1; free GPU memory or use --backend cpu"
-        ))),
+        Error::OutOfMemory(msg) => {
+            let hint = if msg.starts_with("GPU") {
+                "free GPU memory or use --backend cpu"
+            } else {
+                "free host memory or lower --input-size"
+            };
+            Err(Error::OutOfMemory(format!(
+                "{msg}, even with --mask-batch 1; {hint}"
+            )))
+        }
         e => Err(e),
     }
+}
+
+/// Class indices by decreasing logit (ties: lower index first, like a stable sort).
+fn ranking(logits: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order
 }
 
 fn argmax(x: &[f32]) -> usize {

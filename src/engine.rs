@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, Stage};
-use crate::cam::{CamOptions, Explainer, Explanation};
+use crate::cam::{CamOptions, Explainer, Explanation, PassCounter, Targets};
 use crate::error::{Error, Result};
 use crate::model::{MapShape, Vgg};
 
@@ -29,16 +29,22 @@ pub fn load_model(
     show_progress: bool,
 ) -> Result<Arc<Vgg>> {
     let mut model = match random_seed {
-        Some(seed) => Vgg::random_vgg16(seed),
+        Some(seed) => {
+            let mut m = Vgg::random_vgg16(seed);
+            // Random weights, but the ImageNet head's shape: name its classes like the real one.
+            m.meta.labels = Some(crate::weights::imagenet_labels());
+            m
+        }
         None => {
             let path = crate::hub::resolve_weights(weights, show_progress)?;
             crate::weights::load(&path)?
         }
     };
     if let Some(s) = input_size {
-        if s < 32 {
+        use crate::weights::{MAX_INPUT_SIZE, MIN_INPUT_SIZE};
+        if !(MIN_INPUT_SIZE..=MAX_INPUT_SIZE).contains(&s) {
             return Err(Error::Usage(format!(
-                "--input-size {s}: must be at least 32"
+                "--input-size {s}: must be {MIN_INPUT_SIZE}..={MAX_INPUT_SIZE}"
             )));
         }
         model.meta.input_size = s;
@@ -66,13 +72,19 @@ macro_rules! with_explainer {
 }
 
 impl Engine {
-    /// Open the backend and prepare the explainer. `auto` falls back to the CPU with a notice
-    /// on stderr when no usable GPU is found; `cuda` fails with `Error::CudaUnavailable`.
-    pub fn new(choice: BackendChoice, model: Arc<Vgg>, opts: CamOptions) -> Result<Engine> {
+    /// Open the backend (CUDA device `ordinal`) and prepare the explainer. `auto` falls back to
+    /// the CPU with a notice on stderr when no usable GPU is found; `cuda` fails with
+    /// `Error::CudaUnavailable`.
+    pub fn new(
+        choice: BackendChoice,
+        ordinal: usize,
+        model: Arc<Vgg>,
+        opts: CamOptions,
+    ) -> Result<Engine> {
         let cuda = match choice {
             BackendChoice::Cpu => None,
-            BackendChoice::Cuda => Some(CudaBackend::new(0)?),
-            BackendChoice::Auto => match CudaBackend::new(0) {
+            BackendChoice::Cuda => Some(CudaBackend::new(ordinal)?),
+            BackendChoice::Auto => match CudaBackend::new(ordinal) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     eprintln!("notice: no usable GPU ({e}); running on the CPU");
@@ -88,6 +100,25 @@ impl Engine {
 
     pub fn explain(&mut self, images: &[Vec<u8>]) -> Result<Vec<Explanation>> {
         with_explainer!(self, e => e.explain(images))
+    }
+
+    /// Explain each image for its own targets (see [`Explainer::explain_for`]).
+    pub fn explain_for(
+        &mut self,
+        images: &[Vec<u8>],
+        targets: &[Targets],
+    ) -> Result<Vec<Explanation>> {
+        with_explainer!(self, e => e.explain_for(images, targets))
+    }
+
+    /// Count masked passes into `counter` (progress displays).
+    pub fn set_pass_counter(&mut self, counter: Arc<PassCounter>) {
+        with_explainer!(self, e => e.set_pass_counter(counter))
+    }
+
+    /// Is this the CPU backend (minutes per image at 224², where progress needs finer steps)?
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Engine::Cpu(_))
     }
 
     pub fn describe(&mut self) -> String {

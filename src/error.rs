@@ -31,6 +31,11 @@ pub enum Error {
     #[error("output {path}: {msg}")]
     Output { path: PathBuf, msg: String },
 
+    /// The output file system is full (ENOSPC, EDQUOT). The job stops; `--resume` continues it
+    /// once there is space.
+    #[error("output {path}: {msg}: the output disk is full; the job stopped (free space, then rerun with --resume)")]
+    DiskFull { path: PathBuf, msg: String },
+
     /// The requested backend cannot be used (no driver, library or device; NVRTC failure, ...).
     #[error("CUDA backend unavailable: {0}")]
     CudaUnavailable(String),
@@ -39,8 +44,9 @@ pub enum Error {
     #[error("CUDA error in {op}: {msg}")]
     Cuda { op: String, msg: String },
 
-    /// The device ran out of memory even at the smallest batch.
-    #[error("out of GPU memory: {0}")]
+    /// The backend's memory (GPU memory on CUDA, host memory on the CPU) cannot hold the plan,
+    /// even at the smallest batch. The message says which memory.
+    #[error("out of memory: {0}")]
     OutOfMemory(String),
 
     /// A shape or argument that an op cannot accept: a bug or an unsupported model/layer.
@@ -79,14 +85,14 @@ impl Error {
     pub fn image(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         Error::Image {
             path: path.into(),
-            msg: msg.to_string(),
+            msg: one_line(&msg.to_string()),
         }
     }
 
     pub fn output(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         Error::Output {
             path: path.into(),
-            msg: msg.to_string(),
+            msg: one_line(&msg.to_string()),
         }
     }
 
@@ -103,4 +109,18 @@ impl Error {
             source,
         }
     }
+}
+
+/// A message on one line: decoders' and the OS's messages may span lines (or end in a newline),
+/// which would break a line-oriented log or a one-line JSON error. Lines are trimmed and joined
+/// with "; ".
+pub fn one_line(msg: &str) -> String {
+    if !msg.contains(['\n', '\r']) {
+        return msg.trim().to_owned();
+    }
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }

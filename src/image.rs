@@ -11,7 +11,7 @@
 //! malformed, makes this module panic.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Cursor, Seek, Write};
+use std::io::{Cursor, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -90,18 +90,77 @@ impl std::fmt::Display for ResizeMode {
 ///   computed. [`ResizeMode::Stretch`]: the same filter straight to S×S. Both give the same bytes
 ///   as torchvision 0.26 with Pillow 13.
 pub fn load_rgb(path: &Path, s: usize, mode: ResizeMode) -> Result<Vec<u8>> {
-    let file = File::open(path).map_err(|e| Error::image(path, format!("cannot open: {e}")))?;
+    let bytes = read_image_file(path)?;
+    load_rgb_from_bytes(&bytes, path, s, mode)
+}
+
+/// Largest image file read into memory (a camera JPEG is a few MiB).
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// Read a whole image file. Only regular files are read: the file is opened without blocking
+/// (a FIFO would otherwise stall the caller until a writer appears) and checked with `fstat`
+/// before a byte is read, so a FIFO, socket or device is an error that names what it is.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    let mut open = OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.custom_flags(libc::O_NONBLOCK);
+    }
+    let mut file = open
+        .open(path)
+        .map_err(|e| Error::image(path, format!("cannot open: {e}")))?;
     let meta = file
         .metadata()
         .map_err(|e| Error::image(path, format!("cannot read: {e}")))?;
-    if meta.is_dir() {
-        return Err(Error::image(path, "is a directory, not an image file"));
+    if !meta.is_file() {
+        return Err(Error::image(path, not_a_regular_file(&meta.file_type())));
     }
     if meta.len() == 0 {
         return Err(Error::image(path, "empty file (0 bytes), not an image"));
     }
-    let rgb = decode_rgb(BufReader::new(file), path)?;
-    model_view(rgb, s, mode, path)
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::image(
+            path,
+            format!(
+                "file too large: {} MiB (limit {} MiB)",
+                meta.len() >> 20,
+                MAX_FILE_BYTES >> 20
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::image(path, format!("cannot read: {e}")))?;
+    Ok(bytes)
+}
+
+/// Why a file that is not a regular file cannot be an image, naming what it is.
+pub fn not_a_regular_file(ft: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "is a FIFO (named pipe), not a regular file: not read";
+        }
+        if ft.is_socket() {
+            return "is a socket, not a regular file: not read";
+        }
+        if ft.is_char_device() {
+            return "is a character device, not a regular file: not read";
+        }
+        if ft.is_block_device() {
+            return "is a block device, not a regular file: not read";
+        }
+    }
+    if ft.is_dir() {
+        "is a directory, not an image file"
+    } else if ft.is_symlink() {
+        "is a symbolic link that does not lead to a regular file"
+    } else {
+        "is not a regular file: not read"
+    }
 }
 
 /// Same as [`load_rgb`], from bytes already in memory (`name` is used in messages).
@@ -114,8 +173,65 @@ pub fn load_rgb_from_bytes(
     if bytes.is_empty() {
         return Err(Error::image(name, "empty file (0 bytes), not an image"));
     }
-    let rgb = decode_rgb(Cursor::new(bytes), name)?;
+    let rgb = decode_rgb(bytes, name)?;
     model_view(rgb, s, mode, name)
+}
+
+/// A JPEG whose data stops before its end-of-image marker is truncated. The decoder would fill
+/// the missing blocks with grey and report success (PIL refuses such files: "image file is
+/// truncated"), so the marker structure is walked here: segments before the first scan are
+/// skipped by their lengths (an EXIF thumbnail's own EOI does not count), entropy-coded data is
+/// scanned for the next marker (0xFF followed by anything but a stuffed 0x00 or a restart
+/// marker), and the segments between the scans of a progressive JPEG are skipped again.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
+        return false;
+    }
+    let mut i = 2;
+    let mut in_scan = false;
+    while i + 1 < bytes.len() {
+        if in_scan {
+            // Entropy-coded data: find the next real marker.
+            match memchr_ff(&bytes[i..]) {
+                None => return false,
+                Some(off) => i += off,
+            }
+            let Some(&m) = bytes.get(i + 1) else {
+                return false;
+            };
+            if m == 0x00 || (0xD0..=0xD7).contains(&m) || m == 0xFF {
+                i += if m == 0xFF { 1 } else { 2 };
+                continue;
+            }
+            in_scan = false;
+            continue;
+        }
+        if bytes[i] != 0xFF {
+            return false; // a marker was expected here: corrupt structure
+        }
+        let m = bytes[i + 1];
+        match m {
+            0xFF => i += 1, // fill byte before a marker
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => i += 2, // markers without a length
+            _ => {
+                let Some(len) = bytes.get(i + 2..i + 4) else {
+                    return false;
+                };
+                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if len < 2 {
+                    return false;
+                }
+                i += 2 + len;
+                in_scan = m == 0xDA;
+            }
+        }
+    }
+    false
+}
+
+fn memchr_ff(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&x| x == 0xFF)
 }
 
 /// Decoder limits: the side limit is strict and checked from the header (so a PNG that claims
@@ -129,8 +245,8 @@ fn decode_limits() -> Limits {
 }
 
 /// Decode any supported format to RGB8, refusing oversized images before decoding pixels.
-fn decode_rgb<R: BufRead + Seek>(reader: R, name: &Path) -> Result<RgbImage> {
-    let mut reader = ImageReader::new(reader)
+fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::image(name, format!("cannot read: {e}")))?;
     if reader.format().is_none() {
@@ -138,6 +254,14 @@ fn decode_rgb<R: BufRead + Seek>(reader: R, name: &Path) -> Result<RgbImage> {
             name,
             "not a recognised image format (expected PNG, JPEG, BMP, GIF, TIFF or WebP)",
         ));
+    }
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        if !jpeg_is_complete(bytes) {
+            return Err(Error::image(
+                name,
+                "truncated or corrupt: the JPEG data ends before its end-of-image marker",
+            ));
+        }
     }
     reader.limits(decode_limits());
     let decoder = reader.into_decoder().map_err(|e| decode_error(name, e))?;
@@ -601,30 +725,35 @@ fn write_and_sync(tmp: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
         .map_err(|e| format!("cannot write temporary file {}: {e}", tmp.display()))
 }
 
-/// Encode a PNG (RGB8, `w`×`h`) and write it atomically.
-pub fn write_png(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+/// Encode a PNG (RGB8, `w`×`h`). `name` is the file it is for (in messages).
+pub fn encode_png(name: &Path, rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
     use image::ImageEncoder;
     let expected = w as usize * h as usize * 3;
     if rgb.len() != expected || w == 0 || h == 0 {
         return Err(Error::output(
-            path,
+            name,
             format!("cannot encode {w}×{h} RGB PNG from {} bytes", rgb.len()),
         ));
     }
     let mut buf = Vec::new();
     image::codecs::png::PngEncoder::new(&mut buf)
         .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
-        .map_err(|e| Error::output(path, format!("cannot encode PNG: {e}")))?;
-    write_atomic(path, &buf)
+        .map_err(|e| Error::output(name, format!("cannot encode PNG: {e}")))?;
+    Ok(buf)
 }
 
-/// Encode an NPY file (little-endian f32, C order, given shape) and write it atomically.
-pub fn write_npy(path: &Path, data: &[f32], shape: &[u64]) -> Result<()> {
+/// Encode a PNG (RGB8, `w`×`h`) and write it atomically.
+pub fn write_png(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+    write_atomic(path, &encode_png(path, rgb, w, h)?)
+}
+
+/// Encode an NPY file (little-endian f32, C order, given shape). `name` is the file it is for.
+pub fn encode_npy(name: &Path, data: &[f32], shape: &[u64]) -> Result<Vec<u8>> {
     use npyz::WriterBuilder;
     let count = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     if count != Some(data.len() as u64) {
         return Err(Error::output(
-            path,
+            name,
             format!("shape {shape:?} does not hold {} values", data.len()),
         ));
     }
@@ -638,8 +767,13 @@ pub fn write_npy(path: &Path, data: &[f32], shape: &[u64]) -> Result<()> {
         w.extend(data.iter().copied())?;
         w.finish()
     })();
-    encoded.map_err(|e| Error::output(path, format!("cannot encode NPY: {e}")))?;
-    write_atomic(path, &buf)
+    encoded.map_err(|e| Error::output(name, format!("cannot encode NPY: {e}")))?;
+    Ok(buf)
+}
+
+/// Encode an NPY file (little-endian f32, C order, given shape) and write it atomically.
+pub fn write_npy(path: &Path, data: &[f32], shape: &[u64]) -> Result<()> {
+    write_atomic(path, &encode_npy(path, data, shape)?)
 }
 
 /// Read an f32 NPY file (f64 files are accepted and narrowed): data and shape, C order.
@@ -676,35 +810,6 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<(Vec<f32>, Vec<u64>), String> 
     }
     .map_err(|e| e.to_string())?;
     Ok((data, shape))
-}
-
-/// Append one line (a '\n' is added) to `path` with a single `write` on a file opened in append
-/// mode (created if missing), so concurrent or interrupted runs never leave a half line.
-/// A line that itself contains '\n' is refused (it would not be one line).
-pub fn append_line(path: &Path, line: &str) -> Result<()> {
-    if line.contains('\n') {
-        return Err(Error::output(
-            path,
-            "refusing to append a line that contains a newline",
-        ));
-    }
-    let mut buf = Vec::with_capacity(line.len() + 1);
-    buf.extend_from_slice(line.as_bytes());
-    buf.push(b'\n');
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(|e| Error::output(path, format!("cannot open for appending: {e}")))?;
-    // One write(2) on an O_APPEND file lands whole at the end; a short write is reported.
-    match f.write(&buf) {
-        Ok(n) if n == buf.len() => Ok(()),
-        Ok(n) => Err(Error::output(
-            path,
-            format!("short write: {n} of {} bytes appended", buf.len()),
-        )),
-        Err(e) => Err(Error::output(path, format!("cannot append: {e}"))),
-    }
 }
 
 #[cfg(test)]

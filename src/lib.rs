@@ -31,6 +31,7 @@ pub mod hub;
 pub mod image;
 pub mod job;
 pub mod model;
+pub mod trace;
 pub mod weights;
 
 pub use error::{Error, Result};

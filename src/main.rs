@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use scorecam_gpu::backend::cuda::CudaBackend;
 use scorecam_gpu::backend::Semantics;
-use scorecam_gpu::cam::CamOptions;
+use scorecam_gpu::cam::{CamOptions, Targets};
 use scorecam_gpu::engine::{load_model, BackendChoice, Engine};
 use scorecam_gpu::image::ResizeMode;
-use scorecam_gpu::job::{self, JobOptions};
+use scorecam_gpu::job::{self, inputs, outputs, shard, EngineWorker, JobOptions, Save, Source, Verbosity};
 use scorecam_gpu::model::FeatureStage;
-use scorecam_gpu::{Error, Result};
+use scorecam_gpu::{Error, Result, Vgg};
 
 #[derive(Parser)]
 #[command(
@@ -94,9 +95,13 @@ impl From<Mode> for Semantics {
 
 #[derive(Args)]
 struct ExplainArgs {
-    /// Image files (PNG, JPEG, BMP, GIF, TIFF, WebP).
-    #[arg(required = true, value_name = "IMAGES")]
+    /// Image files and directories (searched recursively for PNG, JPEG, BMP, GIF, TIFF, WebP).
+    #[arg(value_name = "IMAGES", required_unless_present = "manifest")]
     images: Vec<PathBuf>,
+    /// Read the inputs from FILE (`-`: stdin), one per line: a path (relative to the manifest's
+    /// directory), or JSON like {"path": "a.jpg", "class": 3} / {"path": ..., "classes": [3, 7]}.
+    #[arg(long, value_name = "FILE", conflicts_with = "images")]
+    manifest: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -105,14 +110,53 @@ struct ExplainArgs {
     #[arg(long, value_enum, default_value = "crop")]
     resize: ResizeArg,
     /// Target class(es), comma separated; they share the masked passes. Default: top-1.
-    #[arg(long = "class", value_name = "N", value_delimiter = ',')]
+    #[arg(long = "class", value_name = "N", value_delimiter = ',', conflicts_with = "top_k")]
     classes: Vec<usize>,
-    /// Output directory.
+    /// Explain the K best classes of each image (a map and a result line per class), from the
+    /// same masked passes.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Output directory: mirrors the input tree, holds results.jsonl.
     #[arg(long, value_name = "DIR", default_value = "scorecam-out")]
     out: PathBuf,
-    /// Skip the heatmap and overlay PNGs (write only .npy maps and results.jsonl).
-    #[arg(long)]
+    /// The directory the output tree mirrors. Default: the deepest directory holding every
+    /// IMAGES argument; for --manifest, / (outputs keep the inputs' absolute paths).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Files to write per map, comma separated: npy, heatmap, overlay.
+    #[arg(long, value_name = "KINDS", value_delimiter = ',', default_value = "npy,heatmap,overlay")]
+    save: Vec<String>,
+    /// Same as --save npy.
+    #[arg(long, conflicts_with = "save")]
     no_png: bool,
+    /// Skip inputs whose outputs and result line already exist (continue a stopped job).
+    #[arg(long)]
+    resume: bool,
+    /// Explain only shard I of N (a partition by relative path). Default: from a Slurm job
+    /// array's variables or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX when set.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Number of shards for JOB_COMPLETION_INDEX (the Job's completions).
+    #[arg(long, value_name = "N")]
+    shard_count: Option<u64>,
+    /// Decode threads (and as many write threads). Default: the number of cores.
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// CUDA devices to use, one worker each: a list like 0,1 or `all`. Default: 0.
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// Engine workers on the CPU backend (each explains whole image groups).
+    #[arg(long, value_name = "N", default_value = "1")]
+    workers: usize,
+    /// Print no progress, notices or per-image errors (fatal errors still are).
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print where the time went at the end: host stages, device stages, device-busy fraction.
+    #[arg(long)]
+    profile: bool,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, value_name = "SECS", default_value = "10", hide = true)]
+    log_every: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -154,21 +198,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn cam_options(cam: &CamArgs, classes: Vec<usize>, cuda: bool) -> CamOptions {
+fn cam_options(cam: &CamArgs, targets: Targets, cuda: bool) -> CamOptions {
     CamOptions {
         semantics: cam.mode.into(),
         layer: cam.layer.clone(),
-        classes: (!classes.is_empty()).then_some(classes),
+        targets,
         mask_batch: cam.mask_batch.unwrap_or(if cuda { 256 } else { 32 }),
         image_batch: cam.image_batch.unwrap_or(if cuda { 8 } else { 1 }),
     }
 }
 
-/// Open the engine: probe the backend first so batch defaults fit it.
+/// Resolve `--backend` to CUDA or not, probing once: `auto` without a usable GPU notes it and
+/// uses the CPU; `cuda` without one is an error. Returns the CUDA device count (0: the CPU).
+fn cuda_devices(choice: BackendChoice, quiet: bool) -> Result<usize> {
+    match choice {
+        BackendChoice::Cpu => Ok(0),
+        BackendChoice::Cuda => CudaBackend::device_count(),
+        BackendChoice::Auto => match CudaBackend::device_count() {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                if !quiet {
+                    eprintln!("notice: no usable GPU ({e}); running on the CPU");
+                }
+                Ok(0)
+            }
+        },
+    }
+}
+
+/// Open the engine for `bench`: one device, the defaults of its backend.
 fn open_engine(
     m: &ModelArgs,
     cam: &CamArgs,
-    classes: Vec<usize>,
+    targets: Targets,
     progress: bool,
 ) -> Result<Engine> {
     let model = load_model(
@@ -177,37 +239,207 @@ fn open_engine(
         m.input_size,
         progress,
     )?;
-    let cuda = match cam.backend {
-        BackendChoice::Cpu => false,
-        BackendChoice::Cuda => true,
-        BackendChoice::Auto => scorecam_gpu::backend::cuda::CudaBackend::probe().is_ok(),
-    };
-    Engine::new(cam.backend, model, cam_options(cam, classes, cuda))
+    let cuda = cuda_devices(cam.backend, false)? > 0;
+    let choice = if cuda { BackendChoice::Cuda } else { BackendChoice::Cpu };
+    Engine::new(choice, 0, model, cam_options(cam, targets, cuda))
+}
+
+/// `--devices 0,2` / `all` against `count` devices.
+fn parse_devices(spec: Option<&str>, count: usize) -> Result<Vec<usize>> {
+    let spec = spec.unwrap_or("0").trim();
+    if spec == "all" {
+        return Ok((0..count).collect());
+    }
+    let mut out = Vec::new();
+    for part in spec.split(',') {
+        let d: usize = part.trim().parse().map_err(|_| {
+            Error::Usage(format!("--devices {spec}: `{part}` is not a device number"))
+        })?;
+        if d >= count {
+            return Err(Error::Usage(format!(
+                "--devices {spec}: device {d} does not exist ({count} CUDA device(s): 0..={})",
+                count - 1
+            )));
+        }
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    Ok(out)
 }
 
 fn explain(a: ExplainArgs) -> Result<u8> {
-    // Fail on an unwritable output directory before loading anything.
-    job::prepare_out_dir(&a.out).map_err(|e| Error::Usage(e.to_string()))?;
-    let mut engine = open_engine(&a.model, &a.cam, a.classes.clone(), true)?;
+    let quiet = a.quiet;
+    let notice = |msg: String| {
+        if !quiet {
+            eprintln!("notice: {msg}");
+        }
+    };
+    // 1. Options, inputs and the output directory: checked before anything is loaded or written.
+    let saves = if a.no_png {
+        vec![Save::Npy]
+    } else {
+        Save::parse_list(&a.save)?
+    };
+    let targets = match a.top_k {
+        Some(k) => Targets::Top(k),
+        None if a.classes.is_empty() => Targets::Top(1),
+        None => Targets::classes(a.classes.iter().copied()),
+    };
+    let (shard, shard_from) = shard::resolve(a.shard.as_deref(), a.shard_count, &|k| {
+        std::env::var(k).ok()
+    })?;
+    if let Some(from) = shard_from {
+        notice(format!("explaining shard {shard} (from {from})"));
+    }
+    if a.jobs == Some(0) || a.workers == 0 {
+        return Err(Error::Usage("--jobs and --workers must be at least 1".into()));
+    }
+    if !(a.log_every > 0.0) {
+        return Err(Error::Usage("--log-every must be positive".into()));
+    }
+    let source = match &a.manifest {
+        Some(m) => Source::Manifest(m.clone()),
+        None => Source::Paths(a.images.clone()),
+    };
+    outputs::check_out_dir(&a.out)?;
+    let root = outputs::choose_root(&a.out, &inputs::tree_root(&source, a.root.as_deref())?)?;
+
+    // 2. The model and the backend.
+    let model = load_model(
+        a.model.weights.as_deref(),
+        a.model.random_weights,
+        a.model.input_size,
+        !quiet,
+    )?;
+    targets.check(model.num_classes()).map_err(|m| {
+        // The messages read "class N is out of range ..." / "--top-k K ...".
+        Error::Usage(if a.top_k.is_some() { m } else { format!("--{m}") })
+    })?;
+    let count = cuda_devices(a.cam.backend, quiet)?;
+    let cuda = count > 0;
+    let ordinals = if cuda {
+        if a.workers != 1 {
+            return Err(Error::Usage(
+                "--workers is for the CPU backend; on CUDA use --devices".into(),
+            ));
+        }
+        parse_devices(a.devices.as_deref(), count)?
+    } else {
+        if a.devices.is_some() {
+            return Err(Error::Usage("--devices needs the CUDA backend".into()));
+        }
+        (0..a.workers).collect()
+    };
+    let mut cam = cam_options(&a.cam, targets.clone(), cuda);
+    // Groups never exceed the number of inputs when it is known (files only, no directories).
+    if let Source::Paths(p) = &source {
+        if p.iter().all(|p| !p.is_dir()) {
+            cam.image_batch = cam.image_batch.min(p.len().max(1));
+        }
+    }
+    let choice = if cuda {
+        BackendChoice::Cuda
+    } else {
+        BackendChoice::Cpu
+    };
+    let engines = open_engines(choice, &ordinals, &model, &cam)?;
+    let info = job::ModelInfo {
+        input_size: model.input_size(),
+        num_classes: model.num_classes(),
+        labels: model.meta.labels.clone(),
+        mode: Semantics::from(a.cam.mode).name(),
+        layer: engines[0].layer_name(),
+    };
+    let image_batch = engines[0].image_batch();
+    let layer = info.layer.clone();
+    let mut described = Vec::new();
+    let workers: Vec<Box<dyn job::Worker>> = engines
+        .into_iter()
+        .zip(&ordinals)
+        .map(|(mut e, &o)| {
+            described.push(e.describe());
+            let name = if cuda { format!("cuda:{o}") } else { format!("cpu:{o}") };
+            Box::new(EngineWorker::new(e, name)) as Box<dyn job::Worker>
+        })
+        .collect();
     let opts = JobOptions {
+        source,
+        root,
         out_dir: a.out.clone(),
         resize: match a.resize {
             ResizeArg::Crop => ResizeMode::Crop,
             ResizeArg::Stretch => ResizeMode::Stretch,
         },
-        pngs: !a.no_png,
-        progress: true,
+        saves,
+        resume: a.resume,
+        shard,
+        jobs: a
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        image_batch,
+        targets,
+        verbosity: if quiet {
+            Verbosity::Quiet
+        } else {
+            Verbosity::Normal
+        },
+        profile: a.profile,
+        log_every: a.log_every,
     };
-    let summary = job::run(&mut engine, &a.images, &opts)?;
-    eprintln!(
-        "{} of {} images explained on {} (layer {}); results in {}",
-        summary.ok,
-        a.images.len(),
-        engine.describe(),
-        engine.layer_name(),
-        a.out.join("results.jsonl").display()
-    );
-    Ok(if summary.failed == 0 { 0 } else { 1 })
+
+    // 3. The job. Errors before its first input (the output directory) are set-up errors.
+    let summary = job::run(workers, info, &opts).map_err(|e| match e {
+        Error::Output { .. } | Error::Io { .. } => Error::Usage(e.to_string()),
+        other => other,
+    })?;
+    if let Some(table) = &summary.profile {
+        eprint!("{table}");
+    }
+    if let Some(reason) = &summary.stopped {
+        eprintln!("error: the job stopped early: {reason}");
+    }
+    if !quiet {
+        let done = summary.explained + summary.failed;
+        eprintln!(
+            "{} explained, {} failed, {} skipped in {:.1} s ({:.2} images/s) on {} (layer {}, run {}); results in {}",
+            summary.explained,
+            summary.failed,
+            summary.skipped,
+            summary.wall_s,
+            done as f64 / summary.wall_s.max(1e-9),
+            described.join(", "),
+            layer,
+            summary.run,
+            a.out.join(scorecam_gpu::job::results::RESULTS_FILE).display()
+        );
+    }
+    Ok(summary.exit_code())
+}
+
+/// Open one engine per device, in parallel (each tunes its own plans).
+fn open_engines(
+    choice: BackendChoice,
+    ordinals: &[usize],
+    model: &std::sync::Arc<Vgg>,
+    cam: &CamOptions,
+) -> Result<Vec<Engine>> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = ordinals
+            .iter()
+            .map(|&o| {
+                let (model, cam) = (model.clone(), cam.clone());
+                sc.spawn(move || Engine::new(choice, o, model, cam))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("opening a device panicked".into())))
+            })
+            .collect()
+    })
 }
 
 fn bench(a: BenchArgs) -> Result<u8> {
@@ -215,7 +447,7 @@ fn bench(a: BenchArgs) -> Result<u8> {
     if args.model.weights.is_none() && args.model.random_weights.is_none() {
         args.model.random_weights = Some(0);
     }
-    let mut engine = open_engine(&args.model, &args.cam, Vec::new(), !args.json)?;
+    let mut engine = open_engine(&args.model, &args.cam, Targets::Top(1), !args.json)?;
     let device = engine.describe();
     let report = if args.forward.is_empty() {
         let model = engine.model_arc();

@@ -26,8 +26,12 @@ use crate::model::{
 
 /// BatchNorm epsilon of torchvision's `_bn` models (`nn.BatchNorm2d` default).
 pub const BN_EPS: f64 = 1e-5;
-/// Smallest `input_size` accepted from a file's metadata.
+/// Smallest `input_size` accepted (from a file's metadata or `--input-size`).
 pub const MIN_INPUT_SIZE: usize = 32;
+/// Largest `input_size` accepted. VGG16 at 2048² already needs ≈ 1 GiB of activations per
+/// masked input in its first block; beyond that no batch fits and the maps are no sharper than
+/// the target layer (1/16 of the input side) allows.
+pub const MAX_INPUT_SIZE: usize = 2048;
 
 const IMAGENET_CLASSES: &str = include_str!("../weights/imagenet_classes.txt");
 
@@ -785,10 +789,10 @@ fn parse_metadata(md: &HashMap<String, String>, path: &str) -> Result<ModelMeta>
                 format!("expected a positive integer, found `{s}`"),
             )
         })?;
-        if v < MIN_INPUT_SIZE {
+        if !(MIN_INPUT_SIZE..=MAX_INPUT_SIZE).contains(&v) {
             return Err(bad(
                 "input_size",
-                format!("{v} is too small (at least {MIN_INPUT_SIZE})"),
+                format!("{v} is out of range ({MIN_INPUT_SIZE}..={MAX_INPUT_SIZE})"),
             ));
         }
         meta.input_size = v;

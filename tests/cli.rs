@@ -3,87 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-use scorecam_gpu::model::Vgg;
-
-/// The binary under test: cargo's build, or `$SCORECAM_BIN` where the tests run from a bundle
-/// on another machine (target/gpu-bundle on a GPU host).
-fn bin() -> PathBuf {
-    std::env::var_os("SCORECAM_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_scorecam-gpu")))
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    weights: PathBuf,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let model = Vgg::random_from_config(&[8, 0, 16, 0, 16, 0], &[16, 10], 5, 32);
-        let weights = dir.path().join("tiny.safetensors");
-        scorecam_gpu::weights::save(&model, &weights, "F32").unwrap();
-        Fixture { dir, weights }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A 40×48 RGB PNG with some structure.
-    fn image(&self, name: &str, seed: u8) -> PathBuf {
-        let img = image::RgbImage::from_fn(48, 40, |x, y| {
-            image::Rgb([
-                (x * 5) as u8 ^ seed,
-                (y * 6) as u8,
-                if (x / 8 + y / 8) % 2 == 0 { 200 } else { seed },
-            ])
-        });
-        let p = self.path(name);
-        img.save(&p).unwrap();
-        p
-    }
-
-    /// Run `explain` on the CPU with the tiny model; `out` is the output directory.
-    fn explain(&self, out: &Path, extra: &[&str]) -> Output {
-        let mut cmd = Command::new(bin());
-        cmd.arg("explain")
-            .arg("--weights")
-            .arg(&self.weights)
-            .args(["--backend", "cpu", "--out"])
-            .arg(out)
-            .args(extra);
-        cmd.output().unwrap()
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn results(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("results.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Every file in `dir`, sorted (temp files would show up here).
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
+use common::{bin, files, results, stderr, Fixture};
 
 #[test]
 fn explain_writes_maps_pngs_and_results() {
@@ -108,28 +31,47 @@ fn explain_writes_maps_pngs_and_results() {
         assert_eq!(
             files(&dir),
             [
-                "a.heatmap.png",
-                "a.npy",
-                "a.overlay.png",
-                "b.heatmap.png",
-                "b.npy",
-                "b.overlay.png",
+                "a.png.heatmap.png",
+                "a.png.npy",
+                "a.png.overlay.png",
+                "b.png.heatmap.png",
+                "b.png.npy",
+                "b.png.overlay.png",
                 "results.jsonl"
             ]
         );
-        let lines = results(&dir);
+        assert!(common::temp_leftovers(&dir).is_empty());
+        let mut lines = results(&dir);
+        lines.sort_by_key(|l| l["rel"].as_str().unwrap().to_owned());
         assert_eq!(lines.len(), 2);
         for (line, img) in lines.iter().zip([&a, &b]) {
             assert_eq!(line["image"], img.to_str().unwrap());
+            let name = img.file_name().unwrap().to_str().unwrap();
+            assert_eq!(line["rel"], name);
+            assert_eq!(line["map"], format!("{name}.npy"));
+            assert_eq!(line["heatmap"], format!("{name}.heatmap.png"));
+            assert_eq!(line["overlay"], format!("{name}.overlay.png"));
+            assert_eq!(line["rank"], 1);
+            assert_eq!(line["layer"], "features.7");
+            assert_eq!(line["device"], "cpu:0");
+            assert!(line["run"].as_str().is_some_and(|r| !r.is_empty()));
+            assert!(line.get("shard").is_none());
             assert_eq!(line["mode"], mode);
             let class = line["class"].as_u64().unwrap();
             assert!(class < 10);
             let score = line["score"].as_f64().unwrap();
             assert!(score > 0.0 && score <= 1.0);
             assert!(line["ms"].as_f64().unwrap() >= 0.0);
-            assert!(line["flat_channels"].as_u64().unwrap() <= 16);
+            let flat = line["flat_channels"].as_u64().unwrap();
+            assert!(flat <= 24);
+            let passes = line["masked_passes"].as_u64().unwrap();
+            if mode == "official" {
+                assert_eq!(passes, 24 - flat, "official mode skips flat channels");
+            } else {
+                assert_eq!(passes, 24);
+            }
             let (map, shape) =
-                scorecam_gpu::image::read_npy(Path::new(line["map"].as_str().unwrap())).unwrap();
+                scorecam_gpu::image::read_npy(&dir.join(line["map"].as_str().unwrap())).unwrap();
             assert_eq!(shape, [32, 32]);
             assert!(map.iter().all(|v| (0.0..=1.0).contains(v)));
             // Official maps are min-max normalized (max exactly 1); pytorch-grad-cam divides by
@@ -137,7 +79,7 @@ fn explain_writes_maps_pngs_and_results() {
             let max = map.iter().copied().fold(0f32, f32::max);
             assert!(max > 0.999, "normalized map reaches 1, got max {max}");
         }
-        let png = image::open(dir.join("a.overlay.png")).unwrap();
+        let png = image::open(dir.join("a.png.overlay.png")).unwrap();
         assert_eq!((png.width(), png.height()), (32, 32));
     }
 }
@@ -188,12 +130,13 @@ fn one_bad_image_fails_alone_with_exit_1() {
     assert_eq!(
         files(&out),
         [
-            "good.heatmap.png",
-            "good.npy",
-            "good.overlay.png",
+            "good.png.heatmap.png",
+            "good.png.npy",
+            "good.png.overlay.png",
             "results.jsonl"
         ]
     );
+    assert!(common::temp_leftovers(&out).is_empty());
 }
 
 #[test]
@@ -215,21 +158,26 @@ fn same_stem_twice_does_not_overwrite_and_classes_share_passes() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // The output tree mirrors the inputs below their common directory.
     assert_eq!(
         files(&out),
         [
-            "cat-2.class2.npy",
-            "cat-2.class7.npy",
-            "cat.class2.npy",
-            "cat.class7.npy",
-            "results.jsonl"
+            "results.jsonl",
+            "x/cat.png.class2.npy",
+            "x/cat.png.class7.npy",
+            "y/cat.png.class2.npy",
+            "y/cat.png.class7.npy",
         ]
     );
-    let classes: Vec<u64> = results(&out)
-        .iter()
-        .map(|l| l["class"].as_u64().unwrap())
-        .collect();
-    assert_eq!(classes, [2, 7, 2, 7]);
+    let lines = results(&out);
+    for rel in ["x/cat.png", "y/cat.png"] {
+        let classes: Vec<u64> = lines
+            .iter()
+            .filter(|l| l["rel"] == rel)
+            .map(|l| l["class"].as_u64().unwrap())
+            .collect();
+        assert_eq!(classes, [2, 7], "{rel}: one line per class, in order");
+    }
 }
 
 #[test]
@@ -246,7 +194,8 @@ fn usage_and_weights_errors_exit_2_without_output_files() {
     let o = f.explain(&out, &["--layer", "features.99", img]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("features.99"), "{}", stderr(&o));
-    assert!(files(&out).is_empty(), "{:?}", files(&out));
+    // Nothing is created before options, weights and backend are checked.
+    assert!(!out.exists());
 
     // Truncated weights.
     let bytes = std::fs::read(&f.weights).unwrap();
@@ -263,7 +212,7 @@ fn usage_and_weights_errors_exit_2_without_output_files() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cut.safetensors"), "{}", stderr(&o));
-    assert!(files(&out).is_empty());
+    assert!(!out.exists());
 
     // Missing weights file.
     let o = Command::new(bin())

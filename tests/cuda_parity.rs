@@ -14,7 +14,7 @@ use common::{check_tol, corr, fixture_model, fixture_rgb, manifest, npy, values}
 use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
 use scorecam_gpu::backend::cuda::CudaBackend;
 use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics, Stage};
-use scorecam_gpu::cam::{CamOptions, Explainer, Explanation};
+use scorecam_gpu::cam::{CamOptions, Explainer, Explanation, Targets};
 use scorecam_gpu::model::{Capture, FeatureStage, Vgg, IMAGENET_MEAN, IMAGENET_STD};
 use scorecam_gpu::Error;
 use serde_json::Value;
@@ -154,7 +154,7 @@ fn new_never_panics_and_reports_unavailability() {
             let d = be.describe();
             println!("{d}");
             assert!(
-                d.starts_with("cuda: ") && d.contains("sm_") && d.contains("cuDNN"),
+                d.starts_with("cuda:0: ") && d.contains("sm_") && d.contains("cuDNN"),
                 "{d}"
             );
         }
@@ -621,7 +621,7 @@ fn vgg16_score_cam_matches_cpu() {
         let opts = CamOptions {
             semantics: sem,
             layer: Some("features.4".into()),
-            classes: None,
+            targets: Targets::Top(1),
             mask_batch: 48,
             image_batch: 2,
         };
@@ -645,7 +645,7 @@ fn vgg16_score_cam_default_layer_matches_cpu() {
         let opts = CamOptions {
             semantics: sem,
             layer: None,
-            classes: None,
+            targets: Targets::Top(1),
             mask_batch: 100,
             image_batch: 2,
         };
@@ -752,7 +752,7 @@ fn fixtures_score_cam_matches_golden() {
             let opts = CamOptions {
                 semantics: sem,
                 layer: case["layer"].as_str().map(str::to_string),
-                classes: Some(vec![class]),
+                targets: Targets::Classes(vec![class]),
                 mask_batch: 7, // several batches and a remainder
                 image_batch: 1,
             };

@@ -10,7 +10,7 @@ use common::{
 };
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
 use scorecam_gpu::backend::Semantics;
-use scorecam_gpu::cam::{CamOptions, Explainer};
+use scorecam_gpu::cam::{CamOptions, Explainer, Targets};
 use scorecam_gpu::image::{self, ResizeMode};
 use serde_json::Value;
 
@@ -74,7 +74,7 @@ fn score_cam_maps_match_references_in_both_modes() {
             let opts = CamOptions {
                 semantics: sem,
                 layer: Some(case["layer"].as_str().unwrap().to_string()),
-                classes: Some(vec![case["class"].as_u64().unwrap() as usize]),
+                targets: Targets::Classes(vec![case["class"].as_u64().unwrap() as usize]),
                 mask_batch: 7, // several batches and a remainder
                 image_batch: 1,
             };

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
+use scorecam_gpu::job::results::ResultsLog;
 use scorecam_gpu::image::{
-    append_line, colormap_jet, load_rgb, load_rgb_from_bytes, normalize, overlay, read_npy,
+    colormap_jet, load_rgb, load_rgb_from_bytes, normalize, overlay, read_npy,
     write_atomic, write_npy, write_png, ResizeMode,
 };
 
@@ -787,22 +788,26 @@ fn write_png_produces_a_decodable_png() {
 }
 
 #[test]
-fn append_line_appends_whole_lines() {
+fn results_log_appends_whole_groups_from_concurrent_writers() {
+    // Eight writers, each with its own handle (as separate shards would have), append groups of
+    // lines under the file's lock: every line whole, none lost.
     let d = tmp();
     let p = d.path().join("results.jsonl");
     std::thread::scope(|s| {
         for t in 0..8 {
             let p = &p;
             s.spawn(move || {
-                for i in 0..50 {
-                    append_line(
-                        p,
-                        &format!(
-                            "{{\"thread\":{t},\"i\":{i},\"pad\":\"{}\"}}",
-                            "x".repeat(200)
-                        ),
-                    )
-                    .unwrap();
+                let mut log = ResultsLog::open(p).unwrap();
+                for i in 0..25 {
+                    let group: Vec<String> = (0..2)
+                        .map(|j| {
+                            format!(
+                                "{{\"thread\":{t},\"i\":{i},\"j\":{j},\"pad\":\"{}\"}}",
+                                "x".repeat(5000)
+                            )
+                        })
+                        .collect();
+                    log.append(&group).unwrap();
                 }
             });
         }
@@ -815,11 +820,12 @@ fn append_line_appends_whole_lines() {
         serde_json::from_str::<serde_json::Value>(l)
             .unwrap_or_else(|e| panic!("broken line {l}: {e}"));
     }
-    err_naming(append_line(&p, "two\nlines"), &p);
+    let mut log = ResultsLog::open(&p).unwrap();
+    err_naming(log.append(&["two\nlines".into()]), &p);
     let bad = d.path().join("blocker");
     std::fs::write(&bad, b"").unwrap();
     let under = bad.join("results.jsonl");
-    err_naming(append_line(&under, "x"), &under);
+    err_naming(ResultsLog::open(&under).map(|_| ()), &under);
 }
 
 #[test]

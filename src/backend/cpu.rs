@@ -84,6 +84,7 @@ impl Backend for CpuBackend {
                 plan.capture.stage
             )));
         }
+        check_host_memory(model, plan)?;
         // Weights are host f32 already: nothing to upload, just share them.
         self.model = Some(Arc::clone(model));
         self.plan = Some(plan);
@@ -94,7 +95,9 @@ impl Backend for CpuBackend {
         let len: usize = shape.iter().product();
         let mut data = Vec::new();
         data.try_reserve_exact(len)
-            .map_err(|_| Error::OutOfMemory(format!("host buffer of {} MiB", (len * 4) >> 20)))?;
+            .map_err(|_| {
+                Error::OutOfMemory(format!("host memory: buffer of {} MiB", (len * 4) >> 20))
+            })?;
         data.resize(len, 0.0);
         Ok(CpuBuf {
             shape: shape.to_vec(),
@@ -218,6 +221,55 @@ impl Backend for CpuBackend {
         let a = &acts.data[image * k * h * w..][..k * h * w];
         Ok(combine_maps(a, k, h, w, s, weights, sem))
     }
+}
+
+/// Refuse a plan whose working set would not fit in the host memory available now, as
+/// [`Error::OutOfMemory`] so the caller halves the mask batch. Without this, an absurd batch
+/// would be allocated lazily by the kernel (overcommit) and the process killed by the OOM killer
+/// mid-run instead of getting an error. The estimate: the forward's two ping-pong buffers at the
+/// largest stage, the caller's image/mask buffers, one im2col buffer per thread.
+fn check_host_memory(model: &Vgg, plan: Plan) -> Result<()> {
+    let Some(available) = host_memory_available() else {
+        return Ok(());
+    };
+    let s = plan.input_size;
+    let shapes = model.stage_shapes(s);
+    let widest = shapes
+        .iter()
+        .map(|m| m.c * m.h * m.w)
+        .chain([3 * s * s])
+        .max()
+        .unwrap_or(0) as u128;
+    let rows = plan.max_images.max(plan.max_masks) as u128;
+    // A conv's input side is the previous stage's output side.
+    let im2col = model
+        .features
+        .iter()
+        .zip(std::iter::once(s).chain(shapes.iter().map(|m| m.h)))
+        .filter_map(|(stage, h)| match stage {
+            FeatureStage::Conv(l) => Some((l.cin * 9 * h * h) as u128),
+            FeatureStage::MaxPool { .. } => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let threads = rayon::current_num_threads() as u128;
+    let need = 4 * (rows * (2 * widest + 2 * 3 * (s * s) as u128) + threads * im2col);
+    if need > available as u128 * 9 / 10 {
+        return Err(Error::OutOfMemory(format!(
+            "host memory: a batch of {rows} inputs at {s}×{s} needs about {} MiB, {} MiB available",
+            need >> 20,
+            available >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo in bytes (None where it cannot be read).
+fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 // ---------------------------------------------------------------------------------------------

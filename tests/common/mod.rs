@@ -127,3 +127,134 @@ pub fn png_claiming(w: u32, h: u32, bit_depth: u8, color_type: u8) -> Vec<u8> {
     png.extend(png_chunk(b"IEND", &[]));
     png
 }
+
+// ---------------------------------------------------------------------------------------------
+// The binary on a tiny model (CLI and batch-job tests)
+// ---------------------------------------------------------------------------------------------
+
+/// The binary under test: cargo's build, or `$SCORECAM_BIN` where the tests run from a bundle
+/// on another machine (target/gpu-bundle on a GPU host).
+pub fn bin() -> PathBuf {
+    std::env::var_os("SCORECAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_scorecam-gpu")))
+}
+
+/// A temporary directory with a tiny random VGG (3 convs, 24 channels at the default layer,
+/// 10 classes, 32×32 input) saved as safetensors.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub weights: PathBuf,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let model = Vgg::random_from_config(&[8, 0, 16, 0, 24, 0], &[16, 10], 5, 32);
+        let weights = dir.path().join("tiny.safetensors");
+        scorecam_gpu::weights::save(&model, &weights, "F32").unwrap();
+        Fixture { dir, weights }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A 48×40 RGB PNG with some structure, at `name` (parent directories created).
+    pub fn image(&self, name: &str, seed: u8) -> PathBuf {
+        let p = self.path(name);
+        write_png_image(&p, seed);
+        p
+    }
+
+    /// `explain` on the CPU with the tiny model into `out`, plus `extra` arguments.
+    pub fn explain_cmd(&self, out: &Path, extra: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.arg("explain")
+            .arg("--weights")
+            .arg(&self.weights)
+            .args(["--backend", "cpu", "--out"])
+            .arg(out)
+            .args(extra)
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("JOB_COMPLETION_INDEX");
+        cmd
+    }
+
+    pub fn explain(&self, out: &Path, extra: &[&str]) -> std::process::Output {
+        self.explain_cmd(out, extra).output().unwrap()
+    }
+}
+
+/// A 48×40 RGB PNG with some structure.
+pub fn write_png_image(p: &Path, seed: u8) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let img = ::image::RgbImage::from_fn(48, 40, |x, y| {
+        ::image::Rgb([
+            (x * 5) as u8 ^ seed,
+            (y * 6) as u8,
+            if (x / 8 + y / 8) % 2 == 0 { 200 } else { seed },
+        ])
+    });
+    img.save_with_format(p, ::image::ImageFormat::Png).unwrap();
+}
+
+/// A JPEG of `w`×`h` with smooth content, as bytes.
+pub fn jpeg_bytes(w: u32, h: u32, quality: u8) -> Vec<u8> {
+    let img = ::image::RgbImage::from_fn(w, h, |x, y| {
+        ::image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x / 3 + y / 5) % 256) as u8])
+    });
+    let mut out = Vec::new();
+    ::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The lines of `out/results.jsonl` (each must parse).
+pub fn results(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// Every file below `dir` (relative, sorted), the tool's `.scorecam` state directory aside.
+pub fn files(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == ".scorecam") {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Files left in the tool's temporary directories (each a run's; a finished run leaves none).
+pub fn temp_leftovers(out: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(out.join(".scorecam/tmp")) {
+        for e in rd.flatten() {
+            v.push(e.path());
+        }
+    }
+    v
+}

@@ -262,7 +262,7 @@ impl Dev {
             .checked_mul(std::mem::size_of::<T>())
             .filter(|&b| b <= self.total_mem)
             .ok_or_else(|| {
-                Error::OutOfMemory(format!(
+                gpu_oom(format!(
                     "{what} ({len} × {} bytes) exceeds the device's {} bytes",
                     std::mem::size_of::<T>(),
                     self.total_mem
@@ -321,9 +321,14 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
+/// Out of GPU memory (the message says which memory, so the CPU's never reads as a GPU's).
+fn gpu_oom(msg: impl std::fmt::Display) -> Error {
+    Error::OutOfMemory(format!("GPU memory: {msg}"))
+}
+
 fn drv_err(op: &str, e: DriverError) -> Error {
     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::OutOfMemory(op.to_string())
+        gpu_oom(op)
     } else {
         Error::cuda(op, e)
     }
@@ -331,7 +336,7 @@ fn drv_err(op: &str, e: DriverError) -> Error {
 
 fn dnn_err(op: &str, e: cudarc::cudnn::CudnnError) -> Error {
     if cudnn::is_alloc_failure(&e) {
-        Error::OutOfMemory(format!("{op}: {e}"))
+        gpu_oom(format!("{op}: {e}"))
     } else {
         Error::cuda(op, e)
     }
@@ -339,7 +344,7 @@ fn dnn_err(op: &str, e: cudarc::cudnn::CudnnError) -> Error {
 
 fn blas_err(op: &str, e: CublasError) -> Error {
     if blas::is_alloc_failure(&e) {
-        Error::OutOfMemory(format!("{op}: {e}"))
+        gpu_oom(format!("{op}: {e}"))
     } else {
         Error::cuda(op, e)
     }
@@ -455,9 +460,8 @@ fn missing_library(what: &str) -> Error {
     ))
 }
 
-/// Check the shared libraries, count devices, open device `ordinal`. Returns the context and
-/// `"<name> (sm_XY"` (unclosed: callers append).
-fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
+/// Check that the shared libraries load; cudarc panics on a missing one, so this comes first.
+fn check_libraries() -> Result<()> {
     // SAFETY: these only try to dlopen the libraries.
     unsafe {
         if !cudarc::driver::sys::is_culib_present() {
@@ -476,11 +480,24 @@ fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
             return Err(missing_library("NVRTC (libnvrtc.so)"));
         }
     }
+    Ok(())
+}
+
+/// Number of CUDA devices, after checking the libraries (an error when there are none).
+fn count_devices() -> Result<usize> {
+    check_libraries()?;
     let count = CudaContext::device_count().map_err(|e| unavailable("no usable CUDA device", e))?;
     if count <= 0 {
         return Err(Error::CudaUnavailable("no CUDA device found".into()));
     }
-    if ordinal >= count as usize {
+    Ok(count as usize)
+}
+
+/// Check the shared libraries, count devices, open device `ordinal`. Returns the context and
+/// `"<name> (sm_XY"` (unclosed: callers append).
+fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
+    let count = count_devices()?;
+    if ordinal >= count {
         return Err(Error::CudaUnavailable(format!(
             "CUDA device {ordinal} requested but only {count} found"
         )));
@@ -530,6 +547,18 @@ impl CudaBackend {
         }
     }
 
+    /// How many CUDA devices there are (libraries, driver and at least one device present).
+    /// Never panics; opens no context.
+    pub fn device_count() -> Result<usize> {
+        match catch_unwind(count_devices) {
+            Ok(r) => r,
+            Err(p) => Err(Error::CudaUnavailable(format!(
+                "CUDA probe failed: {}",
+                panic_message(p)
+            ))),
+        }
+    }
+
     fn open(ordinal: usize) -> Result<Self> {
         let (ctx, desc) = open_device(ordinal)?;
         // One stream, no cross-stream event bookkeeping (see the module docs).
@@ -563,7 +592,7 @@ impl CudaBackend {
                 stream,
                 total_mem,
             },
-            description: format!("cuda: {desc})"),
+            description: format!("cuda:{ordinal}: {desc})"),
         })
     }
 
@@ -1006,7 +1035,7 @@ impl Backend for CudaBackend {
         for d in &dims {
             per_row = per_row.max(d.out_len());
             if rows_max.saturating_mul(d.in_len().max(d.out_len())) > CUDNN_MAX_ELEMS {
-                return Err(Error::OutOfMemory(format!(
+                return Err(gpu_oom(format!(
                     "a batch of {rows_max} × {} elements exceeds cuDNN's 2^31-element tensor limit",
                     d.in_len().max(d.out_len())
                 )));
@@ -1033,7 +1062,7 @@ impl Backend for CudaBackend {
         }
 
         let buf_len = rows_max.checked_mul(per_row).ok_or_else(|| {
-            Error::OutOfMemory(format!(
+            gpu_oom(format!(
                 "activation buffers of {rows_max} × {per_row} elements"
             ))
         })?;
@@ -1140,7 +1169,7 @@ impl Backend for CudaBackend {
         let len = |dims: &[usize]| {
             dims.iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| Error::OutOfMemory(format!("buffer of shape {shape:?}")))
+                .ok_or_else(|| gpu_oom(format!("buffer of shape {shape:?}")))
         };
         match *shape {
             [n, c, h, w] => {
