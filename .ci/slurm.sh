@@ -76,9 +76,30 @@ stop_pidfile() {
     rm -f "$pidfile"
 }
 
+# start_detached NAME CMD...: run a self-daemonizing command with stdin/stdout from /dev/null,
+# stderr to $LOG_DIR/NAME.start.log (echoed to our stderr afterwards) and EVERY other inherited file
+# descriptor closed. munged keeps inherited descriptors open: without this, the pipe of a caller's
+# `$(bash .ci/slurm.sh up)` stays open in munged and the command substitution never returns.
+start_detached() {
+    local name="$1" startlog rc=0
+    shift
+    startlog="$LOG_DIR/$name.start.log"
+    mkdir -p "$LOG_DIR"
+    (
+        for fd in $(ls /proc/"$BASHPID"/fd); do
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+        done
+        exec "$@"
+    ) </dev/null >"$startlog" 2>&1 || rc=$?
+    if [ -s "$startlog" ]; then
+        sed "s/^/$name: /" "$startlog" >&2 || true
+    fi
+    return "$rc"
+}
+
 diagnostics() {
     say "---- diagnostics ----"
-    for f in "$MUNGE_LOG" "$CTLD_LOG" "$SLURMD_LOG"; do
+    for f in "$MUNGE_LOG" "$LOG_DIR"/*.start.log "$CTLD_LOG" "$SLURMD_LOG"; do
         if [ -r "$f" ]; then
             say "---- last lines of $f ----"
             tail -n 30 "$f" >&2 || true
@@ -138,8 +159,8 @@ start_munge() {
     stop_pidfile "$MUNGE_PID" munged
     rm -f "$MUNGE_RUN"/munge.socket.2 "$MUNGE_RUN"/munge.socket.2.lock
     say "starting munged"
-    runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID" --log-file="$MUNGE_LOG" \
-        || die "munged failed to start"
+    start_detached munged runuser -u munge -- /usr/sbin/munged \
+        --pid-file="$MUNGE_PID" --log-file="$MUNGE_LOG" || die "munged failed to start"
     local i
     for i in $(seq 1 50); do
         if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -266,7 +287,8 @@ cmd_up() {
         rm -f "$CTLD_PID"
         say "starting slurmctld (clearing saved state)"
         # -c: start clean, whatever jobs or node states an earlier session left in the spool.
-        /usr/sbin/slurmctld -c -f "$SLURM_CONF_FILE" || die "slurmctld failed to start"
+        start_detached slurmctld /usr/sbin/slurmctld -c -f "$SLURM_CONF_FILE" \
+            || die "slurmctld failed to start"
         local i
         for i in $(seq 1 50); do
             pid_alive "$CTLD_PID" slurmctld && break
@@ -277,7 +299,7 @@ cmd_up() {
     if ! pid_alive "$SLURMD_PID" slurmd; then
         rm -f "$SLURMD_PID"
         say "starting slurmd"
-        /usr/sbin/slurmd -f "$SLURM_CONF_FILE" || die "slurmd failed to start"
+        start_detached slurmd /usr/sbin/slurmd -f "$SLURM_CONF_FILE" || die "slurmd failed to start"
         local j
         for j in $(seq 1 50); do
             pid_alive "$SLURMD_PID" slurmd && break

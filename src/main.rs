@@ -11,7 +11,9 @@ use scorecam_gpu::backend::Semantics;
 use scorecam_gpu::cam::{CamOptions, Targets};
 use scorecam_gpu::engine::{load_model, BackendChoice, Engine};
 use scorecam_gpu::image::ResizeMode;
-use scorecam_gpu::job::{self, inputs, outputs, shard, EngineWorker, JobOptions, Save, Source, Verbosity};
+use scorecam_gpu::job::{
+    self, inputs, outputs, shard, EngineWorker, JobOptions, Save, Source, Verbosity,
+};
 use scorecam_gpu::model::FeatureStage;
 use scorecam_gpu::{Error, Result, Vgg};
 
@@ -110,7 +112,12 @@ struct ExplainArgs {
     #[arg(long, value_enum, default_value = "crop")]
     resize: ResizeArg,
     /// Target class(es), comma separated; they share the masked passes. Default: top-1.
-    #[arg(long = "class", value_name = "N", value_delimiter = ',', conflicts_with = "top_k")]
+    #[arg(
+        long = "class",
+        value_name = "N",
+        value_delimiter = ',',
+        conflicts_with = "top_k"
+    )]
     classes: Vec<usize>,
     /// Explain the K best classes of each image (a map and a result line per class), from the
     /// same masked passes.
@@ -124,7 +131,12 @@ struct ExplainArgs {
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Files to write per map, comma separated: npy, heatmap, overlay.
-    #[arg(long, value_name = "KINDS", value_delimiter = ',', default_value = "npy,heatmap,overlay")]
+    #[arg(
+        long,
+        value_name = "KINDS",
+        value_delimiter = ',',
+        default_value = "npy,heatmap,overlay"
+    )]
     save: Vec<String>,
     /// Same as --save npy.
     #[arg(long, conflicts_with = "save")]
@@ -227,12 +239,7 @@ fn cuda_devices(choice: BackendChoice, quiet: bool) -> Result<usize> {
 }
 
 /// Open the engine for `bench`: one device, the defaults of its backend.
-fn open_engine(
-    m: &ModelArgs,
-    cam: &CamArgs,
-    targets: Targets,
-    progress: bool,
-) -> Result<Engine> {
+fn open_engine(m: &ModelArgs, cam: &CamArgs, targets: Targets, progress: bool) -> Result<Engine> {
     let model = load_model(
         m.weights.as_deref(),
         m.random_weights,
@@ -240,7 +247,11 @@ fn open_engine(
         progress,
     )?;
     let cuda = cuda_devices(cam.backend, false)? > 0;
-    let choice = if cuda { BackendChoice::Cuda } else { BackendChoice::Cpu };
+    let choice = if cuda {
+        BackendChoice::Cuda
+    } else {
+        BackendChoice::Cpu
+    };
     Engine::new(choice, 0, model, cam_options(cam, targets, cuda))
 }
 
@@ -293,7 +304,9 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         notice(format!("explaining shard {shard} (from {from})"));
     }
     if a.jobs == Some(0) || a.workers == 0 {
-        return Err(Error::Usage("--jobs and --workers must be at least 1".into()));
+        return Err(Error::Usage(
+            "--jobs and --workers must be at least 1".into(),
+        ));
     }
     if !(a.log_every > 0.0) {
         return Err(Error::Usage("--log-every must be positive".into()));
@@ -314,7 +327,11 @@ fn explain(a: ExplainArgs) -> Result<u8> {
     )?;
     targets.check(model.num_classes()).map_err(|m| {
         // The messages read "class N is out of range ..." / "--top-k K ...".
-        Error::Usage(if a.top_k.is_some() { m } else { format!("--{m}") })
+        Error::Usage(if a.top_k.is_some() {
+            m
+        } else {
+            format!("--{m}")
+        })
     })?;
     let count = cuda_devices(a.cam.backend, quiet)?;
     let cuda = count > 0;
@@ -359,7 +376,11 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         .zip(&ordinals)
         .map(|(mut e, &o)| {
             described.push(e.describe());
-            let name = if cuda { format!("cuda:{o}") } else { format!("cpu:{o}") };
+            let name = if cuda {
+                format!("cuda:{o}")
+            } else {
+                format!("cpu:{o}")
+            };
             Box::new(EngineWorker::new(e, name)) as Box<dyn job::Worker>
         })
         .collect();

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 /// Is a profiler's NVTX injection library configured for this process?
 fn attached() -> bool {
     static ATTACHED: OnceLock<bool> = OnceLock::new();
-    *ATTACHED.get_or_init(|| std::env::var_os("NVTX_INJECTION64_PATH").is_some_and(|v| !v.is_empty()))
+    *ATTACHED
+        .get_or_init(|| std::env::var_os("NVTX_INJECTION64_PATH").is_some_and(|v| !v.is_empty()))
 }
 
 /// A thread range, open until dropped.

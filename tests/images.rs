@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
-use scorecam_gpu::job::results::ResultsLog;
 use scorecam_gpu::image::{
-    colormap_jet, load_rgb, load_rgb_from_bytes, normalize, overlay, read_npy,
-    write_atomic, write_npy, write_png, ResizeMode,
+    colormap_jet, load_rgb, load_rgb_from_bytes, normalize, overlay, read_npy, write_atomic,
+    write_npy, write_png, ResizeMode,
 };
+use scorecam_gpu::job::results::ResultsLog;
 
 // ---------------------------------------------------------------------------------------------
 // Allocation watch: the largest single allocation this test binary has made, so the oversized

@@ -94,10 +94,9 @@ impl Backend for CpuBackend {
     fn alloc(&mut self, shape: &[usize]) -> Result<CpuBuf> {
         let len: usize = shape.iter().product();
         let mut data = Vec::new();
-        data.try_reserve_exact(len)
-            .map_err(|_| {
-                Error::OutOfMemory(format!("host memory: buffer of {} MiB", (len * 4) >> 20))
-            })?;
+        data.try_reserve_exact(len).map_err(|_| {
+            Error::OutOfMemory(format!("host memory: buffer of {} MiB", (len * 4) >> 20))
+        })?;
         data.resize(len, 0.0);
         Ok(CpuBuf {
             shape: shape.to_vec(),

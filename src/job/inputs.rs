@@ -281,7 +281,10 @@ impl Inputs {
                                 anc.display()
                             )
                         } else {
-                            format!("cannot read: {}", e.io_error().map_or(e.to_string(), |io| io.to_string()))
+                            format!(
+                                "cannot read: {}",
+                                e.io_error().map_or(e.to_string(), |io| io.to_string())
+                            )
                         };
                         return Some(Input::bad(path.clone(), None, Error::image(&path, msg)));
                     }
@@ -436,7 +439,9 @@ fn parse_manifest_line(line: &[u8]) -> std::result::Result<(PathBuf, Option<Targ
                 return Err("\"classes\" is empty".into());
             }
             Some(Targets::classes(
-                list.iter().map(class).collect::<std::result::Result<Vec<_>, _>>()?,
+                list.iter()
+                    .map(class)
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
             ))
         }
         (None, None) => None,
@@ -526,7 +531,10 @@ mod tests {
         let (p, t) = parse_manifest_line(b"a b/c.png").unwrap();
         assert_eq!((p, t), (PathBuf::from("a b/c.png"), None));
         let (p, t) = parse_manifest_line(br#"{"path": "x.jpg", "class": 3}"#).unwrap();
-        assert_eq!((p, t), (PathBuf::from("x.jpg"), Some(Targets::Classes(vec![3]))));
+        assert_eq!(
+            (p, t),
+            (PathBuf::from("x.jpg"), Some(Targets::Classes(vec![3])))
+        );
         let (_, t) = parse_manifest_line(br#"{"path": "x.jpg", "classes": [5, 2, 5]}"#).unwrap();
         assert_eq!(t, Some(Targets::Classes(vec![5, 2])));
         for bad in [
@@ -537,7 +545,11 @@ mod tests {
             br#"{"path": "x", "classes": []}"#,
             br#"{"path": "x""#,
         ] {
-            assert!(parse_manifest_line(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_manifest_line(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert_eq!(trim_line(b"  x.png \r\n"), b"x.png");
     }

@@ -23,8 +23,8 @@ pub mod shard;
 
 use std::path::PathBuf;
 
-use crate::cam::{Explanation, Targets};
 use crate::backend::Stage;
+use crate::cam::{Explanation, Targets};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::image::ResizeMode;
@@ -90,7 +90,9 @@ impl Save {
             }
         }
         if out.is_empty() {
-            return Err(Error::Usage("--save needs at least one of npy, heatmap, overlay".into()));
+            return Err(Error::Usage(
+                "--save needs at least one of npy, heatmap, overlay".into(),
+            ));
         }
         Ok(out)
     }
@@ -250,7 +252,13 @@ fn host_name() -> String {
     };
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if clean.is_empty() {
         "host".into()

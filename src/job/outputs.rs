@@ -355,7 +355,11 @@ mod tests {
         ];
         assert!(tree.write_image(&files).is_err());
         assert!(!out.join("a/x.png.npy").exists());
-        assert_eq!(fs::read_dir(&tree.tmp).unwrap().count(), 1, "only the lock file");
+        assert_eq!(
+            fs::read_dir(&tree.tmp).unwrap().count(),
+            1,
+            "only the lock file"
+        );
         let ok = tree
             .write_image(&[(PathBuf::from("a/y.png.npy"), b"npy".to_vec())])
             .unwrap();
@@ -373,16 +377,27 @@ mod tests {
         assert!(tree.tmp.exists());
         drop(tree);
         drop(other);
-        assert_eq!(fs::read_dir(out.join(STATE_DIR).join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(out.join(STATE_DIR).join("tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
     fn the_recorded_root_decides() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("out");
-        assert_eq!(choose_root(&out, Path::new("/a/b")).unwrap(), Path::new("/a/b"));
+        assert_eq!(
+            choose_root(&out, Path::new("/a/b")).unwrap(),
+            Path::new("/a/b")
+        );
         drop(OutputTree::create(&out, Path::new("/a/b"), "r1").unwrap());
-        assert_eq!(choose_root(&out, Path::new("/a/b/c")).unwrap(), Path::new("/a/b"));
+        assert_eq!(
+            choose_root(&out, Path::new("/a/b/c")).unwrap(),
+            Path::new("/a/b")
+        );
         assert!(choose_root(&out, Path::new("/a")).is_err());
         assert!(choose_root(&out, Path::new("/x")).is_err());
         assert!(OutputTree::create(&out, Path::new("/x"), "r2").is_err());

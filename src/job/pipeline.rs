@@ -66,7 +66,10 @@ struct Explained {
 /// What the committer receives.
 enum Commit {
     /// An image's files are in place; its lines wait for the next commit.
-    Done { lines: Vec<String>, files: Vec<PathBuf> },
+    Done {
+        lines: Vec<String>,
+        files: Vec<PathBuf>,
+    },
     /// An input failed: its error line, and the message for stderr.
     Failed { line: String, msg: String },
     /// The job cannot go on.
@@ -201,7 +204,14 @@ pub fn run(
         drop((explained_rx, commit_tx));
 
         let mut progress = Progress::new(opts.verbosity, slow, opts.log_every);
-        commit(sh, &mut log, commit_rx, &mut progress, &counters, &mut summary);
+        commit(
+            sh,
+            &mut log,
+            commit_rx,
+            &mut progress,
+            &counters,
+            &mut summary,
+        );
         progress.finish();
         // Whatever ended the commit loop, nothing upstream may wait on it any longer.
         shared.stop.store(true, Ordering::Relaxed);
@@ -295,14 +305,20 @@ fn group(sh: &Shared, rx: Receiver<Decoded>, tx: Sender<Vec<Ready>>, commits: Se
             next += 1;
             match d.rgb {
                 Ok(rgb) => {
-                    let targets = d.input.targets.clone().unwrap_or_else(|| sh.opts.targets.clone());
+                    let targets = d
+                        .input
+                        .targets
+                        .clone()
+                        .unwrap_or_else(|| sh.opts.targets.clone());
                     current.push(Ready {
                         input: d.input,
                         rgb,
                         targets,
                     });
                     if current.len() == batch
-                        && tx.send(std::mem::replace(&mut current, Vec::with_capacity(batch))).is_err()
+                        && tx
+                            .send(std::mem::replace(&mut current, Vec::with_capacity(batch)))
+                            .is_err()
                     {
                         return;
                     }
@@ -399,11 +415,10 @@ fn work(
 fn encode(sh: &Shared, item: &Explained) -> Result<(Vec<(PathBuf, Vec<u8>)>, Vec<MapFiles>)> {
     let _r = trace::range("encode");
     let s = sh.model.input_size;
-    let rel = item
-        .input
-        .rel
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("an explained input without a place in the tree".into()))?;
+    let rel =
+        item.input.rel.as_deref().ok_or_else(|| {
+            Error::Invalid("an explained input without a place in the tree".into())
+        })?;
     let single = item.ex.maps.len() == 1;
     let mut files = Vec::new();
     let mut per_map = Vec::with_capacity(item.ex.maps.len());

@@ -118,7 +118,11 @@ impl Profile {
         out.push_str(&format!(
             "  {} busy: {:.1} % of the wall time ({:.1} of {:.1} device-ms)\n",
             if gpu { "GPU" } else { "device" },
-            if capacity > 0.0 { 100.0 * busy / capacity } else { 0.0 },
+            if capacity > 0.0 {
+                100.0 * busy / capacity
+            } else {
+                0.0
+            },
             busy,
             capacity
         ));

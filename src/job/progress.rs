@@ -59,7 +59,9 @@ impl Progress {
             images.set_style(style("{spinner} {pos} images  {per_sec}  {msg}"));
             let passes = slow.then(|| {
                 let b = multi.add(ProgressBar::new(0));
-                b.set_style(style("  {bar:30} {pos}/{len} masked passes of the current images"));
+                b.set_style(style(
+                    "  {bar:30} {pos}/{len} masked passes of the current images",
+                ));
                 b
             });
             Display::Bars {

@@ -341,8 +341,13 @@ mod tests {
         let p = d.path().join(RESULTS_FILE);
         std::fs::write(&p, b"{\"a\":1}\n{\"clas").unwrap();
         let mut log = ResultsLog::open(&p).unwrap();
-        assert!(log.append(&["{\"b\":2}".into(), "{\"c\":3}".into()]).unwrap());
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n");
+        assert!(log
+            .append(&["{\"b\":2}".into(), "{\"c\":3}".into()])
+            .unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n"
+        );
         assert!(!log.append(&["{\"d\":4}".into()]).unwrap());
         assert!(log.append(&["x\ny".into()]).is_err());
         // A file that is only a partial line is emptied first.
@@ -375,7 +380,10 @@ mod tests {
         assert!(!done.contains(Path::new("a/w.png")), "it failed");
         let done = DoneSet::load(out, &[Save::Npy, Save::Heatmap]).unwrap();
         assert!(done.contains(Path::new("a/x.png")));
-        assert!(!done.contains(Path::new("a/y.png")), "no heatmap was saved for it");
+        assert!(
+            !done.contains(Path::new("a/y.png")),
+            "no heatmap was saved for it"
+        );
     }
 
     #[test]

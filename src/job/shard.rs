@@ -161,7 +161,9 @@ mod tests {
 
     #[test]
     fn partition_is_exact() {
-        let keys: Vec<String> = (0..2000).map(|i| format!("dir{}/img{i}.jpg", i % 7)).collect();
+        let keys: Vec<String> = (0..2000)
+            .map(|i| format!("dir{}/img{i}.jpg", i % 7))
+            .collect();
         for n in [1u64, 2, 3, 8] {
             let mut seen = vec![0; keys.len()];
             for i in 0..n {
@@ -205,15 +207,21 @@ mod tests {
             Shard { index: 2, count: 3 }
         );
         // An id off the step grid, or past the count, is refused.
-        let gap = env(&[("SLURM_ARRAY_TASK_ID", "6"), ("SLURM_ARRAY_TASK_MIN", "5"), ("SLURM_ARRAY_TASK_STEP", "2"), ("SLURM_ARRAY_TASK_COUNT", "3")]);
+        let gap = env(&[
+            ("SLURM_ARRAY_TASK_ID", "6"),
+            ("SLURM_ARRAY_TASK_MIN", "5"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]);
         assert!(resolve(None, None, &gap).is_err());
-        let list = env(&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_COUNT", "3")]);
+        let list = env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]);
         assert!(resolve(None, None, &list).is_err());
         // The flag wins over the environment.
-        assert_eq!(
-            resolve(Some("0/1"), None, &slurm).unwrap().0,
-            Shard::ALL
-        );
+        assert_eq!(resolve(Some("0/1"), None, &slurm).unwrap().0, Shard::ALL);
         let k8s = env(&[("JOB_COMPLETION_INDEX", "2")]);
         assert!(resolve(None, None, &k8s).is_err());
         assert_eq!(

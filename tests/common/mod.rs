@@ -202,7 +202,11 @@ pub fn write_png_image(p: &Path, seed: u8) {
 /// A JPEG of `w`×`h` with smooth content, as bytes.
 pub fn jpeg_bytes(w: u32, h: u32, quality: u8) -> Vec<u8> {
     let img = ::image::RgbImage::from_fn(w, h, |x, y| {
-        ::image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x / 3 + y / 5) % 256) as u8])
+        ::image::Rgb([
+            (x % 256) as u8,
+            (y % 256) as u8,
+            ((x / 3 + y / 5) % 256) as u8,
+        ])
     });
     let mut out = Vec::new();
     ::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
