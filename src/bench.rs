@@ -145,3 +145,117 @@ pub fn forward<B: Backend>(
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
+
+/// A camera-size JPEG (4032×3024, quality 90) with photo-like content: smooth gradients with
+/// sensor-like noise, so the entropy decoder has as much to do as on a real photo (a clean
+/// gradient would compress, and decode, unrealistically fast).
+pub fn camera_jpeg(w: u32, h: u32) -> Result<Vec<u8>> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let mut px = [0u8; 3];
+        for (c, v) in px.iter_mut().enumerate() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let noise = (state % 25) as i32 - 12;
+            let base = match c {
+                0 => (x * 255 / w) as i32,
+                1 => (y * 255 / h) as i32,
+                _ => (((x / 97 + y / 61) % 2) * 120 + 60) as i32,
+            };
+            *v = (base + noise).clamp(0, 255) as u8;
+        }
+        image::Rgb(px)
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .map_err(|e| crate::Error::Invalid(format!("encoding the benchmark JPEG: {e}")))?;
+    Ok(out)
+}
+
+/// Median of `reps` timings of `f`, in ms.
+fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Host throughput of the batch job's CPU stages for one camera-size JPEG: decode + resize to
+/// S×S (the decode pool's work) and encode + write of the three output files (the write pool's),
+/// per core; then every core at once; and how many cores keep one GPU fed at `engine_ms` per image.
+pub fn host(s: usize, engine_ms: f64, threads: usize, seconds: f64) -> Result<Value> {
+    use crate::image::{self as img, ResizeMode};
+    use crate::job::outputs::OutputTree;
+    let (w, h) = (4032, 3024);
+    let jpeg = camera_jpeg(w, h)?;
+    let name = std::path::Path::new("camera.jpg");
+    let decode =
+        || -> Result<Vec<u8>> { img::load_rgb_from_bytes(&jpeg, name, s, ResizeMode::Crop) };
+    let rgb = decode()?;
+    let map: Vec<f32> = (0..s * s)
+        .map(|i| ((i * 7919) % 1000) as f32 / 999.0)
+        .collect();
+    let dir = std::env::temp_dir().join(format!("scorecam-bench-host-{}", std::process::id()));
+    let tree = OutputTree::create(&dir, &dir, "bench")?;
+    let side = s as u32;
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let encode_write = || -> Result<()> {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let files = vec![
+            (
+                format!("{i}.npy").into(),
+                img::encode_npy(name, &map, &[s as u64, s as u64])?,
+            ),
+            (
+                format!("{i}.heatmap.png").into(),
+                img::encode_png(name, &img::colormap_jet(&map), side, side)?,
+            ),
+            (
+                format!("{i}.overlay.png").into(),
+                img::encode_png(name, &img::overlay(&rgb, &map, 0.5), side, side)?,
+            ),
+        ];
+        for p in tree.write_image(&files)? {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    };
+    let decode_ms = median_ms(7, || decode().map(|_| ()))?;
+    let write_ms = median_ms(15, encode_write)?;
+    let per_image_ms = decode_ms + write_ms;
+
+    // Every core at once: decode + encode/write back to back for `seconds`.
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        for _ in 0..threads.max(1) {
+            sc.spawn(|| {
+                while t0.elapsed().as_secs_f64() < seconds {
+                    if decode().is_ok() && encode_write().is_ok() {
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let all_rate = done.into_inner() as f64 / t0.elapsed().as_secs_f64();
+    drop(tree);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({
+        "jpeg": { "width": w, "height": h, "bytes": jpeg.len(), "quality": 90 },
+        "input_size": s,
+        "decode_resize_ms": round3(decode_ms),
+        "encode_write_ms": round3(write_ms),
+        "images_per_s_per_core": round3(1e3 / per_image_ms),
+        "threads": threads,
+        "images_per_s_all_threads": round3(all_rate),
+        "engine_ms_per_image": engine_ms,
+        "cores_to_feed_one_gpu": round3(per_image_ms / engine_ms),
+    }))
+}

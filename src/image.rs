@@ -255,13 +255,11 @@ fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
             "not a recognised image format (expected PNG, JPEG, BMP, GIF, TIFF or WebP)",
         ));
     }
-    if reader.format() == Some(image::ImageFormat::Jpeg) {
-        if !jpeg_is_complete(bytes) {
-            return Err(Error::image(
-                name,
-                "truncated or corrupt: the JPEG data ends before its end-of-image marker",
-            ));
-        }
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        return Err(Error::image(
+            name,
+            "truncated or corrupt: the JPEG data ends before its end-of-image marker",
+        ));
     }
     reader.limits(decode_limits());
     let decoder = reader.into_decoder().map_err(|e| decode_error(name, e))?;

@@ -192,6 +192,17 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time the batch job's host stages instead: decode + resize of a 12-megapixel JPEG and
+    /// encode + write of the outputs, per core and on every core, and the cores one GPU needs.
+    #[arg(long)]
+    host: bool,
+    /// With --host: the engine's ms per image the host must keep up with (default: 29.4, the
+    /// H100 figure measured on 2026-11-27 at 8 images, official mode).
+    #[arg(long, value_name = "MS", default_value = "29.4")]
+    engine_ms: f64,
+    /// With --host: threads for the all-cores run (default: the cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -308,7 +319,7 @@ fn explain(a: ExplainArgs) -> Result<u8> {
             "--jobs and --workers must be at least 1".into(),
         ));
     }
-    if !(a.log_every > 0.0) {
+    if a.log_every.is_nan() || a.log_every <= 0.0 {
         return Err(Error::Usage("--log-every must be positive".into()));
     }
     let source = match &a.manifest {
@@ -464,6 +475,31 @@ fn open_engines(
 }
 
 fn bench(a: BenchArgs) -> Result<u8> {
+    if a.host {
+        let threads = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let s = a.model.input_size.unwrap_or(224);
+        let r = scorecam_gpu::bench::host(s, a.engine_ms, threads, 10.0)?;
+        if a.json {
+            println!("{r}");
+        } else {
+            println!(
+                "host stages for a {}×{} JPEG ({} KiB) at {s}×{s}:\n  decode + resize  {:>8.2} ms\n  encode + write   {:>8.2} ms\n  per core         {:>8.2} images/s\n  {} threads        {:>8.2} images/s\n  cores to feed one GPU at {} ms/image: {:.2}",
+                r["jpeg"]["width"],
+                r["jpeg"]["height"],
+                r["jpeg"]["bytes"].as_u64().unwrap_or(0) / 1024,
+                r["decode_resize_ms"].as_f64().unwrap_or(f64::NAN),
+                r["encode_write_ms"].as_f64().unwrap_or(f64::NAN),
+                r["images_per_s_per_core"].as_f64().unwrap_or(f64::NAN),
+                threads,
+                r["images_per_s_all_threads"].as_f64().unwrap_or(f64::NAN),
+                a.engine_ms,
+                r["cores_to_feed_one_gpu"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+        return Ok(0);
+    }
     let mut args = a;
     if args.model.weights.is_none() && args.model.random_weights.is_none() {
         args.model.random_weights = Some(0);

@@ -406,7 +406,7 @@ fn manifests_name_files_classes_and_report_bad_lines() {
             "# a comment, then a blank line",
             "",
             "a/img00.png",
-            &format!("{}", s(&imgs.join("b/img00.png"))),
+            s(&imgs.join("b/img00.png")),
             r#"{"path": "c/deep/img00.png", "class": 3}"#,
             r#"{"path": "a/img01.png", "classes": [4, 1, 4]}"#,
             "a/missing.png",

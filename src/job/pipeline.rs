@@ -410,9 +410,11 @@ fn work(
     }
 }
 
-/// The files of one explained image, in memory: (path relative to the output directory, bytes)
-/// and, per map, which files it has.
-fn encode(sh: &Shared, item: &Explained) -> Result<(Vec<(PathBuf, Vec<u8>)>, Vec<MapFiles>)> {
+/// An image's files in memory: (path relative to the output directory, bytes).
+type Files = Vec<(PathBuf, Vec<u8>)>;
+
+/// The files of one explained image, and per map which files it has.
+fn encode(sh: &Shared, item: &Explained) -> Result<(Files, Vec<MapFiles>)> {
     let _r = trace::range("encode");
     let s = sh.model.input_size;
     let rel =

@@ -454,7 +454,11 @@ impl Kernels {
         need(OP, "x", x.len(), prod(OP, &[n, h, w, c])?)?;
         let total = prod(OP, &[n, h / 2, w / 2, c])?;
         need(OP, "y", y.len(), total)?;
-        let units = if c % 8 == 0 { total / 8 } else { total };
+        let units = if c.is_multiple_of(8) {
+            total / 8
+        } else {
+            total
+        };
         let cfg = self.grid_stride(units);
         let mut lb = stream.launch_builder(&self.maxpool2);
         lb.arg(x)
@@ -523,7 +527,11 @@ impl Kernels {
         let total = prod(OP, &[rows, cols])?;
         need(OP, "y", y.len(), total)?;
         need(OP, "bias", bias.len(), cols)?;
-        let units = if cols % 8 == 0 { total / 8 } else { total };
+        let units = if cols.is_multiple_of(8) {
+            total / 8
+        } else {
+            total
+        };
         let cfg = self.grid_stride(units);
         let r = relu as i32;
         let mut lb = stream.launch_builder(&self.bias_act_f16);
@@ -548,7 +556,11 @@ impl Kernels {
         let total = prod(OP, &[rows, cols])?;
         need(OP, "y", y.len(), total)?;
         need(OP, "bias", bias.len(), cols)?;
-        let units = if cols % 4 == 0 { total / 4 } else { total };
+        let units = if cols.is_multiple_of(4) {
+            total / 4
+        } else {
+            total
+        };
         let cfg = self.grid_stride(units);
         let mut lb = stream.launch_builder(&self.bias_f32);
         lb.arg(&mut *y).arg(bias).arg(&rows_i).arg(&cols_i);

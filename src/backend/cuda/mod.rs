@@ -1520,7 +1520,7 @@ impl Backend for CudaBackend {
         }
         let src = logits.f32("scores")?;
         let c = logits.cs;
-        if n > logits.shape[0] || targets.is_empty() || targets.len() % n != 0 {
+        if n > logits.shape[0] || targets.is_empty() || !targets.len().is_multiple_of(n) {
             return Err(Error::Invalid(format!(
                 "scores: {} targets for {n} rows of a buffer of shape {:?}",
                 targets.len(),
