@@ -539,3 +539,94 @@ pub fn grad_cam_scale(low: &[f32], h: usize, w: usize, s: usize) -> (Vec<f32>, b
     scale(&mut map);
     (map, lo == hi)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn targets_dedupe_check_and_rank() {
+        assert_eq!(Targets::classes([3, 3, 1, 3]), Targets::Classes(vec![3, 1]));
+        assert!(Targets::Top(0).check(10).is_err());
+        assert!(Targets::Top(11).check(10).is_err());
+        assert!(Targets::Top(10).check(10).is_ok());
+        assert!(Targets::Classes(vec![]).check(10).is_err());
+        let e = Targets::Classes(vec![2, 10]).check(10).unwrap_err();
+        assert!(e.contains("class 10"), "{e}");
+        let logits = [0.5, 3.0, -1.0, 3.0, 2.0];
+        assert_eq!(Targets::Top(3).resolve(&logits), [1, 3, 4]);
+        assert_eq!(ranking(&logits)[0], argmax(&logits));
+    }
+
+    #[test]
+    fn batches_are_capped_at_what_a_group_can_use() {
+        // 24 channels at the default layer: one image can never use more than 24 masks.
+        let model = Arc::new(Vgg::random_from_config(&[8, 0, 16, 0, 24, 0], &[10], 1, 32));
+        let opts = CamOptions {
+            mask_batch: 99_999_999_999,
+            image_batch: 1,
+            ..CamOptions::default()
+        };
+        let ex = Explainer::new(CpuBackend::new(), Arc::clone(&model), opts).unwrap();
+        assert_eq!((ex.image_batch(), ex.mask_batch()), (1, 24));
+        let opts = CamOptions {
+            mask_batch: 99_999_999_999,
+            image_batch: 99_999_999_999,
+            ..CamOptions::default()
+        };
+        let ex = Explainer::new(CpuBackend::new(), model, opts).unwrap();
+        assert_eq!(ex.image_batch(), MAX_IMAGE_BATCH);
+        assert_eq!(ex.mask_batch(), MAX_IMAGE_BATCH * 24);
+    }
+
+    #[test]
+    fn per_image_targets_and_pass_counts() {
+        let model = Arc::new(Vgg::random_from_config(&[8, 0, 16, 0], &[10], 3, 32));
+        let opts = CamOptions {
+            mask_batch: 5,
+            image_batch: 3,
+            ..CamOptions::default()
+        };
+        let mut ex = Explainer::new(CpuBackend::new(), Arc::clone(&model), opts).unwrap();
+        let counter = Arc::new(PassCounter::default());
+        ex.set_pass_counter(Arc::clone(&counter));
+        let images: Vec<Vec<u8>> = (0..3)
+            .map(|k| (0..32 * 32 * 3).map(|i| ((i * (k + 3)) % 251) as u8).collect())
+            .collect();
+        let targets = [
+            Targets::Top(2),
+            Targets::Classes(vec![7]),
+            Targets::Classes(vec![4, 1, 9]),
+        ];
+        let got = ex.explain_for(&images, &targets).unwrap();
+        let classes: Vec<Vec<usize>> = got
+            .iter()
+            .map(|e| e.maps.iter().map(|m| m.class).collect())
+            .collect();
+        assert_eq!(classes[1], [7]);
+        assert_eq!(classes[2], [4, 1, 9]);
+        assert_eq!(classes[0].len(), 2);
+        assert_eq!(got[0].maps[0].rank, 1);
+        assert_eq!(got[0].maps[1].rank, 2);
+        let passes: usize = got.iter().map(|e| e.masked_passes).sum();
+        assert_eq!(counter.planned.load(Ordering::Relaxed), passes as u64);
+        assert_eq!(counter.done.load(Ordering::Relaxed), passes as u64);
+        // Each image's maps equal those of the image explained alone for the same class.
+        let mut alone = Explainer::new(
+            CpuBackend::new(),
+            model,
+            CamOptions {
+                targets: Targets::Classes(vec![1]),
+                ..CamOptions::default()
+            },
+        )
+        .unwrap();
+        let one = alone.explain(&images[2..3]).unwrap().remove(0);
+        assert_eq!(one.maps[0].map, got[2].maps[1].map);
+        assert!(ex.explain_for(&images, &targets[..2]).is_err());
+        assert!(ex
+            .explain_for(&images[..1], &[Targets::Classes(vec![10])])
+            .is_err());
+    }
+}

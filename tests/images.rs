@@ -352,6 +352,48 @@ fn jpeg_decodes_to_about_the_right_colour() {
 }
 
 #[test]
+fn truncated_jpegs_are_rejected_not_filled_with_grey() {
+    // The decoder alone would return a mostly grey image for all of these; PIL refuses them.
+    let img = DynamicImage::ImageRgb8(noise(64, 48, 3));
+    let jpg = encode(&img, ImageFormat::Jpeg);
+    let sos = jpg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    for cut in [sos + 20, jpg.len() / 2, jpg.len() - 2] {
+        let e = load_rgb_from_bytes(&jpg[..cut], Path::new("t.jpg"), S, ResizeMode::Crop)
+            .expect_err("a truncated JPEG must fail");
+        assert_contains(&e.to_string(), "truncated");
+        assert!(!scorecam_gpu::image::jpeg_is_complete(&jpg[..cut]), "cut at {cut}");
+    }
+    // A complete one, with bytes after its end marker (some cameras append data), is fine, and
+    // an EXIF-like segment whose payload holds an end marker before the scan does not fool it.
+    let mut tail = jpg.clone();
+    tail.extend_from_slice(b"trailer");
+    assert!(load_rgb_from_bytes(&tail, Path::new("t.jpg"), S, ResizeMode::Crop).is_ok());
+    let mut app1 = jpg[..2].to_vec();
+    app1.extend_from_slice(&[0xFF, 0xE1, 0x00, 0x08, b'E', b'x', 0xFF, 0xD8, 0xFF, 0xD9]);
+    app1.extend_from_slice(&jpg[2..]);
+    assert!(scorecam_gpu::image::jpeg_is_complete(&app1));
+    let cut = app1.len() / 2;
+    assert!(!scorecam_gpu::image::jpeg_is_complete(&app1[..cut]));
+    assert!(load_rgb_from_bytes(&app1[..cut], Path::new("t.jpg"), S, ResizeMode::Crop).is_err());
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_are_refused_without_reading() {
+    let d = tmp();
+    let fifo = d.path().join("pipe.png");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // No writer ever opens the FIFO: a blocking open would hang this test forever.
+    let msg = err_naming(load_rgb(&fifo, S, ResizeMode::Crop), &fifo);
+    assert_contains(&msg, "FIFO");
+    let zero = Path::new("/dev/zero");
+    let msg = err_naming(load_rgb(zero, S, ResizeMode::Crop), zero);
+    assert_contains(&msg, "character device");
+}
+
+#[test]
 fn cmyk_jpeg_converts_to_rgb() {
     // Made by PIL: Image.new("CMYK", (16, 16), (0, 255, 255, 0)), which PIL reads back as red.
     let p = data_dir().join("cmyk_red.jpg");
