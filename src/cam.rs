@@ -592,7 +592,11 @@ mod tests {
         let counter = Arc::new(PassCounter::default());
         ex.set_pass_counter(Arc::clone(&counter));
         let images: Vec<Vec<u8>> = (0..3)
-            .map(|k| (0..32 * 32 * 3).map(|i| ((i * (k + 3)) % 251) as u8).collect())
+            .map(|k| {
+                (0..32 * 32 * 3)
+                    .map(|i| ((i * (k + 3)) % 251) as u8)
+                    .collect()
+            })
             .collect();
         let targets = [
             Targets::Top(2),

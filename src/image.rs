@@ -117,9 +117,6 @@ pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     if !meta.is_file() {
         return Err(Error::image(path, not_a_regular_file(&meta.file_type())));
     }
-    if meta.len() == 0 {
-        return Err(Error::image(path, "empty file (0 bytes), not an image"));
-    }
     if meta.len() > MAX_FILE_BYTES {
         return Err(Error::image(
             path,

@@ -72,8 +72,9 @@ struct CamArgs {
     /// Default: the last conv's ReLU output (VGG16: features.29).
     #[arg(long, value_name = "features.N")]
     layer: Option<String>,
-    /// Masked inputs per forward pass (bounds memory). Default: 256 on CUDA, 8 on the CPU (the
-    /// CPU is as fast per input at 8 and shows progress every few seconds).
+    /// Masked inputs per forward pass (bounds memory). Default: 256 on CUDA, 8 on the CPU (a
+    /// VGG16 forward on the CPU costs no more per input at 8 than at 32, and progress moves
+    /// every few seconds).
     #[arg(long, value_name = "N")]
     mask_batch: Option<usize>,
     /// Images whose masked inputs share forward passes. Default: 8 on CUDA, 1 on the CPU.

@@ -361,7 +361,10 @@ fn truncated_jpegs_are_rejected_not_filled_with_grey() {
         let e = load_rgb_from_bytes(&jpg[..cut], Path::new("t.jpg"), S, ResizeMode::Crop)
             .expect_err("a truncated JPEG must fail");
         assert_contains(&e.to_string(), "truncated");
-        assert!(!scorecam_gpu::image::jpeg_is_complete(&jpg[..cut]), "cut at {cut}");
+        assert!(
+            !scorecam_gpu::image::jpeg_is_complete(&jpg[..cut]),
+            "cut at {cut}"
+        );
     }
     // A complete one, with bytes after its end marker (some cameras append data), is fine, and
     // an EXIF-like segment whose payload holds an end marker before the scan does not fool it.

@@ -63,19 +63,22 @@ fn the_readme_slurm_array_script_partitions_a_tree_on_a_real_cluster() {
     );
     // The README's script as is; the command line narrows it to this one-node, GPU-less cluster:
     // 3 tasks, no GPU, one core each, logs in the test directory.
-    let o = Command::new("sbatch")
-        .args(["--wait", "--array=0-2", "--gres=none", "--cpus-per-task=1"])
-        .arg(format!("--output={}/task-%a.log", f.dir.path().display()))
-        .arg(format!("--chdir={}", f.dir.path().display()))
-        .arg(format!(
-            "--export=ALL,IMAGES={},OUT={},SCORECAM_WEIGHTS={},PATH={path}",
-            imgs.display(),
-            out.display(),
-            f.weights.display()
-        ))
-        .arg(&script)
-        .output()
-        .unwrap();
+    let submit = |logs: &str| {
+        Command::new("sbatch")
+            .args(["--wait", "--array=0-2", "--gres=none", "--cpus-per-task=1"])
+            .arg(format!("--output={}/{logs}-%a.log", f.dir.path().display()))
+            .arg(format!("--chdir={}", f.dir.path().display()))
+            .arg(format!(
+                "--export=ALL,IMAGES={},OUT={},SCORECAM_WEIGHTS={},PATH={path}",
+                imgs.display(),
+                out.display(),
+                f.weights.display()
+            ))
+            .arg(&script)
+            .output()
+            .unwrap()
+    };
+    let o = submit("task");
     let logs: String = (0..3)
         .map(|i| std::fs::read_to_string(f.path(&format!("task-{i}.log"))).unwrap_or_default())
         .collect::<Vec<_>>()
@@ -111,19 +114,7 @@ fn the_readme_slurm_array_script_partitions_a_tree_on_a_real_cluster() {
         }
     }
     // Rerunning the whole array finds everything done.
-    let o = Command::new("sbatch")
-        .args(["--wait", "--array=0-2", "--gres=none", "--cpus-per-task=1"])
-        .arg(format!("--output={}/again-%a.log", f.dir.path().display()))
-        .arg(format!("--chdir={}", f.dir.path().display()))
-        .arg(format!(
-            "--export=ALL,IMAGES={},OUT={},SCORECAM_WEIGHTS={},PATH={path}",
-            imgs.display(),
-            out.display(),
-            f.weights.display()
-        ))
-        .arg(&script)
-        .output()
-        .unwrap();
+    let o = submit("again");
     assert!(o.status.success());
     assert_eq!(
         results(&out).len(),

@@ -60,7 +60,7 @@ impl Progress {
             let passes = slow.then(|| {
                 let b = multi.add(ProgressBar::new(0));
                 b.set_style(style(
-                    "  {bar:30} {pos}/{len} masked passes of the current images",
+                    "  {bar:30} {pos}/{len} masked passes (of the images started so far)",
                 ));
                 b
             });
