@@ -7,7 +7,6 @@ use std::process::Command;
 
 use common::{bin, files, results, stderr, Fixture};
 
-#[test]
 fn explain_writes_maps_pngs_and_results() {
     let f = Fixture::new();
     let a = f.image("a.png", 1);
@@ -83,7 +82,6 @@ fn explain_writes_maps_pngs_and_results() {
     }
 }
 
-#[test]
 fn one_bad_image_fails_alone_with_exit_1() {
     let f = Fixture::new();
     let good = f.image("good.png", 3);
@@ -138,7 +136,6 @@ fn one_bad_image_fails_alone_with_exit_1() {
     assert!(common::temp_leftovers(&out).is_empty());
 }
 
-#[test]
 fn same_stem_twice_does_not_overwrite_and_classes_share_passes() {
     let f = Fixture::new();
     std::fs::create_dir_all(f.path("x")).unwrap();
@@ -179,7 +176,6 @@ fn same_stem_twice_does_not_overwrite_and_classes_share_passes() {
     }
 }
 
-#[test]
 fn usage_and_weights_errors_exit_2_without_output_files() {
     let f = Fixture::new();
     let img = f.image("a.png", 1);
@@ -234,7 +230,6 @@ fn usage_and_weights_errors_exit_2_without_output_files() {
     );
 }
 
-#[test]
 fn unwritable_output_directory_is_a_clear_error() {
     let f = Fixture::new();
     let img = f.image("a.png", 1);
@@ -253,12 +248,7 @@ fn unwritable_output_directory_is_a_clear_error() {
     );
 }
 
-#[test]
 fn cuda_backend_without_gpu_exits_2() {
-    if scorecam_gpu::backend::cuda::CudaBackend::probe().is_ok() {
-        println!("skipped: a CUDA device is present");
-        return;
-    }
     let f = Fixture::new();
     let img = f.image("a.png", 1);
     let out = f.path("out");
@@ -290,7 +280,6 @@ fn cuda_backend_without_gpu_exits_2() {
     );
 }
 
-#[test]
 fn offline_without_weights_explains_how_to_get_them() {
     let f = Fixture::new();
     let img = f.image("a.png", 1);
@@ -312,7 +301,6 @@ fn offline_without_weights_explains_how_to_get_them() {
     );
 }
 
-#[test]
 fn inspect_lists_layers() {
     let f = Fixture::new();
     let o = Command::new(bin())
@@ -339,4 +327,48 @@ fn inspect_lists_layers() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("parameters: 138357544"));
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_imports)]
+    use common::Need::*;
+    let t = common::trial;
+    common::run_tests(vec![
+        t(
+            "explain_writes_maps_pngs_and_results",
+            &[],
+            explain_writes_maps_pngs_and_results,
+        ),
+        t(
+            "one_bad_image_fails_alone_with_exit_1",
+            &[],
+            one_bad_image_fails_alone_with_exit_1,
+        ),
+        t(
+            "same_stem_twice_does_not_overwrite_and_classes_share_passes",
+            &[],
+            same_stem_twice_does_not_overwrite_and_classes_share_passes,
+        ),
+        t(
+            "usage_and_weights_errors_exit_2_without_output_files",
+            &[],
+            usage_and_weights_errors_exit_2_without_output_files,
+        ),
+        t(
+            "unwritable_output_directory_is_a_clear_error",
+            &[],
+            unwritable_output_directory_is_a_clear_error,
+        ),
+        t(
+            "cuda_backend_without_gpu_exits_2",
+            &[NoGpu],
+            cuda_backend_without_gpu_exits_2,
+        ),
+        t(
+            "offline_without_weights_explains_how_to_get_them",
+            &[],
+            offline_without_weights_explains_how_to_get_them,
+        ),
+        t("inspect_lists_layers", &[], inspect_lists_layers),
+    ])
 }

@@ -3,20 +3,19 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::{
-    check_tol as check, corr, fixture_model as model, fixture_rgb as rgb, fixtures as dir, npy,
+    check_cam, check_tol as check, fixture_model as model, fixture_rgb as rgb, fixtures as dir,
+    npy, CamTolerances,
 };
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
 use scorecam_gpu::backend::Semantics;
-use scorecam_gpu::cam::{CamOptions, Explainer, Targets};
+use scorecam_gpu::cam::{CamOptions, Explainer, Explanation, Targets};
 use scorecam_gpu::image::{self, ResizeMode};
 use serde_json::Value;
 
 #[test]
 fn forward_logits_and_activations_match_pytorch() {
-    let m = common::manifest().expect("tests/fixtures/manifest.json");
+    let m = common::manifest();
     let mut worst = 0f32;
     for case in m["forward"].as_array().unwrap() {
         let what = format!("{} × {}", case["model"], case["image"]);
@@ -58,71 +57,119 @@ fn forward_logits_and_activations_match_pytorch() {
     println!("fixture forward: worst logit |Δ| {worst:.3e}");
 }
 
+/// Explain a golden case on the CPU in one mode.
+fn explain_case(case: &Value, sem: Semantics) -> Explanation {
+    let model = model(&case["model_file"]);
+    let s = model.input_size();
+    let img = rgb(&case["image_file"], s);
+    let opts = CamOptions {
+        semantics: sem,
+        layer: Some(case["layer"].as_str().unwrap().to_string()),
+        targets: Targets::Classes(vec![case["class"].as_u64().unwrap() as usize]),
+        mask_batch: 7, // several batches and a remainder
+        image_batch: 1,
+    };
+    let mut ex = Explainer::new(CpuBackend::new(), model, opts).unwrap();
+    ex.explain(std::slice::from_ref(&img)).unwrap().remove(0)
+}
+
+const MODES: [(Semantics, &str); 2] = [
+    (Semantics::Official, "official"),
+    (Semantics::ChannelSoftmax, "channel_softmax"),
+];
+
 #[test]
 fn score_cam_maps_match_references_in_both_modes() {
-    let m = common::manifest().expect("tests/fixtures/manifest.json");
+    let m = common::manifest();
+    let tol = CamTolerances::from_manifest(&m, "cpu_f32");
     let mut report = Vec::new();
     for case in m["cams"].as_array().unwrap() {
-        let id = case["id"].as_str().unwrap();
-        let model = model(&case["model_file"]);
-        let s = model.input_size();
-        let img = rgb(&case["image_file"], s);
-        for (sem, key) in [
-            (Semantics::Official, "official"),
-            (Semantics::ChannelSoftmax, "channel_softmax"),
-        ] {
-            let opts = CamOptions {
-                semantics: sem,
-                layer: Some(case["layer"].as_str().unwrap().to_string()),
-                targets: Targets::Classes(vec![case["class"].as_u64().unwrap() as usize]),
-                mask_batch: 7, // several batches and a remainder
-                image_batch: 1,
-            };
-            let mut ex = Explainer::new(CpuBackend::new(), Arc::clone(&model), opts).unwrap();
-            let e = ex.explain(std::slice::from_ref(&img)).unwrap().remove(0);
-            assert_eq!(
-                e.flat_channels as u64,
-                case["flat_channels"].as_u64().unwrap(),
-                "{id}"
-            );
-            let cm = &e.maps[0];
-            let gold = &case[key];
-            let (scores_key, score_tol) = if sem == Semantics::Official {
-                ("scores", (1e-5, 1e-4))
-            } else {
-                ("logits", (1e-4, 1e-4))
-            };
-            check(
-                &cm.channel_scores,
-                &npy(&gold[scores_key]),
-                score_tol.0,
-                score_tol.1,
-                &format!("{id} {key} {scores_key}"),
-            );
-            let want = npy(&gold["map"]);
-            let max_diff = cm
-                .map
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            let r = corr(&cm.map, &want);
-            assert!(
-                r >= 0.999 && max_diff <= 1e-3,
-                "{id} {key}: corr {r:.6}, max |Δ| {max_diff:.2e}"
-            );
-            if let Some(flat) = gold.get("map_flat") {
-                assert_eq!(cm.flat, flat.as_bool().unwrap(), "{id} flat map");
-            }
-            report.push(format!("{id} {key}: corr {r:.7} max|Δ| {max_diff:.2e}"));
+        for (sem, key) in MODES {
+            let e = explain_case(case, sem);
+            report.push(check_cam(case, key, &e, &tol).unwrap_or_else(|msg| panic!("{msg}")));
         }
     }
     println!("{}", report.join("\n"));
 }
 
+/// The map of `case` recomputed from its golden activations with other channel scores: what a
+/// backend that got the channel weights wrong would produce.
+fn map_with_scores(case: &Value, sem: Semantics, scores: &[f32]) -> (Vec<f32>, bool) {
+    let model = model(&case["model_file"]);
+    let s = model.input_size();
+    let cap = model
+        .resolve_layer(case["layer"].as_str().unwrap())
+        .unwrap();
+    let a = model.capture_shape(cap, s);
+    let acts = npy(&case["activations"]);
+    let weights = match sem {
+        Semantics::Official => scores.to_vec(),
+        Semantics::ChannelSoftmax => cpu::softmax(scores),
+    };
+    let (map, flat) = cpu::combine_maps(&acts, a.c, a.h, a.w, s, &weights, sem);
+    match sem {
+        Semantics::Official => (map, flat),
+        Semantics::ChannelSoftmax => scorecam_gpu::cam::grad_cam_scale(&map, a.h, a.w, s),
+    }
+}
+
+/// The GPU's check against the goldens (FP16 tolerances) must tell wrong channel weights apart:
+/// equal weights, or the most important channel's weight zeroed, in the map alone (the scores
+/// reported correctly) or in the scores. Shown here with the CPU's results, so it runs everywhere.
+#[test]
+fn the_fp16_golden_check_rejects_wrong_channel_weights() {
+    let m = common::manifest();
+    let tol = CamTolerances::from_manifest(&m, "gpu_f16");
+    let mut caught = Vec::new();
+    for case in m["cams"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        for (sem, key) in MODES {
+            let e = explain_case(case, sem);
+            // The right answer passes the FP16 check (the CPU is far inside it).
+            check_cam(case, key, &e, &tol).unwrap_or_else(|msg| panic!("{msg}"));
+            let scores = &e.maps[0].channel_scores;
+            let k = scores.len();
+            // Equal weights: every channel the same (official: the mean score; channel-softmax:
+            // equal logits give equal softmax weights).
+            let mean = scores.iter().sum::<f32>() / k as f32;
+            let equal = vec![mean; k];
+            // The channel contributing most, zeroed (channel-softmax: its logit sent to -inf
+            // would be the same as a zero weight; a very low logit does it).
+            let top = (0..k)
+                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+                .unwrap();
+            let mut zeroed = scores.clone();
+            zeroed[top] = if sem == Semantics::Official {
+                0.0
+            } else {
+                -1e4
+            };
+            for (what, wrong) in [("equal weights", &equal), ("top channel zeroed", &zeroed)] {
+                // Wrong weights in the map, right scores reported.
+                let mut bad = e.clone();
+                (bad.maps[0].map, bad.maps[0].flat) = map_with_scores(case, sem, wrong);
+                let verdict = check_cam(case, key, &bad, &tol);
+                assert!(
+                    verdict.is_err(),
+                    "{id} {key}: {what} in the map passed the FP16 check"
+                );
+                // Wrong scores reported.
+                let mut bad = e.clone();
+                bad.maps[0].channel_scores = wrong.clone();
+                assert!(
+                    check_cam(case, key, &bad, &tol).is_err(),
+                    "{id} {key}: {what} in the scores passed the FP16 check"
+                );
+                caught.push(format!("{id} {key} {what}: {}", verdict.unwrap_err()));
+            }
+        }
+    }
+    println!("{}", caught.join("\n"));
+}
+
 #[test]
 fn preprocessing_matches_torchvision() {
-    let m = common::manifest().expect("tests/fixtures/manifest.json");
+    let m = common::manifest();
     for case in m["preprocess"].as_array().unwrap() {
         let mode = match case["mode"].as_str().unwrap() {
             "crop" => ResizeMode::Crop,

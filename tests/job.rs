@@ -86,7 +86,6 @@ fn mkfifo(p: &Path) {
     );
 }
 
-#[test]
 fn a_tree_with_equal_names_and_corrupt_files_gives_exact_counts() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -180,7 +179,6 @@ fn a_tree_with_equal_names_and_corrupt_files_gives_exact_counts() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-#[test]
 fn resume_skips_what_is_done_and_redoes_what_is_missing() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -223,7 +221,6 @@ fn resume_skips_what_is_done_and_redoes_what_is_missing() {
     assert_eq!(good.len(), 9);
 }
 
-#[test]
 fn a_killed_run_leaves_no_partial_file_and_resume_completes_it() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -344,7 +341,6 @@ fn assert_partition(out: &Path, want: &[String]) {
     assert_eq!(npys, expect);
 }
 
-#[test]
 fn shards_partition_the_inputs_exactly_from_flags_slurm_and_kubernetes() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -394,7 +390,6 @@ fn shards_partition_the_inputs_exactly_from_flags_slurm_and_kubernetes() {
     assert!(!out.exists());
 }
 
-#[test]
 fn manifests_name_files_classes_and_report_bad_lines() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -481,7 +476,6 @@ fn manifests_name_files_classes_and_report_bad_lines() {
     assert!(!out.exists());
 }
 
-#[test]
 fn several_workers_give_the_same_maps_as_one() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -520,7 +514,6 @@ fn several_workers_give_the_same_maps_as_one() {
     }
 }
 
-#[test]
 fn top_k_explains_the_best_classes_from_the_same_passes() {
     let f = Fixture::new();
     let img = f.image("x.png", 7);
@@ -554,7 +547,6 @@ fn top_k_explains_the_best_classes_from_the_same_passes() {
     assert_eq!(files(&dup), ["results.jsonl", "x.png.npy"]);
 }
 
-#[test]
 fn progress_lines_quiet_and_profile() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -592,7 +584,6 @@ fn progress_lines_quiet_and_profile() {
     assert_eq!(stderr(&o), "");
 }
 
-#[test]
 fn an_output_directory_inside_the_inputs_is_not_read_back() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -615,7 +606,6 @@ fn an_output_directory_inside_the_inputs_is_not_read_back() {
 
 /// Defect 1: a partial last line (a disk that filled mid-append, a crash) is cut off before the
 /// next append, so every line stays parseable.
-#[test]
 fn defect_1_a_partial_last_line_is_cut_off() {
     let f = Fixture::new();
     let img = f.image("x.png", 1);
@@ -636,7 +626,6 @@ fn defect_1_a_partial_last_line_is_cut_off() {
 }
 
 /// Defect 2: batches are capped by what the run can use, so absurd values cost nothing.
-#[test]
 fn defect_2_huge_batches_are_capped() {
     let f = Fixture::new();
     let img = f.image("x.png", 1);
@@ -668,7 +657,6 @@ fn defect_2_huge_batches_are_capped() {
 }
 
 /// Defect 3: the input size has a bound, checked like any option, in words that fit the CPU.
-#[test]
 fn defect_3_input_size_is_bounded() {
     let f = Fixture::new();
     let img = f.image("x.png", 1);
@@ -706,7 +694,6 @@ fn defect_3_input_size_is_bounded() {
 }
 
 /// Defect 5: two runs into one output directory never overwrite each other's maps.
-#[test]
 fn defect_5_runs_with_equal_names_never_collide() {
     let f = Fixture::new();
     let x = f.image("x/cat.png", 1);
@@ -740,7 +727,6 @@ fn defect_5_runs_with_equal_names_never_collide() {
 
 /// Defect 6 (and the out-of-space handling of the job): on a full disk the job stops with exit 1,
 /// results.jsonl stays valid, no failed image leaves a file, and --resume finishes the job.
-#[test]
 fn defect_6_a_full_disk_stops_the_job_and_resume_finishes_it() {
     let f = Fixture::new();
     let imgs = f.path("imgs");
@@ -748,10 +734,7 @@ fn defect_6_a_full_disk_stops_the_job_and_resume_finishes_it() {
     want.sort();
     let out = f.path("out");
     std::fs::create_dir_all(&out).unwrap();
-    let Some(_mount) = Tmpfs::mount(&out, "160k") else {
-        println!("skipped: mounting a tmpfs needs root (this test runs as root in CI)");
-        return;
-    };
+    let _mount = Tmpfs::mount(&out, "160k");
     let o = f.explain(&out, &[s(&imgs)]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
@@ -792,18 +775,15 @@ fn defect_6_a_full_disk_stops_the_job_and_resume_finishes_it() {
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return None;
-        }
-        let ok = Command::new("mount")
+    /// Mount (the test runs as root: see its `Need::Root`).
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        let o = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(at)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(at.to_path_buf()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount tmpfs: {}", stderr(&o));
+        Tmpfs(at.to_path_buf())
     }
 }
 
@@ -814,7 +794,6 @@ impl Drop for Tmpfs {
 }
 
 /// Defect 7: a FIFO (or any non-regular file) is an error line, never a wait.
-#[test]
 fn defect_7_a_fifo_never_blocks_the_job() {
     let f = Fixture::new();
     let good = f.image("x.png", 1);
@@ -842,7 +821,6 @@ fn defect_7_a_fifo_never_blocks_the_job() {
 }
 
 /// Defect 9: usage errors of every kind leave no output directory behind.
-#[test]
 fn defect_9_usage_errors_create_nothing() {
     let f = Fixture::new();
     let img = f.image("x.png", 1);
@@ -868,7 +846,6 @@ fn defect_9_usage_errors_create_nothing() {
 
 /// Defect 10: a results.jsonl that is a directory is one clear error before anything runs; error
 /// texts are one line; non-UTF-8 names are recorded exactly.
-#[test]
 fn defect_10_odd_outputs_messages_and_names() {
     let f = Fixture::new();
     let img = f.image("x.png", 1);
@@ -913,4 +890,97 @@ fn defect_10_odd_outputs_messages_and_names() {
     assert!(out
         .join(std::ffi::OsStr::from_bytes(b"caf\xe8.png.npy"))
         .is_file());
+}
+
+fn main() -> std::process::ExitCode {
+    #[allow(unused_imports)]
+    use common::Need::*;
+    let t = common::trial;
+    common::run_tests(vec![
+        t(
+            "a_tree_with_equal_names_and_corrupt_files_gives_exact_counts",
+            &[],
+            a_tree_with_equal_names_and_corrupt_files_gives_exact_counts,
+        ),
+        t(
+            "resume_skips_what_is_done_and_redoes_what_is_missing",
+            &[],
+            resume_skips_what_is_done_and_redoes_what_is_missing,
+        ),
+        t(
+            "a_killed_run_leaves_no_partial_file_and_resume_completes_it",
+            &[],
+            a_killed_run_leaves_no_partial_file_and_resume_completes_it,
+        ),
+        t(
+            "shards_partition_the_inputs_exactly_from_flags_slurm_and_kubernetes",
+            &[],
+            shards_partition_the_inputs_exactly_from_flags_slurm_and_kubernetes,
+        ),
+        t(
+            "manifests_name_files_classes_and_report_bad_lines",
+            &[],
+            manifests_name_files_classes_and_report_bad_lines,
+        ),
+        t(
+            "several_workers_give_the_same_maps_as_one",
+            &[],
+            several_workers_give_the_same_maps_as_one,
+        ),
+        t(
+            "top_k_explains_the_best_classes_from_the_same_passes",
+            &[],
+            top_k_explains_the_best_classes_from_the_same_passes,
+        ),
+        t(
+            "progress_lines_quiet_and_profile",
+            &[],
+            progress_lines_quiet_and_profile,
+        ),
+        t(
+            "an_output_directory_inside_the_inputs_is_not_read_back",
+            &[],
+            an_output_directory_inside_the_inputs_is_not_read_back,
+        ),
+        t(
+            "defect_1_a_partial_last_line_is_cut_off",
+            &[],
+            defect_1_a_partial_last_line_is_cut_off,
+        ),
+        t(
+            "defect_2_huge_batches_are_capped",
+            &[],
+            defect_2_huge_batches_are_capped,
+        ),
+        t(
+            "defect_3_input_size_is_bounded",
+            &[],
+            defect_3_input_size_is_bounded,
+        ),
+        t(
+            "defect_5_runs_with_equal_names_never_collide",
+            &[],
+            defect_5_runs_with_equal_names_never_collide,
+        ),
+        t(
+            "defect_6_a_full_disk_stops_the_job_and_resume_finishes_it",
+            &[Root],
+            defect_6_a_full_disk_stops_the_job_and_resume_finishes_it,
+        ),
+        t(
+            "defect_7_a_fifo_never_blocks_the_job",
+            &[],
+            defect_7_a_fifo_never_blocks_the_job,
+        ),
+        t(
+            "defect_9_usage_errors_create_nothing",
+            &[],
+            defect_9_usage_errors_create_nothing,
+        ),
+        t(
+            "defect_10_odd_outputs_messages_and_names",
+            &[],
+            defect_10_odd_outputs_messages_and_names,
+        ),
+    ])
 }

@@ -2,29 +2,15 @@
 //! kernel names must be global functions in the ELF symbol table) and PTX for compute_80 (the
 //! fallback path; `.entry` names).
 //!
-//! Without a loadable NVRTC these tests print `skipped: no NVRTC` and pass, unless
-//! `SCORECAM_REQUIRE_NVRTC=1` (CI: `eval "$(bash .ci/install-nvrtc.sh)"` first).
+//! Without a loadable NVRTC these tests are reported as ignored, unless `SCORECAM_REQUIRE_NVRTC`
+//! is truthy, which makes them fail (CI: `eval "$(bash .ci/install-nvrtc.sh)"` first).
+
+mod common;
 
 use scorecam_gpu::backend::cuda::kernels::{
-    compile_for_arch, is_cubin, kernel_names, nvrtc_available, nvrtc_version,
+    compile_for_arch, is_cubin, kernel_names, nvrtc_version,
 };
 use scorecam_gpu::Error;
-
-/// Whether to run; panics when NVRTC is required but missing.
-fn have_nvrtc() -> bool {
-    if nvrtc_available() {
-        return true;
-    }
-    if std::env::var("SCORECAM_REQUIRE_NVRTC").as_deref() == Ok("1") {
-        panic!(
-            "SCORECAM_REQUIRE_NVRTC=1 but NVRTC (libnvrtc.so) cannot be loaded; \
-             LD_LIBRARY_PATH={:?}",
-            std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
-        );
-    }
-    println!("skipped: no NVRTC");
-    false
-}
 
 fn u16_at(b: &[u8], o: usize) -> usize {
     u16::from_le_bytes(b[o..o + 2].try_into().unwrap()) as usize
@@ -95,9 +81,6 @@ fn ptx_entries(ptx: &str) -> Vec<String> {
 }
 
 fn check(arch: &str, want_cubin: bool) {
-    if !have_nvrtc() {
-        return;
-    }
     let image = compile_for_arch(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
     let (kind, found) = if is_cubin(&image) {
         ("CUBIN", elf_global_functions(&image))
@@ -127,26 +110,19 @@ fn check(arch: &str, want_cubin: bool) {
     );
 }
 
-#[test]
 fn compiles_all_kernels_for_sm_80() {
     check("sm_80", true);
 }
 
-#[test]
 fn compiles_all_kernels_for_sm_90() {
     check("sm_90", true);
 }
 
-#[test]
 fn compiles_all_kernels_to_ptx_for_compute_80() {
     check("compute_80", false);
 }
 
-#[test]
 fn second_compile_is_cached() {
-    if !have_nvrtc() {
-        return;
-    }
     let t = std::time::Instant::now();
     let a = compile_for_arch("sm_90").unwrap_or_else(|e| panic!("{e}"));
     let b = compile_for_arch("sm_90").unwrap_or_else(|e| panic!("{e}"));
@@ -156,7 +132,6 @@ fn second_compile_is_cached() {
     assert!(again.elapsed() < t.elapsed().max(std::time::Duration::from_millis(50)));
 }
 
-#[test]
 fn malformed_arch_is_rejected() {
     // No NVRTC needed: the arch is checked first.
     for bad in ["90", "gfx90a", "sm_x"] {
@@ -165,4 +140,36 @@ fn malformed_arch_is_rejected() {
             other => panic!("{bad}: {:?}", other.map(|v| v.len())),
         }
     }
+}
+
+fn main() -> std::process::ExitCode {
+    use common::Need::Nvrtc;
+    let t = common::trial;
+    common::run_tests(vec![
+        t(
+            "compiles_all_kernels_for_sm_80",
+            &[Nvrtc],
+            compiles_all_kernels_for_sm_80,
+        ),
+        t(
+            "compiles_all_kernels_for_sm_90",
+            &[Nvrtc],
+            compiles_all_kernels_for_sm_90,
+        ),
+        t(
+            "compiles_all_kernels_to_ptx_for_compute_80",
+            &[Nvrtc],
+            compiles_all_kernels_to_ptx_for_compute_80,
+        ),
+        t(
+            "second_compile_is_cached",
+            &[Nvrtc],
+            second_compile_is_cached,
+        ),
+        t(
+            "malformed_arch_is_rejected",
+            &[],
+            malformed_arch_is_rejected,
+        ),
+    ])
 }

@@ -62,16 +62,12 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The golden fixtures' manifest, or `None` (with a notice) when it is missing.
-pub fn manifest() -> Option<Value> {
+/// The golden fixtures' manifest. The fixtures are committed: a missing one is a failure.
+pub fn manifest() -> Value {
     let path = fixtures().join("manifest.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("manifest.json parses")),
-        Err(_) => {
-            println!("skipped: no {}", path.display());
-            None
-        }
-    }
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (the fixtures are committed)", path.display()));
+    serde_json::from_str(&text).expect("manifest.json parses")
 }
 
 /// A golden array named by a manifest entry.
@@ -261,4 +257,229 @@ pub fn temp_leftovers(out: &Path) -> Vec<PathBuf> {
         }
     }
     v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests that need something this machine may lack
+// ---------------------------------------------------------------------------------------------
+
+/// `1`, `true`, `yes`, `on` (any case) — what a `SCORECAM_REQUIRE_*` variable accepts as "yes".
+pub fn truthy(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+/// What a test needs beyond the CPU. Checked when the test runs: unmet, the test is reported as
+/// *ignored* with the reason (and counted so in cargo's summary, never as passed), unless the
+/// need's `SCORECAM_REQUIRE_*` variable is truthy, which makes it a failure.
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    /// A usable CUDA device (`SCORECAM_REQUIRE_GPU`).
+    Gpu,
+    /// No usable CUDA device (tests of the no-GPU path); never required.
+    NoGpu,
+    /// A loadable NVRTC (`SCORECAM_REQUIRE_NVRTC`).
+    Nvrtc,
+    /// A Slurm cluster that answers `sinfo` (`SCORECAM_SLURM`, set by `.ci/slurm.sh up`).
+    Slurm,
+    /// Root, to mount a tmpfs (`SCORECAM_REQUIRE_ROOT`).
+    Root,
+}
+
+impl Need {
+    fn require_var(self) -> Option<&'static str> {
+        match self {
+            Need::Gpu => Some("SCORECAM_REQUIRE_GPU"),
+            Need::NoGpu => None,
+            Need::Nvrtc => Some("SCORECAM_REQUIRE_NVRTC"),
+            Need::Slurm => Some("SCORECAM_SLURM"),
+            Need::Root => Some("SCORECAM_REQUIRE_ROOT"),
+        }
+    }
+
+    /// `Err(why)` when the need is not met here.
+    pub fn check(self) -> Result<(), String> {
+        use scorecam_gpu::backend::cuda::CudaBackend;
+        match self {
+            Need::Gpu => CudaBackend::probe()
+                .map(|_| ())
+                .map_err(|e| format!("needs a CUDA GPU: {e}")),
+            Need::NoGpu => match CudaBackend::probe() {
+                Ok(d) => Err(format!("needs a machine without a usable GPU ({d} found)")),
+                Err(_) => Ok(()),
+            },
+            Need::Nvrtc => {
+                if scorecam_gpu::backend::cuda::kernels::nvrtc_available() {
+                    Ok(())
+                } else {
+                    Err("needs NVRTC (libnvrtc.so) on the loader path: \
+                         `eval \"$(bash .ci/install-nvrtc.sh)\"` provides it"
+                        .into())
+                }
+            }
+            Need::Slurm => {
+                let up = std::process::Command::new("sinfo")
+                    .args(["-h", "-o", "%t"])
+                    .output()
+                    .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+                if up {
+                    Ok(())
+                } else {
+                    Err("needs a Slurm cluster (`bash .ci/slurm.sh up` starts one)".into())
+                }
+            }
+            Need::Root => {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    Ok(())
+                } else {
+                    Err("needs root (to mount a tmpfs)".into())
+                }
+            }
+        }
+    }
+}
+
+/// A test for [`run_tests`]: runs `f` when `needs` are met (see [`Need`]).
+pub fn trial(name: &str, needs: &[Need], f: fn()) -> libtest_mimic::Trial {
+    let needs = needs.to_vec();
+    libtest_mimic::Trial::ignorable_test(name, move || {
+        for need in needs {
+            if let Err(why) = need.check() {
+                return match need.require_var() {
+                    Some(var) if truthy(var) => Err(format!("{var} is set but: {why}").into()),
+                    _ => Ok(libtest_mimic::Completion::ignored_with(why)),
+                };
+            }
+        }
+        f();
+        Ok(libtest_mimic::Completion::Completed)
+    })
+}
+
+/// The `main` of a test file whose tests have run-time needs (`harness = false` in Cargo.toml).
+pub fn run_tests(trials: Vec<libtest_mimic::Trial>) -> std::process::ExitCode {
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), trials).exit_code()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Score-CAM against the goldens: one check for every backend
+// ---------------------------------------------------------------------------------------------
+
+/// How close a backend must come to the goldens: one of the manifest's tolerance sets
+/// (`cpu_f32` for the f32 CPU backend, `gpu_f16` for the FP16 CUDA backend).
+#[derive(Clone, Copy, Debug)]
+pub struct CamTolerances {
+    /// (atol, rtol) of the official per-channel scores s_k.
+    pub official_scores: (f32, f32),
+    /// (atol, rtol) of the channel-softmax per-channel logits z_k.
+    pub cs_logits: (f32, f32),
+    /// Largest |Δ| allowed anywhere in an official / channel-softmax map.
+    pub official_map: f32,
+    pub cs_map: f32,
+    /// Smallest map correlation allowed.
+    pub min_corr: f64,
+}
+
+impl CamTolerances {
+    pub fn from_manifest(m: &Value, set: &str) -> CamTolerances {
+        let t = &m["tolerances"][set];
+        let pair = |k: &str| {
+            (
+                t[k]["atol"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{set}.{k}.atol")) as f32,
+                t[k]["rtol"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{set}.{k}.rtol")) as f32,
+            )
+        };
+        CamTolerances {
+            official_scores: pair("official_scores"),
+            cs_logits: pair("cs_logits"),
+            official_map: pair("official_map").0,
+            cs_map: pair("cs_map").0,
+            min_corr: 0.999,
+        }
+    }
+}
+
+/// Check the first map of `e` against the golden `case` in mode `key` (`official` or
+/// `channel_softmax`): flat channels, every per-channel score (the channel weights before
+/// normalization), the map element by element and its correlation, the flat-map flag.
+/// Returns a one-line report, or what was wrong.
+pub fn check_cam(
+    case: &Value,
+    key: &str,
+    e: &scorecam_gpu::cam::Explanation,
+    tol: &CamTolerances,
+) -> Result<String, String> {
+    let id = case["id"].as_str().unwrap_or("?");
+    if let Some(f) = case["flat_channels"].as_u64() {
+        if e.flat_channels as u64 != f {
+            return Err(format!(
+                "{id}: {} flat channels, golden {f}",
+                e.flat_channels
+            ));
+        }
+    }
+    let gold = &case[key];
+    let cm = &e.maps[0];
+    let (scores_key, (atol, rtol), map_atol) = if key == "official" {
+        ("scores", tol.official_scores, tol.official_map)
+    } else {
+        ("logits", tol.cs_logits, tol.cs_map)
+    };
+    let want = npy(&gold[scores_key]);
+    if want.len() != cm.channel_scores.len() {
+        return Err(format!(
+            "{id} {key}: {} channel scores, golden {}",
+            cm.channel_scores.len(),
+            want.len()
+        ));
+    }
+    let mut worst_score = 0f32;
+    for (k, (g, w)) in cm.channel_scores.iter().zip(&want).enumerate() {
+        let d = (g - w).abs();
+        if d.is_nan() || d > atol + rtol * w.abs() {
+            return Err(format!(
+                "{id} {key}: channel {k} {scores_key} {g}, golden {w} (|Δ| {d:.3e})"
+            ));
+        }
+        worst_score = worst_score.max(d);
+    }
+    let want = npy(&gold["map"]);
+    let max_diff = cm
+        .map
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
+    let r = corr(&cm.map, &want);
+    if max_diff.is_nan() || max_diff > map_atol {
+        return Err(format!(
+            "{id} {key}: map max |Δ| {max_diff:.3e} > {map_atol} (corr {r:.6})"
+        ));
+    }
+    if r.is_nan() || r < tol.min_corr {
+        return Err(format!(
+            "{id} {key}: map correlation {r:.6} < {}",
+            tol.min_corr
+        ));
+    }
+    if let Some(flat) = gold.get("map_flat").and_then(Value::as_bool) {
+        if cm.flat != flat {
+            return Err(format!("{id} {key}: flat map {} (golden {flat})", cm.flat));
+        }
+    }
+    Ok(format!(
+        "{id} {key}: {scores_key} max|Δ| {worst_score:.2e}, map max|Δ| {max_diff:.2e}, corr {r:.7}"
+    ))
 }
