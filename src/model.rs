@@ -161,67 +161,106 @@ impl Vgg {
         }
     }
 
-    /// Resolve `features.N` (torchvision numbering) to a capture point. Accepts a conv index
-    /// (its output before ReLU), a ReLU index, a BatchNorm index in `_bn` models (the folded conv
-    /// output, before ReLU) and a MaxPool index.
+    /// Resolve `features.N` (torchvision numbering) to a capture point, as the reference
+    /// implementations see that module's output:
+    /// - a ReLU index: its output;
+    /// - a conv index (and a BatchNorm index in `_bn` models): also the ReLU's output. torchvision's
+    ///   ReLUs run in place, and both references keep the hooked tensor itself (the official code
+    ///   stores `output`; pytorch-grad-cam stores `output.cpu().detach()`, the same storage on the
+    ///   CPU), so the ReLU overwrites it before it is read. (pytorch-grad-cam on a GPU copies in
+    ///   `.cpu()` and so sees the values before the ReLU: `features.N:pre-relu` gives those.)
+    /// - the conv index of a `_bn` model is the conv's output before BatchNorm, which the folded
+    ///   model does not have: refused, naming the alternatives;
+    /// - a MaxPool index: its output.
     pub fn resolve_layer(&self, name: &str) -> Result<Capture, String> {
-        let n: usize = name
+        let (base, pre) = match name.strip_suffix(":pre-relu") {
+            Some(b) => (b, true),
+            None => (name, false),
+        };
+        let n: usize = base
             .strip_prefix("features.")
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| {
-                format!("layer `{name}`: expected `features.N` with N a conv, ReLU or pool index")
+                format!(
+                    "layer `{name}`: expected `features.N` with N a conv, ReLU or pool index \
+                     (optionally `:pre-relu` on a conv)"
+                )
             })?;
         for (stage, s) in self.features.iter().enumerate() {
             match s {
-                FeatureStage::Conv(c) if n == c.relu_index => {
+                FeatureStage::Conv(c) if (c.conv_index..=c.relu_index).contains(&n) => {
+                    let bn = c.relu_index - c.conv_index > 1;
+                    if bn && n == c.conv_index && !pre {
+                        return Err(format!(
+                            "layer `{name}` is the conv before BatchNorm, which is folded into \
+                             the conv here; use features.{} (after BatchNorm and ReLU) or \
+                             features.{}:pre-relu (after BatchNorm)",
+                            c.relu_index,
+                            c.relu_index - 1
+                        ));
+                    }
+                    if pre && n == c.relu_index {
+                        return Err(format!(
+                            "layer `{name}`: `:pre-relu` goes with the conv (features.{}), not \
+                             with its ReLU",
+                            c.relu_index - 1
+                        ));
+                    }
                     return Ok(Capture {
                         stage,
-                        pre_relu: false,
-                    })
-                }
-                FeatureStage::Conv(c) if n >= c.conv_index && n < c.relu_index => {
-                    return Ok(Capture {
-                        stage,
-                        pre_relu: true,
-                    })
+                        pre_relu: pre,
+                    });
                 }
                 FeatureStage::MaxPool { index } if *index == n => {
+                    if pre {
+                        return Err(format!("layer `{name}`: `:pre-relu` goes with a conv"));
+                    }
                     return Ok(Capture {
                         stage,
                         pre_relu: false,
-                    })
+                    });
                 }
                 _ => {}
             }
         }
         Err(format!(
-            "layer `{name}` is not a module of this model's features (valid: {})",
+            "layer `{name}` is not a module of this model's features (valid: {}; a conv's own \
+             index names its ReLU's output)",
             self.layer_names().join(", ")
         ))
     }
 
-    /// Name of a capture point in torchvision numbering.
+    /// Name of a capture point in torchvision numbering (the ReLU's for a conv's output after its
+    /// ReLU; `features.N:pre-relu` before it).
     pub fn capture_name(&self, cap: Capture) -> String {
         match &self.features[cap.stage] {
-            FeatureStage::Conv(c) if cap.pre_relu => format!("features.{}", c.conv_index),
+            FeatureStage::Conv(c) if cap.pre_relu => {
+                format!("features.{}:pre-relu", c.relu_index - 1)
+            }
             FeatureStage::Conv(c) => format!("features.{}", c.relu_index),
             FeatureStage::MaxPool { index } => format!("features.{index}"),
         }
     }
 
     /// Every selectable layer name, in order.
+    /// The name of every distinct capture point, in order: per conv `features.N:pre-relu` and
+    /// its ReLU's `features.M`, per pool `features.P` (a conv's own index is a second name of its
+    /// ReLU's output: see [`Vgg::resolve_layer`]).
     pub fn layer_names(&self) -> Vec<String> {
-        let mut names = Vec::new();
-        for s in &self.features {
-            match s {
-                FeatureStage::Conv(c) => {
-                    names.push(format!("features.{}", c.conv_index));
-                    names.push(format!("features.{}", c.relu_index));
-                }
-                FeatureStage::MaxPool { index } => names.push(format!("features.{index}")),
-            }
-        }
-        names
+        (0..self.features.len())
+            .flat_map(|stage| {
+                let pre =
+                    matches!(self.features[stage], FeatureStage::Conv(_)).then_some(Capture {
+                        stage,
+                        pre_relu: true,
+                    });
+                pre.into_iter().chain([Capture {
+                    stage,
+                    pre_relu: false,
+                }])
+            })
+            .map(|cap| self.capture_name(cap))
+            .collect()
     }
 
     /// Shape of the activations at a capture point for input side `s`.
@@ -410,13 +449,16 @@ mod tests {
             }
         );
         assert_eq!(m.resolve_layer("features.29").unwrap(), cap);
-        assert_eq!(
-            m.resolve_layer("features.28").unwrap(),
-            Capture {
-                stage: cap.stage,
-                pre_relu: true
-            }
-        );
+        // A conv index is its output as the references read it: after the in-place ReLU.
+        assert_eq!(m.resolve_layer("features.28").unwrap(), cap);
+        let pre = Capture {
+            stage: cap.stage,
+            pre_relu: true,
+        };
+        assert_eq!(m.resolve_layer("features.28:pre-relu").unwrap(), pre);
+        assert_eq!(m.capture_name(pre), "features.28:pre-relu");
+        assert!(m.resolve_layer("features.29:pre-relu").is_err());
+        assert!(m.resolve_layer("features.30:pre-relu").is_err());
         assert_eq!(
             m.capture_name(m.resolve_layer("features.30").unwrap()),
             "features.30"

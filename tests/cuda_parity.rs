@@ -785,6 +785,13 @@ fn fixtures_score_cam_matches_golden() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Several classes at once and a batch of three images on the GPU, against the goldens.
+fn fixtures_multi_class_and_batch_match_golden() {
+    let tol = CamTolerances::from_manifest(&manifest(), "gpu_f16");
+    let report = common::check_multi_and_batch(gpu, &tol);
+    println!("{}", report.join("\n"));
+}
+
 fn main() -> std::process::ExitCode {
     use common::Need::Gpu;
     let t = common::trial;

@@ -168,6 +168,14 @@ fn the_fp16_golden_check_rejects_wrong_channel_weights() {
 }
 
 #[test]
+fn several_classes_and_a_batch_of_three_match_their_single_goldens() {
+    let m = common::manifest();
+    let tol = CamTolerances::from_manifest(&m, "cpu_f32");
+    let report = common::check_multi_and_batch(CpuBackend::new, &tol);
+    println!("{}", report.join("\n"));
+}
+
+#[test]
 fn preprocessing_matches_torchvision() {
     let m = common::manifest();
     for case in m["preprocess"].as_array().unwrap() {

@@ -483,3 +483,112 @@ pub fn check_cam(
         "{id} {key}: {scores_key} max|Δ| {worst_score:.2e}, map max|Δ| {max_diff:.2e}, corr {r:.7}"
     ))
 }
+
+/// The golden cases by id.
+pub fn cases_by_id(m: &Value) -> std::collections::HashMap<String, Value> {
+    m["cams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().to_owned(), c.clone()))
+        .collect()
+}
+
+/// `e` with only its map `j` (to check one target of a multi-target explanation).
+fn only_map(e: &scorecam_gpu::cam::Explanation, j: usize) -> scorecam_gpu::cam::Explanation {
+    let mut one = e.clone();
+    one.maps = vec![e.maps[j].clone()];
+    one
+}
+
+/// The manifest's `multi_class` and `batch` entries on a backend (`make` opens a fresh one):
+/// several classes explained from one set of masked passes, and three images explained as one
+/// group, must each equal their single-run goldens, in both modes. Returns report lines.
+pub fn check_multi_and_batch<B: scorecam_gpu::backend::Backend>(
+    make: impl Fn() -> B,
+    tol: &CamTolerances,
+) -> Vec<String> {
+    use scorecam_gpu::backend::Semantics;
+    use scorecam_gpu::cam::{CamOptions, Explainer, Targets};
+    let m = manifest();
+    let cases = cases_by_id(&m);
+    let mut report = Vec::new();
+    let modes = [
+        (Semantics::Official, "official"),
+        (Semantics::ChannelSoftmax, "channel_softmax"),
+    ];
+    for entry in m["multi_class"].as_array().expect("manifest multi_class") {
+        let model = fixture_model(&entry["model_file"]);
+        let img = fixture_rgb(&entry["image_file"], model.input_size());
+        let classes: Vec<usize> = entry["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap() as usize)
+            .collect();
+        assert!(classes.len() >= 2);
+        for (sem, key) in modes {
+            let opts = CamOptions {
+                semantics: sem,
+                layer: entry["layer"].as_str().map(str::to_owned),
+                targets: Targets::Classes(classes.clone()),
+                mask_batch: 7,
+                image_batch: 1,
+            };
+            let mut ex = Explainer::new(make(), Arc::clone(&model), opts).unwrap();
+            let e = ex.explain(std::slice::from_ref(&img)).unwrap().remove(0);
+            assert_eq!(e.maps.len(), classes.len());
+            for (j, id) in entry["cases"].as_array().unwrap().iter().enumerate() {
+                let case = &cases[id.as_str().unwrap()];
+                assert_eq!(e.maps[j].class as u64, case["class"].as_u64().unwrap());
+                let line = check_cam(case, key, &only_map(&e, j), tol)
+                    .unwrap_or_else(|msg| panic!("two classes at once: {msg}"));
+                report.push(format!("multi-class {line}"));
+            }
+        }
+    }
+    for entry in m["batch"].as_array().expect("manifest batch") {
+        let model = fixture_model(&entry["model_file"]);
+        let s = model.input_size();
+        let images: Vec<Vec<u8>> = entry["image_files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| fixture_rgb(f, s))
+            .collect();
+        let classes: Vec<usize> = entry["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap() as usize)
+            .collect();
+        for (sem, key) in modes {
+            let opts = CamOptions {
+                semantics: sem,
+                layer: entry["layer"].as_str().map(str::to_owned),
+                targets: Targets::Top(1),
+                mask_batch: 7, // batches mixing the three images' masks
+                image_batch: images.len(),
+            };
+            let mut ex = Explainer::new(make(), Arc::clone(&model), opts).unwrap();
+            let targets: Vec<Targets> =
+                classes.iter().map(|&c| Targets::Classes(vec![c])).collect();
+            let got = ex.explain_for(&images, &targets).unwrap();
+            for (i, e) in got.iter().enumerate() {
+                let case = &cases[entry["cases"][i].as_str().unwrap()];
+                let line = check_cam(case, key, e, tol)
+                    .unwrap_or_else(|msg| panic!("batch of {}: {msg}", images.len()));
+                report.push(format!("batch {line}"));
+                if key == "channel_softmax" {
+                    // pytorch-grad-cam's own batched run.
+                    let want = npy(&entry["channel_softmax_maps"][i]);
+                    let d = check_tol(&e.maps[0].map, &want, tol.cs_map, 0.0, "batch map");
+                    report.push(format!(
+                        "batch image {i}: vs pytorch-grad-cam batch max|Δ| {d:.2e}"
+                    ));
+                }
+            }
+        }
+    }
+    report
+}
