@@ -1,5 +1,6 @@
 //! Score-CAM orchestration, backend-agnostic: base forward → masks → masked forwards (batched,
-//! across images) → scores → channel weights → combined maps. See DESIGN.md "Score-CAM, exactly".
+//! across images) → scores → channel weights → combined maps. The two semantics, exactly, are in
+//! the README ("The two semantics") and on [`Semantics`]; the target layers in "Target layers".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

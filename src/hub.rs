@@ -228,9 +228,14 @@ fn join_url(base: &str, loc: &str) -> String {
     format!("{scheme}://{authority}{dir}{loc}")
 }
 
-fn host_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+/// Scheme and authority (`https://host:port`): the origin the token is bound to. A redirect to
+/// another host, port or scheme (https → http would send it in clear) drops the token.
+fn origin_of(url: &str) -> &str {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    &url[..end]
 }
 
 /// Removes a partial download unless disarmed.
@@ -275,7 +280,7 @@ fn fetch(
         .build()
         .into();
     let token = hf_token();
-    let origin = host_of(url).to_owned();
+    let origin = origin_of(url).to_owned();
 
     let mut current = url.to_owned();
     let mut commit: Option<String> = None;
@@ -283,8 +288,9 @@ fn fetch(
     let mut resp = None;
     for _ in 0..=10 {
         let mut req = agent.get(&current);
-        // The token goes to the hub only, never to the CDN it redirects to.
-        if let Some(t) = token.as_ref().filter(|_| host_of(&current) == origin) {
+        // The token goes to the hub's origin only: never to the CDN it redirects to, nor over a
+        // redirect to plain http.
+        if let Some(t) = token.as_ref().filter(|_| origin_of(&current) == origin) {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
         let r = req.call().map_err(|e| format!("request failed: {e}"))?;
@@ -480,7 +486,9 @@ mod tests {
             "http://h.co:8/a/b/d"
         );
         assert_eq!(join_url("https://h.co/a", "//cdn/z"), "https://cdn/z");
-        assert_eq!(host_of("http://127.0.0.1:80/x/y"), "127.0.0.1:80");
+        assert_eq!(origin_of("http://127.0.0.1:80/x/y"), "http://127.0.0.1:80");
+        assert_eq!(origin_of("https://h.co?q"), "https://h.co");
+        assert_ne!(origin_of("https://h.co/a"), origin_of("http://h.co/a"));
         assert!(safe_component("0123abc"));
         assert!(!safe_component("../x"));
         assert!(!safe_component(""));

@@ -592,6 +592,13 @@ fn inspect(m: ModelArgs) -> Result<u8> {
             None => "no labels".into(),
         }
     );
+    let bn = model.convs().any(|c| c.relu_index - c.conv_index > 1);
+    if bn {
+        println!(
+            "batch norm: folded into the convs at load (the layers and parameter count below \
+             are the folded model's)"
+        );
+    }
     println!("parameters: {}", model.parameter_count());
     println!("GFLOP per forward: {:.2}", 2.0 * model.macs(s) as f64 / 1e9);
     println!("layers:");
@@ -599,8 +606,19 @@ fn inspect(m: ModelArgs) -> Result<u8> {
     for (stage, shape) in model.features.iter().zip(&shapes) {
         match stage {
             FeatureStage::Conv(c) => println!(
-                "  features.{:<3} Conv2d({}, {}, 3×3, pad 1) + ReLU (features.{})  → {}×{}×{}",
-                c.conv_index, c.cin, c.cout, c.relu_index, shape.c, shape.h, shape.w
+                "  features.{:<3} Conv2d({}, {}, 3×3, pad 1){} + ReLU (features.{})  → {}×{}×{}",
+                c.conv_index,
+                c.cin,
+                c.cout,
+                if c.relu_index - c.conv_index > 1 {
+                    format!(" + BatchNorm2d (features.{}, folded)", c.conv_index + 1)
+                } else {
+                    String::new()
+                },
+                c.relu_index,
+                shape.c,
+                shape.h,
+                shape.w
             ),
             FeatureStage::MaxPool { index } => println!(
                 "  features.{index:<3} MaxPool2d(2, 2)  → {}×{}×{}",

@@ -1,6 +1,6 @@
 //! safetensors → validated [`crate::model::Vgg`] (host f32), and back.
 //!
-//! Naming follows DESIGN.md "Weights format": torchvision's VGG `state_dict()` names
+//! Naming follows the format in `weights/README.md`: torchvision's VGG `state_dict()` names
 //! (`features.{i}.weight`, `classifier.{j}.weight`, `_bn` variants folded at load time), timm's
 //! names (`pre_logits.fc1`, `pre_logits.fc2`, `head.fc`), optionally under a `model.` or `module.`
 //! prefix. Tensors may be F32, F16 or BF16; everything is converted to f32.

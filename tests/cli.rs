@@ -326,7 +326,22 @@ fn inspect_lists_layers() {
         .args(["inspect", "--random-weights", "1"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("parameters: 138357544"));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("parameters: 138357544"), "{text}");
+    assert!(text.contains("classes: 1000 (1000 labels)"), "{text}");
+    // A _bn file says its BatchNorm layers are folded, and where they were.
+    let o = Command::new(bin())
+        .arg("inspect")
+        .arg("--weights")
+        .arg(common::fixtures().join("tiny_vgg_bn.safetensors"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("batch norm: folded"), "{text}");
+    assert!(
+        text.contains("BatchNorm2d (features.1, folded) + ReLU (features.2)"),
+        "{text}"
+    );
 }
 
 fn main() -> std::process::ExitCode {

@@ -5,7 +5,7 @@ mod common;
 use common::values;
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
 use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics};
-use scorecam_gpu::model::{Capture, Vgg};
+use scorecam_gpu::model::{Capture, FeatureStage, Vgg, POOLED};
 use std::sync::Arc;
 
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
@@ -284,30 +284,227 @@ fn masked_inputs_scores_and_combine_match_naive() {
     }
 }
 
-#[test]
-fn forward_captures_every_stage_consistently() {
-    // The activations captured at stage i, pushed through the rest of the network by hand,
-    // give the same logits as the whole forward.
-    let model = Arc::new(Vgg::random_from_config(&[4, 0, 6, 6, 0], &[8, 5], 4, 32));
-    let x = values(2 * 3 * 32 * 32, 14);
-    let (logits, _) = cpu::forward(&model, &x, 2, 32, None);
-    for name in model.layer_names() {
-        let cap = model.resolve_layer(&name).unwrap();
-        let (l2, acts) = cpu::forward(&model, &x, 2, 32, Some(cap));
-        assert_eq!(logits, l2);
-        let shape = model.capture_shape(cap, 32);
-        let acts = acts.unwrap_or_else(|| panic!("{name}: nothing captured"));
-        assert_eq!(acts.len(), 2 * shape.c * shape.h * shape.w, "{name}");
-        if cap.pre_relu {
-            assert!(
-                acts.iter().any(|&v| v < 0.0),
-                "{name}: pre-ReLU output has negatives"
-            );
-        } else {
-            assert!(
-                acts.iter().all(|&v| v >= 0.0),
-                "{name}: post-ReLU output is non-negative"
-            );
+/// The layers after capture point `cap`, run here one op at a time from the captured
+/// activations `acts` (`[n, c, h, w]`): the ReLU a pre-ReLU capture has not had yet, the
+/// remaining feature stages, the adaptive pool and the classifier.
+fn push_through_rest(model: &Vgg, cap: Capture, acts: &[f32], n: usize, s: usize) -> Vec<f32> {
+    let shape = model.capture_shape(cap, s);
+    let (mut c, mut h, mut w) = (shape.c, shape.h, shape.w);
+    let mut x = acts.to_vec();
+    if cap.pre_relu && matches!(model.features[cap.stage], FeatureStage::Conv(_)) {
+        cpu::relu(&mut x);
+    }
+    for stage in &model.features[cap.stage + 1..] {
+        match stage {
+            FeatureStage::Conv(l) => {
+                assert_eq!(l.cin, c);
+                x = cpu::conv3x3(&x, n, c, h, w, &l.weight, &l.bias, l.cout);
+                cpu::relu(&mut x);
+                c = l.cout;
+            }
+            FeatureStage::MaxPool { .. } => {
+                x = cpu::maxpool2(&x, n * c, h, w);
+                (h, w) = (h / 2, w / 2);
+            }
         }
     }
+    x = cpu::adaptive_avgpool(&x, n * c, h, w, POOLED, POOLED);
+    for l in &model.classifier {
+        x = cpu::linear(&x, n, l.fin, &l.weight, &l.bias, l.fout);
+        if l.relu {
+            cpu::relu(&mut x);
+        }
+    }
+    x
+}
+
+/// Bit-for-bit equality, reporting the first difference (not two long vectors).
+fn assert_same(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!("{what}: [{i}] is {}, want {}", got[i], want[i]);
+    }
+}
+
+/// Largest `|a - b| / (1 + |b|)`.
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn forward_captures_every_stage_consistently() {
+    // Every capture point the forward offers (each conv's output before its ReLU, each ReLU's
+    // output, each pool's output) is checked two ways:
+    // - against the stage before it: one layer computed here from the previous capture (the
+    //   input for the first), so a capture taken one stage off or on the wrong side of a ReLU
+    //   differs (the two 6-channel convs have the same shape: only the values tell them apart);
+    // - pushed through the rest of the network here, layer by layer, it gives the logits.
+    let model = Arc::new(Vgg::random_from_config(&[4, 0, 6, 6, 0], &[8, 5], 4, 32));
+    let (n, s) = (2, 32);
+    let x = values(n * 3 * s * s, 14);
+    let (logits, none) = cpu::forward(&model, &x, n, s, None);
+    assert!(none.is_none(), "nothing captured unless asked");
+    assert_eq!(logits.len(), n * model.num_classes());
+    // The whole network by hand from the input: the reference is not degenerate.
+    let by_hand = push_through_rest(
+        &model,
+        Capture {
+            stage: 0,
+            pre_relu: true,
+        },
+        &cpu::conv3x3(
+            &x,
+            n,
+            3,
+            s,
+            s,
+            &model.convs().next().unwrap().weight,
+            &model.convs().next().unwrap().bias,
+            4,
+        ),
+        n,
+        s,
+    );
+    assert_close(&by_hand, &logits, 1e-5, "whole network by hand");
+    let spread = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        - logits.iter().copied().fold(f32::INFINITY, f32::min);
+    assert!(spread > 0.1, "logits {logits:?} should differ");
+
+    let captured = |cap: Capture| {
+        let (l, acts) = cpu::forward(&model, &x, n, s, Some(cap));
+        let name = model.capture_name(cap);
+        assert_eq!(l, logits, "{name}: capturing must not change the logits");
+        let shape = model.capture_shape(cap, s);
+        let acts = acts.unwrap_or_else(|| panic!("{name}: nothing captured"));
+        assert_eq!(acts.len(), n * shape.c * shape.h * shape.w, "{name}");
+        acts
+    };
+    let mut checked = Vec::new();
+    // Output of the previous stage (after its ReLU): `[n, c, h, h]`.
+    let (mut prev, mut c, mut h) = (x.clone(), 3, s);
+    for (i, stage) in model.features.iter().enumerate() {
+        match stage {
+            FeatureStage::Conv(l) => {
+                let pre_cap = Capture {
+                    stage: i,
+                    pre_relu: true,
+                };
+                let post_cap = Capture {
+                    stage: i,
+                    pre_relu: false,
+                };
+                let (pre, post) = (captured(pre_cap), captured(post_cap));
+                let name = model.capture_name(pre_cap);
+                let want = cpu::conv3x3(&prev, n, c, h, h, &l.weight, &l.bias, l.cout);
+                assert_close(
+                    &pre,
+                    &want,
+                    1e-5,
+                    &format!("{name}: conv of the stage before"),
+                );
+                assert!(
+                    pre.iter().any(|&v| v < 0.0),
+                    "{name}: a conv output before ReLU has negatives"
+                );
+                let mut relu_pre = pre.clone();
+                cpu::relu(&mut relu_pre);
+                assert_same(
+                    &post,
+                    &relu_pre,
+                    &format!(
+                        "{}: the ReLU output is ReLU of the conv output",
+                        model.capture_name(post_cap)
+                    ),
+                );
+                for cap in [pre_cap, post_cap] {
+                    let acts = if cap.pre_relu { &pre } else { &post };
+                    let got = push_through_rest(&model, cap, acts, n, s);
+                    let what = format!("{} pushed through the rest", model.capture_name(cap));
+                    assert_close(&got, &logits, 1e-5, &what);
+                }
+                // The check above can tell the two sides of the ReLU apart: the pre-ReLU
+                // activations taken as if they were the ReLU output give other logits.
+                let wrong = push_through_rest(&model, post_cap, &pre, n, s);
+                assert!(
+                    max_rel_diff(&wrong, &logits) > 1e-3,
+                    "{name}: skipping the ReLU should change the logits"
+                );
+                checked.extend([pre_cap, post_cap]);
+                (prev, c) = (post, l.cout);
+            }
+            FeatureStage::MaxPool { .. } => {
+                let cap = Capture {
+                    stage: i,
+                    pre_relu: false,
+                };
+                let pooled = captured(cap);
+                let name = model.capture_name(cap);
+                assert_same(
+                    &pooled,
+                    &cpu::maxpool2(&prev, n * c, h, h),
+                    &format!("{name}: max-pool of the stage before"),
+                );
+                let got = push_through_rest(&model, cap, &pooled, n, s);
+                assert_close(
+                    &got,
+                    &logits,
+                    1e-5,
+                    &format!("{name} pushed through the rest"),
+                );
+                checked.push(cap);
+                (prev, h) = (pooled, h / 2);
+            }
+        }
+    }
+    // Those are exactly the layers a user can name.
+    let named: Vec<Capture> = model
+        .layer_names()
+        .iter()
+        .map(|name| {
+            let cap = model.resolve_layer(name).unwrap();
+            assert_eq!(&model.capture_name(cap), name);
+            cap
+        })
+        .collect();
+    assert_eq!(named, checked);
+}
+
+#[test]
+fn a_pool_capture_ignores_pre_relu() {
+    // A pool has one output: `pre_relu` on it must not lose the capture (the CUDA backend takes
+    // the pool output either way).
+    let model = Vgg::random_from_config(&[4, 0, 6, 0], &[10], 2, 32);
+    let s = 32;
+    let x: Vec<f32> = values(3 * s * s, 9);
+    let pool = model
+        .features
+        .iter()
+        .position(|st| matches!(st, FeatureStage::MaxPool { .. }))
+        .unwrap();
+    let (_, a) = cpu::forward(
+        &model,
+        &x,
+        1,
+        s,
+        Some(Capture {
+            stage: pool,
+            pre_relu: false,
+        }),
+    );
+    let (_, b) = cpu::forward(
+        &model,
+        &x,
+        1,
+        s,
+        Some(Capture {
+            stage: pool,
+            pre_relu: true,
+        }),
+    );
+    let a = a.expect("pool capture");
+    assert_eq!(Some(a), b);
 }

@@ -839,5 +839,10 @@ fn main() -> std::process::ExitCode {
             &[Gpu],
             fixtures_score_cam_matches_golden,
         ),
+        t(
+            "fixtures_multi_class_and_batch_match_golden",
+            &[Gpu],
+            fixtures_multi_class_and_batch_match_golden,
+        ),
     ])
 }

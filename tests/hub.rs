@@ -1,6 +1,8 @@
 //! Finding and downloading weights: a tiny HTTP/1.1 server on 127.0.0.1 plays the Hugging Face
 //! hub (redirect to a "CDN", 404, 401, a connection that closes early), `HF_ENDPOINT` points at it
-//! and the cache lives in a temporary directory.
+//! and the cache lives in a temporary directory. The CDN is another host, 127.0.0.2 (all of
+//! 127.0.0.0/8 is loopback), on the same port where it is free: only the host name tells the two
+//! apart, as between huggingface.co and its CDN, so the test sees where the token goes.
 //!
 //! Environment variables are process-global: every scenario runs inside one test, in order,
 //! behind a lock, and the environment is restored afterwards.
@@ -55,10 +57,23 @@ impl Drop for EnvGuard {
     }
 }
 
-/// (path, Authorization header) of every request.
-type RequestLog = Mutex<Vec<(String, Option<String>)>>;
+const HUB_IP: &str = "127.0.0.1";
+const CDN_IP: &str = "127.0.0.2";
+
+/// One request as the server saw it.
+#[derive(Clone, Debug, PartialEq)]
+struct Request {
+    /// The address the connection was made to: [`HUB_IP`] or [`CDN_IP`].
+    ip: String,
+    path: String,
+    /// The `Authorization` header, if any.
+    auth: Option<String>,
+}
+
+type RequestLog = Mutex<Vec<Request>>;
 
 struct Server {
+    /// `http://127.0.0.1:PORT`, the hub.
     base: String,
     conns: Arc<AtomicUsize>,
     requests: Arc<RequestLog>,
@@ -71,20 +86,32 @@ impl Server {
 }
 
 fn start_server(body: Vec<u8>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let hub = TcpListener::bind((HUB_IP, 0)).unwrap();
+    let port = hub.local_addr().unwrap().port();
+    let cdn = TcpListener::bind((CDN_IP, port))
+        .or_else(|_| TcpListener::bind((CDN_IP, 0)))
+        .unwrap_or_else(|e| panic!("cannot listen on {CDN_IP} (loopback): {e}"));
+    let base = format!("http://{}", hub.local_addr().unwrap());
+    let cdn_base = format!("http://{}", cdn.local_addr().unwrap());
     let conns = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(Mutex::new(Vec::new()));
-    let (c, r) = (conns.clone(), requests.clone());
     let body = Arc::new(body);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            c.fetch_add(1, Ordering::SeqCst);
-            let (r, body) = (r.clone(), body.clone());
-            std::thread::spawn(move || serve(stream, &r, &body));
-        }
-    });
+    for listener in [hub, cdn] {
+        let (c, r, body, cdn) = (
+            conns.clone(),
+            requests.clone(),
+            body.clone(),
+            cdn_base.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, body, cdn) = (r.clone(), body.clone(), cdn.clone());
+                std::thread::spawn(move || serve(stream, &r, &body, &cdn));
+            }
+        });
+    }
     Server {
         base,
         conns,
@@ -92,7 +119,11 @@ fn start_server(body: Vec<u8>) -> Server {
     }
 }
 
-fn serve(mut s: TcpStream, log: &RequestLog, body: &[u8]) {
+fn serve(mut s: TcpStream, log: &RequestLog, body: &[u8], cdn: &str) {
+    let ip = s
+        .local_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -112,7 +143,11 @@ fn serve(mut s: TcpStream, log: &RequestLog, body: &[u8]) {
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
         .map(|(_, v)| v.trim().to_owned());
-    log.lock().unwrap().push((path.clone(), auth.clone()));
+    log.lock().unwrap().push(Request {
+        ip: ip.clone(),
+        path: path.clone(),
+        auth: auth.clone(),
+    });
 
     let ok = |extra: &str| {
         format!(
@@ -123,27 +158,53 @@ fn serve(mut s: TcpStream, log: &RequestLog, body: &[u8]) {
     };
     let status =
         |code: &str| format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let redirect = |code: &str, location: &str, extra: &str| {
+        format!(
+            "HTTP/1.1 {code}\r\nLocation: {location}\r\n{extra}Content-Length: 0\r\n\
+             Connection: close\r\n\r\n"
+        )
+    };
     let (head, payload): (String, &[u8]) = match path.as_str() {
-        // the hub answers with a redirect carrying the commit and the file's (LFS) etag
-        "/timm/vgg16.tv_in1k/resolve/main/model.safetensors" => (
-            format!(
-                "HTTP/1.1 302 Found\r\nLocation: /cdn/blob?sig=abc\r\nX-Repo-Commit: {COMMIT}\r\n\
-                 X-Linked-Etag: \"{LINKED_ETAG}\"\r\nETag: \"redirect-etag\"\r\nContent-Length: 0\r\n\
-                 Connection: close\r\n\r\n"
+        // the hub answers with a redirect to the CDN, carrying the commit and the file's (LFS)
+        // etag
+        "/timm/vgg16.tv_in1k/resolve/main/model.safetensors" if ip == HUB_IP => (
+            redirect(
+                "302 Found",
+                &format!("{cdn}/cdn/blob?sig=abc"),
+                &format!(
+                    "X-Repo-Commit: {COMMIT}\r\nX-Linked-Etag: \"{LINKED_ETAG}\"\r\n\
+                     ETag: \"redirect-etag\"\r\n"
+                ),
             ),
             b"",
         ),
-        // the CDN: its own ETag must not name the blob
-        "/cdn/blob?sig=abc" => (ok("ETag: \"cdn-etag\"\r\n"), body),
+        // the CDN (only there): its own ETag must not name the blob
+        "/cdn/blob?sig=abc" if ip == CDN_IP => (ok("ETag: \"cdn-etag\"\r\n"), body),
+        // a renamed repository: a relative redirect on the hub itself, to a gated one
+        "/test/moved/resolve/main/model.safetensors" => (
+            redirect(
+                "307 Temporary Redirect",
+                "/test/private/resolve/main/model.safetensors",
+                "",
+            ),
+            b"",
+        ),
         "/test/direct/resolve/main/model.safetensors" => (
-            ok(&format!("X-Repo-Commit: {COMMIT2}\r\nETag: W/\"weak-etag-1\"\r\n")),
+            ok(&format!(
+                "X-Repo-Commit: {COMMIT2}\r\nETag: W/\"weak-etag-1\"\r\n"
+            )),
             body,
         ),
         "/test/noheaders/resolve/main/model.safetensors" => (ok(""), body),
         "/test/private/resolve/main/model.safetensors"
             if auth.as_deref() == Some(&format!("Bearer {TOKEN}")) =>
         {
-            (ok(&format!("X-Repo-Commit: {COMMIT2}\r\nETag: \"private\"\r\n")), body)
+            (
+                ok(&format!(
+                    "X-Repo-Commit: {COMMIT2}\r\nETag: \"private\"\r\n"
+                )),
+                body,
+            )
         }
         "/test/private/resolve/main/model.safetensors" => (status("401 Unauthorized"), b""),
         // promises the whole body, sends 100 bytes, closes
@@ -262,15 +323,23 @@ fn download_scenarios(server: &Server, cache: &Path, body: &[u8]) {
             .join("model.safetensors")
     );
     assert_eq!(server.conns(), 2, "one request to the hub, one to the CDN");
-    {
-        let reqs = server.requests.lock().unwrap();
-        assert_eq!(
-            reqs[0].0,
-            "/timm/vgg16.tv_in1k/resolve/main/model.safetensors"
-        );
-        assert_eq!(reqs[0].1.as_deref(), Some(&*format!("Bearer {TOKEN}")));
-        assert_eq!(reqs[1].0, "/cdn/blob?sig=abc");
-    }
+    // The token goes to the hub and not to the CDN, a different host.
+    assert_eq!(
+        requests_since(server, 0),
+        [
+            Request {
+                ip: HUB_IP.into(),
+                path: "/timm/vgg16.tv_in1k/resolve/main/model.safetensors".into(),
+                auth: Some(format!("Bearer {TOKEN}")),
+            },
+            Request {
+                ip: CDN_IP.into(),
+                path: "/cdn/blob?sig=abc".into(),
+                auth: None,
+            },
+        ],
+        "the token goes to the hub, not to the CDN"
+    );
     let blob = repo_dir.join("blobs").join(LINKED_ETAG);
     assert_eq!(std::fs::read(&blob).unwrap(), body);
     assert_eq!(std::fs::read(&p).unwrap(), body);
@@ -360,8 +429,42 @@ fn download_scenarios(server: &Server, cache: &Path, body: &[u8]) {
     );
     std::env::set_var("HF_TOKEN", TOKEN);
     let p = hub::hub_download("test/private", "model.safetensors", false).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), body);
+
+    // a redirect within the hub (a renamed repository) keeps the token: same host
+    let before = server.requests.lock().unwrap().len();
+    let p = hub::hub_download("test/moved", "model.safetensors", false).unwrap();
     std::env::remove_var("HF_TOKEN");
     assert_eq!(std::fs::read(&p).unwrap(), body);
+    let bearer = Some(format!("Bearer {TOKEN}"));
+    assert_eq!(
+        requests_since(server, before),
+        [
+            Request {
+                ip: HUB_IP.into(),
+                path: "/test/moved/resolve/main/model.safetensors".into(),
+                auth: bearer.clone(),
+            },
+            Request {
+                ip: HUB_IP.into(),
+                path: "/test/private/resolve/main/model.safetensors".into(),
+                auth: bearer,
+            },
+        ],
+        "a redirect within the hub keeps the token"
+    );
+    // No request of this test sent the token to the CDN.
+    let reqs = requests_since(server, 0);
+    assert!(reqs.iter().any(|r| r.ip == CDN_IP));
+    assert!(
+        reqs.iter().all(|r| r.ip != CDN_IP || r.auth.is_none()),
+        "{reqs:?}"
+    );
+}
+
+/// The requests the server got from the `from`-th on.
+fn requests_since(server: &Server, from: usize) -> Vec<Request> {
+    server.requests.lock().unwrap()[from..].to_vec()
 }
 
 fn failure_scenarios(server: &Server, cache: &Path, body: &[u8]) {

@@ -286,10 +286,13 @@ fn conv_at(
 fn round_trip_f32_f16_bf16() {
     let m = tiny(7);
     let dir = tempfile::tempdir().unwrap();
+    // Round to nearest: at most half a unit in the last place, 2^-11 relative for F16 (11
+    // significant bits; 2^-25 absolute among its subnormals) and 2^-8 for BF16 (8 bits, f32's
+    // exponent range). Truncation errs by up to a whole unit and fails these bounds.
     for (dtype, rel, abs) in [
         ("F32", 0.0, 0.0),
-        ("F16", 1e-3, 1e-4),
-        ("BF16", 8e-3, 1e-30),
+        ("F16", 2f32.powi(-11), 2f32.powi(-25)),
+        ("BF16", 2f32.powi(-8), 0.0),
     ] {
         let p = dir.path().join(format!("tiny-{dtype}.safetensors"));
         weights::save(&m, &p, dtype).unwrap();
@@ -313,6 +316,92 @@ fn round_trip_f32_f16_bf16() {
     assert!(
         matches!(e, Error::Usage(_)) && e.to_string().contains("F64"),
         "{e}"
+    );
+}
+
+/// Save a model whose first conv weights are `cases[..].0` (f32 bits) as `dtype`, and check
+/// the file holds exactly `cases[..].1` (F16/BF16 bits) and loads back as exactly
+/// `cases[..].2` (f32 bits).
+fn check_half_rounding(dtype: &str, cases: &[(u32, u16, u32)]) {
+    let mut m = tiny(21);
+    let FeatureStage::Conv(conv) = &mut m.features[0] else {
+        unreachable!()
+    };
+    for (k, &(x, _, _)) in cases.iter().enumerate() {
+        conv.weight[k] = f32::from_bits(x);
+    }
+    let bytes = saved_bytes(&m, dtype);
+    let (ts, _) = read(&bytes);
+    let t = get(&ts, "features.0.weight");
+    assert_eq!(format!("{:?}", t.dtype), dtype);
+    let halves: Vec<u16> = t
+        .data
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let back = weights::load_bytes(&bytes, dtype).unwrap();
+    let loaded = &back.convs().next().unwrap().weight;
+    for (k, &(x, h, y)) in cases.iter().enumerate() {
+        let v = f32::from_bits(x);
+        assert_eq!(
+            halves[k], h,
+            "{dtype}: save of {v:e} ({x:#010x}) wrote {:#06x}, want {h:#06x}",
+            halves[k]
+        );
+        assert_eq!(
+            loaded[k].to_bits(),
+            y,
+            "{dtype}: load of {h:#06x} gave {:e} ({:#010x}), want {:e} ({y:#010x})",
+            loaded[k],
+            loaded[k].to_bits(),
+            f32::from_bits(y)
+        );
+    }
+}
+
+#[test]
+fn half_precision_rounds_to_nearest_even() {
+    // (f32 bits given to `save`, F16/BF16 bits it must write, f32 bits the loader must give).
+    // Round to nearest, ties to even, as PyTorch's `.half()` / `.bfloat16()` do. The values sit
+    // just above or below a midpoint (truncation and rounding differ) or exactly on one (even
+    // rounding differs from both truncation and ties-away). The loader widens exactly.
+    // Expected bits from Python's `struct.pack("<e", x)` (IEEE binary16, round-half-even) and,
+    // for BF16, exact rational comparison with the two neighbours.
+    check_half_rounding(
+        "BF16",
+        &[
+            (0x3F80_0000, 0x3F80, 0x3F80_0000), // 1.0: exact
+            (0x3F80_8001, 0x3F81, 0x3F81_0000), // just above 1 + 2^-8: up (truncation: 0x3F80)
+            (0x3F80_7FFF, 0x3F80, 0x3F80_0000), // just below: down
+            (0x3F80_8000, 0x3F80, 0x3F80_0000), // tie, 0x3F80 even: down (ties-away: 0x3F81)
+            (0x3F81_8000, 0x3F82, 0x3F82_0000), // tie, 0x3F82 even: up (truncation: 0x3F81)
+            (0xBF80_8001, 0xBF81, 0xBF81_0000), // negative: by magnitude
+            (0xBF81_8000, 0xBF82, 0xBF82_0000), // negative tie to even
+            (0x3FFF_FFFF, 0x4000, 0x4000_0000), // carries into the exponent: 2.0
+            (0x0001_8000, 0x0002, 0x0002_0000), // subnormal tie to even (truncation: 0x0001)
+            (0x0000_C000, 0x0001, 0x0001_0000), // subnormal above the midpoint (truncation: 0)
+            (0x8000_0000, 0x8000, 0x8000_0000), // -0.0 keeps its sign
+        ],
+    );
+    check_half_rounding(
+        "F16",
+        &[
+            (0x3F80_0000, 0x3C00, 0x3F80_0000), // 1.0: exact
+            (0x3F80_1001, 0x3C01, 0x3F80_2000), // just above 1 + 2^-11: up (truncation: 0x3C00)
+            (0x3F80_0FFF, 0x3C00, 0x3F80_0000), // just below: down
+            (0x3F80_1000, 0x3C00, 0x3F80_0000), // tie, 0x3C00 even: down (ties-away: 0x3C01)
+            (0x3F80_3000, 0x3C02, 0x3F80_4000), // tie, 0x3C02 even: up (truncation: 0x3C01)
+            (0xBF80_1001, 0xBC01, 0xBF80_2000), // negative: by magnitude
+            (0x3FFF_F000, 0x4000, 0x4000_0000), // tie below 2.0: up to 2.0 (truncation: 0x3FFF)
+            (0x477F_E000, 0x7BFF, 0x477F_E000), // 65504, the largest F16
+            (0x477F_EF00, 0x7BFF, 0x477F_E000), // 65519: below the midpoint to infinity
+            (0x3380_0000, 0x0001, 0x3380_0000), // 2^-24, the smallest subnormal
+            (0x33C0_0000, 0x0002, 0x3400_0000), // 1.5·2^-24: subnormal tie to even (trunc.: 1)
+            (0x3460_0000, 0x0004, 0x3480_0000), // 3.5·2^-24: tie to even 4 (truncation: 3)
+            (0x3300_0000, 0x0000, 0x0000_0000), // 2^-25: tie between 0 and 2^-24, to 0
+            (0x3300_0001, 0x0001, 0x3380_0000), // just above 2^-25: up to 2^-24
+            (0xB300_0000, 0x8000, 0x8000_0000), // -2^-25: to -0.0, sign kept
+        ],
     );
 }
 
@@ -356,9 +445,18 @@ fn vgg16_bn_indices_match_torchvision() {
     assert!(convs.iter().all(|&(c, r)| r == c + 2));
     assert_eq!(pools, [6, 13, 23, 33, 43]);
     assert_eq!(m.capture_name(m.default_capture()), "features.42");
-    // the BatchNorm index selects the folded conv's output before the ReLU
-    let cap = m.resolve_layer("features.41").unwrap();
-    assert!(cap.pre_relu);
+    // The BatchNorm index is read after the in-place ReLU, like the ReLU's own index; its value
+    // before the ReLU is `:pre-relu`; the conv's own index (before BatchNorm) is not kept.
+    assert_eq!(
+        m.resolve_layer("features.41").unwrap(),
+        m.resolve_layer("features.42").unwrap()
+    );
+    assert!(m.resolve_layer("features.41:pre-relu").unwrap().pre_relu);
+    let e = m.resolve_layer("features.40").unwrap_err();
+    assert!(
+        e.contains("before BatchNorm") && e.contains("features.42"),
+        "{e}"
+    );
     assert_eq!(
         m.meta.dtypes,
         ["F32"],
@@ -790,17 +888,113 @@ fn bad_metadata_is_named() {
     );
 }
 
+/// Every parameter of a model as (tensor name, flat index, bits); bits so that -0.0 and 0.0
+/// differ.
+fn parameters(m: &Vgg) -> Vec<(String, usize, u32)> {
+    let mut out = Vec::new();
+    let mut push = |name: String, v: &[f32]| {
+        out.extend(
+            v.iter()
+                .enumerate()
+                .map(|(k, x)| (name.clone(), k, x.to_bits())),
+        );
+    };
+    for c in m.convs() {
+        push(format!("features.{}.weight", c.conv_index), &c.weight);
+        push(format!("features.{}.bias", c.conv_index), &c.bias);
+    }
+    for l in &m.classifier {
+        push(format!("classifier.{}.weight", l.index), &l.weight);
+        push(format!("classifier.{}.bias", l.index), &l.bias);
+    }
+    out
+}
+
 #[test]
 fn weights_load_never_panics_on_cut_or_flipped_bytes() {
     let bytes = saved_bytes(&tiny(13), "F16");
-    for cut in (0..bytes.len()).step_by(97) {
-        let _ = weights::load_bytes(&bytes[..cut], "cut");
+    let base = weights::load_bytes(&bytes, "base").unwrap();
+    let base_params = parameters(&base);
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert!(header_end < bytes.len());
+    // Which tensor element each data byte belongs to, from the file's own header.
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let owner = |pos: usize| -> (String, usize) {
+        st.iter()
+            .find_map(|(name, v)| {
+                let start = v.data().as_ptr() as usize - bytes.as_ptr() as usize;
+                (start..start + v.data_len())
+                    .contains(&pos)
+                    .then(|| (name.to_owned(), (pos - start) / 2))
+            })
+            .unwrap_or_else(|| panic!("byte {pos} is in no tensor"))
+    };
+    // Any cut is an error that says so and names the file.
+    for cut in (0..bytes.len())
+        .step_by(97)
+        .chain([header_end, bytes.len() - 1])
+    {
+        let e = weights::load_bytes(&bytes[..cut], "cut").expect_err("a cut file must not load");
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::Weights { .. }) && e.exit_code() == 2,
+            "cut at {cut}: {e:?}"
+        );
+        assert!(
+            msg.contains("cut") && msg.contains("truncated"),
+            "cut at {cut}: {msg}"
+        );
     }
-    for pos in (0..bytes.len().min(600)).step_by(7) {
+    // One flipped byte: a weights error naming the file, or a model that differs from the
+    // original only where the byte was. In the header that means no parameter changed (only
+    // metadata text can survive a flip); in the data, exactly the element the byte belongs to
+    // changed, unless the flip made it NaN or infinite, which is refused.
+    let (mut refused, mut loaded) = ([0usize; 2], [0usize; 2]);
+    for pos in (0..bytes.len()).step_by(7) {
         let mut b = bytes.clone();
         b[pos] ^= 0x5a;
-        let _ = weights::load_bytes(&b, "flipped");
+        let in_data = usize::from(pos >= header_end);
+        match weights::load_bytes(&b, "flipped") {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    matches!(e, Error::Weights { .. }) && e.exit_code() == 2,
+                    "flip at {pos}: {e:?}"
+                );
+                assert!(msg.contains("flipped"), "flip at {pos}: {msg}");
+                if in_data == 1 {
+                    assert!(msg.contains("non-finite"), "flip at {pos}: {msg}");
+                }
+                refused[in_data] += 1;
+            }
+            Ok(m) => {
+                m.validate().unwrap();
+                let params = parameters(&m);
+                assert_eq!(params.len(), base_params.len(), "flip at {pos}");
+                let changed: Vec<(String, usize)> = params
+                    .iter()
+                    .zip(&base_params)
+                    .filter(|(p, q)| p != q)
+                    .map(|(p, _)| (p.0.clone(), p.1))
+                    .collect();
+                let want = if in_data == 1 {
+                    vec![owner(pos)]
+                } else {
+                    vec![]
+                };
+                assert_eq!(changed, want, "flip at {pos}: changed parameters");
+                loaded[in_data] += 1;
+            }
+        }
     }
+    println!(
+        "header flips: {} refused, {} loaded; data flips: {} refused, {} loaded",
+        refused[0], loaded[0], refused[1], loaded[1]
+    );
+    assert!(
+        refused[0] > 0 && loaded[1] > 0,
+        "both kinds of flips were exercised"
+    );
 }
 
 /// `cargo test --release --test weights -- --ignored --nocapture load_time`

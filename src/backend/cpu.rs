@@ -293,7 +293,11 @@ pub fn forward(
         let (mut c, mut h, mut w) = (3, s, s);
         let mut captured = None;
         for (i, stage) in model.features.iter().enumerate() {
-            let here = |pre_relu| capture == Some(Capture { stage: i, pre_relu });
+            // A pool has one output: its capture matches whatever `pre_relu` says (as on CUDA).
+            let is_pool = matches!(stage, FeatureStage::MaxPool { .. });
+            let here = |pre_relu: bool| {
+                capture.is_some_and(|c| c.stage == i && (c.pre_relu == pre_relu || is_pool))
+            };
             match stage {
                 FeatureStage::Conv(l) => {
                     y.resize(n * l.cout * h * w, 0.0);

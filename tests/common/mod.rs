@@ -288,6 +288,9 @@ pub enum Need {
     Slurm,
     /// Root, to mount a tmpfs (`SCORECAM_REQUIRE_ROOT`).
     Root,
+    /// The Rust toolchain named by Cargo.toml's `rust-version`, installed with rustup
+    /// (`SCORECAM_REQUIRE_MSRV`; `.ci/run` installs it).
+    MsrvToolchain,
 }
 
 impl Need {
@@ -298,6 +301,7 @@ impl Need {
             Need::Nvrtc => Some("SCORECAM_REQUIRE_NVRTC"),
             Need::Slurm => Some("SCORECAM_SLURM"),
             Need::Root => Some("SCORECAM_REQUIRE_ROOT"),
+            Need::MsrvToolchain => Some("SCORECAM_REQUIRE_MSRV"),
         }
     }
 
@@ -330,6 +334,20 @@ impl Need {
                     Ok(())
                 } else {
                     Err("needs a Slurm cluster (`bash .ci/slurm.sh up` starts one)".into())
+                }
+            }
+            Need::MsrvToolchain => {
+                let v = declared_rust_version();
+                let ok = std::process::Command::new("rustup")
+                    .args(["run", &v, "cargo", "--version"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "needs the Rust {v} toolchain (`rustup toolchain install {v} --profile minimal`)"
+                    ))
                 }
             }
             Need::Root => {
@@ -591,4 +609,15 @@ pub fn check_multi_and_batch<B: scorecam_gpu::backend::Backend>(
         }
     }
     report
+}
+
+/// Cargo.toml's `rust-version`.
+pub fn declared_rust_version() -> String {
+    let toml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    toml.lines()
+        .find_map(|l| l.strip_prefix("rust-version = \""))
+        .and_then(|r| r.strip_suffix('"'))
+        .expect("Cargo.toml declares rust-version")
+        .to_owned()
 }
