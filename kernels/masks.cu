@@ -18,6 +18,11 @@
 //   * `masks` is the separable mode only. Planes whose h×S rows do not fit in shared memory go
 //     to `masks_direct`: the direct bilinear formula, with the plane in shared memory
 //     (MODE_SMEM_PLANE) or read from the NHWC activations (MODE_GLOBAL).
+//   * Variants (torchcam's SS-CAM / IS-CAM): `lowres_stats` takes min and max over the h×w source
+//     plane instead of U (normalizing then upsampling is the same linear map); the normalized
+//     mask is multiplied by `scale`; with `sigma` > 0, Gaussian noise from counter-based stream
+//     `sample` (the item's third word) is added at element k·S² + y·S + x — the same numbers as
+//     the host's `normal_noise` (SplitMix64 keys, Box-Muller), computed in f32 here.
 // Items whose image slot or channel is out of range write zeros (the host cannot see `items`).
 #include "common.cuh"
 
@@ -75,6 +80,43 @@ struct DirectSrc {
     }
 };
 
+__device__ __forceinline__ u64 splitmix64(u64 x) {
+    u64 z = x + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// N(0, 1) element `index` of the stream whose base key is `base` = splitmix64(splitmix64(seed) ^
+// stream) (see backend::normal_noise).
+__device__ __forceinline__ float normal_at(u64 base, u64 index) {
+    const u64 k1 = splitmix64(base ^ (index * 2ull));
+    const u64 k2 = splitmix64(base ^ (index * 2ull + 1ull));
+    const float inv53 = 1.1102230246251565e-16f;  // 2^-53
+    const float u1 = (float)((k1 >> 11) + 1ull) * inv53;
+    const float u2 = (float)(k2 >> 11) * inv53;
+    return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+// Min and max of the item's h×w source plane (low-resolution statistics).
+template <typename Load>
+__device__ __forceinline__ void plane_minmax(const Load& ld, int h, int w, float& mn, float& mx) {
+    for (int i = threadIdx.x; i < h * w; i += blockDim.x) {
+        const int r = i / w;
+        const float v = ld(r, i - r * w);
+        mn = fminf(mn, v);
+        mx = fmaxf(mx, v);
+    }
+}
+
+// The per-launch mask variant.
+struct MaskVariant {
+    int lowres_stats;
+    float scale;
+    float sigma;
+    u64 seed_key;  // splitmix64(seed)
+};
+
 template <typename Src>
 __device__ __forceinline__ void masks_minmax(const Src& src, int s, float& mn, float& mx) {
     const int lane = threadIdx.x & 31;
@@ -94,7 +136,9 @@ __device__ __forceinline__ void masks_minmax(const Src& src, int s, float& mn, f
 template <int VEC, typename Src>
 __device__ __forceinline__ void masks_write(const Src& src, const f16raw* __restrict__ im,
                                             f16raw* __restrict__ o, int s, int cpad, float mn,
-                                            float inv_den, bool zero, int part, int parts) {
+                                            float inv_den, bool zero, bool degenerate,
+                                            int part, int parts, float scale, float sigma,
+                                            u64 noise_base, u64 noise_offset) {
     const int lane = threadIdx.x & 31;
     const int nwarps = blockDim.x >> 5;
     const int step = parts * nwarps;
@@ -112,7 +156,8 @@ __device__ __forceinline__ void masks_write(const Src& src, const f16raw* __rest
         const auto r = src.row(y);
         for (int x = lane; x < s; x += 32) {
             const i64 p = row_base + x;
-            const float m = (r.at(x) - mn) * inv_den;
+            float m = degenerate ? 0.0f : (r.at(x) - mn) * inv_den * scale;
+            if (sigma != 0.0f) m += sigma * normal_at(noise_base, noise_offset + (u64)p);
             if (VEC == 8) {
                 const uint4 v = reinterpret_cast<const uint4*>(im)[p];
                 reinterpret_cast<uint4*>(o)[p] =
@@ -133,32 +178,47 @@ __device__ __forceinline__ void masks_write(const Src& src, const f16raw* __rest
     }
 }
 
-template <typename Src>
-__device__ __forceinline__ void masks_item(const Src& src, const f16raw* im, f16raw* o, int s,
-                                           int cpad, float eps, bool valid, int part, int parts) {
+template <typename Src, typename Load>
+__device__ __forceinline__ void masks_item(const Src& src, const Load& plane, int h, int w,
+                                           const f16raw* im, f16raw* o, int s, int cpad,
+                                           float eps, bool valid, int part, int parts,
+                                           const MaskVariant& v, u32 ch, u32 sample) {
     float mn = f32_inf(), mx = -f32_inf();
-    if (valid) masks_minmax(src, s, mn, mx);
+    if (valid) {
+        if (v.lowres_stats) plane_minmax(plane, h, w, mn, mx);
+        else masks_minmax(src, s, mn, mx);
+    }
     block_min_max(mn, mx);
-    const float den = mx - mn + eps;
-    const bool zero = !valid || !(den > 0.0f);
-    const float inv_den = zero ? 0.0f : 1.0f / den;
+    // (U − min)/((max − min) + eps), the references' order of operations.
+    const float den = (mx - mn) + eps;
+    const bool degenerate = !valid || !(den > 0.0f);
+    const float inv_den = degenerate ? 0.0f : 1.0f / den;
+    const float sigma = valid ? v.sigma : 0.0f;
+    const u64 noise_base = splitmix64(v.seed_key ^ (u64)sample);
+    const u64 noise_offset = (u64)ch * (u64)s * (u64)s;
+    // All-zero output: an invalid item, or a degenerate mask with no noise to add.
+    const bool zero = !valid || (degenerate && sigma == 0.0f);
     if (cpad == 8 && is_aligned(o, 16) && (zero || is_aligned(im, 16)))
-        masks_write<8>(src, im, o, s, cpad, mn, inv_den, zero, part, parts);
+        masks_write<8>(src, im, o, s, cpad, mn, inv_den, zero, degenerate, part, parts, v.scale,
+                       sigma, noise_base, noise_offset);
     else if (cpad == 4 && is_aligned(o, 8) && (zero || is_aligned(im, 8)))
-        masks_write<4>(src, im, o, s, cpad, mn, inv_den, zero, part, parts);
+        masks_write<4>(src, im, o, s, cpad, mn, inv_den, zero, degenerate, part, parts, v.scale,
+                       sigma, noise_base, noise_offset);
     else
-        masks_write<0>(src, im, o, s, cpad, mn, inv_den, zero, part, parts);
+        masks_write<0>(src, im, o, s, cpad, mn, inv_den, zero, degenerate, part, parts, v.scale,
+                       sigma, noise_base, noise_offset);
 }
 
 // The item loop shared by both kernels. images [n_img, s, s, cpad] f16, acts [n_img, h, w, k] f16,
-// items [b, 2] u32 (image, channel), out [b, s, s, cpad] f16. Dynamic shared memory (floats):
-// MODE_SEPARABLE h·w + h·s, MODE_SMEM_PLANE h·w, MODE_GLOBAL none. blockDim.x: a multiple of 32.
+// items [b, 3] u32 (image, channel, noise stream), out [b, s, s, cpad] f16. Dynamic shared
+// memory (floats): MODE_SEPARABLE h·w + h·s, MODE_SMEM_PLANE h·w, MODE_GLOBAL none. blockDim.x:
+// a multiple of 32.
 template <int MODE>
 __device__ __forceinline__ void masks_body(const f16raw* __restrict__ images,
                                            const f16raw* __restrict__ acts,
                                            const u32* __restrict__ items, int b, int n_img, int s,
                                            int h, int w, int k, int cpad, int align_corners,
-                                           float eps, int blocks_per_item,
+                                           float eps, const MaskVariant& v, int blocks_per_item,
                                            f16raw* __restrict__ out, float* smem) {
     if (blocks_per_item < 1) return;
     const bool ac = align_corners != 0;
@@ -173,16 +233,19 @@ __device__ __forceinline__ void masks_body(const f16raw* __restrict__ images,
     for (i64 vb = blockIdx.x; vb < total; vb += gridDim.x) {  // block-uniform loop
         const int item = (int)(vb / blocks_per_item);
         const int part = (int)(vb - (i64)item * blocks_per_item);
-        const u32 img = items[2 * (i64)item];
-        const u32 ch = items[2 * (i64)item + 1];
+        const u32 img = items[3 * (i64)item];
+        const u32 ch = items[3 * (i64)item + 1];
+        const u32 sample = items[3 * (i64)item + 2];
         const bool valid = img < (u32)n_img && ch < (u32)k;
         const f16raw* plane = acts + (valid ? ((i64)img * hw * k + ch) : 0);
         const f16raw* im = images + (valid ? (i64)img * per_item : 0);
         f16raw* o = out + (i64)item * per_item;
 
         if (MODE == MODE_GLOBAL) {
-            DirectSrc<GlobalPlaneF16> src{GlobalPlaneF16{plane, w, k}, h, w, sy, sx, ac};
-            masks_item(src, im, o, s, cpad, eps, valid, part, blocks_per_item);
+            const GlobalPlaneF16 ld{plane, w, k};
+            DirectSrc<GlobalPlaneF16> src{ld, h, w, sy, sx, ac};
+            masks_item(src, ld, h, w, im, o, s, cpad, eps, valid, part, blocks_per_item, v, ch,
+                       sample);
             continue;
         }
         __syncthreads();  // the previous item is done with shared memory
@@ -190,9 +253,11 @@ __device__ __forceinline__ void masks_body(const f16raw* __restrict__ images,
             for (int i = threadIdx.x; i < (int)hw; i += blockDim.x) plane_s[i] = h2f(plane[(i64)i * k]);
         }
         __syncthreads();
+        const SmemPlane smem_plane{plane_s, w};
         if (MODE == MODE_SMEM_PLANE) {
-            DirectSrc<SmemPlane> src{SmemPlane{plane_s, w}, h, w, sy, sx, ac};
-            masks_item(src, im, o, s, cpad, eps, valid, part, blocks_per_item);
+            DirectSrc<SmemPlane> src{smem_plane, h, w, sy, sx, ac};
+            masks_item(src, smem_plane, h, w, im, o, s, cpad, eps, valid, part, blocks_per_item,
+                       v, ch, sample);
             continue;
         }
         if (valid) {
@@ -206,7 +271,8 @@ __device__ __forceinline__ void masks_body(const f16raw* __restrict__ images,
         }
         __syncthreads();
         SepSrc src{rows_s, s, h, sy, ac};
-        masks_item(src, im, o, s, cpad, eps, valid, part, blocks_per_item);
+        masks_item(src, smem_plane, h, w, im, o, s, cpad, eps, valid, part, blocks_per_item, v,
+                   ch, sample);
     }
 }
 
@@ -215,10 +281,12 @@ __device__ __forceinline__ void masks_body(const f16raw* __restrict__ images,
 extern "C" __global__ void __launch_bounds__(256, 4)
     masks(const f16raw* __restrict__ images, const f16raw* __restrict__ acts,
           const u32* __restrict__ items, int b, int n_img, int s, int h, int w, int k, int cpad,
-          int align_corners, float eps, int blocks_per_item, f16raw* __restrict__ out) {
+          int align_corners, float eps, int lowres_stats, float scale, float sigma, u64 seed_key,
+          int blocks_per_item, f16raw* __restrict__ out) {
     extern __shared__ float s_masks[];
+    const MaskVariant v{lowres_stats, scale, sigma, seed_key};
     masks_body<MODE_SEPARABLE>(images, acts, items, b, n_img, s, h, w, k, cpad, align_corners,
-                               eps, blocks_per_item, out, s_masks);
+                               eps, v, blocks_per_item, out, s_masks);
 }
 
 // The fallback for planes whose h×s rows do not fit in shared memory: the direct bilinear
@@ -227,13 +295,15 @@ extern "C" __global__ void __launch_bounds__(256, 4)
 extern "C" __global__ void __launch_bounds__(256)
     masks_direct(const f16raw* __restrict__ images, const f16raw* __restrict__ acts,
                  const u32* __restrict__ items, int b, int n_img, int s, int h, int w, int k,
-                 int cpad, int align_corners, float eps, int blocks_per_item, int plane_in_smem,
+                 int cpad, int align_corners, float eps, int lowres_stats, float scale,
+                 float sigma, u64 seed_key, int blocks_per_item, int plane_in_smem,
                  f16raw* __restrict__ out) {
     extern __shared__ float s_masks_direct[];
+    const MaskVariant v{lowres_stats, scale, sigma, seed_key};
     if (plane_in_smem)
         masks_body<MODE_SMEM_PLANE>(images, acts, items, b, n_img, s, h, w, k, cpad,
-                                    align_corners, eps, blocks_per_item, out, s_masks_direct);
+                                    align_corners, eps, v, blocks_per_item, out, s_masks_direct);
     else
         masks_body<MODE_GLOBAL>(images, acts, items, b, n_img, s, h, w, k, cpad, align_corners,
-                                eps, blocks_per_item, out, s_masks_direct);
+                                eps, v, blocks_per_item, out, s_masks_direct);
 }

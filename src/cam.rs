@@ -6,8 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::cpu::{min_max, softmax, upsample_bilinear};
-use crate::backend::{Backend, MaskItem, Plan, Semantics, Stage};
+use crate::backend::grad::grad_from_capture;
+use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
 use crate::error::{Error, Result};
+pub use crate::methods::Method;
+use crate::methods::{gradcam_pp_weights, gradcam_weights, top_std_channels, torchcam_scale};
 use crate::model::{MapShape, Vgg};
 
 /// Most images explained together. Beyond a few dozen the masked batches are full anyway, and
@@ -67,6 +70,9 @@ impl Targets {
 /// What to explain and how.
 #[derive(Clone, Debug)]
 pub struct CamOptions {
+    /// The method (Score-CAM and its variants, Grad-CAM, Grad-CAM++).
+    pub method: Method,
+    /// The Score-CAM semantics (`--mode`) of `scorecam` and `faster-scorecam`.
     pub semantics: Semantics,
     /// `features.N` (torchvision numbering); `None`: the last conv's ReLU output.
     pub layer: Option<String>,
@@ -82,6 +88,7 @@ pub struct CamOptions {
 impl Default for CamOptions {
     fn default() -> Self {
         CamOptions {
+            method: Method::ScoreCam,
             semantics: Semantics::Official,
             layer: None,
             targets: Targets::Top(1),
@@ -127,6 +134,9 @@ pub struct Explanation {
     pub flat_channels: usize,
     /// Masked forward passes run for this image.
     pub masked_passes: usize,
+    /// Masked passes not run: flat channels (skipped in official mode, one shared zero-input
+    /// forward otherwise) and channels the method leaves out.
+    pub masked_passes_saved: usize,
     pub maps: Vec<ClassMap>,
 }
 
@@ -149,6 +159,11 @@ pub struct Explainer<B: Backend> {
     /// `None` only while being rebuilt after an out-of-memory error.
     bufs: Option<Buffers<B>>,
     passes: Option<Arc<PassCounter>>,
+    /// The model's logits on an all-zero input: every flat channel's masked input (computed once,
+    /// on first need).
+    zero_logits: Option<Vec<f32>>,
+    /// `--layer` named a conv's own index: Grad-CAM's gradient is the one before its ReLU.
+    grad_before_relu: bool,
 }
 
 impl<B: Backend> Explainer<B> {
@@ -169,6 +184,11 @@ impl<B: Backend> Explainer<B> {
         };
         let s = model.input_size();
         let acts_shape = model.capture_shape(capture, s);
+        opts.method.check(acts_shape.c).map_err(Error::Usage)?;
+        let grad_before_relu = opts
+            .layer
+            .as_deref()
+            .is_some_and(|l| model.names_conv_output(l));
         // Never plan for more than a group can use: larger batches only cost memory.
         let max_images = opts.image_batch.min(MAX_IMAGE_BATCH);
         let mut plan = Plan {
@@ -186,6 +206,8 @@ impl<B: Backend> Explainer<B> {
             acts_shape,
             bufs: Some(bufs),
             passes: None,
+            zero_logits: None,
+            grad_before_relu,
         })
     }
 
@@ -314,7 +336,8 @@ impl<B: Backend> Explainer<B> {
         let n = group.len();
         let s = self.plan.input_size;
         let MapShape { c: k, h, w } = self.acts_shape;
-        let sem = self.opts.semantics;
+        let method = self.opts.method.clone();
+        let sem = method.semantics(self.opts.semantics);
         let meta = &self.model.meta;
         let be = &mut self.backend;
         let bufs = self.bufs.as_mut().ok_or_else(|| {
@@ -338,27 +361,32 @@ impl<B: Backend> Explainer<B> {
         let logits = be.download(&bufs.base_logits, n)?;
         let acts = be.download(&bufs.acts, n)?;
 
-        // Per image: probabilities, targets, flat channels.
+        // Per image: probabilities, targets, flat channels, the channels the method uses.
         let classes = self.model.num_classes();
+        let plane = h * w;
         let mut results: Vec<Explanation> = Vec::with_capacity(n);
         let mut targets: Vec<Vec<usize>> = Vec::with_capacity(n);
         let mut flat: Vec<Vec<bool>> = Vec::with_capacity(n);
+        let mut used: Vec<Vec<bool>> = Vec::with_capacity(n);
         for i in 0..n {
             let row = &logits[i * classes..][..classes];
-            let probs = softmax(row);
-            let top1 = argmax(row);
-            targets.push(group_targets[i].resolve(row));
-            let f = flat_channels(&acts[i * k * h * w..][..k * h * w], k, h * w);
+            let a = &acts[i * k * plane..][..k * plane];
+            let f = flat_channels(a, k, plane);
             let flat_count = f.iter().filter(|&&x| x).count();
+            used.push(match &method {
+                Method::FasterScoreCam { max_channels } => {
+                    top_std_channels(a, k, plane, *max_channels)
+                }
+                _ => vec![true; k],
+            });
+            targets.push(group_targets[i].resolve(row));
             results.push(Explanation {
-                top1,
-                probs,
+                top1: argmax(row),
+                probs: softmax(row),
                 logits: row.to_vec(),
                 flat_channels: flat_count,
-                masked_passes: match sem {
-                    Semantics::Official => k - flat_count,
-                    Semantics::ChannelSoftmax => k,
-                },
+                masked_passes: 0,
+                masked_passes_saved: 0,
                 maps: Vec::new(),
             });
             flat.push(f);
@@ -376,44 +404,132 @@ impl<B: Backend> Explainer<B> {
             })
             .collect();
 
-        // Official mode never forwards a flat channel (weight 0); channel-softmax forwards all.
-        let items: Vec<MaskItem> = (0..n)
-            .flat_map(|i| (0..k).map(move |c| (i, c)))
-            .filter(|&(i, c)| sem == Semantics::ChannelSoftmax || !flat[i][c])
-            .map(|(i, c)| MaskItem {
-                image: i as u32,
-                channel: c as u32,
-            })
-            .collect();
-
-        if let Some(p) = &self.passes {
-            p.planned.fetch_add(items.len() as u64, Ordering::Relaxed);
-        }
-        // scores[i][target j][channel]
+        // scores[i][target j][channel]: official s_k; channel-softmax z_k; torchcam the mean of
+        // (z_k − base logit) over rounds; gradient methods the channel weights.
         let mut scores = vec![vec![vec![0f32; k]; t]; n];
-        for batch in items.chunks(self.plan.max_masks) {
-            marks.enter(be, Some(Stage::Masks))?;
-            be.masked_inputs(&bufs.images, &bufs.acts, batch, sem, &mut bufs.masked)?;
-            marks.enter(be, Some(Stage::MaskedForward))?;
-            be.forward(&bufs.masked, batch.len(), &mut bufs.masked_logits, None)?;
+        if method.uses_gradients() {
             marks.enter(be, Some(Stage::Scores))?;
-            let row_targets: Vec<u32> = batch
-                .iter()
-                .flat_map(|it| padded[it.image as usize].iter().copied())
-                .collect();
-            let got = be.scores(
-                &bufs.masked_logits,
-                batch.len(),
-                &row_targets,
-                sem.score_is_probability(),
-            )?;
-            for (r, it) in batch.iter().enumerate() {
-                for j in 0..t {
-                    scores[it.image as usize][j][it.channel as usize] = got[r * t + j];
+            for (i, res) in results.iter_mut().enumerate() {
+                let a = &acts[i * k * plane..][..k * plane];
+                for (j, &class) in targets[i].iter().enumerate() {
+                    let _r = crate::trace::range("gradients");
+                    let mut g = grad_from_capture(&self.model, self.plan.capture, a, s, class);
+                    if self.grad_before_relu {
+                        // The conv's output is hooked: its gradient is taken before the ReLU.
+                        g.iter_mut().zip(a).for_each(|(gv, &av)| {
+                            if av <= 0.0 {
+                                *gv = 0.0
+                            }
+                        });
+                    }
+                    scores[i][j] = match method {
+                        Method::GradCam => gradcam_weights(&g, k, plane),
+                        _ => gradcam_pp_weights(&g, a, k, plane),
+                    };
                 }
+                res.masked_passes = 0;
+            }
+        } else {
+            // Which (image, channel) pairs are forwarded. Official: never a flat channel (its
+            // weight is 0). Every mode: only the method's channels. Zero-mask modes: a flat
+            // channel's masked input is all zeros, the same for every flat channel and image:
+            // its logits come from one forward of a zero input, made once per run.
+            let dedupe = sem != Semantics::Official && method.flat_masks_are_zero();
+            let forwarded = |i: usize, c: usize| {
+                used[i][c] && !(flat[i][c] && (sem == Semantics::Official || dedupe))
+            };
+            let rounds = method.rounds(self.opts.semantics);
+            let need_zero = dedupe && (0..n).any(|i| (0..k).any(|c| used[i][c] && flat[i][c]));
+            if need_zero && self.zero_logits.is_none() {
+                marks.enter(be, Some(Stage::Masks))?;
+                // Scale 0: an exactly zero mask, so an exactly zero input.
+                let zero = MaskStyle {
+                    sem,
+                    scale: 0.0,
+                    noise: None,
+                };
+                be.masked_inputs(
+                    &bufs.images,
+                    &bufs.acts,
+                    &[MaskItem::new(0, 0)],
+                    zero,
+                    &mut bufs.masked,
+                )?;
+                marks.enter(be, Some(Stage::MaskedForward))?;
+                be.forward(&bufs.masked, 1, &mut bufs.masked_logits, None)?;
+                // One forward per run, counted in no image's passes.
+                self.zero_logits = Some(be.download(&bufs.masked_logits, 1)?);
+            }
+            let mut planned = 0u64;
+            for (i, res) in results.iter_mut().enumerate() {
+                let run = (0..k).filter(|&c| forwarded(i, c)).count();
+                res.masked_passes += run * rounds.len();
+                res.masked_passes_saved =
+                    (0..k).filter(|&c| !forwarded(i, c)).count() * rounds.len();
+                planned += (run * rounds.len()) as u64;
             }
             if let Some(p) = &self.passes {
-                p.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                p.planned.fetch_add(planned, Ordering::Relaxed);
+            }
+            for (style, sample) in &rounds {
+                let items: Vec<MaskItem> = (0..n)
+                    .flat_map(|i| (0..k).map(move |c| (i, c)))
+                    .filter(|&(i, c)| forwarded(i, c))
+                    .map(|(i, c)| MaskItem {
+                        image: i as u32,
+                        channel: c as u32,
+                        sample: *sample,
+                    })
+                    .collect();
+                for batch in items.chunks(self.plan.max_masks) {
+                    marks.enter(be, Some(Stage::Masks))?;
+                    be.masked_inputs(&bufs.images, &bufs.acts, batch, *style, &mut bufs.masked)?;
+                    marks.enter(be, Some(Stage::MaskedForward))?;
+                    be.forward(&bufs.masked, batch.len(), &mut bufs.masked_logits, None)?;
+                    marks.enter(be, Some(Stage::Scores))?;
+                    let row_targets: Vec<u32> = batch
+                        .iter()
+                        .flat_map(|it| padded[it.image as usize].iter().copied())
+                        .collect();
+                    let got = be.scores(
+                        &bufs.masked_logits,
+                        batch.len(),
+                        &row_targets,
+                        sem.score_is_probability(),
+                    )?;
+                    for (r, it) in batch.iter().enumerate() {
+                        let i = it.image as usize;
+                        for j in 0..t {
+                            let mut v = got[r * t + j];
+                            if sem == Semantics::Torchcam {
+                                v -= logits[i * classes + padded[i][j] as usize];
+                            }
+                            scores[i][j][it.channel as usize] += v;
+                        }
+                    }
+                    if let Some(p) = &self.passes {
+                        p.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            // Torchcam's scores are means over the rounds; flat channels come from the zero input.
+            for i in 0..n {
+                for j in 0..t {
+                    let class = padded[i][j] as usize;
+                    let base = logits[i * classes + class];
+                    if sem == Semantics::Torchcam {
+                        let rounds = rounds.len() as f32;
+                        scores[i][j].iter_mut().for_each(|v| *v /= rounds);
+                    }
+                    if let (true, Some(zero)) = (dedupe, &self.zero_logits) {
+                        for c in (0..k).filter(|&c| used[i][c] && flat[i][c]) {
+                            scores[i][j][c] = match sem {
+                                Semantics::Torchcam => zero[class] - base,
+                                _ => zero[class],
+                            };
+                        }
+                    }
+                }
             }
         }
 
@@ -422,14 +538,12 @@ impl<B: Backend> Explainer<B> {
             let order = ranking(&res.logits);
             for (j, &class) in targets[i].iter().enumerate() {
                 let channel_scores = std::mem::take(&mut scores[i][j]);
-                let weights = match sem {
-                    Semantics::Official => channel_scores.clone(),
-                    Semantics::ChannelSoftmax => softmax(&channel_scores),
-                };
+                let weights = channel_weights(&channel_scores, &used[i], sem, &method);
                 let (low_or_map, flat_map) = be.combine(&bufs.acts, i, &weights, sem)?;
                 let (map, flat_map) = match sem {
                     Semantics::Official => (low_or_map, flat_map),
                     Semantics::ChannelSoftmax => grad_cam_scale(&low_or_map, h, w, s),
+                    Semantics::Torchcam => torchcam_scale(&low_or_map, h, w, s),
                 };
                 res.maps.push(ClassMap {
                     class,
@@ -443,6 +557,34 @@ impl<B: Backend> Explainer<B> {
         }
         marks.enter(be, None)?;
         Ok(results)
+    }
+}
+
+/// Channel weights from per-channel scores: official the scores themselves (0 for channels the
+/// method left out); channel-softmax and torchcam a softmax over the method's channels (the
+/// others 0); gradient methods their weights as they are.
+fn channel_weights(scores: &[f32], used: &[bool], sem: Semantics, method: &Method) -> Vec<f32> {
+    if method.uses_gradients() {
+        return scores.to_vec();
+    }
+    match sem {
+        Semantics::Official => scores
+            .iter()
+            .zip(used)
+            .map(|(&v, &u)| if u { v } else { 0.0 })
+            .collect(),
+        Semantics::ChannelSoftmax | Semantics::Torchcam => {
+            let kept: Vec<f32> = scores
+                .iter()
+                .zip(used)
+                .filter(|(_, &u)| u)
+                .map(|(&v, _)| v)
+                .collect();
+            let mut soft = softmax(&kept).into_iter();
+            used.iter()
+                .map(|&u| if u { soft.next().unwrap_or(0.0) } else { 0.0 })
+                .collect()
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub mod error;
 pub mod hub;
 pub mod image;
 pub mod job;
+pub mod methods;
 pub mod model;
 pub mod trace;
 pub mod weights;

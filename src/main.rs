@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use scorecam_gpu::backend::cuda::CudaBackend;
 use scorecam_gpu::backend::Semantics;
-use scorecam_gpu::cam::{CamOptions, Targets};
+use scorecam_gpu::cam::{CamOptions, Method, Targets};
 use scorecam_gpu::engine::{load_model, BackendChoice, Engine};
 use scorecam_gpu::image::ResizeMode;
 use scorecam_gpu::job::{
@@ -37,7 +37,7 @@ enum Command {
     /// Explain images: write a map (.npy), a heatmap and an overlay (.png) per image and a line
     /// per image to DIR/results.jsonl.
     #[command(visible_alias = "run")]
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
     /// Benchmark Score-CAM (VGG16 224², random weights unless --weights) and report ms/image,
     /// a per-stage breakdown and the masked forwards' TFLOP/s.
     Bench(BenchArgs),
@@ -82,6 +82,60 @@ struct CamArgs {
     image_batch: Option<usize>,
 }
 
+/// The explanation method and its parameters.
+#[derive(Args, Clone)]
+struct MethodArgs {
+    /// scorecam (per --mode), faster-scorecam (the --max-channels channels of largest spatial
+    /// std, tf-keras-vis), sscam / iscam (torchcam 0.5.0), gradcam / gradcam++ (pytorch-grad-cam).
+    #[arg(long, value_enum, default_value = "scorecam")]
+    method: MethodArg,
+    /// faster-scorecam: channels kept.
+    #[arg(long, value_name = "N", default_value = "10")]
+    max_channels: usize,
+    /// sscam: noisy copies of every mask.
+    #[arg(long, value_name = "N", default_value = "35")]
+    samples: usize,
+    /// sscam: standard deviation of the noise added to the masks.
+    #[arg(long, value_name = "SIGMA", default_value = "2.0")]
+    sigma: f32,
+    /// sscam: the noise's seed (runs with the same seed give the same maps, on any backend).
+    #[arg(long, value_name = "SEED", default_value = "0")]
+    seed: u64,
+    /// iscam: integration steps.
+    #[arg(long, value_name = "N", default_value = "10")]
+    steps: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MethodArg {
+    Scorecam,
+    FasterScorecam,
+    Sscam,
+    Iscam,
+    Gradcam,
+    #[value(name = "gradcam++")]
+    GradcamPp,
+}
+
+impl MethodArgs {
+    fn method(&self) -> Method {
+        match self.method {
+            MethodArg::Scorecam => Method::ScoreCam,
+            MethodArg::FasterScorecam => Method::FasterScoreCam {
+                max_channels: self.max_channels,
+            },
+            MethodArg::Sscam => Method::SsCam {
+                samples: self.samples,
+                sigma: self.sigma,
+                seed: self.seed,
+            },
+            MethodArg::Iscam => Method::IsCam { steps: self.steps },
+            MethodArg::Gradcam => Method::GradCam,
+            MethodArg::GradcamPp => Method::GradCamPlusPlus,
+        }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Mode {
     Official,
@@ -110,6 +164,8 @@ struct ExplainArgs {
     model: ModelArgs,
     #[command(flatten)]
     cam: CamArgs,
+    #[command(flatten)]
+    method: MethodArgs,
     /// crop: shorter side to S then centre crop (the reference transform); stretch: resize to S×S.
     #[arg(long, value_enum, default_value = "crop")]
     resize: ResizeArg,
@@ -210,7 +266,7 @@ struct BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Explain(a) => explain(a),
+        Command::Explain(a) => explain(*a),
         Command::Bench(a) => bench(a),
         Command::Inspect(a) => inspect(a),
     };
@@ -225,6 +281,7 @@ fn main() -> ExitCode {
 
 fn cam_options(cam: &CamArgs, targets: Targets, cuda: bool) -> CamOptions {
     CamOptions {
+        method: Method::ScoreCam,
         semantics: cam.mode.into(),
         layer: cam.layer.clone(),
         targets,
@@ -362,6 +419,7 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         (0..a.workers).collect()
     };
     let mut cam = cam_options(&a.cam, targets.clone(), cuda);
+    cam.method = a.method.method();
     // Groups never exceed the number of inputs when it is known (files only, no directories).
     if let Source::Paths(p) = &source {
         if p.iter().all(|p| !p.is_dir()) {
@@ -378,7 +436,8 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         input_size: model.input_size(),
         num_classes: model.num_classes(),
         labels: model.meta.labels.clone(),
-        mode: Semantics::from(a.cam.mode).name(),
+        mode: cam.method.semantics(a.cam.mode.into()).name(),
+        method: cam.method.name(),
         layer: engines[0].layer_name(),
     };
     let image_batch = engines[0].image_batch();

@@ -230,6 +230,20 @@ impl Vgg {
         ))
     }
 
+    /// Does `name` (a `--layer` value) name a conv's (or a BatchNorm's) own output — read after
+    /// the in-place ReLU, but whose gradient, as pytorch-grad-cam's tensor hook sees it, is taken
+    /// before the ReLU? (Not for `:pre-relu` names, whose activations are before it too.)
+    pub fn names_conv_output(&self, name: &str) -> bool {
+        let Some(n) = name
+            .strip_prefix("features.")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            return false;
+        };
+        self.convs()
+            .any(|c| (c.conv_index..c.relu_index).contains(&n))
+    }
+
     /// Name of a capture point in torchvision numbering (the ReLU's for a conv's output after its
     /// ReLU; `features.N:pre-relu` before it).
     pub fn capture_name(&self, cap: Capture) -> String {

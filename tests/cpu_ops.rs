@@ -4,7 +4,7 @@ mod common;
 
 use common::values;
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
-use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics};
+use scorecam_gpu::backend::{normal_noise, Backend, MaskItem, MaskStyle, Noise, Plan, Semantics};
 use scorecam_gpu::model::{Capture, FeatureStage, Vgg, POOLED};
 use std::sync::Arc;
 
@@ -193,38 +193,83 @@ fn masked_inputs_scores_and_combine_match_naive() {
         MaskItem {
             image: 1,
             channel: 4,
+            sample: 3,
         },
         MaskItem {
             image: 0,
             channel: 0,
+            sample: 0,
         },
     ];
-    for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
+    // Torchcam's masks: normalized at the layer's resolution, then upsampled; IS-CAM's scale and
+    // SS-CAM's noise (element channel·S² + pixel of the item's stream) on top.
+    let noisy = MaskStyle {
+        sem: Semantics::Torchcam,
+        scale: 1.0,
+        noise: Some(Noise {
+            seed: 7,
+            sigma: 0.5,
+        }),
+    };
+    let scaled = MaskStyle {
+        sem: Semantics::Torchcam,
+        scale: 2.5,
+        noise: None,
+    };
+    for style in [
+        Semantics::Official.into(),
+        Semantics::ChannelSoftmax.into(),
+        Semantics::Torchcam.into(),
+        scaled,
+        noisy,
+    ] {
+        let sem = style.sem;
         let mut out = be.alloc(&[4, 3, s, s]).unwrap();
-        be.masked_inputs(&images, &acts, &items, sem, &mut out)
+        be.masked_inputs(&images, &acts, &items, style, &mut out)
             .unwrap();
         for (r, it) in items.iter().enumerate() {
             let (i, c) = (it.image as usize, it.channel as usize);
             let a = &acts.data[(i * k + c) * h * w..][..h * w];
-            let u: Vec<f32> = (0..s * s)
-                .map(|p| torch_bilinear(a, h, w, s, p / s, p % s, sem.align_corners()))
-                .collect();
-            let lo = u.iter().copied().fold(f32::INFINITY, f32::min);
-            let hi = u.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let eps = if sem == Semantics::Official {
-                0.0
+            let mask: Vec<f32> = if sem == Semantics::Torchcam {
+                let lo = a.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let norm: Vec<f32> = a.iter().map(|v| (v - lo) / (hi - lo + 1e-8)).collect();
+                (0..s * s)
+                    .map(|p| torch_bilinear(&norm, h, w, s, p / s, p % s, false))
+                    .collect()
             } else {
-                1e-8
+                let u: Vec<f32> = (0..s * s)
+                    .map(|p| torch_bilinear(a, h, w, s, p / s, p % s, sem.align_corners()))
+                    .collect();
+                let lo = u.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = u.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let eps = if sem == Semantics::Official {
+                    0.0
+                } else {
+                    1e-8
+                };
+                u.iter().map(|v| (v - lo) / (hi - lo + eps)).collect()
             };
             let want: Vec<f32> = (0..3 * s * s)
-                .map(|q| images.data[i * 3 * s * s + q] * (u[q % (s * s)] - lo) / (hi - lo + eps))
+                .map(|q| {
+                    let p = q % (s * s);
+                    let mut m = mask[p] * style.scale;
+                    if let Some(n) = style.noise {
+                        let index = (c * s * s + p) as u64;
+                        m += normal_noise(n.seed, u64::from(it.sample), index, n.sigma);
+                    }
+                    images.data[i * 3 * s * s + q] * m
+                })
                 .collect();
             assert_close(
                 &out.data[r * 3 * s * s..][..3 * s * s],
                 &want,
                 1e-5,
-                &format!("mask {sem:?} {r}"),
+                &format!("mask {style:?} {r}"),
             );
+        }
+        if sem == Semantics::Torchcam {
+            continue; // its combine is channel-softmax's
         }
 
         // Combine: official = min-max(ReLU(Σ w_k U_k)) at S×S; channel-softmax = ReLU(Σ w_k A_k).
@@ -249,7 +294,7 @@ fn masked_inputs_scores_and_combine_match_naive() {
                 let hi = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 raw.iter().map(|v| (v - lo) / (hi - lo)).collect()
             }
-            Semantics::ChannelSoftmax => (0..h * w)
+            Semantics::ChannelSoftmax | Semantics::Torchcam => (0..h * w)
                 .map(|p| {
                     (0..k)
                         .map(|c| weights[c] * a1[c * h * w + p])

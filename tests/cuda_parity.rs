@@ -22,7 +22,7 @@ use common::{
 };
 use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
 use scorecam_gpu::backend::cuda::CudaBackend;
-use scorecam_gpu::backend::{Backend, MaskItem, Plan, Semantics, Stage};
+use scorecam_gpu::backend::{Backend, MaskItem, MaskStyle, Noise, Plan, Semantics, Stage};
 use scorecam_gpu::cam::{CamOptions, Explainer, Explanation, Targets};
 use scorecam_gpu::model::{Capture, FeatureStage, Vgg, IMAGENET_MEAN, IMAGENET_STD};
 use scorecam_gpu::Error;
@@ -304,30 +304,54 @@ fn masked_inputs_match_cpu() {
             .map(|(i, k)| MaskItem {
                 image: i as u32,
                 channel: k as u32,
+                sample: (i + 2 * k) as u32 % 5,
             })
             .collect();
         assert!(items.len() > n, "too few non-constant channels");
-        for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
+        // The Score-CAM semantics, and torchcam's with IS-CAM's scale and SS-CAM's noise (the
+        // device draws the same counter-based noise as the host, in f32).
+        let styles: [MaskStyle; 5] = [
+            Semantics::Official.into(),
+            Semantics::ChannelSoftmax.into(),
+            Semantics::Torchcam.into(),
+            MaskStyle {
+                sem: Semantics::Torchcam,
+                scale: 2.5,
+                noise: None,
+            },
+            MaskStyle {
+                sem: Semantics::Torchcam,
+                scale: 1.0,
+                noise: Some(Noise {
+                    seed: 11,
+                    sigma: 2.0,
+                }),
+            },
+        ];
+        for style in styles {
+            let sem = style.sem;
             let b = items.len();
             let mut gout = g.alloc(&[b + 2, 3, s, s]).unwrap();
             let mut cout = c.alloc(&[b + 2, 3, s, s]).unwrap();
-            g.masked_inputs(&gx, &ga, &items, sem, &mut gout).unwrap();
-            c.masked_inputs(&cx, &ca, &items, sem, &mut cout).unwrap();
+            g.masked_inputs(&gx, &ga, &items, style, &mut gout).unwrap();
+            c.masked_inputs(&cx, &ca, &items, style, &mut cout).unwrap();
             check_nmse(
                 &g.download(&gout, b).unwrap(),
                 &c.download(&cout, b).unwrap(),
                 1e-5,
                 &format!(
-                    "masked_inputs {} {}×{} → {s} ({b} items)",
+                    "masked_inputs {} ×{} σ {:?} {}×{} → {s} ({b} items)",
                     sem.name(),
+                    style.scale,
+                    style.noise.map(|n| n.sigma),
                     a.h,
                     a.w
                 ),
             );
             // A batch that reuses the same buffer with fewer items.
             let few = &items[3..7];
-            g.masked_inputs(&gx, &ga, few, sem, &mut gout).unwrap();
-            c.masked_inputs(&cx, &ca, few, sem, &mut cout).unwrap();
+            g.masked_inputs(&gx, &ga, few, style, &mut gout).unwrap();
+            c.masked_inputs(&cx, &ca, few, style, &mut cout).unwrap();
             check_nmse(
                 &g.download(&gout, 4).unwrap(),
                 &c.download(&cout, 4).unwrap(),
@@ -581,7 +605,7 @@ fn explain_both(
 fn compare_explanations(gx: &[Explanation], cx: &[Explanation], sem: Semantics, what: &str) {
     let (atol, rtol) = match sem {
         Semantics::Official => (0.005, 0.05),
-        Semantics::ChannelSoftmax => (0.03, 0.02),
+        Semantics::ChannelSoftmax | Semantics::Torchcam => (0.03, 0.02),
     };
     assert_eq!(gx.len(), cx.len());
     for (i, (g, c)) in gx.iter().zip(cx).enumerate() {
@@ -632,6 +656,7 @@ fn vgg16_score_cam_matches_cpu() {
     let imgs = scorecam_gpu::bench::synthetic_images(2, 224);
     for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
         let opts = CamOptions {
+            method: scorecam_gpu::cam::Method::ScoreCam,
             semantics: sem,
             layer: Some("features.4".into()),
             targets: Targets::Top(1),
@@ -649,6 +674,7 @@ fn vgg16_score_cam_default_layer_matches_cpu() {
     let imgs = scorecam_gpu::bench::synthetic_images(2, 224);
     for sem in [Semantics::Official, Semantics::ChannelSoftmax] {
         let opts = CamOptions {
+            method: scorecam_gpu::cam::Method::ScoreCam,
             semantics: sem,
             layer: None,
             targets: Targets::Top(1),
@@ -758,6 +784,7 @@ fn fixtures_score_cam_matches_golden() {
             (Semantics::ChannelSoftmax, "channel_softmax"),
         ] {
             let opts = CamOptions {
+                method: scorecam_gpu::cam::Method::ScoreCam,
                 semantics: sem,
                 layer: case["layer"].as_str().map(str::to_string),
                 targets: Targets::Classes(vec![class]),
@@ -790,6 +817,20 @@ fn fixtures_multi_class_and_batch_match_golden() {
     let tol = CamTolerances::from_manifest(&manifest(), "gpu_f16");
     let report = common::check_multi_and_batch(gpu, &tol);
     println!("{}", report.join("\n"));
+}
+
+/// Every method on the GPU against its reference (the manifest's FP16 suggestions; unmeasured
+/// until a GPU run).
+fn methods_match_golden() {
+    let m = manifest();
+    let mut failures = Vec::new();
+    for case in m["methods"].as_array().unwrap() {
+        match common::check_method_case(gpu, &m, case, "gpu_f16") {
+            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+            Err(msg) => failures.push(msg),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 fn main() -> std::process::ExitCode {
@@ -844,5 +885,6 @@ fn main() -> std::process::ExitCode {
             &[Gpu],
             fixtures_multi_class_and_batch_match_golden,
         ),
+        t("methods_match_golden", &[Gpu], methods_match_golden),
     ])
 }

@@ -63,6 +63,7 @@ fn explain_case(case: &Value, sem: Semantics) -> Explanation {
     let s = model.input_size();
     let img = rgb(&case["image_file"], s);
     let opts = CamOptions {
+        method: scorecam_gpu::cam::Method::ScoreCam,
         semantics: sem,
         layer: Some(case["layer"].as_str().unwrap().to_string()),
         targets: Targets::Classes(vec![case["class"].as_u64().unwrap() as usize]),
@@ -104,12 +105,12 @@ fn map_with_scores(case: &Value, sem: Semantics, scores: &[f32]) -> (Vec<f32>, b
     let acts = npy(&case["activations"]);
     let weights = match sem {
         Semantics::Official => scores.to_vec(),
-        Semantics::ChannelSoftmax => cpu::softmax(scores),
+        _ => cpu::softmax(scores),
     };
     let (map, flat) = cpu::combine_maps(&acts, a.c, a.h, a.w, s, &weights, sem);
     match sem {
         Semantics::Official => (map, flat),
-        Semantics::ChannelSoftmax => scorecam_gpu::cam::grad_cam_scale(&map, a.h, a.w, s),
+        _ => scorecam_gpu::cam::grad_cam_scale(&map, a.h, a.w, s),
     }
 }
 

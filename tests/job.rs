@@ -978,9 +978,78 @@ fn main() -> std::process::ExitCode {
             defect_9_usage_errors_create_nothing,
         ),
         t(
+            "every_method_runs_from_the_command_line",
+            &[],
+            every_method_runs_from_the_command_line,
+        ),
+        t(
             "defect_10_odd_outputs_messages_and_names",
             &[],
             defect_10_odd_outputs_messages_and_names,
         ),
     ])
+}
+
+/// Every method from the command line: a map per image, the method and its pass counts in the
+/// result line; bad method parameters are usage errors.
+fn every_method_runs_from_the_command_line() {
+    let f = Fixture::new();
+    let img = f.image("x.png", 3);
+    let flat = {
+        let o = f.explain(&f.path("probe"), &["--save", "npy", s(&img)]);
+        assert!(o.status.success());
+        results(&f.path("probe"))[0]["flat_channels"]
+            .as_u64()
+            .unwrap()
+    };
+    for (args, passes) in [
+        (&["--method", "gradcam"][..], 0),
+        (&["--method", "gradcam++"], 0),
+        (&["--method", "faster-scorecam", "--max-channels", "5"], 5),
+        (
+            &[
+                "--method",
+                "sscam",
+                "--samples",
+                "3",
+                "--sigma",
+                "0.5",
+                "--seed",
+                "9",
+            ],
+            3 * 24,
+        ),
+        (&["--method", "iscam", "--steps", "4"], 4 * (24 - flat)),
+    ] {
+        let out = f.path(&format!("out-{}", args[1]));
+        let mut all = vec!["--save", "npy"];
+        all.extend_from_slice(args);
+        all.push(s(&img));
+        let o = f.explain(&out, &all);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let line = &results(&out)[0];
+        assert_eq!(line["method"], args[1], "{args:?}");
+        let got = line["masked_passes"].as_u64().unwrap();
+        if args[1] == "faster-scorecam" {
+            assert!(got <= passes, "{args:?}: {got} passes");
+        } else {
+            assert_eq!(got, passes, "{args:?}");
+        }
+        let (map, _) = scorecam_gpu::image::read_npy(&out.join("x.png.npy")).unwrap();
+        assert!(map.iter().all(|v| (0.0..=1.0).contains(v)), "{args:?}");
+    }
+    for bad in [
+        &["--method", "faster-scorecam", "--max-channels", "0"][..],
+        &["--method", "faster-scorecam", "--max-channels", "25"],
+        &["--method", "sscam", "--samples", "0"],
+        &["--method", "iscam", "--steps", "0"],
+        &["--method", "gradcam+"],
+    ] {
+        let out = f.path("bad");
+        let mut all = bad.to_vec();
+        all.push(s(&img));
+        let o = f.explain(&out, &all);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::backend::{Backend, MaskItem, Plan, Semantics, Stage};
+use crate::backend::{normal_noise, Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
 use crate::error::{Error, Result};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
 
@@ -157,7 +157,7 @@ impl Backend for CpuBackend {
         images: &CpuBuf,
         acts: &CpuBuf,
         items: &[MaskItem],
-        sem: Semantics,
+        style: MaskStyle,
         out: &mut CpuBuf,
     ) -> Result<()> {
         let s = images.shape[2];
@@ -178,7 +178,7 @@ impl Backend for CpuBackend {
             .for_each(|(dst, item)| {
                 let (i, c) = (item.image as usize, item.channel as usize);
                 let a = &acts.data[(i * k + c) * h * w..][..h * w];
-                let mask = channel_mask(a, h, w, s, sem);
+                let mask = styled_mask(a, h, w, s, style, item);
                 let img = &images.data[i * img_len..][..img_len];
                 for ch in 0..3 {
                     for p in 0..s * s {
@@ -429,7 +429,7 @@ fn im2col3x3(x: &[f32], cin: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
 }
 
 /// `c[m, n] += a[m, k] · b[k, n]`, all row-major.
-fn matmul_acc(
+pub(crate) fn matmul_acc(
     m: usize,
     n: usize,
     k: usize,
@@ -601,17 +601,51 @@ pub fn upsample_bilinear(a: &[f32], h: usize, w: usize, s: usize, align_corners:
     u
 }
 
-/// The mask of one channel: `(U − min)/(max − min + eps)` of its upsample (zeros if degenerate).
+/// The mask of one channel: `(U − min)/(max − min + eps)` of its upsample (zeros if degenerate);
+/// with low-resolution statistics (torchcam) the channel is normalized first, then upsampled.
 pub fn channel_mask(a: &[f32], h: usize, w: usize, s: usize, sem: Semantics) -> Vec<f32> {
-    let mut u = upsample_bilinear(a, h, w, s, sem.align_corners());
-    let (lo, hi) = min_max(&u);
-    let den = hi - lo + sem.mask_eps();
-    if den > 0.0 {
-        u.iter_mut().for_each(|v| *v = (*v - lo) / den);
-    } else {
-        u.fill(0.0);
+    let normalize = |x: &mut [f32]| {
+        let (lo, _) = min_max(x);
+        // (x − min) / (max(x − min) + eps): torchcam's order of operations.
+        x.iter_mut().for_each(|v| *v -= lo);
+        let (_, hi) = min_max(x);
+        let den = hi + sem.mask_eps();
+        if den > 0.0 {
+            x.iter_mut().for_each(|v| *v /= den);
+        } else {
+            x.fill(0.0);
+        }
+    };
+    if sem.lowres_stats() {
+        let mut low = a.to_vec();
+        normalize(&mut low);
+        return upsample_bilinear(&low, h, w, s, sem.align_corners());
     }
+    let mut u = upsample_bilinear(a, h, w, s, sem.align_corners());
+    normalize(&mut u);
     u
+}
+
+/// [`channel_mask`] scaled and with the item's noise added (see [`Backend::masked_inputs`]).
+pub fn styled_mask(
+    a: &[f32],
+    h: usize,
+    w: usize,
+    s: usize,
+    style: MaskStyle,
+    item: &MaskItem,
+) -> Vec<f32> {
+    let mut m = channel_mask(a, h, w, s, style.sem);
+    if style.scale != 1.0 {
+        m.iter_mut().for_each(|v| *v *= style.scale);
+    }
+    if let Some(n) = style.noise {
+        let base = u64::from(item.channel) * (s * s) as u64;
+        for (p, v) in m.iter_mut().enumerate() {
+            *v += normal_noise(n.seed, u64::from(item.sample), base + p as u64, n.sigma);
+        }
+    }
+    m
 }
 
 pub fn min_max(x: &[f32]) -> (f32, f32) {
@@ -669,7 +703,7 @@ pub fn combine_maps(
             let flat = normalize_min_max(&mut sum);
             (sum, flat)
         }
-        Semantics::ChannelSoftmax => {
+        Semantics::ChannelSoftmax | Semantics::Torchcam => {
             let mut low = vec![0f32; h * w];
             for (kk, &wk) in weights.iter().enumerate().take(k) {
                 let ak = &a[kk * h * w..][..h * w];

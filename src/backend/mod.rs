@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod grad;
 
 use std::sync::Arc;
 
@@ -24,6 +25,11 @@ pub enum Semantics {
     /// score = target logit, weights = softmax over channels, map = `ReLU(Σ α_k A_k)` at layer
     /// resolution, then the library's scaling and resize.
     ChannelSoftmax,
+    /// torchcam 0.5.0's Score-CAM family (SS-CAM, IS-CAM): each channel min-max normalized at
+    /// the layer's resolution (`/ (max-min+1e-8)`), then upsampled (half-pixel bilinear); score =
+    /// target logit minus the unmasked input's; weights = softmax over channels; map =
+    /// `ReLU(Σ w_k A_k)` at layer resolution, min-max normalized (`+1e-8`), upsampled.
+    Torchcam,
 }
 
 impl Semantics {
@@ -35,8 +41,13 @@ impl Semantics {
     pub fn mask_eps(self) -> f32 {
         match self {
             Semantics::Official => 0.0,
-            Semantics::ChannelSoftmax => 1e-8,
+            Semantics::ChannelSoftmax | Semantics::Torchcam => 1e-8,
         }
+    }
+    /// Masks are normalized with the low-resolution channel's min and max (then upsampled),
+    /// not the upsampled map's.
+    pub fn lowres_stats(self) -> bool {
+        matches!(self, Semantics::Torchcam)
     }
     /// The per-mask score is the softmax probability (else the raw logit).
     pub fn score_is_probability(self) -> bool {
@@ -46,17 +57,80 @@ impl Semantics {
         match self {
             Semantics::Official => "official",
             Semantics::ChannelSoftmax => "channel-softmax",
+            Semantics::Torchcam => "torchcam",
         }
     }
 }
 
+/// Gaussian noise added to masks (SS-CAM): N(0, σ²) per mask pixel, from a counter-based
+/// generator (see [`normal_noise`]) so every backend draws the same values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Noise {
+    pub seed: u64,
+    pub sigma: f32,
+}
+
+/// How the masks of one `masked_inputs` call are made: the semantics' mask, times `scale`
+/// (IS-CAM's integration coefficient), plus `noise` drawn from stream `MaskItem::sample`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaskStyle {
+    pub sem: Semantics,
+    pub scale: f32,
+    pub noise: Option<Noise>,
+}
+
+impl From<Semantics> for MaskStyle {
+    fn from(sem: Semantics) -> Self {
+        MaskStyle {
+            sem,
+            scale: 1.0,
+            noise: None,
+        }
+    }
+}
+
+/// SplitMix64's finalizer: a bijective 64-bit mix.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Element `index` of Gaussian noise stream `stream` for `seed`: N(0, σ²), as f32. Counter-based
+/// (no state), so any backend, thread or order draws the same value:
+/// `key(i) = splitmix64(splitmix64(splitmix64(seed) ^ stream) ^ i)`,
+/// `u1 = ((key(2·index) >> 11) + 1)·2⁻⁵³ ∈ (0, 1]`, `u2 = (key(2·index+1) >> 11)·2⁻⁵³`,
+/// `z = √(−2 ln u1)·cos(2π u2)` in f64, value `f32(σ·z)`. The fixture script draws the same
+/// numbers to run torchcam's SS-CAM with them.
+pub fn normal_noise(seed: u64, stream: u64, index: u64, sigma: f32) -> f32 {
+    let base = splitmix64(splitmix64(seed) ^ stream);
+    let key = |i: u64| splitmix64(base ^ i);
+    let two53 = (1u64 << 53) as f64;
+    let u1 = ((key(index.wrapping_mul(2)) >> 11) + 1) as f64 / two53;
+    let u2 = (key(index.wrapping_mul(2).wrapping_add(1)) >> 11) as f64 / two53;
+    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+    (f64::from(sigma) * z) as f32
+}
+
 /// One masked input to build: channel `channel` of image slot `image`'s activations masks that
-/// image's input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// image's input; `sample` picks the noise stream (SS-CAM's sample index).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct MaskItem {
     pub image: u32,
     pub channel: u32,
+    pub sample: u32,
+}
+
+impl MaskItem {
+    pub fn new(image: u32, channel: u32) -> MaskItem {
+        MaskItem {
+            image,
+            channel,
+            sample: 0,
+        }
+    }
 }
 
 /// Sizes a backend plans its buffers, descriptors and workspaces for. Set once per run.
@@ -154,15 +228,17 @@ pub trait Backend {
         acts: Option<&mut Self::Buf>,
     ) -> Result<()>;
 
-    /// Masked inputs, one per item: `out[i] = images[item.image] ⊙ M` with `M` the min-max
-    /// normalized bilinear upsample (to S×S) of `acts[item.image, item.channel]`, per `sem`.
+    /// Masked inputs, one per item: `out[i] = images[item.image] ⊙ M` with
+    /// `M = scale·N + noise`, `N` the min-max normalized bilinear upsample (to S×S) of
+    /// `acts[item.image, item.channel]` per `style.sem`, and `noise` (when asked for) element
+    /// `item.channel·S² + y·S + x` of stream `item.sample` ([`normal_noise`]).
     /// `images` `[N, 3, S, S]`, `acts` `[N, K, h, w]`, `out` `[B, 3, S, S]` with B ≥ items.len().
     fn masked_inputs(
         &mut self,
         images: &Self::Buf,
         acts: &Self::Buf,
         items: &[MaskItem],
-        sem: Semantics,
+        style: MaskStyle,
         out: &mut Self::Buf,
     ) -> Result<()>;
 
@@ -180,7 +256,7 @@ pub trait Backend {
     /// The weighted sum of image slot `image`'s activation channels, ReLU'd:
     /// official: `ReLU(Σ_k w_k U_k)` at S×S with `U_k` the half-pixel upsample of `A_k`
     /// (recomputed, never materialized), min-max normalized to [0, 1] (all zeros when flat);
-    /// channel-softmax: `ReLU(Σ_k w_k A_k)` at the layer's h×w, not normalized.
+    /// channel-softmax and torchcam: `ReLU(Σ_k w_k A_k)` at the layer's h×w, not normalized.
     /// Returns the map and whether it was flat (official only).
     fn combine(
         &mut self,

@@ -139,6 +139,7 @@ pub struct ModelInfo {
     pub num_classes: usize,
     pub labels: Option<Vec<String>>,
     pub mode: &'static str,
+    pub method: &'static str,
     pub layer: String,
 }
 

@@ -147,6 +147,7 @@ pub fn run(
             run: run.clone(),
             shard: (!opts.shard.is_all()).then(|| opts.shard.to_string()),
             mode: model.mode,
+            method: model.method,
             layer: model.layer.clone(),
             labels: model.labels.clone(),
         },

@@ -32,6 +32,7 @@ pub struct LineContext {
     pub run: String,
     /// `I/N` when the job is sharded.
     pub shard: Option<String>,
+    pub method: &'static str,
     pub mode: &'static str,
     pub layer: String,
     pub labels: Option<Vec<String>>,
@@ -98,11 +99,13 @@ impl LineContext {
                     "label": label,
                     "rank": m.rank,
                     "score": m.score,
+                    "method": self.method,
                     "mode": self.mode,
                     "layer": self.layer,
                     "flat_channels": ex.flat_channels,
                     "flat_map": m.flat,
                     "masked_passes": ex.masked_passes,
+                    "masked_passes_saved": ex.masked_passes_saved,
                 });
                 if let Value::Object(fields) = fields {
                     line.extend(fields);

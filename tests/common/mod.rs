@@ -547,6 +547,7 @@ pub fn check_multi_and_batch<B: scorecam_gpu::backend::Backend>(
         assert!(classes.len() >= 2);
         for (sem, key) in modes {
             let opts = CamOptions {
+                method: scorecam_gpu::cam::Method::ScoreCam,
                 semantics: sem,
                 layer: entry["layer"].as_str().map(str::to_owned),
                 targets: Targets::Classes(classes.clone()),
@@ -582,6 +583,7 @@ pub fn check_multi_and_batch<B: scorecam_gpu::backend::Backend>(
             .collect();
         for (sem, key) in modes {
             let opts = CamOptions {
+                method: scorecam_gpu::cam::Method::ScoreCam,
                 semantics: sem,
                 layer: entry["layer"].as_str().map(str::to_owned),
                 targets: Targets::Top(1),
@@ -620,4 +622,173 @@ pub fn declared_rust_version() -> String {
         .and_then(|r| r.strip_suffix('"'))
         .expect("Cargo.toml declares rust-version")
         .to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The other methods against their references (manifest "methods")
+// ---------------------------------------------------------------------------------------------
+
+/// The method a golden "methods" case was made with, and the mode for Score-CAM variants.
+pub fn method_of(case: &Value) -> scorecam_gpu::cam::Method {
+    use scorecam_gpu::cam::Method;
+    let p = &case["params"];
+    let int = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("params.{k}")) as usize;
+    match case["method"].as_str().unwrap() {
+        "gradcam" => Method::GradCam,
+        "gradcam++" => Method::GradCamPlusPlus,
+        "sscam" => Method::SsCam {
+            samples: int("num_samples"),
+            sigma: p["std"].as_f64().unwrap() as f32,
+            seed: p["seed"].as_u64().unwrap(),
+        },
+        "iscam" => Method::IsCam {
+            steps: int("num_samples"),
+        },
+        "faster-scorecam" => Method::FasterScoreCam {
+            max_channels: int("max_n"),
+        },
+        other => panic!("unknown method {other}"),
+    }
+}
+
+/// Run one "methods" case on a backend (`make` opens one) and check it against its goldens with
+/// the tolerance set `set` (`cpu_f32` or `gpu_f16`): the channel weights (Grad-CAM's, SS/IS-CAM's
+/// mean logit differences and softmax weights, Faster Score-CAM's per-channel scores in both
+/// modes) and the map. Returns report lines, or what was wrong.
+pub fn check_method_case<B: scorecam_gpu::backend::Backend>(
+    make: impl Fn() -> B,
+    m: &Value,
+    case: &Value,
+    set: &str,
+) -> Result<Vec<String>, String> {
+    use scorecam_gpu::backend::Semantics;
+    use scorecam_gpu::cam::{CamOptions, Explainer, Method, Targets};
+    let id = case["id"].as_str().unwrap();
+    let method = method_of(case);
+    let model = fixture_model(&case["model_file"]);
+    let img = fixture_rgb(&case["image_file"], model.input_size());
+    let class = case["class"].as_u64().unwrap() as usize;
+    let tm = &m["tolerances"]["methods"][set];
+    let tol = |k: &str| {
+        (
+            tm[k]["atol"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{set}.{k}")) as f32,
+            tm[k]["rtol"].as_f64().unwrap() as f32,
+        )
+    };
+    let run = |sem: Semantics| {
+        let opts = CamOptions {
+            method: method.clone(),
+            semantics: sem,
+            layer: case["layer"].as_str().map(str::to_owned),
+            targets: Targets::Classes(vec![class]),
+            mask_batch: 7,
+            image_batch: 1,
+        };
+        let mut ex = Explainer::new(make(), Arc::clone(&model), opts).unwrap();
+        ex.explain(std::slice::from_ref(&img)).unwrap().remove(0)
+    };
+    let files = &case["files"];
+    let close =
+        |got: &[f32], want: &[f32], (atol, rtol): (f32, f32), what: &str| -> Result<f32, String> {
+            if got.len() != want.len() {
+                return Err(format!(
+                    "{id} {what}: {} values, golden {}",
+                    got.len(),
+                    want.len()
+                ));
+            }
+            let mut worst = 0f32;
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                let d = (g - w).abs();
+                if d.is_nan() || d > atol + rtol * w.abs() {
+                    return Err(format!("{id} {what}[{i}]: {g}, golden {w} (|Δ| {d:.3e})"));
+                }
+                worst = worst.max(d);
+            }
+            Ok(worst)
+        };
+    let mut report = Vec::new();
+    match &method {
+        Method::GradCam | Method::GradCamPlusPlus => {
+            let e = run(Semantics::Official);
+            let key = if matches!(method, Method::GradCam) {
+                "gradcam_weights"
+            } else {
+                "gradcampp_weights"
+            };
+            let dw = close(
+                &e.maps[0].channel_scores,
+                &npy(&files["weights"]),
+                tol(key),
+                "weights",
+            )?;
+            let dm = close(&e.maps[0].map, &npy(&files["map"]), tol("map"), "map")?;
+            report.push(format!(
+                "{id}: weights max|Δ| {dw:.2e}, map max|Δ| {dm:.2e}"
+            ));
+        }
+        Method::SsCam { .. } | Method::IsCam { .. } => {
+            let e = run(Semantics::Official); // their own (torchcam) semantics either way
+            let raw = &e.maps[0].channel_scores;
+            let ds = close(
+                raw,
+                &npy(&files["scores_raw"]),
+                tol("scores_raw"),
+                "scores_raw",
+            )?;
+            let w = scorecam_gpu::backend::cpu::softmax(raw);
+            let dw = close(
+                &w,
+                &npy(&files["weights"]),
+                tol("torchcam_weights"),
+                "weights",
+            )?;
+            let dm = close(&e.maps[0].map, &npy(&files["map"]), tol("map"), "map")?;
+            report.push(format!(
+                "{id}: scores_raw max|Δ| {ds:.2e}, weights {dw:.2e}, map {dm:.2e}"
+            ));
+        }
+        Method::FasterScoreCam { .. } => {
+            let t = &m["tolerances"][set];
+            let pair = |k: &str| {
+                (
+                    t[k]["atol"].as_f64().unwrap() as f32,
+                    t[k]["rtol"].as_f64().unwrap() as f32,
+                )
+            };
+            for (sem, scores, map, sk, mk) in [
+                (
+                    Semantics::Official,
+                    "official_scores",
+                    "official_map",
+                    "official_scores",
+                    "official_map",
+                ),
+                (
+                    Semantics::ChannelSoftmax,
+                    "cs_logits",
+                    "cs_map",
+                    "cs_logits",
+                    "cs_map",
+                ),
+            ] {
+                let e = run(sem);
+                let ds = close(
+                    &e.maps[0].channel_scores,
+                    &npy(&files[scores]),
+                    pair(sk),
+                    scores,
+                )?;
+                let dm = close(&e.maps[0].map, &npy(&files[map]), (pair(mk).0, 0.0), map)?;
+                report.push(format!(
+                    "{id} {}: scores max|Δ| {ds:.2e}, map {dm:.2e}",
+                    sem.name()
+                ));
+            }
+        }
+        Method::ScoreCam => unreachable!("plain Score-CAM cases live in \"cams\""),
+    }
+    Ok(report)
 }

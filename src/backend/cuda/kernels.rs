@@ -74,6 +74,28 @@ const SMEM_DEFAULT: usize = 44 * 1024;
 /// separable mode also covers e.g. a 28×28 layer at S = 448 (53 KiB).
 const SMEM_OPT_IN: usize = 96 * 1024;
 
+/// The mask variant of one `masks` launch: min/max over the low-resolution plane (torchcam),
+/// a scale on the normalized mask (IS-CAM), Gaussian noise σ·N(0,1) from the counter-based
+/// generator keyed by `seed` (SS-CAM; `sigma` 0 adds none).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaskVariant {
+    pub lowres_stats: bool,
+    pub scale: f32,
+    pub sigma: f32,
+    pub seed: u64,
+}
+
+impl Default for MaskVariant {
+    fn default() -> Self {
+        MaskVariant {
+            lowres_stats: false,
+            scale: 1.0,
+            sigma: 0.0,
+            seed: 0,
+        }
+    }
+}
+
 /// Modes of kernels/masks.cu (how U is evaluated): `masks` runs the separable one,
 /// `masks_direct` the other two.
 const MASKS_MODE_GLOBAL: i32 = 0;
@@ -218,6 +240,9 @@ impl Kernels {
     /// `images` `[N, S, S, cpad]`, `out` `[≥b, S, S, cpad]`. A channel with max == min writes
     /// zeros when eps == 0 (the caller never asks for such channels in official mode).
     ///
+    /// `variant` adds torchcam's low-resolution statistics, a scale and Gaussian noise (see
+    /// [`MaskVariant`]); `items` is `[b, 3]`: image slot, channel, noise stream.
+    ///
     /// N is taken from the lengths of `images` and `acts`; an item whose image slot or channel
     /// is out of range (the kernel checks, the host cannot see `items`) gets an all-zero output.
     pub fn masks(
@@ -234,6 +259,7 @@ impl Kernels {
         cpad: usize,
         align_corners: bool,
         eps: f32,
+        variant: MaskVariant,
         out: &mut CudaViewMut<'_, f16>,
     ) -> Result<()> {
         const OP: &str = "masks";
@@ -247,6 +273,15 @@ impl Kernels {
         if !(eps.is_finite() && eps >= 0.0) {
             return Err(invalid(OP, format!("eps {eps} must be finite and ≥ 0")));
         }
+        if !(variant.scale.is_finite() && variant.sigma.is_finite() && variant.sigma >= 0.0) {
+            return Err(invalid(
+                OP,
+                format!(
+                    "scale {} and sigma {} must be finite, sigma ≥ 0",
+                    variant.scale, variant.sigma
+                ),
+            ));
+        }
         let per_item = prod(OP, &[s, s, cpad])?;
         if per_item > i32::MAX as usize / 2 {
             return Err(invalid(
@@ -256,7 +291,7 @@ impl Kernels {
         }
         let plane = prod(OP, &[h, w])?;
         let per_image_acts = prod(OP, &[plane, k])?;
-        need(OP, "items", items.len(), prod(OP, &[b, 2])?)?;
+        need(OP, "items", items.len(), prod(OP, &[b, 3])?)?;
         need(OP, "images", images.len(), per_item)?;
         need(OP, "acts", acts.len(), per_image_acts)?;
         need(OP, "out", out.len(), prod(OP, &[b, per_item])?)?;
@@ -294,7 +329,14 @@ impl Kernels {
             .arg(&w_i)
             .arg(&k_i)
             .arg(&cpad_i);
-        lb.arg(&ac).arg(&eps).arg(&parts_i);
+        let lowres = variant.lowres_stats as i32;
+        let seed_key = crate::backend::splitmix64(variant.seed);
+        lb.arg(&ac).arg(&eps);
+        lb.arg(&lowres)
+            .arg(&variant.scale)
+            .arg(&variant.sigma)
+            .arg(&seed_key);
+        lb.arg(&parts_i);
         if !separable {
             lb.arg(&in_smem);
         }

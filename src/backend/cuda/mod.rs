@@ -39,7 +39,7 @@ use cudarc::driver::{
 };
 use half::f16;
 
-use crate::backend::{Backend, MaskItem, Plan, Semantics, Stage};
+use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
 use crate::error::{Error, Result};
 use crate::model::{FeatureStage, MapShape, Vgg, POOLED};
 
@@ -1451,10 +1451,11 @@ impl Backend for CudaBackend {
         images: &CudaBuf,
         acts: &CudaBuf,
         items: &[MaskItem],
-        sem: Semantics,
+        style: MaskStyle,
         out: &mut CudaBuf,
     ) -> Result<()> {
         self.bind()?;
+        let sem = style.sem;
         let s = images.shape.get(2).copied().unwrap_or(0);
         images.check4("masked_inputs images", 1, 3, s, s)?;
         let [na, k, h, w] = acts.shape[..] else {
@@ -1483,7 +1484,10 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let b = items.len();
-        let flat: Vec<u32> = items.iter().flat_map(|it| [it.image, it.channel]).collect();
+        let flat: Vec<u32> = items
+            .iter()
+            .flat_map(|it| [it.image, it.channel, it.sample])
+            .collect();
         let dev = &self.dev;
         let buf = self.scratch.items.get(dev, flat.len(), "mask items")?;
         dev.stream
@@ -1504,6 +1508,12 @@ impl Backend for CudaBackend {
             CPAD,
             sem.align_corners(),
             sem.mask_eps(),
+            kernels::MaskVariant {
+                lowres_stats: sem.lowres_stats(),
+                scale: style.scale,
+                sigma: style.noise.map_or(0.0, |n| n.sigma),
+                seed: style.noise.map_or(0, |n| n.seed),
+            },
             &mut dst.slice_mut(..b * row),
         )
     }
@@ -1593,7 +1603,7 @@ impl Backend for CudaBackend {
         let low = self.scratch.low.get(dev, h * w, "low-resolution map")?;
         // Official: ReLU after the upsample (Σ w_k U_k = upsample(Σ w_k A_k), linear); the
         // channel-softmax map is ReLU'd at layer resolution.
-        let relu_low = sem == Semantics::ChannelSoftmax;
+        let relu_low = sem != Semantics::Official;
         self.kernels.weighted_channel_sum(
             &dev.stream,
             &src.slice(image * plane..(image + 1) * plane),
@@ -1605,7 +1615,9 @@ impl Backend for CudaBackend {
             &mut low.slice_mut(..h * w),
         )?;
         match sem {
-            Semantics::ChannelSoftmax => Ok((dev.download(low, h * w, "map")?, false)),
+            Semantics::ChannelSoftmax | Semantics::Torchcam => {
+                Ok((dev.download(low, h * w, "map")?, false))
+            }
             Semantics::Official => {
                 let map = self.scratch.map.get(dev, s * s, "map")?;
                 let flat = self.scratch.flat.get(dev, 1, "flat flag")?;
