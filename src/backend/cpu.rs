@@ -104,6 +104,20 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn write_rows(&mut self, buf: &mut CpuBuf, first: usize, data: &[f32]) -> Result<()> {
+        let row = buf.row_len();
+        let end = first * row + data.len();
+        if buf.shape.len() != 4 || row == 0 || data.len() % row != 0 || end > buf.data.len() {
+            return Err(Error::Invalid(format!(
+                "write_rows: {} values at row {first} of {:?}",
+                data.len(),
+                buf.shape
+            )));
+        }
+        buf.data[first * row..end].copy_from_slice(data);
+        Ok(())
+    }
+
     fn download(&mut self, buf: &CpuBuf, rows: usize) -> Result<Vec<f32>> {
         let n = rows * buf.row_len();
         buf.data

@@ -203,6 +203,11 @@ pub trait Backend {
     /// A buffer of logical shape `shape` (NCHW for images/activations, `[N, C]` for logits).
     fn alloc(&mut self, shape: &[usize]) -> Result<Self::Buf>;
 
+    /// Write host rows into a 4-D buffer: `data` holds whole rows `[r, C, H, W]` (logical NCHW
+    /// f32) for rows `first..first + r` of `buf`. For inputs made on the host (the metrics'
+    /// perturbed images).
+    fn write_rows(&mut self, buf: &mut Self::Buf, first: usize, data: &[f32]) -> Result<()>;
+
     /// Copy a buffer back to the host as f32 in the logical NCHW order, first `rows` rows only.
     fn download(&mut self, buf: &Self::Buf, rows: usize) -> Result<Vec<f32>>;
 

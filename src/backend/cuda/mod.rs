@@ -617,16 +617,7 @@ impl CudaBackend {
         }
         let mut buf = self.alloc(shape)?;
         match &mut buf.data {
-            BufData::F16(s) => {
-                let [n, c, h, w] = shape[..] else {
-                    unreachable!("4-D checked by alloc")
-                };
-                let host = layout::nchw_to_nhwc_f16(data, n, c, h, w, buf.cs);
-                self.dev
-                    .stream
-                    .memcpy_htod(&host[..], s)
-                    .map_err(|e| drv_err("upload_f32", e))?;
-            }
+            BufData::F16(_) => self.write_rows(&mut buf, 0, data)?,
             BufData::F32(s) => {
                 if !data.is_empty() {
                     self.dev
@@ -1196,6 +1187,35 @@ impl Backend for CudaBackend {
                 "CUDA buffers are 4-D [N, C, H, W] or 2-D [N, C], not {shape:?}"
             ))),
         }
+    }
+
+    fn write_rows(&mut self, buf: &mut CudaBuf, first: usize, data: &[f32]) -> Result<()> {
+        self.bind()?;
+        let [n, c, h, w] = buf.shape[..] else {
+            return Err(Error::Invalid(format!(
+                "write_rows: a 4-D buffer is needed, got {:?}",
+                buf.shape
+            )));
+        };
+        let logical = c * h * w;
+        let rows = if logical == 0 { 0 } else { data.len() / logical };
+        if logical == 0 || data.len() % logical != 0 || first + rows > n {
+            return Err(Error::Invalid(format!(
+                "write_rows: {} values at row {first} of {:?}",
+                data.len(),
+                buf.shape
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let row = buf.row_len();
+        let host = layout::nchw_to_nhwc_f16(data, rows, c, h, w, buf.cs);
+        let dst = buf.f16_mut("write_rows")?;
+        self.dev
+            .stream
+            .memcpy_htod(&host[..], &mut dst.slice_mut(first * row..(first + rows) * row))
+            .map_err(|e| drv_err("write_rows", e))
     }
 
     fn download(&mut self, buf: &CudaBuf, rows: usize) -> Result<Vec<f32>> {
