@@ -211,6 +211,64 @@ impl<B: Backend> Explainer<B> {
         })
     }
 
+    /// Explain with another method from now on (buffers and plan stay; the method's parameters
+    /// are checked against the layer).
+    pub fn set_method(&mut self, method: Method) -> Result<()> {
+        method.check(self.acts_shape.c).map_err(Error::Usage)?;
+        self.opts.method = method;
+        Ok(())
+    }
+
+    /// Explain with another model of the same shape (the sanity check's randomized copies): the
+    /// backend is prepared for it, the buffers are rebuilt.
+    pub fn set_model(&mut self, model: Arc<Vgg>) -> Result<()> {
+        if model.stage_shapes(self.plan.input_size) != self.model.stage_shapes(self.plan.input_size)
+            || model.num_classes() != self.model.num_classes()
+        {
+            return Err(Error::Invalid("set_model: a model of another shape".into()));
+        }
+        self.bufs = None;
+        self.zero_logits = None;
+        self.model = model;
+        let bufs = Self::fit(
+            &mut self.backend,
+            &self.model,
+            &mut self.plan,
+            self.acts_shape,
+        )?;
+        self.bufs = Some(bufs);
+        Ok(())
+    }
+
+    /// The softmax probability of `classes[r]` for each of the `classes.len()` normalized inputs
+    /// in `inputs` (`[r, 3, S, S]` f32, made on the host), forwarded in batches of the mask batch:
+    /// the faithfulness metrics' forwards.
+    pub fn class_probs(&mut self, inputs: &[f32], classes: &[usize]) -> Result<Vec<f32>> {
+        let s = self.plan.input_size;
+        let row = 3 * s * s;
+        if inputs.len() != classes.len() * row {
+            return Err(Error::Invalid(format!(
+                "class_probs: {} values for {} inputs of {row}",
+                inputs.len(),
+                classes.len()
+            )));
+        }
+        let be = &mut self.backend;
+        let bufs = self.bufs.as_mut().ok_or_else(|| {
+            Error::Invalid("explainer buffers missing after a failed rebuild".into())
+        })?;
+        let mut out = Vec::with_capacity(classes.len());
+        let batch = self.plan.max_masks;
+        for (rows, cls) in inputs.chunks(batch * row).zip(classes.chunks(batch)) {
+            let _r = crate::trace::range("metric_forward");
+            be.write_rows(&mut bufs.masked, 0, rows)?;
+            be.forward(&bufs.masked, cls.len(), &mut bufs.masked_logits, None)?;
+            let targets: Vec<u32> = cls.iter().map(|&c| c as u32).collect();
+            out.extend(be.scores(&bufs.masked_logits, cls.len(), &targets, true)?);
+        }
+        Ok(out)
+    }
+
     /// Count masked passes into `counter` from now on (see [`PassCounter`]).
     pub fn set_pass_counter(&mut self, counter: Arc<PassCounter>) {
         self.passes = Some(counter);

@@ -111,6 +111,26 @@ impl Engine {
         with_explainer!(self, e => e.explain_for(images, targets))
     }
 
+    /// Explain with another method from now on.
+    pub fn set_method(&mut self, method: crate::cam::Method) -> Result<()> {
+        with_explainer!(self, e => e.set_method(method))
+    }
+
+    /// Explain with another model of the same shape.
+    pub fn set_model(&mut self, model: Arc<Vgg>) -> Result<()> {
+        with_explainer!(self, e => e.set_model(model))
+    }
+
+    /// Class probabilities of host-made normalized inputs (see [`Explainer::class_probs`]).
+    pub fn class_probs(&mut self, inputs: &[f32], classes: &[usize]) -> Result<Vec<f32>> {
+        with_explainer!(self, e => e.class_probs(inputs, classes))
+    }
+
+    /// The model being explained.
+    pub fn model(&self) -> &Vgg {
+        with_explainer!(self, e => e.model())
+    }
+
     /// Count masked passes into `counter` (progress displays).
     pub fn set_pass_counter(&mut self, counter: Arc<PassCounter>) {
         with_explainer!(self, e => e.set_pass_counter(counter))

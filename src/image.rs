@@ -90,8 +90,28 @@ impl std::fmt::Display for ResizeMode {
 ///   computed. [`ResizeMode::Stretch`]: the same filter straight to S×S. Both give the same bytes
 ///   as torchvision 0.26 with Pillow 13.
 pub fn load_rgb(path: &Path, s: usize, mode: ResizeMode) -> Result<Vec<u8>> {
+    load_rgb_sized(path, s, mode).map(|(rgb, _)| rgb)
+}
+
+/// [`load_rgb`], and the decoded image's original `(width, height)` (to map boxes drawn on it).
+pub fn load_rgb_sized(path: &Path, s: usize, mode: ResizeMode) -> Result<(Vec<u8>, (u32, u32))> {
     let bytes = read_image_file(path)?;
-    load_rgb_from_bytes(&bytes, path, s, mode)
+    decode_view(&bytes, path, s, mode)
+}
+
+/// Decode `bytes` and bring them to the model's S×S view; also the original size.
+fn decode_view(
+    bytes: &[u8],
+    name: &Path,
+    s: usize,
+    mode: ResizeMode,
+) -> Result<(Vec<u8>, (u32, u32))> {
+    if bytes.is_empty() {
+        return Err(Error::image(name, "empty file (0 bytes), not an image"));
+    }
+    let rgb = decode_rgb(bytes, name)?;
+    let size = rgb.dimensions();
+    Ok((model_view(rgb, s, mode, name)?, size))
 }
 
 /// Largest image file read into memory (a camera JPEG is a few MiB).
@@ -167,11 +187,7 @@ pub fn load_rgb_from_bytes(
     s: usize,
     mode: ResizeMode,
 ) -> Result<Vec<u8>> {
-    if bytes.is_empty() {
-        return Err(Error::image(name, "empty file (0 bytes), not an image"));
-    }
-    let rgb = decode_rgb(bytes, name)?;
-    model_view(rgb, s, mode, name)
+    decode_view(bytes, name, s, mode).map(|(rgb, _)| rgb)
 }
 
 /// A JPEG whose data stops before its end-of-image marker is truncated. The decoder would fill
@@ -361,7 +377,7 @@ fn model_view(rgb: RgbImage, s: usize, mode: ResizeMode, name: &Path) -> Result<
 }
 
 /// torchvision `Resize(S)` output size: shorter side S, longer side `int(S * long / short)`.
-fn shorter_side_to(w: u32, h: u32, s: u32) -> (u32, u32) {
+pub(crate) fn shorter_side_to(w: u32, h: u32, s: u32) -> (u32, u32) {
     let scaled = |long: u32, short: u32| (u64::from(s) * u64::from(long) / u64::from(short)) as u32;
     if w <= h {
         (s, scaled(h, w))
@@ -371,7 +387,7 @@ fn shorter_side_to(w: u32, h: u32, s: u32) -> (u32, u32) {
 }
 
 /// torchvision `CenterCrop` offset `int(round(d / 2))`; Python rounds halves to even.
-fn center_offset(d: u32) -> u32 {
+pub(crate) fn center_offset(d: u32) -> u32 {
     let half = d / 2;
     if d % 2 == 1 && half % 2 == 1 {
         half + 1

@@ -27,6 +27,7 @@ pub mod bench;
 pub mod cam;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod image;
 pub mod job;

@@ -15,7 +15,7 @@ use scorecam_gpu::job::{
     self, inputs, outputs, shard, EngineWorker, JobOptions, Save, Source, Verbosity,
 };
 use scorecam_gpu::model::FeatureStage;
-use scorecam_gpu::{Error, Result, Vgg};
+use scorecam_gpu::{eval, Error, Result, Vgg};
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +41,98 @@ enum Command {
     /// Benchmark Score-CAM (VGG16 224², random weights unless --weights) and report ms/image,
     /// a per-stage breakdown and the masked forwards' TFLOP/s.
     Bench(BenchArgs),
+    /// Measure how faithful the methods' maps are over a set of images: Average Drop, Increase
+    /// in Confidence, Deletion/Insertion AUC, the energy-based pointing game (with boxes), and
+    /// with --sanity the cascading-randomization sanity check.
+    Eval(Box<EvalArgs>),
     /// Print the model's layers, parameter count, input size, labels and dtypes.
     Inspect(ModelArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Image files and directories (searched recursively).
+    #[arg(value_name = "IMAGES", required_unless_present = "manifest")]
+    images: Vec<PathBuf>,
+    /// Read the image paths from FILE (`-`: stdin), one per line (relative to the file's
+    /// directory).
+    #[arg(long, value_name = "FILE", conflicts_with = "images")]
+    manifest: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    cam: CamArgs,
+    /// The methods to compare, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "scorecam,gradcam,gradcam++"
+    )]
+    methods: Vec<MethodArg>,
+    #[command(flatten)]
+    params: MethodParams,
+    /// The class every map explains. Default: each image's top-1.
+    #[arg(long = "class", value_name = "N")]
+    class: Option<usize>,
+    /// crop: shorter side to S then centre crop; stretch: resize to S×S.
+    #[arg(long, value_enum, default_value = "crop")]
+    resize: ResizeArg,
+    /// Pixels removed or inserted per step of the deletion/insertion games. Default: S (RISE's
+    /// 224 at 224²).
+    #[arg(long, value_name = "N")]
+    step: Option<usize>,
+    /// What deleted pixels become: zeros (of the normalized input) or blur (RISE's blurred copy).
+    #[arg(long, value_enum, default_value = "zeros")]
+    deletion_baseline: BaselineArg,
+    /// What pixels are inserted into: blur (RISE's default) or zeros.
+    #[arg(long, value_enum, default_value = "blur")]
+    insertion_baseline: BaselineArg,
+    /// Bounding boxes for the pointing game: a CSV file (image,xmin,ymin,xmax,ymax[,label]) or a
+    /// directory of Pascal VOC annotations (<image stem>.xml).
+    #[arg(long, value_name = "PATH")]
+    boxes: Option<PathBuf>,
+    /// Also run the sanity check (Adebayo et al. 2018): randomize the layers from the top down
+    /// and report the rank correlation of the maps with the original ones.
+    #[arg(long)]
+    sanity: bool,
+    /// The sanity check's seed for the random weights.
+    #[arg(long, value_name = "SEED", default_value = "0")]
+    sanity_seed: u64,
+    /// table, csv or json (stdout).
+    #[arg(long, value_enum, default_value = "table")]
+    format: FormatArg,
+    /// Where to write the deletion/insertion curves (PNG).
+    #[arg(long, value_name = "PNG", default_value = "eval-curves.png")]
+    plot: PathBuf,
+    /// Do not write the PNG.
+    #[arg(long)]
+    no_plot: bool,
+    /// Print no per-image errors or notices.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BaselineArg {
+    Zeros,
+    Blur,
+}
+
+impl From<BaselineArg> for eval::Baseline {
+    fn from(b: BaselineArg) -> Self {
+        match b {
+            BaselineArg::Zeros => eval::Baseline::Zeros,
+            BaselineArg::Blur => eval::Baseline::Blur,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Args, Clone)]
@@ -82,13 +172,9 @@ struct CamArgs {
     image_batch: Option<usize>,
 }
 
-/// The explanation method and its parameters.
+/// The methods' parameters.
 #[derive(Args, Clone)]
-struct MethodArgs {
-    /// scorecam (per --mode), faster-scorecam (the --max-channels channels of largest spatial
-    /// std, tf-keras-vis), sscam / iscam (torchcam 0.5.0), gradcam / gradcam++ (pytorch-grad-cam).
-    #[arg(long, value_enum, default_value = "scorecam")]
-    method: MethodArg,
+struct MethodParams {
     /// faster-scorecam: channels kept.
     #[arg(long, value_name = "N", default_value = "10")]
     max_channels: usize,
@@ -117,9 +203,9 @@ enum MethodArg {
     GradcamPp,
 }
 
-impl MethodArgs {
-    fn method(&self) -> Method {
-        match self.method {
+impl MethodParams {
+    fn method(&self, m: MethodArg) -> Method {
+        match m {
             MethodArg::Scorecam => Method::ScoreCam,
             MethodArg::FasterScorecam => Method::FasterScoreCam {
                 max_channels: self.max_channels,
@@ -164,8 +250,12 @@ struct ExplainArgs {
     model: ModelArgs,
     #[command(flatten)]
     cam: CamArgs,
+    /// scorecam (per --mode), faster-scorecam (the --max-channels channels of largest spatial
+    /// std, tf-keras-vis), sscam / iscam (torchcam 0.5.0), gradcam / gradcam++ (pytorch-grad-cam).
+    #[arg(long, value_enum, default_value = "scorecam")]
+    method: MethodArg,
     #[command(flatten)]
-    method: MethodArgs,
+    params: MethodParams,
     /// crop: shorter side to S then centre crop (the reference transform); stretch: resize to S×S.
     #[arg(long, value_enum, default_value = "crop")]
     resize: ResizeArg,
@@ -268,6 +358,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Explain(a) => explain(*a),
         Command::Bench(a) => bench(a),
+        Command::Eval(a) => evaluate(*a),
         Command::Inspect(a) => inspect(a),
     };
     match result {
@@ -419,7 +510,7 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         (0..a.workers).collect()
     };
     let mut cam = cam_options(&a.cam, targets.clone(), cuda);
-    cam.method = a.method.method();
+    cam.method = a.params.method(a.method);
     // Groups never exceed the number of inputs when it is known (files only, no directories).
     if let Source::Paths(p) = &source {
         if p.iter().all(|p| !p.is_dir()) {
@@ -508,6 +599,122 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         );
     }
     Ok(summary.exit_code())
+}
+
+fn evaluate(a: EvalArgs) -> Result<u8> {
+    // Options, inputs, boxes and the plot's directory before the model is loaded.
+    let methods: Vec<Method> = a.methods.iter().map(|&m| a.params.method(m)).collect();
+    if methods.is_empty() {
+        return Err(Error::Usage("--methods needs at least one method".into()));
+    }
+    if a.step == Some(0) {
+        return Err(Error::Usage("--step must be at least 1".into()));
+    }
+    let boxes = a.boxes.as_deref().map(eval::Boxes::open).transpose()?;
+    if !a.no_plot {
+        if let Some(parent) = a.plot.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                return Err(Error::Usage(format!(
+                    "--plot {}: {} is not a directory",
+                    a.plot.display(),
+                    parent.display()
+                )));
+            }
+        }
+    }
+    let source = match &a.manifest {
+        Some(m) => Source::Manifest(m.clone()),
+        None => Source::Paths(a.images.clone()),
+    };
+    let root = inputs::tree_root(&source, None)?;
+    let mut listed = Vec::new();
+    let mut failed_early = Vec::new();
+    for input in inputs::Inputs::open(&source, root)? {
+        match input.problem {
+            Some(e) => {
+                if !a.quiet {
+                    eprintln!("error: {e}");
+                }
+                failed_early.push((input.path, scorecam_gpu::error::one_line(&e.to_string())));
+            }
+            None => listed.push(input.path),
+        }
+    }
+    if listed.is_empty() && failed_early.is_empty() {
+        return Err(Error::Usage("no images to evaluate".into()));
+    }
+
+    let model = load_model(
+        a.model.weights.as_deref(),
+        a.model.random_weights,
+        a.model.input_size,
+        !a.quiet,
+    )?;
+    let targets = match a.class {
+        Some(c) => Targets::Classes(vec![c]),
+        None => Targets::Top(1),
+    };
+    targets
+        .check(model.num_classes())
+        .map_err(|m| Error::Usage(format!("--{m}")))?;
+    let cuda = cuda_devices(a.cam.backend, a.quiet)? > 0;
+    let mut cam = cam_options(&a.cam, targets.clone(), cuda);
+    cam.method = methods[0].clone();
+    let choice = if cuda {
+        BackendChoice::Cuda
+    } else {
+        BackendChoice::Cpu
+    };
+    let s = model.input_size();
+    let mut engine = Engine::new(choice, 0, model, cam)?;
+    // Every method's parameters are checked against the layer before anything runs.
+    for m in &methods {
+        engine.set_method(m.clone())?;
+    }
+    let opts = eval::EvalOptions {
+        methods,
+        resize: match a.resize {
+            ResizeArg::Crop => ResizeMode::Crop,
+            ResizeArg::Stretch => ResizeMode::Stretch,
+        },
+        targets,
+        step: a.step.unwrap_or(s),
+        deletion_baseline: a.deletion_baseline.into(),
+        insertion_baseline: a.insertion_baseline.into(),
+        boxes,
+        sanity: a.sanity.then_some(a.sanity_seed),
+        quiet: a.quiet,
+    };
+    let t0 = std::time::Instant::now();
+    let mut report = eval::run(&mut engine, &listed, &opts)?;
+    let mut failed = failed_early;
+    failed.append(&mut report.failed);
+    report.failed = failed;
+    let out = match a.format {
+        FormatArg::Table => eval::to_table(&report),
+        FormatArg::Csv => eval::to_csv(&report),
+        FormatArg::Json => format!("{}\n", eval::to_json(&report)),
+    };
+    print!("{out}");
+    if !a.no_plot {
+        eval::write_plot(&a.plot, &report)?;
+    }
+    let images = report.methods.first().map_or(0, |m| m.images);
+    if !a.quiet {
+        eprintln!(
+            "{images} images evaluated, {} failed, in {:.1} s ({:.2} images/s) on {}{}",
+            report.failed.len(),
+            t0.elapsed().as_secs_f64(),
+            images as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            engine.describe(),
+            if a.no_plot {
+                String::new()
+            } else {
+                format!("; curves in {}", a.plot.display())
+            }
+        );
+    }
+    Ok(if report.failed.is_empty() { 0 } else { 1 })
 }
 
 /// Open one engine per device, in parallel (each tunes its own plans).

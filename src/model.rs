@@ -356,6 +356,59 @@ impl Vgg {
         Ok(())
     }
 
+    /// The weight layers from the top down — the last Linear first, the first conv last — by
+    /// name (`classifier.6`, ..., `features.0`): the order of a cascading randomization.
+    pub fn weight_layers_from_top(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .classifier
+            .iter()
+            .rev()
+            .map(|l| format!("classifier.{}", l.index))
+            .collect();
+        names.extend(
+            self.convs()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .map(|c| format!("features.{}", c.conv_index)),
+        );
+        names
+    }
+
+    /// A copy with its top `n` weight layers (see [`Vgg::weight_layers_from_top`]) re-initialized
+    /// as [`Vgg::random_from_config`] initializes them (He-normal weights, small positive
+    /// biases), from `seed`: Adebayo et al.'s cascading randomization for the sanity check.
+    pub fn randomize_from_top(&self, n: usize, seed: u64) -> Vgg {
+        let mut m = self.clone();
+        let mut rng = SplitMix64(seed);
+        let linears = m.classifier.len();
+        for l in m.classifier.iter_mut().rev().take(n) {
+            let std = (2.0 / l.fin as f32).sqrt();
+            l.weight.iter_mut().for_each(|v| *v = rng.normal() * std);
+            l.bias.iter_mut().for_each(|v| *v = 0.01 * rng.uniform());
+        }
+        let convs = n.saturating_sub(linears);
+        let mut done = 0;
+        for stage in m.features.iter_mut().rev() {
+            if done == convs {
+                break;
+            }
+            if let FeatureStage::Conv(c) = stage {
+                let std = (2.0 / (c.cin as f32 * 9.0)).sqrt();
+                c.weight.iter_mut().for_each(|v| *v = rng.normal() * std);
+                c.bias
+                    .iter_mut()
+                    .for_each(|v| *v = 0.01 + 0.01 * rng.uniform());
+                done += 1;
+            }
+        }
+        m.meta.source = format!(
+            "{} (top {n} layers randomized, seed {seed})",
+            self.meta.source
+        );
+        m
+    }
+
     /// The torchvision VGG16 architecture (configuration "D") with deterministic He-initialised
     /// weights: for benchmarks and tests without a download. Biases are small and positive so
     /// activations do not die out layer after layer.

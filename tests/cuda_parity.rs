@@ -833,6 +833,30 @@ fn methods_match_golden() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The metrics' forwards (host-made inputs written into the device buffer, class probabilities)
+/// against the CPU, over more rows than one mask batch.
+fn class_probs_match_cpu() {
+    let model = tiny_model();
+    let s = model.input_size();
+    let opts = CamOptions {
+        method: scorecam_gpu::cam::Method::ScoreCam,
+        semantics: Semantics::Official,
+        layer: None,
+        targets: Targets::Top(1),
+        mask_batch: 5,
+        image_batch: 1,
+    };
+    let mut ge = Explainer::new(gpu(), Arc::clone(&model), opts.clone()).unwrap();
+    let mut ce = Explainer::new(CpuBackend::new(), Arc::clone(&model), opts).unwrap();
+    let rows = 13;
+    let x = cpu_images(rows, s, 400);
+    let classes: Vec<usize> = (0..rows).map(|r| r % 10).collect();
+    let g = ge.class_probs(&x, &classes).unwrap();
+    let c = ce.class_probs(&x, &classes).unwrap();
+    let d = check_tol(&g, &c, 0.005, 0.02, "class_probs");
+    println!("class_probs: {rows} rows, max |Δ| {d:.2e}");
+}
+
 fn main() -> std::process::ExitCode {
     use common::Need::Gpu;
     let t = common::trial;
@@ -886,5 +910,6 @@ fn main() -> std::process::ExitCode {
             fixtures_multi_class_and_batch_match_golden,
         ),
         t("methods_match_golden", &[Gpu], methods_match_golden),
+        t("class_probs_match_cpu", &[Gpu], class_probs_match_cpu),
     ])
 }

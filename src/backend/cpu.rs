@@ -107,7 +107,11 @@ impl Backend for CpuBackend {
     fn write_rows(&mut self, buf: &mut CpuBuf, first: usize, data: &[f32]) -> Result<()> {
         let row = buf.row_len();
         let end = first * row + data.len();
-        if buf.shape.len() != 4 || row == 0 || data.len() % row != 0 || end > buf.data.len() {
+        if buf.shape.len() != 4
+            || row == 0
+            || !data.len().is_multiple_of(row)
+            || end > buf.data.len()
+        {
             return Err(Error::Invalid(format!(
                 "write_rows: {} values at row {first} of {:?}",
                 data.len(),

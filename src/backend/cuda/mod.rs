@@ -1198,8 +1198,8 @@ impl Backend for CudaBackend {
             )));
         };
         let logical = c * h * w;
-        let rows = if logical == 0 { 0 } else { data.len() / logical };
-        if logical == 0 || data.len() % logical != 0 || first + rows > n {
+        let rows = data.len().checked_div(logical).unwrap_or(0);
+        if logical == 0 || !data.len().is_multiple_of(logical) || first + rows > n {
             return Err(Error::Invalid(format!(
                 "write_rows: {} values at row {first} of {:?}",
                 data.len(),
@@ -1214,7 +1214,10 @@ impl Backend for CudaBackend {
         let dst = buf.f16_mut("write_rows")?;
         self.dev
             .stream
-            .memcpy_htod(&host[..], &mut dst.slice_mut(first * row..(first + rows) * row))
+            .memcpy_htod(
+                &host[..],
+                &mut dst.slice_mut(first * row..(first + rows) * row),
+            )
             .map_err(|e| drv_err("write_rows", e))
     }
 
