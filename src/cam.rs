@@ -227,9 +227,16 @@ impl<B: Backend> Explainer<B> {
         {
             return Err(Error::Invalid("set_model: a model of another shape".into()));
         }
-        self.bufs = None;
         self.zero_logits = None;
         self.model = model;
+        self.rebuild_buffers()
+    }
+
+    /// Free the buffers, then prepare the backend and allocate them again for the current model
+    /// and plan (halving the mask batch until they fit).
+    fn rebuild_buffers(&mut self) -> Result<()> {
+        // Free the old buffers before allocating new (possibly smaller) ones.
+        self.bufs = None;
         let bufs = Self::fit(
             &mut self.backend,
             &self.model,
@@ -370,15 +377,7 @@ impl<B: Backend> Explainer<B> {
                     }
                     Err(e) => {
                         halve_on_oom(e, &mut self.plan)?;
-                        // Free the old buffers before allocating smaller ones.
-                        self.bufs = None;
-                        let bufs = Self::fit(
-                            &mut self.backend,
-                            &self.model,
-                            &mut self.plan,
-                            self.acts_shape,
-                        )?;
-                        self.bufs = Some(bufs);
+                        self.rebuild_buffers()?;
                     }
                 }
             }

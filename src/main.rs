@@ -51,13 +51,8 @@ enum Command {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Image files and directories (searched recursively).
-    #[arg(value_name = "IMAGES", required_unless_present = "manifest")]
-    images: Vec<PathBuf>,
-    /// Read the image paths from FILE (`-`: stdin), one per line (relative to the file's
-    /// directory).
-    #[arg(long, value_name = "FILE", conflicts_with = "images")]
-    manifest: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: InputArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -237,8 +232,9 @@ impl From<Mode> for Semantics {
     }
 }
 
+/// Where the images come from.
 #[derive(Args)]
-struct ExplainArgs {
+struct InputArgs {
     /// Image files and directories (searched recursively for PNG, JPEG, BMP, GIF, TIFF, WebP).
     #[arg(value_name = "IMAGES", required_unless_present = "manifest")]
     images: Vec<PathBuf>,
@@ -246,6 +242,21 @@ struct ExplainArgs {
     /// directory), or JSON like {"path": "a.jpg", "class": 3} / {"path": ..., "classes": [3, 7]}.
     #[arg(long, value_name = "FILE", conflicts_with = "images")]
     manifest: Option<PathBuf>,
+}
+
+impl InputArgs {
+    fn source(&self) -> Source {
+        match &self.manifest {
+            Some(m) => Source::Manifest(m.clone()),
+            None => Source::Paths(self.images.clone()),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    inputs: InputArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -472,10 +483,7 @@ fn explain(a: ExplainArgs) -> Result<u8> {
     if a.log_every.is_nan() || a.log_every <= 0.0 {
         return Err(Error::Usage("--log-every must be positive".into()));
     }
-    let source = match &a.manifest {
-        Some(m) => Source::Manifest(m.clone()),
-        None => Source::Paths(a.images.clone()),
-    };
+    let source = a.inputs.source();
     outputs::check_out_dir(&a.out)?;
     let root = outputs::choose_root(&a.out, &inputs::tree_root(&source, a.root.as_deref())?)?;
 
@@ -622,10 +630,7 @@ fn evaluate(a: EvalArgs) -> Result<u8> {
             }
         }
     }
-    let source = match &a.manifest {
-        Some(m) => Source::Manifest(m.clone()),
-        None => Source::Paths(a.images.clone()),
-    };
+    let source = a.inputs.source();
     let root = inputs::tree_root(&source, None)?;
     let mut listed = Vec::new();
     let mut failed_early = Vec::new();

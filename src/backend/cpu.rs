@@ -548,6 +548,11 @@ fn maxpool2_into(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32]) {
         });
 }
 
+/// Bin `i` of `out` over an input of `n`: PyTorch's adaptive pooling `[⌊i·n/out⌋, ⌈(i+1)·n/out⌉)`.
+pub fn adaptive_bin(i: usize, n: usize, out: usize) -> (usize, usize) {
+    (i * n / out, ((i + 1) * n).div_ceil(out))
+}
+
 /// AdaptiveAvgPool2d((oh, ow)) with PyTorch's bins: `[start, end)` = `[⌊i·H/oh⌋, ⌈(i+1)·H/oh⌉)`.
 pub fn adaptive_avgpool(
     x: &[f32],
@@ -564,9 +569,9 @@ pub fn adaptive_avgpool(
     y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, dst)| {
         let src = &x[p * h * w..][..h * w];
         for oy in 0..oh {
-            let (y0, y1) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
+            let (y0, y1) = adaptive_bin(oy, h, oh);
             for ox in 0..ow {
-                let (x0, x1) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
+                let (x0, x1) = adaptive_bin(ox, w, ow);
                 let mut sum = 0f32;
                 for yy in y0..y1 {
                     sum += src[yy * w + x0..yy * w + x1].iter().sum::<f32>();

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{adaptive_avgpool, conv3x3, linear, matmul_acc};
+use super::cpu::{adaptive_avgpool, adaptive_bin, conv3x3, linear, matmul_acc};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
 
 /// What the backward of one layer needs from its forward.
@@ -206,9 +206,9 @@ fn adaptive_avgpool_backward(
     dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
         let g = &dy[p * oh * ow..][..oh * ow];
         for oy in 0..oh {
-            let (y0, y1) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
+            let (y0, y1) = adaptive_bin(oy, h, oh);
             for ox in 0..ow {
-                let (x0, x1) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
+                let (x0, x1) = adaptive_bin(ox, w, ow);
                 let share = g[oy * ow + ox] / ((y1 - y0) * (x1 - x0)) as f32;
                 for yy in y0..y1 {
                     dst[yy * w + x0..yy * w + x1]
