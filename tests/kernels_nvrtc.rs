@@ -8,7 +8,7 @@
 mod common;
 
 use scorecam_gpu::backend::cuda::kernels::{
-    compile_for_arch, is_cubin, kernel_names, nvrtc_version,
+    compile_cached, compile_for_arch, is_cubin, kernel_names, nvrtc_version,
 };
 use scorecam_gpu::Error;
 
@@ -142,7 +142,52 @@ fn malformed_arch_is_rejected() {
     }
 }
 
+/// Compiled kernels are kept on disk between runs, keyed by sources, options and NVRTC version:
+/// the second compile reads them; a damaged file is compiled again and replaced; a cache that
+/// cannot be written only costs the compile.
+fn disk_cache_serves_the_second_compile() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("kernels");
+    let (first, hit) = compile_cached("sm_80", Some(&dir)).unwrap();
+    assert!(!hit);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("sm_80-nvrtc") && name.ends_with(".bin"),
+        "{name}"
+    );
+    let (second, hit) = compile_cached("sm_80", Some(&dir)).unwrap();
+    assert!(hit, "the second compile comes from the disk");
+    assert_eq!(first, second);
+    // Another arch is another file.
+    let (ptx, hit) = compile_cached("compute_80", Some(&dir)).unwrap();
+    assert!(!hit && !is_cubin(&ptx));
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    // Damaged: compiled again and replaced.
+    std::fs::write(&files[0], b"garbage").unwrap();
+    let (again, hit) = compile_cached("sm_80", Some(&dir)).unwrap();
+    assert!(!hit);
+    assert_eq!(again, first);
+    assert_eq!(std::fs::read(&files[0]).unwrap(), first);
+    // Unwritable (the directory's parent is a file): still compiles.
+    let blocker = d.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let (img, hit) = compile_cached("sm_80", Some(&blocker.join("kernels"))).unwrap();
+    assert!(!hit);
+    assert_eq!(img, first);
+    let (img, hit) = compile_cached("sm_80", None).unwrap();
+    assert!(!hit);
+    assert_eq!(img, first);
+}
+
 fn main() -> std::process::ExitCode {
+    // The other tests compile through the process cache only: nothing under $HOME.
+    std::env::set_var("SCORECAM_KERNEL_CACHE", "off");
     use common::Need::Nvrtc;
     let t = common::trial;
     common::run_tests(vec![
@@ -170,6 +215,11 @@ fn main() -> std::process::ExitCode {
             "malformed_arch_is_rejected",
             &[],
             malformed_arch_is_rejected,
+        ),
+        t(
+            "disk_cache_serves_the_second_compile",
+            &[Nvrtc],
+            disk_cache_serves_the_second_compile,
         ),
     ])
 }

@@ -168,14 +168,15 @@ pub struct ActDesc(sys::cudnnActivationDescriptor_t);
 impl ActDesc {
     pub fn new(mode: ActMode) -> Result<Self, CudnnError> {
         let d = ActDesc(result::create_activation_descriptor()?);
-        // Same settings as PyTorch's fused conv+add+relu (coef unused for RELU/IDENTITY).
+        // PyTorch's ActivationDescriptor settings: NaNs not propagated, coef = DBL_MAX. Some cuDNN
+        // documentation reads `coef` as an upper bound for RELU, so 0 could clip every value.
         // SAFETY: fresh descriptor.
         unsafe {
             result::set_activation_descriptor(
                 d.0,
                 mode,
-                sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
-                0.0,
+                sys::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
+                f64::MAX,
             )
         }?;
         Ok(d)

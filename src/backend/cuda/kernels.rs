@@ -123,6 +123,8 @@ pub struct Kernels {
     masks_smem: usize,
     /// The architecture the module was compiled for, e.g. `sm_90` (or `compute_86` for PTX).
     arch: String,
+    /// Resident blocks per SM of the masks kernels, by (separable kernel, shared memory bytes).
+    masks_occupancy: Mutex<HashMap<(bool, usize), u32>>,
 }
 
 impl Kernels {
@@ -189,6 +191,7 @@ impl Kernels {
             sm_count,
             masks_smem,
             arch,
+            masks_occupancy: Mutex::new(HashMap::new()),
         })
     }
 
@@ -305,10 +308,17 @@ impl Kernels {
         } else {
             &self.masks_direct
         };
-        let per_sm = func
-            .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
-            .unwrap_or(4)
-            .max(1);
+        // Queried once per kernel and shared-memory size, not per launch.
+        let per_sm = *self
+            .masks_occupancy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((separable, smem))
+            .or_insert_with(|| {
+                func.occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+                    .unwrap_or(4)
+                    .max(1)
+            });
         let resident = self.sm_count.saturating_mul(per_sm);
         let parts = masks_blocks_per_item(b, s, resident, separable);
         let grid = (b as u64 * parts as u64).min(i32::MAX as u64) as u32;
@@ -799,14 +809,89 @@ fn cache() -> &'static Mutex<HashMap<String, Vec<u8>>> {
 /// Errors: `Error::Invalid` for a malformed arch, `Error::CudaUnavailable` when NVRTC is missing
 /// or the compile fails (with NVRTC's log).
 pub fn compile_for_arch(arch: &str) -> Result<Vec<u8>> {
-    let (kind, number) = parse_arch(arch)?;
+    parse_arch(arch)?;
     ensure_nvrtc()?;
     // Hold the lock while compiling: concurrent first users wait instead of compiling twice.
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(image) = cache.get(arch) {
         return Ok(image.clone());
     }
-    let image = match kind {
+    let (image, _) = compile_cached(arch, disk_cache_dir().as_deref())?;
+    cache.insert(arch.to_owned(), image.clone());
+    Ok(image)
+}
+
+/// Where compiled kernels are kept between runs: `$SCORECAM_KERNEL_CACHE` (`off`: nowhere), else
+/// `$XDG_CACHE_HOME/scorecam-gpu/kernels`, else `~/.cache/scorecam-gpu/kernels`.
+pub fn disk_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("SCORECAM_KERNEL_CACHE") {
+        Some(v) if v == "off" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("scorecam-gpu").join("kernels")),
+    }
+}
+
+/// The file a compiled image lives in under `dir`: named by the arch, the NVRTC version and a
+/// hash of everything that shapes the output (the assembled sources, the options, the include
+/// directories' paths), so a change of any of them compiles anew.
+fn cache_file(dir: &Path, arch: &str) -> Result<PathBuf> {
+    let source = assemble_source(sources()).map_err(Error::CudaUnavailable)?;
+    let (major, minor) = nvrtc_version().unwrap_or((0, 0));
+    let mut key = source.into_bytes();
+    for o in NVRTC_OPTIONS {
+        key.extend_from_slice(o.as_bytes());
+        key.push(0);
+    }
+    for d in include_dirs() {
+        key.extend_from_slice(d.to_string_lossy().as_bytes());
+        key.push(0);
+    }
+    let hash = twox_hash::XxHash64::oneshot(0, &key);
+    Ok(dir.join(format!("{arch}-nvrtc{major}.{minor}-{hash:016x}.bin")))
+}
+
+/// Compile for `arch`, through the on-disk cache in `dir` when there is one: a cached image is
+/// used if it is a CUBIN or PTX; a missing, unreadable or damaged one is compiled and written back
+/// (atomically); a cache that cannot be written costs only the compile. Returns the image and
+/// whether it came from the disk.
+pub fn compile_cached(arch: &str, dir: Option<&Path>) -> Result<(Vec<u8>, bool)> {
+    let file = match dir {
+        Some(d) => Some(cache_file(d, arch)?),
+        None => None,
+    };
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            let ptx = bytes.starts_with(b"//") || bytes.starts_with(b".version");
+            if is_cubin(&bytes) || (ptx && std::str::from_utf8(&bytes).is_ok()) {
+                return Ok((bytes, true));
+            }
+        }
+    }
+    let image = compile_uncached(arch)?;
+    if let Some(f) = &file {
+        let written = f
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(|e| Error::io("kernel cache", e))
+            .and_then(|()| crate::image::write_atomic(f, &image));
+        if let Err(e) = written {
+            static WARNED: OnceLock<()> = OnceLock::new();
+            if WARNED.set(()).is_ok() && std::env::var_os("SCORECAM_CUDA_VERBOSE").is_some() {
+                eprintln!("notice: compiled kernels are not cached: {e}");
+            }
+        }
+    }
+    Ok((image, false))
+}
+
+/// One compile for `arch`, no caches.
+fn compile_uncached(arch: &str) -> Result<Vec<u8>> {
+    let (kind, number) = parse_arch(arch)?;
+    Ok(match kind {
         ArchKind::Sm => match compile_program(arch, true)? {
             Some(cubin) => cubin,
             // No CUBIN from this NVRTC for sm_XY: PTX for the same virtual arch.
@@ -821,9 +906,7 @@ pub fn compile_for_arch(arch: &str) -> Result<Vec<u8>> {
         },
         ArchKind::Compute => compile_program(arch, false)?
             .ok_or_else(|| Error::CudaUnavailable(format!("NVRTC produced no PTX for {arch}")))?,
-    };
-    cache.insert(arch.to_owned(), image.clone());
-    Ok(image)
+    })
 }
 
 /// The image for a device of compute capability `major.minor`: its own `sm_XY` when this NVRTC
