@@ -365,6 +365,13 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and closed early: end quietly like other Unix tools, not with a
+    // "Broken pipe" panic from println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Explain(a) => explain(*a),
