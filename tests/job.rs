@@ -307,7 +307,7 @@ fn run_shards(f: &Fixture, imgs: &Path, out: &Path, setup: impl Fn(&mut Command,
         .collect();
     for c in children {
         let o = c.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(o.status.success(), "{:?}: {}", o.status, stderr(&o));
     }
 }
 

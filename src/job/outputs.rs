@@ -172,18 +172,23 @@ impl OutputTree {
             .map_err(|e| output_error(dir, "cannot create directory", e))?;
         record_root(&state.join("root"), root)?;
         let stale_removed = remove_stale(&state.join("tmp"));
+        // The directory is made under a hidden name, its lock taken, and only then renamed to
+        // the run's name: another run never sees it without its lock held (it would take it
+        // for a dead run's and remove it).
         let tmp = state.join("tmp").join(run);
-        fs::create_dir_all(&tmp).map_err(|e| output_error(&tmp, "cannot create directory", e))?;
-        let lock_path = tmp.join("lock");
+        let staging = state.join("tmp").join(format!(".{run}"));
+        fs::create_dir_all(&staging)
+            .map_err(|e| output_error(&staging, "cannot create directory", e))?;
         let lock_file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
-            .map_err(|e| output_error(&lock_path, "cannot create", e))?;
-        if !try_lock(&lock_file).map_err(|e| output_error(&lock_path, "cannot lock", e))? {
-            return Err(Error::output(&lock_path, "locked by another process"));
+            .open(staging.join("lock"))
+            .map_err(|e| output_error(&staging, "cannot create its lock", e))?;
+        if !try_lock(&lock_file).map_err(|e| output_error(&staging, "cannot lock", e))? {
+            return Err(Error::output(&staging, "locked by another process"));
         }
+        fs::rename(&staging, &tmp).map_err(|e| output_error(&tmp, "cannot create directory", e))?;
         Ok(OutputTree {
             dir: dir.to_path_buf(),
             tmp,
@@ -281,23 +286,40 @@ impl Drop for OutputTree {
     }
 }
 
-/// Write the root record unless one exists (created exclusively, so concurrent shards agree).
+/// Write the root record unless one exists. The record appears whole or not at all (written to
+/// a temporary file, then hard-linked into place, which fails if the name exists), so a shard
+/// starting at the same moment never reads it half written; when it exists, it must agree.
 fn record_root(file: &Path, root: &Path) -> Result<()> {
     let mut bytes = super::inputs::path_bytes(root);
     bytes.push(b'\n');
-    match OpenOptions::new().write(true).create_new(true).open(file) {
-        Ok(mut f) => f
-            .write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| output_error(file, "cannot write", e)),
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".root.{}.{}.tmp",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(output_error(file, "cannot write", e));
+    }
+    let linked = fs::hard_link(&tmp, file);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let dir = file.parent().and_then(Path::parent).unwrap_or(file);
-            let rec = recorded_root(dir)?;
-            match rec {
+            let out = dir.parent().unwrap_or(dir);
+            match recorded_root(out)? {
                 Some(r) if r == root => Ok(()),
                 Some(r) => Err(Error::Usage(format!(
                     "output {} mirrors {} but this run mirrors {}",
-                    dir.display(),
+                    out.display(),
                     r.display(),
                     root.display()
                 ))),
@@ -319,17 +341,24 @@ fn remove_stale(tmp_root: &Path) -> usize {
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        let dead = match File::open(dir.join("lock")) {
-            // The lock is free: its run is gone.
-            Ok(f) => try_lock(&f).unwrap_or(false),
-            // No lock file: a run that died between creating its directory and its lock (a
-            // moment), unless it is being created right now; give it a minute.
-            Err(_) => entry
+        let old = || {
+            entry
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age.as_secs() > 60),
+                .is_some_and(|age| age.as_secs() > 60)
+        };
+        // A hidden (staging) directory is a run being created: left alone for a minute, after
+        // which it is a run that died before it started.
+        if entry.file_name().to_string_lossy().starts_with('.') && !old() {
+            continue;
+        }
+        let dead = match File::open(dir.join("lock")) {
+            // The lock is free: its run is gone.
+            Ok(f) => try_lock(&f).unwrap_or(false),
+            // No lock file: a run that died while creating its directory.
+            Err(_) => old(),
         };
         if dead && fs::remove_dir_all(&dir).is_ok() {
             removed += 1;
