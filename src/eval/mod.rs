@@ -164,6 +164,16 @@ pub struct EvalReport {
     pub protocol: Value,
 }
 
+/// One image's method-independent metric inputs.
+struct Prepared {
+    /// The normalized input `[3, S, S]`.
+    x: Vec<f32>,
+    del_base: Vec<f32>,
+    ins_base: Vec<f32>,
+    /// Its boxes in the model's view, when boxes are known for it.
+    boxes: Option<Vec<BoxPx>>,
+}
+
 /// Per-method sums while the images stream by.
 #[derive(Default)]
 struct Acc {
@@ -238,14 +248,35 @@ pub fn run(engine: &mut Engine, paths: &[PathBuf], opts: &EvalOptions) -> Result
         if rgbs.is_empty() {
             continue;
         }
+        // What every method's metrics of an image share, made once: the normalized input, the
+        // two baselines, the image's boxes in the model's view.
+        let mut prepared = Vec::with_capacity(rgbs.len());
+        for ((rgb, path), size) in rgbs.iter().zip(&names).zip(&sizes) {
+            let x = img::normalize(rgb, s, mean, std);
+            let boxes_px: Option<Vec<BoxPx>> = match &opts.boxes {
+                Some(b) => b.of(path)?.map(|found| {
+                    found
+                        .iter()
+                        .map(|bx| boxes::to_model_view(bx, size.0, size.1, s as u32, opts.resize))
+                        .collect()
+                }),
+                None => None,
+            };
+            prepared.push(Prepared {
+                del_base: opts.deletion_baseline.make(&x, s),
+                ins_base: opts.insertion_baseline.make(&x, s),
+                x,
+                boxes: boxes_px,
+            });
+        }
         let targets = vec![opts.targets.clone(); rgbs.len()];
         for (mi, method) in opts.methods.iter().enumerate() {
             engine.set_method(method.clone())?;
             let explained = engine.explain_for(&rgbs, &targets)?;
-            for (((rgb, ex), path), size) in rgbs.iter().zip(&explained).zip(&names).zip(&sizes) {
+            for ((rgb, ex), pre) in rgbs.iter().zip(&explained).zip(&prepared) {
                 let cm = &ex.maps[0];
                 let (class, map) = (cm.class, &cm.map);
-                let x = img::normalize(rgb, s, mean, std);
+                let x = &pre.x;
                 let acc = &mut accs[mi];
                 acc.images += 1;
                 // Average Drop / Increase in Confidence: the input times the map.
@@ -260,14 +291,12 @@ pub fn run(engine: &mut Engine, paths: &[PathBuf], opts: &EvalOptions) -> Result
                 acc.masked.push(o);
                 // Deletion and insertion.
                 let order = metrics::causal_order(map);
-                let del_base = opts.deletion_baseline.make(&x, s);
-                let ins_base = opts.insertion_baseline.make(&x, s);
                 for (start, finish, curve_sum, auc_sum) in [
-                    (&x, &del_base, &mut acc.deletion, &mut acc.deletion_auc),
-                    (&ins_base, &x, &mut acc.insertion, &mut acc.insertion_auc),
+                    (x, &pre.del_base, &mut acc.deletion, &mut acc.deletion_auc),
+                    (&pre.ins_base, x, &mut acc.insertion, &mut acc.insertion_auc),
                 ] {
                     let curve = probs_of(engine, s, steps + 1, class, |i, row| {
-                        let n = (i * opts.step).min(pixels);
+                        let n = metrics::causal_changed(i, opts.step, pixels);
                         metrics::causal_input(start, finish, &order, n, s, row);
                     })?;
                     *auc_sum += metrics::auc(&curve);
@@ -280,18 +309,10 @@ pub fn run(engine: &mut Engine, paths: &[PathBuf], opts: &EvalOptions) -> Result
                         .for_each(|(a, &v)| *a += f64::from(v));
                 }
                 // Pointing game.
-                if let Some(b) = &opts.boxes {
-                    if let Some(found) = b.of(path)? {
-                        let px: Vec<BoxPx> = found
-                            .iter()
-                            .map(|bx| {
-                                boxes::to_model_view(bx, size.0, size.1, s as u32, opts.resize)
-                            })
-                            .collect();
-                        if let Some(e) = metrics::energy_in_boxes(map, s, &px) {
-                            acc.pointing += e;
-                            acc.pointing_images += 1;
-                        }
+                if let Some(px) = &pre.boxes {
+                    if let Some(e) = metrics::energy_in_boxes(map, s, px) {
+                        acc.pointing += e;
+                        acc.pointing_images += 1;
                     }
                 }
                 if opts.sanity.is_some() {
