@@ -1,42 +1,167 @@
 #!/usr/bin/env bash
-# One-shot check on a GPU host (no Rust toolchain there): run from the project root after
-# `../shared/tools/gpu-bundle.sh` built target/gpu-bundle here and both were copied over, with the
-# pytorch-grad-cam wheels in .whl/ (see benches/README.md). Writes logs and JSON under $OUT
-# (default ./gpu-out):
-#   gpu.txt               the device
-#   tests.log             every test executable with SCORECAM_REQUIRE_GPU=1 (parity tests included)
-#   engine_*.json         `scorecam-gpu bench --json` for both semantics
-#   peers.log/peers.json  PyTorch FP16 Score-CAM and pytorch-grad-cam on the same GPU, with ratios
+# One-shot check on a GPU host (no Rust toolchain, no network there), in one device call:
+#   bash benches/gpu_check.sh
+# from the project root, after `../shared/tools/gpu-bundle.sh` built target/gpu-bundle here and
+# both were copied over, with the pytorch-grad-cam wheels in .whl/ (see benches/README.md).
+# Everything goes to $OUT (default ./gpu-out), ending with the merged file
+# $OUT/gpu-check-<UTC date>.json (benches/gpu_report.py merge) and its tables in $OUT/table.md:
+#   gpu.csv, gpu_after.csv  nvidia-smi at the start and after the engine's benches (gpu.fields)
+#   libs.txt                the CUDA libraries the engine is pointed at
+#   tests.log               every test executable with SCORECAM_REQUIRE_GPU=1 (parity tests included)
+#   engine_{fp16,fp8,cs}.json/.err   `scorecam-gpu bench --json` (FP16 1,8,32; FP8 1,8,32;
+#                           channel-softmax 8) and each one's stderr
+#   peers.json/.log         peers_gpu.py: tuned eager PyTorch FP16 Score-CAM, pytorch-grad-cam 1.5.7
+#   peers_compile.json/.log peers_gpu.py --compile-bound: torch.compile(max-autotune) forward bound,
+#                           last and only when time is left (PEERS_COMPILE=0 skips it)
+#   steps.tsv               per step: name, exit code, wall s, limit s, command, note
+# Every step has its own timeout and the whole run keeps within GPU_CHECK_BUDGET_S (default 540 s,
+# under the device's 10-minute command limit); a failed step never stops the later ones.
+# Limits (seconds, each also capped by the time left): TEST_TIMEOUT 160, BENCH_TIMEOUT 90,
+# FP8_TIMEOUT 60, CS_TIMEOUT 40, PEERS_TIMEOUT 120, COMPILE_TIMEOUT 330 (run only if at least
+# COMPILE_MIN_S 120 are left; PEERS_COMPILE_MODE picks another torch.compile mode). Exit status: 0 when the tests, the FP16 bench and the peers succeeded.
 set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+t_start=$(date +%s)
+budget=${GPU_CHECK_BUDGET_S:-540}
+reserve=25 # kept for the merge and the table
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+steps=$out/steps.tsv
+# a reused $OUT must not lend a skipped step the last run's figures
+rm -f "$out"/{gpu.fields,gpu.csv,gpu.err,gpu_after.csv,gpu_after.err,libs.txt,tests.log,wheels.log,table.md} \
+  "$out"/engine_{fp16,fp8,cs}.{json,err} "$out"/peers{,_compile}.{json,log,json.tmp}
+: > "$steps"
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1 RUST_TEST_NOCAPTURE=1
 bin=target/gpu-bundle/scorecam-gpu
+
+left() { echo $((t_start + budget - $(date +%s))); }
+
+# run_step NAME LIMIT STDOUT STDERR CMD...: runs CMD under `timeout` (LIMIT capped by the time left
+# minus the reserve), appends a line to steps.tsv, returns CMD's exit code (124: timed out).
+# STDERR equal to STDOUT sends both to one file.
+run_step() {
+  local name=$1 limit=$2 so=$3 se=$4 rc t0 t1 wall avail
+  shift 4
+  avail=$(($(left) - reserve))
+  if [ "$avail" -lt 5 ]; then
+    skip_step "$name" "no time left (budget ${budget} s)" "$(cmdline "$@")"
+    return 125
+  fi
+  [ "$avail" -lt "$limit" ] && limit=$avail
+  echo "== $name (limit ${limit} s): $*"
+  t0=$(date +%s.%N)
+  if [ "$so" = "$se" ]; then
+    timeout -k 10 "$limit" "$@" > "$so" 2>&1
+  else
+    timeout -k 10 "$limit" "$@" > "$so" 2> "$se"
+  fi
+  rc=$?
+  t1=$(date +%s.%N)
+  wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+  printf '%s\t%s\t%s\t%s\t%s\t\n' "$name" "$rc" "$wall" "$limit" "$(cmdline "$@")" >> "$steps"
+  echo "-- $name: exit $rc in ${wall} s$([ "$rc" = 124 ] && echo ' (timed out)')"
+  return "$rc"
+}
+cmdline() { # the command as one line, quoting only the words that need it
+  local w line=
+  for w in "$@"; do
+    [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]] || w=$(printf '%q' "$w")
+    line+="${line:+ }$w"
+  done
+  printf '%s' "$line"
+}
+skip_step() { # NAME WHY [COMMAND]
+  printf '%s\tskip\t0\t0\t%s\t%s\n' "$1" "${3:-}" "$2" >> "$steps"
+  echo "-- $1: skipped ($2)"
+}
+
+# (a) the device. Fields: any one unknown to the driver fails the whole query, so fall back.
+fields=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,clocks.sm,clocks.mem,power.limit,temperature.gpu,pstate,compute_cap
+if ! timeout 15 nvidia-smi --query-gpu="$fields" --format=csv,noheader,nounits > /dev/null 2>&1; then
+  fields=name,driver_version,memory.total,clocks.max.sm,clocks.sm,clocks.mem,power.limit,temperature.gpu
+fi
+echo "$fields" > "$out/gpu.fields"
+run_step gpu 15 "$out/gpu.csv" "$out/gpu.err" nvidia-smi --query-gpu="$fields" --format=csv,noheader,nounits
+cat "$out/gpu.csv"
+
 # cuDNN/cuBLAS/NVRTC may live in the toolkit, the system or PyTorch's pip wheels: find each one.
-sp=$(python3 -c "import site; print(site.getsitepackages()[0])" 2>/dev/null)
+sp=$(python3 -c "import site; print(site.getsitepackages()[0])" 2> /dev/null)
+: > "$out/libs.txt"
 for lib in libcudnn.so.9 libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
-  f=$(find /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu "$sp/nvidia" -maxdepth 3 -name "$lib" 2>/dev/null | head -1)
-  [ -n "$f" ] && LD_LIBRARY_PATH="$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  f=$(find /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu ${sp:+"$sp/nvidia"} -maxdepth 3 -name "$lib" 2> /dev/null | head -1)
+  if [ -n "$f" ]; then
+    LD_LIBRARY_PATH="$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    readlink -f "$f" >> "$out/libs.txt"
+  else
+    echo "$lib: not found" >> "$out/libs.txt"
+  fi
 done
 export LD_LIBRARY_PATH
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
-
 export SCORECAM_BIN=$PWD/$bin
-echo "== tests"
-timeout "${TEST_TIMEOUT:-300}" target/gpu-bundle/run.sh > "$out/tests.log" 2>&1
-echo "tests exit: $?" | tee -a "$out/tests.log"
-grep -E "^test result|FAILED|panicked|skipped" "$out/tests.log" | head -40
 
-echo "== engine bench"
-timeout 120 "$bin" bench --backend cuda --images 1,8,32 --json > "$out/engine_official.json" 2> "$out/bench.err"
-timeout 60 "$bin" bench --backend cuda --images 8 --mode channel-softmax --json > "$out/engine_cs.json" 2>> "$out/bench.err"
-timeout 60 "$bin" bench --backend cuda --images 8 2>> "$out/bench.err"
-cat "$out/engine_official.json" "$out/engine_cs.json"; tail -5 "$out/bench.err"
+# (b) tests
+run_step tests "${TEST_TIMEOUT:-160}" "$out/tests.log" "$out/tests.log" target/gpu-bundle/run.sh
+tests_rc=$?
+grep -E "^== |^test result|FAILED|panicked|skipped" "$out/tests.log" | head -60
 
-echo "== peers"
+# (c) the engine: FP16 at 1/8/32 images, FP8 (may be unsupported: recorded, not fatal), channel-softmax
+run_step engine_fp16 "${BENCH_TIMEOUT:-90}" "$out/engine_fp16.json" "$out/engine_fp16.err" \
+  "$bin" bench --backend cuda --images 1,8,32 --json
+fp16_rc=$?
+run_step engine_fp8 "${FP8_TIMEOUT:-60}" "$out/engine_fp8.json" "$out/engine_fp8.err" \
+  "$bin" bench --backend cuda --precision fp8 --images 1,8,32 --json
+run_step engine_channel_softmax "${CS_TIMEOUT:-40}" "$out/engine_cs.json" "$out/engine_cs.err" \
+  "$bin" bench --backend cuda --mode channel-softmax --images 8 --json
+for f in engine_fp16 engine_fp8 engine_cs; do
+  echo "-- $f: $(head -c 600 "$out/$f.json" 2> /dev/null)"
+  tail -n 3 "$out/$f.err" 2> /dev/null
+done
+run_step gpu_after 15 "$out/gpu_after.csv" "$out/gpu_after.err" nvidia-smi --query-gpu="$fields" --format=csv,noheader,nounits
+cat "$out/gpu_after.csv"
+
+# (d) peers. PyTorch brings its own cuDNN: keep the engine's library path away from it.
+site=${TMPDIR:-/tmp}/scorecam-peers-site
 if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  run_step wheels 20 "$out/wheels.log" "$out/wheels.log" \
+    python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl &&
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+else
+  skip_step wheels "no .whl/*.whl: pytorch-grad-cam will be reported as not importable"
 fi
-# PyTorch brings its own cuDNN: keep the engine's library path away from it.
-timeout "${PEERS_TIMEOUT:-200}" env -u LD_LIBRARY_PATH python3 benches/peers_gpu.py --engine-json "$out/engine_official.json" \
-  --json-out "$out/peers.json" 2>&1 | tee "$out/peers.log" | tail -30
+engine_arg=()
+[ -s "$out/engine_fp16.json" ] && engine_arg=(--engine-json "$out/engine_fp16.json")
+run_step peers "${PEERS_TIMEOUT:-120}" "$out/peers.log" "$out/peers.log" \
+  env -u LD_LIBRARY_PATH python3 benches/peers_gpu.py ${engine_arg[@]+"${engine_arg[@]}"} --json-out "$out/peers.json"
+peers_rc=$?
+grep -v '^ \|^[{}]' "$out/peers.log" | tail -n 25
+
+# torch.compile(max-autotune) forward bound: slow (minutes of autotuning), so last, with what is left
+if [ "${PEERS_COMPILE:-1}" = 0 ]; then
+  skip_step peers_compile "PEERS_COMPILE=0"
+else
+  avail=$(($(left) - reserve))
+  lim=${COMPILE_TIMEOUT:-330}
+  [ "$avail" -lt "$lim" ] && lim=$avail
+  if [ "$lim" -lt "${COMPILE_MIN_S:-120}" ]; then
+    skip_step peers_compile "not enough time left (${lim} s < COMPILE_MIN_S ${COMPILE_MIN_S:-120} s)"
+  else
+    # python gives up 15 s before the shell's timeout, so the JSON says why
+    run_step peers_compile "$lim" "$out/peers_compile.log" "$out/peers_compile.log" \
+      env -u LD_LIBRARY_PATH python3 benches/peers_gpu.py --skip-tuned --skip-gradcam --no-check \
+      --compile-bound "${PEERS_COMPILE_MODE:-max-autotune}" --compile-timeout $((lim - 15)) \
+      --json-out "$out/peers_compile.json"
+    grep -E "forward|torch.compile|Error|error" "$out/peers_compile.log" | tail -n 8
+  fi
+fi
+
+# (e) one JSON file with everything, ratios included, and the README's tables from it
+json=$(timeout 20 env -u LD_LIBRARY_PATH python3 benches/gpu_report.py merge --dir "$out" --root . --budget-s "$budget")
+echo "== merged: $json ($(($(date +%s) - t_start)) s in all)"
+if [ -n "$json" ] && [ -f "$json" ]; then
+  timeout 20 env -u LD_LIBRARY_PATH python3 benches/gpu_report.py table "$json" | tee "$out/table.md"
+fi
+status=0
+[ "$tests_rc" = 0 ] || { echo "tests: exit $tests_rc"; status=1; }
+[ "$fp16_rc" = 0 ] || { echo "engine FP16 bench: exit $fp16_rc"; status=1; }
+[ "$peers_rc" = 0 ] || { echo "peers: exit $peers_rc"; status=1; }
+exit $status

@@ -10,24 +10,36 @@ warm-up first, then the median over several images) for:
             of all channels, flat channels skipped, min-max masks, masked inputs in batches
             of --mask-batch (256), softmax, score of class c, combine, ReLU, min-max.
   compiled  the same with the masked forward under torch.compile (only with --compile).
+  bound     torch.compile(mode="max-autotune") FP16 channels_last VGG16 forward at the mask
+            batch, throughput only (only with --compile-bound): ms per forward x (channels + 1)
+            passes per image, a lower bound of any Score-CAM built on that forward; the eager
+            forward is timed the same way beside it.  Runs last; a compile error or
+            --compile-timeout is recorded under "compile_bound" instead of ending the run.
   gradcam   pytorch-grad-cam 1.5.7 ScoreCAM as a user runs it: FP32, its default batch of
             16 masked inputs, targets=None (top-1).  Slow: only --gradcam-images images.
             Skipped with a message when pytorch_grad_cam is not importable.
 
 --engine-json FILE takes the JSON of `scorecam-gpu bench --json` (top-level "ms_per_image":
 {"1": ms, "8": ms, ...} and "device") and prints engine vs peers with ratios.
-A JSON summary goes to stdout last (and to --json-out FILE if given).
+A JSON summary goes to stdout last (and to --json-out FILE if given; that file is rewritten
+after every peer, so a run killed part-way still leaves what it measured).
 
 On the GPU host (no package index) install the wheels from .whl/ first, see benches/README.md:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site python3 benches/peers_gpu.py --engine-json engine.json
 CPU smoke test of the logic (tiny sizes):
     python3 benches/peers_gpu.py --device cpu --channels 8 --size 64 --images 2 --gradcam-images 1
+    python3 benches/peers_gpu.py --device cpu --channels 8 --size 64 --skip-tuned --skip-gradcam \
+        --compile-bound default --mask-batch 4 --bound-iters 2
+The torch.compile bound alone (benches/gpu_check.sh runs it as its own last step):
+    python3 benches/peers_gpu.py --skip-tuned --skip-gradcam --compile-bound --compile-timeout 300 \
+        --json-out peers_compile.json
 """
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -244,9 +256,9 @@ def time_per_image(fn, images, warmup, device):
 def load_engine(path):
     with open(path) as f:
         j = json.load(f)
-    ms = j.get("ms_per_image")
+    ms = j.get("ms_per_image") if isinstance(j, dict) else None
     if not isinstance(ms, dict):
-        raise SystemExit("%s: no top-level \"ms_per_image\" object" % path)
+        raise ValueError("%s: no top-level \"ms_per_image\" object" % path)
     out = {}
     for k, v in ms.items():
         try:
@@ -263,6 +275,93 @@ def print_table(rows, engine_best):
         ratio = ("%.2fx" % (ms / engine_best)) if engine_best else "-"
         print("%-*s %12.2f %14s" % (w, name, ms, ratio))
     print("(ratio = system ms / engine's best ms: >1 means the engine is that many times faster)\n")
+
+
+# --------------------------------------------------------------------------- torch.compile bound
+
+class CompileTimeout(BaseException):
+    """Raised by SIGALRM: a BaseException so that no `except Exception` inside torch swallows it."""
+
+
+def _on_alarm(signum, frame):
+    raise CompileTimeout()
+
+
+def _time_forward(fn, x, iters, device, mark_step=False):
+    """ms per call of fn(x), averaged over iters back-to-back calls (one sync at the end)."""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None) if mark_step else None
+    with torch.no_grad():
+        for _ in range(3):
+            if mark:
+                mark()
+            fn(x)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            if mark:
+                mark()
+            fn(x)
+        sync(device)
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def forward_bound(args, device, dtype, channels, mode):
+    """The masked-forward bound: VGG16 (FP16, channels_last on the GPU) forward at batch
+    --mask-batch, eager and under torch.compile(mode=MODE, dynamic=False); ms/image =
+    ms per forward / batch x (channels + 1).  Never raises: failures land in "error"."""
+    b, passes = args.mask_batch, channels + 1
+    cl = device.type == "cuda"
+    res = {"key": "torch_compile_%s_forward_bound" % mode, "mode": mode, "batch": b,
+           "passes_per_image": passes, "dtype": str(dtype).replace("torch.", ""), "channels_last": cl,
+           "size": args.size, "iters": args.bound_iters}
+    try:
+        model = build_vgg16(args.seed).to(device=device, dtype=dtype)
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(b, 3, args.size, args.size, generator=g).to(device=device, dtype=dtype)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        ms = _time_forward(model, x, args.bound_iters, device)
+        res["eager_forward_ms_per_batch"] = ms
+        res["eager_ms_per_image_bound"] = ms / b * passes
+        print("eager forward, batch %d: %.3f ms (%.0f img/s) -> %.2f ms/image for %d passes"
+              % (b, ms, b / ms * 1e3, res["eager_ms_per_image_bound"], passes), flush=True)
+    except Exception as e:
+        res["error"] = "eager forward: %s: %s" % (type(e).__name__, str(e)[-1500:])
+        return res
+    timeout = int(args.compile_timeout or 0)
+    old = None
+    if timeout > 0 and hasattr(signal, "SIGALRM"):
+        old = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(timeout)
+    t0 = time.perf_counter()
+    try:
+        cm = torch.compile(model, mode=mode, dynamic=False)
+        with torch.no_grad():
+            cm(x)
+        sync(device)
+        res["compile_s"] = time.perf_counter() - t0
+        print("torch.compile(mode=%r): first call %.1f s" % (mode, res["compile_s"]), flush=True)
+        ms = _time_forward(cm, x, args.bound_iters, device, mark_step=True)
+        res["forward_ms_per_batch"] = ms
+        res["images_per_s"] = b / ms * 1e3
+        res["ms_per_image_bound"] = ms / b * passes
+        res["speedup_vs_eager"] = res["eager_forward_ms_per_batch"] / ms
+        print("compiled forward, batch %d: %.3f ms (%.0f img/s) -> %.2f ms/image for %d passes"
+              % (b, ms, res["images_per_s"], res["ms_per_image_bound"], passes), flush=True)
+    except CompileTimeout:
+        res["error"] = "timed out after %d s (--compile-timeout), %s" % (
+            timeout, "while timing" if "compile_s" in res else "while compiling")
+        res["timed_out"] = True
+    except Exception as e:
+        res["error"] = "%s: %s" % (type(e).__name__, str(e)[-1500:])
+    finally:
+        if old is not None:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    if "error" in res:
+        print("torch.compile bound: %s" % res["error"], flush=True)
+    return res
 
 
 # --------------------------------------------------------------------------- main
@@ -286,6 +385,14 @@ def main(argv=None):
     ap.add_argument("--compile", nargs="?", const="max-autotune", default=None, metavar="MODE",
                     help="also time the tuned peer with torch.compile (default mode max-autotune; "
                          "compilation takes minutes)")
+    ap.add_argument("--compile-bound", nargs="?", const="max-autotune", default=None, metavar="MODE",
+                    help="last, time the VGG16 forward at --mask-batch under torch.compile (default mode "
+                         "max-autotune) and report ms per (channels + 1) forwards as a lower bound")
+    ap.add_argument("--compile-timeout", type=float, default=0,
+                    help="give up the --compile-bound compile+timing after this many seconds (0: never)")
+    ap.add_argument("--bound-iters", type=int, default=20, help="timed forwards for --compile-bound")
+    ap.add_argument("--skip-tuned", action="store_true",
+                    help="skip the tuned eager Score-CAM (and its check), e.g. for a --compile-bound-only run")
     ap.add_argument("--no-check", action="store_true", help="skip the fp16-vs-fp32 agreement check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-json", default=None, help="JSON from `scorecam-gpu bench --json`")
@@ -311,14 +418,27 @@ def main(argv=None):
     }
     images = make_images(max(args.images, args.gradcam_images, 1), args.size, args.seed)
 
-    # (a) tuned eager
-    tuned = TunedScoreCAM(build_vgg16(args.seed), device, dtype, args.mask_batch, args.channels)
-    med, runs = time_per_image(tuned, images[: args.images], args.warmup, device)
-    summary["ms_per_image"]["pytorch_tuned_eager"] = med
-    summary["runs_ms"]["pytorch_tuned_eager"] = runs
-    print("tuned eager (%s, mask batch %d): %.2f ms/image" % (summary["tuned_dtype"], args.mask_batch, med), flush=True)
+    def save():
+        if args.json_out:
+            tmp = args.json_out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(tmp, args.json_out)
 
-    if not args.no_check:
+    save()
+    # (a) tuned eager
+    tuned = None
+    if args.skip_tuned:
+        summary["notes"].append("tuned eager Score-CAM skipped (--skip-tuned)")
+    else:
+        tuned = TunedScoreCAM(build_vgg16(args.seed), device, dtype, args.mask_batch, args.channels)
+        med, runs = time_per_image(tuned, images[: args.images], args.warmup, device)
+        summary["ms_per_image"]["pytorch_tuned_eager"] = med
+        summary["runs_ms"]["pytorch_tuned_eager"] = runs
+        print("tuned eager (%s, mask batch %d): %.2f ms/image" % (summary["tuned_dtype"], args.mask_batch, med), flush=True)
+        save()
+
+    if tuned is not None and not args.no_check:
         ref = TunedScoreCAM(build_vgg16(args.seed), device, torch.float32, args.mask_batch, args.channels)
         cam_a, c_a, _ = tuned(images[0])
         cam_r, c_r, _ = ref(images[0])
@@ -326,21 +446,29 @@ def main(argv=None):
         summary["check_vs_fp32"] = {"max_abs_map_diff": diff, "same_class": c_a == c_r}
         print("check: tuned %s vs fp32 map max |diff| %.4g, same class %s" % (summary["tuned_dtype"], diff, c_a == c_r))
         del ref
+        save()
+    del tuned
 
     # (c) torch.compile
     if args.compile:
-        comp = TunedScoreCAM(build_vgg16(args.seed), device, dtype, args.mask_batch, args.channels,
-                             compile_mode=args.compile)
-        t0 = time.perf_counter()
-        comp(images[0])
-        sync(device)
-        summary["compile_first_call_s"] = time.perf_counter() - t0
-        med, runs = time_per_image(comp, images[: args.images], args.warmup, device)
-        key = "pytorch_tuned_compile_%s" % args.compile
-        summary["ms_per_image"][key] = med
-        summary["runs_ms"][key] = runs
-        print("tuned compiled (%s): %.2f ms/image (first call %.1f s)" % (args.compile, med, summary["compile_first_call_s"]), flush=True)
-        del comp
+        try:
+            comp = TunedScoreCAM(build_vgg16(args.seed), device, dtype, args.mask_batch, args.channels,
+                                 compile_mode=args.compile)
+            t0 = time.perf_counter()
+            comp(images[0])
+            sync(device)
+            summary["compile_first_call_s"] = time.perf_counter() - t0
+            med, runs = time_per_image(comp, images[: args.images], args.warmup, device)
+            key = "pytorch_tuned_compile_%s" % args.compile
+            summary["ms_per_image"][key] = med
+            summary["runs_ms"][key] = runs
+            print("tuned compiled (%s): %.2f ms/image (first call %.1f s)" % (args.compile, med, summary["compile_first_call_s"]), flush=True)
+            del comp
+        except Exception as e:
+            msg = "tuned Score-CAM under torch.compile(%s) failed: %s: %s" % (args.compile, type(e).__name__, str(e)[-1000:])
+            print(msg, flush=True)
+            summary["notes"].append(msg)
+        save()
 
     # (b) pytorch-grad-cam
     GradCamScoreCAM = None
@@ -366,17 +494,42 @@ def main(argv=None):
         def run_gc(img):
             return cam(input_tensor=img.to(device), targets=None)
 
-        med, runs = time_per_image(run_gc, images[: args.gradcam_images], 1, device)
-        summary["ms_per_image"]["pytorch_grad_cam_1.5.7"] = med
-        summary["runs_ms"]["pytorch_grad_cam_1.5.7"] = runs
-        summary["gradcam_batch_size"] = getattr(cam, "batch_size", 16)
-        print("pytorch-grad-cam ScoreCAM (fp32, batch 16): %.2f ms/image" % med, flush=True)
+        try:
+            med, runs = time_per_image(run_gc, images[: args.gradcam_images], 1, device)
+            summary["ms_per_image"]["pytorch_grad_cam_1.5.7"] = med
+            summary["runs_ms"]["pytorch_grad_cam_1.5.7"] = runs
+            summary["gradcam_batch_size"] = getattr(cam, "batch_size", 16)
+            print("pytorch-grad-cam ScoreCAM (fp32, batch 16): %.2f ms/image" % med, flush=True)
+        except Exception as e:  # keep what the other peers measured
+            msg = "pytorch-grad-cam ScoreCAM failed: %s: %s" % (type(e).__name__, str(e)[-1000:])
+            print(msg, flush=True)
+            summary["notes"].append(msg)
         cam.activations_and_grads.release()
         del cam, model32
+        save()
+
+    # (d) torch.compile forward bound: last, it is slow (max-autotune: minutes)
+    if args.compile_bound:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        summary["compile_bound"] = {"mode": args.compile_bound, "error": "started, did not finish (killed?)"}
+        save()
+        cb = forward_bound(args, device, dtype, K, args.compile_bound)
+        summary["compile_bound"] = cb
+        if "ms_per_image_bound" in cb:
+            summary["ms_per_image"][cb["key"]] = cb["ms_per_image_bound"]
+        save()
 
     # engine comparison
+    eng = None
     if args.engine_json:
-        eng, eng_dev = load_engine(args.engine_json)
+        try:
+            eng, eng_dev = load_engine(args.engine_json)
+        except (OSError, ValueError) as e:
+            msg = "engine JSON not usable, no ratios: %s: %s" % (type(e).__name__, e)
+            print(msg)
+            summary["notes"].append(msg)
+    if eng is not None:
         summary["engine"] = {"device": eng_dev, "ms_per_image": eng}
         if eng_dev != "?" and dev_name not in str(eng_dev) and str(eng_dev) not in dev_name:
             note = "engine device %r differs from peers' device %r: ratios are not like for like" % (eng_dev, dev_name)
@@ -385,13 +538,18 @@ def main(argv=None):
         rows = [("scorecam-gpu batch %s" % b, ms) for b, ms in sorted(eng.items(), key=lambda kv: _num(kv[0]))]
         rows += [(k, v) for k, v in summary["ms_per_image"].items()]
         best = min(eng.values()) if eng else None
+        if not rows:
+            rows = [("(nothing measured)", float("nan"))]
         print_table(rows, best)
         summary["ratio_vs_engine_best"] = {k: (v / best if best else None) for k, v in summary["ms_per_image"].items()}
 
     print(json.dumps(summary, indent=1))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(summary, f, indent=1)
+    save()
+    if summary.get("compile_bound", {}).get("timed_out"):
+        # a compile cut short may leave worker processes that would hold up the exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return summary
 
 
