@@ -43,6 +43,14 @@ __device__ __forceinline__ bool is_aligned(const void* p, u64 bytes) {
     return (reinterpret_cast<u64>(p) & (bytes - 1)) == 0;
 }
 
+// SplitMix64's finalizer (the host twin is backend::splitmix64): noise and random fills.
+__device__ __forceinline__ u64 splitmix64(u64 x) {
+    u64 z = x + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 // Grid-stride helpers (64-bit: element counts may exceed 2^31).
 __device__ __forceinline__ i64 global_tid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ i64 global_stride() { return (i64)gridDim.x * blockDim.x; }

@@ -2,6 +2,8 @@
 //   bias_act_f16: y[r, col] = act(y[r, col] + bias[col]) (f16, f32 math, optional ReLU)
 //   bias_f32:     y[r, col] += bias[col] (f32 logits)
 //   relu_f16:     x = max(x, 0)
+//   fill_uniform_f16: x[i] = lo + (hi - lo)·u_i, u_i ∈ [0, 1) from a hash of (seed, i): the
+//                 random data convolution algorithms are timed on (zeros draw less power)
 // Index math runs in 32 bits when the element count allows (I = int), else 64 bits.
 #include "common.cuh"
 
@@ -85,5 +87,13 @@ extern "C" __global__ void relu_f16(f16raw* __restrict__ x, long long n) {
     }
     for (i64 i = chunks * 8 + global_tid(); i < n; i += global_stride()) {
         x[i] = f2h(fmaxf(h2f(x[i]), 0.0f));
+    }
+}
+
+extern "C" __global__ void fill_uniform_f16(f16raw* __restrict__ x, long long n, u64 seed_key,
+                                            float lo, float hi) {
+    for (i64 i = global_tid(); i < n; i += global_stride()) {
+        const float u = (float)(splitmix64(seed_key ^ (u64)i) >> 40) * (1.0f / 16777216.0f);
+        x[i] = f2h(lo + (hi - lo) * u);
     }
 }

@@ -80,13 +80,6 @@ struct DirectSrc {
     }
 };
 
-__device__ __forceinline__ u64 splitmix64(u64 x) {
-    u64 z = x + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 // N(0, 1) element `index` of the stream whose base key is `base` = splitmix64(splitmix64(seed) ^
 // stream) (see backend::normal_noise).
 __device__ __forceinline__ float normal_at(u64 base, u64 index) {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::backend::{Backend, Plan, Semantics, Stage};
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::model::Vgg;
+use crate::model::{LayerKind, Vgg};
 
 /// Deterministic test images: smooth colour gradients with a bright square, so activations vary.
 pub fn synthetic_images(count: usize, s: usize) -> Vec<Vec<u8>> {
@@ -94,6 +94,8 @@ pub fn scorecam(
             );
         }
     }
+    let backend = engine.backend_report();
+    let layers = layers(engine, model, &backend)?;
     Ok(json!({
         "ms_per_image": ms_per_image,
         "stages_ms_per_image": stages,
@@ -101,7 +103,56 @@ pub fn scorecam(
         "channels": k,
         "layer": engine.layer_name(),
         "mask_batch": engine.mask_batch(),
+        "layers": layers,
+        "backend": backend,
     }))
+}
+
+/// Per-layer timing of one full mask batch's forward: ms (median of 5), TFLOP/s for convs and
+/// Linears, GB/s of activations moved for pools, and the convolution configuration chosen at
+/// prepare for that batch size (from the backend's report).
+fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value>> {
+    let rows = engine.mask_batch();
+    let s = model.input_size();
+    let ms = engine.layer_times(5)?;
+    let elem_bytes = if engine.is_cpu() { 4 } else { 2 };
+    let costs = model.layer_costs(s, rows, elem_bytes);
+    let algo = |stage: usize| -> Value {
+        backend["plans"]
+            .as_array()
+            .and_then(|plans| {
+                plans.iter().find(|p| {
+                    p["stage"] == json!(stage) && p["rows"] == json!(rows) && p["pre_relu"] == false
+                })
+            })
+            .map_or(Value::Null, |p| p["algo"].clone())
+    };
+    Ok(costs
+        .iter()
+        .zip(&ms)
+        .enumerate()
+        .map(|(i, (c, &ms))| {
+            let secs = ms * 1e-3;
+            let mut v = json!({
+                "name": c.name,
+                "kind": c.kind.name(),
+                "rows": rows,
+                "ms": round3(ms),
+            });
+            if c.flops > 0 && secs > 0.0 {
+                v["tflops"] = json!(round3(c.flops as f64 / secs / 1e12));
+            } else if secs > 0.0 {
+                v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
+            }
+            if c.kind == LayerKind::Conv && i < model.features.len() {
+                let a = algo(i);
+                if !a.is_null() {
+                    v["algo"] = a;
+                }
+            }
+            v
+        })
+        .collect())
 }
 
 /// Median ms of a plain forward pass at each batch size in `sizes`.

@@ -276,6 +276,16 @@ impl<B: Backend> Explainer<B> {
         Ok(out)
     }
 
+    /// Milliseconds of each layer (see [`Backend::layer_times`]) of a forward of a full mask
+    /// batch, on the masked inputs the last run left in its buffer; median of `reps` passes.
+    pub fn layer_times(&mut self, reps: usize) -> Result<Vec<f64>> {
+        let bufs = self.bufs.as_ref().ok_or_else(|| {
+            Error::Invalid("explainer buffers missing after a failed rebuild".into())
+        })?;
+        self.backend
+            .layer_times(&bufs.masked, self.plan.max_masks, reps)
+    }
+
     /// Count masked passes into `counter` from now on (see [`PassCounter`]).
     pub fn set_pass_counter(&mut self, counter: Arc<PassCounter>) {
         self.passes = Some(counter);
@@ -528,6 +538,10 @@ impl<B: Backend> Explainer<B> {
             if let Some(p) = &self.passes {
                 p.planned.fetch_add(planned, Ordering::Relaxed);
             }
+            // Every forwarded (image, channel, sample), in the order its scores are pushed. Scores
+            // a failed earlier group left pending are dropped first (free when there are none).
+            let mut queued: Vec<MaskItem> = Vec::new();
+            be.take_scores()?;
             for (style, sample) in &rounds {
                 let items: Vec<MaskItem> = (0..n)
                     .flat_map(|i| (0..k).map(move |c| (i, c)))
@@ -548,25 +562,37 @@ impl<B: Backend> Explainer<B> {
                         .iter()
                         .flat_map(|it| padded[it.image as usize].iter().copied())
                         .collect();
-                    let got = be.scores(
+                    // Queued: the device runs on to the next batch; the group's scores are
+                    // read once, below.
+                    be.push_scores(
                         &bufs.masked_logits,
                         batch.len(),
                         &row_targets,
                         sem.score_is_probability(),
                     )?;
-                    for (r, it) in batch.iter().enumerate() {
-                        let i = it.image as usize;
-                        for j in 0..t {
-                            let mut v = got[r * t + j];
-                            if sem == Semantics::Torchcam {
-                                v -= logits[i * classes + padded[i][j] as usize];
-                            }
-                            scores[i][j][it.channel as usize] += v;
-                        }
-                    }
                     if let Some(p) = &self.passes {
                         p.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     }
+                }
+                queued.extend(items);
+            }
+            marks.enter(be, Some(Stage::Scores))?;
+            let got = be.take_scores()?;
+            if got.len() != queued.len() * t {
+                return Err(Error::Invalid(format!(
+                    "{} scores for {} masked inputs × {t} targets",
+                    got.len(),
+                    queued.len()
+                )));
+            }
+            for (r, it) in queued.iter().enumerate() {
+                let i = it.image as usize;
+                for j in 0..t {
+                    let mut v = got[r * t + j];
+                    if sem == Semantics::Torchcam {
+                        v -= logits[i * classes + padded[i][j] as usize];
+                    }
+                    scores[i][j][it.channel as usize] += v;
                 }
             }
             // Torchcam's scores are means over the rounds; flat channels come from the zero input.

@@ -187,6 +187,16 @@ impl Engine {
         })
     }
 
+    /// Per-layer milliseconds of a full mask batch's forward (see [`Explainer::layer_times`]).
+    pub fn layer_times(&mut self, reps: usize) -> Result<Vec<f64>> {
+        with_explainer!(self, e => e.layer_times(reps))
+    }
+
+    /// What the backend planned and did (see [`Backend::report`]).
+    pub fn backend_report(&mut self) -> serde_json::Value {
+        with_explainer!(self, e => e.backend().report())
+    }
+
     pub fn set_profiling(&mut self, on: bool) {
         with_explainer!(self, e => e.backend().set_profiling(on))
     }

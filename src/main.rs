@@ -850,6 +850,28 @@ fn print_bench_table(r: &serde_json::Value) {
             );
         }
     }
+    if let Some(layers) = r["layers"].as_array() {
+        println!(
+            "per layer, one forward of {} masked inputs:",
+            r["mask_batch"]
+        );
+        println!(
+            "{:<14} {:<8} {:>9} {:>9} {:>9}  algorithm",
+            "layer", "kind", "ms", "TFLOP/s", "GB/s"
+        );
+        let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+        for l in layers {
+            println!(
+                "{:<14} {:<8} {:>9.3} {:>9} {:>9}  {}",
+                l["name"].as_str().unwrap_or("?"),
+                l["kind"].as_str().unwrap_or("?"),
+                l["ms"].as_f64().unwrap_or(f64::NAN),
+                num(&l["tflops"]),
+                num(&l["gbps"]),
+                l["algo"].as_str().unwrap_or("")
+            );
+        }
+    }
 }
 
 fn inspect(m: ModelArgs) -> Result<u8> {

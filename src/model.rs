@@ -30,6 +30,36 @@ pub enum FeatureStage {
     },
 }
 
+/// What a layer of the forward pass is (for per-layer timing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    Conv,
+    MaxPool,
+    AvgPool,
+    Linear,
+}
+
+impl LayerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Conv => "conv",
+            LayerKind::MaxPool => "maxpool",
+            LayerKind::AvgPool => "avgpool",
+            LayerKind::Linear => "linear",
+        }
+    }
+}
+
+/// One layer of a forward pass and its work (see [`Vgg::layer_costs`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerCost {
+    /// torchvision's module name (`features.0`, `classifier.6`) or `avgpool`.
+    pub name: String,
+    pub kind: LayerKind,
+    pub flops: u64,
+    pub bytes: u64,
+}
+
 /// One Linear layer of the classifier. Weights `[fout, fin]` (PyTorch layout).
 #[derive(Clone, Debug)]
 pub struct LinearLayer {
@@ -293,6 +323,61 @@ impl Vgg {
             .sum()
     }
 
+    /// Each layer of a forward pass of `rows` inputs at side `s`, in execution order: every
+    /// feature stage, the adaptive average pool when it is not the identity (the map is not
+    /// already 7×7), every Linear. FLOPs count 2 per multiply-accumulate; bytes are the
+    /// activations read and written at `elem_bytes` per value (weights excluded). The per-layer
+    /// timing of both backends follows this list.
+    pub fn layer_costs(&self, s: usize, rows: usize, elem_bytes: usize) -> Vec<LayerCost> {
+        let shapes = self.stage_shapes(s);
+        let rows = rows as u64;
+        let eb = elem_bytes as u64;
+        let vol = |m: &MapShape| (m.c * m.h * m.w) as u64;
+        let mut out = Vec::with_capacity(shapes.len() + 1 + self.classifier.len());
+        let mut prev = MapShape { c: 3, h: s, w: s };
+        for (stage, shape) in self.features.iter().zip(&shapes) {
+            let (name, kind, flops) = match stage {
+                FeatureStage::Conv(c) => (
+                    format!("features.{}", c.conv_index),
+                    LayerKind::Conv,
+                    2 * (shape.h * shape.w * c.cout * c.cin * 9) as u64,
+                ),
+                FeatureStage::MaxPool { index } => {
+                    (format!("features.{index}"), LayerKind::MaxPool, 0)
+                }
+            };
+            out.push(LayerCost {
+                name,
+                kind,
+                flops: rows * flops,
+                bytes: rows * eb * (vol(&prev) + vol(shape)),
+            });
+            prev = *shape;
+        }
+        if (prev.h, prev.w) != (POOLED, POOLED) {
+            let pooled = MapShape {
+                c: prev.c,
+                h: POOLED,
+                w: POOLED,
+            };
+            out.push(LayerCost {
+                name: "avgpool".into(),
+                kind: LayerKind::AvgPool,
+                flops: 0,
+                bytes: rows * eb * (vol(&prev) + vol(&pooled)),
+            });
+        }
+        for l in &self.classifier {
+            out.push(LayerCost {
+                name: format!("classifier.{}", l.index),
+                kind: LayerKind::Linear,
+                flops: rows * 2 * (l.fin * l.fout) as u64,
+                bytes: rows * eb * (l.fin + l.fout) as u64,
+            });
+        }
+        out
+    }
+
     /// Multiply-accumulates of one forward pass at input side `s` (×2 for FLOPs).
     pub fn macs(&self, s: usize) -> u64 {
         let shapes = self.stage_shapes(s);
@@ -500,6 +585,28 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_costs_add_up_to_the_forward() {
+        let m = Vgg::random_from_config(VGG16_CONFIG, &[8, 8, 10], 1, 224);
+        let c = m.layer_costs(224, 3, 2);
+        // 18 feature stages (13 convs, 5 pools), no average pool at 7×7, 3 Linears.
+        assert_eq!(c.len(), 18 + 3);
+        assert_eq!(c[0].name, "features.0");
+        assert_eq!(c[2].name, "features.4");
+        assert_eq!(c[2].kind, LayerKind::MaxPool);
+        assert_eq!(c[17].name, "features.30");
+        assert_eq!(c[18].name, "classifier.0");
+        let flops: u64 = c.iter().map(|l| l.flops).sum();
+        assert_eq!(flops, 3 * 2 * m.macs(224));
+        // The first pool reads 224²·64 and writes 112²·64 values per row, 2 bytes each.
+        assert_eq!(c[2].bytes, 3 * 2 * (224 * 224 * 64 + 112 * 112 * 64));
+        // At 256² the features end at 8×8: the average pool is a layer of its own.
+        let c = m.layer_costs(256, 1, 4);
+        assert_eq!(c.len(), 18 + 1 + 3);
+        assert_eq!(c[18].name, "avgpool");
+        assert_eq!(c[18].bytes, 4 * 512 * (64 + 49));
+    }
 
     #[test]
     fn vgg16_shapes_and_names() {

@@ -553,3 +553,45 @@ fn a_pool_capture_ignores_pre_relu() {
     let a = a.expect("pool capture");
     assert_eq!(Some(a), b);
 }
+
+/// Queued scores come back in push order, equal to the synchronous ones; per-layer timing
+/// covers every layer of `Vgg::layer_costs`, and `forward_timed` computes what `forward` does.
+#[test]
+fn queued_scores_and_layer_timing() {
+    let model = Arc::new(Vgg::random_from_config(&[4, 0, 8, 0], &[16, 10], 5, 16));
+    let mut be = CpuBackend::new();
+    be.prepare(
+        &model,
+        Plan {
+            input_size: 16,
+            max_images: 1,
+            max_masks: 3,
+            capture: model.default_capture(),
+        },
+    )
+    .unwrap();
+    let mut buf = be.alloc(&[5, 10]).unwrap();
+    buf.data = values(5 * 10, 3);
+    let mut want = Vec::new();
+    for (n, targets) in [(2, vec![1u32, 9]), (5, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9])] {
+        want.extend(be.scores(&buf, n, &targets, n == 2).unwrap());
+        be.push_scores(&buf, n, &targets, n == 2).unwrap();
+    }
+    assert_eq!(be.take_scores().unwrap(), want);
+    assert!(be.take_scores().unwrap().is_empty());
+
+    let x = values(3 * 3 * 16 * 16, 4);
+    let mut xb = be.alloc(&[3, 3, 16, 16]).unwrap();
+    be.write_rows(&mut xb, 0, &x).unwrap();
+    let t = be.layer_times(&xb, 3, 3).unwrap();
+    assert_eq!(t.len(), model.layer_costs(16, 3, 4).len(), "{t:?}");
+    assert!(t.iter().all(|ms| ms.is_finite() && *ms >= 0.0));
+    assert!(
+        be.layer_times(&xb, 4, 1).is_err(),
+        "more rows than the buffer"
+    );
+    let mut calls = 0;
+    let timed = cpu::forward_timed(&model, &x, 3, 16, None, &mut || calls += 1);
+    assert_eq!(timed, cpu::forward(&model, &x, 3, 16, None));
+    assert_eq!(calls, t.len());
+}

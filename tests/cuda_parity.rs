@@ -397,6 +397,161 @@ fn scores_match_cpu() {
     }
 }
 
+/// Queued scores (`push_scores` … `take_scores`) equal the synchronous ones, in push order,
+/// across pushes that outgrow the device buffer (its contents moved to the host first).
+fn queued_scores_match_synchronous_ones() {
+    let mut g = gpu();
+    let model = tiny_model();
+    g.prepare(&model, plan(&model, 1, 4, model.default_capture()))
+        .unwrap();
+    let classes = 1000;
+    let rows = 64;
+    let logits: Vec<f32> = values(rows * classes, 21).iter().map(|v| v * 8.0).collect();
+    let gl = g.upload_f32(&[rows, classes], &logits).unwrap();
+    assert!(
+        g.take_scores().unwrap().is_empty(),
+        "nothing pending at first"
+    );
+    let mut want = Vec::new();
+    // Growing pushes: 1, 3, 9, ... rows, each more than the room the last one left.
+    for (i, n) in [1usize, 3, 9, 27, 64, 2].into_iter().enumerate() {
+        let t = 1 + i % 3;
+        let targets: Vec<u32> = (0..n * t)
+            .map(|j| ((j * 7919 + i * 131) % classes) as u32)
+            .collect();
+        want.extend(g.scores(&gl, n, &targets, i % 2 == 0).unwrap());
+        g.push_scores(&gl, n, &targets, i % 2 == 0).unwrap();
+    }
+    let got = g.take_scores().unwrap();
+    assert_eq!(got, want, "queued scores differ from synchronous ones");
+    assert!(
+        g.take_scores().unwrap().is_empty(),
+        "take_scores clears them"
+    );
+}
+
+/// Every batch size runs at a size planned at prepare (nothing planned on first use), padded
+/// rows change no real row's logits, and a replayed CUDA graph gives the eager pass's logits
+/// bit for bit.
+fn every_batch_runs_planned_and_graphs_replay_exactly() {
+    let model = tiny_model();
+    let s = model.input_size();
+    let classes = model.num_classes();
+    let (images, masks) = (3, 20);
+    let p = plan(&model, images, masks, model.default_capture());
+    let x = cpu_images(masks, s, 500);
+    let mut c = CpuBackend::new();
+    c.prepare(&model, p).unwrap();
+    let cx = cpu_buf(&[masks, 3, s, s], x.clone());
+    let mut cl = c.alloc(&[masks, classes]).unwrap();
+    // One backend, so both passes run the same plans: launch by launch, then from graphs.
+    let mut g = gpu();
+    g.prepare(&model, p).unwrap();
+    let gx = g.upload_f32(&[masks, 3, s, s], &x).unwrap();
+    let mut gl = g.alloc(&[masks, classes]).unwrap();
+    let a = model.capture_shape(model.default_capture(), s);
+    let mut ga = g.alloc(&[images, a.c, a.h, a.w]).unwrap();
+    let mut gli = g.alloc(&[images, classes]).unwrap();
+    let mut eager = Vec::new();
+    for graphs in [false, true] {
+        g.set_cuda_graphs(graphs);
+        let mut out = Vec::new();
+        for n in (1..=masks).chain([7, 20, 1]) {
+            g.forward(&gx, n, &mut gl, None).unwrap();
+            c.forward(&cx, n, &mut cl, None).unwrap();
+            let got = g.download(&gl, n).unwrap();
+            check_nmse(
+                &got,
+                &c.download(&cl, n).unwrap(),
+                fp16_nmse_limit(TINY_WEIGHT_LAYERS),
+                &format!("forward of {n} rows (graphs {graphs})"),
+            );
+            out.push(got);
+        }
+        // Base forwards with activations: the image ladder.
+        for n in 1..=images {
+            g.forward(&gx, n, &mut gli, Some(&mut ga)).unwrap();
+        }
+        assert_eq!(
+            g.plans_built_on_first_use(),
+            0,
+            "a batch size was planned in the hot path: {}",
+            g.report()
+        );
+        let report = g.report();
+        println!("graphs {graphs}: {}", report["graphs"]);
+        if graphs {
+            assert!(
+                report["graphs"]["captured"].as_u64().unwrap_or(0) > 0
+                    || !report["graphs"]["disabled_because"].is_null(),
+                "graphs on, but none captured and none refused: {report}"
+            );
+            assert_eq!(out, eager, "graph replays differ from eager launches");
+        } else {
+            assert_eq!(report["graphs"]["captured"], 0);
+            eager = out;
+        }
+    }
+}
+
+/// Per-layer timing covers every layer of `Vgg::layer_costs` with finite times.
+fn layer_times_cover_every_layer() {
+    let mut g = gpu();
+    let model = tiny_model();
+    let s = model.input_size();
+    let rows = 6;
+    g.prepare(&model, plan(&model, 2, rows, model.default_capture()))
+        .unwrap();
+    let gx = g
+        .upload_f32(&[rows, 3, s, s], &cpu_images(rows, s, 600))
+        .unwrap();
+    let t = g.layer_times(&gx, rows, 3).unwrap();
+    let costs = model.layer_costs(s, rows, 2);
+    assert_eq!(t.len(), costs.len(), "{t:?}");
+    assert!(t.iter().all(|ms| ms.is_finite() && *ms >= 0.0), "{t:?}");
+    assert!(t.iter().sum::<f64>() > 0.0);
+}
+
+/// cuDNN's graph API (conv + bias + ReLU as one graph), preferred wherever it has a plan, gives
+/// the CPU's logits; the report says which layers it ran.
+fn graph_api_convolutions_match_cpu() {
+    use scorecam_gpu::backend::cuda::GraphUse;
+    for model in [tiny_model(), Arc::new(Vgg::random_vgg16(3))] {
+        let s = model.input_size();
+        let classes = model.num_classes();
+        let n = if s == 224 { 2 } else { 4 };
+        let p = plan(&model, n, n, model.default_capture());
+        let mut g = gpu();
+        g.set_graph_use(GraphUse::Prefer);
+        g.prepare(&model, p).unwrap();
+        let mut c = CpuBackend::new();
+        c.prepare(&model, p).unwrap();
+        let x = cpu_images(n, s, 700);
+        let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
+        let cx = cpu_buf(&[n, 3, s, s], x);
+        let mut gl = g.alloc(&[n, classes]).unwrap();
+        let mut cl = c.alloc(&[n, classes]).unwrap();
+        g.forward(&gx, n, &mut gl, None).unwrap();
+        c.forward(&cx, n, &mut cl, None).unwrap();
+        let layers = model.weight_layers_from_top().len();
+        check_nmse(
+            &g.download(&gl, n).unwrap(),
+            &c.download(&cl, n).unwrap(),
+            fp16_nmse_limit(layers),
+            &format!("graph-API forward ({layers} weight layers)"),
+        );
+        let graph_plans = g
+            .plan_choices()
+            .iter()
+            .filter(|c| c.algo.starts_with("graph"))
+            .count();
+        println!(
+            "{s}²: {graph_plans} of {} conv plans through the graph API",
+            g.plan_choices().len()
+        );
+    }
+}
+
 fn combine_matches_cpu() {
     let mut g = gpu();
     let mut c = CpuBackend::new();
@@ -875,6 +1030,26 @@ fn main() -> std::process::ExitCode {
         t("masked_inputs_match_cpu", &[Gpu], masked_inputs_match_cpu),
         t("scores_match_cpu", &[Gpu], scores_match_cpu),
         t("combine_matches_cpu", &[Gpu], combine_matches_cpu),
+        t(
+            "queued_scores_match_synchronous_ones",
+            &[Gpu],
+            queued_scores_match_synchronous_ones,
+        ),
+        t(
+            "every_batch_runs_planned_and_graphs_replay_exactly",
+            &[Gpu],
+            every_batch_runs_planned_and_graphs_replay_exactly,
+        ),
+        t(
+            "layer_times_cover_every_layer",
+            &[Gpu],
+            layer_times_cover_every_layer,
+        ),
+        t(
+            "graph_api_convolutions_match_cpu",
+            &[Gpu],
+            graph_api_convolutions_match_cpu,
+        ),
         t(
             "out_of_memory_is_an_error_and_the_backend_recovers",
             &[Gpu],

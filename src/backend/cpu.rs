@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::backend::{normal_noise, Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
+use crate::backend::{
+    median_per_layer, normal_noise, Backend, MaskItem, MaskStyle, Plan, Semantics, Stage,
+};
 use crate::error::{Error, Result};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
 
@@ -33,6 +35,8 @@ pub struct CpuBackend {
     profiling: bool,
     current: Option<(Stage, Instant)>,
     times: Vec<(Stage, f64)>,
+    /// Scores pushed and not yet taken (see [`Backend::push_scores`]).
+    pending_scores: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -218,6 +222,46 @@ impl Backend for CpuBackend {
         Ok(score_rows(&logits.data[..n * c], c, targets, probability))
     }
 
+    fn push_scores(
+        &mut self,
+        logits: &CpuBuf,
+        n: usize,
+        targets: &[u32],
+        probability: bool,
+    ) -> Result<()> {
+        let got = self.scores(logits, n, targets, probability)?;
+        self.pending_scores.extend(got);
+        Ok(())
+    }
+
+    fn take_scores(&mut self) -> Result<Vec<f32>> {
+        Ok(std::mem::take(&mut self.pending_scores))
+    }
+
+    fn layer_times(&mut self, x: &CpuBuf, rows: usize, reps: usize) -> Result<Vec<f64>> {
+        let (model, _) = self.prepared()?;
+        if rows == 0 || rows > x.shape[0] {
+            return Err(Error::Invalid(format!(
+                "layer_times: {rows} rows of a buffer of shape {:?}",
+                x.shape
+            )));
+        }
+        let s = x.shape[2];
+        let input = &x.data[..rows * x.row_len()];
+        let mut runs: Vec<Vec<f64>> = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            let mut times = Vec::new();
+            let mut last = Instant::now();
+            forward_timed(model, input, rows, s, None, &mut || {
+                let now = Instant::now();
+                times.push(now.duration_since(last).as_secs_f64() * 1e3);
+                last = now;
+            });
+            runs.push(times);
+        }
+        Ok(median_per_layer(&runs))
+    }
+
     fn combine(
         &mut self,
         acts: &CpuBuf,
@@ -301,6 +345,19 @@ pub fn forward(
     s: usize,
     capture: Option<Capture>,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
+    forward_timed(model, input, n, s, capture, &mut || {})
+}
+
+/// [`forward`], calling `after_layer` after each layer of
+/// [`Vgg::layer_costs`](crate::model::Vgg::layer_costs) (per-layer timing).
+pub fn forward_timed(
+    model: &Vgg,
+    input: &[f32],
+    n: usize,
+    s: usize,
+    capture: Option<Capture>,
+    after_layer: &mut dyn FnMut(),
+) -> (Vec<f32>, Option<Vec<f32>>) {
     // Two ping-pong activation buffers kept per thread: VGG16's first layers produce ~100 MB at
     // batch 8, and fresh allocations that size cost more in page faults than the copy they hold.
     let (mut xa, mut ya) = ACTS.with(|cell| cell.take());
@@ -336,13 +393,18 @@ pub fn forward(
             if here(false) {
                 captured = Some(x.clone());
             }
+            after_layer();
         }
         let mut feats = adaptive_avgpool(x, n * c, h, w, POOLED, POOLED);
+        if (h, w) != (POOLED, POOLED) {
+            after_layer();
+        }
         for l in &model.classifier {
             feats = linear(&feats, n, l.fin, &l.weight, &l.bias, l.fout);
             if l.relu {
                 relu(&mut feats);
             }
+            after_layer();
         }
         (feats, captured)
     };

@@ -133,6 +133,18 @@ impl MaskItem {
     }
 }
 
+/// The per-layer median over runs (`runs[r][layer]` ms), for [`Backend::layer_times`].
+pub fn median_per_layer(runs: &[Vec<f64>]) -> Vec<f64> {
+    let layers = runs.iter().map(Vec::len).min().unwrap_or(0);
+    (0..layers)
+        .map(|l| {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[l]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect()
+}
+
 /// Sizes a backend plans its buffers, descriptors and workspaces for. Set once per run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -257,6 +269,31 @@ pub trait Backend {
         targets: &[u32],
         probability: bool,
     ) -> Result<Vec<f32>>;
+
+    /// [`Backend::scores`], queued: the scores are appended to the backend's pending scores
+    /// (kept on the device by CUDA) instead of returned, so batch after batch can be enqueued
+    /// without waiting for each one's result. [`Backend::take_scores`] returns them.
+    fn push_scores(
+        &mut self,
+        logits: &Self::Buf,
+        n: usize,
+        targets: &[u32],
+        probability: bool,
+    ) -> Result<()>;
+
+    /// Every score pushed since the last call, in push order (`[Σn, t]` per push, concatenated),
+    /// then clears them. One synchronization.
+    fn take_scores(&mut self) -> Result<Vec<f32>>;
+
+    /// Milliseconds of each layer of a forward pass of the first `rows` rows of `x`, the median
+    /// of `reps` passes, in the order of [`Vgg::layer_costs`](crate::model::Vgg::layer_costs).
+    fn layer_times(&mut self, x: &Self::Buf, rows: usize, reps: usize) -> Result<Vec<f64>>;
+
+    /// What the backend chose at `prepare` and did since (algorithms, planned batch sizes,
+    /// graphs), for `bench --json`; `null` when it has nothing to say.
+    fn report(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 
     /// The weighted sum of image slot `image`'s activation channels, ReLU'd:
     /// official: `ReLU(Σ_k w_k U_k)` at S×S with `U_k` the half-pixel upsample of `A_k`

@@ -20,6 +20,15 @@ impl Handle {
         unsafe { result::set_stream(h.0, stream.cu_stream() as sys::cudaStream_t) }?;
         Ok(h)
     }
+
+    /// Give cuBLAS its workspace (`bytes` at device address `ws`), so it never allocates one
+    /// itself: an allocation inside a CUDA graph capture would fail it.
+    ///
+    /// # Safety
+    /// The memory must stay allocated for as long as the handle lives.
+    pub unsafe fn set_workspace(&self, ws: u64, bytes: usize) -> Result<(), CublasError> {
+        sys::cublasSetWorkspace_v2(self.0, ws as *mut c_void, bytes).result()
+    }
 }
 
 impl Drop for Handle {

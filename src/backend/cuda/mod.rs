@@ -1,6 +1,15 @@
-//! CUDA backend: cuDNN convolutions, cuBLAS linears, hand-written kernels (see `kernels.rs`).
-//! Everything is loaded at run time; with no driver, library or device, [`CudaBackend::new`]
-//! returns `Error::CudaUnavailable` and never panics.
+//! CUDA backend: cuDNN convolutions, cuBLAS linears, hand-written kernels. Everything is loaded
+//! at run time; with no driver, library, device or function, [`CudaBackend::new`] returns
+//! `Error::CudaUnavailable` and never panics.
+//!
+//! The data goes one way through these files:
+//! - `device.rs`: opening the device (libraries, `symbols.rs`, context, stream), buffers, copies;
+//! - `weights.rs`: the model uploaded in device layouts (`layout.rs`);
+//! - `prepare.rs`: the arena, every batch size planned and tuned (`conv.rs`, `cudnn.rs`);
+//! - `forward.rs`: the forward pass (features, average pool, classifier via `blas.rs`), CUDA
+//!   graphs of masked-forward batches;
+//! - `kernels/`: each hand-written kernel file's launchers (masks, scores, combine, ...);
+//! - `profile.rs`: stage and per-layer timing with CUDA events.
 //!
 //! # Layout and precision
 //! Images, masked inputs and activations are FP16 NHWC on the device. Input images are stored
@@ -14,10 +23,10 @@
 //! # Plans and memory
 //! `prepare` uploads the weights (once per model), allocates the arena — two ping-pong
 //! activation buffers sized for the largest stage at `max(max_images, max_masks)` rows, one
-//! shared cuDNN workspace, the small staging buffers — and chooses the convolution algorithm of
-//! every layer for the plan's batch sizes (cuDNN's heuristic ranking, the top candidates timed
-//! with the real fused launch). Any other batch size (a remainder batch) is planned on first use
-//! and cached. Nothing is allocated per image or batch in the steady state.
+//! shared cuDNN workspace, the small buffers — and plans every batch size a run will use (the
+//! ladders of `conv.rs`), timing cuDNN's candidates on random data. Nothing is planned or
+//! allocated per image or batch in the steady state, and the host waits for the device once per
+//! image group (the scores), not once per batch.
 //!
 //! One stream carries all work; the context's cross-stream event tracking is disabled, so raw
 //! device pointers can be handed to cuDNN/cuBLAS without cudarc recording events.
@@ -25,26 +34,41 @@
 pub mod kernels;
 
 mod blas;
+mod conv;
 mod cudnn;
+mod cudnn_graph;
+mod device;
+mod forward;
 mod layout;
+mod prepare;
+mod profile;
+mod symbols;
+mod weights;
 
-use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use cudarc::cublas::result::CublasError;
-use cudarc::driver::result::DriverError;
-use cudarc::driver::{
-    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::f16;
+use serde_json::json;
 
 use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
 use crate::error::{Error, Result};
-use crate::model::{FeatureStage, MapShape, Vgg, POOLED};
+use crate::model::{MapShape, Vgg};
 
-use self::cudnn::{ActDesc, ActMode, Candidate, ConvPlan, ConvPtrs, FilterDesc, TensorDesc};
+use self::conv::{BatchLadder, ConvPlans};
+use self::cudnn::{ActDesc, ActMode};
+use self::device::{
+    count_devices, drv_err, gpu_oom, open_device, panic_message, unavailable, BufData, Dev, Grow,
+    UploadRing,
+};
+use self::forward::{CaptureTo, Graphs, Pass, Prefix};
 use self::kernels::Kernels;
+use self::profile::{LayerEvents, Profiler};
+use self::weights::DevModel;
+
+pub use self::conv::{GraphUse, PlanChoice};
+pub use self::device::CudaBuf;
 
 /// Channels of an input image as stored on the device (3 real + zeros). 8 FP16 values = 16
 /// bytes per pixel: the channel multiple cuDNN's FP16 tensor-core NHWC kernels are built for,
@@ -55,99 +79,13 @@ use self::kernels::Kernels;
 /// inputs' size (2.7× the bytes of C = 3, ≈ 0.1 ms of HBM traffic per 256 masks).
 pub const CPAD: usize = 8;
 
-/// Largest workspace a single convolution candidate may ask for.
-const WS_CAP: usize = 1 << 30;
+/// Values of the page-locked upload ring (mask items and score targets, u32): 4 MiB, the items
+/// of several groups of 32 images × 512 channels.
+const UPLOAD_RING: usize = 1 << 20;
 
-/// Heuristic candidates timed per (layer, batch size) at `prepare`.
-const TIMED_CANDIDATES: usize = 3;
-
-/// cuDNN's legacy descriptors address tensors with 32-bit element counts.
-const CUDNN_MAX_ELEMS: usize = i32::MAX as usize;
-
-/// A device tensor. 4-D shapes `[n, c, h, w]` are FP16 NHWC (stored channels `CPAD` for
-/// 3-channel images, `c` otherwise); 2-D shapes `[n, c]` (logits) are f32 row-major.
-pub struct CudaBuf {
-    shape: Vec<usize>,
-    /// Stored channels (4-D) or columns (2-D).
-    cs: usize,
-    data: BufData,
-}
-
-enum BufData {
-    F16(CudaSlice<f16>),
-    F32(CudaSlice<f32>),
-}
-
-impl CudaBuf {
-    /// The logical shape (NCHW or `[N, C]`).
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    /// Stored elements per row.
-    fn row_len(&self) -> usize {
-        match self.shape.len() {
-            4 => self.shape[2] * self.shape[3] * self.cs,
-            _ => self.cs,
-        }
-    }
-
-    fn f16(&self, what: &str) -> Result<&CudaSlice<f16>> {
-        match &self.data {
-            BufData::F16(s) if self.shape.len() == 4 => Ok(s),
-            _ => Err(Error::Invalid(format!(
-                "{what}: expected a 4-D image/activation buffer, got shape {:?}",
-                self.shape
-            ))),
-        }
-    }
-
-    fn f16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f16>> {
-        match &mut self.data {
-            BufData::F16(s) if self.shape.len() == 4 => Ok(s),
-            _ => Err(Error::Invalid(format!(
-                "{what}: expected a 4-D image/activation buffer, got shape {:?}",
-                self.shape
-            ))),
-        }
-    }
-
-    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
-        match &self.data {
-            BufData::F32(s) => Ok(s),
-            _ => Err(Error::Invalid(format!(
-                "{what}: expected a 2-D logits buffer, got shape {:?}",
-                self.shape
-            ))),
-        }
-    }
-
-    fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
-        match &mut self.data {
-            BufData::F32(s) => Ok(s),
-            _ => Err(Error::Invalid(format!(
-                "{what}: expected a 2-D logits buffer, got shape {:?}",
-                self.shape
-            ))),
-        }
-    }
-
-    /// Check a 4-D buffer: at least `n` rows, logical `[_, c, h, w]`.
-    fn check4(&self, what: &str, n: usize, c: usize, h: usize, w: usize) -> Result<()> {
-        let ok = self.shape.len() == 4
-            && self.shape[0] >= n
-            && self.shape[1..] == [c, h, w]
-            && matches!(self.data, BufData::F16(_));
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::Invalid(format!(
-                "{what}: buffer of shape {:?}, expected [≥{n}, {c}, {h}, {w}]",
-                self.shape
-            )))
-        }
-    }
-}
+/// cuBLAS's own workspace (NVIDIA's recommendation for Hopper), given to it so it never
+/// allocates (which a CUDA graph capture forbids).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// Input/output geometry of one feature stage (stored channels).
 #[derive(Clone, Copy, Debug)]
@@ -169,35 +107,7 @@ impl StageDims {
     }
 }
 
-/// A conv layer on the device.
-struct DevConv {
-    cin_s: usize,
-    cout: usize,
-    filter: CudaSlice<f16>,
-    bias: CudaSlice<f16>,
-    wdesc: FilterDesc,
-    bdesc: TensorDesc,
-}
-
-/// A Linear layer on the device. `weight` `[fout, fin]` f16 (first layer: columns H,W,C).
-struct DevLinear {
-    fin: usize,
-    fout: usize,
-    relu: bool,
-    weight: CudaSlice<f16>,
-    bias16: CudaSlice<f16>,
-    bias32: CudaSlice<f32>,
-}
-
-/// The uploaded model. `convs[i]` is `Some` for conv stages.
-struct DevModel {
-    model: Arc<Vgg>,
-    convs: Vec<Option<DevConv>>,
-    linears: Vec<DevLinear>,
-    bytes: usize,
-}
-
-/// Per-plan state: the arena and the convolution plans.
+/// Per-plan state: the arena, the planned batch sizes and their convolution plans.
 struct Prepared {
     plan: Plan,
     rows_max: usize,
@@ -207,232 +117,80 @@ struct Prepared {
     capture: MapShape,
     bufs: [CudaSlice<f16>; 2],
     workspace: CudaSlice<u8>,
-    /// (stage, rows, identity activation) → plan.
-    convs: HashMap<(usize, usize, bool), ConvPlan>,
+    convs: ConvPlans,
+    /// Batch sizes planned for masked-input forwards and for image (base) forwards.
+    masks: BatchLadder,
+    images: BatchLadder,
+    /// Blocks 1–2 in sub-batches, when timing at prepare found it faster.
+    prefix: Option<Prefix>,
+    /// The prefix timings behind that choice: (sub-batch rows, 0 = whole batch; ms).
+    prefix_ms: Vec<(usize, f32)>,
+}
+
+impl Prepared {
+    /// The planned size a forward of `n` rows runs at, given buffers of `cap` rows: image
+    /// forwards (capturing activations) on the image ladder; other forwards on the mask ladder
+    /// or, when no stage is planned pre-ReLU, the image ladder, whichever is smaller.
+    fn run_rows(&self, n: usize, cap: usize, capturing: bool) -> Option<usize> {
+        let images = self.images.rows_for(n, cap);
+        if capturing {
+            return images;
+        }
+        let masks = self.masks.rows_for(n, cap);
+        match (masks, images.filter(|_| !self.plan.capture.pre_relu)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Small device buffers, grown on demand and kept across plans.
 #[derive(Default)]
 struct Scratch {
     staging: Grow<u8>,
-    items: Grow<u32>,
-    targets: Grow<u32>,
     scores: Grow<f32>,
     weights: Grow<f32>,
     low: Grow<f32>,
     map: Grow<f32>,
     flat: Grow<u32>,
+    /// Logits of the per-layer timing passes.
+    timing_logits: Grow<f32>,
+    /// Pushed scores not yet taken: `pending[..pending_len]` on the device, older ones (moved
+    /// out when the buffer had to grow) in `spilled`.
+    pending: Grow<f32>,
+    pending_len: usize,
+    spilled: Vec<f32>,
 }
 
-/// A device buffer that only grows.
-struct Grow<T>(Option<CudaSlice<T>>);
-
-impl<T> Default for Grow<T> {
-    fn default() -> Self {
-        Grow(None)
-    }
-}
-
-impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
-    fn get(&mut self, dev: &Dev, len: usize, what: &str) -> Result<&mut CudaSlice<T>> {
-        if self.0.as_ref().is_none_or(|s| s.len() < len) {
-            self.0 = None;
-            self.0 = Some(dev.alloc::<T>(len, what)?);
+impl Scratch {
+    /// Move the pending scores on the device to `spilled` (waits for them). Returns whether
+    /// there were any (then the stream was synchronized).
+    fn spill_pending(&mut self, dev: &Dev) -> Result<bool> {
+        if self.pending_len == 0 {
+            return Ok(false);
         }
-        Ok(self.0.as_mut().expect("allocated above"))
+        let held = self.pending.get(dev, self.pending_len, "pending scores")?;
+        self.spilled
+            .extend(dev.download(held, self.pending_len, "pending scores")?);
+        self.pending_len = 0;
+        Ok(true)
     }
 }
 
-/// Context, stream and memory facts shared by the helpers.
-struct Dev {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    total_mem: usize,
-}
-
-impl Dev {
-    /// `len` zeroed elements (at least one). A size beyond the device's memory or a driver
-    /// out-of-memory error is `Error::OutOfMemory` naming `what` and the bytes.
-    fn alloc<T: DeviceRepr + ValidAsZeroBits>(
-        &self,
-        len: usize,
-        what: &str,
-    ) -> Result<CudaSlice<T>> {
-        let len = len.max(1);
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .filter(|&b| b <= self.total_mem)
-            .ok_or_else(|| {
-                gpu_oom(format!(
-                    "{what} ({len} × {} bytes) exceeds the device's {} bytes",
-                    std::mem::size_of::<T>(),
-                    self.total_mem
-                ))
-            })?;
-        self.stream
-            .alloc_zeros::<T>(len)
-            .map_err(|e| drv_err(&format!("allocating {what} ({bytes} bytes)"), e))
-    }
-
-    /// Upload a host slice into a new device buffer.
-    fn upload<T: DeviceRepr + ValidAsZeroBits>(
-        &self,
-        host: &[T],
-        what: &str,
-    ) -> Result<CudaSlice<T>> {
-        let mut d = self.alloc::<T>(host.len(), what)?;
-        if !host.is_empty() {
-            self.stream
-                .memcpy_htod(host, &mut d)
-                .map_err(|e| drv_err(&format!("uploading {what}"), e))?;
-        }
-        Ok(d)
-    }
-
-    /// Copy the first `len` elements of a device buffer to the host (synchronizes).
-    fn download<T: DeviceRepr + Default + Clone>(
-        &self,
-        src: &CudaSlice<T>,
-        len: usize,
-        what: &str,
-    ) -> Result<Vec<T>> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let mut host = vec![T::default(); len];
-        self.stream
-            .memcpy_dtoh(&src.slice(..len), &mut host[..])
-            .map_err(|e| drv_err(&format!("downloading {what}"), e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| drv_err(&format!("downloading {what}"), e))?;
-        Ok(host)
-    }
-}
-
-/// `SCORECAM_CUDA_VERBOSE=1`: report the convolution algorithm choices on stderr.
-fn verbose() -> bool {
-    std::env::var("SCORECAM_CUDA_VERBOSE").is_ok_and(|v| v == "1")
-}
-
-/// Raw device address of a buffer for cuDNN/cuBLAS. Event tracking is disabled on this context,
-/// so the returned guard is inert and dropping it at once is correct (single stream).
-fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (p, _guard) = s.device_ptr(stream);
-    p
-}
-
-/// Out of GPU memory (the message says which memory, so the CPU's never reads as a GPU's).
-fn gpu_oom(msg: impl std::fmt::Display) -> Error {
-    Error::OutOfMemory(format!("GPU memory: {msg}"))
-}
-
-fn drv_err(op: &str, e: DriverError) -> Error {
-    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        gpu_oom(op)
-    } else {
-        Error::cuda(op, e)
-    }
-}
-
-fn dnn_err(op: &str, e: cudarc::cudnn::CudnnError) -> Error {
-    if cudnn::is_alloc_failure(&e) {
-        gpu_oom(format!("{op}: {e}"))
-    } else {
-        Error::cuda(op, e)
-    }
-}
-
-fn blas_err(op: &str, e: CublasError) -> Error {
-    if blas::is_alloc_failure(&e) {
-        gpu_oom(format!("{op}: {e}"))
-    } else {
-        Error::cuda(op, e)
-    }
-}
-
-fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::CudaUnavailable(format!("{what}: {e}"))
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".into()
-    }
-}
-
-/// Stage timing with CUDA events (see [`Backend::mark`]).
-#[derive(Default)]
-struct Profiler {
-    on: bool,
-    /// Events in record order; the work between event i and i+1 belongs to `events[i].0`.
-    events: Vec<(Option<Stage>, CudaEvent)>,
-    spare: Vec<CudaEvent>,
-}
-
-impl Profiler {
-    fn record(&mut self, dev: &Dev, stage: Option<Stage>) -> Result<()> {
-        let ev = match self.spare.pop() {
-            Some(e) => e,
-            None => dev
-                .ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| Error::cuda("cuEventCreate", e))?,
-        };
-        ev.record(&dev.stream)
-            .map_err(|e| Error::cuda("cuEventRecord", e))?;
-        self.events.push((stage, ev));
-        Ok(())
-    }
-
-    fn take(&mut self, dev: &Dev) -> Result<Vec<(Stage, f64)>> {
-        let Some(&(open, _)) = self.events.last() else {
-            return Ok(Vec::new());
-        };
-        if open.is_some() {
-            // Close the running segment now; it continues after this call.
-            self.record(dev, open)?;
-        }
-        let mut acc: BTreeMap<Stage, f64> = BTreeMap::new();
-        for pair in self.events.windows(2) {
-            if let Some(stage) = pair[0].0 {
-                let ms = pair[0]
-                    .1
-                    .elapsed_ms(&pair[1].1)
-                    .map_err(|e| Error::cuda("cuEventElapsedTime", e))?;
-                *acc.entry(stage).or_insert(0.0) += ms as f64;
-            }
-        }
-        let last = self.events.pop().expect("non-empty");
-        self.spare.extend(self.events.drain(..).map(|(_, e)| e));
-        if last.0.is_some() {
-            self.events.push(last);
-        } else {
-            self.spare.push(last.1);
-        }
-        Ok(Stage::ALL
-            .iter()
-            .filter_map(|s| acc.get(s).map(|&ms| (*s, ms)))
-            .collect())
-    }
-
-    fn clear(&mut self) {
-        self.spare.extend(self.events.drain(..).map(|(_, e)| e));
-    }
-}
-
-/// The CUDA backend. Fields drop in order: plans and buffers first, the context last.
+/// The CUDA backend. Fields drop in order: graphs, plans and buffers first, the context last.
 pub struct CudaBackend {
+    /// Which convolutions `prepare` also tries through cuDNN's graph API.
+    graph_use: GraphUse,
+    graphs: Graphs,
     prep: Option<Prepared>,
     model: Option<DevModel>,
     scratch: Scratch,
+    uploads: UploadRing,
     prof: Profiler,
     kernels: Kernels,
     blas: blas::Handle,
+    /// cuBLAS's workspace: dropped after the handle that uses it.
+    _blas_workspace: CudaSlice<u8>,
     relu: ActDesc,
     identity: ActDesc,
     dnn: cudnn::Handle,
@@ -440,8 +198,9 @@ pub struct CudaBackend {
     description: String,
 }
 
-// SAFETY: the raw cuDNN handle and descriptors are plain host objects used from one thread at a
-// time (`&mut self` on every op); every op binds the context to the calling thread first.
+// SAFETY: the raw cuDNN/cuBLAS handles, descriptors and the upload ring's page-locked pointer
+// are plain host objects used from one thread at a time (`&mut self` on every op); every op
+// binds the context to the calling thread first.
 unsafe impl Send for CudaBackend {}
 
 impl Drop for CudaBackend {
@@ -451,81 +210,8 @@ impl Drop for CudaBackend {
     }
 }
 
-/// A CUDA library the dynamic loader cannot find, with how to make it visible (libraries are
-/// dlopen'ed by name, so only the loader's search path counts).
-fn missing_library(what: &str) -> Error {
-    Error::CudaUnavailable(format!(
-        "{what} was not found on the library path; add its directory to LD_LIBRARY_PATH \
-         (CUDA toolkit: /usr/local/cuda/lib64; pip wheels: site-packages/nvidia/cu13/lib and \
-         site-packages/nvidia/cudnn/lib)"
-    ))
-}
-
-/// Check that the shared libraries load; cudarc panics on a missing one, so this comes first.
-fn check_libraries() -> Result<()> {
-    // SAFETY: these only try to dlopen the libraries.
-    unsafe {
-        if !cudarc::driver::sys::is_culib_present() {
-            return Err(Error::CudaUnavailable(
-                "the CUDA driver library (libcuda.so) was not found: no NVIDIA driver installed"
-                    .into(),
-            ));
-        }
-        if !cudarc::cudnn::sys::is_culib_present() {
-            return Err(missing_library("cuDNN (libcudnn.so.9)"));
-        }
-        if !cudarc::cublas::sys::is_culib_present() {
-            return Err(missing_library("cuBLAS (libcublas.so)"));
-        }
-        if !cudarc::nvrtc::sys::is_culib_present() {
-            return Err(missing_library("NVRTC (libnvrtc.so)"));
-        }
-    }
-    Ok(())
-}
-
-/// Number of CUDA devices, after checking the libraries (an error when there are none).
-fn count_devices() -> Result<usize> {
-    check_libraries()?;
-    let count = CudaContext::device_count().map_err(|e| unavailable("no usable CUDA device", e))?;
-    if count <= 0 {
-        return Err(Error::CudaUnavailable("no CUDA device found".into()));
-    }
-    Ok(count as usize)
-}
-
-/// Check the shared libraries, count devices, open device `ordinal`. Returns the context and
-/// `"<name> (sm_XY"` (unclosed: callers append).
-fn open_device(ordinal: usize) -> Result<(Arc<CudaContext>, String)> {
-    let count = count_devices()?;
-    if ordinal >= count {
-        return Err(Error::CudaUnavailable(format!(
-            "CUDA device {ordinal} requested but only {count} found"
-        )));
-    }
-    let ctx = CudaContext::new(ordinal).map_err(|e| unavailable("creating a CUDA context", e))?;
-    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-    let (major, minor) = ctx
-        .compute_capability()
-        .map_err(|e| unavailable("reading the compute capability", e))?;
-    let v = cudnn::version();
-    if v < 90000 {
-        return Err(Error::CudaUnavailable(format!(
-            "cuDNN {} found, version 9 required",
-            cudnn::version_string(v)
-        )));
-    }
-    Ok((
-        ctx,
-        format!(
-            "{name} (sm_{major}{minor}, cuDNN {}",
-            cudnn::version_string(v)
-        ),
-    ))
-}
-
 impl CudaBackend {
-    /// Open device `ordinal`. Never panics: a missing driver/library/device is an error.
+    /// Open device `ordinal`. Never panics: a missing driver/library/function/device is an error.
     pub fn new(ordinal: usize) -> Result<Self> {
         match catch_unwind(AssertUnwindSafe(|| Self::open(ordinal))) {
             Ok(r) => r,
@@ -571,28 +257,49 @@ impl CudaBackend {
         let total_mem = ctx
             .total_mem()
             .map_err(|e| unavailable("querying device memory", e))?;
-        let dnn = cudnn::Handle::new(&stream).map_err(|e| unavailable("cudnnCreate", e))?;
-        let blas = blas::Handle::new(&stream).map_err(|e| unavailable("cublasCreate", e))?;
+        let dev = Dev {
+            ctx,
+            stream,
+            total_mem,
+        };
+        let dnn = cudnn::Handle::new(&dev.stream).map_err(|e| unavailable("cudnnCreate", e))?;
+        let blas = blas::Handle::new(&dev.stream).map_err(|e| unavailable("cublasCreate", e))?;
+        let blas_workspace = dev.alloc::<u8>(CUBLAS_WORKSPACE, "cuBLAS workspace")?;
+        // SAFETY: the workspace is a field of the backend, dropped after the handle.
+        unsafe {
+            blas.set_workspace(
+                device::ptr(&blas_workspace, &dev.stream),
+                blas_workspace.len(),
+            )
+        }
+        .map_err(|e| unavailable("cublasSetWorkspace", e))?;
         let relu = ActDesc::new(ActMode::CUDNN_ACTIVATION_RELU)
             .map_err(|e| unavailable("cuDNN activation descriptor", e))?;
         let identity = ActDesc::new(ActMode::CUDNN_ACTIVATION_IDENTITY)
             .map_err(|e| unavailable("cuDNN activation descriptor", e))?;
-        let kernels = Kernels::load(&ctx)?;
+        let kernels = Kernels::load(&dev.ctx)?;
+        let uploads = UploadRing::new(&dev, UPLOAD_RING)?;
+        // The graph API is optional: a cuDNN without it leaves the legacy path alone.
+        let graph_use = if symbols::check(true).is_ok() {
+            GraphUse::from_env()
+        } else {
+            GraphUse::Off
+        };
         Ok(CudaBackend {
+            graph_use,
+            graphs: Graphs::new(),
             prep: None,
             model: None,
             scratch: Scratch::default(),
+            uploads,
             prof: Profiler::default(),
             kernels,
             blas,
+            _blas_workspace: blas_workspace,
             relu,
             identity,
             dnn,
-            dev: Dev {
-                ctx,
-                stream,
-                total_mem,
-            },
+            dev,
             description: format!("cuda:{ordinal}: {desc})"),
         })
     }
@@ -647,309 +354,113 @@ impl CudaBackend {
         w + a
     }
 
-    /// Upload `model`'s weights in the device layouts.
-    fn upload_model(&self, model: &Arc<Vgg>) -> Result<DevModel> {
-        let dev = &self.dev;
-        let mut convs = Vec::with_capacity(model.features.len());
-        let mut bytes = 0;
-        let mut cs = CPAD;
-        for stage in &model.features {
-            match stage {
-                FeatureStage::Conv(l) => {
-                    let name = format!("features.{}", l.conv_index);
-                    let host = layout::conv_filter_krsc(&l.weight, l.cout, l.cin, cs);
-                    let filter = dev.upload(&host, &format!("{name}.weight"))?;
-                    let bias = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
-                    bytes += filter.num_bytes() + bias.num_bytes();
-                    let wdesc = FilterDesc::nhwc_f16(l.cout, cs, 3, 3)
-                        .map_err(|e| dnn_err(&format!("{name}: filter descriptor"), e))?;
-                    let bdesc = TensorDesc::nhwc_f16(1, l.cout, 1, 1)
-                        .map_err(|e| dnn_err(&format!("{name}: bias descriptor"), e))?;
-                    convs.push(Some(DevConv {
-                        cin_s: cs,
-                        cout: l.cout,
-                        filter,
-                        bias,
-                        wdesc,
-                        bdesc,
-                    }));
-                    cs = l.cout;
-                }
-                FeatureStage::MaxPool { .. } => convs.push(None),
-            }
-        }
-        let c_feat = model.features_shape(model.input_size()).c;
-        let mut linears = Vec::with_capacity(model.classifier.len());
-        for (j, l) in model.classifier.iter().enumerate() {
-            let name = format!("classifier.{}", l.index);
-            let host = if j == 0 {
-                if l.fin != c_feat * POOLED * POOLED {
-                    return Err(Error::Invalid(format!(
-                        "{name}: takes {} inputs, the features give {c_feat}×{POOLED}×{POOLED}",
-                        l.fin
-                    )));
-                }
-                layout::linear_chw_to_hwc(&l.weight, l.fout, c_feat, POOLED, POOLED)
-            } else {
-                layout::to_f16(&l.weight)
-            };
-            let weight = dev.upload(&host, &format!("{name}.weight"))?;
-            let bias16 = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
-            let bias32 = dev.upload(&l.bias, &format!("{name}.bias"))?;
-            bytes += weight.num_bytes() + bias16.num_bytes() + bias32.num_bytes();
-            linears.push(DevLinear {
-                fin: l.fin,
-                fout: l.fout,
-                relu: l.relu,
-                weight,
-                bias16,
-                bias32,
-            });
-        }
-        Ok(DevModel {
-            model: Arc::clone(model),
-            convs,
-            linears,
-            bytes,
-        })
+    /// Which convolutions the next `prepare` also tries through cuDNN's graph API (default:
+    /// `SCORECAM_CONV_GRAPH`, else the full mask batch).
+    pub fn set_graph_use(&mut self, g: GraphUse) {
+        self.graph_use = g;
     }
-}
 
-/// Run conv stage `stage` on `n` rows: the cached plan for `(stage, n, identity)`, or — on first
-/// use of that key — the candidates in order until one launches (then cached). Returns whether
-/// bias and activation were fused; if not, adds them with `bias_act_f16`.
-#[allow(clippy::too_many_arguments)]
-fn run_conv(
-    dev: &Dev,
-    dnn: &cudnn::Handle,
-    kernels: &Kernels,
-    plans: &mut HashMap<(usize, usize, bool), ConvPlan>,
-    workspace: &mut CudaSlice<u8>,
-    act: &ActDesc,
-    layer: &DevConv,
-    stage: usize,
-    d: StageDims,
-    n: usize,
-    identity: bool,
-    x: &CudaSlice<f16>,
-    y: &mut CudaSlice<f16>,
-) -> Result<()> {
-    let key = (stage, n, identity);
-    let op = format!("conv (features stage {stage}, batch {n})");
-    if !plans.contains_key(&key) {
-        let (xd, yd, cd) = cudnn::descriptors(n, layer.cin_s, layer.cout, d.in_h, d.in_w)
-            .map_err(|e| dnn_err(&op, e))?;
-        let cands = cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, identity, WS_CAP)
-            .map_err(|e| dnn_err(&op, e))?;
-        if cands.is_empty() {
-            return Err(Error::cuda(
-                &op,
-                "cuDNN offers no forward algorithm for this convolution",
-            ));
-        }
-        let mut last_err = None;
-        // cuDNN's ranking, as at prepare. The workspace grows when the preferred algorithm needs
-        // more (once per new batch size): falling back to a smaller-workspace algorithm can cost
-        // 30× (non-tensor-core IMPLICIT_GEMM) on a remainder batch.
-        for c in cands {
-            if c.ws > workspace.len() {
-                *workspace = dev.alloc::<u8>(c.ws, "cuDNN workspace")?;
-            }
-            let p = conv_ptrs(dev, layer, x, y, workspace);
-            // SAFETY: x holds ≥ n·in_len, y ≥ n·out_len elements (checked by the caller);
-            // workspace ≥ c.ws bytes.
-            let r =
-                unsafe { cudnn::launch(dnn, &xd, &layer.wdesc, &cd, &yd, &layer.bdesc, act, c, p) };
-            match r {
-                Ok(()) => {
-                    if verbose() {
-                        eprintln!(
-                            "cuda: conv stage {stage} batch {n} (planned on first use): {c:?}"
-                        );
-                    }
-                    plans.insert(
-                        key,
-                        ConvPlan {
-                            x: xd,
-                            y: yd,
-                            conv: cd,
-                            choice: c,
-                        },
-                    );
-                    if !c.fused {
-                        add_bias_act(dev, kernels, layer, d, n, identity, y)?;
-                    }
-                    return Ok(());
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        return Err(match last_err {
-            Some(e) => dnn_err(&op, e),
-            None => Error::cuda(&op, "no cuDNN algorithm fits the workspace"),
-        });
+    /// Replay masked-forward batches from CUDA graphs (default: on unless
+    /// `SCORECAM_CUDA_GRAPHS=0`). Turning them off drops the captured ones.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.clear();
+        self.graphs.enabled = on;
+        self.graphs.disabled = None;
     }
-    let plan = &plans[&key];
-    let p = conv_ptrs(dev, layer, x, y, workspace);
-    // SAFETY: as above; the plan's candidate was chosen with ws ≤ the workspace, which only grows.
-    unsafe {
-        cudnn::launch(
+
+    /// Convolution plans made on first use since `prepare` (0 when every batch was planned).
+    pub fn plans_built_on_first_use(&self) -> usize {
+        self.prep.as_ref().map_or(0, |p| p.convs.built_on_first_use)
+    }
+
+    /// The configurations chosen for every (conv layer, batch size).
+    pub fn plan_choices(&self) -> Vec<PlanChoice> {
+        self.prep
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.convs.choices().to_vec())
+    }
+
+    /// The forward pass's borrows of the prepared backend.
+    fn pass(&mut self) -> Result<(Pass<'_>, &mut Graphs)> {
+        let CudaBackend {
+            prep,
+            model,
+            kernels,
+            blas,
+            relu,
+            identity,
             dnn,
-            &plan.x,
-            &layer.wdesc,
-            &plan.conv,
-            &plan.y,
-            &layer.bdesc,
-            act,
-            plan.choice,
-            p,
-        )
-    }
-    .map_err(|e| dnn_err(&op, e))?;
-    if !plan.choice.fused {
-        add_bias_act(dev, kernels, layer, d, n, identity, y)?;
-    }
-    Ok(())
-}
-
-fn conv_ptrs(
-    dev: &Dev,
-    layer: &DevConv,
-    x: &CudaSlice<f16>,
-    y: &CudaSlice<f16>,
-    ws: &CudaSlice<u8>,
-) -> ConvPtrs {
-    let s = &dev.stream;
-    ConvPtrs {
-        x: ptr(x, s),
-        w: ptr(&layer.filter, s),
-        bias: ptr(&layer.bias, s),
-        y: ptr(y, s),
-        ws: ptr(ws, s),
-        ws_len: ws.len(),
+            dev,
+            graphs,
+            ..
+        } = self;
+        let prep = prep
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
+        let dm = model
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
+        Ok((
+            Pass {
+                dev,
+                dnn,
+                blas,
+                kernels,
+                relu,
+                identity,
+                dm,
+                prep,
+            },
+            graphs,
+        ))
     }
 }
 
-/// The unfused path's epilogue: `y += bias` per channel, then ReLU unless `identity`.
-fn add_bias_act(
+/// Check a scoring request against the logits buffer; returns the targets per row.
+fn check_scores(logits: &CudaBuf, n: usize, targets: &[u32]) -> Result<usize> {
+    logits.f32("scores")?;
+    let c = logits.cs;
+    if n > logits.shape[0] || targets.is_empty() || !targets.len().is_multiple_of(n) {
+        return Err(Error::Invalid(format!(
+            "scores: {} targets for {n} rows of a buffer of shape {:?}",
+            targets.len(),
+            logits.shape
+        )));
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= c) {
+        return Err(Error::Invalid(format!(
+            "scores: target {bad} ≥ {c} classes"
+        )));
+    }
+    Ok(targets.len() / n)
+}
+
+/// Upload the targets and launch the scoring kernel into `out` (`[n, t]`), asynchronously.
+#[allow(clippy::too_many_arguments)]
+fn enqueue_scores(
     dev: &Dev,
     kernels: &Kernels,
-    layer: &DevConv,
-    d: StageDims,
+    uploads: &mut UploadRing,
+    logits: &CudaBuf,
     n: usize,
-    identity: bool,
-    y: &mut CudaSlice<f16>,
+    targets: &[u32],
+    probability: bool,
+    out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let rows = n * d.out_h * d.out_w;
-    kernels.bias_act_f16(
+    let src = logits.f32("scores")?;
+    let c = logits.cs;
+    let t = targets.len() / n;
+    let tg = uploads.push(dev, targets, "score targets")?;
+    kernels.scores(
         &dev.stream,
-        &mut y.slice_mut(..rows * layer.cout),
-        &layer.bias.as_view(),
-        rows,
-        layer.cout,
-        !identity,
+        &src.slice(..n * c),
+        &tg,
+        n,
+        c,
+        t,
+        probability,
+        out,
     )
-}
-
-/// Choose (and cache) the plan for `(stage, n, identity)` at prepare time: time up to
-/// [`TIMED_CANDIDATES`] fused candidates with real launches on the arena buffers (garbage in,
-/// garbage out), keep the fastest; if no fused one launches, the fastest unfused one. Returns the
-/// chosen workspace size.
-#[allow(clippy::too_many_arguments)]
-fn tune_conv(
-    dev: &Dev,
-    dnn: &cudnn::Handle,
-    plans: &mut HashMap<(usize, usize, bool), ConvPlan>,
-    cands: Vec<Candidate>,
-    descs: (TensorDesc, TensorDesc, cudnn::ConvDesc),
-    workspace: &CudaSlice<u8>,
-    act: &ActDesc,
-    layer: &DevConv,
-    key: (usize, usize, bool),
-    bufs: &[CudaSlice<f16>; 2],
-) -> Result<usize> {
-    let op = format!("tuning conv (features stage {}, batch {})", key.0, key.1);
-    let (xd, yd, cd) = descs;
-    let [bx, by] = bufs;
-    let p = conv_ptrs(dev, layer, bx, by, workspace);
-    let start = dev
-        .ctx
-        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(|e| Error::cuda(&op, e))?;
-    let end = dev
-        .ctx
-        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(|e| Error::cuda(&op, e))?;
-    let mut best: Option<(f32, Candidate)> = None;
-    let mut tried: Vec<String> = Vec::new();
-    let mut last_err = None;
-    for fused in [true, false] {
-        let group = cands
-            .iter()
-            .copied()
-            .filter(|c| c.fused == fused && c.ws <= workspace.len())
-            .take(TIMED_CANDIDATES);
-        for c in group {
-            // SAFETY: the arena buffers hold rows_max ≥ n rows of every stage's input/output.
-            let launch = || unsafe {
-                cudnn::launch(dnn, &xd, &layer.wdesc, &cd, &yd, &layer.bdesc, act, c, p)
-            };
-            // Warm-up (and support check), then one timed run.
-            if let Err(e) = launch() {
-                last_err = Some(e);
-                continue;
-            }
-            start.record(&dev.stream).map_err(|e| Error::cuda(&op, e))?;
-            if let Err(e) = launch() {
-                last_err = Some(e);
-                continue;
-            }
-            end.record(&dev.stream).map_err(|e| Error::cuda(&op, e))?;
-            let ms = start.elapsed_ms(&end).map_err(|e| drv_err(&op, e))?;
-            tried.push(format!(
-                "{:?}/{:?}/fused={} {ms:.3} ms",
-                c.algo, c.math, c.fused
-            ));
-            if best.is_none_or(|(t, _)| ms < t) {
-                best = Some((ms, c));
-            }
-        }
-        if best.is_some() {
-            break;
-        }
-    }
-    // A launch error may be asynchronous (e.g. a kernel fault): surface it here.
-    dev.stream.synchronize().map_err(|e| drv_err(&op, e))?;
-    if verbose() {
-        eprintln!(
-            "cuda: conv stage {} batch {} {}: chose {:?} (ws {} B) among [{}]",
-            key.0,
-            key.1,
-            if key.2 { "identity" } else { "relu" },
-            best.map(|b| b.1),
-            best.map_or(0, |b| b.1.ws),
-            tried.join(", ")
-        );
-    }
-    let Some((_, choice)) = best else {
-        return Err(match last_err {
-            Some(e) => dnn_err(&op, e),
-            None => Error::cuda(
-                &op,
-                "cuDNN offers no forward algorithm for this convolution",
-            ),
-        });
-    };
-    plans.insert(
-        key,
-        ConvPlan {
-            x: xd,
-            y: yd,
-            conv: cd,
-            choice,
-        },
-    );
-    Ok(choice.ws)
 }
 
 impl Backend for CudaBackend {
@@ -979,181 +490,7 @@ impl Backend for CudaBackend {
 
     fn prepare(&mut self, model: &Arc<Vgg>, plan: Plan) -> Result<()> {
         self.bind()?;
-        let s = plan.input_size;
-        if plan.max_images == 0 || plan.max_masks == 0 || s == 0 {
-            return Err(Error::Invalid(format!("prepare: empty plan {plan:?}")));
-        }
-        model.validate().map_err(Error::Invalid)?;
-        if plan.capture.stage >= model.features.len() {
-            return Err(Error::Invalid(format!(
-                "capture stage {} out of range ({} feature stages)",
-                plan.capture.stage,
-                model.features.len()
-            )));
-        }
-        // Geometry of every stage (stored channels).
-        let mut dims = Vec::with_capacity(model.features.len());
-        let (mut h, mut w, mut c) = (s, s, CPAD);
-        for stage in &model.features {
-            let (oh, ow, oc) = match stage {
-                FeatureStage::Conv(l) => (h, w, l.cout),
-                FeatureStage::MaxPool { .. } => (h / 2, w / 2, c),
-            };
-            if oh == 0 || ow == 0 {
-                return Err(Error::Invalid(format!(
-                    "input size {s} is too small for this model's max-pools"
-                )));
-            }
-            dims.push(StageDims {
-                in_h: h,
-                in_w: w,
-                in_c: c,
-                out_h: oh,
-                out_w: ow,
-                out_c: oc,
-            });
-            (h, w, c) = (oh, ow, oc);
-        }
-        let capture = model.capture_shape(plan.capture, s);
-        if capture.c != dims[plan.capture.stage].out_c || capture.c == 3 {
-            return Err(Error::Invalid(format!(
-                "layer {}: capturing a {}-channel map is not supported by the CUDA backend",
-                model.capture_name(plan.capture),
-                capture.c
-            )));
-        }
-        let rows_max = plan.max_images.max(plan.max_masks);
-        let mut per_row = s * s * CPAD;
-        for d in &dims {
-            per_row = per_row.max(d.out_len());
-            if rows_max.saturating_mul(d.in_len().max(d.out_len())) > CUDNN_MAX_ELEMS {
-                return Err(gpu_oom(format!(
-                    "a batch of {rows_max} × {} elements exceeds cuDNN's 2^31-element tensor limit",
-                    d.in_len().max(d.out_len())
-                )));
-            }
-        }
-        per_row = per_row.max(c * POOLED * POOLED);
-        for l in &model.classifier {
-            per_row = per_row.max(l.fout);
-        }
-
-        // Free the old plan before allocating the new one (the caller may be retrying smaller).
-        self.prep = None;
-        self.dev
-            .stream
-            .synchronize()
-            .map_err(|e| drv_err("prepare", e))?;
-        if !self
-            .model
-            .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(&m.model, model))
-        {
-            self.model = None;
-            self.model = Some(self.upload_model(model)?);
-        }
-
-        let buf_len = rows_max.checked_mul(per_row).ok_or_else(|| {
-            gpu_oom(format!(
-                "activation buffers of {rows_max} × {per_row} elements"
-            ))
-        })?;
-        let bufs = [
-            self.dev.alloc::<f16>(buf_len, "activation buffer A")?,
-            self.dev.alloc::<f16>(buf_len, "activation buffer B")?,
-        ];
-
-        // Small buffers at their steady-state sizes.
-        let sc = &mut self.scratch;
-        sc.staging
-            .get(&self.dev, s * s * 3, "image staging buffer")?;
-        sc.items.get(&self.dev, plan.max_masks * 2, "mask items")?;
-        sc.targets.get(&self.dev, rows_max, "score targets")?;
-        sc.scores.get(&self.dev, rows_max, "scores")?;
-        sc.weights.get(&self.dev, capture.c, "channel weights")?;
-        sc.low
-            .get(&self.dev, capture.h * capture.w, "low-resolution map")?;
-        sc.map.get(&self.dev, s * s, "map")?;
-        sc.flat.get(&self.dev, 1, "flat flag")?;
-
-        // Convolution plans for the plan's batch sizes: candidates first (for the workspace
-        // size), then timed choices.
-        let dm = self.model.as_ref().expect("uploaded above");
-        let mut keys = Vec::new();
-        for (i, d) in dm.convs.iter().enumerate() {
-            if d.is_none() {
-                continue;
-            }
-            keys.push((i, plan.max_masks, false));
-            let pre = plan.capture.stage == i && plan.capture.pre_relu;
-            let k = (i, plan.max_images, pre);
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
-        }
-        let (free, _) = self
-            .dev
-            .ctx
-            .mem_get_info()
-            .map_err(|e| drv_err("cuMemGetInfo", e))?;
-        let ws_cap = WS_CAP.min(free / 4);
-        let mut pending = Vec::with_capacity(keys.len());
-        let mut ws_need = 0;
-        for &(i, n, identity) in &keys {
-            let layer = dm.convs[i].as_ref().expect("conv stage");
-            let d = dims[i];
-            let op = format!("planning conv (features stage {i}, batch {n})");
-            let descs = cudnn::descriptors(n, layer.cin_s, layer.cout, d.in_h, d.in_w)
-                .map_err(|e| dnn_err(&op, e))?;
-            let cands = cudnn::candidates(
-                &self.dnn,
-                &descs.0,
-                &layer.wdesc,
-                &descs.2,
-                &descs.1,
-                identity,
-                ws_cap,
-            )
-            .map_err(|e| dnn_err(&op, e))?;
-            ws_need = ws_need.max(
-                cands
-                    .iter()
-                    .filter(|c| c.fused)
-                    .take(TIMED_CANDIDATES)
-                    .chain(cands.iter().filter(|c| !c.fused).take(TIMED_CANDIDATES))
-                    .map(|c| c.ws)
-                    .max()
-                    .unwrap_or(0),
-            );
-            pending.push(((i, n, identity), cands, descs));
-        }
-        let mut workspace = self.dev.alloc::<u8>(ws_need, "cuDNN workspace")?;
-        let mut convs = HashMap::new();
-        let mut ws_used = 0;
-        for (key, cands, descs) in pending {
-            let layer = dm.convs[key.0].as_ref().expect("conv stage");
-            let act = if key.2 { &self.identity } else { &self.relu };
-            let ws = tune_conv(
-                &self.dev, &self.dnn, &mut convs, cands, descs, &workspace, act, layer, key, &bufs,
-            )?;
-            ws_used = ws_used.max(ws);
-        }
-        if ws_used < workspace.len() / 2 {
-            // Give back what the tuning needed but the chosen algorithms do not.
-            drop(workspace);
-            workspace = self.dev.alloc::<u8>(ws_used, "cuDNN workspace")?;
-        }
-        self.prep = Some(Prepared {
-            plan,
-            rows_max,
-            feat: (h, w, c),
-            dims,
-            capture,
-            bufs,
-            workspace,
-            convs,
-        });
-        Ok(())
+        self.prepare_plan(model, plan)
     }
 
     fn alloc(&mut self, shape: &[usize]) -> Result<CudaBuf> {
@@ -1286,28 +623,15 @@ impl Backend for CudaBackend {
         x: &CudaBuf,
         n: usize,
         logits: &mut CudaBuf,
-        mut acts: Option<&mut CudaBuf>,
+        acts: Option<&mut CudaBuf>,
     ) -> Result<()> {
         self.bind()?;
-        let CudaBackend {
-            prep,
-            model,
-            kernels,
-            blas,
-            relu,
-            identity,
-            dnn,
-            dev,
-            ..
-        } = self;
-        let prep = prep
-            .as_mut()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
-        let dm = model.as_ref().expect("a prepared backend has a model");
-        let s = prep.plan.input_size;
         if n == 0 {
             return Ok(());
         }
+        let (pass, graphs) = self.pass()?;
+        let prep = &*pass.prep;
+        let s = prep.plan.input_size;
         if n > prep.rows_max {
             return Err(Error::Invalid(format!(
                 "forward of {n} rows, but the plan allows at most {}",
@@ -1315,158 +639,35 @@ impl Backend for CudaBackend {
             )));
         }
         x.check4("forward input", n, 3, s, s)?;
-        let classes = dm.model.num_classes();
+        let classes = pass.dm.model.num_classes();
         if logits.shape.len() != 2 || logits.shape[0] < n || logits.shape[1] != classes {
             return Err(Error::Invalid(format!(
                 "forward: logits buffer of shape {:?}, expected [≥{n}, {classes}]",
                 logits.shape
             )));
         }
-        let cap = prep.plan.capture;
+        let mut cap = x.shape[0].min(logits.shape[0]).min(prep.rows_max);
         if let Some(a) = acts.as_deref() {
             let MapShape { c, h, w } = prep.capture;
             a.check4("forward activations", n, c, h, w)?;
+            cap = cap.min(a.shape[0]);
         }
+        // The planned batch size this runs at (extra rows are computed and ignored); a batch
+        // no ladder covers runs at n and is planned on first use.
+        let rows = prep.run_rows(n, cap, acts.is_some()).unwrap_or(n);
+        let at = prep.plan.capture;
+        let capture = match acts {
+            Some(a) => Some(CaptureTo {
+                at,
+                acts: a.f16_mut("forward activations")?,
+                rows: n,
+            }),
+            None => None,
+        };
         let xs = x.f16("forward input")?;
-        let Prepared {
-            dims,
-            bufs,
-            workspace,
-            convs,
-            feat,
-            ..
-        } = prep;
-        let stream = &dev.stream;
-
-        // `cur`: which buffer holds the current activations (None: the input x).
-        let mut cur: Option<usize> = None;
-        for (i, stage) in dm.model.features.iter().enumerate() {
-            let d = dims[i];
-            let out_elems = n * d.out_len();
-            let [b0, b1] = &mut *bufs;
-            let (input, output, next): (&CudaSlice<f16>, &mut CudaSlice<f16>, usize) = match cur {
-                None => (xs, b0, 0),
-                Some(0) => (&*b0, b1, 1),
-                Some(_) => (&*b1, b0, 0),
-            };
-            let capture_here = acts.is_some() && cap.stage == i;
-            match stage {
-                FeatureStage::Conv(_) => {
-                    let layer = dm.convs[i].as_ref().expect("conv stage");
-                    let pre = capture_here && cap.pre_relu;
-                    let act = if pre { &*identity } else { &*relu };
-                    run_conv(
-                        dev, dnn, kernels, convs, workspace, act, layer, i, d, n, pre, input,
-                        output,
-                    )?;
-                    if pre {
-                        let a = acts
-                            .as_deref_mut()
-                            .expect("capture_here")
-                            .f16_mut("forward activations")?;
-                        stream
-                            .memcpy_dtod(&output.slice(..out_elems), &mut a.slice_mut(..out_elems))
-                            .map_err(|e| drv_err("forward: capturing activations", e))?;
-                        kernels.relu_f16(stream, &mut output.slice_mut(..out_elems), out_elems)?;
-                    } else if capture_here {
-                        let a = acts
-                            .as_deref_mut()
-                            .expect("capture_here")
-                            .f16_mut("forward activations")?;
-                        stream
-                            .memcpy_dtod(&output.slice(..out_elems), &mut a.slice_mut(..out_elems))
-                            .map_err(|e| drv_err("forward: capturing activations", e))?;
-                    }
-                }
-                FeatureStage::MaxPool { .. } => {
-                    kernels.maxpool2(
-                        stream,
-                        &input.slice(..n * d.in_len()),
-                        n,
-                        d.in_h,
-                        d.in_w,
-                        d.in_c,
-                        &mut output.slice_mut(..out_elems),
-                    )?;
-                    if capture_here {
-                        let a = acts
-                            .as_deref_mut()
-                            .expect("capture_here")
-                            .f16_mut("forward activations")?;
-                        stream
-                            .memcpy_dtod(&output.slice(..out_elems), &mut a.slice_mut(..out_elems))
-                            .map_err(|e| drv_err("forward: capturing activations", e))?;
-                    }
-                }
-            }
-            cur = Some(next);
-        }
-        let mut cur = cur.expect("validated models have feature stages");
-
-        // AdaptiveAvgPool2d(7×7): identity when the map is already 7×7.
-        let (fh, fw, fc) = *feat;
-        if (fh, fw) != (POOLED, POOLED) {
-            let [b0, b1] = &mut *bufs;
-            let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
-            kernels.adaptive_avgpool(
-                stream,
-                &input.slice(..n * fh * fw * fc),
-                n,
-                fh,
-                fw,
-                fc,
-                POOLED,
-                POOLED,
-                &mut output.slice_mut(..n * POOLED * POOLED * fc),
-            )?;
-            cur = 1 - cur;
-        }
-
-        // Classifier. Row-major Y[n, out] = X[n, in] · Wᵀ (+ b) with W [out, in] row-major.
-        // cuBLAS is column-major: a row-major [r, c] matrix is a column-major [c, r] one with
-        // leading dimension c. So compute Yᵀ[out, n] = W[out, in] · Xᵀ[in, n] column-major:
-        //   A = W   stored col-major [in, out] (ld = in) → op(A) = Aᵀ = W   (transa = T, lda = in)
-        //   B = Xᵀ  stored col-major [in, n]   (ld = in) → op(B) = B        (transb = N, ldb = in)
-        //   C = Yᵀ  stored col-major [out, n]  (ld = out)
-        //   m = out, n = rows, k = in.
-        let last = dm.linears.len() - 1;
-        let logits_dev = logits.f32_mut("forward logits")?;
-        for (j, l) in dm.linears.iter().enumerate() {
-            let [b0, b1] = &mut *bufs;
-            let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
-            let xp = ptr(input, stream);
-            let wp = ptr(&l.weight, stream);
-            let op = format!("linear classifier layer {j} (batch {n})");
-            let (yp, out_f32) = if j == last {
-                (ptr(&*logits_dev, stream), true)
-            } else {
-                (ptr(&*output, stream), false)
-            };
-            // SAFETY: input holds ≥ n·fin f16 values, weight fout·fin, output n·fout of its type
-            // (arena rows ≥ n, per-row size ≥ every fout; logits checked above).
-            unsafe { blas::gemm_tn(blas, l.fout, n, l.fin, wp, xp, yp, out_f32) }
-                .map_err(|e| blas_err(&op, e))?;
-            if j == last {
-                kernels.bias_f32(
-                    stream,
-                    &mut logits_dev.slice_mut(..n * l.fout),
-                    &l.bias32.as_view(),
-                    n,
-                    l.fout,
-                )?;
-            } else {
-                kernels.bias_act_f16(
-                    stream,
-                    &mut output.slice_mut(..n * l.fout),
-                    &l.bias16.as_view(),
-                    n,
-                    l.fout,
-                    l.relu,
-                )?;
-                cur = 1 - cur;
-            }
-        }
-        Ok(())
+        let logits = logits.f32_mut("forward logits")?;
+        let mut pass = pass;
+        pass.run(xs, rows, logits, capture, None, graphs)
     }
 
     fn masked_inputs(
@@ -1512,17 +713,14 @@ impl Backend for CudaBackend {
             .flat_map(|it| [it.image, it.channel, it.sample])
             .collect();
         let dev = &self.dev;
-        let buf = self.scratch.items.get(dev, flat.len(), "mask items")?;
-        dev.stream
-            .memcpy_htod(&flat[..], &mut buf.slice_mut(..flat.len()))
-            .map_err(|e| drv_err("masked_inputs: uploading items", e))?;
+        let buf = self.uploads.push(dev, &flat, "mask items")?;
         let row = out.row_len();
         let dst = out.f16_mut("masked_inputs output")?;
         self.kernels.masks(
             &dev.stream,
             &images.f16("masked_inputs images")?.as_view(),
             &acts.f16("masked_inputs activations")?.as_view(),
-            &buf.slice(..flat.len()),
+            &buf,
             b,
             s,
             h,
@@ -1552,41 +750,157 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let src = logits.f32("scores")?;
-        let c = logits.cs;
-        if n > logits.shape[0] || targets.is_empty() || !targets.len().is_multiple_of(n) {
-            return Err(Error::Invalid(format!(
-                "scores: {} targets for {n} rows of a buffer of shape {:?}",
-                targets.len(),
-                logits.shape
-            )));
-        }
-        if let Some(bad) = targets.iter().find(|&&t| t as usize >= c) {
-            return Err(Error::Invalid(format!(
-                "scores: target {bad} ≥ {c} classes"
-            )));
-        }
-        let t = targets.len() / n;
+        let t = check_scores(logits, n, targets)?;
         let dev = &self.dev;
-        let tg = self
-            .scratch
-            .targets
-            .get(dev, targets.len(), "score targets")?;
-        dev.stream
-            .memcpy_htod(targets, &mut tg.slice_mut(..targets.len()))
-            .map_err(|e| drv_err("scores: uploading targets", e))?;
         let out = self.scratch.scores.get(dev, n * t, "scores")?;
-        self.kernels.scores(
-            &dev.stream,
-            &src.slice(..n * c),
-            &tg.slice(..n * t),
+        enqueue_scores(
+            dev,
+            &self.kernels,
+            &mut self.uploads,
+            logits,
             n,
-            c,
-            t,
+            targets,
             probability,
             &mut out.slice_mut(..n * t),
         )?;
-        dev.download(out, n * t, "scores")
+        let got = dev.download(out, n * t, "scores")?;
+        self.uploads.synchronized();
+        Ok(got)
+    }
+
+    fn push_scores(
+        &mut self,
+        logits: &CudaBuf,
+        n: usize,
+        targets: &[u32],
+        probability: bool,
+    ) -> Result<()> {
+        self.bind()?;
+        if n == 0 {
+            return Ok(());
+        }
+        let t = check_scores(logits, n, targets)?;
+        let dev = &self.dev;
+        let sc = &mut self.scratch;
+        let end = sc.pending_len + n * t;
+        if sc.pending.0.as_ref().is_none_or(|p| p.len() < end) {
+            // Growing loses the contents: move what is pending to the host first.
+            if sc.spill_pending(dev)? {
+                self.uploads.synchronized();
+            }
+            // Room for a few more batches like this one, so growing is rare.
+            sc.pending.get(dev, 4 * n * t, "pending scores")?;
+        }
+        let start = sc.pending_len;
+        let pending = sc.pending.0.as_mut().expect("sized above");
+        enqueue_scores(
+            dev,
+            &self.kernels,
+            &mut self.uploads,
+            logits,
+            n,
+            targets,
+            probability,
+            &mut pending.slice_mut(start..start + n * t),
+        )?;
+        sc.pending_len = start + n * t;
+        Ok(())
+    }
+
+    fn take_scores(&mut self) -> Result<Vec<f32>> {
+        self.bind()?;
+        if self.scratch.spill_pending(&self.dev)? {
+            self.uploads.synchronized();
+        }
+        Ok(std::mem::take(&mut self.scratch.spilled))
+    }
+
+    fn layer_times(&mut self, x: &CudaBuf, rows: usize, reps: usize) -> Result<Vec<f64>> {
+        self.bind()?;
+        let dev = &self.dev;
+        let dm = self
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
+        let s = self
+            .prep
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?
+            .plan
+            .input_size;
+        x.check4("layer_times input", rows, 3, s, s)?;
+        let classes = dm.model.num_classes();
+        let layers = dm.model.layer_costs(s, rows, 2).len();
+        let mut events = LayerEvents::new(dev, layers)?;
+        self.scratch
+            .timing_logits
+            .get(dev, rows * classes, "timing logits")?;
+        // Taken out while the pass borrows the backend; put back after.
+        let mut logits = self
+            .scratch
+            .timing_logits
+            .0
+            .take()
+            .expect("allocated above");
+        let xs = x.f16("layer_times input")?;
+        let mut runs = Vec::with_capacity(reps.max(1));
+        let (mut pass, _) = self.pass()?;
+        pass.eager(xs, rows, &mut logits, None, None)?; // warm-up
+        for _ in 0..reps.max(1) {
+            pass.eager(xs, rows, &mut logits, None, Some(&mut events))?;
+            runs.push(events.take()?);
+        }
+        self.scratch.timing_logits.0 = Some(logits);
+        if let Some(bad) = runs.iter().find(|r| r.len() != layers) {
+            return Err(Error::Invalid(format!(
+                "layer timing: {} layers timed, {layers} expected",
+                bad.len()
+            )));
+        }
+        Ok(crate::backend::median_per_layer(&runs))
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let Some(p) = self.prep.as_ref() else {
+            return serde_json::Value::Null;
+        };
+        let plans: Vec<serde_json::Value> = p
+            .convs
+            .choices()
+            .iter()
+            .map(|c| {
+                json!({
+                    "stage": c.stage,
+                    "rows": c.rows,
+                    "pre_relu": c.identity,
+                    "algo": c.algo,
+                    "workspace_bytes": c.workspace,
+                    "ms": c.ms,
+                    "candidates_timed": c.timed,
+                    "legacy_ms": c.legacy_ms,
+                    "graph_ms": c.graph_ms,
+                })
+            })
+            .collect();
+        json!({
+            "kernels_arch": self.kernels.arch(),
+            "mask_batch_sizes": p.masks.sizes(),
+            "image_batch_sizes": p.images.sizes(),
+            "plans_built_on_first_use": p.convs.built_on_first_use,
+            "workspace_bytes": p.workspace.len(),
+            "prefix": {
+                "end_stage": p.prefix.map(|x| x.end),
+                "sub_batch": p.prefix.map(|x| x.rows),
+                "timed_ms": p.prefix_ms.iter().map(|&(r, ms)| json!({"rows": r, "ms": ms})).collect::<Vec<_>>(),
+            },
+            "graphs": {
+                "enabled": self.graphs.enabled,
+                "captured": self.graphs.captured,
+                "replays": self.graphs.replays,
+                "disabled_because": self.graphs.disabled,
+            },
+            "plans": plans,
+        })
     }
 
     fn combine(

@@ -1,0 +1,780 @@
+//! Convolution plans: which cuDNN configuration runs each conv layer at each batch size.
+//!
+//! Every batch size a run uses is planned at `prepare`, never in the timed hot path: the batch
+//! ladders below fix the sizes (a batch of n rows runs at the smallest planned size ≥ n, the
+//! extra rows computed and ignored), and each (layer, size) is tuned by timing cuDNN's top
+//! candidates on random data (median of several runs, after a warm-up). Layers of the same shape
+//! share one tuning (VGG16 repeats 5 of its 13 shapes). A size nobody planned (a caller's
+//! buffer too small for the ladder's size) is planned on first use and counted, so `bench`
+//! shows it.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
+use half::f16;
+
+use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
+use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs};
+use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
+use super::kernels::Kernels;
+use super::weights::DevConv;
+use crate::error::{Error, Result};
+
+/// Largest workspace a single convolution candidate may ask for.
+pub(super) const WS_CAP: usize = 1 << 30;
+
+/// Heuristic candidates timed per (layer shape, batch size), fused and unfused each.
+const TIMED_CANDIDATES: usize = 3;
+
+/// Timed runs per candidate (after one warm-up); the median counts.
+pub(super) const TIMED_RUNS: usize = 3;
+
+/// Steps of a batch ladder: a remainder batch wastes at most `max / LADDER_STEPS` rows.
+pub(super) const LADDER_STEPS: usize = 8;
+
+/// The workspace a candidate may use: at most [`WS_CAP`], at most a quarter of the free memory.
+pub(super) fn ws_cap(dev: &Dev) -> Result<usize> {
+    let (free, _) = dev
+        .ctx
+        .mem_get_info()
+        .map_err(|e| drv_err("cuMemGetInfo", e))?;
+    Ok(WS_CAP.min(free / 4))
+}
+
+/// The batch sizes planned for one kind of forward (masked inputs, or images): `max` and
+/// `steps − 1` evenly spaced sizes below it. A batch of `n` rows runs at the smallest planned
+/// size ≥ n, so a remainder wastes less than `max / steps` rows and no size is planned late.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchLadder {
+    sizes: Vec<usize>,
+}
+
+impl BatchLadder {
+    /// `⌈max·i/steps⌉` for i = 1..=steps, deduplicated, ascending (`max` is always last).
+    pub fn new(max: usize, steps: usize) -> Self {
+        let steps = steps.clamp(1, max.max(1));
+        let mut sizes: Vec<usize> = (1..=steps).map(|i| (max * i).div_ceil(steps)).collect();
+        sizes.dedup();
+        sizes.retain(|&s| s > 0);
+        BatchLadder { sizes }
+    }
+
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    /// The planned size a batch of `n` rows runs at when the buffers hold `cap` rows: the
+    /// smallest planned size in `n..=cap`; `None` when there is none (run at `n`, unplanned).
+    pub fn rows_for(&self, n: usize, cap: usize) -> Option<usize> {
+        self.sizes.iter().copied().find(|&s| s >= n && s <= cap)
+    }
+}
+
+/// One conv layer at one batch size; `identity`: the activation is left out (a pre-ReLU capture).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) struct ConvKey {
+    pub stage: usize,
+    pub rows: usize,
+    pub identity: bool,
+}
+
+/// What a tuning depends on: layers with equal shapes share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ConvShape {
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    rows: usize,
+    identity: bool,
+}
+
+/// One chosen configuration, for `bench --json` and `SCORECAM_CUDA_VERBOSE`.
+#[derive(Clone, Debug)]
+pub struct PlanChoice {
+    pub stage: usize,
+    pub rows: usize,
+    pub identity: bool,
+    /// e.g. `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
+    pub algo: String,
+    pub workspace: usize,
+    /// Median of the timed runs (None: planned on first use, untimed).
+    pub ms: Option<f32>,
+    /// How many legacy candidates were timed.
+    pub timed: usize,
+    /// The fastest legacy configuration's and graph-API plan's times, when timed.
+    pub legacy_ms: Option<f32>,
+    pub graph_ms: Option<f32>,
+}
+
+/// Short name of a candidate: `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
+pub(super) fn candidate_name(c: &Candidate) -> String {
+    let algo = format!("{:?}", c.algo);
+    let math = format!("{:?}", c.math);
+    format!(
+        "{}/{}{}",
+        algo.trim_start_matches("CUDNN_CONVOLUTION_FWD_ALGO_"),
+        math.trim_start_matches("CUDNN_"),
+        if c.fused { " fused" } else { " + bias kernel" }
+    )
+}
+
+/// Every conv plan of the prepared model.
+#[derive(Default)]
+pub(super) struct ConvPlans {
+    plans: HashMap<ConvKey, Planned>,
+    choices: Vec<PlanChoice>,
+    /// Plans made on first use in the hot path (0 when the ladders cover every batch).
+    pub built_on_first_use: usize,
+}
+
+impl ConvPlans {
+    pub fn choices(&self) -> &[PlanChoice] {
+        &self.choices
+    }
+}
+
+/// The arena the tuning launches on: both ping-pong buffers (random data in, garbage out) and
+/// the workspace (grown for a graph plan that needs more).
+pub(super) struct TuneArena<'a> {
+    pub bufs: &'a [CudaSlice<f16>; 2],
+    pub workspace: &'a mut CudaSlice<u8>,
+}
+
+/// How one (layer, batch size) runs.
+pub(super) enum Planned {
+    /// The legacy API: its descriptors and the chosen algorithm.
+    Legacy(ConvPlan),
+    /// A graph-API execution plan (conv + bias + ReLU in one), shared by layers of one shape.
+    Graph(Rc<GraphConv>),
+}
+
+/// A graph and the execution plan chosen for it (the plan refers to the graph's descriptors).
+pub(super) struct GraphConv {
+    _graph: ConvGraph,
+    plan: GraphPlan,
+}
+
+/// Which keys also try the graph API (`SCORECAM_CONV_GRAPH`): `off`, `full` (default: the full
+/// mask batch, >97 % of the masked forwards; finalizing graph plans can compile kernels, so
+/// not every ladder size pays for it), `all` (every post-ReLU key), or `prefer` (every
+/// post-ReLU key, and a graph plan wins whenever one runs: for tests of the graph path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphUse {
+    Off,
+    FullBatch,
+    All,
+    Prefer,
+}
+
+impl GraphUse {
+    pub fn from_env() -> GraphUse {
+        match std::env::var("SCORECAM_CONV_GRAPH").as_deref() {
+            Ok("off") | Ok("0") => GraphUse::Off,
+            Ok("all") => GraphUse::All,
+            Ok("prefer") => GraphUse::Prefer,
+            _ => GraphUse::FullBatch,
+        }
+    }
+}
+
+/// What the tuning of one shape found.
+#[derive(Clone)]
+struct Tuned {
+    legacy: Candidate,
+    legacy_ms: Option<f32>,
+    timed: usize,
+    graph: Option<(Rc<GraphConv>, f32, String)>,
+}
+
+/// Plan every key at prepare: candidates (ranked by cuDNN), then — once per distinct shape —
+/// the timed choice among the legacy configurations and, where `graph` says, the graph API's
+/// plans. Returns the largest workspace a chosen configuration needs.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn plan_all(
+    dev: &Dev,
+    dnn: &cudnn::Handle,
+    convs: &[Option<DevConv>],
+    dims: &[super::StageDims],
+    keys: &[ConvKey],
+    acts: (&ActDesc, &ActDesc),
+    mut arena: TuneArena<'_>,
+    ws_limit: usize,
+    graph: (GraphUse, usize),
+) -> Result<(ConvPlans, usize)> {
+    let mut out = ConvPlans::default();
+    let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
+    let mut ws_used = 0;
+    let timer = EventPair::new(dev)?;
+    for &key in keys {
+        let layer = convs[key.stage].as_ref().ok_or_else(|| {
+            Error::Invalid(format!("features stage {} is not a convolution", key.stage))
+        })?;
+        let d = dims[key.stage];
+        let (op, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
+        let shape = ConvShape {
+            cin: layer.cin_s,
+            cout: layer.cout,
+            h: d.in_h,
+            w: d.in_w,
+            rows: key.rows,
+            identity: key.identity,
+        };
+        let t = match tuned.get(&shape) {
+            Some(t) => t.clone(),
+            None => {
+                let cands = cudnn::candidates(
+                    dnn,
+                    &xd,
+                    &layer.wdesc,
+                    &cd,
+                    &yd,
+                    key.identity,
+                    ws_limit.min(arena.workspace.len()),
+                )
+                .map_err(|e| dnn_err(&op, e))?;
+                let act = if key.identity { acts.1 } else { acts.0 };
+                let descs = (&xd, &yd, &cd);
+                let (legacy, legacy_ms, timed) =
+                    time_candidates(dev, dnn, &timer, &cands, descs, act, layer, &arena, &op)?;
+                let try_graph = !key.identity
+                    && match graph.0 {
+                        GraphUse::Off => false,
+                        GraphUse::FullBatch => key.rows == graph.1,
+                        GraphUse::All | GraphUse::Prefer => true,
+                    };
+                let graph = if try_graph {
+                    time_graph_plans(dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit)?
+                } else {
+                    None
+                };
+                let t = Tuned {
+                    legacy,
+                    legacy_ms,
+                    timed,
+                    graph,
+                };
+                tuned.insert(shape, t.clone());
+                t
+            }
+        };
+        let graph_wins = t
+            .graph
+            .as_ref()
+            .is_some_and(|g| graph.0 == GraphUse::Prefer || t.legacy_ms.is_none_or(|l| g.1 < l));
+        let (planned, algo, ws, ms) = match (&t.graph, graph_wins) {
+            (Some((g, ms, name)), true) => (
+                Planned::Graph(Rc::clone(g)),
+                name.clone(),
+                g.plan.ws,
+                Some(*ms),
+            ),
+            _ => (
+                Planned::Legacy(ConvPlan {
+                    x: xd,
+                    y: yd,
+                    conv: cd,
+                    choice: t.legacy,
+                }),
+                candidate_name(&t.legacy),
+                t.legacy.ws,
+                t.legacy_ms,
+            ),
+        };
+        ws_used = ws_used.max(ws);
+        if verbose() {
+            eprintln!(
+                "cuda: conv stage {} batch {}{}: {algo} ({ws} B workspace){}{}",
+                key.stage,
+                key.rows,
+                if key.identity { " (pre-ReLU)" } else { "" },
+                ms.map(|m| format!(", {m:.3} ms")).unwrap_or_default(),
+                t.graph
+                    .as_ref()
+                    .map(|g| format!(" [legacy {:?} ms, graph {:.3} ms]", t.legacy_ms, g.1))
+                    .unwrap_or_default()
+            );
+        }
+        out.choices.push(PlanChoice {
+            stage: key.stage,
+            rows: key.rows,
+            identity: key.identity,
+            algo,
+            workspace: ws,
+            ms,
+            timed: t.timed,
+            legacy_ms: t.legacy_ms,
+            graph_ms: t.graph.as_ref().map(|g| g.1),
+        });
+        out.plans.insert(key, planned);
+    }
+    Ok((out, ws_used))
+}
+
+/// Build the conv+bias+ReLU graph for `rows` rows of `layer`, time every plan cuDNN finalizes
+/// for it (warm-up, then the median of [`TIMED_RUNS`]) on the arena, and return the fastest
+/// with its name. `None` when the graph API offers nothing for this layer (the legacy path
+/// stays). The arena's workspace grows (up to `ws_limit`) for a plan that needs more.
+#[allow(clippy::too_many_arguments)]
+fn time_graph_plans(
+    dev: &Dev,
+    dnn: &cudnn::Handle,
+    timer: &EventPair,
+    layer: &DevConv,
+    d: super::StageDims,
+    rows: usize,
+    arena: &mut TuneArena<'_>,
+    ws_limit: usize,
+) -> Result<Option<(Rc<GraphConv>, f32, String)>> {
+    let op = format!("timing graph-API plans (batch {rows})");
+    let Ok(graph) = ConvGraph::conv_bias_relu(dnn, rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
+    else {
+        return Ok(None);
+    };
+    let mut best: Option<(GraphPlan, f32)> = None;
+    for plan in graph.plans(dnn, ws_limit) {
+        if plan.ws > arena.workspace.len() {
+            *arena.workspace = dev.alloc::<u8>(plan.ws, "cuDNN workspace")?;
+        }
+        let [bx, by] = arena.bufs;
+        let s = &dev.stream;
+        let p = GraphPtrs {
+            x: ptr(bx, s),
+            w: ptr(&layer.filter, s),
+            bias: ptr(&layer.bias, s),
+            y: ptr(by, s),
+            ws: ptr(&*arena.workspace, s),
+        };
+        // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
+        // workspace holds ≥ plan.ws bytes.
+        let run = || unsafe { plan.execute(dnn, p) };
+        if run().is_err() {
+            continue;
+        }
+        let mut runs = Vec::with_capacity(TIMED_RUNS);
+        for _ in 0..TIMED_RUNS {
+            match timer.time(dev, &op, run)? {
+                Ok(ms) => runs.push(ms),
+                Err(_) => break,
+            }
+        }
+        if runs.len() < TIMED_RUNS {
+            continue;
+        }
+        let ms = median(runs);
+        if best.as_ref().is_none_or(|b| ms < b.1) {
+            best = Some((plan, ms));
+        }
+    }
+    // An execution error may be asynchronous: surface it here.
+    dev.stream.synchronize().map_err(|e| drv_err(&op, e))?;
+    Ok(best.map(|(plan, ms)| {
+        let name = format!("graph API plan #{} (conv+bias+ReLU)", plan.index);
+        (
+            Rc::new(GraphConv {
+                _graph: graph,
+                plan,
+            }),
+            ms,
+            name,
+        )
+    }))
+}
+
+/// The legacy descriptors of `key` (input, output, convolution) and the name of its planning
+/// step for errors.
+fn key_descriptors(
+    layer: &DevConv,
+    d: super::StageDims,
+    key: ConvKey,
+) -> Result<(String, (TensorDesc, TensorDesc, ConvDesc))> {
+    let op = format!(
+        "planning conv (features stage {}, batch {})",
+        key.stage, key.rows
+    );
+    let descs = cudnn::descriptors(key.rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
+        .map_err(|e| dnn_err(&op, e))?;
+    Ok((op, descs))
+}
+
+/// The workspace the timing of `keys` may need: the largest among each key's timed candidates.
+pub(super) fn tuning_workspace(
+    dnn: &cudnn::Handle,
+    convs: &[Option<DevConv>],
+    dims: &[super::StageDims],
+    keys: &[ConvKey],
+    ws_limit: usize,
+) -> Result<usize> {
+    let mut need = 0;
+    for &key in keys {
+        let Some(layer) = convs[key.stage].as_ref() else {
+            continue;
+        };
+        let d = dims[key.stage];
+        let (op, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
+        let cands = cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
+            .map_err(|e| dnn_err(&op, e))?;
+        need = need.max(timed_subset(&cands).map(|c| c.ws).max().unwrap_or(0));
+    }
+    Ok(need)
+}
+
+/// The candidates that get timed: cuDNN's top [`TIMED_CANDIDATES`] fused ones, then (only used
+/// if no fused one launches) the top unfused ones.
+fn timed_subset(cands: &[Candidate]) -> impl Iterator<Item = &Candidate> {
+    cands
+        .iter()
+        .filter(|c| c.fused)
+        .take(TIMED_CANDIDATES)
+        .chain(cands.iter().filter(|c| !c.fused).take(TIMED_CANDIDATES))
+}
+
+/// Two events for timing one launch.
+pub(super) struct EventPair {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+}
+
+impl EventPair {
+    pub fn new(dev: &Dev) -> Result<Self> {
+        let ev = || {
+            dev.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| Error::cuda("cuEventCreate", e))
+        };
+        Ok(EventPair {
+            start: ev()?,
+            end: ev()?,
+        })
+    }
+
+    /// Milliseconds of the work `f` enqueues (waits for it).
+    pub fn time<E>(
+        &self,
+        dev: &Dev,
+        op: &str,
+        f: impl FnOnce() -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<f32, E>> {
+        self.start
+            .record(&dev.stream)
+            .map_err(|e| Error::cuda(op, e))?;
+        if let Err(e) = f() {
+            return Ok(Err(e));
+        }
+        self.end
+            .record(&dev.stream)
+            .map_err(|e| Error::cuda(op, e))?;
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
+            .map_err(|e| drv_err(op, e))?;
+        Ok(Ok(ms))
+    }
+}
+
+/// Median of a small sample.
+pub(super) fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Time the candidates worth timing on the arena (random data): a warm-up launch (which also
+/// tells whether cuDNN accepts it), then [`TIMED_RUNS`] timed ones; the fastest median wins.
+/// Fused candidates first; unfused ones only when no fused one launches.
+#[allow(clippy::too_many_arguments)]
+fn time_candidates(
+    dev: &Dev,
+    dnn: &cudnn::Handle,
+    timer: &EventPair,
+    cands: &[Candidate],
+    (xd, yd, cd): (&TensorDesc, &TensorDesc, &ConvDesc),
+    act: &ActDesc,
+    layer: &DevConv,
+    arena: &TuneArena<'_>,
+    op: &str,
+) -> Result<(Candidate, Option<f32>, usize)> {
+    let [bx, by] = arena.bufs;
+    let p = conv_ptrs(dev, layer, bx, by, arena.workspace);
+    let mut best: Option<(f32, Candidate)> = None;
+    let mut last_err = None;
+    let mut timed = 0;
+    for fused in [true, false] {
+        for &c in timed_subset(cands).filter(|c| c.fused == fused) {
+            // SAFETY: the arena buffers hold rows_max ≥ rows rows of every stage's input and
+            // output; the workspace holds ≥ c.ws bytes (candidates were capped by its size).
+            let launch =
+                || unsafe { cudnn::launch(dnn, xd, &layer.wdesc, cd, yd, &layer.bdesc, act, c, p) };
+            if let Err(e) = launch() {
+                last_err = Some(e);
+                continue;
+            }
+            let mut runs = Vec::with_capacity(TIMED_RUNS);
+            for _ in 0..TIMED_RUNS {
+                match timer.time(dev, op, launch)? {
+                    Ok(ms) => runs.push(ms),
+                    Err(e) => {
+                        last_err = Some(e);
+                        break;
+                    }
+                }
+            }
+            if runs.len() < TIMED_RUNS {
+                continue;
+            }
+            timed += 1;
+            let ms = median(runs);
+            if best.is_none_or(|(t, _)| ms < t) {
+                best = Some((ms, c));
+            }
+        }
+        if best.is_some() {
+            break;
+        }
+    }
+    // A launch error may be asynchronous (e.g. a kernel fault): surface it here.
+    dev.stream.synchronize().map_err(|e| drv_err(op, e))?;
+    match best {
+        Some((ms, c)) => Ok((c, Some(ms), timed)),
+        None => Err(match last_err {
+            Some(e) => dnn_err(op, e),
+            None => Error::cuda(op, "cuDNN offers no forward algorithm for this convolution"),
+        }),
+    }
+}
+
+pub(super) fn conv_ptrs<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+    dev: &Dev,
+    layer: &DevConv,
+    x: &X,
+    y: &Y,
+    ws: &CudaSlice<u8>,
+) -> ConvPtrs {
+    let s = &dev.stream;
+    ConvPtrs {
+        x: ptr(x, s),
+        w: ptr(&layer.filter, s),
+        bias: ptr(&layer.bias, s),
+        y: ptr(y, s),
+        ws: ptr(ws, s),
+        ws_len: ws.len(),
+    }
+}
+
+/// Everything one conv launch needs besides its data.
+pub(super) struct ConvRun<'a> {
+    pub dev: &'a Dev,
+    pub dnn: &'a cudnn::Handle,
+    pub kernels: &'a Kernels,
+    pub plans: &'a mut ConvPlans,
+    pub workspace: &'a mut CudaSlice<u8>,
+    pub act: &'a ActDesc,
+}
+
+impl ConvRun<'_> {
+    /// Run conv stage `key.stage` on `key.rows` rows of `x` into `y` with the plan made at
+    /// prepare; a key nobody planned is planned now (counted in `built_on_first_use`).
+    pub fn run(
+        &mut self,
+        layer: &DevConv,
+        key: ConvKey,
+        d: super::StageDims,
+        x: &CudaView<'_, f16>,
+        y: &mut CudaViewMut<'_, f16>,
+    ) -> Result<()> {
+        if !self.plans.plans.contains_key(&key) {
+            self.plan_on_first_use(layer, key, d, x, y)?;
+        }
+        let op = format!("conv (features stage {}, batch {})", key.stage, key.rows);
+        let p = conv_ptrs(self.dev, layer, x, y, self.workspace);
+        match &self.plans.plans[&key] {
+            Planned::Legacy(plan) => {
+                // SAFETY: the caller checked x holds ≥ rows·in_len and y ≥ rows·out_len elements;
+                // the plan's candidate needs ≤ the workspace, which never shrinks below a live
+                // plan's need.
+                unsafe {
+                    cudnn::launch(
+                        self.dnn,
+                        &plan.x,
+                        &layer.wdesc,
+                        &plan.conv,
+                        &plan.y,
+                        &layer.bdesc,
+                        self.act,
+                        plan.choice,
+                        p,
+                    )
+                }
+                .map_err(|e| dnn_err(&op, e))?;
+                if !plan.choice.fused {
+                    add_bias_act(self.dev, self.kernels, layer, d, key.rows, key.identity, y)?;
+                }
+            }
+            Planned::Graph(g) => {
+                let gp = GraphPtrs {
+                    x: p.x,
+                    w: p.w,
+                    bias: p.bias,
+                    y: p.y,
+                    ws: p.ws,
+                };
+                // SAFETY: as above; graph plans are made for post-ReLU keys only, with the
+                // workspace sized for them at prepare.
+                unsafe { g.plan.execute(self.dnn, gp) }.map_err(|e| dnn_err(&op, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The slow path: cuDNN's candidates in ranking order until one launches. A candidate whose
+    /// workspace cannot be allocated is skipped for the next (smaller) one rather than failing
+    /// the run; out of memory is returned only when none fits.
+    fn plan_on_first_use(
+        &mut self,
+        layer: &DevConv,
+        key: ConvKey,
+        d: super::StageDims,
+        x: &CudaView<'_, f16>,
+        y: &mut CudaViewMut<'_, f16>,
+    ) -> Result<()> {
+        let op = format!("conv (features stage {}, batch {})", key.stage, key.rows);
+        let (xd, yd, cd) = cudnn::descriptors(key.rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
+            .map_err(|e| dnn_err(&op, e))?;
+        let cap = ws_cap(self.dev)?.max(self.workspace.len());
+        let cands = cudnn::candidates(self.dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, cap)
+            .map_err(|e| dnn_err(&op, e))?;
+        let mut last_err: Option<Error> = None;
+        for c in cands {
+            if c.ws > self.workspace.len() {
+                match self.dev.alloc::<u8>(c.ws, "cuDNN workspace") {
+                    Ok(ws) => *self.workspace = ws,
+                    Err(e @ Error::OutOfMemory(_)) => {
+                        last_err = Some(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let p = conv_ptrs(self.dev, layer, x, y, self.workspace);
+            // SAFETY: as in `run`; the workspace holds ≥ c.ws bytes.
+            let r = unsafe {
+                cudnn::launch(
+                    self.dnn,
+                    &xd,
+                    &layer.wdesc,
+                    &cd,
+                    &yd,
+                    &layer.bdesc,
+                    self.act,
+                    c,
+                    p,
+                )
+            };
+            match r {
+                Ok(()) => {
+                    if verbose() {
+                        eprintln!(
+                            "cuda: conv stage {} batch {} planned on first use: {}",
+                            key.stage,
+                            key.rows,
+                            candidate_name(&c)
+                        );
+                    }
+                    self.plans.built_on_first_use += 1;
+                    self.plans.choices.push(PlanChoice {
+                        stage: key.stage,
+                        rows: key.rows,
+                        identity: key.identity,
+                        algo: candidate_name(&c),
+                        workspace: c.ws,
+                        ms: None,
+                        timed: 0,
+                        legacy_ms: None,
+                        graph_ms: None,
+                    });
+                    self.plans.plans.insert(
+                        key,
+                        Planned::Legacy(ConvPlan {
+                            x: xd,
+                            y: yd,
+                            conv: cd,
+                            choice: c,
+                        }),
+                    );
+                    // The launch above ran the convolution; `run` launches again (same result:
+                    // the output is overwritten, not accumulated).
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(dnn_err(&op, e)),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            gpu_oom(format!(
+                "{op}: no cuDNN algorithm fits the workspace memory available"
+            ))
+        }))
+    }
+}
+
+/// The unfused path's epilogue: `y += bias` per channel, then ReLU unless `identity`.
+fn add_bias_act(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    d: super::StageDims,
+    n: usize,
+    identity: bool,
+    y: &mut CudaViewMut<'_, f16>,
+) -> Result<()> {
+    let rows = n * d.out_h * d.out_w;
+    kernels.bias_act_f16(
+        &dev.stream,
+        &mut y.slice_mut(..rows * layer.cout),
+        &layer.bias.as_view(),
+        rows,
+        layer.cout,
+        !identity,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ladders_cover_every_batch_with_bounded_waste() {
+        let l = BatchLadder::new(256, LADDER_STEPS);
+        assert_eq!(l.sizes(), [32, 64, 96, 128, 160, 192, 224, 256]);
+        for n in 1..=256 {
+            let r = l.rows_for(n, 256).unwrap();
+            assert!(r >= n && r - n < 32, "{n} → {r}");
+        }
+        // A buffer smaller than the ladder's size: unplanned.
+        assert_eq!(l.rows_for(100, 100), None);
+        assert_eq!(l.rows_for(100, 127), None);
+        assert_eq!(l.rows_for(100, 128), Some(128));
+        assert_eq!(l.rows_for(257, 1000), None);
+        // Image batches: every size below 8, then even steps.
+        assert_eq!(
+            BatchLadder::new(8, LADDER_STEPS).sizes(),
+            [1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        assert_eq!(BatchLadder::new(3, LADDER_STEPS).sizes(), [1, 2, 3]);
+        assert_eq!(
+            BatchLadder::new(32, LADDER_STEPS).sizes(),
+            [4, 8, 12, 16, 20, 24, 28, 32]
+        );
+        // Uneven maxima keep the maximum and never exceed it.
+        let l = BatchLadder::new(100, LADDER_STEPS);
+        assert_eq!(l.sizes(), [13, 25, 38, 50, 63, 75, 88, 100]);
+        assert_eq!(BatchLadder::new(1, LADDER_STEPS).sizes(), [1]);
+        assert!(BatchLadder::new(0, LADDER_STEPS).sizes().is_empty());
+    }
+
+    #[test]
+    fn median_of_runs() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![5.0]), 5.0);
+        assert_eq!(median(vec![9.0, 1.0, 1.5, 8.0]), 8.0);
+    }
+}

@@ -1,0 +1,462 @@
+//! cuDNN's graph (backend) API through cudarc's sys layer: a 3×3 convolution, its bias and its
+//! ReLU as one operation graph (conv → add bias → ReLU, the intermediates virtual f32), and the
+//! execution plans cuDNN's heuristics (mode A) and fallback list offer for it. The autotuner in
+//! `conv.rs` times these plans beside the legacy `cudnnConvolutionBiasActivationForward`
+//! configurations and keeps the fastest per (layer, batch size).
+//!
+//! Tensors are FP16 NHWC (dims in N,C,H,W order with NHWC strides), filters KRSC, the bias
+//! `[1, C, 1, 1]`; compute in f32. Every descriptor is an owned wrapper whose `Drop` never
+//! panics.
+
+use std::ffi::c_void;
+
+use cudarc::cudnn::result::CudnnError;
+use cudarc::cudnn::sys::{
+    self, cudnnBackendAttributeName_t as Attr, cudnnBackendAttributeType_t as Ty,
+    cudnnBackendDescriptorType_t as Kind,
+};
+
+use super::cudnn::Handle;
+
+/// Unique ids of the variant pack's tensors.
+const UID_X: i64 = 1;
+const UID_W: i64 = 2;
+const UID_B: i64 = 3;
+const UID_Y: i64 = 4;
+const UID_CONV_OUT: i64 = 5;
+const UID_BIAS_OUT: i64 = 6;
+
+/// Configurations tried per graph: cuDNN's heuristic ranking, then its fallback list.
+const HEURISTIC_CONFIGS: usize = 3;
+const FALLBACK_CONFIGS: usize = 2;
+
+/// An owned backend descriptor.
+pub struct Desc(sys::cudnnBackendDescriptor_t);
+
+impl Desc {
+    fn new(kind: Kind) -> Result<Desc, CudnnError> {
+        let mut d: sys::cudnnBackendDescriptor_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut d) }.result()?;
+        Ok(Desc(d))
+    }
+
+    /// Set attribute `name` to `values` of backend type `ty` (`T` must be that type's C type).
+    fn set<T>(&self, name: Attr, ty: Ty, values: &[T]) -> Result<&Self, CudnnError> {
+        // SAFETY: `values` holds `len` elements of the C type `ty` names (the callers below
+        // pair them: INT64 ↔ i64, FLOAT ↔ f32, DATA_TYPE ↔ cudnnDataType_t, ...).
+        unsafe {
+            sys::cudnnBackendSetAttribute(
+                self.0,
+                name,
+                ty,
+                values.len() as i64,
+                values.as_ptr() as *const c_void,
+            )
+        }
+        .result()?;
+        Ok(self)
+    }
+
+    /// Set a descriptor-valued attribute (a list of other descriptors).
+    fn set_descs(&self, name: Attr, descs: &[&Desc]) -> Result<&Self, CudnnError> {
+        let raw: Vec<sys::cudnnBackendDescriptor_t> = descs.iter().map(|d| d.0).collect();
+        self.set(name, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
+    }
+
+    fn finalize(&self) -> Result<(), CudnnError> {
+        // SAFETY: a live descriptor.
+        unsafe { sys::cudnnBackendFinalize(self.0) }.result()
+    }
+
+    fn get_i64(&self, name: Attr) -> Result<i64, CudnnError> {
+        let mut v = 0i64;
+        let mut n = 0i64;
+        // SAFETY: one i64 out-value.
+        unsafe {
+            sys::cudnnBackendGetAttribute(
+                self.0,
+                name,
+                Ty::CUDNN_TYPE_INT64,
+                1,
+                &mut n,
+                &mut v as *mut i64 as *mut c_void,
+            )
+        }
+        .result()?;
+        Ok(v)
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created by cudnnBackendCreateDescriptor, destroyed once.
+            let _ = unsafe { sys::cudnnBackendDestroyDescriptor(self.0) };
+        }
+    }
+}
+
+// SAFETY: plain host objects, used from one thread at a time (the backend is `&mut` per op).
+unsafe impl Send for Desc {}
+
+/// A tensor descriptor: logical dims `[n, c, h, w]`, NHWC strides.
+fn tensor(
+    uid: i64,
+    dtype: sys::cudnnDataType_t,
+    [n, c, h, w]: [i64; 4],
+    is_virtual: bool,
+) -> Result<Desc, CudnnError> {
+    let d = Desc::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
+    d.set(
+        Attr::CUDNN_ATTR_TENSOR_DATA_TYPE,
+        Ty::CUDNN_TYPE_DATA_TYPE,
+        &[dtype],
+    )?
+    .set(
+        Attr::CUDNN_ATTR_TENSOR_DIMENSIONS,
+        Ty::CUDNN_TYPE_INT64,
+        &[n, c, h, w],
+    )?
+    .set(
+        Attr::CUDNN_ATTR_TENSOR_STRIDES,
+        Ty::CUDNN_TYPE_INT64,
+        &[h * w * c, 1, w * c, c],
+    )?
+    .set(
+        Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID,
+        Ty::CUDNN_TYPE_INT64,
+        &[uid],
+    )?
+    .set(
+        Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT,
+        Ty::CUDNN_TYPE_INT64,
+        &[16i64],
+    )?
+    .set(
+        Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
+        Ty::CUDNN_TYPE_BOOLEAN,
+        &[is_virtual],
+    )?;
+    d.finalize()?;
+    Ok(d)
+}
+
+/// A pointwise operation `y = mode(x[, b])` in f32.
+fn pointwise(
+    mode: sys::cudnnPointwiseMode_t,
+    x: &Desc,
+    b: Option<&Desc>,
+    y: &Desc,
+) -> Result<(Desc, Desc), CudnnError> {
+    let pw = Desc::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
+    pw.set(
+        Attr::CUDNN_ATTR_POINTWISE_MODE,
+        Ty::CUDNN_TYPE_POINTWISE_MODE,
+        &[mode],
+    )?
+    .set(
+        Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
+        Ty::CUDNN_TYPE_DATA_TYPE,
+        &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
+    )?;
+    pw.finalize()?;
+    let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
+    op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw])?
+        .set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &[x])?;
+    if let Some(b) = b {
+        op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[b])?;
+    }
+    op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?;
+    op.finalize()?;
+    Ok((pw, op))
+}
+
+/// The operation graph of one conv layer at one batch size: `y = ReLU(conv3x3(x, w) + b)`,
+/// pad 1, stride 1. Keeps every descriptor the graph refers to alive.
+pub struct ConvGraph {
+    graph: Desc,
+    _parts: Vec<Desc>,
+}
+
+impl ConvGraph {
+    /// `x` `[n, cin, h, w]`, `w` `[cout, cin, 3, 3]` KRSC, `b` `[1, cout, 1, 1]`, `y`
+    /// `[n, cout, h, w]`, all FP16.
+    pub fn conv_bias_relu(
+        handle: &Handle,
+        n: usize,
+        cin: usize,
+        cout: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<ConvGraph, CudnnError> {
+        let half = sys::cudnnDataType_t::CUDNN_DATA_HALF;
+        let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+        let (n, cin, cout, h, w) = (n as i64, cin as i64, cout as i64, h as i64, w as i64);
+        let x = tensor(UID_X, half, [n, cin, h, w], false)?;
+        let wt = tensor(UID_W, half, [cout, cin, 3, 3], false)?;
+        let b = tensor(UID_B, half, [1, cout, 1, 1], false)?;
+        let y = tensor(UID_Y, half, [n, cout, h, w], false)?;
+        let conv_out = tensor(UID_CONV_OUT, float, [n, cout, h, w], true)?;
+        let bias_out = tensor(UID_BIAS_OUT, float, [n, cout, h, w], true)?;
+
+        let conv = Desc::new(Kind::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
+        conv.set(
+            Attr::CUDNN_ATTR_CONVOLUTION_COMP_TYPE,
+            Ty::CUDNN_TYPE_DATA_TYPE,
+            &[float],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_CONVOLUTION_CONV_MODE,
+            Ty::CUDNN_TYPE_CONVOLUTION_MODE,
+            &[sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS,
+            Ty::CUDNN_TYPE_INT64,
+            &[2i64],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_CONVOLUTION_DILATIONS,
+            Ty::CUDNN_TYPE_INT64,
+            &[1i64, 1],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES,
+            Ty::CUDNN_TYPE_INT64,
+            &[1i64, 1],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS,
+            Ty::CUDNN_TYPE_INT64,
+            &[1i64, 1],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_CONVOLUTION_POST_PADDINGS,
+            Ty::CUDNN_TYPE_INT64,
+            &[1i64, 1],
+        )?;
+        conv.finalize()?;
+
+        let conv_op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
+        conv_op
+            .set_descs(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &[&x])?
+            .set_descs(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &[&wt])?
+            .set_descs(
+                Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
+                &[&conv_out],
+            )?
+            .set_descs(
+                Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+                &[&conv],
+            )?
+            .set(
+                Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+                Ty::CUDNN_TYPE_FLOAT,
+                &[1.0f32],
+            )?
+            .set(
+                Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+                Ty::CUDNN_TYPE_FLOAT,
+                &[0.0f32],
+            )?;
+        conv_op.finalize()?;
+        let (add, add_op) = pointwise(
+            sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD,
+            &conv_out,
+            Some(&b),
+            &bias_out,
+        )?;
+        let (relu, relu_op) = pointwise(
+            sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_RELU_FWD,
+            &bias_out,
+            None,
+            &y,
+        )?;
+
+        let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
+        let raw_handle = handle.raw();
+        graph
+            .set_descs(
+                Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS,
+                &[&conv_op, &add_op, &relu_op],
+            )?
+            .set(
+                Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
+                Ty::CUDNN_TYPE_HANDLE,
+                &[raw_handle],
+            )?;
+        graph.finalize()?;
+        Ok(ConvGraph {
+            graph,
+            _parts: vec![
+                x, wt, b, y, conv_out, bias_out, conv, conv_op, add, add_op, relu, relu_op,
+            ],
+        })
+    }
+
+    /// Engine configurations for this graph: up to `HEURISTIC_CONFIGS` from heuristics mode A,
+    /// then up to `FALLBACK_CONFIGS` from the fallback list.
+    fn engine_configs(&self) -> Vec<Desc> {
+        let mut out = Vec::new();
+        for (mode, take) in [
+            (
+                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+                HEURISTIC_CONFIGS,
+            ),
+            (
+                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+                FALLBACK_CONFIGS,
+            ),
+        ] {
+            // A mode that fails (e.g. nothing supports the graph) contributes nothing.
+            if let Ok(cfgs) = self.heuristic(mode, take) {
+                out.extend(cfgs);
+            }
+        }
+        out
+    }
+
+    fn heuristic(
+        &self,
+        mode: sys::cudnnBackendHeurMode_t,
+        take: usize,
+    ) -> Result<Vec<Desc>, CudnnError> {
+        let heur = Desc::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
+        heur.set_descs(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&self.graph])?
+            .set(
+                Attr::CUDNN_ATTR_ENGINEHEUR_MODE,
+                Ty::CUDNN_TYPE_HEUR_MODE,
+                &[mode],
+            )?;
+        heur.finalize()?;
+        let mut available = 0i64;
+        // SAFETY: a count query (no output array).
+        unsafe {
+            sys::cudnnBackendGetAttribute(
+                heur.0,
+                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                0,
+                &mut available,
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        let want = (available.max(0) as usize).min(take);
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let cfgs = (0..want)
+            .map(|_| Desc::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut raw: Vec<sys::cudnnBackendDescriptor_t> = cfgs.iter().map(|d| d.0).collect();
+        let mut returned = 0i64;
+        // SAFETY: `raw` holds `want` created engine-config descriptors for cuDNN to fill.
+        unsafe {
+            sys::cudnnBackendGetAttribute(
+                heur.0,
+                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                want as i64,
+                &mut returned,
+                raw.as_mut_ptr() as *mut c_void,
+            )
+        }
+        .result()?;
+        let mut cfgs = cfgs;
+        cfgs.truncate(returned.clamp(0, want as i64) as usize);
+        Ok(cfgs)
+    }
+
+    /// Every execution plan cuDNN can finalize for this graph, in preference order, with
+    /// workspace ≤ `ws_cap`. `index` in each plan is its position among the configurations.
+    pub fn plans(&self, handle: &Handle, ws_cap: usize) -> Vec<GraphPlan> {
+        let mut out = Vec::new();
+        for (index, cfg) in self.engine_configs().into_iter().enumerate() {
+            let Ok(plan) = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR) else {
+                continue;
+            };
+            let raw_handle = handle.raw();
+            let built = plan
+                .set(
+                    Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+                    Ty::CUDNN_TYPE_HANDLE,
+                    &[raw_handle],
+                )
+                .and_then(|p| p.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg]))
+                .and_then(|p| p.finalize());
+            if built.is_err() {
+                continue;
+            }
+            let Ok(ws) = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE) else {
+                continue;
+            };
+            let ws = ws.max(0) as usize;
+            if ws <= ws_cap {
+                out.push(GraphPlan {
+                    plan,
+                    _cfg: cfg,
+                    ws,
+                    index,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A finalized execution plan of a [`ConvGraph`].
+pub struct GraphPlan {
+    plan: Desc,
+    _cfg: Desc,
+    pub ws: usize,
+    /// Position among the configurations tried (heuristics first, then fallback).
+    pub index: usize,
+}
+
+/// Device addresses of one execution.
+#[derive(Clone, Copy, Debug)]
+pub struct GraphPtrs {
+    pub x: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub ws: u64,
+}
+
+impl GraphPlan {
+    /// Run the plan on the handle's stream.
+    ///
+    /// # Safety
+    /// The pointers must be live device allocations matching the graph's tensors (x
+    /// `[n,h,w,cin]`, w KRSC, bias `[cout]`, y `[n,h,w,cout]`, FP16, 16-byte aligned) and the
+    /// workspace must hold ≥ `self.ws` bytes.
+    pub unsafe fn execute(&self, handle: &Handle, p: GraphPtrs) -> Result<(), CudnnError> {
+        let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
+        let ids = [UID_X, UID_W, UID_B, UID_Y];
+        let ptrs: [*mut c_void; 4] = [p.x, p.w, p.bias, p.y].map(|a| a as *mut c_void);
+        let ws = if self.ws == 0 {
+            std::ptr::null_mut()
+        } else {
+            p.ws as *mut c_void
+        };
+        pack.set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
+            Ty::CUDNN_TYPE_INT64,
+            &ids,
+        )?
+        .set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
+            Ty::CUDNN_TYPE_VOID_PTR,
+            &ptrs,
+        )?
+        .set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+            Ty::CUDNN_TYPE_VOID_PTR,
+            &[ws],
+        )?;
+        pack.finalize()?;
+        sys::cudnnBackendExecute(handle.raw(), self.plan.0, pack.0).result()
+    }
+}

@@ -1,0 +1,368 @@
+//! The forward pass on the device: feature stages (cuDNN conv+bias+ReLU, max-pool kernel),
+//! the adaptive average pool, the classifier (cuBLAS), in that order, ping-ponging between the
+//! two arena buffers. Batches run at a planned size (see `conv.rs`); blocks 1–2 may run in
+//! sub-batches (`Prefix`), and a masked-forward batch is replayed from a CUDA graph captured on
+//! its first run.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut};
+use half::f16;
+
+use super::blas;
+use super::conv::{ConvKey, ConvRun};
+use super::cudnn::{self, ActDesc};
+use super::device::{blas_err, drv_err, ptr, verbose, Dev};
+use super::kernels::Kernels;
+use super::profile::LayerEvents;
+use super::weights::DevModel;
+use super::{Prepared, StageDims};
+use crate::error::{Error, Result};
+use crate::model::{Capture, FeatureStage, POOLED};
+
+/// Blocks 1–2 (`end` feature stages) run `rows` rows at a time: their activations (the largest
+/// of the network) then stay in L2 between a conv and the next layer. Chosen at `prepare` by
+/// timing, only when faster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Prefix {
+    pub end: usize,
+    pub rows: usize,
+}
+
+/// Where the activations are copied during a forward: the capture stage's output (pre-ReLU
+/// when asked) for the first `rows` rows into `acts`.
+pub(super) struct CaptureTo<'a> {
+    pub at: Capture,
+    pub acts: &'a mut CudaSlice<f16>,
+    pub rows: usize,
+}
+
+/// Masked-forward batches captured as CUDA graphs, by (rows, input and logits addresses).
+#[derive(Default)]
+pub(super) struct Graphs {
+    pub enabled: bool,
+    cache: HashMap<(usize, u64, u64), CudaGraph>,
+    pub captured: usize,
+    pub replays: usize,
+    /// Why graphs were turned off (a capture failed), for the report.
+    pub disabled: Option<String>,
+}
+
+impl Graphs {
+    pub fn new() -> Self {
+        Graphs {
+            enabled: !std::env::var("SCORECAM_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            ..Graphs::default()
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.cache.clear();
+    }
+}
+
+/// Everything a forward pass borrows from the backend.
+pub(super) struct Pass<'a> {
+    pub dev: &'a Dev,
+    pub dnn: &'a cudnn::Handle,
+    pub blas: &'a blas::Handle,
+    pub kernels: &'a Kernels,
+    pub relu: &'a ActDesc,
+    pub identity: &'a ActDesc,
+    pub dm: &'a DevModel,
+    pub prep: &'a mut Prepared,
+}
+
+impl Pass<'_> {
+    /// Forward `rows` rows of `x` into `logits` `[rows, classes]` f32: from the graph of this
+    /// batch when there is one (captured now on first use) unless activations are captured or
+    /// layers timed, else launch by launch.
+    pub fn run(
+        &mut self,
+        x: &CudaSlice<f16>,
+        rows: usize,
+        logits: &mut CudaSlice<f32>,
+        capture: Option<CaptureTo<'_>>,
+        timer: Option<&mut LayerEvents>,
+        graphs: &mut Graphs,
+    ) -> Result<()> {
+        if capture.is_some() || timer.is_some() || !graphs.enabled {
+            return self.eager(x, rows, logits, capture, timer);
+        }
+        let key = (
+            rows,
+            ptr(x, &self.dev.stream),
+            ptr(logits, &self.dev.stream),
+        );
+        let graph = match graphs.cache.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(slot) => match self.capture(x, rows, logits) {
+                Ok(g) => {
+                    graphs.captured += 1;
+                    slot.insert(g)
+                }
+                Err(e) => {
+                    // Launch by launch from now on; the result is the same, only slower.
+                    if verbose() {
+                        eprintln!("cuda: CUDA graphs off, capture failed: {e}");
+                    }
+                    graphs.enabled = false;
+                    graphs.disabled = Some(e.to_string());
+                    return self.eager(x, rows, logits, None, None);
+                }
+            },
+        };
+        graph
+            .launch()
+            .map_err(|e| drv_err(&format!("replaying the forward graph (batch {rows})"), e))?;
+        graphs.replays += 1;
+        Ok(())
+    }
+
+    /// Record one forward of `rows` rows as a graph (nothing runs during the capture).
+    fn capture(
+        &mut self,
+        x: &CudaSlice<f16>,
+        rows: usize,
+        logits: &mut CudaSlice<f32>,
+    ) -> Result<CudaGraph> {
+        let stream = &self.dev.stream;
+        let op = format!("capturing the forward graph (batch {rows})");
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::cuda(&op, e))?;
+        let recorded = self.eager(x, rows, logits, None, None);
+        // End the capture whatever happened, so the stream is usable again.
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        ended
+            .map_err(|e| Error::cuda(&op, e))?
+            .ok_or_else(|| Error::cuda(&op, "the capture recorded nothing"))
+    }
+
+    /// The forward, launch by launch.
+    pub fn eager(
+        &mut self,
+        x: &CudaSlice<f16>,
+        rows: usize,
+        logits: &mut CudaSlice<f32>,
+        mut capture: Option<CaptureTo<'_>>,
+        mut timer: Option<&mut LayerEvents>,
+    ) -> Result<()> {
+        if let Some(t) = timer.as_deref_mut() {
+            t.mark(self.dev)?;
+        }
+        let stages = self.dm.model.features.len();
+        let mut first = 0;
+        // `cur`: the buffer holding the current activations (None: the input x).
+        let mut cur: Option<usize> = None;
+        let prefix = self
+            .prep
+            .prefix
+            .filter(|p| capture.is_none() && timer.is_none() && rows > p.rows)
+            .filter(|p| rows.is_multiple_of(p.rows));
+        if let Some(p) = prefix {
+            cur = self.prefix_stages(x, rows, p.end, Some(p.rows))?;
+            first = p.end;
+        }
+        for stage in first..stages {
+            cur = Some(self.stage(stage, x, cur, rows, 0, capture.as_mut())?);
+            if let Some(t) = timer.as_deref_mut() {
+                t.mark(self.dev)?;
+            }
+        }
+        let cur = cur.ok_or_else(|| Error::Invalid("a model without feature stages".into()))?;
+        self.head(cur, rows, logits, timer)
+    }
+
+    /// Feature stages `0..end` on `rows` rows of `x`, in sub-batches of `sub` rows when given
+    /// (`rows` a multiple of it). Returns the arena buffer holding the output (None if `end` is 0).
+    pub fn prefix_stages(
+        &mut self,
+        x: &CudaSlice<f16>,
+        rows: usize,
+        end: usize,
+        sub: Option<usize>,
+    ) -> Result<Option<usize>> {
+        let step = sub.unwrap_or(rows).clamp(1, rows.max(1));
+        let mut cur = None;
+        for chunk in 0..rows / step {
+            let mut c = None;
+            for stage in 0..end {
+                c = Some(self.stage(stage, x, c, step, chunk * step, None)?);
+            }
+            cur = c;
+        }
+        Ok(cur)
+    }
+
+    /// Feature stage `stage` on `rows` rows starting at row `row0`, reading `cur` (None: `x`)
+    /// and writing the other arena buffer at the same rows. Returns the buffer written.
+    fn stage(
+        &mut self,
+        stage: usize,
+        x: &CudaSlice<f16>,
+        cur: Option<usize>,
+        rows: usize,
+        row0: usize,
+        capture: Option<&mut CaptureTo<'_>>,
+    ) -> Result<usize> {
+        let d: StageDims = self.prep.dims[stage];
+        let (out_len, in_len) = (d.out_len(), d.in_len());
+        let out_elems = rows * out_len;
+        let Prepared {
+            bufs,
+            workspace,
+            convs,
+            ..
+        } = &mut *self.prep;
+        let [b0, b1] = bufs;
+        let (input, output, next): (&CudaSlice<f16>, &mut CudaSlice<f16>, usize) = match cur {
+            None => (x, b0, 0),
+            Some(0) => (&*b0, b1, 1),
+            Some(_) => (&*b1, b0, 0),
+        };
+        let x_view = input.slice(row0 * in_len..(row0 + rows) * in_len);
+        let mut y_view = output.slice_mut(row0 * out_len..row0 * out_len + out_elems);
+        let capture = capture.filter(|c| c.at.stage == stage);
+        let stream = &self.dev.stream;
+        match &self.dm.model.features[stage] {
+            FeatureStage::Conv(_) => {
+                let layer = self.dm.convs[stage]
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))?;
+                let pre = capture.as_ref().is_some_and(|c| c.at.pre_relu);
+                let mut run = ConvRun {
+                    dev: self.dev,
+                    dnn: self.dnn,
+                    kernels: self.kernels,
+                    plans: convs,
+                    workspace,
+                    act: if pre { self.identity } else { self.relu },
+                };
+                let key = ConvKey {
+                    stage,
+                    rows,
+                    identity: pre,
+                };
+                run.run(layer, key, d, &x_view, &mut y_view)?;
+                if let Some(c) = capture {
+                    copy_rows(self.dev, &y_view.as_view(), c, out_len)?;
+                    if pre {
+                        self.kernels.relu_f16(stream, &mut y_view, out_elems)?;
+                    }
+                }
+            }
+            FeatureStage::MaxPool { .. } => {
+                self.kernels.maxpool2(
+                    stream,
+                    &x_view,
+                    rows,
+                    d.in_h,
+                    d.in_w,
+                    d.in_c,
+                    &mut y_view,
+                )?;
+                if let Some(c) = capture {
+                    copy_rows(self.dev, &y_view.as_view(), c, out_len)?;
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// Adaptive average pool (skipped when the map is already 7×7) and the classifier, from
+    /// arena buffer `cur`.
+    fn head(
+        &mut self,
+        mut cur: usize,
+        rows: usize,
+        logits: &mut CudaSlice<f32>,
+        mut timer: Option<&mut LayerEvents>,
+    ) -> Result<()> {
+        let stream = &self.dev.stream;
+        let (fh, fw, fc) = self.prep.feat;
+        let [b0, b1] = &mut self.prep.bufs;
+        if (fh, fw) != (POOLED, POOLED) {
+            let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
+            self.kernels.adaptive_avgpool(
+                stream,
+                &input.slice(..rows * fh * fw * fc),
+                rows,
+                fh,
+                fw,
+                fc,
+                POOLED,
+                POOLED,
+                &mut output.slice_mut(..rows * POOLED * POOLED * fc),
+            )?;
+            cur = 1 - cur;
+            if let Some(t) = timer.as_deref_mut() {
+                t.mark(self.dev)?;
+            }
+        }
+
+        // Row-major Y[n, out] = X[n, in] · Wᵀ (+ b) with W [out, in] row-major. cuBLAS is
+        // column-major: a row-major [r, c] matrix is a column-major [c, r] one with leading
+        // dimension c. So compute Yᵀ[out, n] = W[out, in] · Xᵀ[in, n] column-major:
+        //   A = W   stored col-major [in, out] (ld = in) → op(A) = Aᵀ = W   (transa = T)
+        //   B = Xᵀ  stored col-major [in, n]   (ld = in) → op(B) = B        (transb = N)
+        //   C = Yᵀ  stored col-major [out, n]  (ld = out); m = out, n = rows, k = in.
+        let last = self.dm.linears.len() - 1;
+        for (j, l) in self.dm.linears.iter().enumerate() {
+            let [b0, b1] = &mut self.prep.bufs;
+            let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
+            let xp = ptr(input, stream);
+            let wp = ptr(&l.weight, stream);
+            let op = format!("linear classifier layer {j} (batch {rows})");
+            let (yp, out_f32) = if j == last {
+                (ptr(&*logits, stream), true)
+            } else {
+                (ptr(&*output, stream), false)
+            };
+            // SAFETY: input holds ≥ rows·fin f16 values, weight fout·fin, output rows·fout of its
+            // type (arena rows ≥ rows, per-row size ≥ every fout; logits checked by the caller).
+            unsafe { blas::gemm_tn(self.blas, l.fout, rows, l.fin, wp, xp, yp, out_f32) }
+                .map_err(|e| blas_err(&op, e))?;
+            if j == last {
+                self.kernels.bias_f32(
+                    stream,
+                    &mut logits.slice_mut(..rows * l.fout),
+                    &l.bias32.as_view(),
+                    rows,
+                    l.fout,
+                )?;
+            } else {
+                self.kernels.bias_act_f16(
+                    stream,
+                    &mut output.slice_mut(..rows * l.fout),
+                    &l.bias16.as_view(),
+                    rows,
+                    l.fout,
+                    l.relu,
+                )?;
+                cur = 1 - cur;
+            }
+            if let Some(t) = timer.as_deref_mut() {
+                t.mark(self.dev)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copy the first `c.rows` rows (of `row_len` values) of a stage's output into the capture.
+fn copy_rows(
+    dev: &Dev,
+    y: &CudaView<'_, f16>,
+    c: &mut CaptureTo<'_>,
+    row_len: usize,
+) -> Result<()> {
+    let n = c.rows * row_len;
+    let mut dst: CudaViewMut<'_, f16> = c.acts.slice_mut(..n);
+    dev.stream
+        .memcpy_dtod(&y.slice(..n), &mut dst)
+        .map_err(|e| drv_err("forward: capturing activations", e))
+}

@@ -1,0 +1,306 @@
+//! Launchers for the hand-written kernels in `kernels/*.cu` (embedded by build.rs, compiled once
+//! per process by NVRTC for the device's own architecture). One launcher per kernel: it owns the
+//! grid/block shape and checks its inputs before launching (llm.c style).
+//!
+//! Layouts: images, masked inputs and activations are FP16 NHWC; `cpad` is the channel count of
+//! the input images as stored (3 real channels, the rest zero). Logits and maps are f32.
+//!
+//! CONTRACT (shared by the kernels author and the CUDA backend author; keep these signatures):
+//! every launcher returns `crate::Result<()>` and maps launch errors to `Error::Cuda { op, .. }`.
+//!
+//! Compilation: all sources are assembled into one NVRTC program (`#include "common.cuh"` is
+//! inlined once, `#line` directives keep NVRTC's messages pointing at the real files) and compiled
+//! to a CUBIN for the device's `sm_XY`, so the driver never JITs PTX made by a newer NVRTC
+//! (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). Only when NVRTC cannot produce that CUBIN does it fall
+//! back to PTX. Images are cached per architecture for the whole process. The kernels need no
+//! CUDA headers (FP16 is handled with PTX `cvt` in common.cuh); the include paths below are still
+//! passed when they exist.
+
+//!
+//! Each `kernels/X.cu` has its launchers in `kernels/X.rs` here; `nvrtc.rs` compiles them all.
+
+#![allow(clippy::too_many_arguments)]
+
+mod combine;
+mod elementwise;
+mod masks;
+mod nvrtc;
+mod pool;
+mod preprocess;
+mod scores;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+
+pub use self::masks::MaskVariant;
+pub use self::nvrtc::{
+    assemble_source, compile_cached, compile_for_arch, disk_cache_dir, is_cubin, nvrtc_available,
+    nvrtc_version,
+};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
+}
+
+/// Every `extern "C" __global__` function in `kernels/*.cu`.
+const KERNEL_NAMES: &[&str] = &[
+    "preprocess",
+    "masks",
+    "masks_direct",
+    "scores",
+    "weighted_channel_sum",
+    "upsample_relu_normalize",
+    "maxpool2",
+    "adaptive_avgpool",
+    "bias_act_f16",
+    "bias_f32",
+    "relu_f16",
+    "fill_uniform_f16",
+];
+
+/// The names of every kernel the module exports (`extern "C"`, so unmangled).
+pub fn kernel_names() -> &'static [&'static str] {
+    KERNEL_NAMES
+}
+
+/// The embedded kernel sources: (file name, text), headers first.
+pub fn sources() -> &'static [(&'static str, &'static str)] {
+    embedded::SOURCES
+}
+
+/// Threads per block of the grid-stride kernels and of `masks` / `scores` (a multiple of 32: the
+/// block reductions in common.cuh rely on whole warps).
+const BLOCK: u32 = 256;
+/// Threads of the single block of `upsample_relu_normalize`.
+const MAP_BLOCK: u32 = 512;
+/// Dynamic shared memory a block may always use: 44 KiB, leaving room for the reductions' static
+/// shared memory under the 48 KiB default.
+const SMEM_DEFAULT: usize = 44 * 1024;
+/// Dynamic shared memory `masks` opts into where the device allows (cuFuncSetAttribute), so the
+/// separable mode also covers e.g. a 28×28 layer at S = 448 (53 KiB).
+const SMEM_OPT_IN: usize = 96 * 1024;
+
+/// The compiled kernel module for one context. Build once (`Kernels::load`) and keep.
+pub struct Kernels {
+    ctx: Arc<CudaContext>,
+    _module: Arc<CudaModule>,
+    preprocess: CudaFunction,
+    masks: CudaFunction,
+    masks_direct: CudaFunction,
+    scores: CudaFunction,
+    weighted_channel_sum: CudaFunction,
+    upsample_relu_normalize: CudaFunction,
+    maxpool2: CudaFunction,
+    adaptive_avgpool: CudaFunction,
+    bias_act_f16: CudaFunction,
+    bias_f32: CudaFunction,
+    relu_f16: CudaFunction,
+    fill_uniform_f16: CudaFunction,
+    /// Streaming multiprocessors of the device (sizes the grids).
+    sm_count: u32,
+    /// Dynamic shared memory `masks` / `masks_direct` may use per block (bytes).
+    masks_smem: usize,
+    /// The architecture the module was compiled for, e.g. `sm_90` (or `compute_86` for PTX).
+    arch: String,
+    /// Resident blocks per SM of the masks kernels, by (separable kernel, shared memory bytes).
+    masks_occupancy: Mutex<HashMap<(bool, usize), u32>>,
+}
+
+impl Kernels {
+    /// Compile every kernel in `kernels/*.cu` with NVRTC for `ctx`'s device (CUBIN for its own
+    /// `sm_XY`, so a newer NVRTC than the driver does not matter), load the module, look up the
+    /// functions. Errors: `Error::CudaUnavailable` with NVRTC's log on a compile failure.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        nvrtc::ensure_nvrtc()?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| Error::CudaUnavailable(format!("reading the compute capability: {e}")))?;
+        let (arch, image) = nvrtc::image_for_device(major, minor)?;
+        let ptx = if is_cubin(&image) {
+            Ptx::from_binary(image)
+        } else {
+            let text = String::from_utf8(image).map_err(|_| {
+                Error::CudaUnavailable(format!("NVRTC returned non-UTF-8 PTX for {arch}"))
+            })?;
+            Ptx::from_src(text)
+        };
+        let module = ctx.load_module(ptx).map_err(|e| {
+            Error::CudaUnavailable(format!("loading the kernel module ({arch}): {e}"))
+        })?;
+        let f = |name: &str| {
+            module.load_function(name).map_err(|e| {
+                Error::CudaUnavailable(format!("kernel `{name}` missing from the module: {e}"))
+            })
+        };
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::CudaUnavailable(format!("reading the SM count: {e}")))?
+            .max(1) as u32;
+        let masks = f("masks")?;
+        let masks_direct = f("masks_direct")?;
+        // Opt the masks kernels into more shared memory where the device has it; else 44 KiB.
+        let opt_in = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map(|v| v.max(0) as usize)
+            .unwrap_or(0);
+        let want = SMEM_OPT_IN.min(opt_in.saturating_sub(4 * 1024));
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let masks_smem = if want > SMEM_DEFAULT
+            && masks.set_attribute(attr, want as i32).is_ok()
+            && masks_direct.set_attribute(attr, want as i32).is_ok()
+        {
+            want
+        } else {
+            SMEM_DEFAULT
+        };
+        Ok(Kernels {
+            preprocess: f("preprocess")?,
+            masks,
+            masks_direct,
+            scores: f("scores")?,
+            weighted_channel_sum: f("weighted_channel_sum")?,
+            upsample_relu_normalize: f("upsample_relu_normalize")?,
+            maxpool2: f("maxpool2")?,
+            adaptive_avgpool: f("adaptive_avgpool")?,
+            bias_act_f16: f("bias_act_f16")?,
+            bias_f32: f("bias_f32")?,
+            relu_f16: f("relu_f16")?,
+            fill_uniform_f16: f("fill_uniform_f16")?,
+            ctx: ctx.clone(),
+            _module: module,
+            sm_count,
+            masks_smem,
+            arch,
+            masks_occupancy: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The architecture the kernels were compiled for (`sm_90`; `compute_XY` if PTX).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// `rgb` u8 `[S, S, 3]` HWC → `out` f16 `[S, S, cpad]` NHWC with `(x/255 − mean[c])/std[c]`
+    /// inside cover the rest).
+    fn grid_stride(&self, units: usize) -> LaunchConfig {
+        let cap = (self.sm_count as usize).saturating_mul(32).max(1);
+        let blocks = units.div_ceil(BLOCK as usize).clamp(1, cap);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The stream must belong to the context the module was loaded in.
+    fn check_stream(&self, op: &str, stream: &Arc<CudaStream>) -> Result<()> {
+        if Arc::ptr_eq(stream.context(), &self.ctx) {
+            Ok(())
+        } else {
+            Err(invalid(
+                op,
+                "the stream belongs to another CUDA context than the kernels".into(),
+            ))
+        }
+    }
+
+    /// The one launch path: check the stream, push the arguments (`args`, in the kernel's
+    /// parameter order), launch with `cfg`, name `op` in any error.
+    fn launch<'a>(
+        &self,
+        op: &str,
+        stream: &'a Arc<CudaStream>,
+        func: &'a CudaFunction,
+        cfg: LaunchConfig,
+        args: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> Result<()> {
+        self.check_stream(op, stream)?;
+        let mut builder = stream.launch_builder(func);
+        args(&mut builder);
+        // SAFETY: every launcher checks its buffers against the shapes it passes, and pushes the
+        // arguments in the order and types of the kernel's signature in kernels/*.cu.
+        unsafe { builder.launch(cfg) }.map_err(|e| Error::cuda(op, e))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (host side, never panic).
+
+fn invalid(op: &str, msg: String) -> Error {
+    Error::Invalid(format!("{op}: {msg}"))
+}
+
+/// A size argument: > 0 and representable as the kernels' `int`.
+fn dim(op: &str, name: &str, v: usize) -> Result<i32> {
+    if v == 0 {
+        return Err(invalid(op, format!("{name} must be > 0")));
+    }
+    i32::try_from(v).map_err(|_| invalid(op, format!("{name}={v} exceeds {}", i32::MAX)))
+}
+
+/// The `n, h, w, c` of an NHWC tensor as the kernels' `int`s (each > 0).
+fn nhwc_args(op: &str, n: usize, h: usize, w: usize, c: usize) -> Result<[i32; 4]> {
+    Ok([
+        dim(op, "n", n)?,
+        dim(op, "h", h)?,
+        dim(op, "w", w)?,
+        dim(op, "c", c)?,
+    ])
+}
+
+fn cpad_arg(op: &str, cpad: usize) -> Result<i32> {
+    if (3..=8).contains(&cpad) {
+        Ok(cpad as i32)
+    } else {
+        Err(invalid(op, format!("cpad={cpad} must be in 3..=8")))
+    }
+}
+
+/// Product of `dims`, an error on overflow.
+fn prod(op: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| invalid(op, format!("size {dims:?} overflows")))
+}
+
+/// `what` (a view of `len` elements) must hold at least `needed` elements.
+fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
+    if len >= needed {
+        Ok(())
+    } else {
+        Err(invalid(
+            op,
+            format!("`{what}` has {len} elements, the shapes need {needed}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argument_checks() {
+        assert!(matches!(dim("op", "s", 0), Err(Error::Invalid(m)) if m.contains("s must be > 0")));
+        assert_eq!(dim("op", "s", 224).unwrap(), 224);
+        assert!(dim("op", "s", i32::MAX as usize + 1).is_err());
+        assert!(cpad_arg("op", 2).is_err() && cpad_arg("op", 9).is_err());
+        assert_eq!(cpad_arg("op", 3).unwrap(), 3);
+        assert_eq!(cpad_arg("op", 8).unwrap(), 8);
+        assert!(prod("op", &[usize::MAX, 2]).is_err());
+        assert_eq!(prod("op", &[2, 3, 4]).unwrap(), 24);
+        let e = need("masks", "out", 10, 11).unwrap_err().to_string();
+        assert!(
+            e.contains("masks") && e.contains("`out` has 10") && e.contains("need 11"),
+            "{e}"
+        );
+        assert!(need("op", "x", 11, 11).is_ok());
+    }
+}

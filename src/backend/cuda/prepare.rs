@@ -1,0 +1,315 @@
+//! `prepare`: the arena for a plan, and every batch size the run will use planned and tuned
+//! before the first image (see `conv.rs` for the ladders and the tuning).
+
+use std::sync::Arc;
+
+use half::f16;
+
+use super::conv::{self, BatchLadder, ConvKey, EventPair, TuneArena, LADDER_STEPS, TIMED_RUNS};
+use super::device::{drv_err, gpu_oom, verbose};
+use super::forward::Prefix;
+use super::weights::upload_model;
+use super::{CudaBackend, Prepared, StageDims, CPAD};
+use crate::backend::Plan;
+use crate::error::{Error, Result};
+use crate::model::{FeatureStage, Vgg, POOLED};
+
+/// cuDNN's legacy descriptors address tensors with 32-bit element counts.
+const CUDNN_MAX_ELEMS: usize = i32::MAX as usize;
+
+/// Sub-batch sizes tried for blocks 1–2 (their activations, ≈ 6.4 MB per 224² image at the
+/// first convs, stay in the 50 MB L2 for a few images at a time).
+const PREFIX_ROWS: [usize; 4] = [4, 8, 16, 32];
+
+/// The geometry of every feature stage for input side `s` (stored channels; the first conv reads
+/// [`CPAD`] channels).
+fn stage_dims(model: &Vgg, s: usize) -> Result<Vec<StageDims>> {
+    let mut dims = Vec::with_capacity(model.features.len());
+    let (mut h, mut w, mut c) = (s, s, CPAD);
+    for stage in &model.features {
+        let (oh, ow, oc) = match stage {
+            FeatureStage::Conv(l) => (h, w, l.cout),
+            FeatureStage::MaxPool { .. } => (h / 2, w / 2, c),
+        };
+        if oh == 0 || ow == 0 {
+            return Err(Error::Invalid(format!(
+                "input size {s} is too small for this model's max-pools"
+            )));
+        }
+        dims.push(StageDims {
+            in_h: h,
+            in_w: w,
+            in_c: c,
+            out_h: oh,
+            out_w: ow,
+            out_c: oc,
+        });
+        (h, w, c) = (oh, ow, oc);
+    }
+    Ok(dims)
+}
+
+/// Where blocks 1–2 end (the stage after the second max-pool), if sub-batching them is safe:
+/// every stage before writes rows at least as long as the last one's, so a sub-batch never
+/// overwrites an earlier sub-batch's output in the ping-pong buffers.
+fn prefix_end(model: &Vgg, dims: &[StageDims]) -> Option<usize> {
+    let end = model
+        .features
+        .iter()
+        .enumerate()
+        .filter(|(_, st)| matches!(st, FeatureStage::MaxPool { .. }))
+        .nth(1)
+        .map(|(i, _)| i + 1)?;
+    let last = dims[end - 1].out_len();
+    (end < dims.len() && dims[..end].iter().all(|d| d.out_len() >= last)).then_some(end)
+}
+
+impl CudaBackend {
+    pub(super) fn prepare_plan(&mut self, model: &Arc<Vgg>, plan: Plan) -> Result<()> {
+        let s = plan.input_size;
+        if plan.max_images == 0 || plan.max_masks == 0 || s == 0 {
+            return Err(Error::Invalid(format!("prepare: empty plan {plan:?}")));
+        }
+        model.validate().map_err(Error::Invalid)?;
+        if plan.capture.stage >= model.features.len() {
+            return Err(Error::Invalid(format!(
+                "capture stage {} out of range ({} feature stages)",
+                plan.capture.stage,
+                model.features.len()
+            )));
+        }
+        let dims = stage_dims(model, s)?;
+        let last = *dims.last().expect("validated models have feature stages");
+        let (h, w, c) = (last.out_h, last.out_w, last.out_c);
+        let capture = model.capture_shape(plan.capture, s);
+        if capture.c != dims[plan.capture.stage].out_c || capture.c == 3 {
+            return Err(Error::Invalid(format!(
+                "layer {}: capturing a {}-channel map is not supported by the CUDA backend",
+                model.capture_name(plan.capture),
+                capture.c
+            )));
+        }
+        let rows_max = plan.max_images.max(plan.max_masks);
+        let mut per_row = s * s * CPAD;
+        for d in &dims {
+            per_row = per_row.max(d.out_len());
+            if rows_max.saturating_mul(d.in_len().max(d.out_len())) > CUDNN_MAX_ELEMS {
+                return Err(gpu_oom(format!(
+                    "a batch of {rows_max} × {} elements exceeds cuDNN's 2^31-element tensor limit",
+                    d.in_len().max(d.out_len())
+                )));
+            }
+        }
+        per_row = per_row.max(c * POOLED * POOLED);
+        for l in &model.classifier {
+            per_row = per_row.max(l.fout);
+        }
+
+        // Free the old plan (and the graphs that point into it) before allocating the new one:
+        // the caller may be retrying smaller.
+        self.graphs.clear();
+        self.prep = None;
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| drv_err("prepare", e))?;
+        self.uploads.synchronized();
+        if !self
+            .model
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(&m.model, model))
+        {
+            self.model = None;
+            self.model = Some(upload_model(&self.dev, model)?);
+        }
+
+        let buf_len = rows_max.checked_mul(per_row).ok_or_else(|| {
+            gpu_oom(format!(
+                "activation buffers of {rows_max} × {per_row} elements"
+            ))
+        })?;
+        let dev = &self.dev;
+        let mut bufs = [
+            dev.alloc::<f16>(buf_len, "activation buffer A")?,
+            dev.alloc::<f16>(buf_len, "activation buffer B")?,
+        ];
+        // Small buffers at their steady-state sizes; scores pending from the old plan are dropped.
+        let sc = &mut self.scratch;
+        sc.pending_len = 0;
+        sc.spilled.clear();
+        sc.staging.get(dev, s * s * 3, "image staging buffer")?;
+        sc.scores.get(dev, rows_max, "scores")?;
+        sc.pending
+            .get(dev, plan.max_images * capture.c * 2, "pending scores")?;
+        sc.weights.get(dev, capture.c, "channel weights")?;
+        sc.low
+            .get(dev, capture.h * capture.w, "low-resolution map")?;
+        sc.map.get(dev, s * s, "map")?;
+        sc.flat.get(dev, 1, "flat flag")?;
+
+        // Every batch size the run will use, and blocks 1–2's sub-batch candidates.
+        let masks = BatchLadder::new(plan.max_masks, LADDER_STEPS);
+        let images = BatchLadder::new(plan.max_images, LADDER_STEPS);
+        let end = prefix_end(model, &dims);
+        let subs: Vec<usize> = match end {
+            Some(_) => PREFIX_ROWS
+                .iter()
+                .copied()
+                .filter(|&r| r < plan.max_masks && plan.max_masks.is_multiple_of(r))
+                .collect(),
+            None => Vec::new(),
+        };
+        let dm = self.model.as_ref().expect("uploaded above");
+        let mut keys = Vec::new();
+        for (i, conv) in dm.convs.iter().enumerate() {
+            if conv.is_none() {
+                continue;
+            }
+            let pre = plan.capture.stage == i && plan.capture.pre_relu;
+            for &rows in masks.sizes() {
+                keys.push(ConvKey {
+                    stage: i,
+                    rows,
+                    identity: false,
+                });
+            }
+            for &rows in images.sizes() {
+                keys.push(ConvKey {
+                    stage: i,
+                    rows,
+                    identity: pre,
+                });
+            }
+            if end.is_some_and(|e| i < e) {
+                for &rows in &subs {
+                    keys.push(ConvKey {
+                        stage: i,
+                        rows,
+                        identity: false,
+                    });
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+
+        // Tune on random data in [0, 1) (post-ReLU activations are non-negative): zero-filled
+        // buffers draw less power and time optimistically.
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let n = b.len();
+            self.kernels.fill_uniform_f16(
+                &dev.stream,
+                &mut b.slice_mut(..),
+                n,
+                0x5EED + i as u64,
+                0.0,
+                1.0,
+            )?;
+        }
+        let ws_limit = conv::ws_cap(dev)?;
+        let ws_need = conv::tuning_workspace(&self.dnn, &dm.convs, &dims, &keys, ws_limit)?;
+        let mut workspace = dev.alloc::<u8>(ws_need, "cuDNN workspace")?;
+        let (convs, ws_used) = conv::plan_all(
+            dev,
+            &self.dnn,
+            &dm.convs,
+            &dims,
+            &keys,
+            (&self.relu, &self.identity),
+            TuneArena {
+                bufs: &bufs,
+                workspace: &mut workspace,
+            },
+            ws_limit,
+            (self.graph_use, plan.max_masks),
+        )?;
+        let workspace = if ws_used < workspace.len() / 2 {
+            // Give back what the tuning needed but the chosen configurations do not.
+            drop(workspace);
+            dev.alloc::<u8>(ws_used, "cuDNN workspace")?
+        } else {
+            workspace
+        };
+        self.prep = Some(Prepared {
+            plan,
+            rows_max,
+            feat: (h, w, c),
+            dims,
+            capture,
+            bufs,
+            workspace,
+            convs,
+            masks,
+            images,
+            prefix: None,
+            prefix_ms: Vec::new(),
+        });
+        if let Some(end) = end.filter(|_| !subs.is_empty()) {
+            self.choose_prefix(end, &subs)?;
+        }
+        Ok(())
+    }
+
+    /// Time blocks 1–2 on a full mask batch of random inputs, whole and in each sub-batch size;
+    /// keep the fastest (sub-batching only when it wins).
+    fn choose_prefix(&mut self, end: usize, subs: &[usize]) -> Result<()> {
+        let prep = self.prep.as_ref().expect("prepared above");
+        let rows = prep.plan.max_masks;
+        let s = prep.plan.input_size;
+        let op = "timing blocks 1–2 in sub-batches";
+        let len = rows * s * s * CPAD;
+        let mut x = self.dev.alloc::<f16>(len, "prefix timing input")?;
+        self.kernels.fill_uniform_f16(
+            &self.dev.stream,
+            &mut x.slice_mut(..),
+            len,
+            0xF00D,
+            -2.0,
+            2.0,
+        )?;
+        let timer = EventPair::new(&self.dev)?;
+        let mut results: Vec<(usize, f32)> = Vec::new();
+        for sub in std::iter::once(None).chain(subs.iter().copied().map(Some)) {
+            let (mut pass, _) = self.pass()?;
+            let dev = pass.dev;
+            pass.prefix_stages(&x, rows, end, sub)?; // warm-up
+            let mut runs = Vec::with_capacity(TIMED_RUNS);
+            for _ in 0..TIMED_RUNS {
+                let ms = timer.time(dev, op, || {
+                    pass.prefix_stages(&x, rows, end, sub).map(|_| ())
+                })??;
+                runs.push(ms);
+            }
+            results.push((sub.unwrap_or(0), conv::median(runs)));
+        }
+        let whole = results[0].1;
+        let best = results[1..]
+            .iter()
+            .copied()
+            .filter(|&(_, ms)| ms < whole)
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if verbose() {
+            eprintln!("cuda: blocks 1–2 at batch {rows}: {results:?} (rows 0 = whole batch)");
+        }
+        let prep = self.prep.as_mut().expect("prepared above");
+        prep.prefix = best.map(|(r, _)| Prefix { end, rows: r });
+        prep.prefix_ms = results;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vgg16_prefix_is_blocks_one_and_two() {
+        let m = Vgg::random_vgg16(1);
+        let dims = stage_dims(&m, 224).unwrap();
+        // conv conv pool conv conv pool | ...
+        assert_eq!(prefix_end(&m, &dims), Some(6));
+        assert_eq!(dims[5].out_len(), 56 * 56 * 128);
+        assert_eq!(dims[0].in_c, CPAD);
+        assert!(stage_dims(&m, 16).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! The model on the device: conv filters KRSC with the first layer's input channels padded to
+//! [`CPAD`], FP16 biases, Linear weights FP16 (the first one's columns permuted to H,W,C order).
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use half::f16;
+
+use super::cudnn::{FilterDesc, TensorDesc};
+use super::device::{dnn_err, Dev};
+use super::{layout, CPAD};
+use crate::error::{Error, Result};
+use crate::model::{FeatureStage, Vgg, POOLED};
+
+/// A conv layer on the device.
+pub(super) struct DevConv {
+    pub cin_s: usize,
+    pub cout: usize,
+    pub filter: CudaSlice<f16>,
+    pub bias: CudaSlice<f16>,
+    pub wdesc: FilterDesc,
+    pub bdesc: TensorDesc,
+}
+
+/// A Linear layer on the device. `weight` `[fout, fin]` f16 (first layer: columns H,W,C).
+pub(super) struct DevLinear {
+    pub fin: usize,
+    pub fout: usize,
+    pub relu: bool,
+    pub weight: CudaSlice<f16>,
+    pub bias16: CudaSlice<f16>,
+    pub bias32: CudaSlice<f32>,
+}
+
+/// The uploaded model. `convs[i]` is `Some` for conv stages.
+pub(super) struct DevModel {
+    pub model: Arc<Vgg>,
+    pub convs: Vec<Option<DevConv>>,
+    pub linears: Vec<DevLinear>,
+    pub bytes: usize,
+}
+
+/// Upload `model`'s weights in the device layouts.
+pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>) -> Result<DevModel> {
+    let mut convs = Vec::with_capacity(model.features.len());
+    let mut bytes = 0;
+    let mut cs = CPAD;
+    for stage in &model.features {
+        match stage {
+            FeatureStage::Conv(l) => {
+                let name = format!("features.{}", l.conv_index);
+                let host = layout::conv_filter_krsc(&l.weight, l.cout, l.cin, cs);
+                let filter = dev.upload(&host, &format!("{name}.weight"))?;
+                let bias = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
+                bytes += filter.num_bytes() + bias.num_bytes();
+                let wdesc = FilterDesc::nhwc_f16(l.cout, cs, 3, 3)
+                    .map_err(|e| dnn_err(&format!("{name}: filter descriptor"), e))?;
+                let bdesc = TensorDesc::nhwc_f16(1, l.cout, 1, 1)
+                    .map_err(|e| dnn_err(&format!("{name}: bias descriptor"), e))?;
+                convs.push(Some(DevConv {
+                    cin_s: cs,
+                    cout: l.cout,
+                    filter,
+                    bias,
+                    wdesc,
+                    bdesc,
+                }));
+                cs = l.cout;
+            }
+            FeatureStage::MaxPool { .. } => convs.push(None),
+        }
+    }
+    let c_feat = model.features_shape(model.input_size()).c;
+    let mut linears = Vec::with_capacity(model.classifier.len());
+    for (j, l) in model.classifier.iter().enumerate() {
+        let name = format!("classifier.{}", l.index);
+        let host = if j == 0 {
+            if l.fin != c_feat * POOLED * POOLED {
+                return Err(Error::Invalid(format!(
+                    "{name}: takes {} inputs, the features give {c_feat}×{POOLED}×{POOLED}",
+                    l.fin
+                )));
+            }
+            layout::linear_chw_to_hwc(&l.weight, l.fout, c_feat, POOLED, POOLED)
+        } else {
+            layout::to_f16(&l.weight)
+        };
+        let weight = dev.upload(&host, &format!("{name}.weight"))?;
+        let bias16 = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
+        let bias32 = dev.upload(&l.bias, &format!("{name}.bias"))?;
+        bytes += weight.num_bytes() + bias16.num_bytes() + bias32.num_bytes();
+        linears.push(DevLinear {
+            fin: l.fin,
+            fout: l.fout,
+            relu: l.relu,
+            weight,
+            bias16,
+            bias32,
+        });
+    }
+    Ok(DevModel {
+        model: Arc::clone(model),
+        convs,
+        linears,
+        bytes,
+    })
+}
