@@ -46,6 +46,9 @@ pub(super) struct Graphs {
     cache: HashMap<(usize, u64, u64), CudaGraph>,
     pub captured: usize,
     pub replays: usize,
+    /// The cuDNN workspace the cached graphs were captured with: a graph bakes its address in,
+    /// so a workspace replaced since (a batch size planned on first use) drops them.
+    workspace: u64,
     /// Why graphs were turned off (a capture failed), for the report.
     pub disabled: Option<String>,
 }
@@ -90,6 +93,11 @@ impl Pass<'_> {
     ) -> Result<()> {
         if capture.is_some() || timer.is_some() || !graphs.enabled {
             return self.eager(x, rows, logits, capture, timer);
+        }
+        let workspace = ptr(&self.prep.workspace, &self.dev.stream);
+        if graphs.workspace != workspace {
+            graphs.cache.clear();
+            graphs.workspace = workspace;
         }
         let key = (
             rows,
