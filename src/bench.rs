@@ -117,15 +117,14 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
     let ms = engine.layer_times(5)?;
     let elem_bytes = if engine.is_cpu() { 4 } else { 2 };
     let costs = model.layer_costs(s, rows, elem_bytes);
-    let algo = |stage: usize| -> Value {
-        backend["plans"]
-            .as_array()
-            .and_then(|plans| {
-                plans.iter().find(|p| {
-                    p["stage"] == json!(stage) && p["rows"] == json!(rows) && p["pre_relu"] == false
-                })
+    // The plan of a conv stage at this batch size: its configuration, and the tuning times of
+    // the best legacy configuration and graph-API plan (the per-layer before/after).
+    let plan = |stage: usize| -> Option<&Value> {
+        backend["plans"].as_array().and_then(|plans| {
+            plans.iter().find(|p| {
+                p["stage"] == json!(stage) && p["rows"] == json!(rows) && p["pre_relu"] == false
             })
-            .map_or(Value::Null, |p| p["algo"].clone())
+        })
     };
     Ok(costs
         .iter()
@@ -144,10 +143,11 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
             } else if secs > 0.0 {
                 v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
             }
-            if c.kind == LayerKind::Conv && i < model.features.len() {
-                let a = algo(i);
-                if !a.is_null() {
-                    v["algo"] = a;
+            if let Some(p) = plan(i).filter(|_| c.kind == LayerKind::Conv) {
+                for key in ["algo", "legacy_ms", "graph_ms"] {
+                    if !p[key].is_null() {
+                        v[key] = p[key].clone();
+                    }
                 }
             }
             v

@@ -30,6 +30,10 @@ const TIMED_CANDIDATES: usize = 3;
 /// Timed runs per candidate (after one warm-up); the median counts.
 pub(super) const TIMED_RUNS: usize = 3;
 
+/// Wall time `prepare` may spend building and timing graph-API plans (their finalization can
+/// compile kernels) before the remaining layers keep the legacy API.
+const GRAPH_API_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Steps of a batch ladder: a remainder batch wastes at most `max / LADDER_STEPS` rows.
 pub(super) const LADDER_STEPS: usize = 8;
 
@@ -127,6 +131,8 @@ pub(super) struct ConvPlans {
     choices: Vec<PlanChoice>,
     /// Plans made on first use in the hot path (0 when the ladders cover every batch).
     pub built_on_first_use: usize,
+    /// Layer shapes that kept the legacy API untried because the graph API's time budget ran out.
+    pub graph_skipped: usize,
 }
 
 impl ConvPlans {
@@ -207,6 +213,7 @@ pub(super) fn plan_all(
     let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
     let mut ws_used = 0;
     let timer = EventPair::new(dev)?;
+    let graph_started = std::time::Instant::now();
     for &key in keys {
         let layer = convs[key.stage].as_ref().ok_or_else(|| {
             Error::Invalid(format!("features stage {} is not a convolution", key.stage))
@@ -238,12 +245,18 @@ pub(super) fn plan_all(
                 let descs = (&xd, &yd, &cd);
                 let (legacy, legacy_ms, timed) =
                     time_candidates(dev, dnn, &timer, &cands, descs, act, layer, &arena, &op)?;
-                let try_graph = !key.identity
+                let wanted = !key.identity
                     && match graph.0 {
                         GraphUse::Off => false,
                         GraphUse::FullBatch => key.rows == graph.1,
                         GraphUse::All | GraphUse::Prefer => true,
                     };
+                // Finalizing graph plans may compile kernels: past the budget, the remaining
+                // layers keep the legacy API (counted in the report).
+                let try_graph = wanted && graph_started.elapsed() < GRAPH_API_BUDGET;
+                if wanted && !try_graph {
+                    out.graph_skipped += 1;
+                }
                 let graph = if try_graph {
                     time_graph_plans(dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit)?
                 } else {

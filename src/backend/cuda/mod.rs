@@ -887,6 +887,7 @@ impl Backend for CudaBackend {
             "mask_batch_sizes": p.masks.sizes(),
             "image_batch_sizes": p.images.sizes(),
             "plans_built_on_first_use": p.convs.built_on_first_use,
+            "graph_api_skipped_over_budget": p.convs.graph_skipped,
             "workspace_bytes": p.workspace.len(),
             "prefix": {
                 "end_stage": p.prefix.map(|x| x.end),
