@@ -128,19 +128,37 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// The planned size a forward of `n` rows runs at, given buffers of `cap` rows: image
-    /// forwards (capturing activations) on the image ladder; other forwards on the mask ladder
-    /// or, when no stage is planned pre-ReLU, the image ladder, whichever is smaller.
+    /// The planned size a forward of `n` rows runs at, given buffers of `cap` rows.
     fn run_rows(&self, n: usize, cap: usize, capturing: bool) -> Option<usize> {
-        let images = self.images.rows_for(n, cap);
-        if capturing {
-            return images;
-        }
-        let masks = self.masks.rows_for(n, cap);
-        match (masks, images.filter(|_| !self.plan.capture.pre_relu)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        planned_rows(
+            &self.masks,
+            &self.images,
+            self.plan.capture.pre_relu,
+            n,
+            cap,
+            capturing,
+        )
+    }
+}
+
+/// Image forwards (capturing activations) run on the image ladder; other forwards on the mask
+/// ladder or, when no stage is planned pre-ReLU, the image ladder, whichever size is smaller.
+fn planned_rows(
+    masks: &BatchLadder,
+    images: &BatchLadder,
+    pre_relu: bool,
+    n: usize,
+    cap: usize,
+    capturing: bool,
+) -> Option<usize> {
+    let on_images = images.rows_for(n, cap);
+    if capturing {
+        return on_images;
+    }
+    let on_masks = masks.rows_for(n, cap);
+    match (on_masks, on_images.filter(|_| !pre_relu)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -974,5 +992,30 @@ impl Backend for CudaBackend {
                 Ok((m, f[0] != 0))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_run_at_planned_sizes() {
+        let masks = BatchLadder::new(256, conv::LADDER_STEPS);
+        let images = BatchLadder::new(8, conv::LADDER_STEPS);
+        // A remainder batch of masked inputs: the next mask size.
+        assert_eq!(
+            planned_rows(&masks, &images, false, 100, 256, false),
+            Some(128)
+        );
+        // One row (the zero input): the image ladder's 1 beats the mask ladder's 32...
+        assert_eq!(planned_rows(&masks, &images, false, 1, 256, false), Some(1));
+        // ... unless the image plans leave a stage pre-ReLU.
+        assert_eq!(planned_rows(&masks, &images, true, 1, 256, false), Some(32));
+        // Base forwards stay on the image ladder, within their buffers.
+        assert_eq!(planned_rows(&masks, &images, true, 3, 8, true), Some(3));
+        assert_eq!(planned_rows(&masks, &images, false, 9, 8, true), None);
+        // Buffers smaller than the planned size: unplanned (run at n).
+        assert_eq!(planned_rows(&masks, &images, false, 100, 120, false), None);
     }
 }

@@ -245,7 +245,14 @@ impl CudaBackend {
             prefix_ms: Vec::new(),
         });
         if let Some(end) = end.filter(|_| !subs.is_empty()) {
-            self.choose_prefix(end, &subs)?;
+            match self.choose_prefix(end, &subs) {
+                // No room for the timing input: blocks 1–2 run whole, the plan still stands.
+                Err(Error::OutOfMemory(m)) if verbose() => {
+                    eprintln!("cuda: blocks 1–2 not timed in sub-batches ({m})")
+                }
+                Err(Error::OutOfMemory(_)) => {}
+                r => r?,
+            }
         }
         Ok(())
     }
