@@ -784,7 +784,10 @@ fn bench(a: BenchArgs) -> Result<u8> {
     if args.model.weights.is_none() && args.model.random_weights.is_none() {
         args.model.random_weights = Some(0);
     }
+    let t0 = std::time::Instant::now();
     let mut engine = open_engine(&args.model, &args.cam, Targets::Top(1), !args.json)?;
+    // Loading, device start-up and every batch size's planning and tuning, before the first image.
+    let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
     let device = engine.describe();
     let report = if args.forward.is_empty() {
         let model = engine.model_arc();
@@ -798,6 +801,7 @@ fn bench(a: BenchArgs) -> Result<u8> {
     let mut report = report;
     report["device"] = device.clone().into();
     report["input_size"] = engine.input_size().into();
+    report["setup_ms"] = ((setup_ms * 10.0).round() / 10.0).into();
     if args.json {
         println!("{report}");
     } else {
@@ -807,7 +811,11 @@ fn bench(a: BenchArgs) -> Result<u8> {
 }
 
 fn print_bench_table(r: &serde_json::Value) {
-    println!("device: {}", r["device"].as_str().unwrap_or("?"));
+    println!(
+        "device: {} (set-up {:.0} ms: model, device, planning)",
+        r["device"].as_str().unwrap_or("?"),
+        r["setup_ms"].as_f64().unwrap_or(f64::NAN)
+    );
     if let Some(f) = r["forward_ms"].as_object() {
         println!("{:>8}  {:>12}", "batch", "forward ms");
         for (n, ms) in f {
