@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, Plan, Semantics, Stage};
+use crate::cam::Targets;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::{LayerKind, Vgg};
@@ -153,6 +154,52 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
             v
         })
         .collect())
+}
+
+/// FP8's fidelity: `n` synthetic images explained by `fp16` (top-1 class) and by `fp8` for the
+/// same class; the Pearson correlation of each image's two maps, with their distribution.
+pub fn fp8_fidelity(fp8: &mut Engine, fp16: &mut Engine, n: usize, s: usize) -> Result<Value> {
+    let images = synthetic_images(n, s);
+    let reference = fp16.explain(&images)?;
+    let targets: Vec<Targets> = reference
+        .iter()
+        .map(|e| Targets::classes([e.top1]))
+        .collect();
+    let got = fp8.explain_for(&images, &targets)?;
+    let mut corr: Vec<f64> = reference
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| {
+            let a: Vec<f64> = a.maps[0].map.iter().map(|&v| f64::from(v)).collect();
+            let b: Vec<f64> = b.maps[0].map.iter().map(|&v| f64::from(v)).collect();
+            crate::eval::metrics::pearson(&a, &b)
+        })
+        .collect();
+    let same_top1 = reference
+        .iter()
+        .zip(&got)
+        .filter(|(a, b)| a.top1 == b.top1)
+        .count();
+    let per_image: Vec<f64> = corr.iter().map(|&c| round5(c)).collect();
+    corr.sort_by(f64::total_cmp);
+    let at = |q: f64| round5(corr[((corr.len() - 1) as f64 * q).round() as usize]);
+    Ok(json!({
+        "images": n,
+        "class": "the FP16 run's top-1 class of each image",
+        "map_corr_vs_fp16": {
+            "min": at(0.0),
+            "p10": at(0.1),
+            "median": at(0.5),
+            "max": at(1.0),
+            "per_image": per_image,
+            "at_least_0_99": corr.iter().filter(|&&c| c >= 0.99).count(),
+        },
+        "same_top1_class": same_top1,
+    }))
+}
+
+fn round5(x: f64) -> f64 {
+    (x * 1e5).round() / 1e5
 }
 
 /// Median ms of a plain forward pass at each batch size in `sizes`.

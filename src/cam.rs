@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::backend::cpu::{min_max, softmax, upsample_bilinear};
 use crate::backend::grad::grad_from_capture;
-use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
+use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Precision, Semantics, Stage};
 use crate::error::{Error, Result};
 pub use crate::methods::Method;
 use crate::methods::{gradcam_pp_weights, gradcam_weights, top_std_channels, torchcam_scale};
@@ -83,6 +83,9 @@ pub struct CamOptions {
     pub mask_batch: usize,
     /// Most images whose masked inputs are forwarded together (capped at [`MAX_IMAGE_BATCH`]).
     pub image_batch: usize,
+    /// The masked forwards' convolutions: FP16, or FP8 where a GPU supports it and it pays
+    /// (set on the backend by [`crate::engine::Engine::new`]).
+    pub precision: Precision,
 }
 
 impl Default for CamOptions {
@@ -94,6 +97,7 @@ impl Default for CamOptions {
             targets: Targets::Top(1),
             mask_batch: 64,
             image_batch: 1,
+            precision: Precision::Fp16,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, Stage};
+use crate::backend::{Backend, Precision, Stage};
 use crate::cam::{CamOptions, Explainer, Explanation, PassCounter, Targets};
 use crate::error::{Error, Result};
 use crate::model::{MapShape, Vgg};
@@ -91,6 +91,20 @@ impl Engine {
                     None
                 }
             },
+        };
+        let cuda = match cuda {
+            Some(mut b) => {
+                b.set_precision(opts.precision)?;
+                Some(b)
+            }
+            None if opts.precision == Precision::Fp8 => {
+                return Err(Error::Usage(
+                    "--precision fp8 needs a CUDA GPU of compute capability 8.9 or newer (FP8 \
+                     tensor cores); the CPU backend computes in f32"
+                        .into(),
+                ))
+            }
+            None => None,
         };
         Ok(match cuda {
             Some(b) => Engine::Cuda(Box::new(Explainer::new(b, model, opts)?)),

@@ -252,6 +252,52 @@ fn unwritable_output_directory_is_a_clear_error() {
     );
 }
 
+/// `--precision fp8` on the CPU (chosen, or fallen back to) is a usage error before anything is
+/// written; `bench` refuses it the same way.
+fn fp8_without_a_capable_gpu_exits_2() {
+    let f = Fixture::new();
+    let img = f.image("a.png", 1);
+    let out = f.path("out");
+    for backend in ["cpu", "auto"] {
+        let o = Command::new(bin())
+            .args([
+                "explain",
+                "--precision",
+                "fp8",
+                "--backend",
+                backend,
+                "--weights",
+            ])
+            .arg(&f.weights)
+            .arg("--out")
+            .arg(&out)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{backend}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("--precision fp8 needs a CUDA GPU"),
+            "{backend}: {}",
+            stderr(&o)
+        );
+        assert!(!out.exists(), "{backend}: an output directory was made");
+    }
+    let o = Command::new(bin())
+        .args([
+            "bench",
+            "--precision",
+            "fp8",
+            "--backend",
+            "cpu",
+            "--weights",
+        ])
+        .arg(&f.weights)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
 fn cuda_backend_without_gpu_exits_2() {
     let f = Fixture::new();
     let img = f.image("a.png", 1);
@@ -382,6 +428,11 @@ fn main() -> std::process::ExitCode {
             "cuda_backend_without_gpu_exits_2",
             &[NoGpu],
             cuda_backend_without_gpu_exits_2,
+        ),
+        t(
+            "fp8_without_a_capable_gpu_exits_2",
+            &[NoGpu],
+            fp8_without_a_capable_gpu_exits_2,
         ),
         t(
             "offline_without_weights_explains_how_to_get_them",

@@ -552,6 +552,74 @@ fn graph_api_convolutions_match_cpu() {
     }
 }
 
+/// The FP8 kernels against the host: the quantization bit for bit with the float8 crate's
+/// conversion (cuda_fp8.hpp's), the amax exactly.
+fn fp8_kernels_match_the_host() {
+    use scorecam_gpu::backend::cuda::kernels::e4m3_from_f32;
+    let mut g = gpu();
+    let x: Vec<f32> = values(50_000, 31).iter().map(|v| v * 600.0).collect();
+    let x16: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    for multiplier in [1.0f32, 0.37, 3.5, 1e-3] {
+        let got = g.quantize_e4m3_on_device(&x, multiplier).unwrap();
+        for (i, (&v, &b)) in x16.iter().zip(&got).enumerate() {
+            let want = e4m3_from_f32(v * multiplier);
+            assert_eq!(
+                b, want,
+                "x[{i}] = {v} × {multiplier}: {b:#04x} ≠ {want:#04x}"
+            );
+        }
+    }
+    let want = x16.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_eq!(g.amax_on_device(&x).unwrap(), want);
+}
+
+/// `--precision fp8`: refused below compute capability 8.9; above, every image's map (same
+/// class) correlates with the FP16 map at ≥ 0.99, with FP8 preferred wherever a plan runs.
+fn fp8_maps_correlate_with_fp16() {
+    use scorecam_gpu::backend::Precision;
+    let mut probe = gpu();
+    if let Err(e) = probe.set_precision(Precision::Fp8) {
+        assert!(matches!(e, Error::Usage(_)), "{e}");
+        println!("FP8 refused on this GPU, as it must be: {e}");
+        return;
+    }
+    drop(probe);
+    let model = Arc::new(Vgg::random_vgg16(5));
+    let s = model.input_size();
+    let images = scorecam_gpu::bench::synthetic_images(4, s);
+    let opts = |precision| CamOptions {
+        mask_batch: 128,
+        image_batch: 2,
+        precision,
+        ..CamOptions::default()
+    };
+    let mut e16 = Explainer::new(gpu(), Arc::clone(&model), opts(Precision::Fp16)).unwrap();
+    let reference = e16.explain(&images).unwrap();
+    drop(e16);
+    let mut b8 = gpu();
+    b8.set_precision(Precision::Fp8).unwrap();
+    b8.prefer_fp8(true);
+    let mut e8 = Explainer::new(b8, model, opts(Precision::Fp8)).unwrap();
+    let targets: Vec<Targets> = reference
+        .iter()
+        .map(|e| Targets::classes([e.top1]))
+        .collect();
+    let got = e8.explain_for(&images, &targets).unwrap();
+    let fp8_layers: Vec<usize> = e8
+        .backend()
+        .plan_choices()
+        .iter()
+        .filter(|c| c.fp8)
+        .map(|c| c.stage)
+        .collect();
+    println!("FP8 plans at stages {fp8_layers:?}");
+    for (i, (a, b)) in reference.iter().zip(&got).enumerate() {
+        let r = corr(&a.maps[0].map, &b.maps[0].map);
+        println!("image {i}: FP8 vs FP16 map correlation {r:.5}");
+        assert!(r >= 0.99, "image {i}: FP8 map correlation {r:.5} < 0.99");
+    }
+}
+
 fn combine_matches_cpu() {
     let mut g = gpu();
     let mut c = CpuBackend::new();
@@ -817,6 +885,7 @@ fn vgg16_score_cam_matches_cpu() {
             targets: Targets::Top(1),
             mask_batch: 48,
             image_batch: 2,
+            precision: Default::default(),
         };
         let (gx, cx) = explain_both(&model, opts, &imgs);
         compare_explanations(&gx, &cx, sem, &format!("VGG16 features.4 {}", sem.name()));
@@ -835,6 +904,7 @@ fn vgg16_score_cam_default_layer_matches_cpu() {
             targets: Targets::Top(1),
             mask_batch: 100,
             image_batch: 2,
+            precision: Default::default(),
         };
         let (gx, cx) = explain_both(&model, opts, &imgs);
         compare_explanations(
@@ -945,6 +1015,7 @@ fn fixtures_score_cam_matches_golden() {
                 targets: Targets::Classes(vec![class]),
                 mask_batch: 7, // several batches and a remainder
                 image_batch: 1,
+                precision: Default::default(),
             };
             let mut ex = Explainer::new(gpu(), Arc::clone(&model), opts).unwrap();
             let e = ex.explain(std::slice::from_ref(&img)).unwrap().remove(0);
@@ -1000,6 +1071,7 @@ fn class_probs_match_cpu() {
         targets: Targets::Top(1),
         mask_batch: 5,
         image_batch: 1,
+        precision: Default::default(),
     };
     let mut ge = Explainer::new(gpu(), Arc::clone(&model), opts.clone()).unwrap();
     let mut ce = Explainer::new(CpuBackend::new(), Arc::clone(&model), opts).unwrap();
@@ -1030,6 +1102,16 @@ fn main() -> std::process::ExitCode {
         t("masked_inputs_match_cpu", &[Gpu], masked_inputs_match_cpu),
         t("scores_match_cpu", &[Gpu], scores_match_cpu),
         t("combine_matches_cpu", &[Gpu], combine_matches_cpu),
+        t(
+            "fp8_kernels_match_the_host",
+            &[Gpu],
+            fp8_kernels_match_the_host,
+        ),
+        t(
+            "fp8_maps_correlate_with_fp16",
+            &[Gpu],
+            fp8_maps_correlate_with_fp16,
+        ),
         t(
             "queued_scores_match_synchronous_ones",
             &[Gpu],

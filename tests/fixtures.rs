@@ -69,6 +69,7 @@ fn explain_case(case: &Value, sem: Semantics) -> Explanation {
         targets: Targets::Classes(vec![case["class"].as_u64().unwrap() as usize]),
         mask_batch: 7, // several batches and a remainder
         image_batch: 1,
+        precision: Default::default(),
     };
     let mut ex = Explainer::new(CpuBackend::new(), model, opts).unwrap();
     ex.explain(std::slice::from_ref(&img)).unwrap().remove(0)

@@ -62,6 +62,27 @@ impl Semantics {
     }
 }
 
+/// The number format of the masked forwards' convolutions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// FP16 tensors, f32 accumulation (every backend; the CPU computes in f32 throughout).
+    #[default]
+    Fp16,
+    /// FP8 E4M3 inputs and weights with per-layer scales, f32 accumulation, FP16 outputs, on
+    /// the conv layers where it runs faster (CUDA, compute capability 8.9 or newer); the base
+    /// forward, the first conv and the classifier stay FP16.
+    Fp8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp16 => "fp16",
+            Precision::Fp8 => "fp8",
+        }
+    }
+}
+
 /// Gaussian noise added to masks (SS-CAM): N(0, σ²) per mask pixel, from a counter-based
 /// generator (see [`normal_noise`]) so every backend draws the same values.
 #[derive(Clone, Copy, Debug, PartialEq)]

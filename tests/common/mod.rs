@@ -565,6 +565,7 @@ pub fn check_multi_and_batch<B: scorecam_gpu::backend::Backend>(
                 targets: Targets::Classes(classes.clone()),
                 mask_batch: 7,
                 image_batch: 1,
+                precision: Default::default(),
             };
             let mut ex = Explainer::new(make(), Arc::clone(&model), opts).unwrap();
             let e = ex.explain(std::slice::from_ref(&img)).unwrap().remove(0);
@@ -601,6 +602,7 @@ pub fn check_multi_and_batch<B: scorecam_gpu::backend::Backend>(
                 targets: Targets::Top(1),
                 mask_batch: 7, // batches mixing the three images' masks
                 image_batch: images.len(),
+                precision: Default::default(),
             };
             let mut ex = Explainer::new(make(), Arc::clone(&model), opts).unwrap();
             let targets: Vec<Targets> =
@@ -697,6 +699,7 @@ pub fn check_method_case<B: scorecam_gpu::backend::Backend>(
             targets: Targets::Classes(vec![class]),
             mask_batch: 7,
             image_batch: 1,
+            precision: Default::default(),
         };
         let mut ex = Explainer::new(make(), Arc::clone(&model), opts).unwrap();
         ex.explain(std::slice::from_ref(&img)).unwrap().remove(0)

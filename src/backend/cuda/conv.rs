@@ -17,6 +17,7 @@ use half::f16;
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
 use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
+use super::fp8::Fp8State;
 use super::kernels::Kernels;
 use super::weights::DevConv;
 use crate::error::{Error, Result};
@@ -110,6 +111,10 @@ pub struct PlanChoice {
     /// The fastest legacy configuration's and graph-API plan's times, when timed.
     pub legacy_ms: Option<f32>,
     pub graph_ms: Option<f32>,
+    /// `--precision fp8`: the fastest FP8 plan's time (quantizing its input included), and
+    /// whether the masked forwards run it.
+    pub fp8_ms: Option<f32>,
+    pub fp8: bool,
 }
 
 /// Short name of a candidate: `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
@@ -128,6 +133,8 @@ pub(super) fn candidate_name(c: &Candidate) -> String {
 #[derive(Default)]
 pub(super) struct ConvPlans {
     plans: HashMap<ConvKey, Planned>,
+    /// FP8 plans of the keys where FP8 was chosen (used once scales exist).
+    fp8: HashMap<ConvKey, Rc<GraphConv>>,
     choices: Vec<PlanChoice>,
     /// Plans made on first use in the hot path (0 when the ladders cover every batch).
     pub built_on_first_use: usize,
@@ -192,6 +199,15 @@ struct Tuned {
     legacy_ms: Option<f32>,
     timed: usize,
     graph: Option<(Rc<GraphConv>, f32, String)>,
+    /// The fastest FP8 plan (quantizing its input included) and its time.
+    fp8: Option<(Rc<GraphConv>, f32)>,
+}
+
+/// `--precision fp8`'s share of the planning: the state whose filters and scales the timing
+/// uses, and the batch sizes FP8 is tried at (the masked forwards').
+pub(super) struct Fp8Tuning<'a> {
+    pub state: &'a mut Fp8State,
+    pub rows: &'a [usize],
 }
 
 /// Plan every key at prepare: candidates (ranked by cuDNN), then — once per distinct shape —
@@ -208,6 +224,8 @@ pub(super) fn plan_all(
     mut arena: TuneArena<'_>,
     ws_limit: usize,
     graph: (GraphUse, usize),
+    kernels: &Kernels,
+    mut fp8: Option<Fp8Tuning<'_>>,
 ) -> Result<(ConvPlans, usize)> {
     let mut out = ConvPlans::default();
     let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
@@ -262,11 +280,35 @@ pub(super) fn plan_all(
                 } else {
                     None
                 };
+                let fp8_wanted = fp8.as_ref().is_some_and(|f| {
+                    !key.identity
+                        && f.rows.contains(&key.rows)
+                        && f.state.filters[key.stage].is_some()
+                });
+                let fp8_plan = match fp8.as_mut() {
+                    Some(f) if fp8_wanted && graph_started.elapsed() < GRAPH_API_BUDGET => {
+                        let run = Fp8Run {
+                            kernels,
+                            state: &mut *f.state,
+                            stage: key.stage,
+                        };
+                        time_fp8_plans(
+                            dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, run,
+                        )?
+                    }
+                    _ => {
+                        if fp8_wanted {
+                            out.graph_skipped += 1;
+                        }
+                        None
+                    }
+                };
                 let t = Tuned {
                     legacy,
                     legacy_ms,
                     timed,
                     graph,
+                    fp8: fp8_plan,
                 };
                 tuned.insert(shape, t.clone());
                 t
@@ -309,6 +351,17 @@ pub(super) fn plan_all(
                     .unwrap_or_default()
             );
         }
+        // FP8 joins the FP16 plan (kept for base forwards and before any scales exist) when it
+        // is faster than it, or always when preferred.
+        let fp8_ms = t.fp8.as_ref().map(|f| f.1);
+        let fp8_chosen = match (&t.fp8, &fp8) {
+            (Some((g, f8)), Some(f)) if f.state.prefer || ms.is_none_or(|m| *f8 < m) => {
+                ws_used = ws_used.max(g.plan.ws);
+                out.fp8.insert(key, Rc::clone(g));
+                true
+            }
+            _ => false,
+        };
         out.choices.push(PlanChoice {
             stage: key.stage,
             rows: key.rows,
@@ -319,16 +372,106 @@ pub(super) fn plan_all(
             timed: t.timed,
             legacy_ms: t.legacy_ms,
             graph_ms: t.graph.as_ref().map(|g| g.1),
+            fp8_ms,
+            fp8: fp8_chosen,
         });
         out.plans.insert(key, planned);
     }
     Ok((out, ws_used))
 }
 
-/// Build the conv+bias+ReLU graph for `rows` rows of `layer`, time every plan cuDNN finalizes
-/// for it (warm-up, then the median of [`TIMED_RUNS`]) on the arena, and return the fastest
-/// with its name. `None` when the graph API offers nothing for this layer (the legacy path
-/// stays). The arena's workspace grows (up to `ws_limit`) for a plan that needs more.
+/// What an FP8 execution needs besides the graph: the quantize kernel, the filters and scales,
+/// and which stage's.
+pub(super) struct Fp8Run<'a> {
+    pub kernels: &'a Kernels,
+    pub state: &'a mut Fp8State,
+    pub stage: usize,
+}
+
+impl Fp8Run<'_> {
+    /// Quantize `rows` rows of `x` (the layer input, `in_len` values a row) into the FP8 input
+    /// buffer with the stage's multiplier, then run `plan` into `y`.
+    ///
+    /// # Safety
+    /// `y` must hold `rows` rows of the layer's output, `ws` ≥ `plan.ws` bytes, and the stage
+    /// must have an FP8 filter.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn execute<Y: DevicePtr<f16>>(
+        &mut self,
+        dev: &Dev,
+        dnn: &cudnn::Handle,
+        plan: &GraphPlan,
+        layer: &DevConv,
+        x: &CudaView<'_, f16>,
+        n: usize,
+        y: &Y,
+        ws: &CudaSlice<u8>,
+    ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>> {
+        let st = &mut *self.state;
+        let i = self.stage;
+        let filter = st.filters[i]
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("features stage {i} has no FP8 filter")))?;
+        self.kernels.quantize_e4m3(
+            &dev.stream,
+            x,
+            n,
+            &st.scales.slice(2 * i..2 * i + 1),
+            &mut st.x8.slice_mut(..n),
+        )?;
+        let s = &dev.stream;
+        let p = GraphPtrs {
+            x: ptr(&st.x8, s),
+            w: ptr(filter, s),
+            bias: ptr(&layer.bias, s),
+            y: ptr(y, s),
+            ws: ptr(ws, s),
+            descale: ptr(&st.scales.slice(2 * i + 1..2 * i + 2), s),
+        };
+        Ok(plan.execute(dnn, p))
+    }
+}
+
+/// Build the FP8 conv graph for `rows` rows of `layer` and time its plans, quantizing the input
+/// included (see [`time_plans`]); `None` when the graph API offers nothing for FP8 here.
+#[allow(clippy::too_many_arguments)]
+fn time_fp8_plans(
+    dev: &Dev,
+    dnn: &cudnn::Handle,
+    timer: &EventPair,
+    layer: &DevConv,
+    d: super::StageDims,
+    rows: usize,
+    arena: &mut TuneArena<'_>,
+    ws_limit: usize,
+    mut run: Fp8Run<'_>,
+) -> Result<Option<(Rc<GraphConv>, f32)>> {
+    let Ok(graph) =
+        ConvGraph::fp8_conv_descale_bias_relu(dnn, rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
+    else {
+        return Ok(None);
+    };
+    let n = rows * d.in_len();
+    let op = format!("timing FP8 plans (batch {rows})");
+    time_plans(
+        dev,
+        dnn,
+        timer,
+        graph,
+        arena,
+        ws_limit,
+        &op,
+        |plan, [bx, by], ws| {
+            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
+            // workspace holds ≥ plan.ws bytes; only capable stages (with filters) are timed.
+            unsafe { run.execute(dev, dnn, plan, layer, &bx.slice(..n), n, by, ws) }
+        },
+    )
+}
+
+/// Build the conv+bias+ReLU graph for `rows` rows of `layer` and time its plans (see
+/// [`time_plans`]), with the fastest one's name. `None` when the graph API offers nothing for
+/// this layer (the legacy path stays).
 #[allow(clippy::too_many_arguments)]
 fn time_graph_plans(
     dev: &Dev,
@@ -340,57 +483,84 @@ fn time_graph_plans(
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
 ) -> Result<Option<(Rc<GraphConv>, f32, String)>> {
-    let op = format!("timing graph-API plans (batch {rows})");
     let Ok(graph) = ConvGraph::conv_bias_relu(dnn, rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
     else {
         return Ok(None);
     };
+    let op = format!("timing graph-API plans (batch {rows})");
+    let best = time_plans(
+        dev,
+        dnn,
+        timer,
+        graph,
+        arena,
+        ws_limit,
+        &op,
+        |plan, [bx, by], ws| {
+            let s = &dev.stream;
+            let p = GraphPtrs {
+                x: ptr(bx, s),
+                w: ptr(&layer.filter, s),
+                bias: ptr(&layer.bias, s),
+                y: ptr(by, s),
+                ws: ptr(ws, s),
+                descale: 0,
+            };
+            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
+            // workspace holds ≥ plan.ws bytes.
+            Ok(unsafe { plan.execute(dnn, p) })
+        },
+    )?;
+    Ok(best.map(|(g, ms)| {
+        let name = format!("graph API plan #{} (conv+bias+ReLU)", g.plan.index);
+        (g, ms, name)
+    }))
+}
+
+/// Time every plan cuDNN finalizes for `graph` with `exec` on the arena (a warm-up that also
+/// tells whether it runs, then the median of [`TIMED_RUNS`]) and keep the fastest. The arena's
+/// workspace grows (up to `ws_limit`) for a plan that needs more.
+#[allow(clippy::too_many_arguments)]
+fn time_plans(
+    dev: &Dev,
+    dnn: &cudnn::Handle,
+    timer: &EventPair,
+    graph: ConvGraph,
+    arena: &mut TuneArena<'_>,
+    ws_limit: usize,
+    op: &str,
+    mut exec: impl FnMut(
+        &GraphPlan,
+        &[CudaSlice<f16>; 2],
+        &CudaSlice<u8>,
+    ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>>,
+) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let mut best: Option<(GraphPlan, f32)> = None;
     for plan in graph.plans(dnn, ws_limit) {
         if plan.ws > arena.workspace.len() {
             *arena.workspace = dev.alloc::<u8>(plan.ws, "cuDNN workspace")?;
         }
-        let [bx, by] = arena.bufs;
-        let s = &dev.stream;
-        let p = GraphPtrs {
-            x: ptr(bx, s),
-            w: ptr(&layer.filter, s),
-            bias: ptr(&layer.bias, s),
-            y: ptr(by, s),
-            ws: ptr(&*arena.workspace, s),
+        let (bufs, ws) = (arena.bufs, &*arena.workspace);
+        let mut once = || exec(&plan, bufs, ws);
+        if once()?.is_err() {
+            continue;
+        }
+        let Ok(ms) = timer.median_ms(dev, op, &mut once)? else {
+            continue;
         };
-        // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
-        // workspace holds ≥ plan.ws bytes.
-        let run = || unsafe { plan.execute(dnn, p) };
-        if run().is_err() {
-            continue;
-        }
-        let mut runs = Vec::with_capacity(TIMED_RUNS);
-        for _ in 0..TIMED_RUNS {
-            match timer.time(dev, &op, run)? {
-                Ok(ms) => runs.push(ms),
-                Err(_) => break,
-            }
-        }
-        if runs.len() < TIMED_RUNS {
-            continue;
-        }
-        let ms = median(runs);
         if best.as_ref().is_none_or(|b| ms < b.1) {
             best = Some((plan, ms));
         }
     }
     // An execution error may be asynchronous: surface it here.
-    dev.stream.synchronize().map_err(|e| drv_err(&op, e))?;
+    dev.stream.synchronize().map_err(|e| drv_err(op, e))?;
     Ok(best.map(|(plan, ms)| {
-        let name = format!("graph API plan #{} (conv+bias+ReLU)", plan.index);
         (
             Rc::new(GraphConv {
                 _graph: graph,
                 plan,
             }),
             ms,
-            name,
         )
     }))
 }
@@ -486,6 +656,37 @@ impl EventPair {
     }
 }
 
+impl EventPair {
+    /// The median of [`TIMED_RUNS`] timed runs of `f` (its outer error is returned as is; its
+    /// inner one, the launch refusing, ends the timing).
+    pub fn median_ms<E>(
+        &self,
+        dev: &Dev,
+        op: &str,
+        mut f: impl FnMut() -> Result<std::result::Result<(), E>>,
+    ) -> Result<std::result::Result<f32, E>> {
+        let mut runs = Vec::with_capacity(TIMED_RUNS);
+        for _ in 0..TIMED_RUNS {
+            let mut outer = None;
+            let timed = self.time(dev, op, || match f() {
+                Ok(r) => r,
+                Err(e) => {
+                    outer = Some(e);
+                    Ok(())
+                }
+            })?;
+            if let Some(e) = outer {
+                return Err(e);
+            }
+            match timed {
+                Ok(ms) => runs.push(ms),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(median(runs)))
+    }
+}
+
 /// Median of a small sample.
 pub(super) fn median(mut v: Vec<f32>) -> f32 {
     v.sort_by(f32::total_cmp);
@@ -522,21 +723,14 @@ fn time_candidates(
                 last_err = Some(e);
                 continue;
             }
-            let mut runs = Vec::with_capacity(TIMED_RUNS);
-            for _ in 0..TIMED_RUNS {
-                match timer.time(dev, op, launch)? {
-                    Ok(ms) => runs.push(ms),
-                    Err(e) => {
-                        last_err = Some(e);
-                        break;
-                    }
+            let ms = match timer.median_ms(dev, op, || Ok(launch()))? {
+                Ok(ms) => ms,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
                 }
-            }
-            if runs.len() < TIMED_RUNS {
-                continue;
-            }
+            };
             timed += 1;
-            let ms = median(runs);
             if best.is_none_or(|(t, _)| ms < t) {
                 best = Some((ms, c));
             }
@@ -582,6 +776,8 @@ pub(super) struct ConvRun<'a> {
     pub plans: &'a mut ConvPlans,
     pub workspace: &'a mut CudaSlice<u8>,
     pub act: &'a ActDesc,
+    /// The FP8 state when this forward may run FP8 plans (scales measured, not a base forward).
+    pub fp8: Option<&'a mut Fp8State>,
 }
 
 impl ConvRun<'_> {
@@ -599,6 +795,20 @@ impl ConvRun<'_> {
             self.plan_on_first_use(layer, key, d, x, y)?;
         }
         let op = format!("conv (features stage {}, batch {})", key.stage, key.rows);
+        if let (Some(state), Some(g)) = (self.fp8.as_deref_mut(), self.plans.fp8.get(&key)) {
+            let mut run = Fp8Run {
+                kernels: self.kernels,
+                state,
+                stage: key.stage,
+            };
+            let n = key.rows * d.in_len();
+            // SAFETY: y holds rows·out_len elements (checked by the caller); the workspace was
+            // sized at prepare for every chosen plan; FP8 plans exist only for capable stages.
+            return unsafe {
+                run.execute(self.dev, self.dnn, &g.plan, layer, x, n, y, self.workspace)
+            }?
+            .map_err(|e| dnn_err(&op, e));
+        }
         let p = conv_ptrs(self.dev, layer, x, y, self.workspace);
         match &self.plans.plans[&key] {
             Planned::Legacy(plan) => {
@@ -630,6 +840,7 @@ impl ConvRun<'_> {
                     bias: p.bias,
                     y: p.y,
                     ws: p.ws,
+                    descale: 0,
                 };
                 // SAFETY: as above; graph plans are made for post-ReLU keys only, with the
                 // workspace sized for them at prepare.
@@ -704,6 +915,8 @@ impl ConvRun<'_> {
                         timed: 0,
                         legacy_ms: None,
                         graph_ms: None,
+                        fp8_ms: None,
+                        fp8: false,
                     });
                     self.plans.plans.insert(
                         key,

@@ -1,5 +1,6 @@
 //! cuDNN's graph (backend) API through cudarc's sys layer: a 3×3 convolution, its bias and its
-//! ReLU as one operation graph (conv → add bias → ReLU, the intermediates virtual f32), and the
+//! ReLU as one operation graph (conv → add bias → ReLU, the intermediates virtual f32; for FP8
+//! inputs conv → × descale → add bias → ReLU), and the
 //! execution plans cuDNN's heuristics (mode A) and fallback list offer for it. The autotuner in
 //! `conv.rs` times these plans beside the legacy `cudnnConvolutionBiasActivationForward`
 //! configurations and keeps the fastest per (layer, batch size).
@@ -25,6 +26,8 @@ const UID_B: i64 = 3;
 const UID_Y: i64 = 4;
 const UID_CONV_OUT: i64 = 5;
 const UID_BIAS_OUT: i64 = 6;
+const UID_DESCALE: i64 = 7;
+const UID_DESCALED: i64 = 8;
 
 /// Configurations tried per graph: cuDNN's heuristic ranking, then its fallback list.
 const HEURISTIC_CONFIGS: usize = 3;
@@ -176,6 +179,8 @@ fn pointwise(
 /// pad 1, stride 1. Keeps every descriptor the graph refers to alive.
 pub struct ConvGraph {
     graph: Desc,
+    /// The FP8 variant (its variant pack carries the descale).
+    fp8: bool,
     _parts: Vec<Desc>,
 }
 
@@ -190,11 +195,38 @@ impl ConvGraph {
         h: usize,
         w: usize,
     ) -> Result<ConvGraph, CudnnError> {
+        Self::build(handle, [n, cin, cout, h, w], false)
+    }
+
+    /// The FP8 variant: `x` and `w` E4M3, the convolution's f32 output multiplied by the
+    /// descale (an f32 `[1, 1, 1, 1]` tensor in device memory: input scale × weight scale)
+    /// before the bias and the ReLU; `y` FP16.
+    pub fn fp8_conv_descale_bias_relu(
+        handle: &Handle,
+        n: usize,
+        cin: usize,
+        cout: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<ConvGraph, CudnnError> {
+        Self::build(handle, [n, cin, cout, h, w], true)
+    }
+
+    fn build(
+        handle: &Handle,
+        [n, cin, cout, h, w]: [usize; 5],
+        fp8: bool,
+    ) -> Result<ConvGraph, CudnnError> {
         let half = sys::cudnnDataType_t::CUDNN_DATA_HALF;
         let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+        let input = if fp8 {
+            sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3
+        } else {
+            half
+        };
         let (n, cin, cout, h, w) = (n as i64, cin as i64, cout as i64, h as i64, w as i64);
-        let x = tensor(UID_X, half, [n, cin, h, w], false)?;
-        let wt = tensor(UID_W, half, [cout, cin, 3, 3], false)?;
+        let x = tensor(UID_X, input, [n, cin, h, w], false)?;
+        let wt = tensor(UID_W, input, [cout, cin, 3, 3], false)?;
         let b = tensor(UID_B, half, [1, cout, 1, 1], false)?;
         let y = tensor(UID_Y, half, [n, cout, h, w], false)?;
         let conv_out = tensor(UID_CONV_OUT, float, [n, cout, h, w], true)?;
@@ -261,9 +293,22 @@ impl ConvGraph {
                 &[0.0f32],
             )?;
         conv_op.finalize()?;
+        // FP8: conv_out · descale → descaled, which the bias is added to.
+        let mut scaling = Vec::new();
+        if fp8 {
+            let descale = tensor(UID_DESCALE, float, [1, 1, 1, 1], false)?;
+            let descaled = tensor(UID_DESCALED, float, [n, cout, h, w], true)?;
+            let (mul, mul_op) = pointwise(
+                sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_MUL,
+                &conv_out,
+                Some(&descale),
+                &descaled,
+            )?;
+            scaling = vec![descale, descaled, mul, mul_op];
+        }
         let (add, add_op) = pointwise(
             sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD,
-            &conv_out,
+            scaling.get(1).unwrap_or(&conv_out),
             Some(&b),
             &bias_out,
         )?;
@@ -276,22 +321,25 @@ impl ConvGraph {
 
         let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
         let raw_handle = handle.raw();
+        let mut ops = vec![&conv_op];
+        ops.extend(scaling.get(3));
+        ops.extend([&add_op, &relu_op]);
         graph
-            .set_descs(
-                Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS,
-                &[&conv_op, &add_op, &relu_op],
-            )?
+            .set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &ops)?
             .set(
                 Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
                 Ty::CUDNN_TYPE_HANDLE,
                 &[raw_handle],
             )?;
         graph.finalize()?;
+        let mut parts = vec![
+            x, wt, b, y, conv_out, bias_out, conv, conv_op, add, add_op, relu, relu_op,
+        ];
+        parts.extend(scaling);
         Ok(ConvGraph {
             graph,
-            _parts: vec![
-                x, wt, b, y, conv_out, bias_out, conv, conv_op, add, add_op, relu, relu_op,
-            ],
+            fp8,
+            _parts: parts,
         })
     }
 
@@ -399,6 +447,7 @@ impl ConvGraph {
                     _cfg: cfg,
                     ws,
                     index,
+                    fp8: self.fp8,
                 });
             }
         }
@@ -413,6 +462,7 @@ pub struct GraphPlan {
     pub ws: usize,
     /// Position among the configurations tried (heuristics first, then fallback).
     pub index: usize,
+    fp8: bool,
 }
 
 /// Device addresses of one execution.
@@ -423,6 +473,8 @@ pub struct GraphPtrs {
     pub bias: u64,
     pub y: u64,
     pub ws: u64,
+    /// The f32 descale of an FP8 plan (ignored by FP16 plans).
+    pub descale: u64,
 }
 
 impl GraphPlan {
@@ -434,8 +486,15 @@ impl GraphPlan {
     /// workspace must hold ≥ `self.ws` bytes.
     pub unsafe fn execute(&self, handle: &Handle, p: GraphPtrs) -> Result<(), CudnnError> {
         let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
-        let ids = [UID_X, UID_W, UID_B, UID_Y];
-        let ptrs: [*mut c_void; 4] = [p.x, p.w, p.bias, p.y].map(|a| a as *mut c_void);
+        let (ids, addrs): (&[i64], Vec<u64>) = if self.fp8 {
+            (
+                &[UID_X, UID_W, UID_B, UID_Y, UID_DESCALE],
+                vec![p.x, p.w, p.bias, p.y, p.descale],
+            )
+        } else {
+            (&[UID_X, UID_W, UID_B, UID_Y], vec![p.x, p.w, p.bias, p.y])
+        };
+        let ptrs: Vec<*mut c_void> = addrs.into_iter().map(|a| a as *mut c_void).collect();
         let ws = if self.ws == 0 {
             std::ptr::null_mut()
         } else {
@@ -444,7 +503,7 @@ impl GraphPlan {
         pack.set(
             Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
             Ty::CUDNN_TYPE_INT64,
-            &ids,
+            ids,
         )?
         .set(
             Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,

@@ -43,7 +43,7 @@ pub(super) struct CaptureTo<'a> {
 #[derive(Default)]
 pub(super) struct Graphs {
     pub enabled: bool,
-    cache: HashMap<(usize, u64, u64), CudaGraph>,
+    cache: HashMap<(usize, u64, u64, bool), CudaGraph>,
     pub captured: usize,
     pub replays: usize,
     /// The cuDNN workspace the cached graphs were captured with: a graph bakes its address in,
@@ -99,10 +99,13 @@ impl Pass<'_> {
             graphs.cache.clear();
             graphs.workspace = workspace;
         }
+        // FP8 plans run once scales exist: a graph captured before then is an FP16 one.
+        let fp8 = self.prep.fp8.as_ref().is_some_and(|f| f.ready);
         let key = (
             rows,
             ptr(x, &self.dev.stream),
             ptr(logits, &self.dev.stream),
+            fp8,
         );
         let graph = match graphs.cache.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
@@ -182,7 +185,28 @@ impl Pass<'_> {
             }
         }
         let cur = cur.ok_or_else(|| Error::Invalid("a model without feature stages".into()))?;
+        if capture.is_some() {
+            self.fp8_scales()?;
+        }
         self.head(cur, rows, logits, timer)
+    }
+
+    /// After a base forward: the FP8 layers' scales from the input amaxes it measured.
+    fn fp8_scales(&mut self) -> Result<()> {
+        let Some(f) = self.prep.fp8.as_mut() else {
+            return Ok(());
+        };
+        let layers = f.filters.len();
+        self.kernels.fp8_scales(
+            &self.dev.stream,
+            &mut f.amax.slice_mut(..),
+            &f.w_scale.slice(..),
+            layers,
+            super::fp8::MARGIN,
+            &mut f.scales.slice_mut(..),
+        )?;
+        f.ready = true;
+        Ok(())
     }
 
     /// Feature stages `0..end` on `rows` rows of `x`, in sub-batches of `sub` rows when given
@@ -224,6 +248,7 @@ impl Pass<'_> {
             bufs,
             workspace,
             convs,
+            fp8,
             ..
         } = &mut *self.prep;
         let [b0, b1] = bufs;
@@ -234,6 +259,21 @@ impl Pass<'_> {
         };
         let x_view = input.slice(row0 * in_len..(row0 + rows) * in_len);
         let mut y_view = output.slice_mut(row0 * out_len..row0 * out_len + out_elems);
+        // A base forward (it captures activations) runs FP16 and measures the FP8 layers'
+        // inputs; the other forwards run the FP8 plans once scales exist.
+        let base = capture.is_some();
+        if let (Some(f), Some(c)) = (fp8.as_mut(), capture.as_deref()) {
+            if f.filters[stage].is_some() {
+                let real = c.rows * in_len;
+                self.kernels.amax_abs_f16(
+                    &self.dev.stream,
+                    &x_view.slice(..real),
+                    real,
+                    &mut f.amax.slice_mut(stage..stage + 1),
+                )?;
+            }
+        }
+        let fp8_run = fp8.as_mut().filter(|f| f.ready && !base);
         let capture = capture.filter(|c| c.at.stage == stage);
         let stream = &self.dev.stream;
         match &self.dm.model.features[stage] {
@@ -249,6 +289,7 @@ impl Pass<'_> {
                     plans: convs,
                     workspace,
                     act: if pre { self.identity } else { self.relu },
+                    fp8: fp8_run,
                 };
                 let key = ConvKey {
                     stage,

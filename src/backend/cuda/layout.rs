@@ -21,17 +21,43 @@ pub fn to_f16(x: &[f32]) -> Vec<f16> {
 /// Conv filters OIHW f32 `[cout, cin, 3, 3]` → KRSC f16 `[cout, 3, 3, cin_s]` (cuDNN's filter
 /// format NHWC), input channels `cin..cin_s` zero (the padded channels of the first conv).
 pub fn conv_filter_krsc(w: &[f32], cout: usize, cin: usize, cin_s: usize) -> Vec<f16> {
+    krsc_with(w, cout, cin, cin_s, f16::ZERO, f16::from_f32)
+}
+
+/// [`conv_filter_krsc`] in FP8 E4M3 bits: each weight divided by `scale` (the filter's
+/// amax / 448), saturating at ±448.
+pub fn conv_filter_krsc_e4m3(
+    w: &[f32],
+    cout: usize,
+    cin: usize,
+    cin_s: usize,
+    scale: f32,
+) -> Vec<u8> {
+    let inv = 1.0 / scale;
+    krsc_with(w, cout, cin, cin_s, 0u8, |v| {
+        super::kernels::e4m3_from_f32(v * inv)
+    })
+}
+
+/// OIHW → KRSC with each value converted by `conv` and padded channels `zero`.
+fn krsc_with<T: Copy + Send + Sync>(
+    w: &[f32],
+    cout: usize,
+    cin: usize,
+    cin_s: usize,
+    zero: T,
+    conv: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
     assert!(cin_s >= cin, "conv filter: {cin_s} stored channels < {cin}");
     assert_eq!(w.len(), cout * cin * 9, "conv filter: weight length");
-    let mut out = vec![f16::ZERO; cout * 9 * cin_s];
+    let mut out = vec![zero; cout * 9 * cin_s];
     out.par_chunks_mut(9 * cin_s)
         .enumerate()
         .for_each(|(k, dst)| {
             for c in 0..cin {
                 for r in 0..3 {
                     for s in 0..3 {
-                        dst[(r * 3 + s) * cin_s + c] =
-                            f16::from_f32(w[((k * cin + c) * 3 + r) * 3 + s]);
+                        dst[(r * 3 + s) * cin_s + c] = conv(w[((k * cin + c) * 3 + r) * 3 + s]);
                     }
                 }
             }

@@ -39,6 +39,7 @@ mod cudnn;
 mod cudnn_graph;
 mod device;
 mod forward;
+mod fp8;
 mod layout;
 mod prepare;
 mod profile;
@@ -52,7 +53,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::f16;
 use serde_json::json;
 
-use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Semantics, Stage};
+use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Precision, Semantics, Stage};
 use crate::error::{Error, Result};
 use crate::model::{MapShape, Vgg};
 
@@ -125,6 +126,8 @@ struct Prepared {
     prefix: Option<Prefix>,
     /// The prefix timings behind that choice: (sub-batch rows, 0 = whole batch; ms).
     prefix_ms: Vec<(usize, f32)>,
+    /// `--precision fp8`: filters, scales and the quantized-input buffer.
+    fp8: Option<fp8::Fp8State>,
 }
 
 impl Prepared {
@@ -199,6 +202,11 @@ impl Scratch {
 pub struct CudaBackend {
     /// Which convolutions `prepare` also tries through cuDNN's graph API.
     graph_use: GraphUse,
+    /// The masked forwards' number format, and (tests) FP8 wherever it runs.
+    precision: Precision,
+    prefer_fp8: bool,
+    /// Compute capability (major, minor).
+    capability: (i32, i32),
     graphs: Graphs,
     prep: Option<Prepared>,
     model: Option<DevModel>,
@@ -303,8 +311,15 @@ impl CudaBackend {
         } else {
             GraphUse::Off
         };
+        let capability = dev
+            .ctx
+            .compute_capability()
+            .map_err(|e| unavailable("reading the compute capability", e))?;
         Ok(CudaBackend {
             graph_use,
+            precision: Precision::Fp16,
+            prefer_fp8: false,
+            capability,
             graphs: Graphs::new(),
             prep: None,
             model: None,
@@ -367,7 +382,9 @@ impl CudaBackend {
     pub fn memory_in_use(&self) -> usize {
         let w = self.model.as_ref().map_or(0, |m| m.bytes);
         let a = self.prep.as_ref().map_or(0, |p| {
-            p.bufs.iter().map(|b| b.num_bytes()).sum::<usize>() + p.workspace.num_bytes()
+            p.bufs.iter().map(|b| b.num_bytes()).sum::<usize>()
+                + p.workspace.num_bytes()
+                + p.fp8.as_ref().map_or(0, |f| f.bytes())
         });
         w + a
     }
@@ -376,6 +393,69 @@ impl CudaBackend {
     /// `SCORECAM_CONV_GRAPH`, else the full mask batch).
     pub fn set_graph_use(&mut self, g: GraphUse) {
         self.graph_use = g;
+    }
+
+    /// The number format of the masked forwards from the next `prepare` on. FP8 needs compute
+    /// capability 8.9 or newer and cuDNN's graph API: elsewhere it is a usage error.
+    pub fn set_precision(&mut self, p: Precision) -> Result<()> {
+        if p == Precision::Fp8 {
+            let (major, minor) = self.capability;
+            if (major, minor) < (8, 9) {
+                return Err(Error::Usage(format!(
+                    "--precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer); \
+                     {} is sm_{major}{minor}",
+                    self.description
+                )));
+            }
+            if symbols::check(true).is_err() {
+                return Err(Error::Usage(
+                    "--precision fp8 needs cuDNN's graph API, which this cuDNN lacks".into(),
+                ));
+            }
+        }
+        self.precision = p;
+        Ok(())
+    }
+
+    /// With FP8: run every FP8 plan that runs, not only those faster than FP16 (to test the
+    /// FP8 path). From the next `prepare` on.
+    pub fn prefer_fp8(&mut self, on: bool) {
+        self.prefer_fp8 = on;
+    }
+
+    /// E4M3 bits of `x[i] · multiplier` computed on the device by the FP8 quantize kernel
+    /// (checks the kernel against [`kernels::e4m3_from_f32`]).
+    pub fn quantize_e4m3_on_device(&mut self, x: &[f32], multiplier: f32) -> Result<Vec<u8>> {
+        self.bind()?;
+        if x.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dev = &self.dev;
+        let xs = dev.upload(&layout::to_f16(x), "quantize input")?;
+        let m = dev.upload(&[multiplier], "quantize multiplier")?;
+        let mut out = dev.alloc::<u8>(x.len(), "quantize output")?;
+        self.kernels.quantize_e4m3(
+            &dev.stream,
+            &xs.slice(..),
+            x.len(),
+            &m.slice(..),
+            &mut out.slice_mut(..),
+        )?;
+        dev.download(&out, x.len(), "quantized values")
+    }
+
+    /// `max |x|` of f16-rounded `x` computed on the device by the FP8 amax kernel.
+    pub fn amax_on_device(&mut self, x: &[f32]) -> Result<f32> {
+        self.bind()?;
+        if x.is_empty() {
+            return Ok(0.0);
+        }
+        let dev = &self.dev;
+        let xs = dev.upload(&layout::to_f16(x), "amax input")?;
+        let mut amax = dev.alloc::<f32>(1, "amax")?;
+        self.kernels
+            .amax_abs_f16(&dev.stream, &xs.slice(..), x.len(), &mut amax.slice_mut(..))?;
+        Ok(dev.download(&amax, 1, "amax")?[0])
     }
 
     /// Replay masked-forward batches from CUDA graphs (default: on unless
@@ -897,10 +977,13 @@ impl Backend for CudaBackend {
                     "candidates_timed": c.timed,
                     "legacy_ms": c.legacy_ms,
                     "graph_ms": c.graph_ms,
+                    "fp8_ms": c.fp8_ms,
+                    "fp8": c.fp8,
                 })
             })
             .collect();
         json!({
+            "precision": self.precision.name(),
             "kernels_arch": self.kernels.arch(),
             "mask_batch_sizes": p.masks.sizes(),
             "image_batch_sizes": p.images.sizes(),

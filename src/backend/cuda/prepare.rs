@@ -5,12 +5,15 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::conv::{self, BatchLadder, ConvKey, EventPair, TuneArena, LADDER_STEPS, TIMED_RUNS};
+use super::conv::{
+    self, BatchLadder, ConvKey, EventPair, Fp8Tuning, TuneArena, LADDER_STEPS, TIMED_RUNS,
+};
 use super::device::{drv_err, gpu_oom, verbose};
 use super::forward::Prefix;
+use super::fp8::Fp8State;
 use super::weights::upload_model;
 use super::{CudaBackend, Prepared, StageDims, CPAD};
-use crate::backend::Plan;
+use crate::backend::{Plan, Precision};
 use crate::error::{Error, Result};
 use crate::model::{FeatureStage, Vgg, POOLED};
 
@@ -209,6 +212,17 @@ impl CudaBackend {
         let ws_limit = conv::ws_cap(dev)?;
         let ws_need = conv::tuning_workspace(&self.dnn, &dm.convs, &dims, &keys, ws_limit)?;
         let mut workspace = dev.alloc::<u8>(ws_need, "cuDNN workspace")?;
+        let mut fp8 = match self.precision {
+            Precision::Fp8 => Some(Fp8State::new(
+                dev,
+                model,
+                &dm.convs,
+                rows_max,
+                |i| dims[i].in_len(),
+                self.prefer_fp8,
+            )?),
+            Precision::Fp16 => None,
+        };
         let (convs, ws_used) = conv::plan_all(
             dev,
             &self.dnn,
@@ -222,6 +236,11 @@ impl CudaBackend {
             },
             ws_limit,
             (self.graph_use, plan.max_masks),
+            &self.kernels,
+            fp8.as_mut().map(|state| Fp8Tuning {
+                state,
+                rows: masks.sizes(),
+            }),
         )?;
         let workspace = if ws_used < workspace.len() / 2 {
             // Give back what the tuning needed but the chosen configurations do not.
@@ -243,6 +262,7 @@ impl CudaBackend {
             images,
             prefix: None,
             prefix_ms: Vec::new(),
+            fp8,
         });
         if let Some(end) = end.filter(|_| !subs.is_empty()) {
             match self.choose_prefix(end, &subs) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, PushKernelArg};
 use half::f16;
 
-use super::{dim, invalid, need, prod, Kernels};
+use super::{count_arg, dim, invalid, need, prod, Kernels};
 use crate::error::Result;
 
 /// Elements per thread of the vectorized paths: 16 bytes of f16 (or of f32, 4).
@@ -107,12 +107,4 @@ impl Kernels {
             },
         )
     }
-}
-
-/// An element count for a `long long` parameter: > 0.
-fn count_arg(op: &str, n: usize) -> Result<i64> {
-    if n == 0 {
-        return Err(invalid(op, "n must be > 0".into()));
-    }
-    i64::try_from(n).map_err(|_| invalid(op, format!("n={n} is too large")))
 }

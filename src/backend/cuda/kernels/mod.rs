@@ -23,6 +23,7 @@
 
 mod combine;
 mod elementwise;
+mod fp8;
 mod masks;
 mod nvrtc;
 mod pool;
@@ -38,6 +39,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 
+pub use self::fp8::{e4m3_from_f32, E4M3_MAX};
 pub use self::masks::MaskVariant;
 pub use self::nvrtc::{
     assemble_source, compile_cached, compile_for_arch, disk_cache_dir, is_cubin, nvrtc_available,
@@ -62,6 +64,9 @@ const KERNEL_NAMES: &[&str] = &[
     "bias_f32",
     "relu_f16",
     "fill_uniform_f16",
+    "amax_abs_f16",
+    "fp8_scales",
+    "quantize_e4m3",
 ];
 
 /// The names of every kernel the module exports (`extern "C"`, so unmangled).
@@ -102,6 +107,9 @@ pub struct Kernels {
     bias_f32: CudaFunction,
     relu_f16: CudaFunction,
     fill_uniform_f16: CudaFunction,
+    amax_abs_f16: CudaFunction,
+    fp8_scales: CudaFunction,
+    quantize_e4m3: CudaFunction,
     /// Streaming multiprocessors of the device (sizes the grids).
     sm_count: u32,
     /// Dynamic shared memory `masks` / `masks_direct` may use per block (bytes).
@@ -172,6 +180,9 @@ impl Kernels {
             bias_f32: f("bias_f32")?,
             relu_f16: f("relu_f16")?,
             fill_uniform_f16: f("fill_uniform_f16")?,
+            amax_abs_f16: f("amax_abs_f16")?,
+            fp8_scales: f("fp8_scales")?,
+            quantize_e4m3: f("quantize_e4m3")?,
             ctx: ctx.clone(),
             _module: module,
             sm_count,
@@ -253,6 +264,14 @@ fn nhwc_args(op: &str, n: usize, h: usize, w: usize, c: usize) -> Result<[i32; 4
         dim(op, "w", w)?,
         dim(op, "c", c)?,
     ])
+}
+
+/// An element count for a `long long` parameter: > 0.
+fn count_arg(op: &str, n: usize) -> Result<i64> {
+    if n == 0 {
+        return Err(invalid(op, "n must be > 0".into()));
+    }
+    i64::try_from(n).map_err(|_| invalid(op, format!("n={n} is too large")))
 }
 
 fn cpad_arg(op: &str, cpad: usize) -> Result<i32> {

@@ -1,0 +1,180 @@
+//! Launchers for kernels/fp8.cu: the input statistics, scales and quantization of the FP8
+//! convolutions of `--precision fp8`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::{count_arg, dim, invalid, need, Kernels, BLOCK};
+use crate::error::Result;
+
+/// The largest finite E4M3 value.
+pub const E4M3_MAX: f32 = 448.0;
+
+impl Kernels {
+    /// `amax[0] = max(amax[0], max |x[i]|)` over `n` f16 values (`amax` holds a non-negative f32).
+    pub fn amax_abs_f16(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &CudaView<'_, f16>,
+        n: usize,
+        amax: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        const OP: &str = "amax_abs_f16";
+        let n_i = count_arg(OP, n)?;
+        need(OP, "x", x.len(), n)?;
+        need(OP, "amax", amax.len(), 1)?;
+        self.launch(OP, stream, &self.amax_abs_f16, self.grid_stride(n), |lb| {
+            lb.arg(x).arg(&n_i).arg(amax);
+        })
+    }
+
+    /// For each of `layers` layers: `scales[2l] = 448 / (amax[l]·margin)` (the quantization
+    /// multiplier of its input), `scales[2l+1] = amax[l]·margin / 448 · w_scale[l]` (the descale
+    /// of its output); then `amax[l] = 0`.
+    pub fn fp8_scales(
+        &self,
+        stream: &Arc<CudaStream>,
+        amax: &mut CudaViewMut<'_, f32>,
+        w_scale: &CudaView<'_, f32>,
+        layers: usize,
+        margin: f32,
+        scales: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        const OP: &str = "fp8_scales";
+        let layers_i = dim(OP, "layers", layers)?;
+        if !(margin.is_finite() && margin >= 1.0) {
+            return Err(invalid(
+                OP,
+                format!("margin {margin} must be finite and ≥ 1"),
+            ));
+        }
+        need(OP, "amax", amax.len(), layers)?;
+        need(OP, "w_scale", w_scale.len(), layers)?;
+        need(OP, "scales", scales.len(), 2 * layers)?;
+        let cfg = LaunchConfig {
+            grid_dim: (layers.div_ceil(BLOCK as usize) as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(OP, stream, &self.fp8_scales, cfg, |lb| {
+            lb.arg(amax)
+                .arg(w_scale)
+                .arg(&layers_i)
+                .arg(&margin)
+                .arg(scales);
+        })
+    }
+
+    /// `out[i] = E4M3(x[i] · multiplier[0])` for i < n: saturating at ±448, round to nearest
+    /// even (bits as cuda_fp8.hpp's `__NV_SATFINITE` conversion; see [`e4m3_from_f32`]).
+    pub fn quantize_e4m3(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &CudaView<'_, f16>,
+        n: usize,
+        multiplier: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, u8>,
+    ) -> Result<()> {
+        const OP: &str = "quantize_e4m3";
+        let n_i = count_arg(OP, n)?;
+        need(OP, "x", x.len(), n)?;
+        need(OP, "multiplier", multiplier.len(), 1)?;
+        need(OP, "out", out.len(), n)?;
+        self.launch(OP, stream, &self.quantize_e4m3, self.grid_stride(n), |lb| {
+            lb.arg(x).arg(&n_i).arg(multiplier).arg(out);
+        })
+    }
+}
+
+/// `x` as E4M3 bits, clamped to ±448 first (so finite inputs never become NaN): the host side
+/// of `quantize_e4m3` (weights, tests).
+pub fn e4m3_from_f32(x: f32) -> u8 {
+    let x = if x.is_nan() {
+        x
+    } else {
+        x.clamp(-E4M3_MAX, E4M3_MAX)
+    };
+    float8::F8E4M3::from_f32(x).to_bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kernels/fp8.cu's `e4m3_bits`, line for line, so its arithmetic is checked here against
+    /// the float8 crate (cuda_fp8.hpp's algorithm) without a GPU.
+    fn kernel_e4m3_bits(x: f32) -> u8 {
+        let sign = (x.to_bits() >> 24) & 0x80;
+        let mut a = x.abs();
+        if a.is_nan() {
+            return 0x7F;
+        }
+        a = a.min(448.0);
+        if a < 0.015625 {
+            // __float2int_rn: round half to even.
+            return (sign | (a * 512.0).round_ties_even() as u32) as u8;
+        }
+        let bits = a.to_bits();
+        let e = ((bits >> 23) & 0xFF) as i32 - 127;
+        let m = bits & 0x7F_FFFF;
+        let mut r = (((e + 7) as u32) << 3) | (m >> 20);
+        let rem = m & 0xF_FFFF;
+        if rem > 0x8_0000 || (rem == 0x8_0000 && r & 1 == 1) {
+            r += 1;
+        }
+        (sign | r) as u8
+    }
+
+    #[test]
+    fn the_kernel_conversion_matches_cuda_fp8() {
+        // Every f16 value (the kernel's inputs are f16 times a scale), then a dense f32 sweep
+        // with every rounding boundary of the E4M3 grid and its neighbours.
+        let mut xs: Vec<f32> = (0..=u16::MAX)
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .filter(|x| x.is_finite())
+            .collect();
+        for bits in 0u8..=0x7E {
+            let v = float8::F8E4M3::from_bits(bits).to_f32();
+            let next = float8::F8E4M3::from_bits(bits + 1).to_f32();
+            let mid = if bits < 0x7E { (v + next) / 2.0 } else { 464.0 };
+            for y in [
+                v,
+                mid,
+                f32::from_bits(mid.to_bits() - 1),
+                f32::from_bits(mid.to_bits() + 1),
+            ] {
+                xs.extend([y, -y]);
+            }
+        }
+        xs.extend([
+            1e-30,
+            1e30,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            0.0,
+            -0.0,
+            500.0,
+            460.0,
+            456.0,
+        ]);
+        for x in xs {
+            assert_eq!(
+                kernel_e4m3_bits(x),
+                e4m3_from_f32(x),
+                "{x:e}: kernel {:#04x}, cuda_fp8 {:#04x}",
+                kernel_e4m3_bits(x),
+                e4m3_from_f32(x)
+            );
+        }
+        // Saturation, never NaN for finite values.
+        assert_eq!(e4m3_from_f32(1e9), 0x7E);
+        assert_eq!(e4m3_from_f32(-1e9), 0xFE);
+        assert_eq!(e4m3_from_f32(f32::NAN) & 0x7F, 0x7F);
+        assert_eq!(
+            float8::F8E4M3::from_bits(e4m3_from_f32(0.3)).to_f32(),
+            0.3125
+        );
+    }
+}
