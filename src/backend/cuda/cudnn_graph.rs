@@ -163,6 +163,30 @@ fn pointwise(
         Ty::CUDNN_TYPE_DATA_TYPE,
         &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
     )?;
+    if mode == sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_RELU_FWD {
+        // PyTorch's ReLU, spelled out as cudnn-frontend does: max(x, 0), no upper clip (the
+        // f32 maximum), NaN not propagated.
+        pw.set(
+            Attr::CUDNN_ATTR_POINTWISE_NAN_PROPAGATION,
+            Ty::CUDNN_TYPE_NAN_PROPOGATION,
+            &[sys::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP,
+            Ty::CUDNN_TYPE_DOUBLE,
+            &[0.0f64],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP,
+            Ty::CUDNN_TYPE_DOUBLE,
+            &[f64::from(f32::MAX)],
+        )?
+        .set(
+            Attr::CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE,
+            Ty::CUDNN_TYPE_DOUBLE,
+            &[0.0f64],
+        )?;
+    }
     pw.finalize()?;
     let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
     op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw])?
@@ -170,7 +194,19 @@ fn pointwise(
     if let Some(b) = b {
         op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[b])?;
     }
-    op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?;
+    op.set_descs(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?
+        .set(
+            Attr::CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1,
+            Ty::CUDNN_TYPE_FLOAT,
+            &[1.0f32],
+        )?;
+    if b.is_some() {
+        op.set(
+            Attr::CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2,
+            Ty::CUDNN_TYPE_FLOAT,
+            &[1.0f32],
+        )?;
+    }
     op.finalize()?;
     Ok((pw, op))
 }
