@@ -566,6 +566,7 @@ fn explain(a: ExplainArgs) -> Result<u8> {
         mode: cam.method.semantics(a.cam.mode.into()).name(),
         method: cam.method.name(),
         layer: engines[0].layer_name(),
+        precision: cam.precision.name(),
     };
     let image_batch = engines[0].image_batch();
     let layer = info.layer.clone();

@@ -141,6 +141,8 @@ pub struct ModelInfo {
     pub mode: &'static str,
     pub method: &'static str,
     pub layer: String,
+    /// `fp16` or `fp8` (the masked forwards' convolutions).
+    pub precision: &'static str,
 }
 
 /// Counts at the end of a job.

@@ -149,6 +149,7 @@ pub fn run(
             mode: model.mode,
             method: model.method,
             layer: model.layer.clone(),
+            precision: model.precision,
             labels: model.labels.clone(),
         },
         tree: &tree,

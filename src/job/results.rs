@@ -35,6 +35,7 @@ pub struct LineContext {
     pub method: &'static str,
     pub mode: &'static str,
     pub layer: String,
+    pub precision: &'static str,
     pub labels: Option<Vec<String>>,
 }
 
@@ -102,6 +103,7 @@ impl LineContext {
                     "method": self.method,
                     "mode": self.mode,
                     "layer": self.layer,
+                    "precision": self.precision,
                     "flat_channels": ex.flat_channels,
                     "flat_map": m.flat,
                     "masked_passes": ex.masked_passes,
