@@ -626,6 +626,14 @@ def table(r):
     if isinstance(cs, dict):
         row("channel-softmax FP16 ms / image", cs, "ms_per_image", fmt_ms)
     L.append("")
+    fid = eng["fp8"].get("fp8_fidelity") if isinstance(eng.get("fp8"), dict) else None
+    if isinstance(fid, dict) and isinstance(fid.get("map_corr_vs_fp16"), dict):
+        c = fid["map_corr_vs_fp16"]
+        L.append("FP8 fidelity: map correlation with the FP16 maps (same class) over %s images: "
+                 "min %s, p10 %s, median %s, max %s; %s of them ≥ 0.99; same top-1 class on %s."
+                 % (fid.get("images"), c.get("min"), c.get("p10"), c.get("median"), c.get("max"),
+                    c.get("at_least_0_99"), fid.get("same_top1_class")))
+        L.append("")
 
     # peers
     systems = peer_figures(peers)
@@ -907,7 +915,11 @@ def selftest():
         _fake_dir(d2, complete=False)
         with open(os.path.join(d2, "engine_fp8.json"), "w") as f:
             json.dump({"ms_per_image": {"1": 15.0, "8": 9.75, "32": 9.5},
-                       "masked_forward_tflops": {"8": 1500.0}, "device": "x"}, f)
+                       "masked_forward_tflops": {"8": 1500.0}, "device": "x",
+                       "fp8_fidelity": {"images": 32, "same_top1_class": 32,
+                                        "map_corr_vs_fp16": {"min": 0.991, "p10": 0.995,
+                                                             "median": 0.998, "max": 0.9999,
+                                                             "at_least_0_99": 32}}}, f)
         out2, r2 = merge(d2, root=tmp, out=None, budget_s=540, date="2026-11-30")
         check(r2["commit"] is None, "no commit in a bare root")
         check(r2["peers"]["compile_bound"]["error"].startswith("skipped: PEERS_COMPILE=0"),
@@ -917,6 +929,8 @@ def selftest():
         check(abs(r2["ratios"]["fp8"]["8"]["peers"]["pytorch_tuned_eager"]["ratio"] - 60 / 9.75) < 1e-3, "fp8 ratio")
         tab2 = table(r2)
         check("| FP8 ms / image | 15.0 | 9.75 | 9.50 |" in tab2, "fp8 row")
+        check("FP8 fidelity: map correlation with the FP16 maps (same class) over 32 images: "
+              "min 0.991, p10 0.995, median 0.998" in tab2, "fp8 fidelity line")
         check("| FP8 speed-up over FP16 | 2.08× | 2.00× | 1.97× |" in tab2, "speed-up row")
         check("error: skipped: PEERS_COMPILE=0" in tab2, "compile skipped row")
 

@@ -145,10 +145,13 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
             }
             if let Some(p) = plan(i).filter(|_| c.kind == LayerKind::Conv) {
-                for key in ["algo", "legacy_ms", "graph_ms"] {
+                for key in ["algo", "legacy_ms", "graph_ms", "fp8_ms"] {
                     if !p[key].is_null() {
                         v[key] = p[key].clone();
                     }
+                }
+                if !p["fp8_ms"].is_null() {
+                    v["fp8"] = p["fp8"].clone();
                 }
             }
             v
