@@ -276,7 +276,13 @@ pub(super) fn plan_all(
                     out.graph_skipped += 1;
                 }
                 let graph = if try_graph {
-                    time_graph_plans(dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit)?
+                    time_graph_plans(
+                        dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, None,
+                    )?
+                    .map(|(g, ms)| {
+                        let name = format!("graph API plan #{} (conv+bias+ReLU)", g.plan.index);
+                        (g, ms, name)
+                    })
                 } else {
                     None
                 };
@@ -292,8 +298,16 @@ pub(super) fn plan_all(
                             state: &mut *f.state,
                             stage: key.stage,
                         };
-                        time_fp8_plans(
-                            dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, run,
+                        time_graph_plans(
+                            dev,
+                            dnn,
+                            &timer,
+                            layer,
+                            d,
+                            key.rows,
+                            &mut arena,
+                            ws_limit,
+                            Some(run),
                         )?
                     }
                     _ => {
@@ -432,46 +446,10 @@ impl Fp8Run<'_> {
     }
 }
 
-/// Build the FP8 conv graph for `rows` rows of `layer` and time its plans, quantizing the input
-/// included (see [`time_plans`]); `None` when the graph API offers nothing for FP8 here.
-#[allow(clippy::too_many_arguments)]
-fn time_fp8_plans(
-    dev: &Dev,
-    dnn: &cudnn::Handle,
-    timer: &EventPair,
-    layer: &DevConv,
-    d: super::StageDims,
-    rows: usize,
-    arena: &mut TuneArena<'_>,
-    ws_limit: usize,
-    mut run: Fp8Run<'_>,
-) -> Result<Option<(Rc<GraphConv>, f32)>> {
-    let Ok(graph) =
-        ConvGraph::fp8_conv_descale_bias_relu(dnn, rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
-    else {
-        return Ok(None);
-    };
-    let n = rows * d.in_len();
-    let op = format!("timing FP8 plans (batch {rows})");
-    time_plans(
-        dev,
-        dnn,
-        timer,
-        graph,
-        arena,
-        ws_limit,
-        &op,
-        |plan, [bx, by], ws| {
-            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
-            // workspace holds ≥ plan.ws bytes; only capable stages (with filters) are timed.
-            unsafe { run.execute(dev, dnn, plan, layer, &bx.slice(..n), n, by, ws) }
-        },
-    )
-}
-
-/// Build the conv+bias+ReLU graph for `rows` rows of `layer` and time its plans (see
-/// [`time_plans`]), with the fastest one's name. `None` when the graph API offers nothing for
-/// this layer (the legacy path stays).
+/// Build the graph of `rows` rows of `layer` — conv+bias+ReLU in FP16, or with `fp8` the FP8
+/// one (its input quantized first, which the timing includes) — and time its plans (see
+/// [`time_plans`]). `None` when the graph API offers nothing for it (the FP16 legacy path
+/// stays).
 #[allow(clippy::too_many_arguments)]
 fn time_graph_plans(
     dev: &Dev,
@@ -482,39 +460,61 @@ fn time_graph_plans(
     rows: usize,
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
-) -> Result<Option<(Rc<GraphConv>, f32, String)>> {
-    let Ok(graph) = ConvGraph::conv_bias_relu(dnn, rows, layer.cin_s, layer.cout, d.in_h, d.in_w)
-    else {
+    fp8: Option<Fp8Run<'_>>,
+) -> Result<Option<(Rc<GraphConv>, f32)>> {
+    let (c, k, h, w) = (layer.cin_s, layer.cout, d.in_h, d.in_w);
+    let built = if fp8.is_some() {
+        ConvGraph::fp8_conv_descale_bias_relu(dnn, rows, c, k, h, w)
+    } else {
+        ConvGraph::conv_bias_relu(dnn, rows, c, k, h, w)
+    };
+    let Ok(graph) = built else {
         return Ok(None);
     };
-    let op = format!("timing graph-API plans (batch {rows})");
-    let best = time_plans(
-        dev,
-        dnn,
-        timer,
-        graph,
-        arena,
-        ws_limit,
-        &op,
-        |plan, [bx, by], ws| {
-            let s = &dev.stream;
-            let p = GraphPtrs {
-                x: ptr(bx, s),
-                w: ptr(&layer.filter, s),
-                bias: ptr(&layer.bias, s),
-                y: ptr(by, s),
-                ws: ptr(ws, s),
-                descale: 0,
-            };
-            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
-            // workspace holds ≥ plan.ws bytes.
-            Ok(unsafe { plan.execute(dnn, p) })
-        },
-    )?;
-    Ok(best.map(|(g, ms)| {
-        let name = format!("graph API plan #{} (conv+bias+ReLU)", g.plan.index);
-        (g, ms, name)
-    }))
+    let n = rows * d.in_len();
+    let op = format!(
+        "timing {} graph-API plans (batch {rows})",
+        if fp8.is_some() { "FP8" } else { "FP16" }
+    );
+    match fp8 {
+        Some(mut run) => time_plans(
+            dev,
+            dnn,
+            timer,
+            graph,
+            arena,
+            ws_limit,
+            &op,
+            |plan, [bx, by], ws| {
+                // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
+                // workspace holds ≥ plan.ws bytes; only capable stages (with filters) are timed.
+                unsafe { run.execute(dev, dnn, plan, layer, &bx.slice(..n), n, by, ws) }
+            },
+        ),
+        None => time_plans(
+            dev,
+            dnn,
+            timer,
+            graph,
+            arena,
+            ws_limit,
+            &op,
+            |plan, [bx, by], ws| {
+                let s = &dev.stream;
+                let p = GraphPtrs {
+                    x: ptr(bx, s),
+                    w: ptr(&layer.filter, s),
+                    bias: ptr(&layer.bias, s),
+                    y: ptr(by, s),
+                    ws: ptr(ws, s),
+                    descale: 0,
+                };
+                // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
+                // workspace holds ≥ plan.ws bytes.
+                Ok(unsafe { plan.execute(dnn, p) })
+            },
+        ),
+    }
 }
 
 /// Time every plan cuDNN finalizes for `graph` with `exec` on the arena (a warm-up that also
