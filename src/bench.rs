@@ -230,15 +230,11 @@ pub fn forward<B: Backend>(
         }
         be.forward(&x, n, &mut logits, None)?;
         be.download(&logits, 1)?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            let t0 = Instant::now();
+        let ms = median_ms(reps, || {
             be.forward(&x, n, &mut logits, None)?;
-            be.download(&logits, 1)?; // synchronizes
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        times.sort_by(f64::total_cmp);
-        out.insert(n.to_string(), round3(times[times.len() / 2]));
+            be.download(&logits, 1).map(|_| ()) // synchronizes
+        })?;
+        out.insert(n.to_string(), round3(ms));
     }
     Ok(json!({ "forward_ms": out }))
 }
@@ -283,8 +279,7 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
         t.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    Ok(crate::backend::median(t))
 }
 
 /// Host throughput of the batch job's CPU stages for one camera-size JPEG: decode + resize to

@@ -154,15 +154,18 @@ impl MaskItem {
     }
 }
 
+/// The median of a non-empty sample of timings (the upper middle value of an even count).
+pub fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    // Timings are never NaN; one would sort as equal to anything.
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
 /// The per-layer median over runs (`runs[r][layer]` ms), for [`Backend::layer_times`].
 pub fn median_per_layer(runs: &[Vec<f64>]) -> Vec<f64> {
     let layers = runs.iter().map(Vec::len).min().unwrap_or(0);
     (0..layers)
-        .map(|l| {
-            let mut v: Vec<f64> = runs.iter().map(|r| r[l]).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
+        .map(|l| median(runs.iter().map(|r| r[l]).collect()))
         .collect()
 }
 
@@ -328,4 +331,18 @@ pub trait Backend {
         weights: &[f32],
         sem: Semantics,
     ) -> Result<(Vec<f32>, bool)>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_runs() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![5.0f32]), 5.0);
+        assert_eq!(median(vec![9.0, 1.0, 1.5, 8.0]), 8.0);
+        let runs = vec![vec![1.0, 9.0], vec![3.0, 7.0], vec![2.0, 8.0, 5.0]];
+        assert_eq!(median_per_layer(&runs), [2.0, 8.0]);
+    }
 }

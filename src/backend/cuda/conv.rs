@@ -19,7 +19,9 @@ use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::fp8::Fp8State;
 use super::kernels::Kernels;
+use super::profile::new_event;
 use super::weights::DevConv;
+use crate::backend::median;
 use crate::error::{Error, Result};
 
 /// Largest workspace a single convolution candidate may ask for.
@@ -249,16 +251,11 @@ pub(super) fn plan_all(
         let t = match tuned.get(&shape) {
             Some(t) => t.clone(),
             None => {
-                let cands = cudnn::candidates(
-                    dnn,
-                    &xd,
-                    &layer.wdesc,
-                    &cd,
-                    &yd,
-                    key.identity,
-                    ws_limit.min(arena.workspace.len()),
-                )
-                .map_err(|e| dnn_err(&op, e))?;
+                let cands =
+                    cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
+                        .map_err(|e| dnn_err(&op, e))?;
+                let need = timed_subset(&cands).map(|c| c.ws).max().unwrap_or(0);
+                grow_workspace(dev, arena.workspace, need)?;
                 let act = if key.identity { acts.1 } else { acts.0 };
                 let descs = (&xd, &yd, &cd);
                 let (legacy, legacy_ms, timed) =
@@ -537,9 +534,7 @@ fn time_plans(
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let mut best: Option<(GraphPlan, f32)> = None;
     for plan in graph.plans(dnn, ws_limit) {
-        if plan.ws > arena.workspace.len() {
-            *arena.workspace = dev.alloc::<u8>(plan.ws, "cuDNN workspace")?;
-        }
+        grow_workspace(dev, arena.workspace, plan.ws)?;
         let (bufs, ws) = (arena.bufs, &*arena.workspace);
         let mut once = || exec(&plan, bufs, ws);
         if once()?.is_err() {
@@ -581,26 +576,13 @@ fn key_descriptors(
     Ok((op, descs))
 }
 
-/// The workspace the timing of `keys` may need: the largest among each key's timed candidates.
-pub(super) fn tuning_workspace(
-    dnn: &cudnn::Handle,
-    convs: &[Option<DevConv>],
-    dims: &[super::StageDims],
-    keys: &[ConvKey],
-    ws_limit: usize,
-) -> Result<usize> {
-    let mut need = 0;
-    for &key in keys {
-        let Some(layer) = convs[key.stage].as_ref() else {
-            continue;
-        };
-        let d = dims[key.stage];
-        let (op, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
-        let cands = cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
-            .map_err(|e| dnn_err(&op, e))?;
-        need = need.max(timed_subset(&cands).map(|c| c.ws).max().unwrap_or(0));
+/// Make the cuDNN workspace hold at least `need` bytes. The new one is allocated before the old
+/// is freed, so a failure (out of memory) leaves the old one, and the plans sized for it, intact.
+fn grow_workspace(dev: &Dev, ws: &mut CudaSlice<u8>, need: usize) -> Result<()> {
+    if need > ws.len() {
+        *ws = dev.alloc::<u8>(need, "cuDNN workspace")?;
     }
-    Ok(need)
+    Ok(())
 }
 
 /// The candidates that get timed: cuDNN's top [`TIMED_CANDIDATES`] fused ones, then (only used
@@ -621,14 +603,9 @@ pub(super) struct EventPair {
 
 impl EventPair {
     pub fn new(dev: &Dev) -> Result<Self> {
-        let ev = || {
-            dev.ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| Error::cuda("cuEventCreate", e))
-        };
         Ok(EventPair {
-            start: ev()?,
-            end: ev()?,
+            start: new_event(dev)?,
+            end: new_event(dev)?,
         })
     }
 
@@ -687,12 +664,6 @@ impl EventPair {
     }
 }
 
-/// Median of a small sample.
-pub(super) fn median(mut v: Vec<f32>) -> f32 {
-    v.sort_by(f32::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Time the candidates worth timing on the arena (random data): a warm-up launch (which also
 /// tells whether cuDNN accepts it), then [`TIMED_RUNS`] timed ones; the fastest median wins.
 /// Fused candidates first; unfused ones only when no fused one launches.
@@ -716,7 +687,7 @@ fn time_candidates(
     for fused in [true, false] {
         for &c in timed_subset(cands).filter(|c| c.fused == fused) {
             // SAFETY: the arena buffers hold rows_max ≥ rows rows of every stage's input and
-            // output; the workspace holds ≥ c.ws bytes (candidates were capped by its size).
+            // output; the workspace holds ≥ c.ws bytes (grown to the timed candidates' need).
             let launch =
                 || unsafe { cudnn::launch(dnn, xd, &layer.wdesc, cd, yd, &layer.bdesc, act, c, p) };
             if let Err(e) = launch() {
@@ -869,15 +840,13 @@ impl ConvRun<'_> {
             .map_err(|e| dnn_err(&op, e))?;
         let mut last_err: Option<Error> = None;
         for c in cands {
-            if c.ws > self.workspace.len() {
-                match self.dev.alloc::<u8>(c.ws, "cuDNN workspace") {
-                    Ok(ws) => *self.workspace = ws,
-                    Err(e @ Error::OutOfMemory(_)) => {
-                        last_err = Some(e);
-                        continue;
-                    }
-                    Err(e) => return Err(e),
+            match grow_workspace(self.dev, self.workspace, c.ws) {
+                Ok(()) => {}
+                Err(e @ Error::OutOfMemory(_)) => {
+                    last_err = Some(e);
+                    continue;
                 }
+                Err(e) => return Err(e),
             }
             let p = conv_ptrs(self.dev, layer, x, y, self.workspace);
             // SAFETY: as in `run`; the workspace holds ≥ c.ws bytes.
@@ -995,12 +964,5 @@ mod tests {
         assert_eq!(l.sizes(), [13, 25, 38, 50, 63, 75, 88, 100]);
         assert_eq!(BatchLadder::new(1, LADDER_STEPS).sizes(), [1]);
         assert!(BatchLadder::new(0, LADDER_STEPS).sizes().is_empty());
-    }
-
-    #[test]
-    fn median_of_runs() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![5.0]), 5.0);
-        assert_eq!(median(vec![9.0, 1.0, 1.5, 8.0]), 8.0);
     }
 }

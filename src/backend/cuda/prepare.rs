@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::conv::{
-    self, BatchLadder, ConvKey, EventPair, Fp8Tuning, TuneArena, LADDER_STEPS, TIMED_RUNS,
-};
+use super::conv::{self, BatchLadder, ConvKey, EventPair, Fp8Tuning, TuneArena, LADDER_STEPS};
 use super::device::{drv_err, gpu_oom, verbose};
 use super::forward::Prefix;
 use super::fp8::Fp8State;
@@ -211,9 +209,9 @@ impl CudaBackend {
                 1.0,
             )?;
         }
+        // The workspace grows during the tuning to what each timed candidate needs.
         let ws_limit = conv::ws_cap(dev)?;
-        let ws_need = conv::tuning_workspace(&self.dnn, &dm.convs, &dims, &keys, ws_limit)?;
-        let mut workspace = dev.alloc::<u8>(ws_need, "cuDNN workspace")?;
+        let mut workspace = dev.alloc::<u8>(0, "cuDNN workspace")?;
         let mut fp8 = match self.precision {
             Precision::Fp8 => Some(Fp8State::new(
                 dev,
@@ -302,14 +300,12 @@ impl CudaBackend {
             let (mut pass, _) = self.pass()?;
             let dev = pass.dev;
             pass.prefix_stages(&x, rows, end, sub)?; // warm-up
-            let mut runs = Vec::with_capacity(TIMED_RUNS);
-            for _ in 0..TIMED_RUNS {
-                let ms = timer.time(dev, op, || {
-                    pass.prefix_stages(&x, rows, end, sub).map(|_| ())
-                })??;
-                runs.push(ms);
-            }
-            results.push((sub.unwrap_or(0), conv::median(runs)));
+            let timed = timer.median_ms(dev, op, || {
+                pass.prefix_stages(&x, rows, end, sub)
+                    .map(|_| Ok::<(), std::convert::Infallible>(()))
+            })?;
+            let Ok(ms) = timed;
+            results.push((sub.unwrap_or(0), ms));
         }
         let whole = results[0].1;
         let best = results[1..]

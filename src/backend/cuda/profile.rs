@@ -10,7 +10,8 @@ use super::device::Dev;
 use crate::backend::Stage;
 use crate::error::{Error, Result};
 
-fn new_event(dev: &Dev) -> Result<CudaEvent> {
+/// A timing event (cuEventCreate with default flags).
+pub(super) fn new_event(dev: &Dev) -> Result<CudaEvent> {
     dev.ctx
         .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
         .map_err(|e| Error::cuda("cuEventCreate", e))
