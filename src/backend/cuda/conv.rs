@@ -457,15 +457,10 @@ fn time_graph_plans(
     rows: usize,
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
-    fp8: Option<Fp8Run<'_>>,
+    mut fp8: Option<Fp8Run<'_>>,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
-    let (c, k, h, w) = (layer.cin_s, layer.cout, d.in_h, d.in_w);
-    let built = if fp8.is_some() {
-        ConvGraph::fp8_conv_descale_bias_relu(dnn, rows, c, k, h, w)
-    } else {
-        ConvGraph::conv_bias_relu(dnn, rows, c, k, h, w)
-    };
-    let Ok(graph) = built else {
+    let dims = [rows, layer.cin_s, layer.cout, d.in_h, d.in_w];
+    let Ok(graph) = ConvGraph::conv_bias_relu(dnn, dims, fp8.is_some()) else {
         return Ok(None);
     };
     let n = rows * d.in_len();
@@ -473,45 +468,25 @@ fn time_graph_plans(
         "timing {} graph-API plans (batch {rows})",
         if fp8.is_some() { "FP8" } else { "FP16" }
     );
-    match fp8 {
-        Some(mut run) => time_plans(
-            dev,
-            dnn,
-            timer,
-            graph,
-            arena,
-            ws_limit,
-            &op,
-            |plan, [bx, by], ws| {
-                // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
-                // workspace holds ≥ plan.ws bytes; only capable stages (with filters) are timed.
-                unsafe { run.execute(dev, dnn, plan, layer, &bx.slice(..n), n, by, ws) }
-            },
-        ),
-        None => time_plans(
-            dev,
-            dnn,
-            timer,
-            graph,
-            arena,
-            ws_limit,
-            &op,
-            |plan, [bx, by], ws| {
-                let s = &dev.stream;
-                let p = GraphPtrs {
-                    x: ptr(bx, s),
-                    w: ptr(&layer.filter, s),
-                    bias: ptr(&layer.bias, s),
-                    y: ptr(by, s),
-                    ws: ptr(ws, s),
-                    descale: 0,
-                };
-                // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
-                // workspace holds ≥ plan.ws bytes.
-                Ok(unsafe { plan.execute(dnn, p) })
-            },
-        ),
-    }
+    time_plans(
+        dev,
+        dnn,
+        timer,
+        graph,
+        arena,
+        ws_limit,
+        &op,
+        |plan, [bx, by], ws| {
+            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
+            // workspace holds ≥ plan.ws bytes; FP8 runs only on capable stages (with filters).
+            unsafe {
+                match fp8.as_mut() {
+                    Some(run) => run.execute(dev, dnn, plan, layer, &bx.slice(..n), n, by, ws),
+                    None => Ok(plan.execute(dnn, conv_ptrs(dev, layer, bx, by, ws).into())),
+                }
+            }
+        },
+    )
 }
 
 /// Time every plan cuDNN finalizes for `graph` with `exec` on the arena (a warm-up that also
@@ -739,6 +714,20 @@ pub(super) fn conv_ptrs<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     }
 }
 
+/// An FP16 graph-API execution uses the legacy launch's addresses (and no descale).
+impl From<ConvPtrs> for GraphPtrs {
+    fn from(p: ConvPtrs) -> GraphPtrs {
+        GraphPtrs {
+            x: p.x,
+            w: p.w,
+            bias: p.bias,
+            y: p.y,
+            ws: p.ws,
+            descale: 0,
+        }
+    }
+}
+
 /// Everything one conv launch needs besides its data.
 pub(super) struct ConvRun<'a> {
     pub dev: &'a Dev,
@@ -805,17 +794,9 @@ impl ConvRun<'_> {
                 }
             }
             Planned::Graph(g) => {
-                let gp = GraphPtrs {
-                    x: p.x,
-                    w: p.w,
-                    bias: p.bias,
-                    y: p.y,
-                    ws: p.ws,
-                    descale: 0,
-                };
                 // SAFETY: as above; graph plans are made for post-ReLU keys only, with the
                 // workspace sized for them at prepare.
-                unsafe { g.plan.execute(self.dnn, gp) }.map_err(|e| dnn_err(&op, e))?;
+                unsafe { g.plan.execute(self.dnn, p.into()) }.map_err(|e| dnn_err(&op, e))?;
             }
         }
         Ok(())

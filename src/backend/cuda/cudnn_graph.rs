@@ -222,33 +222,10 @@ pub struct ConvGraph {
 
 impl ConvGraph {
     /// `x` `[n, cin, h, w]`, `w` `[cout, cin, 3, 3]` KRSC, `b` `[1, cout, 1, 1]`, `y`
-    /// `[n, cout, h, w]`, all FP16.
+    /// `[n, cout, h, w]`, all FP16; or, with `fp8`, `x` and `w` E4M3 and the convolution's f32
+    /// output multiplied by the descale (an f32 `[1, 1, 1, 1]` tensor in device memory: input
+    /// scale × weight scale) before the bias and the ReLU.
     pub fn conv_bias_relu(
-        handle: &Handle,
-        n: usize,
-        cin: usize,
-        cout: usize,
-        h: usize,
-        w: usize,
-    ) -> Result<ConvGraph, CudnnError> {
-        Self::build(handle, [n, cin, cout, h, w], false)
-    }
-
-    /// The FP8 variant: `x` and `w` E4M3, the convolution's f32 output multiplied by the
-    /// descale (an f32 `[1, 1, 1, 1]` tensor in device memory: input scale × weight scale)
-    /// before the bias and the ReLU; `y` FP16.
-    pub fn fp8_conv_descale_bias_relu(
-        handle: &Handle,
-        n: usize,
-        cin: usize,
-        cout: usize,
-        h: usize,
-        w: usize,
-    ) -> Result<ConvGraph, CudnnError> {
-        Self::build(handle, [n, cin, cout, h, w], true)
-    }
-
-    fn build(
         handle: &Handle,
         [n, cin, cout, h, w]: [usize; 5],
         fp8: bool,
