@@ -754,7 +754,8 @@ impl ConvRun<'_> {
         if !self.plans.plans.contains_key(&key) {
             self.plan_on_first_use(layer, key, d, x, y)?;
         }
-        let op = format!("conv (features stage {}, batch {})", key.stage, key.rows);
+        // Named only when an error needs it: this runs for every layer of every batch.
+        let op = || format!("conv (features stage {}, batch {})", key.stage, key.rows);
         if let (Some(state), Some(g)) = (self.fp8.as_deref_mut(), self.plans.fp8.get(&key)) {
             let mut run = Fp8Run {
                 kernels: self.kernels,
@@ -767,7 +768,7 @@ impl ConvRun<'_> {
             return unsafe {
                 run.execute(self.dev, self.dnn, &g.plan, layer, x, n, y, self.workspace)
             }?
-            .map_err(|e| dnn_err(&op, e));
+            .map_err(|e| dnn_err(&op(), e));
         }
         let p = conv_ptrs(self.dev, layer, x, y, self.workspace);
         match &self.plans.plans[&key] {
@@ -788,7 +789,7 @@ impl ConvRun<'_> {
                         p,
                     )
                 }
-                .map_err(|e| dnn_err(&op, e))?;
+                .map_err(|e| dnn_err(&op(), e))?;
                 if !plan.choice.fused {
                     add_bias_act(self.dev, self.kernels, layer, d, key.rows, key.identity, y)?;
                 }
@@ -796,7 +797,7 @@ impl ConvRun<'_> {
             Planned::Graph(g) => {
                 // SAFETY: as above; graph plans are made for post-ReLU keys only, with the
                 // workspace sized for them at prepare.
-                unsafe { g.plan.execute(self.dnn, p.into()) }.map_err(|e| dnn_err(&op, e))?;
+                unsafe { g.plan.execute(self.dnn, p.into()) }.map_err(|e| dnn_err(&op(), e))?;
             }
         }
         Ok(())

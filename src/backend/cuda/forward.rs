@@ -365,7 +365,6 @@ impl Pass<'_> {
             let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
             let xp = ptr(input, stream);
             let wp = ptr(&l.weight, stream);
-            let op = format!("linear classifier layer {j} (batch {rows})");
             let (yp, out_f32) = if j == last {
                 (ptr(&*logits, stream), true)
             } else {
@@ -374,7 +373,7 @@ impl Pass<'_> {
             // SAFETY: input holds ≥ rows·fin f16 values, weight fout·fin, output rows·fout of its
             // type (arena rows ≥ rows, per-row size ≥ every fout; logits checked by the caller).
             unsafe { blas::gemm_tn(self.blas, l.fout, rows, l.fin, wp, xp, yp, out_f32) }
-                .map_err(|e| blas_err(&op, e))?;
+                .map_err(|e| blas_err(&format!("linear classifier layer {j} (batch {rows})"), e))?;
             if j == last {
                 self.kernels.bias_f32(
                     stream,
