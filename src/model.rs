@@ -380,18 +380,11 @@ impl Vgg {
 
     /// Multiply-accumulates of one forward pass at input side `s` (×2 for FLOPs).
     pub fn macs(&self, s: usize) -> u64 {
-        let shapes = self.stage_shapes(s);
-        let mut macs = 0u64;
-        for (stage, shape) in self.features.iter().zip(&shapes) {
-            if let FeatureStage::Conv(c) = stage {
-                macs += (shape.h * shape.w * c.cout * c.cin * 9) as u64;
-            }
-        }
-        macs + self
-            .classifier
+        self.layer_costs(s, 1, 0)
             .iter()
-            .map(|l| (l.fin * l.fout) as u64)
+            .map(|l| l.flops)
             .sum::<u64>()
+            / 2
     }
 
     /// Check that the layers chain: each conv's `cin` is the previous `cout`, the first takes 3

@@ -25,27 +25,29 @@ const PREFIX_ROWS: [usize; 4] = [4, 8, 16, 32];
 /// The geometry of every feature stage for input side `s` (stored channels; the first conv reads
 /// [`CPAD`] channels).
 fn stage_dims(model: &Vgg, s: usize) -> Result<Vec<StageDims>> {
+    // The model's own shapes; only the stored channels differ (the input's 3 are stored as
+    // CPAD, which a pool straight after it would keep).
     let mut dims = Vec::with_capacity(model.features.len());
     let (mut h, mut w, mut c) = (s, s, CPAD);
-    for stage in &model.features {
-        let (oh, ow, oc) = match stage {
-            FeatureStage::Conv(l) => (h, w, l.cout),
-            FeatureStage::MaxPool { .. } => (h / 2, w / 2, c),
-        };
-        if oh == 0 || ow == 0 {
+    for (stage, out) in model.features.iter().zip(model.stage_shapes(s)) {
+        if out.h == 0 || out.w == 0 {
             return Err(Error::Invalid(format!(
                 "input size {s} is too small for this model's max-pools"
             )));
         }
+        let oc = match stage {
+            FeatureStage::Conv(_) => out.c,
+            FeatureStage::MaxPool { .. } => c,
+        };
         dims.push(StageDims {
             in_h: h,
             in_w: w,
             in_c: c,
-            out_h: oh,
-            out_w: ow,
+            out_h: out.h,
+            out_w: out.w,
             out_c: oc,
         });
-        (h, w, c) = (oh, ow, oc);
+        (h, w, c) = (out.h, out.w, oc);
     }
     Ok(dims)
 }
