@@ -29,9 +29,11 @@ const UID_BIAS_OUT: i64 = 6;
 const UID_DESCALE: i64 = 7;
 const UID_DESCALED: i64 = 8;
 
-/// Configurations tried per graph: cuDNN's heuristic ranking, then its fallback list.
-const HEURISTIC_CONFIGS: usize = 3;
-const FALLBACK_CONFIGS: usize = 2;
+/// Plans built per graph: the first that finalize from cuDNN's heuristic ranking, then from its
+/// fallback list. Configurations that fail to finalize (common for fused and FP8 graphs) are
+/// passed over for the next ones, as cudnn-frontend's samples and PyTorch walk the whole list.
+const HEURISTIC_PLANS: usize = 3;
+const FALLBACK_PLANS: usize = 2;
 
 /// An owned backend descriptor.
 pub struct Desc(sys::cudnnBackendDescriptor_t);
@@ -164,8 +166,8 @@ fn pointwise(
         &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
     )?;
     if mode == sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_RELU_FWD {
-        // PyTorch's ReLU, spelled out as cudnn-frontend does: max(x, 0), no upper clip (the
-        // f32 maximum), NaN not propagated.
+        // ReLU spelled out as cudnn-frontend does: max(x, 0), no upper clip (the f32 maximum),
+        // NaN propagation off as in PyTorch's cuDNN activation descriptor and our legacy path.
         pw.set(
             Attr::CUDNN_ATTR_POINTWISE_NAN_PROPAGATION,
             Ty::CUDNN_TYPE_NAN_PROPOGATION,
@@ -356,33 +358,13 @@ impl ConvGraph {
         })
     }
 
-    /// Engine configurations for this graph: up to `HEURISTIC_CONFIGS` from heuristics mode A,
-    /// then up to `FALLBACK_CONFIGS` from the fallback list.
-    fn engine_configs(&self) -> Vec<Desc> {
-        let mut out = Vec::new();
-        for (mode, take) in [
-            (
-                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-                HEURISTIC_CONFIGS,
-            ),
-            (
-                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
-                FALLBACK_CONFIGS,
-            ),
-        ] {
-            // A mode that fails (e.g. nothing supports the graph) contributes nothing.
-            if let Ok(cfgs) = self.heuristic(mode, take) {
-                out.extend(cfgs);
-            }
-        }
-        out
+    /// Every engine configuration cuDNN offers for this graph from `mode`, best first (none if
+    /// the mode fails, e.g. nothing supports the graph).
+    fn engine_configs(&self, mode: sys::cudnnBackendHeurMode_t) -> Vec<Desc> {
+        self.heuristic(mode).unwrap_or_default()
     }
 
-    fn heuristic(
-        &self,
-        mode: sys::cudnnBackendHeurMode_t,
-        take: usize,
-    ) -> Result<Vec<Desc>, CudnnError> {
+    fn heuristic(&self, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Desc>, CudnnError> {
         let heur = Desc::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
         heur.set_descs(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&self.graph])?
             .set(
@@ -404,7 +386,7 @@ impl ConvGraph {
             )
         }
         .result()?;
-        let want = (available.max(0) as usize).min(take);
+        let want = available.max(0) as usize;
         if want == 0 {
             return Ok(Vec::new());
         }
@@ -430,41 +412,60 @@ impl ConvGraph {
         Ok(cfgs)
     }
 
-    /// Every execution plan cuDNN can finalize for this graph, in preference order, with
-    /// workspace ≤ `ws_cap`. `index` in each plan is its position among the configurations.
+    /// The execution plans to time for this graph, in preference order: the first
+    /// [`HEURISTIC_PLANS`] that finalize with workspace ≤ `ws_cap` among heuristics mode A's
+    /// configurations, then the first [`FALLBACK_PLANS`] of the fallback list's. `index` in each
+    /// plan is its configuration's position (mode A's first, then the fallback list's).
     pub fn plans(&self, handle: &Handle, ws_cap: usize) -> Vec<GraphPlan> {
         let mut out = Vec::new();
-        for (index, cfg) in self.engine_configs().into_iter().enumerate() {
-            let Ok(plan) = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR) else {
-                continue;
-            };
-            let raw_handle = handle.raw();
-            let built = plan
-                .set(
-                    Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
-                    Ty::CUDNN_TYPE_HANDLE,
-                    &[raw_handle],
-                )
-                .and_then(|p| p.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg]))
-                .and_then(|p| p.finalize());
-            if built.is_err() {
-                continue;
-            }
-            let Ok(ws) = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE) else {
-                continue;
-            };
-            let ws = ws.max(0) as usize;
-            if ws <= ws_cap {
-                out.push(GraphPlan {
-                    plan,
-                    _cfg: cfg,
-                    ws,
-                    index,
-                    fp8: self.fp8,
-                });
+        let mut index = 0;
+        for (mode, cap) in [
+            (
+                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+                HEURISTIC_PLANS,
+            ),
+            (
+                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+                FALLBACK_PLANS,
+            ),
+        ] {
+            let before = out.len();
+            for cfg in self.engine_configs(mode) {
+                if out.len() - before == cap {
+                    break;
+                }
+                if let Some(plan) = self.plan(handle, cfg, index, ws_cap) {
+                    out.push(plan);
+                }
+                index += 1;
             }
         }
         out
+    }
+
+    /// The execution plan of one engine configuration, if it finalizes within `ws_cap` bytes of
+    /// workspace.
+    fn plan(&self, handle: &Handle, cfg: Desc, index: usize, ws_cap: usize) -> Option<GraphPlan> {
+        let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR).ok()?;
+        plan.set(
+            Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+            Ty::CUDNN_TYPE_HANDLE,
+            &[handle.raw()],
+        )
+        .and_then(|p| p.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg]))
+        .and_then(|p| p.finalize())
+        .ok()?;
+        let ws = plan
+            .get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
+            .ok()?
+            .max(0) as usize;
+        (ws <= ws_cap).then_some(GraphPlan {
+            plan,
+            _cfg: cfg,
+            ws,
+            index,
+            fp8: self.fp8,
+        })
     }
 }
 
@@ -473,7 +474,8 @@ pub struct GraphPlan {
     plan: Desc,
     _cfg: Desc,
     pub ws: usize,
-    /// Position among the configurations tried (heuristics first, then fallback).
+    /// Position of its configuration among those offered (mode A's first, then the fallback
+    /// list's).
     pub index: usize,
     fp8: bool,
 }
@@ -495,9 +497,18 @@ impl GraphPlan {
     ///
     /// # Safety
     /// The pointers must be live device allocations matching the graph's tensors (x
-    /// `[n,h,w,cin]`, w KRSC, bias `[cout]`, y `[n,h,w,cout]`, FP16, 16-byte aligned) and the
-    /// workspace must hold ≥ `self.ws` bytes.
+    /// `[n,h,w,cin]`, w KRSC, bias `[cout]`, y `[n,h,w,cout]`, FP16, and the FP8 descale f32)
+    /// and the workspace must hold ≥ `self.ws` bytes. A pointer not 16-byte aligned is an error.
     pub unsafe fn execute(&self, handle: &Handle, p: GraphPtrs) -> Result<(), CudnnError> {
+        // Every tensor is declared 16-byte aligned: a pointer that is not would be a misaligned
+        // load on the device (a sticky error that ends the context), so refuse it here and let
+        // the caller fall back.
+        let descale = if self.fp8 { p.descale } else { 0 };
+        if [p.x, p.w, p.bias, p.y, descale].iter().any(|a| a % 16 != 0) {
+            return Err(CudnnError(
+                sys::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM_MISALIGNED_POINTER,
+            ));
+        }
         let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
         let (ids, addrs): (&[i64], Vec<u64>) = if self.fp8 {
             (
