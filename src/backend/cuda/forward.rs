@@ -4,7 +4,6 @@
 //! sub-batches (`Prefix`), and a masked-forward batch is replayed from a CUDA graph captured on
 //! its first run.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -39,7 +38,8 @@ pub(super) struct CaptureTo<'a> {
     pub rows: usize,
 }
 
-/// Masked-forward batches captured as CUDA graphs, by (rows, input and logits addresses).
+/// Masked-forward batches captured as CUDA graphs, by (rows, input and logits addresses, FP8
+/// scales ready).
 #[derive(Default)]
 pub(super) struct Graphs {
     pub enabled: bool,
@@ -52,6 +52,9 @@ pub(super) struct Graphs {
     /// Why graphs were turned off (a capture failed), for the report.
     pub disabled: Option<String>,
 }
+
+/// Graphs kept at most (each holds its launches' parameters; a run uses a handful of keys).
+const MAX_GRAPHS: usize = 64;
 
 impl Graphs {
     pub fn new() -> Self {
@@ -107,28 +110,40 @@ impl Pass<'_> {
             ptr(logits, &self.dev.stream),
             fp8,
         );
-        let graph = match graphs.cache.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(slot) => match self.capture(x, rows, logits) {
-                Ok(g) => {
-                    graphs.captured += 1;
-                    slot.insert(g)
+        if let Some(graph) = graphs.cache.get(&key) {
+            graph
+                .launch()
+                .map_err(|e| drv_err(&format!("replaying the forward graph (batch {rows})"), e))?;
+            graphs.replays += 1;
+            return Ok(());
+        }
+        // First sight of this batch: run it launch by launch (this call's result), so that
+        // whatever happens only once (a size planned on first use, a workspace grown, a
+        // library's lazy start-up) happens outside the capture; then record it for next time.
+        self.eager(x, rows, logits, None, None)?;
+        let workspace = ptr(&self.prep.workspace, &self.dev.stream);
+        if graphs.workspace != workspace {
+            graphs.cache.clear();
+            graphs.workspace = workspace;
+        }
+        if graphs.cache.len() >= MAX_GRAPHS {
+            // Buffers replaced over a long run leave graphs no key will match again.
+            graphs.cache.clear();
+        }
+        match self.capture(x, rows, logits) {
+            Ok(g) => {
+                graphs.captured += 1;
+                graphs.cache.insert(key, g);
+            }
+            Err(e) => {
+                // Launch by launch from now on; the result is the same, only slower.
+                if verbose() {
+                    eprintln!("cuda: CUDA graphs off, capture failed: {e}");
                 }
-                Err(e) => {
-                    // Launch by launch from now on; the result is the same, only slower.
-                    if verbose() {
-                        eprintln!("cuda: CUDA graphs off, capture failed: {e}");
-                    }
-                    graphs.enabled = false;
-                    graphs.disabled = Some(e.to_string());
-                    return self.eager(x, rows, logits, None, None);
-                }
-            },
-        };
-        graph
-            .launch()
-            .map_err(|e| drv_err(&format!("replaying the forward graph (batch {rows})"), e))?;
-        graphs.replays += 1;
+                graphs.enabled = false;
+                graphs.disabled = Some(e.to_string());
+            }
+        }
         Ok(())
     }
 
@@ -202,7 +217,7 @@ impl Pass<'_> {
             &mut f.amax.slice_mut(..),
             &f.w_scale.slice(..),
             layers,
-            super::fp8::MARGIN,
+            crate::backend::fp8::MARGIN,
             &mut f.scales.slice_mut(..),
         )?;
         f.ready = true;

@@ -176,25 +176,22 @@ struct Scratch {
     flat: Grow<u32>,
     /// Logits of the per-layer timing passes.
     timing_logits: Grow<f32>,
-    /// Pushed scores not yet taken: `pending[..pending_len]` on the device, older ones (moved
-    /// out when the buffer had to grow) in `spilled`.
+    /// Pushed scores not yet taken: `pending[..pending_len]` on the device.
     pending: Grow<f32>,
     pending_len: usize,
-    spilled: Vec<f32>,
 }
 
 impl Scratch {
-    /// Move the pending scores on the device to `spilled` (waits for them). Returns whether
-    /// there were any (then the stream was synchronized).
-    fn spill_pending(&mut self, dev: &Dev) -> Result<bool> {
+    /// Download the pending scores and clear them (waits for them). None when there were none
+    /// (then nothing was synchronized).
+    fn take_pending(&mut self, dev: &Dev) -> Result<Option<Vec<f32>>> {
         if self.pending_len == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         let held = self.pending.get(dev, self.pending_len, "pending scores")?;
-        self.spilled
-            .extend(dev.download(held, self.pending_len, "pending scores")?);
+        let got = dev.download(held, self.pending_len, "pending scores")?;
         self.pending_len = 0;
-        Ok(true)
+        Ok(Some(got))
     }
 }
 
@@ -881,13 +878,21 @@ impl Backend for CudaBackend {
         let dev = &self.dev;
         let sc = &mut self.scratch;
         let end = sc.pending_len + n * t;
-        if sc.pending.0.as_ref().is_none_or(|p| p.len() < end) {
-            // Growing loses the contents: move what is pending to the host first.
-            if sc.spill_pending(dev)? {
-                self.uploads.synchronized();
+        let have = sc.pending.0.as_ref().map_or(0, |p| p.len());
+        if have < end {
+            // Grow on the device, doubling: what is pending is copied in stream order, so the
+            // host never waits before the group's one download.
+            let mut bigger =
+                dev.alloc::<f32>(end.max(2 * have).max(4 * n * t), "pending scores")?;
+            if let Some(old) = sc.pending.0.as_ref().filter(|_| sc.pending_len > 0) {
+                dev.stream
+                    .memcpy_dtod(
+                        &old.slice(..sc.pending_len),
+                        &mut bigger.slice_mut(..sc.pending_len),
+                    )
+                    .map_err(|e| drv_err("growing the pending scores", e))?;
             }
-            // Room for a few more batches like this one, so growing is rare.
-            sc.pending.get(dev, 4 * n * t, "pending scores")?;
+            sc.pending.0 = Some(bigger);
         }
         let start = sc.pending_len;
         let pending = sc.pending.0.as_mut().expect("sized above");
@@ -907,10 +912,13 @@ impl Backend for CudaBackend {
 
     fn take_scores(&mut self) -> Result<Vec<f32>> {
         self.bind()?;
-        if self.scratch.spill_pending(&self.dev)? {
-            self.uploads.synchronized();
+        match self.scratch.take_pending(&self.dev)? {
+            Some(scores) => {
+                self.uploads.synchronized();
+                Ok(scores)
+            }
+            None => Ok(Vec::new()),
         }
-        Ok(std::mem::take(&mut self.scratch.spilled))
     }
 
     fn layer_times(&mut self, x: &CudaBuf, rows: usize, reps: usize) -> Result<Vec<f64>> {
@@ -920,12 +928,17 @@ impl Backend for CudaBackend {
             .model
             .as_ref()
             .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
-        let s = self
+        let prep = self
             .prep
             .as_ref()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?
-            .plan
-            .input_size;
+            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
+        let s = prep.plan.input_size;
+        if rows == 0 || rows > prep.rows_max {
+            return Err(Error::Invalid(format!(
+                "layer_times: {rows} rows; the plan holds 1..={}",
+                prep.rows_max
+            )));
+        }
         x.check4("layer_times input", rows, 3, s, s)?;
         let classes = dm.model.num_classes();
         let layers = dm.model.layer_costs(s, rows, 2).len();

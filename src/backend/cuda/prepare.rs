@@ -139,7 +139,6 @@ impl CudaBackend {
         // Small buffers at their steady-state sizes; scores pending from the old plan are dropped.
         let sc = &mut self.scratch;
         sc.pending_len = 0;
-        sc.spilled.clear();
         sc.staging.get(dev, s * s * 3, "image staging buffer")?;
         sc.scores.get(dev, rows_max, "scores")?;
         sc.pending
