@@ -1,9 +1,11 @@
 // FP8 (E4M3) support for the `--precision fp8` masked forwards:
 //   amax_abs_f16:  amax = max(amax, max |x|) over n f16 values (a layer's input in the base forward)
-//   fp8_scales:    per layer from amax (then reset): multiplier = 448 / (amax·margin), the
-//                  quantization of its input, and descale = (amax·margin / 448) · w_scale, the
-//                  conv output's scale back (both read from device memory by the launches after
-//                  it, so captured CUDA graphs stay valid when the scales change)
+//   fp8_scales:    per layer l from amax (then reset): scales[4l] = descale = (amax·margin / 448)
+//                  · w_scale, the conv output's scale back, and scales[4l+1] = multiplier =
+//                  448 / (amax·margin), the quantization of its input (both read from device
+//                  memory by the launches after it, so captured CUDA graphs stay valid when the
+//                  scales change; 4 floats per layer keep each descale 16-byte aligned, as the
+//                  cuDNN graph's tensor declares)
 //   quantize_e4m3: out = E4M3(x · multiplier), saturating at ±448, round to nearest even
 // The conversion is done in software (the same result as cuda_fp8.hpp's __nv_cvt_float_to_fp8
 // with __NV_SATFINITE for |x| ≤ 448, clamped above), so it compiles for every architecture.
@@ -12,7 +14,7 @@
 __device__ __forceinline__ unsigned char e4m3_bits(float x) {
     const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
     float a = fabsf(x);
-    if (a != a) return 0x7F;  // NaN stays NaN
+    if (a != a) return (unsigned char)(sign | 0x7Fu);  // NaN stays NaN, sign kept
     a = fminf(a, 448.0f);
     if (a < 0.015625f) {
         // Below 2^-6: subnormals k·2^-9 (k = 8 is 2^-6, the smallest normal, bits 0x08).
@@ -40,9 +42,11 @@ extern "C" __global__ void fp8_scales(float* __restrict__ amax, const float* __r
                                       int layers, float margin, float* __restrict__ scales) {
     const int l = blockIdx.x * blockDim.x + threadIdx.x;
     if (l >= layers) return;
-    const float sx = fmaxf(amax[l] * margin, 1e-30f) / 448.0f;
-    scales[2 * l] = 1.0f / sx;
-    scales[2 * l + 1] = sx * w_scale[l];
+    // An amax beyond FP16's range (an overflowed base forward) is capped at it, so the scales
+    // stay finite; an all-zero input gets the smallest scale.
+    const float sx = fmaxf(fminf(amax[l], 65504.0f) * margin, 1e-30f) / 448.0f;
+    scales[4 * l] = sx * w_scale[l];
+    scales[4 * l + 1] = 1.0f / sx;
     amax[l] = 0.0f;
 }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::backend::fp8::Fp8Emulation;
 use crate::backend::{
     median_per_layer, normal_noise, Backend, MaskItem, MaskStyle, Plan, Semantics, Stage,
 };
@@ -37,6 +38,11 @@ pub struct CpuBackend {
     times: Vec<(Stage, f64)>,
     /// Scores pushed and not yet taken (see [`Backend::push_scores`]).
     pending_scores: Vec<f32>,
+    /// Emulate `--precision fp8` (see [`CpuBackend::emulate_fp8`]); built at prepare.
+    emulate_fp8: bool,
+    /// Quantize only these feature stages (None: every capable one).
+    fp8_stages: Option<Vec<usize>>,
+    fp8: Option<Fp8Emulation>,
 }
 
 impl CpuBackend {
@@ -44,10 +50,35 @@ impl CpuBackend {
         Self::default()
     }
 
+    /// Compute the forwards as `--precision fp8` on CUDA is designed to (every FP8-capable conv
+    /// quantized, scales from each base forward; [`crate::backend::fp8`]): the CPU twin the FP8
+    /// path is tested against, and a way to measure its fidelity without a GPU. Takes effect at
+    /// the next prepare. The command line still refuses FP8 on the CPU: emulated, it is slower
+    /// than f32, not faster.
+    pub fn emulate_fp8(&mut self, on: bool) {
+        self.emulate_fp8 = on;
+        self.fp8_stages = None;
+    }
+
+    /// [`CpuBackend::emulate_fp8`] quantizing only the capable stages among `stages` (those a
+    /// GPU runs in FP8, to test it).
+    pub fn emulate_fp8_at(&mut self, stages: &[usize]) {
+        self.emulate_fp8 = true;
+        self.fp8_stages = Some(stages.to_vec());
+    }
+
     fn prepared(&self) -> Result<(&Vgg, Plan)> {
         match (&self.model, self.plan) {
             (Some(m), Some(p)) => Ok((m, p)),
-            _ => Err(Error::Invalid("CPU backend used before prepare()".into())),
+            _ => Err(not_prepared()),
+        }
+    }
+
+    /// [`CpuBackend::prepared`] and the FP8 emulation, if on.
+    fn prepared_fp8(&mut self) -> Result<(&Vgg, Plan, Option<&mut Fp8Emulation>)> {
+        match (&self.model, self.plan) {
+            (Some(m), Some(p)) => Ok((m, p, self.fp8.as_mut())),
+            _ => Err(not_prepared()),
         }
     }
 }
@@ -92,6 +123,13 @@ impl Backend for CpuBackend {
         // Weights are host f32 already: nothing to upload, just share them.
         self.model = Some(Arc::clone(model));
         self.plan = Some(plan);
+        self.fp8 = self.emulate_fp8.then(|| {
+            let mut emu = Fp8Emulation::new(model);
+            if let Some(stages) = &self.fp8_stages {
+                emu.retain_stages(stages);
+            }
+            emu
+        });
         Ok(())
     }
 
@@ -163,10 +201,14 @@ impl Backend for CpuBackend {
         logits: &mut CpuBuf,
         acts: Option<&mut CpuBuf>,
     ) -> Result<()> {
-        let (model, plan) = self.prepared()?;
+        let (model, plan, fp8) = self.prepared_fp8()?;
         let s = x.shape[2];
         let input = &x.data[..n * x.row_len()];
-        let (out, captured) = forward(model, input, n, s, acts.is_some().then_some(plan.capture));
+        let capture = acts.is_some().then_some(plan.capture);
+        let (out, captured) = match fp8 {
+            Some(emu) => forward_emulating_fp8(model, input, n, s, capture, emu),
+            None => forward(model, input, n, s, capture),
+        };
         logits.data[..out.len()].copy_from_slice(&out);
         if let (Some(acts), Some(captured)) = (acts, captured) {
             acts.data[..captured.len()].copy_from_slice(&captured);
@@ -289,6 +331,10 @@ impl Backend for CpuBackend {
 /// would be allocated lazily by the kernel (overcommit) and the process killed by the OOM killer
 /// mid-run instead of getting an error. The estimate: the forward's two ping-pong buffers at the
 /// largest stage, the caller's image/mask buffers, one im2col buffer per thread.
+fn not_prepared() -> Error {
+    Error::Invalid("CPU backend used before prepare()".into())
+}
+
 fn check_host_memory(model: &Vgg, plan: Plan) -> Result<()> {
     let Some(available) = host_memory_available() else {
         return Ok(());
@@ -358,6 +404,33 @@ pub fn forward_timed(
     capture: Option<Capture>,
     after_layer: &mut dyn FnMut(),
 ) -> (Vec<f32>, Option<Vec<f32>>) {
+    forward_with(model, input, n, s, capture, after_layer, None)
+}
+
+/// [`forward`] as `--precision fp8` computes it ([`Fp8Emulation`]): a forward with a capture is
+/// a base forward, unquantized, that measures the FP8 layers' inputs and sets the scales; the
+/// others quantize once scales exist.
+pub fn forward_emulating_fp8(
+    model: &Vgg,
+    input: &[f32],
+    n: usize,
+    s: usize,
+    capture: Option<Capture>,
+    fp8: &mut Fp8Emulation,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    forward_with(model, input, n, s, capture, &mut || {}, Some(fp8))
+}
+
+fn forward_with(
+    model: &Vgg,
+    input: &[f32],
+    n: usize,
+    s: usize,
+    capture: Option<Capture>,
+    after_layer: &mut dyn FnMut(),
+    mut fp8: Option<&mut Fp8Emulation>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let base = capture.is_some();
     // Two ping-pong activation buffers kept per thread: VGG16's first layers produce ~100 MB at
     // batch 8, and fresh allocations that size cost more in page faults than the copy they hold.
     let (mut xa, mut ya) = ACTS.with(|cell| cell.take());
@@ -376,7 +449,19 @@ pub fn forward_timed(
             match stage {
                 FeatureStage::Conv(l) => {
                     y.resize(n * l.cout * h * w, 0.0);
-                    conv3x3_into(x, n, c, h, w, &l.weight, &l.bias, l.cout, !here(true), y);
+                    let quantized = match fp8.as_deref_mut() {
+                        Some(emu) if base => {
+                            emu.measure(i, x);
+                            None
+                        }
+                        Some(emu) => emu.quantized(i, x),
+                        None => None,
+                    };
+                    let (xin, weight) = match &quantized {
+                        Some((xq, wq)) => (&xq[..], *wq),
+                        None => (&x[..], &l.weight[..]),
+                    };
+                    conv3x3_into(xin, n, c, h, w, weight, &l.bias, l.cout, !here(true), y);
                     c = l.cout;
                     if here(true) {
                         captured = Some(y.clone());
@@ -394,6 +479,9 @@ pub fn forward_timed(
                 captured = Some(x.clone());
             }
             after_layer();
+        }
+        if let Some(emu) = fp8.filter(|_| base) {
+            emu.finish_base();
         }
         let mut feats = adaptive_avgpool(x, n * c, h, w, POOLED, POOLED);
         if (h, w) != (POOLED, POOLED) {

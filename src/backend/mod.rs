@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod fp8;
 pub mod grad;
 
 use std::sync::Arc;

@@ -291,6 +291,8 @@ pub enum Need {
     /// The Rust toolchain named by Cargo.toml's `rust-version`, installed with rustup
     /// (`SCORECAM_REQUIRE_MSRV`; `.ci/run` installs it).
     MsrvToolchain,
+    /// Leave to run a long CPU measurement: `SCORECAM_SLOW` set to a truthy value.
+    Slow,
 }
 
 impl Need {
@@ -302,6 +304,7 @@ impl Need {
             Need::Slurm => Some("SCORECAM_SLURM"),
             Need::Root => Some("SCORECAM_REQUIRE_ROOT"),
             Need::MsrvToolchain => Some("SCORECAM_REQUIRE_MSRV"),
+            Need::Slow => None,
         }
     }
 
@@ -348,6 +351,13 @@ impl Need {
                     Err(format!(
                         "needs the Rust {v} toolchain (`rustup toolchain install {v} --profile minimal`)"
                     ))
+                }
+            }
+            Need::Slow => {
+                if truthy("SCORECAM_SLOW") {
+                    Ok(())
+                } else {
+                    Err("a long CPU measurement: set SCORECAM_SLOW=1 to run it".into())
                 }
             }
             Need::Root => {

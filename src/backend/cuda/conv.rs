@@ -18,7 +18,7 @@ use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, Tenso
 use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::fp8::Fp8State;
-use super::kernels::Kernels;
+use super::kernels::{Kernels, SCALE_STRIDE};
 use super::profile::new_event;
 use super::weights::DevConv;
 use crate::backend::median;
@@ -167,8 +167,9 @@ pub(super) enum Planned {
 
 /// A graph and the execution plan chosen for it (the plan refers to the graph's descriptors).
 pub(super) struct GraphConv {
-    _graph: ConvGraph,
     plan: GraphPlan,
+    /// Declared after `plan`, so dropped after it: cuDNN may not copy what a plan refers to.
+    _graph: ConvGraph,
 }
 
 /// Which keys also try the graph API (`SCORECAM_CONV_GRAPH`): `off`, `full` (default: the full
@@ -427,7 +428,7 @@ impl Fp8Run<'_> {
             &dev.stream,
             x,
             n,
-            &st.scales.slice(2 * i..2 * i + 1),
+            &st.scales.slice(SCALE_STRIDE * i + 1..SCALE_STRIDE * i + 2),
             &mut st.x8.slice_mut(..n),
         )?;
         let s = &dev.stream;
@@ -437,7 +438,7 @@ impl Fp8Run<'_> {
             bias: ptr(&layer.bias, s),
             y: ptr(y, s),
             ws: ptr(ws, s),
-            descale: ptr(&st.scales.slice(2 * i + 1..2 * i + 2), s),
+            descale: ptr(&st.scales.slice(SCALE_STRIDE * i..SCALE_STRIDE * i + 1), s),
         };
         Ok(plan.execute(dnn, p))
     }

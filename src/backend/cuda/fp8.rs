@@ -1,31 +1,19 @@
 //! `--precision fp8`: the conv layers that may run in FP8 E4M3, their quantized filters, and
 //! the per-layer scales.
 //!
-//! A layer `y = ReLU(conv(x, w) + b)` runs as `ReLU(sx·sw · conv(q(x/sx), q(w/sw)) + b)`, `q`
-//! the E4M3 rounding. `sw` = the filter's amax / 448, fixed at upload. `sx` = the layer input's
-//! amax over the image group's base forward × [`MARGIN`] / 448: the base forward runs in FP16
-//! and measures every FP8-capable layer's input, then one small kernel turns the amaxes into
-//! the multipliers and descales the masked forwards read from device memory (so captured CUDA
-//! graphs stay valid). Masked inputs are the image times a mask in [0, 1], so their activations
-//! rarely exceed the image's; the margin and the saturating conversion cover those that do.
+//! The numerics (which layers, the rounding, the scales) are [`crate::backend::fp8`]'s; here
+//! they live on the device: the base forward measures every FP8 layer's input, then one small
+//! kernel turns the amaxes into the multipliers and descales the masked forwards read from
+//! device memory (so captured CUDA graphs stay valid).
 
 use cudarc::driver::CudaSlice;
 
 use super::device::Dev;
-use super::kernels::E4M3_MAX;
 use super::layout;
 use super::weights::DevConv;
+use crate::backend::fp8::{capable_stages, weight_scale};
 use crate::error::Result;
 use crate::model::{FeatureStage, Vgg};
-
-/// Headroom of the input scales over the base forward's amax.
-pub(super) const MARGIN: f32 = 2.0;
-
-/// Whether a conv layer may run in FP8: FP8 tensor-core convolutions want channel counts in
-/// multiples of 16 (the first conv, with its 8 stored input channels, stays FP16).
-pub(super) fn capable(conv: &DevConv) -> bool {
-    conv.cin_s.is_multiple_of(16) && conv.cout.is_multiple_of(16)
-}
 
 /// The FP8 state of a prepared plan.
 pub(super) struct Fp8State {
@@ -35,8 +23,8 @@ pub(super) struct Fp8State {
     pub w_scale: CudaSlice<f32>,
     /// Per feature stage: the largest |input| of the last base forward (reset by `fp8_scales`).
     pub amax: CudaSlice<f32>,
-    /// Per feature stage: `[1/sx, sx·sw]`, the input's quantization multiplier and the output's
-    /// descale.
+    /// Per feature stage: `[sx·sw, 1/sx, 0, 0]`, the output's descale and the input's
+    /// quantization multiplier ([`SCALE_STRIDE`](super::kernels::SCALE_STRIDE) floats each).
     pub scales: CudaSlice<f32>,
     /// One layer's quantized input: `rows_max` rows of the largest FP8 layer input.
     pub x8: CudaSlice<u8>,
@@ -62,15 +50,11 @@ impl Fp8State {
         let mut filters = Vec::with_capacity(stages);
         let mut w_scale = vec![1.0f32; stages];
         let mut x8_len = 1;
+        let capable = capable_stages(model);
         for (i, stage) in model.features.iter().enumerate() {
             let filter = match (stage, convs[i].as_ref()) {
-                (FeatureStage::Conv(l), Some(c)) if capable(c) => {
-                    let amax = l.weight.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    let sw = if amax > 0.0 && amax.is_finite() {
-                        amax / E4M3_MAX
-                    } else {
-                        1.0
-                    };
+                (FeatureStage::Conv(l), Some(c)) if capable[i] => {
+                    let sw = weight_scale(&l.weight);
                     w_scale[i] = sw;
                     x8_len = x8_len.max(rows_max * in_len(i));
                     let bits = layout::conv_filter_krsc_e4m3(&l.weight, l.cout, l.cin, c.cin_s, sw);
@@ -81,7 +65,8 @@ impl Fp8State {
             };
             filters.push(filter);
         }
-        let scales: Vec<f32> = w_scale.iter().flat_map(|&sw| [1.0, sw]).collect();
+        // The layout of `fp8_scales`' output: [descale, multiplier, 0, 0] per layer.
+        let scales: Vec<f32> = w_scale.iter().flat_map(|&sw| [sw, 1.0, 0.0, 0.0]).collect();
         Ok(Fp8State {
             filters,
             w_scale: dev.upload(&w_scale, "FP8 filter scales")?,

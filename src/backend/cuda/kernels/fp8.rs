@@ -9,8 +9,12 @@ use half::f16;
 use super::{count_arg, dim, invalid, need, Kernels, BLOCK};
 use crate::error::Result;
 
-/// The largest finite E4M3 value.
-pub const E4M3_MAX: f32 = 448.0;
+pub use crate::backend::fp8::{e4m3_from_f32, E4M3_MAX};
+
+/// Floats per layer in `fp8_scales`' output: the descale, the multiplier and padding, so that
+/// every layer's descale starts 16 bytes after the previous one (the alignment the cuDNN graph
+/// declares for its tensors).
+pub const SCALE_STRIDE: usize = 4;
 
 impl Kernels {
     /// `amax[0] = max(amax[0], max |x[i]|)` over `n` f16 values (`amax` holds a non-negative f32).
@@ -30,9 +34,9 @@ impl Kernels {
         })
     }
 
-    /// For each of `layers` layers: `scales[2l] = 448 / (amax[l]·margin)` (the quantization
-    /// multiplier of its input), `scales[2l+1] = amax[l]·margin / 448 · w_scale[l]` (the descale
-    /// of its output); then `amax[l] = 0`.
+    /// For each of `layers` layers: `scales[4l] = amax[l]·margin / 448 · w_scale[l]` (the
+    /// descale of its output, 16-byte aligned for cuDNN), `scales[4l+1] = 448 / (amax[l]·margin)`
+    /// (the quantization multiplier of its input); then `amax[l] = 0`. See [`SCALE_STRIDE`].
     pub fn fp8_scales(
         &self,
         stream: &Arc<CudaStream>,
@@ -52,7 +56,7 @@ impl Kernels {
         }
         need(OP, "amax", amax.len(), layers)?;
         need(OP, "w_scale", w_scale.len(), layers)?;
-        need(OP, "scales", scales.len(), 2 * layers)?;
+        need(OP, "scales", scales.len(), SCALE_STRIDE * layers)?;
         let cfg = LaunchConfig {
             grid_dim: (layers.div_ceil(BLOCK as usize) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -88,17 +92,6 @@ impl Kernels {
     }
 }
 
-/// `x` as E4M3 bits, clamped to ±448 first (so finite inputs never become NaN): the host side
-/// of `quantize_e4m3` (weights, tests).
-pub fn e4m3_from_f32(x: f32) -> u8 {
-    let x = if x.is_nan() {
-        x
-    } else {
-        x.clamp(-E4M3_MAX, E4M3_MAX)
-    };
-    float8::F8E4M3::from_f32(x).to_bits()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,7 +102,7 @@ mod tests {
         let sign = (x.to_bits() >> 24) & 0x80;
         let mut a = x.abs();
         if a.is_nan() {
-            return 0x7F;
+            return (sign | 0x7F) as u8;
         }
         a = a.min(448.0);
         if a < 0.015625 {
@@ -172,6 +165,9 @@ mod tests {
         assert_eq!(e4m3_from_f32(1e9), 0x7E);
         assert_eq!(e4m3_from_f32(-1e9), 0xFE);
         assert_eq!(e4m3_from_f32(f32::NAN) & 0x7F, 0x7F);
+        for nan in [f32::NAN, -f32::NAN] {
+            assert_eq!(kernel_e4m3_bits(nan), e4m3_from_f32(nan), "NaN sign");
+        }
         assert_eq!(
             float8::F8E4M3::from_bits(e4m3_from_f32(0.3)).to_f32(),
             0.3125

@@ -39,7 +39,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 
-pub use self::fp8::{e4m3_from_f32, E4M3_MAX};
+pub use self::fp8::{e4m3_from_f32, E4M3_MAX, SCALE_STRIDE};
 pub use self::masks::MaskVariant;
 pub use self::nvrtc::{
     assemble_source, compile_cached, compile_for_arch, disk_cache_dir, is_cubin, nvrtc_available,
