@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::f16;
@@ -34,8 +35,9 @@ const TIMED_CANDIDATES: usize = 3;
 pub(super) const TIMED_RUNS: usize = 3;
 
 /// Wall time `prepare` may spend building and timing graph-API plans (their finalization can
-/// compile kernels) before the remaining layers keep the legacy API.
-const GRAPH_API_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+/// compile kernels) before the remaining layers keep the legacy API; FP8 plans have as much
+/// again.
+const GRAPH_API_BUDGET: Duration = Duration::from_secs(20);
 
 /// Steps of a batch ladder: a remainder batch wastes at most `max / LADDER_STEPS` rows.
 pub(super) const LADDER_STEPS: usize = 8;
@@ -234,7 +236,9 @@ pub(super) fn plan_all(
     let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
     let mut ws_used = 0;
     let timer = EventPair::new(dev)?;
-    let graph_started = std::time::Instant::now();
+    // Time spent finalizing and timing graph-API plans, FP16 and FP8 apart: each has its own
+    // budget, so FP16 graphs never use up `--precision fp8`'s.
+    let (mut graph_spent, mut fp8_spent) = (Duration::ZERO, Duration::ZERO);
     for &key in keys {
         let layer = convs[key.stage].as_ref().ok_or_else(|| {
             Error::Invalid(format!("features stage {} is not a convolution", key.stage))
@@ -269,16 +273,18 @@ pub(super) fn plan_all(
                     };
                 // Finalizing graph plans may compile kernels: past the budget, the remaining
                 // layers keep the legacy API (counted in the report).
-                let try_graph = wanted && graph_started.elapsed() < GRAPH_API_BUDGET;
+                let try_graph = wanted && graph_spent < GRAPH_API_BUDGET;
                 if wanted && !try_graph {
                     out.graph_skipped += 1;
                 }
                 let graph = if try_graph {
-                    time_graph_plans(
+                    let started = Instant::now();
+                    let g = time_graph_plans(
                         dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, None,
-                    )?
-                    .map(|(g, ms)| {
-                        let name = format!("graph API plan #{} (conv+bias+ReLU)", g.plan.index);
+                    )?;
+                    graph_spent += started.elapsed();
+                    g.map(|(g, ms)| {
+                        let name = format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
                         (g, ms, name)
                     })
                 } else {
@@ -290,13 +296,14 @@ pub(super) fn plan_all(
                         && f.state.filters[key.stage].is_some()
                 });
                 let fp8_plan = match fp8.as_mut() {
-                    Some(f) if fp8_wanted && graph_started.elapsed() < GRAPH_API_BUDGET => {
+                    Some(f) if fp8_wanted && fp8_spent < GRAPH_API_BUDGET => {
                         let run = Fp8Run {
                             kernels,
                             state: &mut *f.state,
                             stage: key.stage,
                         };
-                        time_graph_plans(
+                        let started = Instant::now();
+                        let p = time_graph_plans(
                             dev,
                             dnn,
                             &timer,
@@ -306,7 +313,9 @@ pub(super) fn plan_all(
                             &mut arena,
                             ws_limit,
                             Some(run),
-                        )?
+                        )?;
+                        fp8_spent += started.elapsed();
+                        p
                     }
                     _ => {
                         if fp8_wanted {
