@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 /// Largest workspace a single convolution candidate may ask for.
 pub(super) const WS_CAP: usize = 1 << 30;
 
-/// Heuristic candidates timed per (layer shape, batch size), fused and unfused each.
+/// Heuristic candidates timed per (layer shape, batch size), fused and unfused each. The full
+/// mask batch (most of the work) times every candidate cuDNN offers, as `cudnnFind` would: a
+/// configuration its heuristics rank low (e.g. Winograd) may still be the fastest there.
 const TIMED_CANDIDATES: usize = 3;
 
 /// Timed runs per candidate (after one warm-up); the median counts.
@@ -259,12 +261,26 @@ pub(super) fn plan_all(
                 let cands =
                     cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
                         .map_err(|e| dnn_err(&op, e))?;
-                let need = timed_subset(&cands).map(|c| c.ws).max().unwrap_or(0);
+                let take = if key.rows == graph.1 {
+                    usize::MAX
+                } else {
+                    TIMED_CANDIDATES
+                };
+                let need = timed_subset(&cands, take).map(|c| c.ws).max().unwrap_or(0);
                 grow_workspace(dev, arena.workspace, need)?;
                 let act = if key.identity { acts.1 } else { acts.0 };
                 let descs = (&xd, &yd, &cd);
-                let (legacy, legacy_ms, timed) =
-                    time_candidates(dev, dnn, &timer, &cands, descs, act, layer, &arena, &op)?;
+                let (legacy, legacy_ms, timed) = time_candidates(
+                    dev,
+                    dnn,
+                    &timer,
+                    (&cands, take),
+                    descs,
+                    act,
+                    layer,
+                    &arena,
+                    &op,
+                )?;
                 let wanted = !key.identity
                     && match graph.0 {
                         GraphUse::Off => false,
@@ -570,14 +586,14 @@ fn grow_workspace(dev: &Dev, ws: &mut CudaSlice<u8>, need: usize) -> Result<()> 
     Ok(())
 }
 
-/// The candidates that get timed: cuDNN's top [`TIMED_CANDIDATES`] fused ones, then (only used
-/// if no fused one launches) the top unfused ones.
-fn timed_subset(cands: &[Candidate]) -> impl Iterator<Item = &Candidate> {
+/// The candidates that get timed: cuDNN's top `take` fused ones, then (only used if no fused
+/// one launches) the top `take` unfused ones.
+fn timed_subset(cands: &[Candidate], take: usize) -> impl Iterator<Item = &Candidate> {
     cands
         .iter()
         .filter(|c| c.fused)
-        .take(TIMED_CANDIDATES)
-        .chain(cands.iter().filter(|c| !c.fused).take(TIMED_CANDIDATES))
+        .take(take)
+        .chain(cands.iter().filter(|c| !c.fused).take(take))
 }
 
 /// Two events for timing one launch.
@@ -657,7 +673,7 @@ fn time_candidates(
     dev: &Dev,
     dnn: &cudnn::Handle,
     timer: &EventPair,
-    cands: &[Candidate],
+    (cands, take): (&[Candidate], usize),
     (xd, yd, cd): (&TensorDesc, &TensorDesc, &ConvDesc),
     act: &ActDesc,
     layer: &DevConv,
@@ -670,7 +686,7 @@ fn time_candidates(
     let mut last_err = None;
     let mut timed = 0;
     for fused in [true, false] {
-        for &c in timed_subset(cands).filter(|c| c.fused == fused) {
+        for &c in timed_subset(cands, take).filter(|c| c.fused == fused) {
             // SAFETY: the arena buffers hold rows_max ≥ rows rows of every stage's input and
             // output; the workspace holds ≥ c.ws bytes (grown to the timed candidates' need).
             let launch =
@@ -956,5 +972,35 @@ mod tests {
         assert_eq!(l.sizes(), [13, 25, 38, 50, 63, 75, 88, 100]);
         assert_eq!(BatchLadder::new(1, LADDER_STEPS).sizes(), [1]);
         assert!(BatchLadder::new(0, LADDER_STEPS).sizes().is_empty());
+    }
+
+    #[test]
+    fn the_full_batch_times_every_candidate_the_others_the_top_three() {
+        use cudarc::cudnn::sys::{cudnnConvolutionFwdAlgo_t as A, cudnnMathType_t as M};
+        let algos = [
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        ];
+        let cands: Vec<Candidate> = [true, false]
+            .iter()
+            .flat_map(|&fused| {
+                algos.iter().map(move |&algo| Candidate {
+                    algo,
+                    math: M::CUDNN_TENSOR_OP_MATH,
+                    ws: 0,
+                    fused,
+                })
+            })
+            .collect();
+        let top: Vec<_> = timed_subset(&cands, TIMED_CANDIDATES).collect();
+        assert_eq!(top.len(), 6);
+        assert!(top[..3].iter().all(|c| c.fused) && top[3..].iter().all(|c| !c.fused));
+        assert_eq!(top[2].algo, algos[2]);
+        let all: Vec<_> = timed_subset(&cands, usize::MAX).collect();
+        assert_eq!(all.len(), cands.len());
+        assert_eq!(all[4].algo, A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING);
     }
 }
