@@ -10,6 +10,7 @@
 #   tests.log               every test executable with SCORECAM_REQUIRE_GPU=1 (parity tests included)
 #   engine_{fp16,fp8,cs}.json/.err   `scorecam-gpu bench --json` (FP16 1,8,32; FP8 1,8,32;
 #                           channel-softmax 8) and each one's stderr
+#   cudnn_fp8.log           cuDNN's error log during the FP8 bench (CUDNN_LOGLEVEL_DBG=1)
 #   peers.json/.log         peers_gpu.py: tuned eager PyTorch FP16 Score-CAM, pytorch-grad-cam 1.5.7
 #   peers_compile.json/.log peers_gpu.py --compile-bound: torch.compile(max-autotune) forward bound,
 #                           last and only when time is left (PEERS_COMPILE=0 skips it)
@@ -29,7 +30,7 @@ mkdir -p "$out"
 steps=$out/steps.tsv
 # a reused $OUT must not lend a skipped step the last run's figures
 rm -f "$out"/{gpu.fields,gpu.csv,gpu.err,gpu_after.csv,gpu_after.err,libs.txt,tests.log,wheels.log,table.md} \
-  "$out"/engine_{fp16,fp8,cs}.{json,err} "$out"/peers{,_compile}.{json,log,json.tmp}
+  "$out"/engine_{fp16,fp8,cs}.{json,err} "$out"/peers{,_compile}.{json,log,json.tmp} "$out/cudnn_fp8.log"
 : > "$steps"
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1 RUST_TEST_NOCAPTURE=1
 bin=target/gpu-bundle/scorecam-gpu
@@ -111,8 +112,14 @@ grep -E "^== |^test result|FAILED|panicked|skipped" "$out/tests.log" | head -60
 run_step engine_fp16 "${BENCH_TIMEOUT:-90}" "$out/engine_fp16.json" "$out/engine_fp16.err" \
   "$bin" bench --backend cuda --images 1,8,32 --json
 fp16_rc=$?
+# FP8 graphs have no NVIDIA sample with an FP16 output: if cuDNN refuses them, its own error log
+# (errors only, kept to 4 MB) says why, beside the report's graph_api_search counts.
 run_step engine_fp8 "${FP8_TIMEOUT:-100}" "$out/engine_fp8.json" "$out/engine_fp8.err" \
+  env SCORECAM_CUDA_VERBOSE=1 CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG="$out/cudnn_fp8.log" \
   "$bin" bench --backend cuda --precision fp8 --images 1,8,32 --json
+if [ -f "$out/cudnn_fp8.log" ]; then
+  head -c 4000000 "$out/cudnn_fp8.log" > "$out/cudnn_fp8.log.tmp" && mv "$out/cudnn_fp8.log.tmp" "$out/cudnn_fp8.log"
+fi
 run_step engine_channel_softmax "${CS_TIMEOUT:-40}" "$out/engine_cs.json" "$out/engine_cs.err" \
   "$bin" bench --backend cuda --mode channel-softmax --images 8 --json
 for f in engine_fp16 engine_fp8 engine_cs; do

@@ -635,6 +635,8 @@ def table(r):
                     c.get("at_least_0_99"), fid.get("same_top1_class")))
         L.append("")
 
+    L += graph_search_lines(eng)
+
     # peers
     systems = peer_figures(peers)
     rat = (r.get("ratios") or {}).get("fp16") or {}
@@ -667,6 +669,36 @@ def table(r):
         L.append("")
         L += layer_tables(layers)
     return "\n".join(L).rstrip() + "\n"
+
+
+def graph_search_lines(eng):
+    """What each run's cuDNN graph-API plan searches met (the backend report's
+    graph_api_search): why FP8 or graph plans never ran, when they did not."""
+    L = []
+    for p, label in (("fp16", "FP16"), ("fp8", "FP8")):
+        e = eng.get(p)
+        b = e.get("backend") if isinstance(e, dict) else None
+        gs = b.get("graph_api_search") if isinstance(b, dict) else None
+        if not isinstance(gs, dict):
+            continue
+        parts = []
+        for kind in ("fp16", "fp8"):
+            s = gs.get(kind)
+            if not isinstance(s, dict) or not (s.get("graphs_built") or s.get("graphs_refused")):
+                continue
+            part = ("%s graphs: %s built, %s refused; %s engine configs offered, %s failed to finalize, "
+                    "%s over the workspace cap, %s failed to run, %s plans timed" % (
+                        kind.upper(), s.get("graphs_built"), s.get("graphs_refused"), s.get("configs_offered"),
+                        s.get("finalize_failed"), s.get("over_workspace"), s.get("execute_failed"),
+                        s.get("plans_timed")))
+            errs = s.get("errors") or []
+            if errs:
+                part += " (first error: %s)" % _short(str(errs[0]), 160)
+            parts.append(part)
+        if parts:
+            L.append("Graph API in the %s run: %s." % (label, "; ".join(parts)))
+            L.append("")
+    return L
 
 
 LAYER_PREF = ["name", "kind", "shape", "batch", "ms", "ms_per_image", "share", "tflops", "gbps", "algo"]
@@ -916,6 +948,14 @@ def selftest():
         with open(os.path.join(d2, "engine_fp8.json"), "w") as f:
             json.dump({"ms_per_image": {"1": 15.0, "8": 9.75, "32": 9.5},
                        "masked_forward_tflops": {"8": 1500.0}, "device": "x",
+                       "backend": {"graph_api_search": {
+                           "fp16": {"graphs_built": 9, "graphs_refused": 0, "configs_offered": 40,
+                                    "finalize_failed": 4, "over_workspace": 0, "execute_failed": 0,
+                                    "plans_timed": 45, "errors": []},
+                           "fp8": {"graphs_built": 8, "graphs_refused": 1, "configs_offered": 12,
+                                   "finalize_failed": 12, "over_workspace": 0, "execute_failed": 0,
+                                   "plans_timed": 0,
+                                   "errors": ["finalizing engine config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED)"]}}},
                        "fp8_fidelity": {"images": 32, "same_top1_class": 32,
                                         "map_corr_vs_fp16": {"min": 0.991, "p10": 0.995,
                                                              "median": 0.998, "max": 0.9999,
@@ -932,6 +972,10 @@ def selftest():
         check("FP8 fidelity: map correlation with the FP16 maps (same class) over 32 images: "
               "min 0.991, p10 0.995, median 0.998" in tab2, "fp8 fidelity line")
         check("| FP8 speed-up over FP16 | 2.08× | 2.00× | 1.97× |" in tab2, "speed-up row")
+        check("Graph API in the FP8 run: FP16 graphs: 9 built, 0 refused; 40 engine configs offered, 4 failed "
+              "to finalize" in tab2 and "FP8 graphs: 8 built, 1 refused; 12 engine configs offered, 12 failed to "
+              "finalize, 0 over the workspace cap, 0 failed to run, 0 plans timed (first error: finalizing engine "
+              "config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED))" in tab2, "graph search line %r" % tab2)
         check("error: skipped: PEERS_COMPILE=0" in tab2, "compile skipped row")
 
         # 3. nothing at all (the script died early): merge and table still work

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::f16;
 
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
-use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs};
+use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::fp8::Fp8State;
 use super::kernels::{Kernels, SCALE_STRIDE};
@@ -146,6 +146,9 @@ pub(super) struct ConvPlans {
     pub built_on_first_use: usize,
     /// Layer shapes that kept the legacy API untried because the graph API's time budget ran out.
     pub graph_skipped: usize,
+    /// What the FP16 and the FP8 graph-API plan searches met.
+    pub graph_search: PlanSearch,
+    pub fp8_search: PlanSearch,
 }
 
 impl ConvPlans {
@@ -296,7 +299,16 @@ pub(super) fn plan_all(
                 let graph = if try_graph {
                     let started = Instant::now();
                     let g = time_graph_plans(
-                        dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, None,
+                        dev,
+                        dnn,
+                        &timer,
+                        layer,
+                        d,
+                        key.rows,
+                        &mut arena,
+                        ws_limit,
+                        None,
+                        &mut out.graph_search,
                     )?;
                     graph_spent += started.elapsed();
                     g.map(|(g, ms)| {
@@ -329,6 +341,7 @@ pub(super) fn plan_all(
                             &mut arena,
                             ws_limit,
                             Some(run),
+                            &mut out.fp8_search,
                         )?;
                         fp8_spent += started.elapsed();
                         p
@@ -484,11 +497,18 @@ fn time_graph_plans(
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
     mut fp8: Option<Fp8Run<'_>>,
+    search: &mut PlanSearch,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let dims = [rows, layer.cin_s, layer.cout, d.in_h, d.in_w];
-    let Ok(graph) = ConvGraph::conv_bias_relu(dnn, dims, fp8.is_some()) else {
-        return Ok(None);
+    let graph = match ConvGraph::conv_bias_relu(dnn, dims, fp8.is_some()) {
+        Ok(g) => g,
+        Err(e) => {
+            search.graph_failed += 1;
+            search.error(format!("building the graph {dims:?} (rows, cin, cout, h, w): {e}"));
+            return Ok(None);
+        }
     };
+    search.graphs += 1;
     let n = rows * d.in_len();
     let op = format!(
         "timing {} graph-API plans (batch {rows})",
@@ -502,6 +522,7 @@ fn time_graph_plans(
         arena,
         ws_limit,
         &op,
+        search,
         |plan, [bx, by], ws| {
             // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
             // workspace holds ≥ plan.ws bytes; FP8 runs only on capable stages (with filters).
@@ -527,6 +548,7 @@ fn time_plans(
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
     op: &str,
+    search: &mut PlanSearch,
     mut exec: impl FnMut(
         &GraphPlan,
         &[CudaSlice<f16>; 2],
@@ -534,16 +556,23 @@ fn time_plans(
     ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>>,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let mut best: Option<(GraphPlan, f32)> = None;
-    for plan in graph.plans(dnn, ws_limit) {
+    for plan in graph.plans(dnn, ws_limit, search) {
         grow_workspace(dev, arena.workspace, plan.ws)?;
         let (bufs, ws) = (arena.bufs, &*arena.workspace);
         let mut once = || exec(&plan, bufs, ws);
-        if once()?.is_err() {
-            continue;
-        }
-        let Ok(ms) = timer.median_ms(dev, op, &mut once)? else {
-            continue;
+        let ran = match once()? {
+            Ok(()) => timer.median_ms(dev, op, &mut once)?,
+            Err(e) => Err(e),
         };
+        let ms = match ran {
+            Ok(ms) => ms,
+            Err(e) => {
+                search.execute_failed += 1;
+                search.error(format!("executing engine config #{}: {e}", plan.index));
+                continue;
+            }
+        };
+        search.timed += 1;
         if best.as_ref().is_none_or(|b| ms < b.1) {
             best = Some((plan, ms));
         }

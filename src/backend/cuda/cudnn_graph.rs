@@ -358,12 +358,7 @@ impl ConvGraph {
         })
     }
 
-    /// Every engine configuration cuDNN offers for this graph from `mode`, best first (none if
-    /// the mode fails, e.g. nothing supports the graph).
-    fn engine_configs(&self, mode: sys::cudnnBackendHeurMode_t) -> Vec<Desc> {
-        self.heuristic(mode).unwrap_or_default()
-    }
-
+    /// Every engine configuration cuDNN offers for this graph from `mode`, best first.
     fn heuristic(&self, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Desc>, CudnnError> {
         let heur = Desc::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
         heur.set_descs(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&self.graph])?
@@ -416,7 +411,8 @@ impl ConvGraph {
     /// [`HEURISTIC_PLANS`] that finalize with workspace ≤ `ws_cap` among heuristics mode A's
     /// configurations, then the first [`FALLBACK_PLANS`] of the fallback list's. `index` in each
     /// plan is its configuration's position (mode A's first, then the fallback list's).
-    pub fn plans(&self, handle: &Handle, ws_cap: usize) -> Vec<GraphPlan> {
+    /// `search` counts what happened on the way (for the report).
+    pub fn plans(&self, handle: &Handle, ws_cap: usize, search: &mut PlanSearch) -> Vec<GraphPlan> {
         let mut out = Vec::new();
         let mut index = 0;
         for (mode, cap) in [
@@ -430,12 +426,26 @@ impl ConvGraph {
             ),
         ] {
             let before = out.len();
-            for cfg in self.engine_configs(mode) {
+            let cfgs = match self.heuristic(mode) {
+                Ok(cfgs) => cfgs,
+                Err(e) => {
+                    // This mode offers nothing (e.g. no engine supports the graph).
+                    search.error(format!("heuristics {mode:?}: {e}"));
+                    continue;
+                }
+            };
+            search.offered += cfgs.len();
+            for cfg in cfgs {
                 if out.len() - before == cap {
                     break;
                 }
-                if let Some(plan) = self.plan(handle, cfg, index, ws_cap) {
-                    out.push(plan);
+                match self.plan(handle, cfg, index, ws_cap) {
+                    Ok(Some(plan)) => out.push(plan),
+                    Ok(None) => search.over_workspace += 1,
+                    Err(e) => {
+                        search.finalize_failed += 1;
+                        search.error(format!("finalizing engine config #{index}: {e}"));
+                    }
                 }
                 index += 1;
             }
@@ -443,28 +453,76 @@ impl ConvGraph {
         out
     }
 
-    /// The execution plan of one engine configuration, if it finalizes within `ws_cap` bytes of
-    /// workspace.
-    fn plan(&self, handle: &Handle, cfg: Desc, index: usize, ws_cap: usize) -> Option<GraphPlan> {
-        let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR).ok()?;
+    /// The execution plan of one engine configuration; None if it needs more than `ws_cap`
+    /// bytes of workspace.
+    fn plan(
+        &self,
+        handle: &Handle,
+        cfg: Desc,
+        index: usize,
+        ws_cap: usize,
+    ) -> Result<Option<GraphPlan>, CudnnError> {
+        let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
         plan.set(
             Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
             Ty::CUDNN_TYPE_HANDLE,
             &[handle.raw()],
-        )
-        .and_then(|p| p.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg]))
-        .and_then(|p| p.finalize())
-        .ok()?;
+        )?
+        .set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg])?
+        .finalize()?;
         let ws = plan
-            .get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
-            .ok()?
+            .get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?
             .max(0) as usize;
-        (ws <= ws_cap).then_some(GraphPlan {
+        Ok((ws <= ws_cap).then_some(GraphPlan {
             plan,
             _cfg: cfg,
             ws,
             index,
             fp8: self.fp8,
+        }))
+    }
+}
+
+/// What the plan searches of one kind (FP16 or FP8 graphs) met, for the report: a one-shot GPU
+/// run must tell why a kind of plan never ran, not only that it did not.
+#[derive(Clone, Debug, Default)]
+pub struct PlanSearch {
+    /// Operation graphs built, and those cuDNN refused to build.
+    pub graphs: usize,
+    pub graph_failed: usize,
+    /// Engine configurations the heuristics offered.
+    pub offered: usize,
+    /// Configurations that did not finalize, or needed more workspace than allowed.
+    pub finalize_failed: usize,
+    pub over_workspace: usize,
+    /// Plans that failed to execute when tried, and plans timed.
+    pub execute_failed: usize,
+    pub timed: usize,
+    /// The first few distinct errors.
+    pub errors: Vec<String>,
+}
+
+impl PlanSearch {
+    /// Keep `what` if it is new and there is room (printed with `SCORECAM_CUDA_VERBOSE=1`).
+    pub fn error(&mut self, what: String) {
+        if super::device::verbose() {
+            eprintln!("cuda: graph API: {what}");
+        }
+        if self.errors.len() < 8 && !self.errors.contains(&what) {
+            self.errors.push(what);
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "graphs_built": self.graphs,
+            "graphs_refused": self.graph_failed,
+            "configs_offered": self.offered,
+            "finalize_failed": self.finalize_failed,
+            "over_workspace": self.over_workspace,
+            "execute_failed": self.execute_failed,
+            "plans_timed": self.timed,
+            "errors": self.errors,
         })
     }
 }

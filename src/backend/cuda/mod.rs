@@ -1002,6 +1002,10 @@ impl Backend for CudaBackend {
             "image_batch_sizes": p.images.sizes(),
             "plans_built_on_first_use": p.convs.built_on_first_use,
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
+            "graph_api_search": {
+                "fp16": p.convs.graph_search.to_json(),
+                "fp8": p.convs.fp8_search.to_json(),
+            },
             "workspace_bytes": p.workspace.len(),
             "prefix": {
                 "end_stage": p.prefix.map(|x| x.end),
