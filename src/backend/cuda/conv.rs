@@ -504,7 +504,9 @@ fn time_graph_plans(
         Ok(g) => g,
         Err(e) => {
             search.graph_failed += 1;
-            search.error(format!("building the graph {dims:?} (rows, cin, cout, h, w): {e}"));
+            search.error(format!(
+                "building the graph {dims:?} (rows, cin, cout, h, w): {e}"
+            ));
             return Ok(None);
         }
     };
