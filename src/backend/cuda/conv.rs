@@ -308,6 +308,7 @@ pub(super) fn plan_all(
                         &mut arena,
                         ws_limit,
                         None,
+                        false,
                         &mut out.graph_search,
                     )?;
                     graph_spent += started.elapsed();
@@ -325,24 +326,32 @@ pub(super) fn plan_all(
                 });
                 let fp8_plan = match fp8.as_mut() {
                     Some(f) if fp8_wanted && fp8_spent < GRAPH_API_BUDGET => {
-                        let run = Fp8Run {
-                            kernels,
-                            state: &mut *f.state,
-                            stage: key.stage,
-                        };
                         let started = Instant::now();
-                        let p = time_graph_plans(
-                            dev,
-                            dnn,
-                            &timer,
-                            layer,
-                            d,
-                            key.rows,
-                            &mut arena,
-                            ws_limit,
-                            Some(run),
-                            &mut out.fp8_search,
-                        )?;
+                        // FP16 bias first; should no engine take it, an f32 bias.
+                        let mut p = None;
+                        for bias_f32 in [false, true] {
+                            let run = Fp8Run {
+                                kernels,
+                                state: &mut *f.state,
+                                stage: key.stage,
+                            };
+                            p = time_graph_plans(
+                                dev,
+                                dnn,
+                                &timer,
+                                layer,
+                                d,
+                                key.rows,
+                                &mut arena,
+                                ws_limit,
+                                Some(run),
+                                bias_f32,
+                                &mut out.fp8_search,
+                            )?;
+                            if p.is_some() {
+                                break;
+                            }
+                        }
                         fp8_spent += started.elapsed();
                         p
                     }
@@ -473,7 +482,11 @@ impl Fp8Run<'_> {
         let p = GraphPtrs {
             x: ptr(&st.x8, s),
             w: ptr(filter, s),
-            bias: ptr(&layer.bias, s),
+            bias: if plan.bias_f32 {
+                ptr(&layer.bias32, s)
+            } else {
+                ptr(&layer.bias, s)
+            },
             y: ptr(y, s),
             ws: ptr(ws, s),
             descale: ptr(&st.scales.slice(SCALE_STRIDE * i..SCALE_STRIDE * i + 1), s),
@@ -497,10 +510,11 @@ fn time_graph_plans(
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
     mut fp8: Option<Fp8Run<'_>>,
+    bias_f32: bool,
     search: &mut PlanSearch,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let dims = [rows, layer.cin_s, layer.cout, d.in_h, d.in_w];
-    let graph = match ConvGraph::conv_bias_relu(dnn, dims, fp8.is_some()) {
+    let graph = match ConvGraph::conv_bias_relu(dnn, dims, fp8.is_some(), bias_f32) {
         Ok(g) => g,
         Err(e) => {
             search.graph_failed += 1;

@@ -6,7 +6,7 @@
 //! configurations and keeps the fastest per (layer, batch size).
 //!
 //! Tensors are FP16 NHWC (dims in N,C,H,W order with NHWC strides), filters KRSC, the bias
-//! `[1, C, 1, 1]`; compute in f32. Every descriptor is an owned wrapper whose `Drop` never
+//! `[1, C, 1, 1]` (FP16, or f32 in the second form of an FP8 graph); compute in f32. Every descriptor is an owned wrapper whose `Drop` never
 //! panics.
 
 use std::ffi::c_void;
@@ -219,6 +219,8 @@ pub struct ConvGraph {
     graph: Desc,
     /// The FP8 variant (its variant pack carries the descale).
     fp8: bool,
+    /// The bias is f32 (else FP16).
+    bias_f32: bool,
     _parts: Vec<Desc>,
 }
 
@@ -226,11 +228,13 @@ impl ConvGraph {
     /// `x` `[n, cin, h, w]`, `w` `[cout, cin, 3, 3]` KRSC, `b` `[1, cout, 1, 1]`, `y`
     /// `[n, cout, h, w]`, all FP16; or, with `fp8`, `x` and `w` E4M3 and the convolution's f32
     /// output multiplied by the descale (an f32 `[1, 1, 1, 1]` tensor in device memory: input
-    /// scale × weight scale) before the bias and the ReLU.
+    /// scale × weight scale) before the bias and the ReLU. With `bias_f32` the bias is f32 (a
+    /// second form for FP8 graphs, should an engine refuse the first).
     pub fn conv_bias_relu(
         handle: &Handle,
         [n, cin, cout, h, w]: [usize; 5],
         fp8: bool,
+        bias_f32: bool,
     ) -> Result<ConvGraph, CudnnError> {
         let half = sys::cudnnDataType_t::CUDNN_DATA_HALF;
         let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
@@ -242,7 +246,12 @@ impl ConvGraph {
         let (n, cin, cout, h, w) = (n as i64, cin as i64, cout as i64, h as i64, w as i64);
         let x = tensor(UID_X, input, [n, cin, h, w], false)?;
         let wt = tensor(UID_W, input, [cout, cin, 3, 3], false)?;
-        let b = tensor(UID_B, half, [1, cout, 1, 1], false)?;
+        let b = tensor(
+            UID_B,
+            if bias_f32 { float } else { half },
+            [1, cout, 1, 1],
+            false,
+        )?;
         let y = tensor(UID_Y, half, [n, cout, h, w], false)?;
         let conv_out = tensor(UID_CONV_OUT, float, [n, cout, h, w], true)?;
         let bias_out = tensor(UID_BIAS_OUT, float, [n, cout, h, w], true)?;
@@ -354,6 +363,7 @@ impl ConvGraph {
         Ok(ConvGraph {
             graph,
             fp8,
+            bias_f32,
             _parts: parts,
         })
     }
@@ -479,6 +489,7 @@ impl ConvGraph {
             ws,
             index,
             fp8: self.fp8,
+            bias_f32: self.bias_f32,
         }))
     }
 }
@@ -536,6 +547,8 @@ pub struct GraphPlan {
     /// list's).
     pub index: usize,
     fp8: bool,
+    /// Its graph's bias is f32: the execution passes the f32 copy.
+    pub bias_f32: bool,
 }
 
 /// Device addresses of one execution.

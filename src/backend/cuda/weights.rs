@@ -18,6 +18,8 @@ pub(super) struct DevConv {
     pub cout: usize,
     pub filter: CudaSlice<f16>,
     pub bias: CudaSlice<f16>,
+    /// The bias in f32, for FP8 graphs whose engines want it so.
+    pub bias32: CudaSlice<f32>,
     pub wdesc: FilterDesc,
     pub bdesc: TensorDesc,
 }
@@ -52,7 +54,8 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>) -> Result<DevModel> {
                 let host = layout::conv_filter_krsc(&l.weight, l.cout, l.cin, cs);
                 let filter = dev.upload(&host, &format!("{name}.weight"))?;
                 let bias = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
-                bytes += filter.num_bytes() + bias.num_bytes();
+                let bias32 = dev.upload(&l.bias, &format!("{name}.bias (f32)"))?;
+                bytes += filter.num_bytes() + bias.num_bytes() + bias32.num_bytes();
                 let wdesc = FilterDesc::nhwc_f16(l.cout, cs, 3, 3)
                     .map_err(|e| dnn_err(&format!("{name}: filter descriptor"), e))?;
                 let bdesc = TensorDesc::nhwc_f16(1, l.cout, 1, 1)
@@ -62,6 +65,7 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>) -> Result<DevModel> {
                     cout: l.cout,
                     filter,
                     bias,
+                    bias32,
                     wdesc,
                     bdesc,
                 }));
