@@ -261,7 +261,7 @@ pub(super) fn plan_all(
         let t = match tuned.get(&shape) {
             Some(t) => t.clone(),
             None => {
-                let cands =
+                let mut cands =
                     cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
                         .map_err(|e| dnn_err(&op, e))?;
                 let take = if key.rows == graph.1 {
@@ -270,7 +270,15 @@ pub(super) fn plan_all(
                     TIMED_CANDIDATES
                 };
                 let need = timed_subset(&cands, take).map(|c| c.ws).max().unwrap_or(0);
-                grow_workspace(dev, arena.workspace, need)?;
+                if let Err(e) = grow_workspace(dev, arena.workspace, need) {
+                    // Memory is tight: time only the candidates the workspace already holds
+                    // (the workhorse needs little); none left is the out-of-memory error.
+                    let have = arena.workspace.len();
+                    cands.retain(|c| c.ws <= have);
+                    if !matches!(e, Error::OutOfMemory(_)) || cands.is_empty() {
+                        return Err(e);
+                    }
+                }
                 let act = if key.identity { acts.1 } else { acts.0 };
                 let descs = (&xd, &yd, &cd);
                 let (legacy, legacy_ms, timed) = time_candidates(
@@ -573,7 +581,15 @@ fn time_plans(
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let mut best: Option<(GraphPlan, f32)> = None;
     for plan in graph.plans(dnn, ws_limit, search) {
-        grow_workspace(dev, arena.workspace, plan.ws)?;
+        match grow_workspace(dev, arena.workspace, plan.ws) {
+            Ok(()) => {}
+            // An optional plan: one whose workspace does not fit is passed over.
+            Err(Error::OutOfMemory(_)) => {
+                search.over_workspace += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         let (bufs, ws) = (arena.bufs, &*arena.workspace);
         let mut once = || exec(&plan, bufs, ws);
         let ran = match once()? {

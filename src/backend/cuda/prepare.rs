@@ -153,11 +153,15 @@ impl CudaBackend {
         let masks = BatchLadder::new(plan.max_masks, LADDER_STEPS);
         let images = BatchLadder::new(plan.max_images, LADDER_STEPS);
         let end = prefix_end(model, &dims);
+        // Under FP8 only sub-batches of a mask-ladder size: FP8 plans exist only at those, and
+        // the prefix is timed before any FP8 scales exist, so a smaller sub-batch would win that
+        // timing in FP16 and then keep blocks 1–2 out of FP8.
         let subs: Vec<usize> = match end {
             Some(_) => PREFIX_ROWS
                 .iter()
                 .copied()
                 .filter(|&r| r < plan.max_masks && plan.max_masks.is_multiple_of(r))
+                .filter(|r| self.precision != Precision::Fp8 || masks.sizes().contains(r))
                 .collect(),
             None => Vec::new(),
         };
@@ -210,9 +214,6 @@ impl CudaBackend {
                 1.0,
             )?;
         }
-        // The workspace grows during the tuning to what each timed candidate needs.
-        let ws_limit = conv::ws_cap(dev)?;
-        let mut workspace = dev.alloc::<u8>(0, "cuDNN workspace")?;
         let mut fp8 = match self.precision {
             Precision::Fp8 => Some(Fp8State::new(
                 dev,
@@ -224,6 +225,10 @@ impl CudaBackend {
             )?),
             Precision::Fp16 => None,
         };
+        // The workspace grows during the tuning to what each timed candidate needs, within what
+        // is free once everything else is allocated.
+        let ws_limit = conv::ws_cap(dev)?;
+        let mut workspace = dev.alloc::<u8>(0, "cuDNN workspace")?;
         let (convs, ws_used) = conv::plan_all(
             dev,
             &self.dnn,
@@ -272,7 +277,13 @@ impl CudaBackend {
                     eprintln!("cuda: blocks 1–2 not timed in sub-batches ({m})")
                 }
                 Err(Error::OutOfMemory(_)) => {}
-                r => r?,
+                Err(e) => {
+                    // A failed prepare leaves the backend unprepared.
+                    self.graphs.clear();
+                    self.prep = None;
+                    return Err(e);
+                }
+                Ok(()) => {}
             }
         }
         Ok(())

@@ -197,8 +197,8 @@ impl Kernels {
         &self.arch
     }
 
-    /// `rgb` u8 `[S, S, 3]` HWC → `out` f16 `[S, S, cpad]` NHWC with `(x/255 − mean[c])/std[c]`
-    /// inside cover the rest).
+    /// A grid-stride launch over `units` work items: blocks of [`BLOCK`] threads, at most 32 per
+    /// SM (the loop inside covers the rest).
     fn grid_stride(&self, units: usize) -> LaunchConfig {
         let cap = (self.sm_count as usize).saturating_mul(32).max(1);
         let blocks = units.div_ceil(BLOCK as usize).clamp(1, cap);
