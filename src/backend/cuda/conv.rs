@@ -38,8 +38,19 @@ pub(super) const TIMED_RUNS: usize = 3;
 
 /// Wall time `prepare` may spend building and timing graph-API plans (their finalization can
 /// compile kernels) before the remaining layers keep the legacy API; FP8 plans have as much
-/// again.
+/// again. `SCORECAM_GRAPH_BUDGET_S` sets another (seconds, e.g. shorter for tests).
 const GRAPH_API_BUDGET: Duration = Duration::from_secs(20);
+
+/// [`GRAPH_API_BUDGET`], or `SCORECAM_GRAPH_BUDGET_S` when it is a number of seconds ≥ 0.
+fn graph_api_budget() -> Duration {
+    parse_budget(std::env::var("SCORECAM_GRAPH_BUDGET_S").ok().as_deref())
+}
+
+fn parse_budget(v: Option<&str>) -> Duration {
+    v.and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(GRAPH_API_BUDGET, Duration::from_secs_f64)
+}
 
 /// Steps of a batch ladder: a remainder batch wastes at most `max / LADDER_STEPS` rows.
 pub(super) const LADDER_STEPS: usize = 8;
@@ -244,6 +255,7 @@ pub(super) fn plan_all(
     // Time spent finalizing and timing graph-API plans, FP16 and FP8 apart: each has its own
     // budget, so FP16 graphs never use up `--precision fp8`'s.
     let (mut graph_spent, mut fp8_spent) = (Duration::ZERO, Duration::ZERO);
+    let budget = graph_api_budget();
     for &key in keys {
         let layer = convs[key.stage].as_ref().ok_or_else(|| {
             Error::Invalid(format!("features stage {} is not a convolution", key.stage))
@@ -300,7 +312,7 @@ pub(super) fn plan_all(
                     };
                 // Finalizing graph plans may compile kernels: past the budget, the remaining
                 // layers keep the legacy API (counted in the report).
-                let try_graph = wanted && graph_spent < GRAPH_API_BUDGET;
+                let try_graph = wanted && graph_spent < budget;
                 if wanted && !try_graph {
                     out.graph_skipped += 1;
                 }
@@ -333,7 +345,7 @@ pub(super) fn plan_all(
                         && f.state.filters[key.stage].is_some()
                 });
                 let fp8_plan = match fp8.as_mut() {
-                    Some(f) if fp8_wanted && fp8_spent < GRAPH_API_BUDGET => {
+                    Some(f) if fp8_wanted && fp8_spent < budget => {
                         let started = Instant::now();
                         // FP16 bias first; should no engine take it, an f32 bias.
                         let mut p = None;
@@ -1063,5 +1075,16 @@ mod tests {
         let all: Vec<_> = timed_subset(&cands, usize::MAX).collect();
         assert_eq!(all.len(), cands.len());
         assert_eq!(all[4].algo, A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING);
+    }
+
+    #[test]
+    fn the_graph_budget_reads_seconds_and_ignores_the_rest() {
+        assert_eq!(parse_budget(None), GRAPH_API_BUDGET);
+        assert_eq!(parse_budget(Some(" 8 ")), Duration::from_secs(8));
+        assert_eq!(parse_budget(Some("0.5")), Duration::from_millis(500));
+        assert_eq!(parse_budget(Some("0")), Duration::ZERO);
+        for bad in ["", "-1", "ten", "inf", "NaN"] {
+            assert_eq!(parse_budget(Some(bad)), GRAPH_API_BUDGET, "{bad:?}");
+        }
     }
 }
