@@ -636,9 +636,15 @@ fn fp8_maps_correlate_with_fp16() {
 
 /// The FP8 masked forward against its CPU twin (`CpuBackend::emulate_fp8`: the same layers
 /// quantized, scales from the same base forward), FP8 preferred wherever a plan runs. What
-/// separates them is FP16 storage moving a few values across E4M3 rounding boundaries (≈ 2⁻⁸ of
-/// them, by one E4M3 step), so the GPU must sit far closer to the twin than to f32: a layer
-/// left unquantized, a wrong scale or a misread filter shows up as an FP8-sized error.
+/// separates them is FP16 storage moving a few values across E4M3 rounding boundaries, so the
+/// GPU must sit far closer to the twin than to f32: a layer left unquantized, a stale or wrong
+/// scale or a misread filter shows up as an FP8-sized error.
+///
+/// Two FP8 layers, not VGG16's twelve: each flipped rounding perturbs the next layer's input and
+/// so its roundings, and over twelve layers the two FP8 noises all but decorrelate. Simulated on
+/// the CPU (FP16 storage modelled): GPU-to-twin NMSE 0.02–0.08 of GPU-to-f32 for this shape over
+/// four seeds, 0.24–0.27 for four FP8 layers, 0.7 for VGG16; replaying round 1's scales in
+/// round 2 gives 0.35–1.7.
 fn fp8_forward_matches_the_cpu_twin() {
     use scorecam_gpu::backend::Precision;
     let mut g = gpu();
@@ -648,8 +654,15 @@ fn fp8_forward_matches_the_cpu_twin() {
         return;
     }
     g.prefer_fp8(true);
-    let model = Arc::new(Vgg::random_vgg16(0));
-    let (s, n, m) = (224, 2, 4);
+    // conv 3 → 64 (FP16), conv 64 → 128 (FP8), pool, conv 128 → 128 (FP8), pool, head.
+    let model = Arc::new(Vgg::random_from_config(
+        &[64, 128, 0, 128, 0],
+        &[64, 10],
+        2,
+        32,
+    ));
+    let (s, n, m) = (32, 2, 4);
+    let classes = model.num_classes();
     let cap = model.default_capture();
     let p = plan(&model, n, m, cap);
     g.prepare(&model, p).unwrap();
@@ -688,7 +701,7 @@ fn fp8_forward_matches_the_cpu_twin() {
     let mut gx = g.upload_f32(&[n, 3, s, s], &base).unwrap();
     let gm = g.upload_f32(&[m, 3, s, s], &masked).unwrap();
     let mut gacts = g.alloc(&acts_shape).unwrap();
-    let mut gl = g.alloc(&[m, 1000]).unwrap();
+    let mut gl = g.alloc(&[m, classes]).unwrap();
     // Round 2's base images are round 1's × 0.7, so every scale changes (by no power of two,
     // which the E4M3 grid would not see): the masked forward, captured in round 1, must replay
     // with the new scales.
@@ -702,7 +715,7 @@ fn fp8_forward_matches_the_cpu_twin() {
             let x = cpu_buf(&[n, 3, s, s], base_r.clone());
             let xm = cpu_buf(&[m, 3, s, s], masked.clone());
             let mut acts = b.alloc(&acts_shape).unwrap();
-            let mut l = b.alloc(&[m, 1000]).unwrap();
+            let mut l = b.alloc(&[m, classes]).unwrap();
             b.forward(&x, n, &mut l, Some(&mut acts)).unwrap();
             b.forward(&xm, m, &mut l, None).unwrap();
             b.download(&l, m).unwrap()
@@ -717,7 +730,7 @@ fn fp8_forward_matches_the_cpu_twin() {
             g.report()["graphs"]
         );
         assert!(
-            to_twin <= to_f32 / 8.0,
+            to_twin <= to_f32 / 4.0,
             "round {round}: the FP8 forward is not the designed one: NMSE {to_twin:.2e} to its \
              twin, {to_f32:.2e} to f32"
         );
