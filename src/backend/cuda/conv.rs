@@ -252,9 +252,8 @@ pub(super) fn plan_all(
     let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
     let mut ws_used = 0;
     let timer = EventPair::new(dev)?;
-    // Time spent finalizing and timing graph-API plans, FP16 and FP8 apart: each has its own
-    // budget, so FP16 graphs never use up `--precision fp8`'s.
-    let (mut graph_spent, mut fp8_spent) = (Duration::ZERO, Duration::ZERO);
+    // Time spent finalizing and timing graph-API plans is counted per kind (`PlanSearch::spent`):
+    // FP16 and FP8 each have the budget, so FP16 graphs never use up `--precision fp8`'s.
     let budget = graph_api_budget();
     for &key in keys {
         let layer = convs[key.stage].as_ref().ok_or_else(|| {
@@ -312,27 +311,23 @@ pub(super) fn plan_all(
                     };
                 // Finalizing graph plans may compile kernels: past the budget, the remaining
                 // layers keep the legacy API (counted in the report).
-                let try_graph = wanted && graph_spent < budget;
+                let try_graph = wanted && out.graph_search.spent < budget;
                 if wanted && !try_graph {
                     out.graph_skipped += 1;
                 }
-                let graph = if try_graph {
+                // This key's graph-API plans (FP16, or FP8 with `run`), their time counted
+                // against their kind's budget.
+                let mut time_graph = |run: Option<Fp8Run>, bias_f32, search: &mut PlanSearch| {
                     let started = Instant::now();
-                    let g = time_graph_plans(
-                        dev,
-                        dnn,
-                        &timer,
-                        layer,
-                        d,
-                        key.rows,
-                        &mut arena,
-                        ws_limit,
-                        None,
-                        false,
-                        &mut out.graph_search,
-                    )?;
-                    graph_spent += started.elapsed();
-                    g.map(|(g, ms)| {
+                    let timed = time_graph_plans(
+                        dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, run, bias_f32,
+                        search,
+                    );
+                    search.spent += started.elapsed();
+                    timed
+                };
+                let graph = if try_graph {
+                    time_graph(None, false, &mut out.graph_search)?.map(|(g, ms)| {
                         let name = format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
                         (g, ms, name)
                     })
@@ -345,8 +340,7 @@ pub(super) fn plan_all(
                         && f.state.filters[key.stage].is_some()
                 });
                 let fp8_plan = match fp8.as_mut() {
-                    Some(f) if fp8_wanted && fp8_spent < budget => {
-                        let started = Instant::now();
+                    Some(f) if fp8_wanted && out.fp8_search.spent < budget => {
                         // FP16 bias first; should no engine take it, an f32 bias.
                         let mut p = None;
                         for bias_f32 in [false, true] {
@@ -355,24 +349,11 @@ pub(super) fn plan_all(
                                 state: &mut *f.state,
                                 stage: key.stage,
                             };
-                            p = time_graph_plans(
-                                dev,
-                                dnn,
-                                &timer,
-                                layer,
-                                d,
-                                key.rows,
-                                &mut arena,
-                                ws_limit,
-                                Some(run),
-                                bias_f32,
-                                &mut out.fp8_search,
-                            )?;
+                            p = time_graph(Some(run), bias_f32, &mut out.fp8_search)?;
                             if p.is_some() {
                                 break;
                             }
                         }
-                        fp8_spent += started.elapsed();
                         p
                     }
                     _ => {

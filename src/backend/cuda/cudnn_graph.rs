@@ -509,6 +509,8 @@ pub struct PlanSearch {
     /// Plans that failed to execute when tried, and plans timed.
     pub execute_failed: usize,
     pub timed: usize,
+    /// Wall time spent building, finalizing and timing (what the budget limits).
+    pub spent: std::time::Duration,
     /// The first few distinct errors.
     pub errors: Vec<String>,
 }
@@ -533,6 +535,7 @@ impl PlanSearch {
             "over_workspace": self.over_workspace,
             "execute_failed": self.execute_failed,
             "plans_timed": self.timed,
+            "seconds": self.spent.as_secs_f64(),
             "errors": self.errors,
         })
     }
