@@ -117,6 +117,29 @@ impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
         }
         Ok(self.0.as_mut().expect("allocated above"))
     }
+
+    /// Room for `len` elements keeping the first `keep`: a smaller buffer is replaced by one of
+    /// at least twice its size, the kept elements copied over on the stream (the host does not
+    /// wait; the old buffer is freed in stream order after the copy).
+    pub(super) fn grow_keeping(
+        &mut self,
+        dev: &Dev,
+        len: usize,
+        keep: usize,
+        what: &str,
+    ) -> Result<&mut CudaSlice<T>> {
+        let have = self.0.as_ref().map_or(0, |s| s.len());
+        if have < len {
+            let mut bigger = dev.alloc::<T>(len.max(2 * have), what)?;
+            if let Some(old) = self.0.as_ref().filter(|_| keep > 0) {
+                dev.stream
+                    .memcpy_dtod(&old.slice(..keep), &mut bigger.slice_mut(..keep))
+                    .map_err(|e| drv_err(&format!("growing the {what}"), e))?;
+            }
+            self.0 = Some(bigger);
+        }
+        Ok(self.0.as_mut().expect("allocated above"))
+    }
 }
 
 /// Context, stream and memory facts shared by the helpers.

@@ -877,25 +877,11 @@ impl Backend for CudaBackend {
         let t = check_scores(logits, n, targets)?;
         let dev = &self.dev;
         let sc = &mut self.scratch;
-        let end = sc.pending_len + n * t;
-        let have = sc.pending.0.as_ref().map_or(0, |p| p.len());
-        if have < end {
-            // Grow on the device, doubling: what is pending is copied in stream order, so the
-            // host never waits before the group's one download.
-            let mut bigger =
-                dev.alloc::<f32>(end.max(2 * have).max(4 * n * t), "pending scores")?;
-            if let Some(old) = sc.pending.0.as_ref().filter(|_| sc.pending_len > 0) {
-                dev.stream
-                    .memcpy_dtod(
-                        &old.slice(..sc.pending_len),
-                        &mut bigger.slice_mut(..sc.pending_len),
-                    )
-                    .map_err(|e| drv_err("growing the pending scores", e))?;
-            }
-            sc.pending.0 = Some(bigger);
-        }
         let start = sc.pending_len;
-        let pending = sc.pending.0.as_mut().expect("sized above");
+        let end = start + n * t;
+        // Growing (doubling) keeps what is pending on the device: the host waits only at
+        // take_scores. Prepare sizes it for a whole image group of two targets.
+        let pending = sc.pending.grow_keeping(dev, end, start, "pending scores")?;
         enqueue_scores(
             dev,
             &self.kernels,
