@@ -38,20 +38,21 @@ pub(super) struct CaptureTo<'a> {
     pub rows: usize,
 }
 
-/// Masked-forward batches captured as CUDA graphs, by (rows, input and logits addresses, FP8
-/// scales ready).
+/// Masked-forward batches captured as CUDA graphs, by what a graph bakes in or depends on: rows,
+/// the input, logits and cuDNN workspace addresses (a workspace replaced by a batch size planned
+/// on first use leaves the older graphs unmatched), FP8 scales ready.
 #[derive(Default)]
 pub(super) struct Graphs {
     pub enabled: bool,
-    cache: HashMap<(usize, u64, u64, bool), CudaGraph>,
+    cache: HashMap<GraphKey, CudaGraph>,
     pub captured: usize,
     pub replays: usize,
-    /// The cuDNN workspace the cached graphs were captured with: a graph bakes its address in,
-    /// so a workspace replaced since (a batch size planned on first use) drops them.
-    workspace: u64,
     /// Why graphs were turned off (a capture failed), for the report.
     pub disabled: Option<String>,
 }
+
+/// (rows, input, logits, workspace, FP8 scales ready).
+type GraphKey = (usize, u64, u64, u64, bool);
 
 /// Graphs kept at most (each holds its launches' parameters; a run uses a handful of keys).
 const MAX_GRAPHS: usize = 64;
@@ -97,20 +98,7 @@ impl Pass<'_> {
         if capture.is_some() || timer.is_some() || !graphs.enabled {
             return self.eager(x, rows, logits, capture, timer);
         }
-        let workspace = ptr(&self.prep.workspace, &self.dev.stream);
-        if graphs.workspace != workspace {
-            graphs.cache.clear();
-            graphs.workspace = workspace;
-        }
-        // FP8 plans run once scales exist: a graph captured before then is an FP16 one.
-        let fp8 = self.prep.fp8.as_ref().is_some_and(|f| f.ready);
-        let key = (
-            rows,
-            ptr(x, &self.dev.stream),
-            ptr(logits, &self.dev.stream),
-            fp8,
-        );
-        if let Some(graph) = graphs.cache.get(&key) {
+        if let Some(graph) = graphs.cache.get(&self.graph_key(x, rows, logits)) {
             graph
                 .launch()
                 .map_err(|e| drv_err(&format!("replaying the forward graph (batch {rows})"), e))?;
@@ -121,15 +109,12 @@ impl Pass<'_> {
         // whatever happens only once (a size planned on first use, a workspace grown, a
         // library's lazy start-up) happens outside the capture; then record it for next time.
         self.eager(x, rows, logits, None, None)?;
-        let workspace = ptr(&self.prep.workspace, &self.dev.stream);
-        if graphs.workspace != workspace {
-            graphs.cache.clear();
-            graphs.workspace = workspace;
-        }
         if graphs.cache.len() >= MAX_GRAPHS {
             // Buffers replaced over a long run leave graphs no key will match again.
             graphs.cache.clear();
         }
+        // The key after the run: it may have grown the workspace.
+        let key = self.graph_key(x, rows, logits);
         match self.capture(x, rows, logits) {
             Ok(g) => {
                 graphs.captured += 1;
@@ -145,6 +130,19 @@ impl Pass<'_> {
             }
         }
         Ok(())
+    }
+
+    fn graph_key(&self, x: &CudaSlice<f16>, rows: usize, logits: &CudaSlice<f32>) -> GraphKey {
+        let s = &self.dev.stream;
+        // FP8 plans run once scales exist: a graph captured before then is an FP16 one.
+        let fp8 = self.prep.fp8.as_ref().is_some_and(|f| f.ready);
+        (
+            rows,
+            ptr(x, s),
+            ptr(logits, s),
+            ptr(&self.prep.workspace, s),
+            fp8,
+        )
     }
 
     /// Record one forward of `rows` rows as a graph (nothing runs during the capture).
