@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::values;
+use common::{naive_conv3x3, values};
 use scorecam_gpu::backend::cpu::{self, CpuBackend};
 use scorecam_gpu::backend::{normal_noise, Backend, MaskItem, MaskStyle, Noise, Plan, Semantics};
 use scorecam_gpu::model::{Capture, FeatureStage, Vgg, POOLED};
@@ -30,33 +30,7 @@ fn conv3x3_matches_naive() {
         let wt = values(cout * cin * 9, 2);
         let b = values(cout, 3);
         let got = cpu::conv3x3(&x, n, cin, h, w, &wt, &b, cout);
-        let mut want = vec![0f32; n * cout * h * w];
-        for i in 0..n {
-            for o in 0..cout {
-                for y in 0..h {
-                    for xx in 0..w {
-                        let mut acc = b[o] as f64;
-                        for c in 0..cin {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (iy, ix) = (
-                                        y as isize + ky as isize - 1,
-                                        xx as isize + kx as isize - 1,
-                                    );
-                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                        continue;
-                                    }
-                                    acc += (wt[((o * cin + c) * 3 + ky) * 3 + kx]
-                                        * x[((i * cin + c) * h + iy as usize) * w + ix as usize])
-                                        as f64;
-                                }
-                            }
-                        }
-                        want[((i * cout + o) * h + y) * w + xx] = acc as f32;
-                    }
-                }
-            }
-        }
+        let want = naive_conv3x3(&x, n, cin, h, w, &wt, &b, cout);
         assert_close(
             &got,
             &want,

@@ -11,58 +11,15 @@ use std::sync::Arc;
 
 mod common;
 
-use common::{corr, values, Need};
+use common::{corr, naive_conv3x3, values, Need};
 use scorecam_gpu::backend::cpu::{self, CpuBackend, CpuBuf};
 use scorecam_gpu::backend::fp8::{
-    capable_stages, e4m3_from_f32, e4m3_to_f32, input_scale, weight_scale, Fp8Emulation,
+    capable_stages, fake_quantize, input_scale, weight_scale, Fp8Emulation,
 };
 use scorecam_gpu::backend::{Backend, Plan, Semantics};
 use scorecam_gpu::cam::{CamOptions, Explainer, Targets};
 use scorecam_gpu::image::{self, ResizeMode};
 use scorecam_gpu::model::{FeatureStage, Vgg, VGG16_CONFIG};
-
-/// E4M3 rounding of `v / scale`, back in the original units.
-fn fake_quant(v: f32, scale: f32) -> f32 {
-    e4m3_to_f32(e4m3_from_f32(v * (1.0 / scale))) * scale
-}
-
-/// Conv 3×3, pad 1, plus bias, by direct summation. `x` `[n, cin, h, w]`.
-#[allow(clippy::too_many_arguments)]
-fn naive_conv(
-    x: &[f32],
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    weight: &[f32],
-    bias: &[f32],
-    cout: usize,
-) -> Vec<f32> {
-    let mut y = vec![0f32; n * cout * h * w];
-    for b in 0..n {
-        for o in 0..cout {
-            for i in 0..h {
-                for j in 0..w {
-                    let mut acc = bias[o] as f64;
-                    for c in 0..cin {
-                        for r in 0..3 {
-                            for q in 0..3 {
-                                let (yy, xx) = (i + r, j + q);
-                                if yy < 1 || xx < 1 || yy > h || xx > w {
-                                    continue;
-                                }
-                                let v = x[((b * cin + c) * h + yy - 1) * w + xx - 1] as f64;
-                                acc += v * weight[((o * cin + c) * 3 + r) * 3 + q] as f64;
-                            }
-                        }
-                    }
-                    y[((b * cout + o) * h + i) * w + j] = acc as f32;
-                }
-            }
-        }
-    }
-    y
-}
 
 /// The forward by hand: every conv stage in `quantize` with its input rounded at `sx[stage]` and
 /// its filter at its own amax / 448; the head through the (separately tested) CPU ops. Returns
@@ -84,13 +41,13 @@ fn naive_forward(
                 let (xin, win): (Vec<f32>, Vec<f32>) = if quantize[i] {
                     let sw = l.weight.iter().fold(0f32, |m, v| m.max(v.abs())) / 448.0;
                     (
-                        a.iter().map(|&v| fake_quant(v, sx[i])).collect(),
-                        l.weight.iter().map(|&v| fake_quant(v, sw)).collect(),
+                        a.iter().map(|&v| fake_quantize(v, sx[i])).collect(),
+                        l.weight.iter().map(|&v| fake_quantize(v, sw)).collect(),
                     )
                 } else {
                     (a.clone(), l.weight.clone())
                 };
-                a = naive_conv(&xin, n, c, h, h, &win, &l.bias, l.cout);
+                a = naive_conv3x3(&xin, n, c, h, h, &win, &l.bias, l.cout);
                 a.iter_mut().for_each(|v| *v = v.max(0.0));
                 c = l.cout;
             }

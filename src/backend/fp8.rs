@@ -38,6 +38,12 @@ pub fn e4m3_to_f32(bits: u8) -> f32 {
     float8::F8E4M3::from_bits(bits).to_f32()
 }
 
+/// `v` rounded to E4M3 at `scale` and back: `q(v / scale)·scale`, the division a multiplication
+/// by `1 / scale` in f32 as the kernels do it.
+pub fn fake_quantize(v: f32, scale: f32) -> f32 {
+    e4m3_to_f32(e4m3_from_f32(v * (1.0 / scale))) * scale
+}
+
 /// Per feature stage: whether it may run in FP8. FP8 tensor-core convolutions want the stored
 /// channel counts in multiples of 16; the first conv's input is stored with
 /// [`CPAD`](super::cuda::CPAD) channels, so it stays FP16.
@@ -97,13 +103,7 @@ impl Fp8Emulation {
             .map(|(stage, &fp8)| match stage {
                 FeatureStage::Conv(l) if fp8 => {
                     let sw = weight_scale(&l.weight);
-                    let inv = 1.0 / sw;
-                    Some(
-                        l.weight
-                            .iter()
-                            .map(|&v| e4m3_to_f32(e4m3_from_f32(v * inv)) * sw)
-                            .collect(),
-                    )
+                    Some(l.weight.iter().map(|&v| fake_quantize(v, sw)).collect())
                 }
                 _ => None,
             })
@@ -154,13 +154,7 @@ impl Fp8Emulation {
     pub fn quantized(&self, stage: usize, x: &[f32]) -> Option<(Vec<f32>, &[f32])> {
         let filter = self.filters.get(stage)?.as_deref()?;
         let sx = self.input_scales.as_ref()?[stage];
-        // The multiplier in f32, as the kernel reads it: 1/sx, then x·(1/sx).
-        let inv = 1.0 / sx;
-        let xq = x
-            .iter()
-            .map(|&v| e4m3_to_f32(e4m3_from_f32(v * inv)) * sx)
-            .collect();
-        Some((xq, filter))
+        Some((x.iter().map(|&v| fake_quantize(v, sx)).collect(), filter))
     }
 }
 

@@ -23,6 +23,45 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Conv 3×3, pad 1, plus bias, by direct summation in f64 (the reference for the CPU conv and
+/// the FP8 twin). `x` `[n, cin, h, w]`.
+#[allow(clippy::too_many_arguments)]
+pub fn naive_conv3x3(
+    x: &[f32],
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    weight: &[f32],
+    bias: &[f32],
+    cout: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; n * cout * h * w];
+    for b in 0..n {
+        for o in 0..cout {
+            for i in 0..h {
+                for j in 0..w {
+                    let mut acc = bias[o] as f64;
+                    for c in 0..cin {
+                        for r in 0..3 {
+                            for q in 0..3 {
+                                let (yy, xx) = (i + r, j + q);
+                                if yy < 1 || xx < 1 || yy > h || xx > w {
+                                    continue;
+                                }
+                                let v = x[((b * cin + c) * h + yy - 1) * w + xx - 1] as f64;
+                                acc += v * weight[((o * cin + c) * 3 + r) * 3 + q] as f64;
+                            }
+                        }
+                    }
+                    y[((b * cout + o) * h + i) * w + j] = acc as f32;
+                }
+            }
+        }
+    }
+    y
+}
+
 /// Pearson correlation (1 when both are constant).
 pub fn corr(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
