@@ -2,6 +2,7 @@
 //! conv3×3 is im2col + the `gemm` crate, images of a batch run in parallel with rayon.
 //! Layout: NCHW f32 throughout (PyTorch's), so intermediate values can be compared with it.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -703,6 +704,23 @@ pub fn adaptive_bin(i: usize, n: usize, out: usize) -> (usize, usize) {
     (i * n / out, ((i + 1) * n).div_ceil(out))
 }
 
+/// The bins of AdaptiveAvgPool2d((oh, ow)) over an `h`×`w` plane, one per output in row-major
+/// order: its rows and its columns ([`adaptive_bin`]). Shared by the pool and its gradient.
+pub fn adaptive_bins(
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> impl Iterator<Item = (Range<usize>, Range<usize>)> {
+    (0..oh).flat_map(move |oy| {
+        let (y0, y1) = adaptive_bin(oy, h, oh);
+        (0..ow).map(move |ox| {
+            let (x0, x1) = adaptive_bin(ox, w, ow);
+            (y0..y1, x0..x1)
+        })
+    })
+}
+
 /// AdaptiveAvgPool2d((oh, ow)) with PyTorch's bins: `[start, end)` = `[⌊i·H/oh⌋, ⌈(i+1)·H/oh⌉)`.
 pub fn adaptive_avgpool(
     x: &[f32],
@@ -718,16 +736,13 @@ pub fn adaptive_avgpool(
     let mut y = vec![0f32; planes * oh * ow];
     y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, dst)| {
         let src = &x[p * h * w..][..h * w];
-        for oy in 0..oh {
-            let (y0, y1) = adaptive_bin(oy, h, oh);
-            for ox in 0..ow {
-                let (x0, x1) = adaptive_bin(ox, w, ow);
-                let mut sum = 0f32;
-                for yy in y0..y1 {
-                    sum += src[yy * w + x0..yy * w + x1].iter().sum::<f32>();
-                }
-                dst[oy * ow + ox] = sum / ((y1 - y0) * (x1 - x0)) as f32;
+        for (out, (ys, xs)) in dst.iter_mut().zip(adaptive_bins(h, w, oh, ow)) {
+            let area = (ys.len() * xs.len()) as f32;
+            let mut sum = 0f32;
+            for yy in ys {
+                sum += src[yy * w..][xs.clone()].iter().sum::<f32>();
             }
+            *out = sum / area;
         }
     });
     y

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{adaptive_avgpool, adaptive_bin, conv3x3, linear, matmul_acc};
+use super::cpu::{adaptive_avgpool, adaptive_bins, conv3x3, linear, matmul_acc};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
 
 /// What the backward of one layer needs from its forward.
@@ -205,16 +205,12 @@ fn adaptive_avgpool_backward(
     let mut dx = vec![0f32; c * h * w];
     dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
         let g = &dy[p * oh * ow..][..oh * ow];
-        for oy in 0..oh {
-            let (y0, y1) = adaptive_bin(oy, h, oh);
-            for ox in 0..ow {
-                let (x0, x1) = adaptive_bin(ox, w, ow);
-                let share = g[oy * ow + ox] / ((y1 - y0) * (x1 - x0)) as f32;
-                for yy in y0..y1 {
-                    dst[yy * w + x0..yy * w + x1]
-                        .iter_mut()
-                        .for_each(|v| *v += share);
-                }
+        for (&gi, (ys, xs)) in g.iter().zip(adaptive_bins(h, w, oh, ow)) {
+            let share = gi / (ys.len() * xs.len()) as f32;
+            for yy in ys {
+                dst[yy * w..][xs.clone()]
+                    .iter_mut()
+                    .for_each(|v| *v += share);
             }
         }
     });
