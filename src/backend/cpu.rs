@@ -10,7 +10,8 @@ use rayon::prelude::*;
 
 use crate::backend::fp8::Fp8Emulation;
 use crate::backend::{
-    median_per_layer, normal_noise, Backend, MaskItem, MaskStyle, Plan, Semantics, Stage,
+    median_per_layer, normal_noise, not_prepared, Backend, MaskItem, MaskStyle, Plan, Semantics,
+    Stage,
 };
 use crate::error::{Error, Result};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
@@ -71,7 +72,7 @@ impl CpuBackend {
     fn prepared(&self) -> Result<(&Vgg, Plan)> {
         match (&self.model, self.plan) {
             (Some(m), Some(p)) => Ok((m, p)),
-            _ => Err(not_prepared()),
+            _ => Err(not_prepared("CPU")),
         }
     }
 
@@ -79,7 +80,7 @@ impl CpuBackend {
     fn prepared_fp8(&mut self) -> Result<(&Vgg, Plan, Option<&mut Fp8Emulation>)> {
         match (&self.model, self.plan) {
             (Some(m), Some(p)) => Ok((m, p, self.fp8.as_mut())),
-            _ => Err(not_prepared()),
+            _ => Err(not_prepared("CPU")),
         }
     }
 }
@@ -332,10 +333,6 @@ impl Backend for CpuBackend {
 /// would be allocated lazily by the kernel (overcommit) and the process killed by the OOM killer
 /// mid-run instead of getting an error. The estimate: the forward's two ping-pong buffers at the
 /// largest stage, the caller's image/mask buffers, one im2col buffer per thread.
-fn not_prepared() -> Error {
-    Error::Invalid("CPU backend used before prepare()".into())
-}
-
 fn check_host_memory(model: &Vgg, plan: Plan) -> Result<()> {
     let Some(available) = host_memory_available() else {
         return Ok(());

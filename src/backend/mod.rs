@@ -16,6 +16,11 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::model::{Capture, Vgg};
 
+/// The error of an op called on a backend (`"CPU"`, `"CUDA"`) before `prepare`.
+pub(crate) fn not_prepared(backend: &str) -> crate::error::Error {
+    crate::error::Error::Invalid(format!("{backend} backend used before prepare()"))
+}
+
 /// How a channel's activations become an input mask and how its score is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Semantics {

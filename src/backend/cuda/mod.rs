@@ -53,7 +53,9 @@ use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::f16;
 use serde_json::json;
 
-use crate::backend::{Backend, MaskItem, MaskStyle, Plan, Precision, Semantics, Stage};
+use crate::backend::{
+    not_prepared, Backend, MaskItem, MaskStyle, Plan, Precision, Semantics, Stage,
+};
 use crate::error::{Error, Result};
 use crate::model::{MapShape, Vgg};
 
@@ -489,12 +491,8 @@ impl CudaBackend {
             graphs,
             ..
         } = self;
-        let prep = prep
-            .as_mut()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
-        let dm = model
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
+        let prep = prep.as_mut().ok_or_else(|| not_prepared("CUDA"))?;
+        let dm = model.as_ref().ok_or_else(|| not_prepared("CUDA"))?;
         Ok((
             Pass {
                 dev,
@@ -910,14 +908,8 @@ impl Backend for CudaBackend {
     fn layer_times(&mut self, x: &CudaBuf, rows: usize, reps: usize) -> Result<Vec<f64>> {
         self.bind()?;
         let dev = &self.dev;
-        let dm = self
-            .model
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
-        let prep = self
-            .prep
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?;
+        let dm = self.model.as_ref().ok_or_else(|| not_prepared("CUDA"))?;
+        let prep = self.prep.as_ref().ok_or_else(|| not_prepared("CUDA"))?;
         let s = prep.plan.input_size;
         if rows == 0 || rows > prep.rows_max {
             return Err(Error::Invalid(format!(
@@ -1019,7 +1011,7 @@ impl Backend for CudaBackend {
         let s = self
             .prep
             .as_ref()
-            .ok_or_else(|| Error::Invalid("CUDA backend used before prepare()".into()))?
+            .ok_or_else(|| not_prepared("CUDA"))?
             .plan
             .input_size;
         let [_, k, h, w] = acts.shape[..] else {
