@@ -1,6 +1,12 @@
 // Pooling on FP16 NHWC, f32 math inside.
 //   maxpool2: MaxPool2d(2, 2), floor; 8 channels (16 bytes) per thread when c % 8 == 0 and the
 //     pointers are aligned, else one channel per thread.
+//   maxpool2_e4m3: the same on E4M3 bytes (`--precision fp8`, between two FP8 convs whose
+//     activations stay E4M3): for values ≥ 0 the E4M3 codes 0x00..0x7E order like the values,
+//     so the max of the codes is the code of the max, and pooling after the quantization equals
+//     quantizing after the pooling. Inputs are post-ReLU; a code with the sign bit (−0, or a
+//     negative a ReLU would have zeroed) counts as 0. 16 channels per thread when c % 16 == 0
+//     and the pointers are aligned, else one.
 //   adaptive_avgpool: AdaptiveAvgPool2d((oh, ow)) with PyTorch's bins
 //     [floor(i·H/oh), ceil((i+1)·H/oh)); one output element per thread, channel fastest
 //     (coalesced); f32 sum divided by the bin size.
@@ -54,6 +60,68 @@ extern "C" __global__ void maxpool2(const f16raw* __restrict__ x, int n, int h, 
                                     f16raw* __restrict__ y) {
     if ((i64)n * (h / 2) * (w / 2) * c <= 0x7fffffffLL) maxpool2_body<int>(x, n, h, w, c, y);
     else maxpool2_body<i64>(x, n, h, w, c, y);
+}
+
+// The larger of two E4M3 codes of non-negative values; a code with the sign bit counts as 0.
+__device__ __forceinline__ u32 max_e4m3(u32 a, u32 b) {
+    a = (a & 0x80u) ? 0u : a;
+    b = (b & 0x80u) ? 0u : b;
+    return a > b ? a : b;
+}
+
+// max_e4m3 on each of the four bytes of two words.
+__device__ __forceinline__ u32 max_e4m3x4(u32 a, u32 b) {
+    u32 r = 0;
+#pragma unroll
+    for (int k = 0; k < 32; k += 8) r |= max_e4m3((a >> k) & 0xFFu, (b >> k) & 0xFFu) << k;
+    return r;
+}
+
+__device__ __forceinline__ u32 max_e4m3x4_of4(u32 a, u32 b, u32 d, u32 e) {
+    return max_e4m3x4(max_e4m3x4(a, b), max_e4m3x4(d, e));
+}
+
+template <typename I>
+__device__ __forceinline__ void maxpool2_e4m3_body(const unsigned char* __restrict__ x, int n,
+                                                   int h, int w, int c,
+                                                   unsigned char* __restrict__ y) {
+    const int oh = h / 2, ow = w / 2;
+    const bool vec = (c % 16) == 0 && is_aligned(x, 16) && is_aligned(y, 16);
+    const int cv = vec ? c / 16 : c;  // channel groups per pixel
+    const i64 total = (i64)n * oh * ow * cv;
+    for (i64 i = global_tid(); i < total; i += global_stride()) {
+        I r = (I)i;
+        const I g = r % cv;
+        r /= cv;
+        const I ox = r % ow;
+        r /= ow;
+        const I oy = r % oh;
+        const I img = r / oh;
+        const i64 base = (((i64)img * h + 2 * (i64)oy) * w + 2 * (i64)ox) * c;
+        const i64 row = (i64)w * c;
+        if (vec) {
+            const uint4 a = *(reinterpret_cast<const uint4*>(x + base) + g);
+            const uint4 b = *(reinterpret_cast<const uint4*>(x + base + c) + g);
+            const uint4 d = *(reinterpret_cast<const uint4*>(x + base + row) + g);
+            const uint4 e = *(reinterpret_cast<const uint4*>(x + base + row + c) + g);
+            uint4 m;
+            m.x = max_e4m3x4_of4(a.x, b.x, d.x, e.x);
+            m.y = max_e4m3x4_of4(a.y, b.y, d.y, e.y);
+            m.z = max_e4m3x4_of4(a.z, b.z, d.z, e.z);
+            m.w = max_e4m3x4_of4(a.w, b.w, d.w, e.w);
+            reinterpret_cast<uint4*>(y)[i] = m;
+        } else {
+            const i64 q = base + g;
+            y[i] = (unsigned char)max_e4m3(max_e4m3(x[q], x[q + c]),
+                                           max_e4m3(x[q + row], x[q + row + c]));
+        }
+    }
+}
+
+extern "C" __global__ void maxpool2_e4m3(const unsigned char* __restrict__ x, int n, int h, int w,
+                                         int c, unsigned char* __restrict__ y) {
+    if ((i64)n * (h / 2) * (w / 2) * c <= 0x7fffffffLL) maxpool2_e4m3_body<int>(x, n, h, w, c, y);
+    else maxpool2_e4m3_body<i64>(x, n, h, w, c, y);
 }
 
 template <typename I>

@@ -145,13 +145,31 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
             }
             if let Some(p) = plan(i).filter(|_| c.kind == LayerKind::Conv) {
-                for key in ["algo", "legacy_ms", "graph_ms", "fp8_ms"] {
+                for key in ["algo", "legacy_ms", "graph_ms", "fp8_ms", "fp8_e4m3_ms"] {
                     if !p[key].is_null() {
                         v[key] = p[key].clone();
                     }
                 }
-                if !p["fp8_ms"].is_null() {
+                if !p["fp8_ms"].is_null() || !p["fp8_e4m3_ms"].is_null() {
                     v["fp8"] = p["fp8"].clone();
+                }
+            }
+            // Under FP8: how this stage ran (FP8 or not, its activations E4M3 or FP16).
+            if let Some(route) = backend["fp8_route"].as_object() {
+                let has = |k: &str, stage: usize| {
+                    route[k]
+                        .as_array()
+                        .is_some_and(|a| a.contains(&json!(stage)))
+                };
+                if matches!(c.kind, LayerKind::Conv | LayerKind::MaxPool) {
+                    v["runs_fp8"] = json!(has("fp8", i));
+                    v["e4m3_in"] = json!(i > 0 && has("e4m3_out", i - 1));
+                    v["e4m3_out"] = json!(has("e4m3_out", i));
+                    v["dequantized_input"] = json!(has("dequantized_inputs", i));
+                    if c.kind == LayerKind::MaxPool && has("e4m3_out", i) && secs > 0.0 {
+                        // One byte per value moved, not two.
+                        v["gbps"] = json!(round3(c.bytes as f64 / 2.0 / secs / 1e9));
+                    }
                 }
             }
             v

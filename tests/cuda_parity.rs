@@ -585,6 +585,54 @@ fn fp8_kernels_match_the_host() {
     }
     let want = x16.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(g.amax_on_device(&x).unwrap(), want);
+
+    // Dequantization: every code, to FP16.
+    use scorecam_gpu::backend::fp8::{e4m3_to_f32, max_e4m3};
+    let codes: Vec<u8> = (0..=u8::MAX).collect();
+    for multiplier in [1.0f32, 0.37, 56.0] {
+        let got = g.dequantize_e4m3_on_device(&codes, multiplier).unwrap();
+        for (&b, &v) in codes.iter().zip(&got) {
+            let want = half::f16::from_f32(e4m3_to_f32(b) / multiplier).to_f32();
+            assert!(
+                v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                "{b:#04x} / {multiplier}: {v} ≠ {want}"
+            );
+        }
+    }
+
+    // The E4M3 max-pool, on codes of post-ReLU values (and a few −0 and negatives), on the
+    // 16-channel vector path and the one-channel path (c = 24, or a misaligned start).
+    for ([n, h, w, c], offset) in [([2, 6, 10, 32], 0), ([1, 7, 5, 24], 0), ([3, 4, 4, 16], 3)] {
+        let x: Vec<u8> = values(n * h * w * c, 77 + c as u64)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match i % 41 {
+                0 => 0x80,
+                1 => 0xB5,
+                _ => e4m3_from_f32(v.abs() * 300.0),
+            })
+            .collect();
+        let got = g.maxpool2_e4m3_on_device(&x, [n, h, w, c], offset).unwrap();
+        let (oh, ow) = (h / 2, w / 2);
+        let at = |b: usize, y: usize, xx: usize, ch: usize| x[((b * h + y) * w + xx) * c + ch];
+        for b in 0..n {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    for ch in 0..c {
+                        let want = max_e4m3(
+                            max_e4m3(at(b, 2 * y, 2 * xx, ch), at(b, 2 * y, 2 * xx + 1, ch)),
+                            max_e4m3(
+                                at(b, 2 * y + 1, 2 * xx, ch),
+                                at(b, 2 * y + 1, 2 * xx + 1, ch),
+                            ),
+                        );
+                        let o = ((b * oh + y) * ow + xx) * c + ch;
+                        assert_eq!(got[o], want, "[{n},{h},{w},{c}] +{offset}: out {o}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `--precision fp8`: refused below compute capability 8.9; above, every image's map (same
@@ -627,6 +675,10 @@ fn fp8_maps_correlate_with_fp16() {
         .map(|c| c.stage)
         .collect();
     println!("FP8 plans at stages {fp8_layers:?}");
+    println!(
+        "route of a 128-mask forward: {:?}",
+        e8.backend().fp8_route(128)
+    );
     for (i, (a, b)) in reference.iter().zip(&got).enumerate() {
         let r = corr(&a.maps[0].map, &b.maps[0].map);
         println!("image {i}: FP8 vs FP16 map correlation {r:.5}");
@@ -679,29 +731,24 @@ fn fp8_forward_matches_the_cpu_twin() {
         .collect::<Vec<_>>());
     let a = model.capture_shape(cap, s);
     let acts_shape = [n, a.c, a.h, a.w];
-    // The stages the m-row forward runs in FP8 (where an FP8 plan could be built; m, the most
-    // masks planned, is a rung of the ladder).
-    let fp8_stages: Vec<usize> = g
-        .plan_choices()
-        .iter()
-        .filter(|c| c.fp8 && c.rows == m && !c.identity)
-        .map(|c| c.stage)
-        .collect();
-    println!("FP8 plans at stages {fp8_stages:?}");
-    assert!(
-        !fp8_stages.is_empty(),
-        "no FP8 plan could be built on this GPU and cuDNN (see SCORECAM_CUDA_VERBOSE=1)"
-    );
-    let mut twin = CpuBackend::new();
-    twin.emulate_fp8_at(&fp8_stages);
-    twin.prepare(&model, p).unwrap();
-    let mut exact = CpuBackend::new();
-    exact.prepare(&model, p).unwrap();
-
     let mut gx = g.upload_f32(&[n, 3, s, s], &base).unwrap();
     let gm = g.upload_f32(&[m, 3, s, s], &masked).unwrap();
     let mut gacts = g.alloc(&acts_shape).unwrap();
     let mut gl = g.alloc(&[m, classes]).unwrap();
+    // How the m-row forward runs (where FP8 plans could be built; m, the most masks planned, is
+    // a rung of the ladder): known once a base forward has set the scales.
+    g.forward(&gx, n, &mut gl, Some(&mut gacts)).unwrap();
+    let route = g.fp8_route(m).expect("scales are set after a base forward");
+    println!("FP8 route of the {m}-row forward: {route:?}");
+    assert!(
+        !route.fp8.is_empty(),
+        "no FP8 plan could be built on this GPU and cuDNN (see SCORECAM_CUDA_VERBOSE=1)"
+    );
+    let mut twin = CpuBackend::new();
+    twin.emulate_fp8_route(&route.fp8, &route.dequantized_inputs);
+    twin.prepare(&model, p).unwrap();
+    let mut exact = CpuBackend::new();
+    exact.prepare(&model, p).unwrap();
     // Round 2's base images are round 1's × 0.7, so every scale changes (by no power of two,
     // which the E4M3 grid would not see): the masked forward, captured in round 1, must replay
     // with the new scales.

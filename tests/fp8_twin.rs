@@ -14,22 +14,22 @@ mod common;
 use common::{corr, naive_conv3x3, values, Need};
 use scorecam_gpu::backend::cpu::{self, CpuBackend, CpuBuf};
 use scorecam_gpu::backend::fp8::{
-    capable_stages, fake_quantize, input_scale, weight_scale, Fp8Emulation,
+    capable_stages, fake_quantize, input_scale, weight_scale, Fp8Emulation, StageQuant,
 };
 use scorecam_gpu::backend::{Backend, Plan, Semantics};
 use scorecam_gpu::cam::{CamOptions, Explainer, Targets};
 use scorecam_gpu::image::{self, ResizeMode};
 use scorecam_gpu::model::{FeatureStage, Vgg, VGG16_CONFIG};
 
-/// The forward by hand: every conv stage in `quantize` with its input rounded at `sx[stage]` and
-/// its filter at its own amax / 448; the head through the (separately tested) CPU ops. Returns
-/// the logits and the largest |input| of every stage.
+/// The forward by hand: every conv stage quantized as `quantize` says, its input rounded at
+/// `sx[stage]` and (FP8) its filter at its own amax / 448; the head through the (separately
+/// tested) CPU ops. Returns the logits and the largest |input| of every stage.
 fn naive_forward(
     model: &Vgg,
     x: &[f32],
     n: usize,
     s: usize,
-    quantize: &[bool],
+    quantize: &[StageQuant],
     sx: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let (mut a, mut c, mut h) = (x.to_vec(), 3, s);
@@ -38,14 +38,15 @@ fn naive_forward(
         amax[i] = a.iter().fold(0f32, |m, v| m.max(v.abs()));
         match stage {
             FeatureStage::Conv(l) => {
-                let (xin, win): (Vec<f32>, Vec<f32>) = if quantize[i] {
-                    let sw = l.weight.iter().fold(0f32, |m, v| m.max(v.abs())) / 448.0;
-                    (
-                        a.iter().map(|&v| fake_quantize(v, sx[i])).collect(),
+                let sw = l.weight.iter().fold(0f32, |m, v| m.max(v.abs())) / 448.0;
+                let round_x = || a.iter().map(|&v| fake_quantize(v, sx[i])).collect();
+                let (xin, win): (Vec<f32>, Vec<f32>) = match quantize[i] {
+                    StageQuant::Fp8 => (
+                        round_x(),
                         l.weight.iter().map(|&v| fake_quantize(v, sw)).collect(),
-                    )
-                } else {
-                    (a.clone(), l.weight.clone())
+                    ),
+                    StageQuant::InputOnly => (round_x(), l.weight.clone()),
+                    StageQuant::Exact => (a.clone(), l.weight.clone()),
                 };
                 a = naive_conv3x3(&xin, n, c, h, h, &win, &l.bias, l.cout);
                 a.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -85,8 +86,9 @@ fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
 fn emulation_computes_the_design() {
     let model = small_capable_model();
     let s = model.input_size();
-    let quantize = capable_stages(&model);
-    assert_eq!(quantize, vec![false, true, false, true]);
+    assert_eq!(capable_stages(&model), vec![false, true, false, true]);
+    let (exact, fp8, input_only) = (StageQuant::Exact, StageQuant::Fp8, StageQuant::InputOnly);
+    let quantize = [exact, fp8, exact, fp8];
     let base: Vec<f32> = values(2 * 3 * s * s, 1).iter().map(|v| v * 2.0).collect();
     let masked: Vec<f32> = values(3 * 3 * s * s, 2).iter().map(|v| v * 1.5).collect();
     let cap = model.default_capture();
@@ -97,7 +99,7 @@ fn emulation_computes_the_design() {
     assert_eq!(early, cpu::forward(&model, &masked, 3, s, None).0);
 
     let (base_logits, _) = cpu::forward_emulating_fp8(&model, &base, 2, s, Some(cap), &mut emu);
-    let none = vec![false; quantize.len()];
+    let none = vec![exact; quantize.len()];
     let (want_base, amax) = naive_forward(&model, &base, 2, s, &none, &[]);
     assert!(max_rel_diff(&base_logits, &want_base) < 1e-5);
     let sx: Vec<f32> = amax.iter().map(|&a| input_scale(a)).collect();
@@ -116,6 +118,25 @@ fn emulation_computes_the_design() {
         q > 1e3 * d,
         "the test would not see a missing quantization ({q:.2e})"
     );
+
+    // A GPU route: the second capable conv in FP16 on its input rounded to E4M3 (it reads the
+    // first one's E4M3 output dequantized), or exact.
+    for (route, inputs_only, want_quant) in [
+        (vec![1], vec![3], [exact, fp8, exact, input_only]),
+        (vec![1], vec![], [exact, fp8, exact, exact]),
+        (vec![0, 2, 3], vec![], [exact, exact, exact, fp8]),
+    ] {
+        let mut routed = emu.clone();
+        routed.route(&route, &inputs_only);
+        let (got, _) = cpu::forward_emulating_fp8(&model, &masked, 3, s, None, &mut routed);
+        let (want, _) = naive_forward(&model, &masked, 3, s, &want_quant, &sx);
+        let d = max_rel_diff(&got, &want);
+        assert!(d < 1e-5, "route {route:?} {inputs_only:?}: {d:.2e}");
+        assert!(
+            max_rel_diff(&got, &f32_logits) > 1e3 * d,
+            "route {route:?} {inputs_only:?}: no rounding visible"
+        );
+    }
 
     // Scales from an image group: the amax of every image of the base forward.
     let FeatureStage::Conv(l) = &model.features[1] else {

@@ -42,8 +42,9 @@ pub struct CpuBackend {
     pending_scores: Vec<f32>,
     /// Emulate `--precision fp8` (see [`CpuBackend::emulate_fp8`]); built at prepare.
     emulate_fp8: bool,
-    /// Quantize only these feature stages (None: every capable one).
-    fp8_stages: Option<Vec<usize>>,
+    /// The route to emulate: stages in FP8, stages on E4M3-rounded inputs only (None: every
+    /// capable one in FP8).
+    fp8_route: Option<(Vec<usize>, Vec<usize>)>,
     fp8: Option<Fp8Emulation>,
 }
 
@@ -59,14 +60,15 @@ impl CpuBackend {
     /// than f32, not faster.
     pub fn emulate_fp8(&mut self, on: bool) {
         self.emulate_fp8 = on;
-        self.fp8_stages = None;
+        self.fp8_route = None;
     }
 
-    /// [`CpuBackend::emulate_fp8`] quantizing only the capable stages among `stages` (those a
-    /// GPU runs in FP8, to test it).
-    pub fn emulate_fp8_at(&mut self, stages: &[usize]) {
+    /// [`CpuBackend::emulate_fp8`] along a GPU's route (to test it): the capable stages among
+    /// `fp8` in FP8, those among `inputs_only` on E4M3-rounded inputs (see
+    /// [`Fp8Emulation::route`]).
+    pub fn emulate_fp8_route(&mut self, fp8: &[usize], inputs_only: &[usize]) {
         self.emulate_fp8 = true;
-        self.fp8_stages = Some(stages.to_vec());
+        self.fp8_route = Some((fp8.to_vec(), inputs_only.to_vec()));
     }
 
     fn prepared(&self) -> Result<(&Vgg, Plan)> {
@@ -127,8 +129,8 @@ impl Backend for CpuBackend {
         self.plan = Some(plan);
         self.fp8 = self.emulate_fp8.then(|| {
             let mut emu = Fp8Emulation::new(model);
-            if let Some(stages) = &self.fp8_stages {
-                emu.retain_stages(stages);
+            if let Some((fp8, inputs_only)) = &self.fp8_route {
+                emu.route(fp8, inputs_only);
             }
             emu
         });
@@ -456,7 +458,7 @@ fn forward_with(
                         None => None,
                     };
                     let (xin, weight) = match &quantized {
-                        Some((xq, wq)) => (&xq[..], *wq),
+                        Some((xq, wq)) => (&xq[..], wq.unwrap_or(&l.weight[..])),
                         None => (&x[..], &l.weight[..]),
                     };
                     conv3x3_into(xin, n, c, h, w, weight, &l.bias, l.cout, !here(true), y);

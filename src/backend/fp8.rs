@@ -44,6 +44,16 @@ pub fn fake_quantize(v: f32, scale: f32) -> f32 {
     e4m3_to_f32(e4m3_from_f32(v * (1.0 / scale))) * scale
 }
 
+/// The larger of two E4M3 codes of post-ReLU values, as the E4M3 max-pool kernel takes it: a
+/// code with the sign bit (−0, or a negative a ReLU would have zeroed) counts as 0. For values
+/// ≥ 0 the codes 0x00..=0x7E order like the values they stand for, so pooling the codes equals
+/// quantizing the pooled values (the rounding is monotonic): the FP8 path may keep activations
+/// E4M3 through a max-pool and still compute what the twin does.
+pub fn max_e4m3(a: u8, b: u8) -> u8 {
+    let keep = |v: u8| if v & 0x80 != 0 { 0 } else { v };
+    keep(a).max(keep(b))
+}
+
 /// Per feature stage: whether it may run in FP8. FP8 tensor-core convolutions want the stored
 /// channel counts in multiples of 16; the first conv's input is stored with
 /// [`CPAD`](super::cuda::CPAD) channels, so it stays FP16.
@@ -79,12 +89,27 @@ pub fn input_scale(amax: f32) -> f32 {
     (amax.min(65504.0) * MARGIN).max(1e-30) / E4M3_MAX
 }
 
+/// How the twin runs one feature stage's conv in the masked forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageQuant {
+    /// In f32, unquantized.
+    Exact,
+    /// In FP8: input and filter rounded to E4M3 at their scales.
+    Fp8,
+    /// In FP16 on an input rounded to E4M3 at its scale: the GPU's FP16 conv reading the E4M3
+    /// output of the FP8 conv before it, dequantized.
+    InputOnly,
+}
+
 /// The CPU twin of the FP8 masked forwards: the dequantized E4M3 filters of the capable layers,
-/// and the input scales measured by the last base forward.
+/// how each stage runs, and the input scales measured by the last base forward.
 #[derive(Clone, Debug)]
 pub struct Fp8Emulation {
-    /// Per feature stage: `q(w/sw)·sw` (OIHW, f32) where the stage runs in FP8.
+    /// Per feature stage: `q(w/sw)·sw` (OIHW, f32) where the stage may run in FP8.
     filters: Vec<Option<Vec<f32>>>,
+    /// Per feature stage: how it runs (every capable stage FP8 unless [`Fp8Emulation::route`]
+    /// says otherwise).
+    quant: Vec<StageQuant>,
     /// Per feature stage: the largest |input| of the base forward in progress.
     amax: Vec<f32>,
     /// Per feature stage: `sx` from the last finished base forward (None before one).
@@ -96,6 +121,16 @@ impl Fp8Emulation {
     /// [`conv_filter_krsc_e4m3`](super::cuda::layout::conv_filter_krsc_e4m3)).
     pub fn new(model: &Vgg) -> Fp8Emulation {
         let capable = capable_stages(model);
+        let quant = capable
+            .iter()
+            .map(|&c| {
+                if c {
+                    StageQuant::Fp8
+                } else {
+                    StageQuant::Exact
+                }
+            })
+            .collect();
         let filters = model
             .features
             .iter()
@@ -110,24 +145,28 @@ impl Fp8Emulation {
             .collect();
         Fp8Emulation {
             filters,
+            quant,
             amax: vec![0.0; model.features.len()],
             input_scales: None,
         }
     }
 
-    /// Quantize only the capable stages among `stages` (as a GPU runs where its FP8 plans won or
-    /// could be built).
-    pub fn retain_stages(&mut self, stages: &[usize]) {
-        for (i, f) in self.filters.iter_mut().enumerate() {
-            if !stages.contains(&i) {
-                *f = None;
-            }
+    /// Run the capable stages among `fp8` in FP8, those among `inputs_only` on E4M3-rounded
+    /// inputs, the rest exactly: the route a GPU's masked forward takes (where its FP8 plans
+    /// won or could be built; see `CudaBackend::fp8_route`).
+    pub fn route(&mut self, fp8: &[usize], inputs_only: &[usize]) {
+        for (i, q) in self.quant.iter_mut().enumerate() {
+            *q = match self.filters[i] {
+                Some(_) if fp8.contains(&i) => StageQuant::Fp8,
+                Some(_) if inputs_only.contains(&i) => StageQuant::InputOnly,
+                _ => StageQuant::Exact,
+            };
         }
     }
 
-    /// Whether stage `stage` runs in FP8.
-    pub fn is_fp8(&self, stage: usize) -> bool {
-        self.filters.get(stage).is_some_and(|f| f.is_some())
+    /// How stage `stage` runs.
+    pub fn quant(&self, stage: usize) -> StageQuant {
+        self.quant.get(stage).copied().unwrap_or(StageQuant::Exact)
     }
 
     /// Whether a base forward has set the input scales (until then every layer runs unquantized).
@@ -135,9 +174,10 @@ impl Fp8Emulation {
         self.input_scales.is_some()
     }
 
-    /// During a base forward: fold stage `stage`'s input into its amax.
+    /// During a base forward: fold stage `stage`'s input into its amax (every capable stage's,
+    /// as on the GPU).
     pub fn measure(&mut self, stage: usize, x: &[f32]) {
-        if self.is_fp8(stage) {
+        if self.filters.get(stage).is_some_and(|f| f.is_some()) {
             let m = x.iter().fold(self.amax[stage], |m, v| m.max(v.abs()));
             self.amax[stage] = m;
         }
@@ -149,10 +189,14 @@ impl Fp8Emulation {
         self.amax.fill(0.0);
     }
 
-    /// Stage `stage`'s input and filter as the FP8 convolution sees them (dequantized), or None
-    /// where it runs unquantized.
-    pub fn quantized(&self, stage: usize, x: &[f32]) -> Option<(Vec<f32>, &[f32])> {
-        let filter = self.filters.get(stage)?.as_deref()?;
+    /// Stage `stage`'s input and filter as its convolution sees them (dequantized; the filter
+    /// None where only the input is rounded), or None where it runs unquantized.
+    pub fn quantized(&self, stage: usize, x: &[f32]) -> Option<(Vec<f32>, Option<&[f32]>)> {
+        let filter = match self.quant(stage) {
+            StageQuant::Exact => return None,
+            StageQuant::Fp8 => Some(self.filters.get(stage)?.as_deref()?),
+            StageQuant::InputOnly => None,
+        };
         let sx = self.input_scales.as_ref()?[stage];
         Some((x.iter().map(|&v| fake_quantize(v, sx)).collect(), filter))
     }
@@ -181,6 +225,43 @@ mod tests {
     }
 
     #[test]
+    fn pooling_e4m3_codes_equals_quantizing_the_pooled_values() {
+        // Every pair of codes of non-negative finite values (and −0): the max code is the code
+        // of the max value.
+        let codes: Vec<u8> = (0u8..=0x7E).chain([0x80]).collect();
+        for &a in &codes {
+            for &b in &codes {
+                let m = max_e4m3(a, b);
+                assert_eq!(
+                    e4m3_to_f32(m),
+                    e4m3_to_f32(a).max(e4m3_to_f32(b)).max(0.0),
+                    "{a:#04x} {b:#04x}"
+                );
+            }
+        }
+        // Quantizing then pooling four values equals pooling then quantizing, at any scale.
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for scale in [1.0f32, 0.37, 4.0 / 448.0, 2e-3] {
+            for _ in 0..20_000 {
+                let v: [f32; 4] = std::array::from_fn(|_| (next() * 1.3).powi(3));
+                let q = |x: f32| e4m3_from_f32(x * (1.0 / scale));
+                let pooled_codes = max_e4m3(max_e4m3(q(v[0]), q(v[1])), max_e4m3(q(v[2]), q(v[3])));
+                let pooled = v.iter().copied().fold(0.0f32, f32::max);
+                assert_eq!(pooled_codes, q(pooled), "{v:?} at scale {scale}");
+            }
+        }
+        // Negative codes (a ReLU's −0 included) count as zero.
+        assert_eq!(max_e4m3(0x80, 0x00), 0x00);
+        assert_eq!(max_e4m3(0xB8, 0x01), 0x01);
+    }
+
+    #[test]
     fn scales_follow_the_kernel() {
         assert_eq!(weight_scale(&[0.5, -2.24, 1.0]), 2.24 / 448.0);
         assert_eq!(weight_scale(&[0.0; 4]), 1.0);
@@ -197,7 +278,8 @@ mod tests {
     fn emulation_quantizes_after_a_base_forward_only() {
         let m = Vgg::random_from_config(&[16, 32], &[8, 10], 3, 8);
         let mut e = Fp8Emulation::new(&m);
-        assert!(!e.is_fp8(0) && e.is_fp8(1));
+        assert_eq!(e.quant(0), StageQuant::Exact);
+        assert_eq!(e.quant(1), StageQuant::Fp8);
         let x = [0.3f32, -1.7, 0.0, 2.0];
         assert!(
             e.quantized(1, &x).is_none(),
@@ -220,15 +302,21 @@ mod tests {
             unreachable!()
         };
         let sw = weight_scale(&l.weight);
-        for (&v, &q) in l.weight.iter().zip(w) {
+        for (&v, &q) in l.weight.iter().zip(w.unwrap()) {
             assert!(
                 (q - v).abs() <= v.abs() / 16.0 + sw * 2f32.powi(-10),
                 "{v} → {q}"
             );
         }
+        // A route: stage 0 cannot (not capable); stage 1 left out, then input-only.
         let mut only0 = e.clone();
-        only0.retain_stages(&[0]);
-        assert!(!only0.is_fp8(1) && only0.quantized(1, &x).is_none());
+        only0.route(&[0], &[]);
+        assert_eq!(only0.quant(0), StageQuant::Exact);
+        assert!(only0.quant(1) == StageQuant::Exact && only0.quantized(1, &x).is_none());
+        only0.route(&[], &[1]);
+        let (xi, wi) = only0.quantized(1, &x).unwrap();
+        assert!(wi.is_none(), "the input only");
+        assert_eq!(xi, e.quantized(1, &x).unwrap().0);
         // The amax restarts: a second base forward measures afresh.
         e.measure(1, &[4.0]);
         e.finish_base();

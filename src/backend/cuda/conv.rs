@@ -16,10 +16,10 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::f16;
 
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
-use super::cudnn_graph::{ConvGraph, GraphPlan, GraphPtrs, PlanSearch};
+use super::cudnn_graph::{ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
-use super::fp8::Fp8State;
-use super::kernels::{Kernels, SCALE_STRIDE};
+use super::fp8::{Fp8Forms, Fp8State, StageRoute};
+use super::kernels::Kernels;
 use super::profile::new_event;
 use super::weights::DevConv;
 use crate::backend::median;
@@ -128,10 +128,13 @@ pub struct PlanChoice {
     /// The fastest legacy configuration's and graph-API plan's times, when timed.
     pub legacy_ms: Option<f32>,
     pub graph_ms: Option<f32>,
-    /// `--precision fp8`: the fastest FP8 plan's time (quantizing its input included), and
-    /// whether the masked forwards run it.
+    /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output (quantizing its input
+    /// included) and with an E4M3 output (its input already E4M3), and whether the masked
+    /// forwards may run them (see [`super::fp8::route`] for which one a forward runs).
     pub fp8_ms: Option<f32>,
+    pub fp8_e4m3_ms: Option<f32>,
     pub fp8: bool,
+    pub fp8_e4m3: bool,
 }
 
 /// Short name of a candidate: `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
@@ -150,8 +153,10 @@ pub(super) fn candidate_name(c: &Candidate) -> String {
 #[derive(Default)]
 pub(super) struct ConvPlans {
     plans: HashMap<ConvKey, Planned>,
-    /// FP8 plans of the keys where FP8 was chosen (used once scales exist).
+    /// FP8 plans of the keys where FP8 was chosen (used once scales exist), with an FP16 and
+    /// with an E4M3 output.
     fp8: HashMap<ConvKey, Rc<GraphConv>>,
+    fp8_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
     choices: Vec<PlanChoice>,
     /// Plans made on first use in the hot path (0 when the ladders cover every batch).
     pub built_on_first_use: usize,
@@ -165,6 +170,14 @@ pub(super) struct ConvPlans {
 impl ConvPlans {
     pub fn choices(&self) -> &[PlanChoice] {
         &self.choices
+    }
+
+    /// The FP8 plans of `key` a forward may run.
+    pub fn fp8_forms(&self, key: ConvKey) -> Fp8Forms {
+        Fp8Forms {
+            half_out: self.fp8.contains_key(&key),
+            e4m3_out: self.fp8_e4m3.contains_key(&key),
+        }
     }
 }
 
@@ -220,15 +233,20 @@ struct Tuned {
     legacy_ms: Option<f32>,
     timed: usize,
     graph: Option<(Rc<GraphConv>, f32, String)>,
-    /// The fastest FP8 plan (quantizing its input included) and its time.
-    fp8: Option<(Rc<GraphConv>, f32)>,
+    /// The fastest FP8 plan with an FP16 output (quantizing its input included) and with an
+    /// E4M3 output, and their times; the outer None: not tried yet (each is tried when a layer
+    /// of this shape first wants it).
+    fp8_half: Option<Option<(Rc<GraphConv>, f32)>>,
+    fp8_e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
 }
 
 /// `--precision fp8`'s share of the planning: the state whose filters and scales the timing
-/// uses, and the batch sizes FP8 is tried at (the masked forwards').
+/// uses, the batch sizes FP8 is tried at (the masked forwards'), and per feature stage the next
+/// conv stage when that one may run FP8 too (the E4M3-output form is tried only there).
 pub(super) struct Fp8Tuning<'a> {
     pub state: &'a mut Fp8State,
     pub rows: &'a [usize],
+    pub next_fp8: &'a [Option<usize>],
 }
 
 /// Plan every key at prepare: candidates (ranked by cuDNN), then — once per distinct shape —
@@ -269,7 +287,20 @@ pub(super) fn plan_all(
             rows: key.rows,
             identity: key.identity,
         };
-        let t = match tuned.get(&shape) {
+        // This key's graph-API plans of `form` (FP8 ones with `run`), their time counted against
+        // their kind's budget.
+        let time_graph = |arena: &mut TuneArena<'_>,
+                          run: Option<Fp8Run>,
+                          form: GraphForm,
+                          search: &mut PlanSearch| {
+            let started = Instant::now();
+            let timed = time_graph_plans(
+                dev, dnn, &timer, layer, d, key.rows, arena, ws_limit, run, form, search,
+            );
+            search.spent += started.elapsed();
+            timed
+        };
+        let mut t = match tuned.get(&shape) {
             Some(t) => t.clone(),
             None => {
                 let mut cands =
@@ -315,65 +346,77 @@ pub(super) fn plan_all(
                 if wanted && !try_graph {
                     out.graph_skipped += 1;
                 }
-                // This key's graph-API plans (FP16, or FP8 with `run`), their time counted
-                // against their kind's budget.
-                let mut time_graph = |run: Option<Fp8Run>, bias_f32, search: &mut PlanSearch| {
-                    let started = Instant::now();
-                    let timed = time_graph_plans(
-                        dev, dnn, &timer, layer, d, key.rows, &mut arena, ws_limit, run, bias_f32,
-                        search,
-                    );
-                    search.spent += started.elapsed();
-                    timed
-                };
                 let graph = if try_graph {
-                    time_graph(None, false, &mut out.graph_search)?.map(|(g, ms)| {
-                        let name = format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
-                        (g, ms, name)
-                    })
+                    time_graph(&mut arena, None, GraphForm::Fp16, &mut out.graph_search)?.map(
+                        |(g, ms)| {
+                            let name =
+                                format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
+                            (g, ms, name)
+                        },
+                    )
                 } else {
                     None
-                };
-                let fp8_wanted = fp8.as_ref().is_some_and(|f| {
-                    !key.identity
-                        && f.rows.contains(&key.rows)
-                        && f.state.filters[key.stage].is_some()
-                });
-                let fp8_plan = match fp8.as_mut() {
-                    Some(f) if fp8_wanted && out.fp8_search.spent < budget => {
-                        // FP16 bias first; should no engine take it, an f32 bias.
-                        let mut p = None;
-                        for bias_f32 in [false, true] {
-                            let run = Fp8Run {
-                                kernels,
-                                state: &mut *f.state,
-                                stage: key.stage,
-                            };
-                            p = time_graph(Some(run), bias_f32, &mut out.fp8_search)?;
-                            if p.is_some() {
-                                break;
-                            }
-                        }
-                        p
-                    }
-                    _ => {
-                        if fp8_wanted {
-                            out.graph_skipped += 1;
-                        }
-                        None
-                    }
                 };
                 let t = Tuned {
                     legacy,
                     legacy_ms,
                     timed,
                     graph,
-                    fp8: fp8_plan,
+                    fp8_half: None,
+                    fp8_e4m3: None,
                 };
                 tuned.insert(shape, t.clone());
                 t
             }
         };
+        // FP8 (masked-forward sizes of capable layers): the E4M3-output form where the next conv
+        // may run FP8 too, the FP16-output form where that is not so or offers nothing. Each
+        // form's plans are shared by the layers of one shape; it is tried when one first wants it.
+        let fp8_next = match &fp8 {
+            Some(f)
+                if !key.identity
+                    && f.rows.contains(&key.rows)
+                    && f.state.filters[key.stage].is_some() =>
+            {
+                Some(f.next_fp8[key.stage])
+            }
+            _ => None,
+        };
+        if let (Some(next), Some(f)) = (fp8_next, fp8.as_mut()) {
+            // FP16 bias first; should no engine take it, an f32 bias.
+            let mut try_forms = |arena: &mut TuneArena<'_>, e4m3_out: bool| {
+                if out.fp8_search.spent >= budget {
+                    out.graph_skipped += 1;
+                    return Ok(None);
+                }
+                for bias_f32 in [false, true] {
+                    let run = Fp8Run {
+                        kernels,
+                        state: &mut *f.state,
+                        stage: key.stage,
+                        next,
+                    };
+                    let form = GraphForm::Fp8 { bias_f32, e4m3_out };
+                    if let Some(p) = time_graph(arena, Some(run), form, &mut out.fp8_search)? {
+                        return Ok(Some(p));
+                    }
+                }
+                Ok::<_, Error>(None)
+            };
+            let mut changed = false;
+            if next.is_some() && t.fp8_e4m3.is_none() {
+                t.fp8_e4m3 = Some(try_forms(&mut arena, true)?);
+                changed = true;
+            }
+            let e4m3_ok = next.is_some() && t.fp8_e4m3.as_ref().is_some_and(|p| p.is_some());
+            if !e4m3_ok && t.fp8_half.is_none() {
+                t.fp8_half = Some(try_forms(&mut arena, false)?);
+                changed = true;
+            }
+            if changed {
+                tuned.insert(shape, t.clone());
+            }
+        }
         let graph_wins = t
             .graph
             .as_ref()
@@ -411,17 +454,30 @@ pub(super) fn plan_all(
                     .unwrap_or_default()
             );
         }
-        // FP8 joins the FP16 plan (kept for base forwards and before any scales exist) when it
-        // is faster than it, or always when preferred.
-        let fp8_ms = t.fp8.as_ref().map(|f| f.1);
-        let fp8_chosen = match (&t.fp8, &fp8) {
-            (Some((g, f8)), Some(f)) if f.state.prefer || ms.is_none_or(|m| *f8 < m) => {
-                ws_used = ws_used.max(g.plan.ws);
-                out.fp8.insert(key, Rc::clone(g));
-                true
+        // FP8 joins the FP16 plan (kept for base forwards and before any scales exist) when its
+        // faster form beats it, or always when preferred. The E4M3-output form is timed without
+        // quantizing its input, which normally arrives E4M3 from the FP8 conv before.
+        let half = t.fp8_half.clone().flatten();
+        let e4m3 = t
+            .fp8_e4m3
+            .clone()
+            .flatten()
+            .filter(|_| fp8_next.is_some_and(|n| n.is_some()));
+        let fastest = [&half, &e4m3]
+            .into_iter()
+            .flatten()
+            .map(|p| p.1)
+            .min_by(f32::total_cmp);
+        let prefer = fp8.as_ref().is_some_and(|f| f.state.prefer);
+        let fp8_chosen = fastest.is_some_and(|f8| prefer || ms.is_none_or(|m| f8 < m));
+        if fp8_chosen {
+            for (plans, p) in [(&mut out.fp8, &half), (&mut out.fp8_e4m3, &e4m3)] {
+                if let Some((g, _)) = p {
+                    ws_used = ws_used.max(g.plan.ws);
+                    plans.insert(key, Rc::clone(g));
+                }
             }
-            _ => false,
-        };
+        }
         out.choices.push(PlanChoice {
             stage: key.stage,
             rows: key.rows,
@@ -432,8 +488,10 @@ pub(super) fn plan_all(
             timed: t.timed,
             legacy_ms: t.legacy_ms,
             graph_ms: t.graph.as_ref().map(|g| g.1),
-            fp8_ms,
+            fp8_ms: half.as_ref().map(|p| p.1),
+            fp8_e4m3_ms: e4m3.as_ref().map(|p| p.1),
             fp8: fp8_chosen,
+            fp8_e4m3: fp8_chosen && e4m3.is_some(),
         });
         out.plans.insert(key, planned);
     }
@@ -441,65 +499,86 @@ pub(super) fn plan_all(
 }
 
 /// What an FP8 execution needs besides the graph: the quantize kernel, the filters and scales,
-/// and which stage's.
+/// which stage's, and the next conv stage (whose multiplier an E4M3 output is scaled by).
 pub(super) struct Fp8Run<'a> {
     pub kernels: &'a Kernels,
     pub state: &'a mut Fp8State,
     pub stage: usize,
+    pub next: Option<usize>,
+}
+
+/// Where an FP8 conv's input is.
+pub(super) enum Fp8Input<'v, 'a> {
+    /// FP16 activations (all of the view): quantized into the FP8 input buffer first, at the
+    /// stage's multiplier.
+    Half(&'v CudaView<'a, f16>),
+    /// E4M3 codes already at the stage's multiplier, at this device address: the previous FP8
+    /// conv's output (or, in the tuning, the FP8 input buffer).
+    E4m3(u64),
 }
 
 impl Fp8Run<'_> {
-    /// Quantize `rows` rows of `x` (the layer input, `in_len` values a row) into the FP8 input
-    /// buffer with the stage's multiplier, then run `plan` into `y`.
+    /// Run `plan` on `input` into `y` (FP16 or, for an E4M3-output plan, E4M3 at the next
+    /// stage's multiplier).
     ///
     /// # Safety
-    /// `y` must hold `rows` rows of the layer's output, `ws` ≥ `plan.ws` bytes, and the stage
-    /// must have an FP8 filter.
+    /// `input` must hold the layer's input and `y` its output for the plan's rows in the plan's
+    /// types, `ws` ≥ `plan.ws` bytes, and the stage must have an FP8 filter.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn execute<Y: DevicePtr<f16>>(
+    unsafe fn execute(
         &mut self,
         dev: &Dev,
         dnn: &cudnn::Handle,
         plan: &GraphPlan,
         layer: &DevConv,
-        x: &CudaView<'_, f16>,
-        n: usize,
-        y: &Y,
+        input: Fp8Input<'_, '_>,
+        y: u64,
         ws: &CudaSlice<u8>,
     ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>> {
-        let st = &mut *self.state;
+        let s = &dev.stream;
         let i = self.stage;
+        let x = match input {
+            Fp8Input::Half(x) => {
+                self.state.quantize_input(self.kernels, s, i, x)?;
+                ptr(&self.state.x8, s)
+            }
+            Fp8Input::E4m3(x) => x,
+        };
+        let st = &*self.state;
         let filter = st.filters[i]
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("features stage {i} has no FP8 filter")))?;
-        self.kernels.quantize_e4m3(
-            &dev.stream,
-            x,
-            n,
-            &st.scales.slice(SCALE_STRIDE * i + 1..SCALE_STRIDE * i + 2),
-            &mut st.x8.slice_mut(..n),
-        )?;
-        let s = &dev.stream;
+        let scale_y = match (plan.form.e4m3_out(), self.next) {
+            (false, _) => 0,
+            (true, Some(next)) => ptr(&st.multiplier(next), s),
+            (true, None) => {
+                return Err(Error::Invalid(format!(
+                    "features stage {i}: an E4M3 output with no FP8 conv after it to read it"
+                )))
+            }
+        };
         let p = GraphPtrs {
-            x: ptr(&st.x8, s),
+            x,
             w: ptr(filter, s),
-            bias: if plan.bias_f32 {
+            bias: if plan.form.bias_f32() {
                 ptr(&layer.bias32, s)
             } else {
                 ptr(&layer.bias, s)
             },
-            y: ptr(y, s),
+            y,
             ws: ptr(ws, s),
-            descale: ptr(&st.scales.slice(SCALE_STRIDE * i..SCALE_STRIDE * i + 1), s),
+            descale: ptr(&st.descale(i), s),
+            scale_y,
         };
         Ok(plan.execute(dnn, p))
     }
 }
 
-/// Build the graph of `rows` rows of `layer` — conv+bias+ReLU in FP16, or with `fp8` the FP8
-/// one (its input quantized first, which the timing includes) — and time its plans (see
-/// [`time_plans`]). `None` when the graph API offers nothing for it (the FP16 legacy path
-/// stays).
+/// Build the graph of `rows` rows of `layer` in `form` — conv+bias+ReLU in FP16, or an FP8 one
+/// with `fp8` — and time its plans (see [`time_plans`]). An FP8 plan with an FP16 output is
+/// timed with the quantization of its input, one with an E4M3 output without (its input is
+/// quantized once before). `None` when the graph API offers nothing for it (the FP16 legacy
+/// path stays).
 #[allow(clippy::too_many_arguments)]
 fn time_graph_plans(
     dev: &Dev,
@@ -511,26 +590,39 @@ fn time_graph_plans(
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
     mut fp8: Option<Fp8Run<'_>>,
-    bias_f32: bool,
+    form: GraphForm,
     search: &mut PlanSearch,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
+    if form.is_fp8() != fp8.is_some() {
+        return Err(Error::Invalid(format!(
+            "timing {form:?} graph plans {} an FP8 run",
+            if fp8.is_some() { "with" } else { "without" }
+        )));
+    }
     let dims = [rows, layer.cin_s, layer.cout, d.in_h, d.in_w];
-    let graph = match ConvGraph::conv_bias_relu(dnn, dims, fp8.is_some(), bias_f32) {
+    let graph = match ConvGraph::conv_bias_relu(dnn, dims, form) {
         Ok(g) => g,
         Err(e) => {
             search.graph_failed += 1;
             search.error(format!(
-                "building the graph {dims:?} (rows, cin, cout, h, w): {e}"
+                "building the {form:?} graph {dims:?} (rows, cin, cout, h, w): {e}"
             ));
             return Ok(None);
         }
     };
     search.graphs += 1;
     let n = rows * d.in_len();
-    let op = format!(
-        "timing {} graph-API plans (batch {rows})",
-        if fp8.is_some() { "FP8" } else { "FP16" }
-    );
+    // An E4M3-output plan's input: the arena's, quantized once.
+    let pre_quantized = match fp8.as_mut() {
+        Some(run) if form.e4m3_out() => {
+            let x = arena.bufs[0].slice(..n);
+            run.state
+                .quantize_input(run.kernels, &dev.stream, run.stage, &x)?;
+            Some(ptr(&run.state.x8, &dev.stream))
+        }
+        _ => None,
+    };
+    let op = format!("timing {form:?} graph-API plans (batch {rows})");
     time_plans(
         dev,
         dnn,
@@ -541,11 +633,21 @@ fn time_graph_plans(
         &op,
         search,
         |plan, [bx, by], ws| {
-            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output; the
-            // workspace holds ≥ plan.ws bytes; FP8 runs only on capable stages (with filters).
+            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output (FP16,
+            // so an E4M3 output of the same rows fits too); the workspace holds ≥ plan.ws bytes;
+            // FP8 runs only on capable stages (with filters), the FP8 input buffer holds ≥ rows
+            // rows of their inputs.
             unsafe {
                 match fp8.as_mut() {
-                    Some(run) => run.execute(dev, dnn, plan, layer, &bx.slice(..n), n, by, ws),
+                    Some(run) => {
+                        let x = bx.slice(..n);
+                        let input = match pre_quantized {
+                            Some(x8) => Fp8Input::E4m3(x8),
+                            None => Fp8Input::Half(&x),
+                        };
+                        let y = ptr(by, &dev.stream);
+                        run.execute(dev, dnn, plan, layer, input, y, ws)
+                    }
                     None => Ok(plan.execute(dnn, conv_ptrs(dev, layer, bx, by, ws).into())),
                 }
             }
@@ -804,6 +906,7 @@ impl From<ConvPtrs> for GraphPtrs {
             y: p.y,
             ws: p.ws,
             descale: 0,
+            scale_y: 0,
         }
     }
 }
@@ -822,7 +925,8 @@ pub(super) struct ConvRun<'a> {
 
 impl ConvRun<'_> {
     /// Run conv stage `key.stage` on `key.rows` rows of `x` into `y` with the plan made at
-    /// prepare; a key nobody planned is planned now (counted in `built_on_first_use`).
+    /// prepare, in FP8 as `route` says (its E4M3 input or output in the first bytes of the
+    /// FP16 views); a key nobody planned is planned now (counted in `built_on_first_use`).
     pub fn run(
         &mut self,
         layer: &DevConv,
@@ -830,25 +934,45 @@ impl ConvRun<'_> {
         d: super::StageDims,
         x: &CudaView<'_, f16>,
         y: &mut CudaViewMut<'_, f16>,
+        route: StageRoute,
     ) -> Result<()> {
-        if !self.plans.plans.contains_key(&key) {
-            self.plan_on_first_use(layer, key, d, x, y)?;
-        }
         // Named only when an error needs it: this runs for every layer of every batch.
         let op = || format!("conv (features stage {}, batch {})", key.stage, key.rows);
-        if let (Some(state), Some(g)) = (self.fp8.as_deref_mut(), self.plans.fp8.get(&key)) {
+        if route.fp8 {
+            let plans = if route.e4m3_out {
+                &self.plans.fp8_e4m3
+            } else {
+                &self.plans.fp8
+            };
+            let (Some(state), Some(g)) = (self.fp8.as_deref_mut(), plans.get(&key)) else {
+                return Err(Error::Invalid(format!(
+                    "{}: routed to FP8 without an FP8 plan",
+                    op()
+                )));
+            };
             let mut run = Fp8Run {
                 kernels: self.kernels,
                 state,
                 stage: key.stage,
+                next: route.next,
             };
-            let n = key.rows * d.in_len();
-            // SAFETY: y holds rows·out_len elements (checked by the caller); the workspace was
-            // sized at prepare for every chosen plan; FP8 plans exist only for capable stages.
+            let s = &self.dev.stream;
+            let input = if route.e4m3_in {
+                Fp8Input::E4m3(ptr(x, s))
+            } else {
+                Fp8Input::Half(x)
+            };
+            let y = ptr(y, s);
+            // SAFETY: x holds rows·in_len and y rows·out_len FP16 elements (checked by the
+            // caller), so their E4M3 codes fit in their first bytes; the workspace was sized at
+            // prepare for every chosen plan; FP8 plans exist only for capable stages.
             return unsafe {
-                run.execute(self.dev, self.dnn, &g.plan, layer, x, n, y, self.workspace)
+                run.execute(self.dev, self.dnn, &g.plan, layer, input, y, self.workspace)
             }?
             .map_err(|e| dnn_err(&op(), e));
+        }
+        if !self.plans.plans.contains_key(&key) {
+            self.plan_on_first_use(layer, key, d, x, y)?;
         }
         let p = conv_ptrs(self.dev, layer, x, y, self.workspace);
         match &self.plans.plans[&key] {
@@ -947,7 +1071,9 @@ impl ConvRun<'_> {
                         legacy_ms: None,
                         graph_ms: None,
                         fp8_ms: None,
+                        fp8_e4m3_ms: None,
                         fp8: false,
+                        fp8_e4m3: false,
                     });
                     self.plans.plans.insert(
                         key,

@@ -1,12 +1,14 @@
 //! cuDNN's graph (backend) API through cudarc's sys layer: a 3×3 convolution, its bias and its
 //! ReLU as one operation graph (conv → add bias → ReLU, the intermediates virtual f32; for FP8
-//! inputs conv → × descale → add bias → ReLU), and the
+//! inputs conv → × descale → add bias → ReLU, and with an E4M3 output then × output scale, the
+//! shape of cudnn-frontend's FP8 convolution sample), and the
 //! execution plans cuDNN's heuristics (mode A) and fallback list offer for it. The autotuner in
 //! `conv.rs` times these plans beside the legacy `cudnnConvolutionBiasActivationForward`
 //! configurations and keeps the fastest per (layer, batch size).
 //!
 //! Tensors are FP16 NHWC (dims in N,C,H,W order with NHWC strides), filters KRSC, the bias
-//! `[1, C, 1, 1]` (FP16, or f32 in the second form of an FP8 graph); compute in f32. Every descriptor is an owned wrapper whose `Drop` never
+//! `[1, C, 1, 1]` (FP16, or f32 in the second form of an FP8 graph); compute in f32; an FP8
+//! graph's output FP16 or E4M3. Every descriptor is an owned wrapper whose `Drop` never
 //! panics.
 
 use std::ffi::c_void;
@@ -28,6 +30,33 @@ const UID_CONV_OUT: i64 = 5;
 const UID_BIAS_OUT: i64 = 6;
 const UID_DESCALE: i64 = 7;
 const UID_DESCALED: i64 = 8;
+const UID_SCALE_Y: i64 = 9;
+const UID_RELU_OUT: i64 = 10;
+
+/// What a graph computes in which types (see [`ConvGraph::conv_bias_relu`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphForm {
+    /// FP16 input, filter, bias and output.
+    Fp16,
+    /// E4M3 input and filter, the convolution descaled; the bias f32 (else FP16); the output
+    /// E4M3 at an output scale (the next FP8 layer's input, quantized here instead of by a
+    /// kernel pass of its own) or FP16.
+    Fp8 { bias_f32: bool, e4m3_out: bool },
+}
+
+impl GraphForm {
+    pub fn is_fp8(self) -> bool {
+        matches!(self, GraphForm::Fp8 { .. })
+    }
+
+    pub fn bias_f32(self) -> bool {
+        matches!(self, GraphForm::Fp8 { bias_f32: true, .. })
+    }
+
+    pub fn e4m3_out(self) -> bool {
+        matches!(self, GraphForm::Fp8 { e4m3_out: true, .. })
+    }
+}
 
 /// Plans built per graph: the first that finalize from cuDNN's heuristic ranking, then from its
 /// fallback list. Configurations that fail to finalize (common for fused and FP8 graphs) are
@@ -217,32 +246,29 @@ fn pointwise(
 /// pad 1, stride 1. Keeps every descriptor the graph refers to alive.
 pub struct ConvGraph {
     graph: Desc,
-    /// The FP8 variant (its variant pack carries the descale).
-    fp8: bool,
-    /// The bias is f32 (else FP16).
-    bias_f32: bool,
+    /// Its types (an FP8 variant pack carries the descale, an E4M3 output's its scale).
+    form: GraphForm,
     _parts: Vec<Desc>,
 }
 
 impl ConvGraph {
     /// `x` `[n, cin, h, w]`, `w` `[cout, cin, 3, 3]` KRSC, `b` `[1, cout, 1, 1]`, `y`
-    /// `[n, cout, h, w]`, all FP16; or, with `fp8`, `x` and `w` E4M3 and the convolution's f32
-    /// output multiplied by the descale (an f32 `[1, 1, 1, 1]` tensor in device memory: input
-    /// scale × weight scale) before the bias and the ReLU. With `bias_f32` the bias is f32 (a
-    /// second form for FP8 graphs, should an engine refuse the first).
+    /// `[n, cout, h, w]`, all FP16 ([`GraphForm::Fp16`]); or, FP8, `x` and `w` E4M3 and the
+    /// convolution's f32 output multiplied by the descale (an f32 `[1, 1, 1, 1]` tensor in device
+    /// memory: input scale × weight scale) before the bias and the ReLU; the bias f32 with
+    /// `bias_f32` (a second form, should an engine refuse the first); with `e4m3_out` the ReLU's
+    /// output multiplied by the output scale (another such tensor) and stored E4M3 (the
+    /// hardware's conversion saturates at ±448), else stored FP16.
     pub fn conv_bias_relu(
         handle: &Handle,
         [n, cin, cout, h, w]: [usize; 5],
-        fp8: bool,
-        bias_f32: bool,
+        form: GraphForm,
     ) -> Result<ConvGraph, CudnnError> {
         let half = sys::cudnnDataType_t::CUDNN_DATA_HALF;
         let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
-        let input = if fp8 {
-            sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3
-        } else {
-            half
-        };
+        let e4m3 = sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3;
+        let (fp8, bias_f32) = (form.is_fp8(), form.bias_f32());
+        let input = if fp8 { e4m3 } else { half };
         let (n, cin, cout, h, w) = (n as i64, cin as i64, cout as i64, h as i64, w as i64);
         let x = tensor(UID_X, input, [n, cin, h, w], false)?;
         let wt = tensor(UID_W, input, [cout, cin, 3, 3], false)?;
@@ -252,7 +278,12 @@ impl ConvGraph {
             [1, cout, 1, 1],
             false,
         )?;
-        let y = tensor(UID_Y, half, [n, cout, h, w], false)?;
+        let y = tensor(
+            UID_Y,
+            if form.e4m3_out() { e4m3 } else { half },
+            [n, cout, h, w],
+            false,
+        )?;
         let conv_out = tensor(UID_CONV_OUT, float, [n, cout, h, w], true)?;
         let bias_out = tensor(UID_BIAS_OUT, float, [n, cout, h, w], true)?;
 
@@ -336,18 +367,36 @@ impl ConvGraph {
             Some(&b),
             &bias_out,
         )?;
+        // An E4M3 output: ReLU → relu_out · scale_y → y; else ReLU → y.
+        let mut out_scaling = Vec::new();
+        if form.e4m3_out() {
+            out_scaling = vec![
+                tensor(UID_SCALE_Y, float, [1, 1, 1, 1], false)?,
+                tensor(UID_RELU_OUT, float, [n, cout, h, w], true)?,
+            ];
+        }
         let (relu, relu_op) = pointwise(
             sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_RELU_FWD,
             &bias_out,
             None,
-            &y,
+            out_scaling.get(1).unwrap_or(&y),
         )?;
+        if form.e4m3_out() {
+            let (mul, mul_op) = pointwise(
+                sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_MUL,
+                &out_scaling[1],
+                Some(&out_scaling[0]),
+                &y,
+            )?;
+            out_scaling.extend([mul, mul_op]);
+        }
 
         let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
         let raw_handle = handle.raw();
         let mut ops = vec![&conv_op];
         ops.extend(scaling.get(3));
         ops.extend([&add_op, &relu_op]);
+        ops.extend(out_scaling.get(3));
         graph
             .set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &ops)?
             .set(
@@ -360,10 +409,10 @@ impl ConvGraph {
             x, wt, b, y, conv_out, bias_out, conv, conv_op, add, add_op, relu, relu_op,
         ];
         parts.extend(scaling);
+        parts.extend(out_scaling);
         Ok(ConvGraph {
             graph,
-            fp8,
-            bias_f32,
+            form,
             _parts: parts,
         })
     }
@@ -488,8 +537,7 @@ impl ConvGraph {
             _cfg: cfg,
             ws,
             index,
-            fp8: self.fp8,
-            bias_f32: self.bias_f32,
+            form: self.form,
         }))
     }
 }
@@ -549,9 +597,9 @@ pub struct GraphPlan {
     /// Position of its configuration among those offered (mode A's first, then the fallback
     /// list's).
     pub index: usize,
-    fp8: bool,
-    /// Its graph's bias is f32: the execution passes the f32 copy.
-    pub bias_f32: bool,
+    /// Its graph's types: the execution passes the f32 bias for `bias_f32`, the output scale
+    /// for `e4m3_out`.
+    pub form: GraphForm,
 }
 
 /// Device addresses of one execution.
@@ -564,6 +612,8 @@ pub struct GraphPtrs {
     pub ws: u64,
     /// The f32 descale of an FP8 plan (ignored by FP16 plans).
     pub descale: u64,
+    /// The f32 output scale of an E4M3-output plan (ignored by the others).
+    pub scale_y: u64,
 }
 
 impl GraphPlan {
@@ -571,27 +621,29 @@ impl GraphPlan {
     ///
     /// # Safety
     /// The pointers must be live device allocations matching the graph's tensors (x
-    /// `[n,h,w,cin]`, w KRSC, bias `[cout]`, y `[n,h,w,cout]`, FP16, and the FP8 descale f32)
-    /// and the workspace must hold ≥ `self.ws` bytes. A pointer not 16-byte aligned is an error.
+    /// `[n,h,w,cin]`, w KRSC, bias `[cout]`, y `[n,h,w,cout]` in the form's types, the FP8
+    /// descale and output scale f32) and the workspace must hold ≥ `self.ws` bytes. A pointer
+    /// not 16-byte aligned is an error.
     pub unsafe fn execute(&self, handle: &Handle, p: GraphPtrs) -> Result<(), CudnnError> {
+        let mut ids = vec![UID_X, UID_W, UID_B, UID_Y];
+        let mut addrs = vec![p.x, p.w, p.bias, p.y];
+        if self.form.is_fp8() {
+            ids.push(UID_DESCALE);
+            addrs.push(p.descale);
+        }
+        if self.form.e4m3_out() {
+            ids.push(UID_SCALE_Y);
+            addrs.push(p.scale_y);
+        }
         // Every tensor is declared 16-byte aligned: a pointer that is not would be a misaligned
         // load on the device (a sticky error that ends the context), so refuse it here and let
         // the caller fall back.
-        let descale = if self.fp8 { p.descale } else { 0 };
-        if [p.x, p.w, p.bias, p.y, descale].iter().any(|a| a % 16 != 0) {
+        if addrs.iter().any(|a| a % 16 != 0) {
             return Err(CudnnError(
                 sys::cudnnStatus_t::CUDNN_STATUS_BAD_PARAM_MISALIGNED_POINTER,
             ));
         }
         let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
-        let (ids, addrs): (&[i64], Vec<u64>) = if self.fp8 {
-            (
-                &[UID_X, UID_W, UID_B, UID_Y, UID_DESCALE],
-                vec![p.x, p.w, p.bias, p.y, p.descale],
-            )
-        } else {
-            (&[UID_X, UID_W, UID_B, UID_Y], vec![p.x, p.w, p.bias, p.y])
-        };
         let ptrs: Vec<*mut c_void> = addrs.into_iter().map(|a| a as *mut c_void).collect();
         let ws = if self.ws == 0 {
             std::ptr::null_mut()
@@ -601,7 +653,7 @@ impl GraphPlan {
         pack.set(
             Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
             Ty::CUDNN_TYPE_INT64,
-            ids,
+            &ids,
         )?
         .set(
             Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,

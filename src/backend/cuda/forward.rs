@@ -14,12 +14,13 @@ use super::blas;
 use super::conv::{ConvKey, ConvRun};
 use super::cudnn::{self, ActDesc};
 use super::device::{blas_err, drv_err, ptr, verbose, Dev};
+use super::fp8::{self, StageRoute};
 use super::kernels::Kernels;
 use super::profile::LayerEvents;
 use super::weights::DevModel;
 use super::{Prepared, StageDims};
 use crate::error::{Error, Result};
-use crate::model::{Capture, FeatureStage, POOLED};
+use crate::model::{Capture, FeatureStage, Vgg, POOLED};
 
 /// Blocks 1–2 (`end` feature stages) run `rows` rows at a time: their activations (the largest
 /// of the network) then stay in L2 between a conv and the next layer. Chosen at `prepare` by
@@ -184,15 +185,21 @@ impl Pass<'_> {
         let mut cur: Option<usize> = None;
         let prefix = self
             .prep
-            .prefix
-            .filter(|p| capture.is_none() && timer.is_none() && rows > p.rows)
-            .filter(|p| rows.is_multiple_of(p.rows));
+            .prefix_for(rows)
+            .filter(|_| capture.is_none() && timer.is_none());
+        // A base forward (it captures activations) runs FP16 and measures the FP8 layers'
+        // inputs; the other forwards run the FP8 plans once scales exist.
+        let routes = match capture {
+            None => self.prep.fp8_routes(&self.dm.model, rows, prefix),
+            Some(_) => None,
+        };
+        let route = |stage: usize| routes.as_ref().map(|r| r[stage]).unwrap_or_default();
         if let Some(p) = prefix {
-            cur = self.prefix_stages(x, rows, p.end, Some(p.rows))?;
+            cur = self.prefix_stages(x, rows, p.end, Some(p.rows), routes.as_deref())?;
             first = p.end;
         }
         for stage in first..stages {
-            cur = Some(self.stage(stage, x, cur, rows, 0, capture.as_mut())?);
+            cur = Some(self.stage(stage, x, cur, rows, 0, capture.as_mut(), route(stage))?);
             if let Some(t) = timer.as_deref_mut() {
                 t.mark(self.dev)?;
             }
@@ -223,20 +230,23 @@ impl Pass<'_> {
     }
 
     /// Feature stages `0..end` on `rows` rows of `x`, in sub-batches of `sub` rows when given
-    /// (`rows` a multiple of it). Returns the arena buffer holding the output (None if `end` is 0).
+    /// (`rows` a multiple of it), routed by `routes` (None: FP16). Returns the arena buffer
+    /// holding the output (None if `end` is 0).
     pub fn prefix_stages(
         &mut self,
         x: &CudaSlice<f16>,
         rows: usize,
         end: usize,
         sub: Option<usize>,
+        routes: Option<&[StageRoute]>,
     ) -> Result<Option<usize>> {
         let step = sub.unwrap_or(rows).clamp(1, rows.max(1));
         let mut cur = None;
         for chunk in 0..rows / step {
             let mut c = None;
             for stage in 0..end {
-                c = Some(self.stage(stage, x, c, step, chunk * step, None)?);
+                let route = routes.map(|r| r[stage]).unwrap_or_default();
+                c = Some(self.stage(stage, x, c, step, chunk * step, None, route)?);
             }
             cur = c;
         }
@@ -244,7 +254,9 @@ impl Pass<'_> {
     }
 
     /// Feature stage `stage` on `rows` rows starting at row `row0`, reading `cur` (None: `x`)
-    /// and writing the other arena buffer at the same rows. Returns the buffer written.
+    /// and writing the other arena buffer at the same rows, as `route` says (an E4M3 input or
+    /// output: one byte per value at the start of the FP16 rows). Returns the buffer written.
+    #[allow(clippy::too_many_arguments)]
     fn stage(
         &mut self,
         stage: usize,
@@ -253,7 +265,13 @@ impl Pass<'_> {
         rows: usize,
         row0: usize,
         capture: Option<&mut CaptureTo<'_>>,
+        route: StageRoute,
     ) -> Result<usize> {
+        // An FP16 conv after an E4M3 output reads it dequantized, from the other buffer.
+        let cur = match route.dequantizes() {
+            true => Some(self.dequantize_input(stage, cur, rows, row0)?),
+            false => cur,
+        };
         let d: StageDims = self.prep.dims[stage];
         let (out_len, in_len) = (d.out_len(), d.in_len());
         let out_elems = rows * out_len;
@@ -272,9 +290,7 @@ impl Pass<'_> {
         };
         let x_view = input.slice(row0 * in_len..(row0 + rows) * in_len);
         let mut y_view = output.slice_mut(row0 * out_len..row0 * out_len + out_elems);
-        // A base forward (it captures activations) runs FP16 and measures the FP8 layers'
-        // inputs; the other forwards run the FP8 plans once scales exist.
-        let base = capture.is_some();
+        // A base forward measures the FP8 layers' inputs.
         if let (Some(f), Some(c)) = (fp8.as_mut(), capture.as_deref()) {
             if f.filters[stage].is_some() {
                 let real = c.rows * in_len;
@@ -286,7 +302,7 @@ impl Pass<'_> {
                 )?;
             }
         }
-        let fp8_run = fp8.as_mut().filter(|f| f.ready && !base);
+        let fp8_run = fp8.as_mut().filter(|_| route.fp8);
         let capture = capture.filter(|c| c.at.stage == stage);
         let stream = &self.dev.stream;
         match &self.dm.model.features[stage] {
@@ -309,13 +325,31 @@ impl Pass<'_> {
                     rows,
                     identity: pre,
                 };
-                run.run(layer, key, d, &x_view, &mut y_view)?;
+                run.run(layer, key, d, &x_view, &mut y_view, route)?;
                 if let Some(c) = capture {
                     copy_rows(self.dev, &y_view.as_view(), c, out_len)?;
                     if pre {
                         self.kernels.relu_f16(stream, &mut y_view, out_elems)?;
                     }
                 }
+            }
+            FeatureStage::MaxPool { .. } if route.e4m3_in => {
+                let (n_in, n_out) = (rows * in_len, out_elems);
+                // SAFETY: E4M3 codes (bytes) in the first bytes of the FP16 rows, which hold
+                // twice as many bytes; any byte is a valid u8.
+                let (xb, mut yb) = unsafe {
+                    (
+                        x_view.transmute::<u8>(n_in),
+                        y_view.transmute_mut::<u8>(n_out),
+                    )
+                };
+                let (Some(xb), Some(yb)) = (xb, yb.as_mut()) else {
+                    return Err(Error::Invalid(format!(
+                        "stage {stage}: E4M3 pool views out of range"
+                    )));
+                };
+                self.kernels
+                    .maxpool2_e4m3(stream, &xb, rows, d.in_h, d.in_w, d.in_c, yb)?;
             }
             FeatureStage::MaxPool { .. } => {
                 self.kernels.maxpool2(
@@ -333,6 +367,44 @@ impl Pass<'_> {
             }
         }
         Ok(next)
+    }
+
+    /// The E4M3 codes conv stage `stage` reads (`rows` rows from `row0` in arena buffer `cur`)
+    /// as FP16 values, at the stage's multiplier, in the other buffer at the same rows. Returns
+    /// that buffer.
+    fn dequantize_input(
+        &mut self,
+        stage: usize,
+        cur: Option<usize>,
+        rows: usize,
+        row0: usize,
+    ) -> Result<usize> {
+        let in_len = self.prep.dims[stage].in_len();
+        let Prepared { bufs, fp8, .. } = &mut *self.prep;
+        let (Some(cur), Some(f)) = (cur, fp8.as_ref()) else {
+            return Err(Error::Invalid(format!(
+                "stage {stage}: an E4M3 input needs an earlier stage and FP8 scales"
+            )));
+        };
+        let [b0, b1] = bufs;
+        let (src, dst, other) = if cur == 0 {
+            (&*b0, b1, 1)
+        } else {
+            (&*b1, b0, 0)
+        };
+        let (at, n) = (row0 * in_len, rows * in_len);
+        let x = src.slice(at..at + n);
+        // SAFETY: the codes are the first n bytes of these rows' FP16 span; any byte is a u8.
+        let codes = unsafe { x.transmute::<u8>(n) }
+            .ok_or_else(|| Error::Invalid(format!("stage {stage}: E4M3 input out of range")))?;
+        self.kernels.dequantize_e4m3(
+            &self.dev.stream,
+            &codes,
+            n,
+            &f.multiplier(stage),
+            &mut dst.slice_mut(at..at + n),
+        )?;
+        Ok(other)
     }
 
     /// Adaptive average pool (skipped when the map is already 7×7) and the classifier, from
@@ -426,4 +498,45 @@ fn copy_rows(
     dev.stream
         .memcpy_dtod(&y.slice(..n), &mut dst)
         .map_err(|e| drv_err("forward: capturing activations", e))
+}
+
+impl Prepared {
+    /// Blocks 1–2's sub-batching, if it applies to a forward of `rows` rows (a multiple of the
+    /// sub-batch, larger than it).
+    pub(super) fn prefix_for(&self, rows: usize) -> Option<Prefix> {
+        self.prefix
+            .filter(|p| rows > p.rows && rows.is_multiple_of(p.rows))
+    }
+
+    /// The route of a masked forward of `rows` rows under `--precision fp8` once scales exist
+    /// (None: every stage FP16): which convs run FP8 and where activations stay E4M3, from the
+    /// FP8 plans of the keys this forward runs (blocks 1–2 at the `prefix` sub-batch size).
+    pub(super) fn fp8_routes(
+        &self,
+        model: &Vgg,
+        rows: usize,
+        prefix: Option<Prefix>,
+    ) -> Option<Vec<StageRoute>> {
+        self.fp8.as_ref().filter(|f| f.ready)?;
+        let forms: Vec<_> = model
+            .features
+            .iter()
+            .enumerate()
+            .map(|(stage, f)| {
+                if !matches!(f, FeatureStage::Conv(_)) {
+                    return None;
+                }
+                let rows = match prefix {
+                    Some(p) if stage < p.end => p.rows,
+                    _ => rows,
+                };
+                Some(self.convs.fp8_forms(ConvKey {
+                    stage,
+                    rows,
+                    identity: false,
+                }))
+            })
+            .collect();
+        Some(fp8::route(&forms))
+    }
 }

@@ -5,10 +5,19 @@
 //! they live on the device: the base forward measures every FP8 layer's input, then one small
 //! kernel turns the amaxes into the multipliers and descales the masked forwards read from
 //! device memory (so captured CUDA graphs stay valid).
+//!
+//! Between two FP8 convs the activations stay E4M3 where cuDNN offers the E4M3-output form
+//! ([`route`]): the first conv quantizes its own output at the second's multiplier, the max-pool
+//! between works on the codes, and no quantize pass runs. Elsewhere an FP8 conv's FP16 input is
+//! quantized by a kernel into [`Fp8State::x8`] first.
 
-use cudarc::driver::CudaSlice;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use half::f16;
 
 use super::device::Dev;
+use super::kernels::{Kernels, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE};
 use super::layout;
 use super::weights::DevConv;
 use crate::backend::fp8::{capable_stages, weight_scale};
@@ -23,8 +32,8 @@ pub(super) struct Fp8State {
     pub w_scale: CudaSlice<f32>,
     /// Per feature stage: the largest |input| of the last base forward (reset by `fp8_scales`).
     pub amax: CudaSlice<f32>,
-    /// Per feature stage: `[sx·sw, 1/sx, 0, 0]`, the output's descale and the input's
-    /// quantization multiplier ([`SCALE_STRIDE`](super::kernels::SCALE_STRIDE) floats each).
+    /// Per feature stage, [`SCALE_STRIDE`] floats: the output's descale `sx·sw` and the input's
+    /// quantization multiplier `1/sx` (see [`Fp8State::descale`], [`Fp8State::multiplier`]).
     pub scales: CudaSlice<f32>,
     /// One layer's quantized input: `rows_max` rows of the largest FP8 layer input.
     pub x8: CudaSlice<u8>,
@@ -65,8 +74,16 @@ impl Fp8State {
             };
             filters.push(filter);
         }
-        // The layout of `fp8_scales`' output: [descale, multiplier, 0, 0] per layer.
-        let scales: Vec<f32> = w_scale.iter().flat_map(|&sw| [sw, 1.0, 0.0, 0.0]).collect();
+        // The layout of `fp8_scales`' output.
+        let scales: Vec<f32> = w_scale
+            .iter()
+            .flat_map(|&sw| {
+                let mut layer = [0.0f32; SCALE_STRIDE];
+                layer[DESCALE_AT] = sw;
+                layer[MULTIPLIER_AT] = 1.0;
+                layer
+            })
+            .collect();
         Ok(Fp8State {
             filters,
             w_scale: dev.upload(&w_scale, "FP8 filter scales")?,
@@ -78,6 +95,39 @@ impl Fp8State {
         })
     }
 
+    /// Stage `stage`'s descale (one f32, 16-byte aligned): its conv output's scale back.
+    pub fn descale(&self, stage: usize) -> CudaView<'_, f32> {
+        let at = SCALE_STRIDE * stage + DESCALE_AT;
+        self.scales.slice(at..at + 1)
+    }
+
+    /// Stage `stage`'s multiplier (one f32, 16-byte aligned): its input's quantization, and the
+    /// output scale of an E4M3-output conv feeding it.
+    pub fn multiplier(&self, stage: usize) -> CudaView<'_, f32> {
+        let at = SCALE_STRIDE * stage + MULTIPLIER_AT;
+        self.scales.slice(at..at + 1)
+    }
+
+    /// Quantize `x` (stage `stage`'s FP16 input, all of it) into [`Fp8State::x8`] at the stage's
+    /// multiplier.
+    pub fn quantize_input(
+        &mut self,
+        kernels: &Kernels,
+        stream: &Arc<CudaStream>,
+        stage: usize,
+        x: &CudaView<'_, f16>,
+    ) -> Result<()> {
+        let n = x.len();
+        let at = SCALE_STRIDE * stage + MULTIPLIER_AT;
+        kernels.quantize_e4m3(
+            stream,
+            x,
+            n,
+            &self.scales.slice(at..at + 1),
+            &mut self.x8.slice_mut(..n),
+        )
+    }
+
     /// Bytes of device memory held.
     pub fn bytes(&self) -> usize {
         self.filters
@@ -86,5 +136,185 @@ impl Fp8State {
             .map(|f| f.num_bytes())
             .sum::<usize>()
             + self.x8.num_bytes()
+    }
+}
+
+/// Per feature stage: the next conv stage after it (past any pools) when that one may run FP8
+/// (`is_conv`, `fp8` per stage), where an E4M3 output of this stage could be read.
+pub(super) fn next_fp8_convs(is_conv: &[bool], fp8: &[bool]) -> Vec<Option<usize>> {
+    (0..is_conv.len())
+        .map(|i| {
+            let j = (i + 1..is_conv.len()).find(|&j| is_conv[j])?;
+            fp8[j].then_some(j)
+        })
+        .collect()
+}
+
+/// How one feature stage of an FP8 forward runs: in FP8 or not, and in which format its input
+/// and output activations are (E4M3 codes, one byte each at the start of the FP16 rows they
+/// replace, or FP16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct StageRoute {
+    /// The conv runs an FP8 plan.
+    pub fp8: bool,
+    /// The input is E4M3 at this stage's multiplier (for a conv: already quantized).
+    pub e4m3_in: bool,
+    /// The output is E4M3: a conv's at the multiplier of conv stage `next`, a pool's as its input.
+    pub e4m3_out: bool,
+    /// The next conv stage (after any pools), whose multiplier an E4M3 conv output is at.
+    pub next: Option<usize>,
+}
+
+/// The FP8 plans a conv key has: with an FP16 output, with an E4M3 output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Fp8Forms {
+    pub half_out: bool,
+    pub e4m3_out: bool,
+}
+
+/// The route of one forward's feature stages, from the FP8 plans each conv key has (`None`:
+/// a pool). A conv with an FP8 plan runs FP8. It writes E4M3 (its E4M3-output form, which
+/// exists only where the next conv may run FP8) when the next conv runs FP8, or when it has no
+/// FP16-output form; a next conv that then runs FP16 reads its input dequantized (it sees the
+/// E4M3-rounded values an FP8 conv would). The last conv's output, which the head reads, stays
+/// FP16.
+pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
+    let n = forms.len();
+    let mut routes = vec![StageRoute::default(); n];
+    // Backwards: the next conv and whether it runs FP8.
+    let mut next: Option<(usize, bool)> = None;
+    for i in (0..n).rev() {
+        let Some(f) = forms[i] else { continue };
+        let r = &mut routes[i];
+        r.next = next.map(|(j, _)| j);
+        r.e4m3_out = f.e4m3_out && next.is_some_and(|(_, fp8)| fp8 || !f.half_out);
+        r.fp8 = f.half_out || r.e4m3_out;
+        next = Some((i, r.fp8));
+    }
+    // Forwards: the format each stage reads; pools pass theirs on.
+    let mut e4m3 = false;
+    for (i, r) in routes.iter_mut().enumerate() {
+        r.e4m3_in = e4m3;
+        if forms[i].is_none() {
+            r.e4m3_out = e4m3;
+        }
+        e4m3 = r.e4m3_out;
+    }
+    routes
+}
+
+impl StageRoute {
+    /// A conv that runs FP16 on an E4M3 input: its input is dequantized first.
+    pub fn dequantizes(&self) -> bool {
+        self.e4m3_in && !self.fp8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOTH: Option<Fp8Forms> = Some(Fp8Forms {
+        half_out: true,
+        e4m3_out: true,
+    });
+    const HALF: Option<Fp8Forms> = Some(Fp8Forms {
+        half_out: true,
+        e4m3_out: false,
+    });
+    const E4M3: Option<Fp8Forms> = Some(Fp8Forms {
+        half_out: false,
+        e4m3_out: true,
+    });
+    const FP16: Option<Fp8Forms> = Some(Fp8Forms {
+        half_out: false,
+        e4m3_out: false,
+    });
+    const POOL: Option<Fp8Forms> = None;
+
+    fn summary(r: &[StageRoute]) -> Vec<(bool, bool, bool)> {
+        r.iter().map(|s| (s.fp8, s.e4m3_in, s.e4m3_out)).collect()
+    }
+
+    #[test]
+    fn the_next_fp8_conv_is_found_past_pools() {
+        // conv(FP16) conv pool conv(FP16) conv pool
+        let is_conv = [true, true, false, true, true, false];
+        let fp8 = [false, true, false, false, true, false];
+        assert_eq!(
+            next_fp8_convs(&is_conv, &fp8),
+            [Some(1), None, None, Some(4), None, None]
+        );
+    }
+
+    #[test]
+    fn activations_stay_e4m3_between_fp8_convs_and_through_pools() {
+        // conv(FP16) conv pool conv conv pool → head
+        let r = route(&[FP16, BOTH, POOL, BOTH, BOTH, POOL]);
+        assert_eq!(
+            summary(&r),
+            [
+                (false, false, false),
+                (true, false, true), // quantizes its FP16 input, writes E4M3
+                (false, true, true), // pools the codes
+                (true, true, true),
+                (true, true, false), // the last conv writes FP16 for the head
+                (false, false, false),
+            ]
+        );
+        assert_eq!(r[1].next, Some(3));
+        assert_eq!(r[3].next, Some(4));
+        assert_eq!(r[4].next, None);
+    }
+
+    #[test]
+    fn an_fp16_conv_after_an_e4m3_only_conv_reads_its_input_dequantized() {
+        // The last conv has no FP8 plan here (say cuDNN refused its FP16-output form): the conv
+        // before still runs FP8, writing E4M3, and the last one dequantizes its input.
+        let r = route(&[BOTH, E4M3, FP16]);
+        assert_eq!(
+            summary(&r),
+            [
+                (true, false, true),
+                (true, true, true),
+                (false, true, false),
+            ]
+        );
+        assert!(r[2].dequantizes() && !r[1].dequantizes());
+        // With both forms it writes FP16 for an FP16 next conv instead (no dequantize pass).
+        let r = route(&[BOTH, POOL, BOTH, FP16]);
+        assert_eq!(
+            summary(&r),
+            [
+                (true, false, true),
+                (false, true, true),
+                (true, true, false),
+                (false, false, false),
+            ]
+        );
+        // An E4M3-only last conv has no reader: it runs FP16 (its plan exists only with a next).
+        let r = route(&[BOTH, E4M3]);
+        assert_eq!(summary(&r), [(true, false, false), (false, false, false)]);
+        // Every E4M3 output has a conv reading it, every conv reading E4M3 runs FP8 or
+        // dequantizes, and the head reads FP16.
+        for forms in [
+            vec![E4M3, E4M3, E4M3, POOL],
+            vec![BOTH, POOL, POOL, BOTH, E4M3],
+            vec![HALF, E4M3, BOTH, FP16, E4M3, BOTH, POOL],
+            vec![E4M3, FP16, E4M3, POOL, HALF, E4M3, E4M3, FP16, POOL],
+        ] {
+            let r = route(&forms);
+            for (i, s) in r.iter().enumerate() {
+                if forms[i].is_some() && s.e4m3_out {
+                    let next = s.next.expect("an E4M3 output has a reader");
+                    assert!(r[next].e4m3_in, "{forms:?}: stage {i}");
+                }
+                if forms[i].is_some() && s.fp8 {
+                    let f = forms[i].unwrap();
+                    assert!(if s.e4m3_out { f.e4m3_out } else { f.half_out });
+                }
+            }
+            assert!(!r.last().unwrap().e4m3_out, "{forms:?}");
+        }
     }
 }

@@ -111,6 +111,18 @@ impl StageDims {
 }
 
 /// Per-plan state: the arena, the planned batch sizes and their convolution plans.
+/// How a masked forward runs its feature stages under `--precision fp8` (see
+/// [`CudaBackend::fp8_route`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Fp8Route {
+    /// Convs that run an FP8 plan (their inputs and filters E4M3).
+    pub fp8: Vec<usize>,
+    /// Stages whose output stays E4M3: convs quantizing for the next conv, pools between.
+    pub e4m3_out: Vec<usize>,
+    /// FP16 convs that read their input dequantized from E4M3 (E4M3-rounded values).
+    pub dequantized_inputs: Vec<usize>,
+}
+
 struct Prepared {
     plan: Plan,
     rows_max: usize,
@@ -443,6 +455,57 @@ impl CudaBackend {
         dev.download(&out, x.len(), "quantized values")
     }
 
+    /// FP16 values of E4M3 `codes` divided by `multiplier`, computed on the device by the
+    /// dequantize kernel.
+    pub fn dequantize_e4m3_on_device(&mut self, codes: &[u8], multiplier: f32) -> Result<Vec<f32>> {
+        self.bind()?;
+        if codes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dev = &self.dev;
+        let xs = dev.upload(codes, "dequantize input")?;
+        let m = dev.upload(&[multiplier], "dequantize multiplier")?;
+        let mut out = dev.alloc::<f16>(codes.len(), "dequantize output")?;
+        self.kernels.dequantize_e4m3(
+            &dev.stream,
+            &xs.slice(..),
+            codes.len(),
+            &m.slice(..),
+            &mut out.slice_mut(..),
+        )?;
+        let got = dev.download(&out, codes.len(), "dequantized values")?;
+        Ok(got.iter().map(|v| v.to_f32()).collect())
+    }
+
+    /// MaxPool2d(2, 2) of E4M3 codes `x` `[n, h, w, c]` (NHWC) computed on the device by the
+    /// E4M3 max-pool kernel; `offset` bytes into the device buffer (a misaligned start takes the
+    /// kernel's one-channel path).
+    pub fn maxpool2_e4m3_on_device(
+        &mut self,
+        x: &[u8],
+        [n, h, w, c]: [usize; 4],
+        offset: usize,
+    ) -> Result<Vec<u8>> {
+        self.bind()?;
+        let dev = &self.dev;
+        let mut padded = vec![0u8; offset];
+        padded.extend_from_slice(x);
+        let xs = dev.upload(&padded, "E4M3 pool input")?;
+        let out_len = n * (h / 2) * (w / 2) * c;
+        let mut out = dev.alloc::<u8>(out_len + offset, "E4M3 pool output")?;
+        self.kernels.maxpool2_e4m3(
+            &dev.stream,
+            &xs.slice(offset..),
+            n,
+            h,
+            w,
+            c,
+            &mut out.slice_mut(offset..),
+        )?;
+        let got = dev.download(&out, out_len + offset, "pooled codes")?;
+        Ok(got[offset..].to_vec())
+    }
+
     /// `max |x|` of f16-rounded `x` computed on the device by the FP8 amax kernel.
     pub fn amax_on_device(&mut self, x: &[f32]) -> Result<f32> {
         self.bind()?;
@@ -475,6 +538,32 @@ impl CudaBackend {
         self.prep
             .as_ref()
             .map_or_else(Vec::new, |p| p.convs.choices().to_vec())
+    }
+
+    /// Under `--precision fp8`, once a base forward has set the scales: how a masked forward of
+    /// `rows` rows runs each feature stage (None before, or without FP8).
+    pub fn fp8_route(&self, rows: usize) -> Option<Fp8Route> {
+        let p = self.prep.as_ref()?;
+        let model = &self.model.as_ref()?.model;
+        let routes = p.fp8_routes(model, rows, p.prefix_for(rows))?;
+        let stages = |keep: fn(&fp8::StageRoute, bool) -> bool| -> Vec<usize> {
+            routes
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| {
+                    keep(
+                        r,
+                        matches!(model.features[*i], crate::model::FeatureStage::Conv(_)),
+                    )
+                })
+                .map(|(i, _)| i)
+                .collect()
+        };
+        Some(Fp8Route {
+            fp8: stages(|r, conv| conv && r.fp8),
+            e4m3_out: stages(|r, _| r.e4m3_out),
+            dequantized_inputs: stages(|r, conv| conv && r.dequantizes()),
+        })
     }
 
     /// The forward pass's borrows of the prepared backend.
@@ -969,7 +1058,9 @@ impl Backend for CudaBackend {
                     "legacy_ms": c.legacy_ms,
                     "graph_ms": c.graph_ms,
                     "fp8_ms": c.fp8_ms,
+                    "fp8_e4m3_ms": c.fp8_e4m3_ms,
                     "fp8": c.fp8,
+                    "fp8_e4m3": c.fp8_e4m3,
                 })
             })
             .collect();
@@ -979,6 +1070,9 @@ impl Backend for CudaBackend {
             "mask_batch_sizes": p.masks.sizes(),
             "image_batch_sizes": p.images.sizes(),
             "plans_built_on_first_use": p.convs.built_on_first_use,
+            // How a full mask batch's forward runs under `--precision fp8` (null before a base
+            // forward, or in FP16).
+            "fp8_route": self.fp8_route(p.plan.max_masks),
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
             "graph_api_search": {
                 "fp16": p.convs.graph_search.to_json(),

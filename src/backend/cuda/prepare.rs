@@ -8,7 +8,7 @@ use half::f16;
 use super::conv::{self, BatchLadder, ConvKey, EventPair, Fp8Tuning, TuneArena, LADDER_STEPS};
 use super::device::{drv_err, gpu_oom, verbose};
 use super::forward::Prefix;
-use super::fp8::Fp8State;
+use super::fp8::{next_fp8_convs, Fp8State};
 use super::weights::upload_model;
 use super::{CudaBackend, Prepared, StageDims, CPAD};
 use crate::backend::{Plan, Precision};
@@ -227,6 +227,11 @@ impl CudaBackend {
         };
         // The workspace grows during the tuning to what each timed candidate needs, within what
         // is free once everything else is allocated.
+        let next_fp8 = fp8.as_ref().map_or_else(Vec::new, |f| {
+            let is_conv: Vec<bool> = dm.convs.iter().map(Option::is_some).collect();
+            let fp8: Vec<bool> = f.filters.iter().map(Option::is_some).collect();
+            next_fp8_convs(&is_conv, &fp8)
+        });
         let ws_limit = conv::ws_cap(dev)?;
         let mut workspace = dev.alloc::<u8>(0, "cuDNN workspace")?;
         let (convs, ws_used) = conv::plan_all(
@@ -246,6 +251,7 @@ impl CudaBackend {
             fp8.as_mut().map(|state| Fp8Tuning {
                 state,
                 rows: masks.sizes(),
+                next_fp8: &next_fp8,
             }),
         )?;
         let workspace = if ws_used < workspace.len() / 2 {
@@ -311,9 +317,9 @@ impl CudaBackend {
         for sub in std::iter::once(None).chain(subs.iter().copied().map(Some)) {
             let (mut pass, _) = self.pass()?;
             let dev = pass.dev;
-            pass.prefix_stages(&x, rows, end, sub)?; // warm-up
+            pass.prefix_stages(&x, rows, end, sub, None)?; // warm-up
             let timed = timer.median_ms(dev, op, || {
-                pass.prefix_stages(&x, rows, end, sub)
+                pass.prefix_stages(&x, rows, end, sub, None)
                     .map(|_| Ok::<(), std::convert::Infallible>(()))
             })?;
             let Ok(ms) = timed;

@@ -11,10 +11,14 @@ use crate::error::Result;
 
 pub use crate::backend::fp8::{e4m3_from_f32, E4M3_MAX};
 
-/// Floats per layer in `fp8_scales`' output: the descale, the multiplier and padding, so that
-/// every layer's descale starts 16 bytes after the previous one (the alignment the cuDNN graph
-/// declares for its tensors).
-pub const SCALE_STRIDE: usize = 4;
+/// Floats per layer in `fp8_scales`' output: the descale at [`DESCALE_AT`], the multiplier at
+/// [`MULTIPLIER_AT`], padding between, so that both start on 16 bytes (the alignment the cuDNN
+/// graphs declare for their tensors; the multiplier is also an E4M3-output graph's scale).
+pub const SCALE_STRIDE: usize = 8;
+/// Offset of a layer's descale (its conv output's scale back) in its [`SCALE_STRIDE`] floats.
+pub const DESCALE_AT: usize = 0;
+/// Offset of a layer's multiplier (its input's quantization) in its [`SCALE_STRIDE`] floats.
+pub const MULTIPLIER_AT: usize = 4;
 
 impl Kernels {
     /// `amax[0] = max(amax[0], max |x[i]|)` over `n` f16 values (`amax` holds a non-negative f32).
@@ -34,9 +38,10 @@ impl Kernels {
         })
     }
 
-    /// For each of `layers` layers: `scales[4l] = amax[l]·margin / 448 · w_scale[l]` (the
-    /// descale of its output, 16-byte aligned for cuDNN), `scales[4l+1] = 448 / (amax[l]·margin)`
-    /// (the quantization multiplier of its input); then `amax[l] = 0`. See [`SCALE_STRIDE`].
+    /// For each of `layers` layers: `scales[8l] = amax[l]·margin / 448 · w_scale[l]` (the
+    /// descale of its output), `scales[8l+4] = 448 / (amax[l]·margin)` (the quantization
+    /// multiplier of its input), both 16-byte aligned for cuDNN; then `amax[l] = 0`. See
+    /// [`SCALE_STRIDE`].
     pub fn fp8_scales(
         &self,
         stream: &Arc<CudaStream>,
@@ -62,11 +67,12 @@ impl Kernels {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
+        let layout = [SCALE_STRIDE, DESCALE_AT, MULTIPLIER_AT].map(|v| v as i32);
         self.launch(OP, stream, &self.fp8_scales, cfg, |lb| {
-            lb.arg(amax)
-                .arg(w_scale)
-                .arg(&layers_i)
-                .arg(&margin)
+            lb.arg(amax).arg(w_scale).arg(&layers_i).arg(&margin);
+            lb.arg(&layout[0])
+                .arg(&layout[1])
+                .arg(&layout[2])
                 .arg(scales);
         })
     }
@@ -92,9 +98,70 @@ impl Kernels {
     }
 }
 
+impl Kernels {
+    /// `out[i] = f16(value(x[i]) / multiplier[0])` for i < n: E4M3 codes back to FP16 (see
+    /// [`crate::backend::fp8::e4m3_to_f32`]).
+    pub fn dequantize_e4m3(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &CudaView<'_, u8>,
+        n: usize,
+        multiplier: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f16>,
+    ) -> Result<()> {
+        const OP: &str = "dequantize_e4m3";
+        let n_i = count_arg(OP, n)?;
+        need(OP, "x", x.len(), n)?;
+        need(OP, "multiplier", multiplier.len(), 1)?;
+        need(OP, "out", out.len(), n)?;
+        self.launch(
+            OP,
+            stream,
+            &self.dequantize_e4m3,
+            self.grid_stride(n),
+            |lb| {
+                lb.arg(x).arg(&n_i).arg(multiplier).arg(out);
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kernels/fp8.cu's `e4m3_value`, line for line.
+    fn kernel_e4m3_value(bits: u8) -> f32 {
+        let bits = u32::from(bits);
+        let (e, m) = ((bits >> 3) & 0xF, bits & 0x7);
+        let a = if bits & 0x7F == 0x7F {
+            f32::from_bits(0x7FC0_0000)
+        } else if e == 0 {
+            m as f32 * 0.001953125
+        } else {
+            f32::from_bits(((e + 120) << 23) | (m << 20))
+        };
+        if bits & 0x80 != 0 {
+            -a
+        } else {
+            a
+        }
+    }
+
+    #[test]
+    fn the_kernel_decoding_matches_the_host() {
+        for bits in 0..=u8::MAX {
+            let (got, want) = (
+                kernel_e4m3_value(bits),
+                crate::backend::fp8::e4m3_to_f32(bits),
+            );
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#04x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#04x}: {got} ≠ {want}");
+            }
+        }
+    }
 
     /// kernels/fp8.cu's `e4m3_bits`, line for line, so its arithmetic is checked here against
     /// the float8 crate (cuda_fp8.hpp's algorithm) without a GPU.

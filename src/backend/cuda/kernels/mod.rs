@@ -39,7 +39,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 
-pub use self::fp8::{e4m3_from_f32, E4M3_MAX, SCALE_STRIDE};
+pub use self::fp8::{e4m3_from_f32, DESCALE_AT, E4M3_MAX, MULTIPLIER_AT, SCALE_STRIDE};
 pub use self::masks::MaskVariant;
 pub use self::nvrtc::{
     assemble_source, compile_cached, compile_for_arch, disk_cache_dir, is_cubin, nvrtc_available,
@@ -59,6 +59,7 @@ const KERNEL_NAMES: &[&str] = &[
     "weighted_channel_sum",
     "upsample_relu_normalize",
     "maxpool2",
+    "maxpool2_e4m3",
     "adaptive_avgpool",
     "bias_act_f16",
     "bias_f32",
@@ -67,6 +68,7 @@ const KERNEL_NAMES: &[&str] = &[
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
+    "dequantize_e4m3",
 ];
 
 /// The names of every kernel the module exports (`extern "C"`, so unmangled).
@@ -102,6 +104,7 @@ pub struct Kernels {
     weighted_channel_sum: CudaFunction,
     upsample_relu_normalize: CudaFunction,
     maxpool2: CudaFunction,
+    maxpool2_e4m3: CudaFunction,
     adaptive_avgpool: CudaFunction,
     bias_act_f16: CudaFunction,
     bias_f32: CudaFunction,
@@ -110,6 +113,7 @@ pub struct Kernels {
     amax_abs_f16: CudaFunction,
     fp8_scales: CudaFunction,
     quantize_e4m3: CudaFunction,
+    dequantize_e4m3: CudaFunction,
     /// Streaming multiprocessors of the device (sizes the grids).
     sm_count: u32,
     /// Dynamic shared memory `masks` / `masks_direct` may use per block (bytes).
@@ -175,6 +179,7 @@ impl Kernels {
             weighted_channel_sum: f("weighted_channel_sum")?,
             upsample_relu_normalize: f("upsample_relu_normalize")?,
             maxpool2: f("maxpool2")?,
+            maxpool2_e4m3: f("maxpool2_e4m3")?,
             adaptive_avgpool: f("adaptive_avgpool")?,
             bias_act_f16: f("bias_act_f16")?,
             bias_f32: f("bias_f32")?,
@@ -183,6 +188,7 @@ impl Kernels {
             amax_abs_f16: f("amax_abs_f16")?,
             fp8_scales: f("fp8_scales")?,
             quantize_e4m3: f("quantize_e4m3")?,
+            dequantize_e4m3: f("dequantize_e4m3")?,
             ctx: ctx.clone(),
             _module: module,
             sm_count,

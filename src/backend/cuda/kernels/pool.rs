@@ -21,24 +21,48 @@ impl Kernels {
         y: &mut CudaViewMut<'_, f16>,
     ) -> Result<()> {
         const OP: &str = "maxpool2";
-        let [n_i, h_i, w_i, c_i] = nhwc_args(OP, n, h, w, c)?;
-        if h < 2 || w < 2 {
-            return Err(invalid(
-                OP,
-                format!("{h}×{w} input is smaller than the 2×2 window"),
-            ));
-        }
-        need(OP, "x", x.len(), prod(OP, &[n, h, w, c])?)?;
-        let total = prod(OP, &[n, h / 2, w / 2, c])?;
-        need(OP, "y", y.len(), total)?;
+        let (args, total) = maxpool2_shape(OP, (x.len(), y.len()), n, h, w, c)?;
         let units = if c.is_multiple_of(8) {
             total / 8
         } else {
             total
         };
         self.launch(OP, stream, &self.maxpool2, self.grid_stride(units), |lb| {
-            lb.arg(x).arg(&n_i).arg(&h_i).arg(&w_i).arg(&c_i).arg(y);
+            let [n_i, h_i, w_i, c_i] = &args;
+            lb.arg(x).arg(n_i).arg(h_i).arg(w_i).arg(c_i).arg(y);
         })
+    }
+
+    /// MaxPool2d(2, 2) (floor) on E4M3 codes of post-ReLU values: `x` `[n, h, w, c]` → `y`
+    /// `[n, h/2, w/2, c]`, one byte per value (a code with the sign bit counts as 0; see
+    /// [`crate::backend::fp8::max_e4m3`]).
+    pub fn maxpool2_e4m3(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &CudaView<'_, u8>,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        y: &mut CudaViewMut<'_, u8>,
+    ) -> Result<()> {
+        const OP: &str = "maxpool2_e4m3";
+        let (args, total) = maxpool2_shape(OP, (x.len(), y.len()), n, h, w, c)?;
+        let units = if c.is_multiple_of(16) {
+            total / 16
+        } else {
+            total
+        };
+        self.launch(
+            OP,
+            stream,
+            &self.maxpool2_e4m3,
+            self.grid_stride(units),
+            |lb| {
+                let [n_i, h_i, w_i, c_i] = &args;
+                lb.arg(x).arg(n_i).arg(h_i).arg(w_i).arg(c_i).arg(y);
+            },
+        )
     }
 
     /// AdaptiveAvgPool2d((oh, ow)) with PyTorch's bins (start = floor(i·H/oh),
@@ -68,4 +92,27 @@ impl Kernels {
             lb.arg(&oh_i).arg(&ow_i).arg(y);
         })
     }
+}
+
+/// A 2×2 max-pool's checks: the kernel's int arguments `[n, h, w, c]` and the output's length,
+/// after checking the window fits and `x` / `y` (their lengths) hold the input and output.
+fn maxpool2_shape(
+    op: &str,
+    (x_len, y_len): (usize, usize),
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+) -> Result<([i32; 4], usize)> {
+    let args = nhwc_args(op, n, h, w, c)?;
+    if h < 2 || w < 2 {
+        return Err(invalid(
+            op,
+            format!("{h}×{w} input is smaller than the 2×2 window"),
+        ));
+    }
+    need(op, "x", x_len, prod(op, &[n, h, w, c])?)?;
+    let total = prod(op, &[n, h / 2, w / 2, c])?;
+    need(op, "y", y_len, total)?;
+    Ok((args, total))
 }
