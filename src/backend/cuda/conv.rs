@@ -295,7 +295,16 @@ pub(super) fn plan_all(
                           search: &mut PlanSearch| {
             let started = Instant::now();
             let timed = time_graph_plans(
-                dev, dnn, &timer, layer, d, key.rows, arena, ws_limit, run, form, search,
+                dev,
+                dnn,
+                &timer,
+                layer,
+                (d, key.rows),
+                arena,
+                ws_limit,
+                run,
+                form,
+                search,
             );
             search.spent += started.elapsed();
             timed
@@ -383,6 +392,9 @@ pub(super) fn plan_all(
             _ => None,
         };
         if let (Some(next), Some(f)) = (fp8_next, fp8.as_mut()) {
+            // Its input arrives E4M3 where an FP8-capable conv precedes it (timed without the
+            // quantize pass), else FP16 (timed with it).
+            let input_e4m3 = f.next_fp8.contains(&Some(key.stage));
             // FP16 bias first; should no engine take it, an f32 bias.
             let mut try_forms = |arena: &mut TuneArena<'_>, e4m3_out: bool| {
                 if out.fp8_search.spent >= budget {
@@ -395,6 +407,7 @@ pub(super) fn plan_all(
                         state: &mut *f.state,
                         stage: key.stage,
                         next,
+                        input_e4m3,
                     };
                     let form = GraphForm::Fp8 { bias_f32, e4m3_out };
                     if let Some(p) = time_graph(arena, Some(run), form, &mut out.fp8_search)? {
@@ -455,8 +468,7 @@ pub(super) fn plan_all(
             );
         }
         // FP8 joins the FP16 plan (kept for base forwards and before any scales exist) when its
-        // faster form beats it, or always when preferred. The E4M3-output form is timed without
-        // quantizing its input, which normally arrives E4M3 from the FP8 conv before.
+        // faster form beats it, or always when preferred.
         let half = t.fp8_half.clone().flatten();
         let e4m3 = t
             .fp8_e4m3
@@ -505,6 +517,9 @@ pub(super) struct Fp8Run<'a> {
     pub state: &'a mut Fp8State,
     pub stage: usize,
     pub next: Option<usize>,
+    /// For the tuning: whether the stage's input normally arrives E4M3 (an FP8-capable conv
+    /// precedes it), so that its plans are timed without the quantize pass.
+    pub input_e4m3: bool,
 }
 
 /// Where an FP8 conv's input is.
@@ -574,9 +589,9 @@ impl Fp8Run<'_> {
     }
 }
 
-/// Build the graph of `rows` rows of `layer` in `form` — conv+bias+ReLU in FP16, or an FP8 one
-/// with `fp8` — and time its plans (see [`time_plans`]). An FP8 plan with an FP16 output is
-/// timed with the quantization of its input, one with an E4M3 output without (its input is
+/// Build the graph of `rows` rows of `layer` (stage geometry `d`) in `form` — conv+bias+ReLU in
+/// FP16, or an FP8 one with `fp8` — and time its plans (see [`time_plans`]). An FP8 plan is
+/// timed with the quantization of its input unless that input arrives E4M3 (`input_e4m3`:
 /// quantized once before). `None` when the graph API offers nothing for it (the FP16 legacy
 /// path stays).
 #[allow(clippy::too_many_arguments)]
@@ -585,8 +600,7 @@ fn time_graph_plans(
     dnn: &cudnn::Handle,
     timer: &EventPair,
     layer: &DevConv,
-    d: super::StageDims,
-    rows: usize,
+    (d, rows): (super::StageDims, usize),
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
     mut fp8: Option<Fp8Run<'_>>,
@@ -612,9 +626,9 @@ fn time_graph_plans(
     };
     search.graphs += 1;
     let n = rows * d.in_len();
-    // An E4M3-output plan's input: the arena's, quantized once.
+    // An input that arrives E4M3: the arena's, quantized once.
     let pre_quantized = match fp8.as_mut() {
-        Some(run) if form.e4m3_out() => {
+        Some(run) if run.input_e4m3 => {
             let x = arena.bufs[0].slice(..n);
             run.state
                 .quantize_input(run.kernels, &dev.stream, run.stage, &x)?;
@@ -955,6 +969,7 @@ impl ConvRun<'_> {
                 state,
                 stage: key.stage,
                 next: route.next,
+                input_e4m3: route.e4m3_in,
             };
             let s = &self.dev.stream;
             let input = if route.e4m3_in {

@@ -306,6 +306,11 @@ impl Pass<'_> {
         let capture = capture.filter(|c| c.at.stage == stage);
         let stream = &self.dev.stream;
         match &self.dm.model.features[stage] {
+            FeatureStage::Conv(_) if route.packed_out => {
+                return Err(Error::Invalid(format!(
+                    "stage {stage}: a sub-batched prefix must end with a pool to pack E4M3 rows"
+                )));
+            }
             FeatureStage::Conv(_) => {
                 let layer = self.dm.convs[stage]
                     .as_ref()
@@ -335,18 +340,27 @@ impl Pass<'_> {
             }
             FeatureStage::MaxPool { .. } if route.e4m3_in => {
                 let (n_in, n_out) = (rows * in_len, out_elems);
+                let out_of_range =
+                    || Error::Invalid(format!("stage {stage}: E4M3 pool views out of range"));
                 // SAFETY: E4M3 codes (bytes) in the first bytes of the FP16 rows, which hold
                 // twice as many bytes; any byte is a valid u8.
-                let (xb, mut yb) = unsafe {
-                    (
-                        x_view.transmute::<u8>(n_in),
-                        y_view.transmute_mut::<u8>(n_out),
-                    )
-                };
-                let (Some(xb), Some(yb)) = (xb, yb.as_mut()) else {
-                    return Err(Error::Invalid(format!(
-                        "stage {stage}: E4M3 pool views out of range"
-                    )));
+                let xb = unsafe { x_view.transmute::<u8>(n_in) }.ok_or_else(out_of_range)?;
+                let mut packed;
+                let mut unpacked;
+                let yb = if route.packed_out {
+                    // The last stage of a sub-batched prefix: its rows packed from the buffer's
+                    // first byte, where the full-batch stage after the prefix reads them.
+                    let at = row0 * out_len;
+                    // SAFETY: the buffer's bytes as u8 (twice its FP16 length).
+                    packed = unsafe { output.transmute_mut::<u8>(2 * output.len()) }
+                        .ok_or_else(out_of_range)?;
+                    unpacked = packed.slice_mut(at..at + n_out);
+                    &mut unpacked
+                } else {
+                    // SAFETY: as for the input.
+                    unpacked =
+                        unsafe { y_view.transmute_mut::<u8>(n_out) }.ok_or_else(out_of_range)?;
+                    &mut unpacked
                 };
                 self.kernels
                     .maxpool2_e4m3(stream, &xb, rows, d.in_h, d.in_w, d.in_c, yb)?;
@@ -537,6 +551,13 @@ impl Prepared {
                 }))
             })
             .collect();
-        Some(fp8::route(&forms))
+        let mut routes = fp8::route(&forms);
+        // Sub-batched blocks 1–2 write each chunk's activations at its own rows; an E4M3 output
+        // of the prefix's last stage (a pool) is packed instead, the layout the full batch after
+        // it reads (see `stage`).
+        if let Some(r) = prefix.and_then(|p| routes.get_mut(p.end.checked_sub(1)?)) {
+            r.packed_out = r.e4m3_out;
+        }
+        Some(routes)
     }
 }

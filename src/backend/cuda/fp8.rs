@@ -152,7 +152,8 @@ pub(super) fn next_fp8_convs(is_conv: &[bool], fp8: &[bool]) -> Vec<Option<usize
 
 /// How one feature stage of an FP8 forward runs: in FP8 or not, and in which format its input
 /// and output activations are (E4M3 codes, one byte each at the start of the FP16 rows they
-/// replace, or FP16).
+/// replace, or FP16). A batch read whole starts at the buffer's first byte either way; a
+/// sub-batch chunk's rows start at their FP16 offset, except where `packed_out` says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct StageRoute {
     /// The conv runs an FP8 plan.
@@ -163,6 +164,10 @@ pub(super) struct StageRoute {
     pub e4m3_out: bool,
     /// The next conv stage (after any pools), whose multiplier an E4M3 conv output is at.
     pub next: Option<usize>,
+    /// The E4M3 output of `rows` rows from row `row0` goes to bytes `row0·len..` of the buffer
+    /// (packed) rather than to the first bytes of its FP16 rows: set on the last stage of
+    /// sub-batched blocks 1–2, whose chunks the full batch after them reads as one.
+    pub packed_out: bool,
 }
 
 /// The FP8 plans a conv key has: with an FP16 output, with an E4M3 output.
