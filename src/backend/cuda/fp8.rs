@@ -156,6 +156,8 @@ pub(super) fn next_fp8_convs(is_conv: &[bool], fp8: &[bool]) -> Vec<Option<usize
 /// sub-batch chunk's rows start at their FP16 offset, except where `packed_out` says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct StageRoute {
+    /// The stage is a conv (else a pool).
+    pub conv: bool,
     /// The conv runs an FP8 plan.
     pub fp8: bool,
     /// The input is E4M3 at this stage's multiplier (for a conv: already quantized).
@@ -191,6 +193,7 @@ pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
     for i in (0..n).rev() {
         let Some(f) = forms[i] else { continue };
         let r = &mut routes[i];
+        r.conv = true;
         r.next = next.map(|(j, _)| j);
         r.e4m3_out = f.e4m3_out && next.is_some_and(|(_, fp8)| fp8 || !f.half_out);
         r.fp8 = f.half_out || r.e4m3_out;
@@ -209,9 +212,10 @@ pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
 }
 
 impl StageRoute {
-    /// A conv that runs FP16 on an E4M3 input: its input is dequantized first.
+    /// A conv that runs FP16 on an E4M3 input: its input is dequantized first (a pool works on
+    /// the codes).
     pub fn dequantizes(&self) -> bool {
-        self.e4m3_in && !self.fp8
+        self.conv && self.e4m3_in && !self.fp8
     }
 }
 
@@ -267,6 +271,7 @@ mod tests {
                 (false, false, false),
             ]
         );
+        assert!(!r[2].dequantizes(), "a pool works on the codes");
         assert_eq!(r[1].next, Some(3));
         assert_eq!(r[3].next, Some(4));
         assert_eq!(r[4].next, None);
@@ -310,6 +315,14 @@ mod tests {
         ] {
             let r = route(&forms);
             for (i, s) in r.iter().enumerate() {
+                assert_eq!(s.conv, forms[i].is_some());
+                if s.dequantizes() {
+                    assert!(s.conv && s.e4m3_in && !s.fp8, "{forms:?}: stage {i}");
+                }
+                if forms[i].is_none() {
+                    assert!(!s.dequantizes() && !s.fp8, "{forms:?}: pool {i}");
+                    assert_eq!(s.e4m3_in, s.e4m3_out, "{forms:?}: pool {i}");
+                }
                 if forms[i].is_some() && s.e4m3_out {
                     let next = s.next.expect("an E4M3 output has a reader");
                     assert!(r[next].e4m3_in, "{forms:?}: stage {i}");

@@ -216,6 +216,8 @@ pub struct CudaBackend {
     /// The masked forwards' number format, and (tests) FP8 wherever it runs.
     precision: Precision,
     prefer_fp8: bool,
+    /// Sub-batch blocks 1–2 at this many rows instead of choosing by timing (tests).
+    forced_prefix: Option<usize>,
     /// Compute capability (major, minor).
     capability: (i32, i32),
     graphs: Graphs,
@@ -330,6 +332,7 @@ impl CudaBackend {
             graph_use,
             precision: Precision::Fp16,
             prefer_fp8: false,
+            forced_prefix: None,
             capability,
             graphs: Graphs::new(),
             prep: None,
@@ -432,6 +435,14 @@ impl CudaBackend {
     /// FP8 path). From the next `prepare` on.
     pub fn prefer_fp8(&mut self, on: bool) {
         self.prefer_fp8 = on;
+    }
+
+    /// Run blocks 1–2 in sub-batches of `rows` rows wherever that applies, instead of only when
+    /// timing at prepare finds it faster (for tests of that path; `None` restores the timing).
+    /// Takes effect at the next prepare, which fails if the model or the mask batch does not
+    /// allow that sub-batch size.
+    pub fn force_prefix(&mut self, rows: Option<usize>) {
+        self.forced_prefix = rows;
     }
 
     /// E4M3 bits of `x[i] · multiplier` computed on the device by the FP8 quantize kernel
@@ -546,23 +557,13 @@ impl CudaBackend {
         let p = self.prep.as_ref()?;
         let model = &self.model.as_ref()?.model;
         let routes = p.fp8_routes(model, rows, p.prefix_for(rows))?;
-        let stages = |keep: fn(&fp8::StageRoute, bool) -> bool| -> Vec<usize> {
-            routes
-                .iter()
-                .enumerate()
-                .filter(|(i, r)| {
-                    keep(
-                        r,
-                        matches!(model.features[*i], crate::model::FeatureStage::Conv(_)),
-                    )
-                })
-                .map(|(i, _)| i)
-                .collect()
+        let stages = |keep: fn(&fp8::StageRoute) -> bool| -> Vec<usize> {
+            (0..routes.len()).filter(|&i| keep(&routes[i])).collect()
         };
         Some(Fp8Route {
-            fp8: stages(|r, conv| conv && r.fp8),
-            e4m3_out: stages(|r, _| r.e4m3_out),
-            dequantized_inputs: stages(|r, conv| conv && r.dequantizes()),
+            fp8: stages(|r| r.conv && r.fp8),
+            e4m3_out: stages(|r| r.e4m3_out),
+            dequantized_inputs: stages(|r| r.dequantizes()),
         })
     }
 

@@ -276,7 +276,21 @@ impl CudaBackend {
             prefix_ms: Vec::new(),
             fp8,
         });
-        if let Some(end) = end.filter(|_| !subs.is_empty()) {
+        if let Some(rows) = self.forced_prefix {
+            // Tests of the sub-batched path: no timing, and no silent fallback either.
+            let prep = self.prep.as_mut().expect("prepared above");
+            match end.filter(|_| subs.contains(&rows)) {
+                Some(end) => prep.prefix = Some(Prefix { end, rows }),
+                None => {
+                    self.graphs.clear();
+                    self.prep = None;
+                    return Err(Error::Invalid(format!(
+                        "blocks 1–2 cannot run in sub-batches of {rows} rows here (sizes that \
+                         apply: {subs:?})"
+                    )));
+                }
+            }
+        } else if let Some(end) = end.filter(|_| !subs.is_empty()) {
             match self.choose_prefix(end, &subs) {
                 // No room for the timing input: blocks 1–2 run whole, the plan still stands.
                 Err(Error::OutOfMemory(m)) if verbose() => {
