@@ -196,9 +196,15 @@ impl CudaBackend {
                 }
             }
         }
-        // The full mask batch first (most of the masked forwards run at it): the graph API's
-        // time budget (FP16 and FP8 plans) goes to it before the remainder sizes.
-        keys.sort_by_key(|k| (k.rows != plan.max_masks, *k));
+        // The full mask batch first (most of the masked forwards run at it), then blocks 1–2's
+        // sub-batch sizes (they run it when sub-batched): the graph API's time budget (FP16 and
+        // FP8 plans) goes to them before the remainder sizes.
+        let priority = |k: &ConvKey| match k.rows {
+            r if r == plan.max_masks => 0,
+            r if subs.contains(&r) && end.is_some_and(|e| k.stage < e) => 1,
+            _ => 2,
+        };
+        keys.sort_by_key(|k| (priority(k), *k));
         keys.dedup();
 
         // Tune on random data in [0, 1) (post-ReLU activations are non-negative): zero-filled
