@@ -145,13 +145,14 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
             }
             if let Some(p) = plan(i).filter(|_| c.kind == LayerKind::Conv) {
-                for key in ["algo", "legacy_ms", "graph_ms", "fp8_ms", "fp8_e4m3_ms"] {
+                for key in ["algo", "legacy_ms", "graph_ms", "fp8_ms", "e4m3_out_ms"] {
                     if !p[key].is_null() {
                         v[key] = p[key].clone();
                     }
                 }
-                if !p["fp8_ms"].is_null() || !p["fp8_e4m3_ms"].is_null() {
+                if !p["fp8_ms"].is_null() || !p["e4m3_out_ms"].is_null() {
                     v["fp8"] = p["fp8"].clone();
+                    v["e4m3_out_plan"] = p["e4m3_out"].clone();
                 }
             }
             // Under FP8: how this stage ran (FP8 or not, its activations E4M3 or FP16).

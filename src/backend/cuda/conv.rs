@@ -128,13 +128,15 @@ pub struct PlanChoice {
     /// The fastest legacy configuration's and graph-API plan's times, when timed.
     pub legacy_ms: Option<f32>,
     pub graph_ms: Option<f32>,
-    /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output (quantizing its input
-    /// included) and with an E4M3 output (its input already E4M3), and whether the masked
-    /// forwards may run them (see [`super::fp8::route`] for which one a forward runs).
+    /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output, and whether the
+    /// masked forwards may run FP8 here.
     pub fp8_ms: Option<f32>,
-    pub fp8_e4m3_ms: Option<f32>,
     pub fp8: bool,
-    pub fp8_e4m3: bool,
+    /// The fastest plan with an E4M3 output (the next conv's input quantized here: an FP8 conv,
+    /// or an FP16 one before the first FP8 conv), and whether it is kept. See
+    /// [`super::fp8::route`] for which plan a forward runs.
+    pub e4m3_out_ms: Option<f32>,
+    pub e4m3_out: bool,
 }
 
 /// Short name of a candidate: `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
@@ -154,9 +156,10 @@ pub(super) fn candidate_name(c: &Candidate) -> String {
 pub(super) struct ConvPlans {
     plans: HashMap<ConvKey, Planned>,
     /// FP8 plans of the keys where FP8 was chosen (used once scales exist), with an FP16 and
-    /// with an E4M3 output.
+    /// with an E4M3 output; FP16 plans with an E4M3 output where they won.
     fp8: HashMap<ConvKey, Rc<GraphConv>>,
     fp8_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
+    fp16_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
     choices: Vec<PlanChoice>,
     /// Plans made on first use in the hot path (0 when the ladders cover every batch).
     pub built_on_first_use: usize,
@@ -177,6 +180,7 @@ impl ConvPlans {
         Fp8Forms {
             half_out: self.fp8.contains_key(&key),
             e4m3_out: self.fp8_e4m3.contains_key(&key),
+            fp16_e4m3_out: self.fp16_e4m3.contains_key(&key),
         }
     }
 }
@@ -238,6 +242,9 @@ struct Tuned {
     /// of this shape first wants it).
     fp8_half: Option<Option<(Rc<GraphConv>, f32)>>,
     fp8_e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
+    /// An FP16 layer before an FP8 one: its fastest plan with an E4M3 output, and the time of
+    /// the quantize pass that plan saves (tried when a layer of this shape first wants it).
+    fp16_e4m3: Option<Option<(Rc<GraphConv>, f32, f32)>>,
 }
 
 /// `--precision fp8`'s share of the planning: the state whose filters and scales the timing
@@ -356,7 +363,7 @@ pub(super) fn plan_all(
                     out.graph_skipped += 1;
                 }
                 let graph = if try_graph {
-                    time_graph(&mut arena, None, GraphForm::Fp16, &mut out.graph_search)?.map(
+                    time_graph(&mut arena, None, GraphForm::FP16, &mut out.graph_search)?.map(
                         |(g, ms)| {
                             let name =
                                 format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
@@ -373,35 +380,32 @@ pub(super) fn plan_all(
                     graph,
                     fp8_half: None,
                     fp8_e4m3: None,
+                    fp16_e4m3: None,
                 };
                 tuned.insert(shape, t.clone());
                 t
             }
         };
-        // FP8 (masked-forward sizes of capable layers): the E4M3-output form where the next conv
-        // may run FP8 too, the FP16-output form where that is not so or offers nothing. Each
-        // form's plans are shared by the layers of one shape; it is tried when one first wants it.
-        let fp8_next = match &fp8 {
-            Some(f)
-                if !key.identity
-                    && f.rows.contains(&key.rows)
-                    && f.state.filters[key.stage].is_some() =>
-            {
-                Some(f.next_fp8[key.stage])
-            }
-            _ => None,
-        };
-        if let (Some(next), Some(f)) = (fp8_next, fp8.as_mut()) {
+        // FP8 (masked-forward sizes): for a capable layer the E4M3-output form where the next
+        // conv may run FP8 too, the FP16-output form where that is not so or offers nothing; for
+        // an FP16 layer before a capable one, the FP16 form with an E4M3 output. Each form's plans
+        // are shared by the layers of one shape; it is tried when one first wants it.
+        let fp8_key = fp8
+            .as_ref()
+            .filter(|f| !key.identity && f.rows.contains(&key.rows))
+            .map(|f| (f.state.filters[key.stage].is_some(), f.next_fp8[key.stage]));
+        let fp8_next = fp8_key.filter(|k| k.0).map(|k| k.1);
+        if let (Some((capable, next)), Some(f)) = (fp8_key, fp8.as_mut()) {
             // Its input arrives E4M3 where an FP8-capable conv precedes it (timed without the
             // quantize pass), else FP16 (timed with it).
-            let input_e4m3 = f.next_fp8.contains(&Some(key.stage));
-            // FP16 bias first; should no engine take it, an f32 bias.
-            let mut try_forms = |arena: &mut TuneArena<'_>, e4m3_out: bool| {
+            let input_e4m3 = capable && f.next_fp8.contains(&Some(key.stage));
+            // Forms in order until one offers a plan.
+            let mut try_forms = |arena: &mut TuneArena<'_>, forms: &[GraphForm]| {
                 if out.fp8_search.spent >= budget {
                     out.graph_skipped += 1;
                     return Ok(None);
                 }
-                for bias_f32 in [false, true] {
+                for &form in forms {
                     let run = Fp8Run {
                         kernels,
                         state: &mut *f.state,
@@ -409,21 +413,40 @@ pub(super) fn plan_all(
                         next,
                         input_e4m3,
                     };
-                    let form = GraphForm::Fp8 { bias_f32, e4m3_out };
                     if let Some(p) = time_graph(arena, Some(run), form, &mut out.fp8_search)? {
                         return Ok(Some(p));
                     }
                 }
                 Ok::<_, Error>(None)
             };
+            // FP16 bias first; should no engine take it, an f32 bias.
+            let fp8_forms = |e4m3_out| [false, true].map(|b| GraphForm::fp8(b, e4m3_out));
             let mut changed = false;
-            if next.is_some() && t.fp8_e4m3.is_none() {
-                t.fp8_e4m3 = Some(try_forms(&mut arena, true)?);
-                changed = true;
-            }
-            let e4m3_ok = next.is_some() && t.fp8_e4m3.as_ref().is_some_and(|p| p.is_some());
-            if !e4m3_ok && t.fp8_half.is_none() {
-                t.fp8_half = Some(try_forms(&mut arena, false)?);
+            if capable {
+                if next.is_some() && t.fp8_e4m3.is_none() {
+                    t.fp8_e4m3 = Some(try_forms(&mut arena, &fp8_forms(true))?);
+                    changed = true;
+                }
+                let e4m3_ok = next.is_some() && t.fp8_e4m3.as_ref().is_some_and(|p| p.is_some());
+                if !e4m3_ok && t.fp8_half.is_none() {
+                    t.fp8_half = Some(try_forms(&mut arena, &fp8_forms(false))?);
+                    changed = true;
+                }
+            } else if let (Some(next), None) = (next, &t.fp16_e4m3) {
+                let plan = try_forms(&mut arena, &[GraphForm::FP16_E4M3_OUT])?;
+                let saved = match plan {
+                    Some(_) => quantize_ms(
+                        dev,
+                        &timer,
+                        kernels,
+                        f.state,
+                        next,
+                        key.rows * dims[next].in_len(),
+                        &arena,
+                    )?,
+                    None => 0.0,
+                };
+                t.fp16_e4m3 = Some(plan.map(|(g, ms)| (g, ms, saved)));
                 changed = true;
             }
             if changed {
@@ -469,19 +492,31 @@ pub(super) fn plan_all(
         }
         // FP8 joins the FP16 plan (kept for base forwards and before any scales exist) when its
         // faster form beats it, or always when preferred.
+        let prefer_fp8 = fp8.as_ref().is_some_and(|f| f.state.prefer);
         let half = t.fp8_half.clone().flatten();
         let e4m3 = t
             .fp8_e4m3
             .clone()
             .flatten()
             .filter(|_| fp8_next.is_some_and(|n| n.is_some()));
+        // An FP16 layer's E4M3 output wins when it is faster than its FP16 plan plus the quantize
+        // pass it saves the next layer, or always when FP8 is preferred.
+        let fp16_e4m3 = t
+            .fp16_e4m3
+            .clone()
+            .flatten()
+            .filter(|_| fp8_key.is_some_and(|(capable, next)| !capable && next.is_some()))
+            .filter(|(_, e4, saved)| prefer_fp8 || ms.is_none_or(|m| *e4 < m + saved));
+        if let Some((g, _, _)) = &fp16_e4m3 {
+            ws_used = ws_used.max(g.plan.ws);
+            out.fp16_e4m3.insert(key, Rc::clone(g));
+        }
         let fastest = [&half, &e4m3]
             .into_iter()
             .flatten()
             .map(|p| p.1)
             .min_by(f32::total_cmp);
-        let prefer = fp8.as_ref().is_some_and(|f| f.state.prefer);
-        let fp8_chosen = fastest.is_some_and(|f8| prefer || ms.is_none_or(|m| f8 < m));
+        let fp8_chosen = fastest.is_some_and(|f8| prefer_fp8 || ms.is_none_or(|m| f8 < m));
         if fp8_chosen {
             for (plans, p) in [(&mut out.fp8, &half), (&mut out.fp8_e4m3, &e4m3)] {
                 if let Some((g, _)) = p {
@@ -501,9 +536,12 @@ pub(super) fn plan_all(
             legacy_ms: t.legacy_ms,
             graph_ms: t.graph.as_ref().map(|g| g.1),
             fp8_ms: half.as_ref().map(|p| p.1),
-            fp8_e4m3_ms: e4m3.as_ref().map(|p| p.1),
             fp8: fp8_chosen,
-            fp8_e4m3: fp8_chosen && e4m3.is_some(),
+            e4m3_out_ms: e4m3
+                .as_ref()
+                .map(|p| p.1)
+                .or(t.fp16_e4m3.clone().flatten().map(|p| p.1)),
+            e4m3_out: (fp8_chosen && e4m3.is_some()) || fp16_e4m3.is_some(),
         });
         out.plans.insert(key, planned);
     }
@@ -534,11 +572,12 @@ pub(super) enum Fp8Input<'v, 'a> {
 
 impl Fp8Run<'_> {
     /// Run `plan` on `input` into `y` (FP16 or, for an E4M3-output plan, E4M3 at the next
-    /// stage's multiplier).
+    /// stage's multiplier). An FP8 plan quantizes an FP16 input first; an FP16 plan (with an
+    /// E4M3 output) reads FP16 only.
     ///
     /// # Safety
     /// `input` must hold the layer's input and `y` its output for the plan's rows in the plan's
-    /// types, `ws` ≥ `plan.ws` bytes, and the stage must have an FP8 filter.
+    /// types, `ws` ≥ `plan.ws` bytes, and an FP8 plan's stage must have an FP8 filter.
     #[allow(clippy::too_many_arguments)]
     unsafe fn execute(
         &mut self,
@@ -552,18 +591,31 @@ impl Fp8Run<'_> {
     ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>> {
         let s = &dev.stream;
         let i = self.stage;
+        let fp8 = plan.form.fp8;
         let x = match input {
-            Fp8Input::Half(x) => {
+            Fp8Input::Half(x) if fp8 => {
                 self.state.quantize_input(self.kernels, s, i, x)?;
                 ptr(&self.state.x8, s)
             }
-            Fp8Input::E4m3(x) => x,
+            Fp8Input::Half(x) => ptr(x, s),
+            Fp8Input::E4m3(x) if fp8 => x,
+            Fp8Input::E4m3(_) => {
+                return Err(Error::Invalid(format!(
+                    "features stage {i}: an FP16 plan given E4M3 input"
+                )))
+            }
         };
         let st = &*self.state;
-        let filter = st.filters[i]
-            .as_ref()
-            .ok_or_else(|| Error::Invalid(format!("features stage {i} has no FP8 filter")))?;
-        let scale_y = match (plan.form.e4m3_out(), self.next) {
+        let w = match (fp8, st.filters[i].as_ref()) {
+            (true, Some(filter)) => ptr(filter, s),
+            (true, None) => {
+                return Err(Error::Invalid(format!(
+                    "features stage {i} has no FP8 filter"
+                )))
+            }
+            (false, _) => ptr(&layer.filter, s),
+        };
+        let scale_y = match (plan.form.e4m3_out, self.next) {
             (false, _) => 0,
             (true, Some(next)) => ptr(&st.multiplier(next), s),
             (true, None) => {
@@ -574,19 +626,43 @@ impl Fp8Run<'_> {
         };
         let p = GraphPtrs {
             x,
-            w: ptr(filter, s),
-            bias: if plan.form.bias_f32() {
+            w,
+            bias: if plan.form.bias_f32 {
                 ptr(&layer.bias32, s)
             } else {
                 ptr(&layer.bias, s)
             },
             y,
             ws: ptr(ws, s),
-            descale: ptr(&st.descale(i), s),
+            descale: if fp8 { ptr(&st.descale(i), s) } else { 0 },
             scale_y,
         };
         Ok(plan.execute(dnn, p))
     }
+}
+
+/// Milliseconds of the quantize pass of `n` values of stage `stage`'s input (median of
+/// [`TIMED_RUNS`], on the arena's second buffer): what an E4M3 output of the layer before saves.
+fn quantize_ms(
+    dev: &Dev,
+    timer: &EventPair,
+    kernels: &Kernels,
+    state: &mut Fp8State,
+    stage: usize,
+    n: usize,
+    arena: &TuneArena<'_>,
+) -> Result<f32> {
+    let x = arena.bufs[1].slice(..n);
+    let op = "timing the FP8 quantize pass";
+    let mut once = || {
+        state
+            .quantize_input(kernels, &dev.stream, stage, &x)
+            .map(Ok::<(), std::convert::Infallible>)
+    };
+    once()?; // warm-up
+    let timed = timer.median_ms(dev, op, &mut once)?;
+    let Ok(ms) = timed;
+    Ok(ms)
 }
 
 /// Build the graph of `rows` rows of `layer` (stage geometry `d`) in `form` — conv+bias+ReLU in
@@ -607,9 +683,9 @@ fn time_graph_plans(
     form: GraphForm,
     search: &mut PlanSearch,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
-    if form.is_fp8() != fp8.is_some() {
+    if (form.fp8 || form.e4m3_out) != fp8.is_some() {
         return Err(Error::Invalid(format!(
-            "timing {form:?} graph plans {} an FP8 run",
+            "timing {form:?} graph plans {} FP8 state",
             if fp8.is_some() { "with" } else { "without" }
         )));
     }
@@ -952,15 +1028,15 @@ impl ConvRun<'_> {
     ) -> Result<()> {
         // Named only when an error needs it: this runs for every layer of every batch.
         let op = || format!("conv (features stage {}, batch {})", key.stage, key.rows);
-        if route.fp8 {
-            let plans = if route.e4m3_out {
-                &self.plans.fp8_e4m3
-            } else {
-                &self.plans.fp8
+        if route.fp8 || route.e4m3_out {
+            let plans = match (route.fp8, route.e4m3_out) {
+                (true, true) => &self.plans.fp8_e4m3,
+                (true, false) => &self.plans.fp8,
+                (false, _) => &self.plans.fp16_e4m3,
             };
             let (Some(state), Some(g)) = (self.fp8.as_deref_mut(), plans.get(&key)) else {
                 return Err(Error::Invalid(format!(
-                    "{}: routed to FP8 without an FP8 plan",
+                    "{}: routed to FP8 or an E4M3 output without such a plan",
                     op()
                 )));
             };
@@ -972,7 +1048,8 @@ impl ConvRun<'_> {
                 input_e4m3: route.e4m3_in,
             };
             let s = &self.dev.stream;
-            let input = if route.e4m3_in {
+            // An FP16 conv after an E4M3 output has its input dequantized already.
+            let input = if route.e4m3_in && route.fp8 {
                 Fp8Input::E4m3(ptr(x, s))
             } else {
                 Fp8Input::Half(x)
@@ -1086,9 +1163,9 @@ impl ConvRun<'_> {
                         legacy_ms: None,
                         graph_ms: None,
                         fp8_ms: None,
-                        fp8_e4m3_ms: None,
                         fp8: false,
-                        fp8_e4m3: false,
+                        e4m3_out_ms: None,
+                        e4m3_out: false,
                     });
                     self.plans.plans.insert(
                         key,

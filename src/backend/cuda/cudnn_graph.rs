@@ -35,27 +35,39 @@ const UID_RELU_OUT: i64 = 10;
 
 /// What a graph computes in which types (see [`ConvGraph::conv_bias_relu`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GraphForm {
-    /// FP16 input, filter, bias and output.
-    Fp16,
-    /// E4M3 input and filter, the convolution descaled; the bias f32 (else FP16); the output
-    /// E4M3 at an output scale (the next FP8 layer's input, quantized here instead of by a
-    /// kernel pass of its own) or FP16.
-    Fp8 { bias_f32: bool, e4m3_out: bool },
+pub struct GraphForm {
+    /// E4M3 input and filter, the convolution descaled (else FP16).
+    pub fp8: bool,
+    /// An f32 bias (else FP16).
+    pub bias_f32: bool,
+    /// The output E4M3 at an output scale: the next FP8 layer's input, quantized here instead of
+    /// by a kernel pass of its own (else FP16).
+    pub e4m3_out: bool,
 }
 
 impl GraphForm {
-    pub fn is_fp8(self) -> bool {
-        matches!(self, GraphForm::Fp8 { .. })
+    /// FP16 input, filter, bias and output.
+    pub const FP16: GraphForm = GraphForm {
+        fp8: false,
+        bias_f32: false,
+        e4m3_out: false,
+    };
+
+    /// An FP8 convolution.
+    pub fn fp8(bias_f32: bool, e4m3_out: bool) -> GraphForm {
+        GraphForm {
+            fp8: true,
+            bias_f32,
+            e4m3_out,
+        }
     }
 
-    pub fn bias_f32(self) -> bool {
-        matches!(self, GraphForm::Fp8 { bias_f32: true, .. })
-    }
-
-    pub fn e4m3_out(self) -> bool {
-        matches!(self, GraphForm::Fp8 { e4m3_out: true, .. })
-    }
+    /// An FP16 convolution with an E4M3 output (the first conv before an FP8 one).
+    pub const FP16_E4M3_OUT: GraphForm = GraphForm {
+        fp8: false,
+        bias_f32: false,
+        e4m3_out: true,
+    };
 }
 
 /// Plans built per graph: the first that finalize from cuDNN's heuristic ranking, then from its
@@ -253,7 +265,7 @@ pub struct ConvGraph {
 
 impl ConvGraph {
     /// `x` `[n, cin, h, w]`, `w` `[cout, cin, 3, 3]` KRSC, `b` `[1, cout, 1, 1]`, `y`
-    /// `[n, cout, h, w]`, all FP16 ([`GraphForm::Fp16`]); or, FP8, `x` and `w` E4M3 and the
+    /// `[n, cout, h, w]`, all FP16 ([`GraphForm::FP16`]); with `fp8`, `x` and `w` E4M3 and the
     /// convolution's f32 output multiplied by the descale (an f32 `[1, 1, 1, 1]` tensor in device
     /// memory: input scale × weight scale) before the bias and the ReLU; the bias f32 with
     /// `bias_f32` (a second form, should an engine refuse the first); with `e4m3_out` the ReLU's
@@ -267,7 +279,7 @@ impl ConvGraph {
         let half = sys::cudnnDataType_t::CUDNN_DATA_HALF;
         let float = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
         let e4m3 = sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3;
-        let (fp8, bias_f32) = (form.is_fp8(), form.bias_f32());
+        let (fp8, bias_f32) = (form.fp8, form.bias_f32);
         let input = if fp8 { e4m3 } else { half };
         let (n, cin, cout, h, w) = (n as i64, cin as i64, cout as i64, h as i64, w as i64);
         let x = tensor(UID_X, input, [n, cin, h, w], false)?;
@@ -280,7 +292,7 @@ impl ConvGraph {
         )?;
         let y = tensor(
             UID_Y,
-            if form.e4m3_out() { e4m3 } else { half },
+            if form.e4m3_out { e4m3 } else { half },
             [n, cout, h, w],
             false,
         )?;
@@ -369,7 +381,7 @@ impl ConvGraph {
         )?;
         // An E4M3 output: ReLU → relu_out · scale_y → y; else ReLU → y.
         let mut out_scaling = Vec::new();
-        if form.e4m3_out() {
+        if form.e4m3_out {
             out_scaling = vec![
                 tensor(UID_SCALE_Y, float, [1, 1, 1, 1], false)?,
                 tensor(UID_RELU_OUT, float, [n, cout, h, w], true)?,
@@ -381,7 +393,7 @@ impl ConvGraph {
             None,
             out_scaling.get(1).unwrap_or(&y),
         )?;
-        if form.e4m3_out() {
+        if form.e4m3_out {
             let (mul, mul_op) = pointwise(
                 sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_MUL,
                 &out_scaling[1],
@@ -627,11 +639,11 @@ impl GraphPlan {
     pub unsafe fn execute(&self, handle: &Handle, p: GraphPtrs) -> Result<(), CudnnError> {
         let mut ids = vec![UID_X, UID_W, UID_B, UID_Y];
         let mut addrs = vec![p.x, p.w, p.bias, p.y];
-        if self.form.is_fp8() {
+        if self.form.fp8 {
             ids.push(UID_DESCALE);
             addrs.push(p.descale);
         }
-        if self.form.e4m3_out() {
+        if self.form.e4m3_out {
             ids.push(UID_SCALE_Y);
             addrs.push(p.scale_y);
         }

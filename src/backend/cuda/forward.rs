@@ -302,7 +302,7 @@ impl Pass<'_> {
                 )?;
             }
         }
-        let fp8_run = fp8.as_mut().filter(|_| route.fp8);
+        let fp8_run = fp8.as_mut().filter(|_| route.fp8 || route.e4m3_out);
         let capture = capture.filter(|c| c.at.stage == stage);
         let stream = &self.dev.stream;
         match &self.dm.model.features[stage] {

@@ -172,19 +172,21 @@ pub(super) struct StageRoute {
     pub packed_out: bool,
 }
 
-/// The FP8 plans a conv key has: with an FP16 output, with an E4M3 output.
+/// The plans a conv key has for an FP8 forward: FP8 with an FP16 output, FP8 with an E4M3
+/// output, FP16 with an E4M3 output (an FP16 layer before an FP8 one).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Fp8Forms {
     pub half_out: bool,
     pub e4m3_out: bool,
+    pub fp16_e4m3_out: bool,
 }
 
 /// The route of one forward's feature stages, from the FP8 plans each conv key has (`None`:
 /// a pool). A conv with an FP8 plan runs FP8. It writes E4M3 (its E4M3-output form, which
 /// exists only where the next conv may run FP8) when the next conv runs FP8, or when it has no
 /// FP16-output form; a next conv that then runs FP16 reads its input dequantized (it sees the
-/// E4M3-rounded values an FP8 conv would). The last conv's output, which the head reads, stays
-/// FP16.
+/// E4M3-rounded values an FP8 conv would). An FP16 conv with an E4M3-output plan writes E4M3
+/// when the next conv runs FP8. The last conv's output, which the head reads, stays FP16.
 pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
     let n = forms.len();
     let mut routes = vec![StageRoute::default(); n];
@@ -195,8 +197,12 @@ pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
         let r = &mut routes[i];
         r.conv = true;
         r.next = next.map(|(j, _)| j);
+        let next_fp8 = next.is_some_and(|(_, fp8)| fp8);
         r.e4m3_out = f.e4m3_out && next.is_some_and(|(_, fp8)| fp8 || !f.half_out);
         r.fp8 = f.half_out || r.e4m3_out;
+        if !r.fp8 && f.fp16_e4m3_out && next_fp8 {
+            r.e4m3_out = true;
+        }
         next = Some((i, r.fp8));
     }
     // Forwards: the format each stage reads; pools pass theirs on.
@@ -223,22 +229,19 @@ impl StageRoute {
 mod tests {
     use super::*;
 
-    const BOTH: Option<Fp8Forms> = Some(Fp8Forms {
-        half_out: true,
-        e4m3_out: true,
-    });
-    const HALF: Option<Fp8Forms> = Some(Fp8Forms {
-        half_out: true,
-        e4m3_out: false,
-    });
-    const E4M3: Option<Fp8Forms> = Some(Fp8Forms {
-        half_out: false,
-        e4m3_out: true,
-    });
-    const FP16: Option<Fp8Forms> = Some(Fp8Forms {
-        half_out: false,
-        e4m3_out: false,
-    });
+    const fn forms(half_out: bool, e4m3_out: bool, fp16_e4m3_out: bool) -> Option<Fp8Forms> {
+        Some(Fp8Forms {
+            half_out,
+            e4m3_out,
+            fp16_e4m3_out,
+        })
+    }
+    const BOTH: Option<Fp8Forms> = forms(true, true, false);
+    const HALF: Option<Fp8Forms> = forms(true, false, false);
+    const E4M3: Option<Fp8Forms> = forms(false, true, false);
+    const FP16: Option<Fp8Forms> = forms(false, false, false);
+    /// An FP16 conv with an E4M3-output plan.
+    const FP16_E4M3: Option<Fp8Forms> = forms(false, false, true);
     const POOL: Option<Fp8Forms> = None;
 
     fn summary(r: &[StageRoute]) -> Vec<(bool, bool, bool)> {
@@ -278,6 +281,32 @@ mod tests {
     }
 
     #[test]
+    fn an_fp16_conv_writes_e4m3_only_for_an_fp8_conv() {
+        // conv(FP16, E4M3 out) conv pool conv: the first conv quantizes for the second.
+        let r = route(&[FP16_E4M3, BOTH, POOL, HALF]);
+        assert_eq!(
+            summary(&r),
+            [
+                (false, false, true),
+                (true, true, true),
+                (false, true, true),
+                (true, true, false),
+            ]
+        );
+        assert!(r.iter().all(|s| !s.dequantizes()));
+        // Before an FP16 conv it writes FP16.
+        let r = route(&[FP16_E4M3, FP16, HALF]);
+        assert_eq!(
+            summary(&r),
+            [
+                (false, false, false),
+                (false, false, false),
+                (true, false, false),
+            ]
+        );
+    }
+
+    #[test]
     fn an_fp16_conv_after_an_e4m3_only_conv_reads_its_input_dequantized() {
         // The last conv has no FP8 plan here (say cuDNN refused its FP16-output form): the conv
         // before still runs FP8, writing E4M3, and the last one dequantizes its input.
@@ -312,6 +341,7 @@ mod tests {
             vec![BOTH, POOL, POOL, BOTH, E4M3],
             vec![HALF, E4M3, BOTH, FP16, E4M3, BOTH, POOL],
             vec![E4M3, FP16, E4M3, POOL, HALF, E4M3, E4M3, FP16, POOL],
+            vec![FP16_E4M3, E4M3, FP16_E4M3, POOL, E4M3, FP16_E4M3, HALF],
         ] {
             let r = route(&forms);
             for (i, s) in r.iter().enumerate() {
@@ -327,9 +357,13 @@ mod tests {
                     let next = s.next.expect("an E4M3 output has a reader");
                     assert!(r[next].e4m3_in, "{forms:?}: stage {i}");
                 }
-                if forms[i].is_some() && s.fp8 {
-                    let f = forms[i].unwrap();
-                    assert!(if s.e4m3_out { f.e4m3_out } else { f.half_out });
+                if let Some(f) = forms[i] {
+                    match (s.fp8, s.e4m3_out) {
+                        (true, true) => assert!(f.e4m3_out),
+                        (true, false) => assert!(f.half_out),
+                        (false, true) => assert!(f.fp16_e4m3_out),
+                        (false, false) => {}
+                    }
                 }
             }
             assert!(!r.last().unwrap().e4m3_out, "{forms:?}");

@@ -1059,9 +1059,9 @@ impl Backend for CudaBackend {
                     "legacy_ms": c.legacy_ms,
                     "graph_ms": c.graph_ms,
                     "fp8_ms": c.fp8_ms,
-                    "fp8_e4m3_ms": c.fp8_e4m3_ms,
+                    "e4m3_out_ms": c.e4m3_out_ms,
                     "fp8": c.fp8,
-                    "fp8_e4m3": c.fp8_e4m3,
+                    "e4m3_out": c.e4m3_out,
                 })
             })
             .collect();
