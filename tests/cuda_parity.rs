@@ -701,17 +701,54 @@ fn fp8_maps_correlate_with_fp16() {
 /// A second case runs three FP8 layers with blocks 1–2 in sub-batches of 4 rows (forced), so the
 /// E4M3 activations cross from the sub-batched prefix to the full batch: there the bound is 1/2
 /// (three layers sit between the simulated two and four); rows read from the wrong place would
-/// be far above 1.
+/// be far above 1. A third keeps the conv after the prefix FP16, so it reads the prefix's
+/// packed E4M3 output dequantized.
+///
+/// Each case names the route it is there to cover; where cuDNN offers no plan for it, the
+/// case still runs (against the twin of the route taken) and says what it skipped.
 fn fp8_forward_matches_the_cpu_twin() {
-    // conv 3 → 64 (FP16), conv 64 → 128 (FP8), pool, conv 128 → 128 (FP8), pool, head.
-    fp8_twin_case(&[64, 128, 0, 128, 0], (2, 4), None, 0.25);
-    // ... then, after the sub-batched blocks 1–2, conv 128 → 128 (FP8), pool.
-    fp8_twin_case(&[64, 128, 0, 128, 0, 128, 0], (2, 8), Some(4), 0.5);
+    // conv 3 → 64 (FP16, E4M3 out), conv 64 → 128 (FP8, E4M3 out), pool, conv 128 → 128 (FP8),
+    // pool, head.
+    let small = [64, 128, 0, 128, 0];
+    fp8_twin_case(
+        &small,
+        (2, 4),
+        None,
+        &[],
+        0.25,
+        &[(1, "E4M3 between two FP8 convs")],
+    );
+    // ... then, after the sub-batched blocks 1–2 (stages 0–4), conv 128 → 128, pool.
+    let three = [64, 128, 0, 128, 0, 128, 0];
+    fp8_twin_case(
+        &three,
+        (2, 8),
+        Some(4),
+        &[],
+        0.5,
+        &[(4, "E4M3 across the prefix boundary")],
+    );
+    fp8_twin_case(
+        &three,
+        (2, 8),
+        Some(4),
+        &[5],
+        0.5,
+        &[(4, "dequantized after the prefix")],
+    );
 }
 
 /// One case of [`fp8_forward_matches_the_cpu_twin`]: a random model of feature config `config`
-/// at 32², `n` images and `m` masked rows, blocks 1–2 forced into sub-batches of `prefix` rows.
-fn fp8_twin_case(config: &[usize], (n, m): (usize, usize), prefix: Option<usize>, max_ratio: f64) {
+/// at 32², `n` images and `m` masked rows, blocks 1–2 forced into sub-batches of `prefix` rows,
+/// stages `keep` kept FP16; `covers`: (stage, what) pairs whose E4M3 output is the point.
+fn fp8_twin_case(
+    config: &[usize],
+    (n, m): (usize, usize),
+    prefix: Option<usize>,
+    keep: &[usize],
+    max_ratio: f64,
+    covers: &[(usize, &str)],
+) {
     use scorecam_gpu::backend::Precision;
     let mut g = gpu();
     if let Err(e) = g.set_precision(Precision::Fp8) {
@@ -721,6 +758,7 @@ fn fp8_twin_case(config: &[usize], (n, m): (usize, usize), prefix: Option<usize>
     }
     g.prefer_fp8(true);
     g.force_prefix(prefix);
+    g.keep_fp16(keep);
     let model = Arc::new(Vgg::random_from_config(config, &[64, 10], 2, 32));
     let s = 32;
     let classes = model.num_classes();
@@ -754,6 +792,17 @@ fn fp8_twin_case(config: &[usize], (n, m): (usize, usize), prefix: Option<usize>
         !route.fp8.is_empty(),
         "no FP8 plan could be built on this GPU and cuDNN (see SCORECAM_CUDA_VERBOSE=1)"
     );
+    for &(stage, what) in covers {
+        if !route.e4m3_out.contains(&stage) {
+            println!("{config:?}: {what} skipped: no E4M3-output plan reached stage {stage}");
+        }
+    }
+    for &stage in keep {
+        assert!(
+            !route.fp8.contains(&stage),
+            "stage {stage} was to stay FP16"
+        );
+    }
     let mut twin = CpuBackend::new();
     twin.emulate_fp8_route(&route.fp8, &route.dequantized_inputs);
     twin.prepare(&model, p).unwrap();

@@ -237,14 +237,18 @@ struct Tuned {
     legacy_ms: Option<f32>,
     timed: usize,
     graph: Option<(Rc<GraphConv>, f32, String)>,
-    /// The fastest FP8 plan with an FP16 output (quantizing its input included) and with an
-    /// E4M3 output, and their times; the outer None: not tried yet (each is tried when a layer
-    /// of this shape first wants it).
-    fp8_half: Option<Option<(Rc<GraphConv>, f32)>>,
-    fp8_e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
-    /// An FP16 layer before an FP8 one: its fastest plan with an E4M3 output, and the time of
-    /// the quantize pass that plan saves (tried when a layer of this shape first wants it).
-    fp16_e4m3: Option<Option<(Rc<GraphConv>, f32, f32)>>,
+}
+
+/// What the FP8 tuning of one shape found, for inputs arriving E4M3 or FP16 (the timing
+/// includes the quantize pass for FP16): the fastest plan of each form and its time. The outer
+/// None: not tried yet (each form is tried when a layer of the shape first wants it).
+#[derive(Clone, Default)]
+struct Fp8Tuned {
+    /// FP8 with an FP16 output, FP8 with an E4M3 output.
+    half: Option<Option<(Rc<GraphConv>, f32)>>,
+    e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
+    /// FP16 with an E4M3 output (an FP16 layer before an FP8 one).
+    fp16_e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
 }
 
 /// `--precision fp8`'s share of the planning: the state whose filters and scales the timing
@@ -254,6 +258,8 @@ pub(super) struct Fp8Tuning<'a> {
     pub state: &'a mut Fp8State,
     pub rows: &'a [usize],
     pub next_fp8: &'a [Option<usize>],
+    /// Stages kept FP16, with no FP8 or E4M3-output plan (tests of the routes around them).
+    pub keep_fp16: &'a [usize],
 }
 
 /// Plan every key at prepare: candidates (ranked by cuDNN), then — once per distinct shape —
@@ -275,6 +281,7 @@ pub(super) fn plan_all(
 ) -> Result<(ConvPlans, usize)> {
     let mut out = ConvPlans::default();
     let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
+    let mut fp8_tuned: HashMap<(ConvShape, bool), Fp8Tuned> = HashMap::new();
     let mut ws_used = 0;
     let timer = EventPair::new(dev)?;
     // Time spent finalizing and timing graph-API plans is counted per kind (`PlanSearch::spent`):
@@ -316,7 +323,7 @@ pub(super) fn plan_all(
             search.spent += started.elapsed();
             timed
         };
-        let mut t = match tuned.get(&shape) {
+        let t = match tuned.get(&shape) {
             Some(t) => t.clone(),
             None => {
                 let mut cands =
@@ -378,9 +385,6 @@ pub(super) fn plan_all(
                     legacy_ms,
                     timed,
                     graph,
-                    fp8_half: None,
-                    fp8_e4m3: None,
-                    fp16_e4m3: None,
                 };
                 tuned.insert(shape, t.clone());
                 t
@@ -389,16 +393,34 @@ pub(super) fn plan_all(
         // FP8 (masked-forward sizes): for a capable layer the E4M3-output form where the next
         // conv may run FP8 too, the FP16-output form where that is not so or offers nothing; for
         // an FP16 layer before a capable one, the FP16 form with an E4M3 output. Each form's plans
-        // are shared by the layers of one shape; it is tried when one first wants it.
+        // are shared by the layers of one shape whose input arrives the same way; it is tried
+        // when one first wants it.
         let fp8_key = fp8
             .as_ref()
             .filter(|f| !key.identity && f.rows.contains(&key.rows))
+            .filter(|f| !f.keep_fp16.contains(&key.stage))
             .map(|f| (f.state.filters[key.stage].is_some(), f.next_fp8[key.stage]));
         let fp8_next = fp8_key.filter(|k| k.0).map(|k| k.1);
+        // Its input arrives E4M3 where the conv before it (same rows, planned already: keys run
+        // by stage within a size) keeps an E4M3-output plan; then it is timed without the
+        // quantize pass.
+        let prev = (0..key.stage).rev().find(|&i| convs[i].is_some());
+        let input_e4m3 = fp8_next.is_some()
+            && prev.is_some_and(|p| {
+                let k = ConvKey {
+                    stage: p,
+                    rows: key.rows,
+                    identity: false,
+                };
+                out.fp8_e4m3.contains_key(&k) || out.fp16_e4m3.contains_key(&k)
+            });
+        let mut f8 = fp8_tuned
+            .get(&(shape, input_e4m3))
+            .cloned()
+            .unwrap_or_default();
+        // The quantize pass of the next layer's input, which an FP16 layer's E4M3 output saves.
+        let mut saved_ms = 0.0;
         if let (Some((capable, next)), Some(f)) = (fp8_key, fp8.as_mut()) {
-            // Its input arrives E4M3 where an FP8-capable conv precedes it (timed without the
-            // quantize pass), else FP16 (timed with it).
-            let input_e4m3 = capable && f.next_fp8.contains(&Some(key.stage));
             // Forms in order until one offers a plan.
             let mut try_forms = |arena: &mut TuneArena<'_>, forms: &[GraphForm]| {
                 if out.fp8_search.spent >= budget {
@@ -421,37 +443,24 @@ pub(super) fn plan_all(
             };
             // FP16 bias first; should no engine take it, an f32 bias.
             let fp8_forms = |e4m3_out| [false, true].map(|b| GraphForm::fp8(b, e4m3_out));
-            let mut changed = false;
             if capable {
-                if next.is_some() && t.fp8_e4m3.is_none() {
-                    t.fp8_e4m3 = Some(try_forms(&mut arena, &fp8_forms(true))?);
-                    changed = true;
+                if next.is_some() && f8.e4m3.is_none() {
+                    f8.e4m3 = Some(try_forms(&mut arena, &fp8_forms(true))?);
                 }
-                let e4m3_ok = next.is_some() && t.fp8_e4m3.as_ref().is_some_and(|p| p.is_some());
-                if !e4m3_ok && t.fp8_half.is_none() {
-                    t.fp8_half = Some(try_forms(&mut arena, &fp8_forms(false))?);
-                    changed = true;
+                let e4m3_ok = next.is_some() && f8.e4m3.as_ref().is_some_and(|p| p.is_some());
+                if !e4m3_ok && f8.half.is_none() {
+                    f8.half = Some(try_forms(&mut arena, &fp8_forms(false))?);
                 }
-            } else if let (Some(next), None) = (next, &t.fp16_e4m3) {
-                let plan = try_forms(&mut arena, &[GraphForm::FP16_E4M3_OUT])?;
-                let saved = match plan {
-                    Some(_) => quantize_ms(
-                        dev,
-                        &timer,
-                        kernels,
-                        f.state,
-                        next,
-                        key.rows * dims[next].in_len(),
-                        &arena,
-                    )?,
-                    None => 0.0,
-                };
-                t.fp16_e4m3 = Some(plan.map(|(g, ms)| (g, ms, saved)));
-                changed = true;
+            } else if let Some(next) = next {
+                if f8.fp16_e4m3.is_none() {
+                    f8.fp16_e4m3 = Some(try_forms(&mut arena, &[GraphForm::FP16_E4M3_OUT])?);
+                }
+                if f8.fp16_e4m3.as_ref().is_some_and(|p| p.is_some()) {
+                    let n = key.rows * dims[next].in_len();
+                    saved_ms = quantize_ms(dev, &timer, kernels, f.state, next, n, &arena)?;
+                }
             }
-            if changed {
-                tuned.insert(shape, t.clone());
-            }
+            fp8_tuned.insert((shape, input_e4m3), f8.clone());
         }
         let graph_wins = t
             .graph
@@ -490,41 +499,35 @@ pub(super) fn plan_all(
                     .unwrap_or_default()
             );
         }
-        // FP8 joins the FP16 plan (kept for base forwards and before any scales exist) when its
-        // faster form beats it, or always when preferred.
+        // Each FP8 form joins the FP16 plan (kept for base forwards and before any scales exist)
+        // when it beats it, or always when FP8 is preferred; an FP16 layer's E4M3 output when it
+        // beats its FP16 plan plus the quantize pass it saves the next layer.
         let prefer_fp8 = fp8.as_ref().is_some_and(|f| f.state.prefer);
-        let half = t.fp8_half.clone().flatten();
-        let e4m3 = t
-            .fp8_e4m3
+        let wins = |ms_form: f32, saved: f32| prefer_fp8 || ms.is_none_or(|m| ms_form < m + saved);
+        let half = f8.half.clone().flatten().filter(|_| fp8_next.is_some());
+        let e4m3 = f8
+            .e4m3
             .clone()
             .flatten()
             .filter(|_| fp8_next.is_some_and(|n| n.is_some()));
-        // An FP16 layer's E4M3 output wins when it is faster than its FP16 plan plus the quantize
-        // pass it saves the next layer, or always when FP8 is preferred.
-        let fp16_e4m3 = t
+        let fp16_e4m3 = f8
             .fp16_e4m3
             .clone()
             .flatten()
-            .filter(|_| fp8_key.is_some_and(|(capable, next)| !capable && next.is_some()))
-            .filter(|(_, e4, saved)| prefer_fp8 || ms.is_none_or(|m| *e4 < m + saved));
-        if let Some((g, _, _)) = &fp16_e4m3 {
-            ws_used = ws_used.max(g.plan.ws);
-            out.fp16_e4m3.insert(key, Rc::clone(g));
-        }
-        let fastest = [&half, &e4m3]
-            .into_iter()
-            .flatten()
-            .map(|p| p.1)
-            .min_by(f32::total_cmp);
-        let fp8_chosen = fastest.is_some_and(|f8| prefer_fp8 || ms.is_none_or(|m| f8 < m));
-        if fp8_chosen {
-            for (plans, p) in [(&mut out.fp8, &half), (&mut out.fp8_e4m3, &e4m3)] {
-                if let Some((g, _)) = p {
-                    ws_used = ws_used.max(g.plan.ws);
-                    plans.insert(key, Rc::clone(g));
-                }
+            .filter(|_| fp8_key.is_some_and(|(capable, next)| !capable && next.is_some()));
+        type Timed = Option<(Rc<GraphConv>, f32)>;
+        let mut kept = |plans: &mut HashMap<ConvKey, Rc<GraphConv>>, p: &Timed, saved: f32| match p
+        {
+            Some((g, ms_form)) if wins(*ms_form, saved) => {
+                ws_used = ws_used.max(g.plan.ws);
+                plans.insert(key, Rc::clone(g));
+                true
             }
-        }
+            _ => false,
+        };
+        let half_kept = kept(&mut out.fp8, &half, 0.0);
+        let e4m3_kept = kept(&mut out.fp8_e4m3, &e4m3, 0.0);
+        let fp16_e4m3_kept = kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms);
         out.choices.push(PlanChoice {
             stage: key.stage,
             rows: key.rows,
@@ -536,12 +539,9 @@ pub(super) fn plan_all(
             legacy_ms: t.legacy_ms,
             graph_ms: t.graph.as_ref().map(|g| g.1),
             fp8_ms: half.as_ref().map(|p| p.1),
-            fp8: fp8_chosen,
-            e4m3_out_ms: e4m3
-                .as_ref()
-                .map(|p| p.1)
-                .or(t.fp16_e4m3.clone().flatten().map(|p| p.1)),
-            e4m3_out: (fp8_chosen && e4m3.is_some()) || fp16_e4m3.is_some(),
+            fp8: half_kept || e4m3_kept,
+            e4m3_out_ms: e4m3.as_ref().or(fp16_e4m3.as_ref()).map(|p| p.1),
+            e4m3_out: e4m3_kept || fp16_e4m3_kept,
         });
         out.plans.insert(key, planned);
     }

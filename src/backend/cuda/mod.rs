@@ -218,6 +218,8 @@ pub struct CudaBackend {
     prefer_fp8: bool,
     /// Sub-batch blocks 1–2 at this many rows instead of choosing by timing (tests).
     forced_prefix: Option<usize>,
+    /// Feature stages kept FP16 under `--precision fp8` (tests).
+    keep_fp16: Vec<usize>,
     /// Compute capability (major, minor).
     capability: (i32, i32),
     graphs: Graphs,
@@ -333,6 +335,7 @@ impl CudaBackend {
             precision: Precision::Fp16,
             prefer_fp8: false,
             forced_prefix: None,
+            keep_fp16: Vec::new(),
             capability,
             graphs: Graphs::new(),
             prep: None,
@@ -443,6 +446,13 @@ impl CudaBackend {
     /// allow that sub-batch size.
     pub fn force_prefix(&mut self, rows: Option<usize>) {
         self.forced_prefix = rows;
+    }
+
+    /// Under `--precision fp8`, keep these feature stages FP16 (no FP8 or E4M3-output plan):
+    /// for tests of the routes around an FP16 layer, e.g. a conv reading E4M3 dequantized.
+    /// Takes effect at the next prepare.
+    pub fn keep_fp16(&mut self, stages: &[usize]) {
+        self.keep_fp16 = stages.to_vec();
     }
 
     /// E4M3 bits of `x[i] · multiplier` computed on the device by the FP8 quantize kernel

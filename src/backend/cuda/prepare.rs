@@ -258,6 +258,7 @@ impl CudaBackend {
                 state,
                 rows: masks.sizes(),
                 next_fp8: &next_fp8,
+                keep_fp16: &self.keep_fp16,
             }),
         )?;
         let workspace = if ws_used < workspace.len() / 2 {
