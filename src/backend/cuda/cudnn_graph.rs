@@ -75,6 +75,11 @@ impl GraphForm {
 /// passed over for the next ones, as cudnn-frontend's samples and PyTorch walk the whole list.
 const HEURISTIC_PLANS: usize = 3;
 const FALLBACK_PLANS: usize = 2;
+/// The same for FP8 and E4M3-output graphs: their finalization compiles fused kernels, and one
+/// time budget must reach every FP8 layer of the full mask batch (and blocks 1–2's sub-batch)
+/// before it runs out, so fewer plans per graph.
+const FP8_HEURISTIC_PLANS: usize = 2;
+const FP8_FALLBACK_PLANS: usize = 1;
 
 /// An owned backend descriptor.
 pub struct Desc(sys::cudnnBackendDescriptor_t);
@@ -480,20 +485,23 @@ impl ConvGraph {
 
     /// The execution plans to time for this graph, in preference order: the first
     /// [`HEURISTIC_PLANS`] that finalize with workspace ≤ `ws_cap` among heuristics mode A's
-    /// configurations, then the first [`FALLBACK_PLANS`] of the fallback list's. `index` in each
+    /// configurations, then the first [`FALLBACK_PLANS`] of the fallback list's (for FP8 and
+    /// E4M3-output graphs [`FP8_HEURISTIC_PLANS`] and [`FP8_FALLBACK_PLANS`]). `index` in each
     /// plan is its configuration's position (mode A's first, then the fallback list's).
     /// `search` counts what happened on the way (for the report).
     pub fn plans(&self, handle: &Handle, ws_cap: usize, search: &mut PlanSearch) -> Vec<GraphPlan> {
         let mut out = Vec::new();
         let mut index = 0;
+        let (heuristic, fallback) = if self.form == GraphForm::FP16 {
+            (HEURISTIC_PLANS, FALLBACK_PLANS)
+        } else {
+            (FP8_HEURISTIC_PLANS, FP8_FALLBACK_PLANS)
+        };
         for (mode, cap) in [
-            (
-                sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-                HEURISTIC_PLANS,
-            ),
+            (sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A, heuristic),
             (
                 sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
-                FALLBACK_PLANS,
+                fallback,
             ),
         ] {
             let before = out.len();
