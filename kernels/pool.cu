@@ -13,16 +13,48 @@
 // Index math runs in 32 bits when the element count allows (I = int), else 64 bits.
 #include "common.cuh"
 
-__device__ __forceinline__ u32 max2(u32 a, u32 b) {
-    return pack2(fmaxf(lo_f(a), lo_f(b)), fmaxf(hi_f(a), hi_f(b)));
+// The larger of two E4M3 codes of non-negative values; a code with the sign bit counts as 0.
+__device__ __forceinline__ u32 max_e4m3(u32 a, u32 b) {
+    a = (a & 0x80u) ? 0u : a;
+    b = (b & 0x80u) ? 0u : b;
+    return a > b ? a : b;
 }
 
-template <typename I>
-__device__ __forceinline__ void maxpool2_body(const f16raw* __restrict__ x, int n, int h, int w,
-                                              int c, f16raw* __restrict__ y) {
+// How the max-pool body takes the max of its element type: `word` on two 32-bit words of
+// packed elements, `one` on two elements.
+struct MaxF16 {
+    typedef f16raw T;
+    __device__ __forceinline__ static u32 word(u32 a, u32 b) {
+        return pack2(fmaxf(lo_f(a), lo_f(b)), fmaxf(hi_f(a), hi_f(b)));
+    }
+    __device__ __forceinline__ static T one(T a, T b) { return f2h(fmaxf(h2f(a), h2f(b))); }
+};
+
+struct MaxE4m3 {
+    typedef unsigned char T;
+    __device__ __forceinline__ static u32 word(u32 a, u32 b) {
+        u32 r = 0;
+#pragma unroll
+        for (int k = 0; k < 32; k += 8) r |= max_e4m3((a >> k) & 0xFFu, (b >> k) & 0xFFu) << k;
+        return r;
+    }
+    __device__ __forceinline__ static T one(T a, T b) { return (T)max_e4m3(a, b); }
+};
+
+template <typename M>
+__device__ __forceinline__ u32 max_of4(u32 a, u32 b, u32 d, u32 e) {
+    return M::word(M::word(a, b), M::word(d, e));
+}
+
+// MaxPool2d(2, 2) of elements M::T: 16 bytes of channels per thread (8 FP16, 16 E4M3) when
+// they divide c and the pointers are aligned, else one channel per thread.
+template <typename I, typename M>
+__device__ __forceinline__ void maxpool2_body(const typename M::T* __restrict__ x, int n, int h,
+                                              int w, int c, typename M::T* __restrict__ y) {
+    const int lanes = 16 / (int)sizeof(typename M::T);
     const int oh = h / 2, ow = w / 2;
-    const bool vec = (c % 8) == 0 && is_aligned(x, 16) && is_aligned(y, 16);
-    const int cv = vec ? c / 8 : c;  // channel groups per pixel
+    const bool vec = (c % lanes) == 0 && is_aligned(x, 16) && is_aligned(y, 16);
+    const int cv = vec ? c / lanes : c;  // channel groups per pixel
     const i64 total = (i64)n * oh * ow * cv;
     for (i64 i = global_tid(); i < total; i += global_stride()) {
         I r = (I)i;
@@ -36,92 +68,38 @@ __device__ __forceinline__ void maxpool2_body(const f16raw* __restrict__ x, int 
         const i64 base = (((i64)img * h + 2 * (i64)oy) * w + 2 * (i64)ox) * c;
         const i64 row = (i64)w * c;
         if (vec) {
-            const uint4* p00 = reinterpret_cast<const uint4*>(x + base) + g;
-            const uint4 a = p00[0];
-            const uint4 b = *(reinterpret_cast<const uint4*>(x + base + c) + g);
-            const uint4 d = *(reinterpret_cast<const uint4*>(x + base + row) + g);
-            const uint4 e = *(reinterpret_cast<const uint4*>(x + base + row + c) + g);
-            uint4 m;
-            m.x = max2(max2(a.x, b.x), max2(d.x, e.x));
-            m.y = max2(max2(a.y, b.y), max2(d.y, e.y));
-            m.z = max2(max2(a.z, b.z), max2(d.z, e.z));
-            m.w = max2(max2(a.w, b.w), max2(d.w, e.w));
-            reinterpret_cast<uint4*>(y)[i] = m;
-        } else {
-            const i64 q = base + g;
-            const float v = fmaxf(fmaxf(h2f(x[q]), h2f(x[q + c])),
-                                  fmaxf(h2f(x[q + row]), h2f(x[q + row + c])));
-            y[i] = f2h(v);
-        }
-    }
-}
-
-extern "C" __global__ void maxpool2(const f16raw* __restrict__ x, int n, int h, int w, int c,
-                                    f16raw* __restrict__ y) {
-    if ((i64)n * (h / 2) * (w / 2) * c <= 0x7fffffffLL) maxpool2_body<int>(x, n, h, w, c, y);
-    else maxpool2_body<i64>(x, n, h, w, c, y);
-}
-
-// The larger of two E4M3 codes of non-negative values; a code with the sign bit counts as 0.
-__device__ __forceinline__ u32 max_e4m3(u32 a, u32 b) {
-    a = (a & 0x80u) ? 0u : a;
-    b = (b & 0x80u) ? 0u : b;
-    return a > b ? a : b;
-}
-
-// max_e4m3 on each of the four bytes of two words.
-__device__ __forceinline__ u32 max_e4m3x4(u32 a, u32 b) {
-    u32 r = 0;
-#pragma unroll
-    for (int k = 0; k < 32; k += 8) r |= max_e4m3((a >> k) & 0xFFu, (b >> k) & 0xFFu) << k;
-    return r;
-}
-
-__device__ __forceinline__ u32 max_e4m3x4_of4(u32 a, u32 b, u32 d, u32 e) {
-    return max_e4m3x4(max_e4m3x4(a, b), max_e4m3x4(d, e));
-}
-
-template <typename I>
-__device__ __forceinline__ void maxpool2_e4m3_body(const unsigned char* __restrict__ x, int n,
-                                                   int h, int w, int c,
-                                                   unsigned char* __restrict__ y) {
-    const int oh = h / 2, ow = w / 2;
-    const bool vec = (c % 16) == 0 && is_aligned(x, 16) && is_aligned(y, 16);
-    const int cv = vec ? c / 16 : c;  // channel groups per pixel
-    const i64 total = (i64)n * oh * ow * cv;
-    for (i64 i = global_tid(); i < total; i += global_stride()) {
-        I r = (I)i;
-        const I g = r % cv;
-        r /= cv;
-        const I ox = r % ow;
-        r /= ow;
-        const I oy = r % oh;
-        const I img = r / oh;
-        const i64 base = (((i64)img * h + 2 * (i64)oy) * w + 2 * (i64)ox) * c;
-        const i64 row = (i64)w * c;
-        if (vec) {
             const uint4 a = *(reinterpret_cast<const uint4*>(x + base) + g);
             const uint4 b = *(reinterpret_cast<const uint4*>(x + base + c) + g);
             const uint4 d = *(reinterpret_cast<const uint4*>(x + base + row) + g);
             const uint4 e = *(reinterpret_cast<const uint4*>(x + base + row + c) + g);
             uint4 m;
-            m.x = max_e4m3x4_of4(a.x, b.x, d.x, e.x);
-            m.y = max_e4m3x4_of4(a.y, b.y, d.y, e.y);
-            m.z = max_e4m3x4_of4(a.z, b.z, d.z, e.z);
-            m.w = max_e4m3x4_of4(a.w, b.w, d.w, e.w);
+            m.x = max_of4<M>(a.x, b.x, d.x, e.x);
+            m.y = max_of4<M>(a.y, b.y, d.y, e.y);
+            m.z = max_of4<M>(a.z, b.z, d.z, e.z);
+            m.w = max_of4<M>(a.w, b.w, d.w, e.w);
             reinterpret_cast<uint4*>(y)[i] = m;
         } else {
             const i64 q = base + g;
-            y[i] = (unsigned char)max_e4m3(max_e4m3(x[q], x[q + c]),
-                                           max_e4m3(x[q + row], x[q + row + c]));
+            y[i] = M::one(M::one(x[q], x[q + c]), M::one(x[q + row], x[q + row + c]));
         }
     }
 }
 
+template <typename M>
+__device__ __forceinline__ void maxpool2_any(const typename M::T* __restrict__ x, int n, int h,
+                                             int w, int c, typename M::T* __restrict__ y) {
+    if ((i64)n * (h / 2) * (w / 2) * c <= 0x7fffffffLL) maxpool2_body<int, M>(x, n, h, w, c, y);
+    else maxpool2_body<i64, M>(x, n, h, w, c, y);
+}
+
+extern "C" __global__ void maxpool2(const f16raw* __restrict__ x, int n, int h, int w, int c,
+                                    f16raw* __restrict__ y) {
+    maxpool2_any<MaxF16>(x, n, h, w, c, y);
+}
+
 extern "C" __global__ void maxpool2_e4m3(const unsigned char* __restrict__ x, int n, int h, int w,
                                          int c, unsigned char* __restrict__ y) {
-    if ((i64)n * (h / 2) * (w / 2) * c <= 0x7fffffffLL) maxpool2_e4m3_body<int>(x, n, h, w, c, y);
-    else maxpool2_e4m3_body<i64>(x, n, h, w, c, y);
+    maxpool2_any<MaxE4m3>(x, n, h, w, c, y);
 }
 
 template <typename I>

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
 use half::f16;
 
 use super::{dim, invalid, need, nhwc_args, prod, Kernels};
@@ -20,17 +20,7 @@ impl Kernels {
         c: usize,
         y: &mut CudaViewMut<'_, f16>,
     ) -> Result<()> {
-        const OP: &str = "maxpool2";
-        let (args, total) = maxpool2_shape(OP, (x.len(), y.len()), n, h, w, c)?;
-        let units = if c.is_multiple_of(8) {
-            total / 8
-        } else {
-            total
-        };
-        self.launch(OP, stream, &self.maxpool2, self.grid_stride(units), |lb| {
-            let [n_i, h_i, w_i, c_i] = &args;
-            lb.arg(x).arg(n_i).arg(h_i).arg(w_i).arg(c_i).arg(y);
-        })
+        self.maxpool2_of("maxpool2", &self.maxpool2, stream, x, [n, h, w, c], y)
     }
 
     /// MaxPool2d(2, 2) (floor) on E4M3 codes of post-ReLU values: `x` `[n, h, w, c]` → `y`
@@ -46,23 +36,40 @@ impl Kernels {
         c: usize,
         y: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        const OP: &str = "maxpool2_e4m3";
-        let (args, total) = maxpool2_shape(OP, (x.len(), y.len()), n, h, w, c)?;
-        let units = if c.is_multiple_of(16) {
-            total / 16
+        let f = &self.maxpool2_e4m3;
+        self.maxpool2_of("maxpool2_e4m3", f, stream, x, [n, h, w, c], y)
+    }
+
+    /// Either max-pool kernel (pool.cu's `maxpool2_body` for elements `T`): the checks, and one
+    /// thread per 16 bytes of channels where they divide `c` (the kernel's vector path).
+    fn maxpool2_of<'a, T: DeviceRepr>(
+        &self,
+        op: &str,
+        func: &'a CudaFunction,
+        stream: &'a Arc<CudaStream>,
+        x: &'a CudaView<'_, T>,
+        [n, h, w, c]: [usize; 4],
+        y: &'a mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        let [n_i, h_i, w_i, c_i] = nhwc_args(op, n, h, w, c)?;
+        if h < 2 || w < 2 {
+            return Err(invalid(
+                op,
+                format!("{h}×{w} input is smaller than the 2×2 window"),
+            ));
+        }
+        need(op, "x", x.len(), prod(op, &[n, h, w, c])?)?;
+        let total = prod(op, &[n, h / 2, w / 2, c])?;
+        need(op, "y", y.len(), total)?;
+        let lanes = 16 / std::mem::size_of::<T>();
+        let units = if c.is_multiple_of(lanes) {
+            total / lanes
         } else {
             total
         };
-        self.launch(
-            OP,
-            stream,
-            &self.maxpool2_e4m3,
-            self.grid_stride(units),
-            |lb| {
-                let [n_i, h_i, w_i, c_i] = &args;
-                lb.arg(x).arg(n_i).arg(h_i).arg(w_i).arg(c_i).arg(y);
-            },
-        )
+        self.launch(op, stream, func, self.grid_stride(units), |lb| {
+            lb.arg(x).arg(&n_i).arg(&h_i).arg(&w_i).arg(&c_i).arg(y);
+        })
     }
 
     /// AdaptiveAvgPool2d((oh, ow)) with PyTorch's bins (start = floor(i·H/oh),
@@ -92,27 +99,4 @@ impl Kernels {
             lb.arg(&oh_i).arg(&ow_i).arg(y);
         })
     }
-}
-
-/// A 2×2 max-pool's checks: the kernel's int arguments `[n, h, w, c]` and the output's length,
-/// after checking the window fits and `x` / `y` (their lengths) hold the input and output.
-fn maxpool2_shape(
-    op: &str,
-    (x_len, y_len): (usize, usize),
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-) -> Result<([i32; 4], usize)> {
-    let args = nhwc_args(op, n, h, w, c)?;
-    if h < 2 || w < 2 {
-        return Err(invalid(
-            op,
-            format!("{h}×{w} input is smaller than the 2×2 window"),
-        ));
-    }
-    need(op, "x", x_len, prod(op, &[n, h, w, c])?)?;
-    let total = prod(op, &[n, h / 2, w / 2, c])?;
-    need(op, "y", y_len, total)?;
-    Ok((args, total))
 }
