@@ -282,11 +282,9 @@ impl Pass<'_> {
             fp8,
             ..
         } = &mut *self.prep;
-        let [b0, b1] = bufs;
         let (input, output, next): (&CudaSlice<f16>, &mut CudaSlice<f16>, usize) = match cur {
-            None => (x, b0, 0),
-            Some(0) => (&*b0, b1, 1),
-            Some(_) => (&*b1, b0, 0),
+            None => (x, &mut bufs[0], 0),
+            Some(cur) => read_write(bufs, cur),
         };
         let x_view = input.slice(row0 * in_len..(row0 + rows) * in_len);
         let mut y_view = output.slice_mut(row0 * out_len..row0 * out_len + out_elems);
@@ -345,25 +343,18 @@ impl Pass<'_> {
                 // SAFETY: E4M3 codes (bytes) in the first bytes of the FP16 rows, which hold
                 // twice as many bytes; any byte is a valid u8.
                 let xb = unsafe { x_view.transmute::<u8>(n_in) }.ok_or_else(out_of_range)?;
-                let mut packed;
-                let mut unpacked;
-                let yb = if route.packed_out {
-                    // The last stage of a sub-batched prefix: its rows packed from the buffer's
-                    // first byte, where the full-batch stage after the prefix reads them.
-                    let at = row0 * out_len;
-                    // SAFETY: the buffer's bytes as u8 (twice its FP16 length).
-                    packed = unsafe { output.transmute_mut::<u8>(2 * output.len()) }
-                        .ok_or_else(out_of_range)?;
-                    unpacked = packed.slice_mut(at..at + n_out);
-                    &mut unpacked
-                } else {
-                    // SAFETY: as for the input.
-                    unpacked =
-                        unsafe { y_view.transmute_mut::<u8>(n_out) }.ok_or_else(out_of_range)?;
-                    &mut unpacked
-                };
+                // The output's first byte: that of its FP16 rows, or, for the last stage of a
+                // sub-batched prefix, its rows packed from the buffer's first byte (where the
+                // full-batch stage after the prefix reads them).
+                let at = if route.packed_out { 1 } else { 2 } * row0 * out_len;
+                // SAFETY: the buffer's bytes as u8 (twice its FP16 length).
+                let mut bytes = unsafe { output.transmute_mut::<u8>(2 * output.len()) }
+                    .ok_or_else(out_of_range)?;
+                let mut yb = bytes
+                    .try_slice_mut(at..at + n_out)
+                    .ok_or_else(out_of_range)?;
                 self.kernels
-                    .maxpool2_e4m3(stream, &xb, rows, d.in_h, d.in_w, d.in_c, yb)?;
+                    .maxpool2_e4m3(stream, &xb, rows, d.in_h, d.in_w, d.in_c, &mut yb)?;
             }
             FeatureStage::MaxPool { .. } => {
                 self.kernels.maxpool2(
@@ -400,12 +391,7 @@ impl Pass<'_> {
                 "stage {stage}: an E4M3 input needs an earlier stage and FP8 scales"
             )));
         };
-        let [b0, b1] = bufs;
-        let (src, dst, other) = if cur == 0 {
-            (&*b0, b1, 1)
-        } else {
-            (&*b1, b0, 0)
-        };
+        let (src, dst, other) = read_write(bufs, cur);
         let (at, n) = (row0 * in_len, rows * in_len);
         let x = src.slice(at..at + n);
         // SAFETY: the codes are the first n bytes of these rows' FP16 span; any byte is a u8.
@@ -432,9 +418,8 @@ impl Pass<'_> {
     ) -> Result<()> {
         let stream = &self.dev.stream;
         let (fh, fw, fc) = self.prep.feat;
-        let [b0, b1] = &mut self.prep.bufs;
         if (fh, fw) != (POOLED, POOLED) {
-            let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
+            let (input, output, _) = read_write(&mut self.prep.bufs, cur);
             self.kernels.adaptive_avgpool(
                 stream,
                 &input.slice(..rows * fh * fw * fc),
@@ -460,8 +445,7 @@ impl Pass<'_> {
         //   C = Yᵀ  stored col-major [out, n]  (ld = out); m = out, n = rows, k = in.
         let last = self.dm.linears.len() - 1;
         for (j, l) in self.dm.linears.iter().enumerate() {
-            let [b0, b1] = &mut self.prep.bufs;
-            let (input, output) = if cur == 0 { (&*b0, b1) } else { (&*b1, b0) };
+            let (input, output, _) = read_write(&mut self.prep.bufs, cur);
             let xp = ptr(input, stream);
             let wp = ptr(&l.weight, stream);
             let (yp, out_f32) = if j == last {
@@ -497,6 +481,19 @@ impl Pass<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// The ping-pong arena: buffer `cur` to read, the other one to write, and the other one's index.
+fn read_write(
+    bufs: &mut [CudaSlice<f16>; 2],
+    cur: usize,
+) -> (&CudaSlice<f16>, &mut CudaSlice<f16>, usize) {
+    let [b0, b1] = bufs;
+    if cur == 0 {
+        (&*b0, b1, 1)
+    } else {
+        (&*b1, b0, 0)
     }
 }
 

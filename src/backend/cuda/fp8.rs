@@ -97,15 +97,13 @@ impl Fp8State {
 
     /// Stage `stage`'s descale (one f32, 16-byte aligned): its conv output's scale back.
     pub fn descale(&self, stage: usize) -> CudaView<'_, f32> {
-        let at = SCALE_STRIDE * stage + DESCALE_AT;
-        self.scales.slice(at..at + 1)
+        scale(&self.scales, stage, DESCALE_AT)
     }
 
     /// Stage `stage`'s multiplier (one f32, 16-byte aligned): its input's quantization, and the
     /// output scale of an E4M3-output conv feeding it.
     pub fn multiplier(&self, stage: usize) -> CudaView<'_, f32> {
-        let at = SCALE_STRIDE * stage + MULTIPLIER_AT;
-        self.scales.slice(at..at + 1)
+        scale(&self.scales, stage, MULTIPLIER_AT)
     }
 
     /// Quantize `x` (stage `stage`'s FP16 input, all of it) into [`Fp8State::x8`] at the stage's
@@ -118,14 +116,9 @@ impl Fp8State {
         x: &CudaView<'_, f16>,
     ) -> Result<()> {
         let n = x.len();
-        let at = SCALE_STRIDE * stage + MULTIPLIER_AT;
-        kernels.quantize_e4m3(
-            stream,
-            x,
-            n,
-            &self.scales.slice(at..at + 1),
-            &mut self.x8.slice_mut(..n),
-        )
+        // The fields apart: the multiplier is read while x8 is written.
+        let multiplier = scale(&self.scales, stage, MULTIPLIER_AT);
+        kernels.quantize_e4m3(stream, x, n, &multiplier, &mut self.x8.slice_mut(..n))
     }
 
     /// Bytes of device memory held.
@@ -137,6 +130,12 @@ impl Fp8State {
             .sum::<usize>()
             + self.x8.num_bytes()
     }
+}
+
+/// Stage `stage`'s scale at `offset` in its [`SCALE_STRIDE`] floats of `scales`.
+fn scale(scales: &CudaSlice<f32>, stage: usize, offset: usize) -> CudaView<'_, f32> {
+    let at = SCALE_STRIDE * stage + offset;
+    scales.slice(at..at + 1)
 }
 
 /// Per feature stage: the next conv stage after it (past any pools) when that one may run FP8
@@ -198,11 +197,10 @@ pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
         r.conv = true;
         r.next = next.map(|(j, _)| j);
         let next_fp8 = next.is_some_and(|(_, fp8)| fp8);
-        r.e4m3_out = f.e4m3_out && next.is_some_and(|(_, fp8)| fp8 || !f.half_out);
+        r.e4m3_out = f.e4m3_out && next.is_some() && (next_fp8 || !f.half_out);
         r.fp8 = f.half_out || r.e4m3_out;
-        if !r.fp8 && f.fp16_e4m3_out && next_fp8 {
-            r.e4m3_out = true;
-        }
+        // An FP16 conv's E4M3 output.
+        r.e4m3_out |= !r.fp8 && f.fp16_e4m3_out && next_fp8;
         next = Some((i, r.fp8));
     }
     // Forwards: the format each stage reads; pools pass theirs on.
