@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use half::f16;
 
 use super::{count_arg, dim, invalid, need, Kernels, BLOCK};
@@ -87,18 +89,10 @@ impl Kernels {
         multiplier: &CudaView<'_, f32>,
         out: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        const OP: &str = "quantize_e4m3";
-        let n_i = count_arg(OP, n)?;
-        need(OP, "x", x.len(), n)?;
-        need(OP, "multiplier", multiplier.len(), 1)?;
-        need(OP, "out", out.len(), n)?;
-        self.launch(OP, stream, &self.quantize_e4m3, self.grid_stride(n), |lb| {
-            lb.arg(x).arg(&n_i).arg(multiplier).arg(out);
-        })
+        let f = &self.quantize_e4m3;
+        self.scaled_map("quantize_e4m3", f, stream, x, n, multiplier, out)
     }
-}
 
-impl Kernels {
     /// `out[i] = f16(value(x[i]) / multiplier[0])` for i < n: E4M3 codes back to FP16 (see
     /// [`crate::backend::fp8::e4m3_to_f32`]).
     pub fn dequantize_e4m3(
@@ -109,20 +103,28 @@ impl Kernels {
         multiplier: &CudaView<'_, f32>,
         out: &mut CudaViewMut<'_, f16>,
     ) -> Result<()> {
-        const OP: &str = "dequantize_e4m3";
-        let n_i = count_arg(OP, n)?;
-        need(OP, "x", x.len(), n)?;
-        need(OP, "multiplier", multiplier.len(), 1)?;
-        need(OP, "out", out.len(), n)?;
-        self.launch(
-            OP,
-            stream,
-            &self.dequantize_e4m3,
-            self.grid_stride(n),
-            |lb| {
-                lb.arg(x).arg(&n_i).arg(multiplier).arg(out);
-            },
-        )
+        let f = &self.dequantize_e4m3;
+        self.scaled_map("dequantize_e4m3", f, stream, x, n, multiplier, out)
+    }
+
+    /// Either conversion kernel, `(x, n, multiplier, out)`: the checks and a grid-stride launch.
+    fn scaled_map<'a, X: DeviceRepr, Y: DeviceRepr>(
+        &self,
+        op: &str,
+        func: &'a CudaFunction,
+        stream: &'a Arc<CudaStream>,
+        x: &'a CudaView<'_, X>,
+        n: usize,
+        multiplier: &'a CudaView<'_, f32>,
+        out: &'a mut CudaViewMut<'_, Y>,
+    ) -> Result<()> {
+        let n_i = count_arg(op, n)?;
+        need(op, "x", x.len(), n)?;
+        need(op, "multiplier", multiplier.len(), 1)?;
+        need(op, "out", out.len(), n)?;
+        self.launch(op, stream, func, self.grid_stride(n), |lb| {
+            lb.arg(x).arg(&n_i).arg(multiplier).arg(out);
+        })
     }
 }
 
