@@ -301,10 +301,10 @@ pub(super) fn plan_all(
             rows: key.rows,
             identity: key.identity,
         };
-        // This key's graph-API plans of `form` (FP8 ones with `run`), their time counted against
-        // their kind's budget.
+        // This key's graph-API plans of `form` (FP8 ones with `run` and whether its input
+        // arrives E4M3), their time counted against their kind's budget.
         let time_graph = |arena: &mut TuneArena<'_>,
-                          run: Option<Fp8Run>,
+                          run: Option<(Fp8Run, bool)>,
                           form: GraphForm,
                           search: &mut PlanSearch| {
             let started = Instant::now();
@@ -433,9 +433,9 @@ pub(super) fn plan_all(
                         state: &mut *f.state,
                         stage: key.stage,
                         next,
-                        input_e4m3,
                     };
-                    if let Some(p) = time_graph(arena, Some(run), form, &mut out.fp8_search)? {
+                    let run = Some((run, input_e4m3));
+                    if let Some(p) = time_graph(arena, run, form, &mut out.fp8_search)? {
                         return Ok(Some(p));
                     }
                 }
@@ -555,9 +555,6 @@ pub(super) struct Fp8Run<'a> {
     pub state: &'a mut Fp8State,
     pub stage: usize,
     pub next: Option<usize>,
-    /// For the tuning: whether the stage's input normally arrives E4M3 (an FP8-capable conv
-    /// precedes it), so that its plans are timed without the quantize pass.
-    pub input_e4m3: bool,
 }
 
 /// Where an FP8 conv's input is.
@@ -666,9 +663,9 @@ fn quantize_ms(
 }
 
 /// Build the graph of `rows` rows of `layer` (stage geometry `d`) in `form` — conv+bias+ReLU in
-/// FP16, or an FP8 one with `fp8` — and time its plans (see [`time_plans`]). An FP8 plan is
-/// timed with the quantization of its input unless that input arrives E4M3 (`input_e4m3`:
-/// quantized once before). `None` when the graph API offers nothing for it (the FP16 legacy
+/// FP16, or an FP8 one (or one with an E4M3 output) with `fp8`: its run and whether its input
+/// arrives E4M3 — and time its plans (see [`time_plans`]). An FP8 plan is timed with the
+/// quantization of its input unless that input arrives E4M3 (then quantized once before). `None` when the graph API offers nothing for it (the FP16 legacy
 /// path stays).
 #[allow(clippy::too_many_arguments)]
 fn time_graph_plans(
@@ -679,10 +676,14 @@ fn time_graph_plans(
     (d, rows): (super::StageDims, usize),
     arena: &mut TuneArena<'_>,
     ws_limit: usize,
-    mut fp8: Option<Fp8Run<'_>>,
+    fp8: Option<(Fp8Run<'_>, bool)>,
     form: GraphForm,
     search: &mut PlanSearch,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
+    let (mut fp8, input_e4m3) = match fp8 {
+        Some((run, e4m3)) => (Some(run), e4m3),
+        None => (None, false),
+    };
     if (form.fp8 || form.e4m3_out) != fp8.is_some() {
         return Err(Error::Invalid(format!(
             "timing {form:?} graph plans {} FP8 state",
@@ -704,7 +705,7 @@ fn time_graph_plans(
     let n = rows * d.in_len();
     // An input that arrives E4M3: the arena's, quantized once.
     let pre_quantized = match fp8.as_mut() {
-        Some(run) if run.input_e4m3 => {
+        Some(run) if input_e4m3 => {
             let x = arena.bufs[0].slice(..n);
             run.state
                 .quantize_input(run.kernels, &dev.stream, run.stage, &x)?;
@@ -1045,7 +1046,6 @@ impl ConvRun<'_> {
                 state,
                 stage: key.stage,
                 next: route.next,
-                input_e4m3: route.e4m3_in,
             };
             let s = &self.dev.stream;
             // An FP16 conv after an E4M3 output has its input dequantized already.
