@@ -18,7 +18,12 @@ typedef long long i64;
 typedef unsigned long long u64;
 
 // ---------------------------------------------------------------------------------------------
-// FP16 <-> f32 (round to nearest even, like __float2half / half::f16::from_f32).
+// FP16 <-> f32 (round to nearest even, like __float2half / half::f16::from_f32). The CPU
+// emulation of the tests (tests/kernel_host) has no PTX: it converts with _Float16.
+#ifdef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ float h2f(f16raw h) { return scorecam_host_h2f(h); }
+__device__ __forceinline__ f16raw f2h(float f) { return scorecam_host_f2h(f); }
+#else
 __device__ __forceinline__ float h2f(f16raw h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -29,6 +34,7 @@ __device__ __forceinline__ f16raw f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 // Two halves packed in a u32 (low half = lower address).
 __device__ __forceinline__ float lo_f(u32 v) { return h2f((f16raw)(v & 0xffffu)); }
 __device__ __forceinline__ float hi_f(u32 v) { return h2f((f16raw)(v >> 16)); }

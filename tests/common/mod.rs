@@ -332,6 +332,8 @@ pub enum Need {
     MsrvToolchain,
     /// Leave to run a long CPU measurement: `SCORECAM_SLOW` set to a truthy value.
     Slow,
+    /// A C++20 compiler, to run the kernels on the CPU (`SCORECAM_REQUIRE_CXX`; tests/kernel_host).
+    Cxx,
 }
 
 impl Need {
@@ -344,6 +346,7 @@ impl Need {
             Need::Root => Some("SCORECAM_REQUIRE_ROOT"),
             Need::MsrvToolchain => Some("SCORECAM_REQUIRE_MSRV"),
             Need::Slow => None,
+            Need::Cxx => Some("SCORECAM_REQUIRE_CXX"),
         }
     }
 
@@ -399,6 +402,9 @@ impl Need {
                     Err("a long CPU measurement: set SCORECAM_SLOW=1 to run it".into())
                 }
             }
+            Need::Cxx => cxx_compiler().map(|_| ()).ok_or_else(|| {
+                "needs a C++ compiler (c++, g++ or clang++ on the PATH, or $CXX)".into()
+            }),
             Need::Root => {
                 // SAFETY: geteuid has no preconditions.
                 if unsafe { libc::geteuid() } != 0 {
@@ -421,6 +427,21 @@ impl Need {
             }
         }
     }
+}
+
+/// The C++ compiler: `$CXX`, else the first of `c++`, `g++`, `clang++` that answers
+/// `--version`.
+pub fn cxx_compiler() -> Option<String> {
+    let candidates = std::env::var("CXX")
+        .ok()
+        .into_iter()
+        .chain(["c++", "g++", "clang++"].map(String::from));
+    candidates.into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
 }
 
 /// A test for [`run_tests`]: runs `f` when `needs` are met (see [`Need`]).

@@ -1,0 +1,456 @@
+// CUDA on the CPU, for testing kernels/*.cu without a GPU (tests/kernel_host/mod.rs builds it).
+//
+// The kernel sources are compiled by the host C++ compiler after this header, which supplies
+// what NVRTC would: the qualifiers, threadIdx & co., the vector types, the intrinsics the kernels
+// use, __syncthreads and the warp shuffles. A launch runs its blocks one after another on the
+// calling OS thread; the threads of a block are fibers (ucontext), switched only at barriers, so
+// every interleaving a kernel relies on is explicit:
+//   * __syncthreads releases when every thread of the block that has not exited waits at it;
+//   * a warp shuffle is a warp barrier (all 32 lanes, full mask only) around an exchange;
+//   * a block where no barrier can release (divergent __syncthreads, a shuffle that part of
+//     the warp never reaches) fails the launch with a message naming who waits where, instead of
+//     hanging like a GPU would;
+//   * a launch runs its blocks and threads in order, or (schedule != 0) blocks in a random order
+//     and warps by a random priority, the first that can run always next, so warps drift apart
+//     by as many barriers as the kernel allows: the Rust side compares the results (races show
+//     as differences).
+// `__shared__` variables are thread_local statics (one block runs at a time per OS thread);
+// dynamic shared memory is a per-block buffer filled with 0xFF (NaN as floats) before each
+// block, so a read before a write shows. The FP16 conversions are _Float16's (round to nearest
+// even, like cvt.rn.f16.f32); floating-point contraction is off, so results can differ from the
+// GPU's in the last bits where nvcc would fuse a multiply-add: tests compare with tolerances
+// where the kernels do arithmetic beyond one rounding.
+//
+// Entry point: `scorecam_host_launch` (below), over the table of kernels that the generated
+// translation unit appends (`SCORECAM_HOST_KERNEL(name)` entries).
+#ifndef SCORECAM_CUDA_HOST_HPP
+#define SCORECAM_CUDA_HOST_HPP
+
+#define SCORECAM_HOST_EMULATION 1
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------
+// Qualifiers and built-in variables.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+    return uint4{x, y, z, w};
+}
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+// ---------------------------------------------------------------------------------------------
+// Intrinsics.
+template <typename To, typename From>
+inline To scorecam_bits(From v) {
+    static_assert(sizeof(To) == sizeof(From), "bit cast of unequal sizes");
+    To t;
+    memcpy(&t, &v, sizeof(To));
+    return t;
+}
+inline unsigned __float_as_uint(float f) { return scorecam_bits<unsigned>(f); }
+inline int __float_as_int(float f) { return scorecam_bits<int>(f); }
+inline float __int_as_float(int i) { return scorecam_bits<float>(i); }
+inline float __uint_as_float(unsigned u) { return scorecam_bits<float>(u); }
+// The default rounding mode is round to nearest even, as the _rn suffix asks.
+inline int __float2int_rn(float f) { return (int)nearbyintf(f); }
+inline float cospif(float x) { return (float)cos(M_PI * (double)x); }
+inline float sinpif(float x) { return (float)sin(M_PI * (double)x); }
+// Blocks run one at a time and their threads only switch at barriers: plain read-modify-writes
+// are atomic here.
+inline int atomicMax(int* p, int v) {
+    const int old = *p;
+    if (v > old) *p = v;
+    return old;
+}
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    if (v > old) *p = v;
+    return old;
+}
+inline float atomicAdd(float* p, float v) {
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+
+// FP16 <-> f32 for common.cuh's h2f / f2h under SCORECAM_HOST_EMULATION.
+inline float scorecam_host_h2f(unsigned short h) {
+    return (float)scorecam_bits<_Float16>(h);
+}
+inline unsigned short scorecam_host_f2h(float f) {
+    return scorecam_bits<unsigned short>((_Float16)f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks of fibers.
+namespace scorecam_host {
+
+enum class Wait { None, Block, Warp, Done, Failed };
+
+struct Fiber {
+    ucontext_t ctx;
+    Wait wait = Wait::None;
+};
+
+using AnyFn = void (*)();
+
+// One block being run: its fibers, the scheduler's context, the exchange slots of the shuffles.
+struct BlockRun {
+    std::vector<Fiber> fibers;
+    std::unique_ptr<char[]> stacks;
+    ucontext_t scheduler;
+    unsigned current = 0;
+    std::vector<unsigned long long> exchange;  // one slot per thread
+    std::string error;
+    AnyFn fn = nullptr;
+    void (*invoke)(AnyFn, void**) = nullptr;
+    void** args = nullptr;
+    std::unique_ptr<unsigned char[]> dynamic_shared;
+};
+
+inline thread_local BlockRun* run = nullptr;
+
+constexpr size_t STACK_BYTES = 128 * 1024;
+
+inline unsigned threads_per_block() { return blockDim.x * blockDim.y * blockDim.z; }
+
+inline void set_thread_index(unsigned tid) {
+    threadIdx.x = tid % blockDim.x;
+    threadIdx.y = (tid / blockDim.x) % blockDim.y;
+    threadIdx.z = tid / (blockDim.x * blockDim.y);
+}
+
+// Leave the running fiber for the scheduler, marked `w`.
+inline void yield(Wait w) {
+    Fiber& f = run->fibers[run->current];
+    f.wait = w;
+    swapcontext(&f.ctx, &run->scheduler);
+}
+
+// Stop the block with `msg` (the first failure is kept); the fiber is never resumed.
+[[noreturn]] inline void fail(const std::string& msg) {
+    if (run->error.empty()) {
+        run->error = "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+                     "," + std::to_string(blockIdx.z) + ") thread " +
+                     std::to_string(run->current) + ": " + msg;
+    }
+    yield(Wait::Failed);
+    __builtin_unreachable();
+}
+
+inline void fiber_main() {
+    run->invoke(run->fn, run->args);
+    run->fibers[run->current].wait = Wait::Done;
+    // returning resumes uc_link: the scheduler
+}
+
+// The value of lane `src_lane` of the calling thread's warp, exchanged as 64-bit slots.
+template <typename T>
+inline T shuffle(unsigned mask, T v, unsigned src_lane, const char* what) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 64 bits");
+    if (mask != 0xffffffffu) fail(std::string(what) + " with a partial mask is not emulated");
+    const unsigned tid = run->current;
+    const unsigned warp0 = tid & ~31u;
+    if (warp0 + 32 > threads_per_block())
+        fail(std::string(what) + " in a warp with fewer than 32 threads");
+    unsigned long long slot = 0;
+    memcpy(&slot, &v, sizeof(T));
+    run->exchange[tid] = slot;
+    yield(Wait::Warp);  // every lane has written
+    const unsigned long long got = run->exchange[warp0 + (src_lane & 31u)];
+    yield(Wait::Warp);  // every lane has read
+    T r;
+    memcpy(&r, &got, sizeof(T));
+    return r;
+}
+
+inline std::string describe_waits(const BlockRun& r) {
+    std::string s;
+    const char* names[] = {"running", "__syncthreads", "a warp shuffle", "exited", "failed"};
+    size_t i = 0;
+    while (i < r.fibers.size()) {
+        size_t j = i;
+        while (j + 1 < r.fibers.size() && r.fibers[j + 1].wait == r.fibers[i].wait) ++j;
+        if (!s.empty()) s += ", ";
+        s += "threads " + std::to_string(i) + ".." + std::to_string(j) + " " +
+             names[(int)r.fibers[i].wait];
+        i = j + 1;
+    }
+    return s;
+}
+
+// Release whatever barrier can be released; false when none can (a deadlock) or all are done.
+inline bool release(BlockRun& r) {
+    const size_t n = r.fibers.size();
+    bool released = false;
+    for (size_t w0 = 0; w0 < n; w0 += 32) {
+        const size_t w1 = w0 + 32 < n ? w0 + 32 : n;
+        bool all = true;
+        for (size_t i = w0; i < w1; ++i) all = all && r.fibers[i].wait == Wait::Warp;
+        if (all) {
+            for (size_t i = w0; i < w1; ++i) r.fibers[i].wait = Wait::None;
+            released = true;
+        }
+    }
+    if (released) return true;
+    bool any = false, all = true;
+    for (const Fiber& f : r.fibers) {
+        if (f.wait == Wait::Block) any = true;
+        else if (f.wait != Wait::Done) all = false;
+    }
+    if (any && all) {
+        for (Fiber& f : r.fibers)
+            if (f.wait == Wait::Block) f.wait = Wait::None;
+        return true;
+    }
+    return false;
+}
+
+// xorshift64 (state never 0).
+inline unsigned long long next_random(unsigned long long& state) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+}
+
+// A new random order of `order` (Fisher-Yates).
+inline void shuffle_order(std::vector<unsigned>& order, unsigned long long& state) {
+    for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[next_random(state) % i]);
+}
+
+// Run fiber `i` to its next barrier (or its end). False when it failed.
+inline bool resume(BlockRun& r, unsigned i) {
+    r.current = i;
+    set_thread_index(i);
+    swapcontext(&r.scheduler, &r.fibers[i].ctx);
+    return r.error.empty();
+}
+
+// Run every thread of the current block (blockIdx set) to its end. Schedule 0: passes over the
+// threads that can run, in thread order, each to its next barrier. Else (xorshift state
+// `schedule`) the warps get a random priority and the first warp that can run always runs next
+// (its threads in a random order), so fast warps get as far ahead as barriers let them while
+// slow ones wait: a value read after a barrier, overwritten by a fast warp before a slow one
+// read it, shows.
+inline bool run_block(BlockRun& r, size_t dynamic_shared_bytes, unsigned long long& schedule) {
+    const unsigned n = threads_per_block();
+    if (dynamic_shared_bytes) memset(r.dynamic_shared.get(), 0xFF, dynamic_shared_bytes);
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = r.fibers[i];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = r.stacks.get() + (size_t)i * STACK_BYTES;
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &r.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+        f.wait = Wait::None;
+    }
+    const unsigned warps = (n + 31) / 32;
+    std::vector<unsigned> warp_order(warps), lanes;
+    for (unsigned w = 0; w < warps; ++w) warp_order[w] = w;
+    if (schedule) shuffle_order(warp_order, schedule);
+    for (;;) {
+        bool ran = false;
+        if (schedule) {
+            for (const unsigned w : warp_order) {
+                lanes.clear();
+                for (unsigned i = 32 * w; i < n && i < 32 * w + 32; ++i)
+                    if (r.fibers[i].wait == Wait::None) lanes.push_back(i);
+                if (lanes.empty()) continue;
+                shuffle_order(lanes, schedule);
+                for (const unsigned i : lanes)
+                    if (!resume(r, i)) return false;
+                ran = true;
+                break;
+            }
+        } else {
+            for (unsigned i = 0; i < n; ++i) {
+                if (r.fibers[i].wait != Wait::None) continue;
+                if (!resume(r, i)) return false;
+                ran = true;
+            }
+        }
+        bool done = true;
+        for (const Fiber& f : r.fibers) done = done && f.wait == Wait::Done;
+        if (done) return true;
+        if (!release(r) && !ran) {
+            r.error = "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+                      "," + std::to_string(blockIdx.z) +
+                      "): deadlock, no barrier can release: " + describe_waits(r);
+            return false;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel table and its argument kinds: 'p' pointer, 'i' int, 'I' unsigned, 'l' long long,
+// 'u' unsigned long long, 'f' float (the Rust side passes the same letters).
+template <typename T>
+constexpr char kind() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_pointer_v<U>) return 'p';
+    else if constexpr (std::is_same_v<U, int>) return 'i';
+    else if constexpr (std::is_same_v<U, unsigned>) return 'I';
+    else if constexpr (std::is_same_v<U, long long>) return 'l';
+    else if constexpr (std::is_same_v<U, unsigned long long>) return 'u';
+    else if constexpr (std::is_same_v<U, float>) return 'f';
+    else return '?';
+}
+
+template <typename... A>
+struct Invoker {
+    static constexpr char kinds[] = {kind<A>()..., '\0'};
+    template <size_t... I>
+    static void call_with(void (*f)(A...), void** args, std::index_sequence<I...>) {
+        f(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+    }
+    static void call(AnyFn f, void** args) {
+        call_with(reinterpret_cast<void (*)(A...)>(f), args, std::index_sequence_for<A...>{});
+    }
+};
+
+struct Kernel {
+    const char* name;
+    AnyFn fn;
+    void (*invoke)(AnyFn, void**);
+    const char* kinds;
+};
+
+template <typename... A>
+constexpr Kernel kernel(const char* name, void (*f)(A...)) {
+    return Kernel{name, reinterpret_cast<AnyFn>(f), &Invoker<A...>::call, Invoker<A...>::kinds};
+}
+
+}  // namespace scorecam_host
+
+// Dynamic shared memory: `extern __shared__ T name[];` is rewritten by the builder to
+// `T* name = reinterpret_cast<T*>(scorecam_dynamic_shared());`.
+inline void* scorecam_dynamic_shared() { return scorecam_host::run->dynamic_shared.get(); }
+
+inline void __syncthreads() { scorecam_host::yield(scorecam_host::Wait::Block); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    scorecam_host::shuffle(mask, 0, 0, "__syncwarp");
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    const unsigned lane = scorecam_host::run->current & 31u;
+    return scorecam_host::shuffle(mask, v, lane ^ (unsigned)lane_mask, "__shfl_xor_sync");
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+    const unsigned lane = scorecam_host::run->current & 31u;
+    return scorecam_host::shuffle(mask, v, lane + delta < 32 ? lane + delta : lane,
+                                  "__shfl_down_sync");
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane) {
+    return scorecam_host::shuffle(mask, v, (unsigned)src_lane, "__shfl_sync");
+}
+
+#define SCORECAM_HOST_KERNEL(f) scorecam_host::kernel(#f, &f)
+
+// The kernels, ended by an entry with a null name: the generated unit defines it after the
+// kernel sources, as `{SCORECAM_HOST_KERNEL(name), ..., {}}`.
+extern const scorecam_host::Kernel scorecam_host_kernels[];
+
+// The launch entry point: runs `name` over grid × block threads with `dynamic_shared` bytes of
+// dynamic shared memory; `args` point at the arguments, whose kinds must equal `kinds`.
+// `schedule` 0 runs blocks and threads in order, else in random orders drawn from it. 0 on
+// success, else 1 with a message in `err` (NUL-terminated, cut at err_len).
+extern "C" __attribute__((visibility("default"))) int scorecam_host_launch(
+    const char* name, const unsigned* grid, const unsigned* block,
+    unsigned long long dynamic_shared, void** args, const char* kinds, unsigned long long schedule,
+    char* err, unsigned long long err_len) {
+    using namespace scorecam_host;
+    auto failed = [&](const std::string& msg) {
+        if (err_len) {
+            const size_t n = msg.size() < err_len - 1 ? msg.size() : (size_t)err_len - 1;
+            memcpy(err, msg.data(), n);
+            err[n] = 0;
+        }
+        return 1;
+    };
+    const Kernel* k = scorecam_host_kernels;
+    while (k->name && strcmp(k->name, name) != 0) ++k;
+    if (!k->name) return failed(std::string("no kernel named `") + name + "`");
+    if (strcmp(k->kinds, kinds) != 0)
+        return failed(std::string(name) + ": arguments of kinds \"" + kinds +
+                      "\" passed, the kernel takes \"" + k->kinds + "\"");
+    const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
+    if (threads == 0 || threads > 1024)
+        return failed(std::string(name) + ": " + std::to_string(threads) +
+                      " threads per block (1..=1024)");
+    if ((unsigned long long)grid[0] * grid[1] * grid[2] == 0)
+        return failed(std::string(name) + ": an empty grid");
+    if (dynamic_shared > 228 * 1024)
+        return failed(std::string(name) + ": " + std::to_string(dynamic_shared) +
+                      " bytes of dynamic shared memory (an H100/H200 block has at most 227 KiB)");
+
+    BlockRun r;
+    r.fibers.resize(threads);
+    r.stacks.reset(new char[threads * STACK_BYTES]);
+    r.exchange.assign(threads, 0);
+    r.fn = k->fn;
+    r.invoke = k->invoke;
+    r.args = args;
+    if (dynamic_shared) r.dynamic_shared.reset(new unsigned char[dynamic_shared]);
+    BlockRun* const outer = run;
+    run = &r;
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    blockDim = dim3{block[0], block[1], block[2]};
+    // Blocks in order, or (schedule != 0) in a random order: no kernel may depend on it.
+    std::vector<unsigned> blocks((size_t)grid[0] * grid[1] * grid[2]);
+    for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = (unsigned)i;
+    if (schedule) shuffle_order(blocks, schedule);
+    bool ok = true;
+    for (size_t i = 0; ok && i < blocks.size(); ++i) {
+        const unsigned b = blocks[i];
+        blockIdx = uint3{b % grid[0], (b / grid[0]) % grid[1], b / (grid[0] * grid[1])};
+        ok = run_block(r, dynamic_shared, schedule);
+    }
+    run = outer;
+    return ok ? 0 : failed(std::string(name) + ": " + r.error);
+}
+
+#endif  // SCORECAM_CUDA_HOST_HPP

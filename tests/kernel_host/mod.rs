@@ -1,0 +1,434 @@
+//! Runs the CUDA kernels of `kernels/*.cu` on the CPU, so every kernel is tested against its
+//! CPU reference on machines without a GPU (CI has none).
+//!
+//! The embedded kernel sources, assembled as for NVRTC, are compiled by the host C++ compiler
+//! after `cuda_host.hpp` (fibers for the threads of a block, barriers and warp shuffles that
+//! detect deadlocks; see its header) into a shared library, loaded once per test process.
+//! Buffers carry guard bytes on both sides, checked after every launch, and inputs passed as
+//! read-only are checked unchanged: a kernel writing out of bounds or into its input fails the
+//! launch that did it. Every launch runs in order and then in random schedules of blocks and
+//! threads, and must give the same bytes each time: a missing barrier or a race fails it.
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use bytemuck::Pod;
+use scorecam_gpu::backend::cuda::kernels::{assemble_source, kernel_names, sources};
+
+/// The emulation header, pasted at the top of the generated unit.
+const HEADER: &str = include_str!("cuda_host.hpp");
+/// Kernels that test the emulation itself (barriers, shuffles, the guards).
+const SELFTEST: &str = include_str!("selftest.cu");
+
+/// Flags of the host compile: no strict aliasing (the kernels read FP16 rows as uint4), no
+/// floating-point contraction (results do not depend on the compiler's FMA choices).
+const CXX_FLAGS: &[&str] = &[
+    "-std=c++20",
+    "-O2",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fvisibility=hidden",
+    "-fPIC",
+    "-shared",
+    "-w",
+];
+
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    *const u32,
+    *const u32,
+    u64,
+    *mut *mut c_void,
+    *const c_char,
+    u64,
+    *mut c_char,
+    u64,
+) -> c_int;
+
+/// The kernels compiled for the CPU.
+pub struct KernelHost {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+}
+
+/// The process's kernel host, built on first use (a build failure panics with the compiler's
+/// output: the kernels or the emulation do not compile).
+pub fn host() -> &'static KernelHost {
+    static HOST: OnceLock<KernelHost> = OnceLock::new();
+    HOST.get_or_init(|| KernelHost::build().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// `extern __shared__ T name[];` → a pointer to the block's dynamic shared memory.
+fn rewrite_dynamic_shared(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    for line in src.lines() {
+        let t = line.trim();
+        let decl = t
+            .strip_prefix("extern __shared__ ")
+            .and_then(|r| r.strip_suffix("[];"))
+            .and_then(|r| r.rsplit_once(' '));
+        match decl {
+            Some((ty, name)) => out.push_str(&format!(
+                "{ty}* {name} = reinterpret_cast<{ty}*>(scorecam_dynamic_shared());\n"
+            )),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Names of the `extern "C" __global__` functions of a source.
+pub fn global_functions(src: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("__global__ void") {
+        rest = &rest[i + "__global__ void".len()..];
+        let mut t = rest.trim_start();
+        if let Some(r) = t.strip_prefix("__launch_bounds__") {
+            t = r[r.find(')').map_or(0, |j| j + 1)..].trim_start();
+        }
+        let end = t
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(t.len());
+        names.push(t[..end].to_string());
+    }
+    names
+}
+
+/// The generated translation unit: header, kernels, self-test kernels, the kernel table.
+fn unit_source() -> Result<String, String> {
+    let kernels = assemble_source(sources())?;
+    let mut unit = String::new();
+    unit.push_str(HEADER);
+    unit.push_str(&rewrite_dynamic_shared(&kernels));
+    unit.push_str("#line 1 \"tests/kernel_host/selftest.cu\"\n");
+    unit.push_str(&rewrite_dynamic_shared(SELFTEST));
+    unit.push_str("\nconst scorecam_host::Kernel scorecam_host_kernels[] = {\n");
+    let selftest = global_functions(SELFTEST);
+    for name in kernel_names()
+        .iter()
+        .copied()
+        .chain(selftest.iter().map(|s| s.as_str()))
+    {
+        unit.push_str(&format!("    SCORECAM_HOST_KERNEL({name}),\n"));
+    }
+    unit.push_str("    {},\n};\n");
+    Ok(unit)
+}
+
+impl KernelHost {
+    fn build() -> Result<KernelHost, String> {
+        let cxx = crate::common::cxx_compiler()
+            .ok_or("no C++ compiler (c++, g++ or clang++; or set $CXX)")?;
+        let unit = unit_source()?;
+        let key = twox_hash::XxHash64::oneshot(
+            0,
+            format!("{cxx}\n{}\n{unit}", CXX_FLAGS.join(" ")).as_bytes(),
+        );
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let lib_path = dir.join(format!("kernels-{key:016x}.so"));
+        if !lib_path.exists() {
+            compile(&cxx, &unit, &dir, &lib_path)?;
+        }
+        // SAFETY: the library is the unit built above; loading runs no initializers beyond
+        // the C++ runtime's.
+        let lib = unsafe { libloading::Library::new(&lib_path) }
+            .map_err(|e| format!("loading {}: {e}", lib_path.display()))?;
+        // SAFETY: the symbol is `scorecam_host_launch` of cuda_host.hpp, of type LaunchFn.
+        let launch = unsafe { lib.get::<LaunchFn>(b"scorecam_host_launch\0") }
+            .map(|f| *f)
+            .map_err(|e| format!("{}: {e}", lib_path.display()))?;
+        Ok(KernelHost { _lib: lib, launch })
+    }
+
+    /// Runs kernel `name` over `grid` × `block` threads (x, y, z) with `dynamic_shared` bytes;
+    /// `args` in the kernel's parameter order.
+    ///
+    /// The kernel runs several times from the same inputs: blocks and threads in order, then
+    /// [`RANDOM_SCHEDULES`] times with blocks in a random order and warps in a random priority
+    /// (the first that can run always runs next, so fast warps get ahead of slow ones by as many
+    /// barriers as the kernel allows). All must write the same bytes, as they would in any order
+    /// a GPU picks.
+    ///
+    /// Errors: an unknown kernel, argument kinds that differ from the kernel's parameters, a
+    /// deadlock or a failed barrier in the kernel, a write outside a buffer or into an
+    /// [`Arg::In`] buffer, results that depend on the order (a missing barrier, a race).
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        dynamic_shared: usize,
+        args: &mut [Arg<'_>],
+    ) -> Result<(), String> {
+        let outputs_before: Vec<Vec<u8>> = args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Out(b) => Some(b.bytes().to_vec()),
+                _ => None,
+            })
+            .collect();
+        self.launch_once(name, grid, block, dynamic_shared, args, 0)?;
+        let in_order: Vec<Vec<u8>> = args
+            .iter_mut()
+            .filter_map(|a| match a {
+                Arg::Out(b) => Some(b.bytes().to_vec()),
+                _ => None,
+            })
+            .collect();
+        for run in 1..=RANDOM_SCHEDULES {
+            let mut before = outputs_before.iter();
+            for a in args.iter_mut() {
+                if let Arg::Out(b) = a {
+                    b.bytes_mut().copy_from_slice(before.next().unwrap());
+                }
+            }
+            let seed = twox_hash::XxHash64::oneshot(run, name.as_bytes()) | 1;
+            self.launch_once(name, grid, block, dynamic_shared, args, seed)?;
+            let mut want = in_order.iter();
+            for (i, a) in args.iter().enumerate() {
+                if let Arg::Out(b) = a {
+                    let first = want.next().unwrap();
+                    if let Some(at) = b.bytes().iter().zip(first).position(|(x, y)| x != y) {
+                        return Err(format!(
+                            "{name}: argument {i} differs at byte {at} between the run in order \
+                             and random schedule {run} (seed {seed:#x}): a missing barrier or a \
+                             race"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn launch_once(
+        &self,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        dynamic_shared: usize,
+        args: &mut [Arg<'_>],
+        schedule: u64,
+    ) -> Result<(), String> {
+        let mut slots: Vec<u64> = Vec::with_capacity(args.len());
+        let mut kinds = String::new();
+        let mut inputs = Vec::new();
+        for (i, a) in args.iter_mut().enumerate() {
+            let (kind, bits) = match a {
+                Arg::In(b) => {
+                    inputs.push((i, b.bytes().to_vec()));
+                    ('p', b.ptr() as u64)
+                }
+                Arg::Out(b) => ('p', b.ptr_mut() as u64),
+                Arg::I32(v) => ('i', *v as u32 as u64),
+                Arg::U32(v) => ('I', *v as u64),
+                Arg::I64(v) => ('l', *v as u64),
+                Arg::U64(v) => ('u', *v),
+                Arg::F32(v) => ('f', v.to_bits() as u64),
+            };
+            kinds.push(kind);
+            slots.push(bits);
+        }
+        // Each argument pointer points at its 8-byte slot; 4-byte kinds sit in the low bytes,
+        // which come first on this (little-endian) host.
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        let c_name = CString::new(name).map_err(|e| e.to_string())?;
+        let c_kinds = CString::new(kinds).map_err(|e| e.to_string())?;
+        let mut err = vec![0u8; 4096];
+        // SAFETY: the pointers are valid for the call; the host checks the argument kinds
+        // against the kernel's parameters before it runs it, and the buffers' guard bytes are
+        // checked after it.
+        let rc = unsafe {
+            (self.launch)(
+                c_name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                dynamic_shared as u64,
+                ptrs.as_mut_ptr(),
+                c_kinds.as_ptr(),
+                schedule,
+                err.as_mut_ptr() as *mut c_char,
+                err.len() as u64,
+            )
+        };
+        if rc != 0 {
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            return Err(String::from_utf8_lossy(&err[..end]).into_owned());
+        }
+        for (i, a) in args.iter().enumerate() {
+            let buf = match a {
+                Arg::In(b) => &**b,
+                Arg::Out(b) => &**b,
+                _ => continue,
+            };
+            buf.check_guards()
+                .map_err(|e| format!("{name}: argument {i}: {e}"))?;
+        }
+        for (i, before) in inputs {
+            if let Arg::In(b) = &args[i] {
+                if b.bytes() != before.as_slice() {
+                    return Err(format!(
+                        "{name}: wrote into argument {i}, a read-only input"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::launch`] on a 1-D grid and block.
+    pub fn launch1(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        dynamic_shared: usize,
+        args: &mut [Arg<'_>],
+    ) -> Result<(), String> {
+        self.launch(name, [grid, 1, 1], [block, 1, 1], dynamic_shared, args)
+    }
+}
+
+/// A kernel argument.
+pub enum Arg<'a> {
+    /// A buffer the kernel only reads (checked unchanged after the launch).
+    In(&'a HostBuf),
+    /// A buffer the kernel writes.
+    Out(&'a mut HostBuf),
+    I32(i32),
+    U32(u32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+/// Random schedules each launch runs in after the one in order.
+pub const RANDOM_SCHEDULES: u64 = 2;
+
+/// Guard bytes on each side of a buffer's data.
+const GUARD: usize = 256;
+const CANARY: u8 = 0xA5;
+
+/// A buffer for a kernel: its data 256-byte aligned (plus `misalign` bytes, to exercise the
+/// kernels' unaligned paths) between guard bytes.
+pub struct HostBuf {
+    mem: Vec<u128>,
+    start: usize,
+    len: usize,
+}
+
+impl HostBuf {
+    /// A copy of `data`, `misalign` bytes past a 256-byte boundary.
+    pub fn misaligned<T: Pod>(data: &[T], misalign: usize) -> HostBuf {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let start = GUARD + misalign;
+        let total = start + bytes.len() + GUARD;
+        let mem = vec![0u128; total.div_ceil(16) + 16];
+        let off = (mem.as_ptr() as usize).next_multiple_of(256) - mem.as_ptr() as usize;
+        let mut b = HostBuf {
+            mem,
+            start: off + start,
+            len: bytes.len(),
+        };
+        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut b.mem);
+        all.fill(CANARY);
+        all[b.start..b.start + b.len].copy_from_slice(bytes);
+        b
+    }
+
+    /// A copy of `data`, aligned.
+    pub fn of<T: Pod>(data: &[T]) -> HostBuf {
+        HostBuf::misaligned(data, 0)
+    }
+
+    /// `n` zero elements of `T`, aligned.
+    pub fn zeroed<T: Pod>(n: usize) -> HostBuf {
+        HostBuf::of(&vec![T::zeroed(); n])
+    }
+
+    /// The data as `T`s.
+    pub fn read<T: Pod>(&self) -> Vec<T> {
+        bytemuck::pod_collect_to_vec(self.bytes())
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u128, u8>(&self.mem)[self.start..self.start + self.len]
+    }
+
+    fn ptr(&self) -> *const u8 {
+        self.bytes().as_ptr()
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let (start, len) = (self.start, self.len);
+        &mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.mem)[start..start + len]
+    }
+
+    fn ptr_mut(&mut self) -> *mut u8 {
+        self.bytes_mut().as_mut_ptr()
+    }
+
+    fn check_guards(&self) -> Result<(), String> {
+        let all: &[u8] = bytemuck::cast_slice(&self.mem);
+        let before = &all[self.start - GUARD..self.start];
+        let after = &all[self.start + self.len..self.start + self.len + GUARD];
+        if let Some(i) = before.iter().rposition(|&b| b != CANARY) {
+            return Err(format!(
+                "written {} bytes before the start of a {}-byte buffer",
+                GUARD - i,
+                self.len
+            ));
+        }
+        if let Some(i) = after.iter().position(|&b| b != CANARY) {
+            return Err(format!(
+                "written at byte {} past the end of a {}-byte buffer",
+                i, self.len
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the generated unit and library are kept (for a look at a failing build).
+pub fn build_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host")
+}
+
+fn compile(cxx: &str, unit: &str, dir: &Path, lib_path: &Path) -> Result<(), String> {
+    let stem = lib_path.with_extension("");
+    let cpp = stem.with_extension("cpp");
+    std::fs::write(&cpp, unit).map_err(|e| format!("{}: {e}", cpp.display()))?;
+    // A private temporary name, renamed into place: concurrent test processes never load a
+    // half-written library.
+    let tmp = dir.join(format!(
+        "{}.{}.tmp",
+        lib_path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
+    let out = Command::new(cxx)
+        .args(CXX_FLAGS)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&cpp)
+        .output()
+        .map_err(|e| format!("running {cxx}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cxx} could not compile the kernels for the CPU ({}):\n{}",
+            cpp.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::rename(&tmp, lib_path).map_err(|e| format!("{}: {e}", lib_path.display()))
+}

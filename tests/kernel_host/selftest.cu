@@ -1,0 +1,53 @@
+// Kernels that test the CPU emulation itself (tests/kernels_host.rs, `emulation_*`): appended
+// after kernels/common.cuh in the generated unit, so its helpers are in scope.
+
+// For every thread t of block b: out[2·(b·blockDim.x + t)] = Σ of the block's x with
+// common.cuh's block_sum (warp shuffles, static shared memory, three barriers per call), and the
+// next element the same of the doubled values, from a second call right after the first (which
+// must not overwrite the first's result before every warp has read it).
+extern "C" __global__ void host_selftest_block_sum(const float* __restrict__ x,
+                                                   float* __restrict__ out) {
+    const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const float v = x[t];
+    const float s = block_sum(v);
+    const float s2 = block_sum(2.0f * v);
+    out[2 * t] = s;
+    out[2 * t + 1] = s2;
+}
+
+// out[t] = the value thread (blockDim.x − 1 − t) stored in dynamic shared memory before the
+// barrier; out[blockDim.x] = the first word past what the threads stored (never written:
+// the emulation fills dynamic shared memory with NaN).
+extern "C" __global__ void host_selftest_dynamic_shared(float* __restrict__ out) {
+    extern __shared__ float s_selftest[];
+    s_selftest[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s_selftest[blockDim.x - 1 - threadIdx.x];
+    if (threadIdx.x == 0) out[blockDim.x] = s_selftest[blockDim.x];
+}
+
+// The same exchange as host_selftest_dynamic_shared without its barrier: a race.
+extern "C" __global__ void host_selftest_missing_barrier(float* __restrict__ out) {
+    extern __shared__ float s_race[];
+    s_race[threadIdx.x] = (float)threadIdx.x;
+    out[threadIdx.x] = s_race[blockDim.x - 1 - threadIdx.x];
+}
+
+// Thread 0 waits at __syncthreads while the rest of its warp waits at a shuffle: a deadlock.
+extern "C" __global__ void host_selftest_divergent_barrier(float* __restrict__ out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x == 0) __syncthreads();
+    else v = __shfl_xor_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+// Writes one element past the end of its n-element output.
+extern "C" __global__ void host_selftest_write_past_end(float* __restrict__ out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i] = 1.0f;
+}
+
+// Writes into its input.
+extern "C" __global__ void host_selftest_write_input(const float* __restrict__ x) {
+    if (threadIdx.x == 0) const_cast<float*>(x)[0] = 2.0f;
+}

@@ -1,0 +1,1045 @@
+//! Every kernel of `kernels/*.cu`, run on the CPU (tests/kernel_host), against its CPU
+//! reference: the kernels' logic (indexing, vector and scalar paths, grid-stride loops, block
+//! reductions, shared memory) is checked on every machine, GPU or not. What this cannot see:
+//! the GPU's own arithmetic (FMA contraction, fast math), timing, and the launchers' argument
+//! order (the GPU tests in cuda_parity.rs cover those).
+//!
+//! Launch shapes: the launchers' blocks (256 threads, 512 for the map), with grids smaller than
+//! the work where the kernel loops, so the grid-stride paths run. Buffers start 256-byte aligned;
+//! `misaligned` ones start 2 bytes later, which turns off the 16-byte vector paths.
+//!
+//! Needs a C++ compiler: without one the tests are reported as ignored, unless
+//! `SCORECAM_REQUIRE_CXX` is truthy (CI), which makes that a failure.
+
+mod common;
+mod kernel_host;
+
+use half::f16;
+use kernel_host::{host, Arg, HostBuf};
+use scorecam_gpu::backend::cpu;
+use scorecam_gpu::backend::cuda::kernels::{kernel_names, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE};
+use scorecam_gpu::backend::fp8::{e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3};
+use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
+
+/// The launchers' block size for the grid-stride kernels, `masks` and `scores`.
+const BLOCK: u32 = 256;
+/// The launcher's block size for `upsample_relu_normalize`.
+const MAP_BLOCK: u32 = 512;
+
+fn f16s(x: &[f32]) -> Vec<f16> {
+    x.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+fn to_f32(x: &[f16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Every 16-bit pattern as an FP16.
+fn every_f16() -> Vec<f16> {
+    (0..=u16::MAX).map(f16::from_bits).collect()
+}
+
+/// `[n, h, w, c]` → `[n·c]` planes of `h·w` (the CPU reference's layout).
+fn nhwc_to_planes(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut p = vec![0f32; x.len()];
+    for i in 0..n {
+        for y in 0..h {
+            for xx in 0..w {
+                for ch in 0..c {
+                    p[((i * c + ch) * h + y) * w + xx] = x[((i * h + y) * w + xx) * c + ch];
+                }
+            }
+        }
+    }
+    p
+}
+
+/// `got` equals `want` within `atol + rtol·|want|` everywhere (NaN only where `want` is NaN).
+fn assert_close(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else {
+            (g - w).abs() <= atol + rtol * w.abs()
+        };
+        assert!(ok, "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+/// Equal FP16 bit patterns, ±0 counted equal.
+fn assert_same_f16(got: &[f16], want: &[f16], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let same = g.to_bits() == w.to_bits() || (g.to_f32() == 0.0 && w.to_f32() == 0.0);
+        assert!(
+            same,
+            "{what}: element {i}: got {g} ({:#06x}), want {w} ({:#06x})",
+            g.to_bits(),
+            w.to_bits()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulation itself
+
+fn emulation_runs_block_reductions() {
+    let (blocks, threads) = (5usize, 64usize);
+    let x = common::values(blocks * threads, 1);
+    let xb = HostBuf::of(&x);
+    let mut out = HostBuf::zeroed::<f32>(2 * blocks * threads);
+    let mut args = [Arg::In(&xb), Arg::Out(&mut out)];
+    host()
+        .launch1(
+            "host_selftest_block_sum",
+            blocks as u32,
+            threads as u32,
+            0,
+            &mut args,
+        )
+        .unwrap();
+    let got = out.read::<f32>();
+    for b in 0..blocks {
+        let want: f32 = x[b * threads..][..threads].iter().sum();
+        for t in 0..threads {
+            let i = 2 * (b * threads + t);
+            let what = format!("block {b} thread {t}");
+            assert_close(&got[i..i + 2], &[want, 2.0 * want], 1e-5, 1e-5, &what);
+        }
+    }
+}
+
+fn emulation_shares_dynamic_memory_within_a_block() {
+    let threads = 96u32;
+    let mut out = HostBuf::zeroed::<f32>(threads as usize + 1);
+    let smem = (threads as usize + 1) * 4;
+    host()
+        .launch1(
+            "host_selftest_dynamic_shared",
+            2,
+            threads,
+            smem,
+            &mut [Arg::Out(&mut out)],
+        )
+        .unwrap();
+    let got = out.read::<f32>();
+    for (t, v) in got[..threads as usize].iter().enumerate() {
+        assert_eq!(*v, (threads as usize - 1 - t) as f32, "thread {t}");
+    }
+    assert!(
+        got[threads as usize].is_nan(),
+        "unwritten shared memory reads as NaN"
+    );
+}
+
+fn emulation_reports_a_race() {
+    let threads = 64u32;
+    let mut out = HostBuf::zeroed::<f32>(threads as usize);
+    let e = host()
+        .launch1(
+            "host_selftest_missing_barrier",
+            1,
+            threads,
+            threads as usize * 4,
+            &mut [Arg::Out(&mut out)],
+        )
+        .unwrap_err();
+    assert!(e.contains("a missing barrier or a race"), "{e}");
+}
+
+fn emulation_reports_a_deadlock() {
+    let mut out = HostBuf::zeroed::<f32>(64);
+    let e = host()
+        .launch1(
+            "host_selftest_divergent_barrier",
+            1,
+            64,
+            0,
+            &mut [Arg::Out(&mut out)],
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("deadlock") && e.contains("__syncthreads") && e.contains("warp shuffle"),
+        "{e}"
+    );
+}
+
+fn emulation_catches_writes_outside_buffers() {
+    let mut out = HostBuf::zeroed::<f32>(100);
+    let e = host()
+        .launch1(
+            "host_selftest_write_past_end",
+            1,
+            128,
+            0,
+            &mut [Arg::Out(&mut out), Arg::I32(100)],
+        )
+        .unwrap_err();
+    assert!(e.contains("past the end of a 400-byte buffer"), "{e}");
+    let mut fine = HostBuf::zeroed::<f32>(101);
+    host()
+        .launch1(
+            "host_selftest_write_past_end",
+            1,
+            128,
+            0,
+            &mut [Arg::Out(&mut fine), Arg::I32(100)],
+        )
+        .unwrap();
+    let x = HostBuf::of(&[1.0f32; 4]);
+    let e = host()
+        .launch1("host_selftest_write_input", 1, 32, 0, &mut [Arg::In(&x)])
+        .unwrap_err();
+    assert!(e.contains("read-only input"), "{e}");
+}
+
+fn emulation_checks_names_and_argument_kinds() {
+    let x = HostBuf::zeroed::<f16>(16);
+    let e = host()
+        .launch1("relu_f16", 1, BLOCK, 0, &mut [Arg::In(&x), Arg::I32(16)])
+        .unwrap_err();
+    assert!(
+        e.contains("\"pi\" passed") && e.contains("takes \"pl\""),
+        "{e}"
+    );
+    let e = host()
+        .launch1("no_such_kernel", 1, BLOCK, 0, &mut [])
+        .unwrap_err();
+    assert!(e.contains("no kernel named `no_such_kernel`"), "{e}");
+    let mut x = HostBuf::zeroed::<f16>(16);
+    let e = host()
+        .launch1(
+            "relu_f16",
+            1,
+            2048,
+            0,
+            &mut [Arg::Out(&mut x), Arg::I64(16)],
+        )
+        .unwrap_err();
+    assert!(e.contains("2048 threads per block"), "{e}");
+    // Every kernel the CUDA module exports is in the CPU build.
+    for name in kernel_names() {
+        let e = host().launch1(name, 1, 32, 0, &mut []).unwrap_err();
+        assert!(e.contains("passed, the kernel takes"), "{name}: {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// preprocess.cu
+
+fn preprocess_matches_host() {
+    let s = 13usize;
+    let rgb: Vec<u8> = (0..s * s * 3)
+        .map(|i| (splitmix64(i as u64) >> 56) as u8)
+        .collect();
+    let mean = [0.485f32, 0.456, 0.406];
+    let std = [0.229f32, 0.224, 0.225];
+    let rgb_buf = HostBuf::of(&rgb);
+    for cpad in [3usize, 4, 8] {
+        for misalign in [0usize, 2] {
+            let mut out = HostBuf::misaligned(&vec![f16::from_f32(9.0); s * s * cpad], misalign);
+            let mut args = [
+                Arg::In(&rgb_buf),
+                Arg::I32(s as i32),
+                Arg::F32(mean[0]),
+                Arg::F32(mean[1]),
+                Arg::F32(mean[2]),
+                Arg::F32(std[0]),
+                Arg::F32(std[1]),
+                Arg::F32(std[2]),
+                Arg::I32(cpad as i32),
+                Arg::Out(&mut out),
+            ];
+            host()
+                .launch1("preprocess", 1, BLOCK, 0, &mut args)
+                .unwrap();
+            let want: Vec<f16> = (0..s * s * cpad)
+                .map(|i| {
+                    let (p, c) = (i / cpad, i % cpad);
+                    if c < 3 {
+                        f16::from_f32((rgb[3 * p + c] as f32 / 255.0 - mean[c]) / std[c])
+                    } else {
+                        f16::ZERO
+                    }
+                })
+                .collect();
+            assert_same_f16(
+                &out.read::<f16>(),
+                &want,
+                &format!("preprocess cpad {cpad} +{misalign}"),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise.cu
+
+fn bias_act_f16_matches_host() {
+    let rows = 37usize;
+    for (cols, misalign) in [(16usize, 0usize), (16, 2), (5, 0)] {
+        let y0 = f16s(
+            &common::values(rows * cols, 3)
+                .iter()
+                .map(|v| v * 4.0)
+                .collect::<Vec<_>>(),
+        );
+        let bias = f16s(&common::values(cols, 4));
+        let bias_buf = HostBuf::misaligned(&bias, misalign);
+        for relu in [false, true] {
+            let mut y = HostBuf::misaligned(&y0, misalign);
+            let mut args = [
+                Arg::Out(&mut y),
+                Arg::In(&bias_buf),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(relu as i32),
+            ];
+            host()
+                .launch1("bias_act_f16", 3, BLOCK, 0, &mut args)
+                .unwrap();
+            let want: Vec<f16> = y0
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let s = v.to_f32() + bias[i % cols].to_f32();
+                    f16::from_f32(if relu { s.max(0.0) } else { s })
+                })
+                .collect();
+            let what = format!("bias_act_f16 cols {cols} +{misalign} relu {relu}");
+            assert_same_f16(&y.read::<f16>(), &want, &what);
+        }
+    }
+}
+
+fn bias_f32_matches_host() {
+    let rows = 29usize;
+    for (cols, misalign) in [(8usize, 0usize), (8, 4), (3, 0)] {
+        let y0 = common::values(rows * cols, 5);
+        let bias = common::values(cols, 6);
+        let bias_buf = HostBuf::misaligned(&bias, misalign);
+        let mut y = HostBuf::misaligned(&y0, misalign);
+        let mut args = [
+            Arg::Out(&mut y),
+            Arg::In(&bias_buf),
+            Arg::I32(rows as i32),
+            Arg::I32(cols as i32),
+        ];
+        host().launch1("bias_f32", 2, BLOCK, 0, &mut args).unwrap();
+        let want: Vec<f32> = y0
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + bias[i % cols])
+            .collect();
+        assert_eq!(y.read::<f32>(), want, "bias_f32 cols {cols} +{misalign}");
+    }
+}
+
+fn relu_f16_matches_host_on_every_value() {
+    // Every FP16 value, plus a scalar tail of 3 (n % 8 != 0).
+    let mut x0 = every_f16();
+    x0.extend(f16s(&[-1.0, 2.5, -0.0]));
+    for misalign in [0usize, 2] {
+        let mut x = HostBuf::misaligned(&x0, misalign);
+        let n = x0.len() as i64;
+        host()
+            .launch1(
+                "relu_f16",
+                7,
+                BLOCK,
+                0,
+                &mut [Arg::Out(&mut x), Arg::I64(n)],
+            )
+            .unwrap();
+        let want: Vec<f16> = x0
+            .iter()
+            .map(|v| f16::from_f32(v.to_f32().max(0.0)))
+            .collect();
+        assert_same_f16(&x.read::<f16>(), &want, &format!("relu_f16 +{misalign}"));
+    }
+}
+
+fn fill_uniform_f16_matches_host() {
+    let n = 3001usize;
+    let seed = 42u64;
+    let (lo, hi) = (-1.5f32, 3.0f32);
+    let key = splitmix64(seed);
+    let mut x = HostBuf::zeroed::<f16>(n);
+    let mut args = [
+        Arg::Out(&mut x),
+        Arg::I64(n as i64),
+        Arg::U64(key),
+        Arg::F32(lo),
+        Arg::F32(hi),
+    ];
+    host()
+        .launch1("fill_uniform_f16", 4, BLOCK, 0, &mut args)
+        .unwrap();
+    let want: Vec<f16> = (0..n as u64)
+        .map(|i| {
+            let u = (splitmix64(key ^ i) >> 40) as f32 * (1.0 / 16_777_216.0);
+            f16::from_f32(lo + (hi - lo) * u)
+        })
+        .collect();
+    let got = x.read::<f16>();
+    assert_same_f16(&got, &want, "fill_uniform_f16");
+    assert!(got.iter().all(|v| (lo..=hi).contains(&v.to_f32())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// pool.cu
+
+fn maxpool2_matches_host() {
+    let (n, h, w) = (2usize, 7usize, 6usize);
+    for (c, misalign) in [(16usize, 0usize), (16, 2), (3, 0)] {
+        let x = f16s(&common::values(n * h * w * c, 7));
+        let xb = HostBuf::misaligned(&x, misalign);
+        let (oh, ow) = (h / 2, w / 2);
+        let mut y = HostBuf::misaligned(&vec![f16::NAN; n * oh * ow * c], misalign);
+        let mut args = [
+            Arg::In(&xb),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(c as i32),
+            Arg::Out(&mut y),
+        ];
+        host().launch1("maxpool2", 2, BLOCK, 0, &mut args).unwrap();
+        let planes = nhwc_to_planes(&to_f32(&x), n, h, w, c);
+        let want_planes = cpu::maxpool2(&planes, n * c, h, w);
+        let got = nhwc_to_planes(&to_f32(&y.read::<f16>()), n, oh, ow, c);
+        assert_eq!(got, want_planes, "maxpool2 c {c} +{misalign}");
+    }
+}
+
+fn maxpool2_e4m3_matches_host() {
+    let (n, h, w) = (3usize, 6usize, 5usize);
+    for (c, misalign) in [(32usize, 0usize), (16, 1), (5, 0)] {
+        // Every code appears, the sign-bit ones (counted as 0) included.
+        let x: Vec<u8> = (0..n * h * w * c)
+            .map(|i| (splitmix64(i as u64 + 99) >> 56) as u8)
+            .collect();
+        let xb = HostBuf::misaligned(&x, misalign);
+        let (oh, ow) = (h / 2, w / 2);
+        let mut y = HostBuf::misaligned(&vec![0xEEu8; n * oh * ow * c], misalign);
+        let mut args = [
+            Arg::In(&xb),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(c as i32),
+            Arg::Out(&mut y),
+        ];
+        host()
+            .launch1("maxpool2_e4m3", 2, BLOCK, 0, &mut args)
+            .unwrap();
+        let at = |i: usize, yy: usize, xx: usize, ch: usize| x[((i * h + yy) * w + xx) * c + ch];
+        let mut want = Vec::with_capacity(n * oh * ow * c);
+        for i in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ch in 0..c {
+                        let (y0, x0) = (2 * oy, 2 * ox);
+                        want.push(max_e4m3(
+                            max_e4m3(at(i, y0, x0, ch), at(i, y0, x0 + 1, ch)),
+                            max_e4m3(at(i, y0 + 1, x0, ch), at(i, y0 + 1, x0 + 1, ch)),
+                        ));
+                    }
+                }
+            }
+        }
+        assert_eq!(y.read::<u8>(), want, "maxpool2_e4m3 c {c} +{misalign}");
+    }
+}
+
+fn adaptive_avgpool_matches_host() {
+    let (n, c) = (2usize, 5usize);
+    for (h, w, oh, ow) in [
+        (9usize, 7usize, 4usize, 3usize),
+        (7, 7, 7, 7),
+        (2, 3, 5, 4),
+        (14, 14, 7, 7),
+    ] {
+        let x = f16s(&common::values(n * h * w * c, 8));
+        let xb = HostBuf::of(&x);
+        let mut y = HostBuf::zeroed::<f16>(n * oh * ow * c);
+        let mut args = [
+            Arg::In(&xb),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(c as i32),
+            Arg::I32(oh as i32),
+            Arg::I32(ow as i32),
+            Arg::Out(&mut y),
+        ];
+        host()
+            .launch1("adaptive_avgpool", 1, BLOCK, 0, &mut args)
+            .unwrap();
+        let planes = nhwc_to_planes(&to_f32(&x), n, h, w, c);
+        let want = to_f32(&f16s(&cpu::adaptive_avgpool(&planes, n * c, h, w, oh, ow)));
+        let got = nhwc_to_planes(&to_f32(&y.read::<f16>()), n, oh, ow, c);
+        // f32 sums in another order, then one FP16 rounding: at most an FP16 ulp apart.
+        assert_close(
+            &got,
+            &want,
+            1e-3,
+            1e-3,
+            &format!("adaptive_avgpool {h}×{w} → {oh}×{ow}"),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp8.cu
+
+fn amax_abs_f16_matches_host() {
+    let n = 5000usize;
+    let mut x = common::values(n, 9);
+    x[4321] = -7.25; // the largest magnitude is negative
+    let xb = HostBuf::of(&f16s(&x));
+    for start in [0.5f32, 100.0] {
+        let mut amax = HostBuf::of(&[start]);
+        let mut args = [Arg::In(&xb), Arg::I64(n as i64), Arg::Out(&mut amax)];
+        host()
+            .launch1("amax_abs_f16", 3, BLOCK, 0, &mut args)
+            .unwrap();
+        assert_eq!(
+            amax.read::<f32>(),
+            vec![start.max(7.25)],
+            "amax from {start}"
+        );
+    }
+}
+
+fn fp8_scales_match_host() {
+    let layers = 300usize; // two blocks
+    let mut amax: Vec<f32> = (0..layers).map(|l| 0.01 * l as f32).collect();
+    amax[1] = 1e6; // beyond FP16: capped
+    let w_scale: Vec<f32> = (0..layers).map(|l| 0.001 + 0.0001 * l as f32).collect();
+    let margin = 2.0f32;
+    let mut amax_buf = HostBuf::of(&amax);
+    let ws = HostBuf::of(&w_scale);
+    let mut scales = HostBuf::of(&vec![-1.0f32; SCALE_STRIDE * layers]);
+    let mut args = [
+        Arg::Out(&mut amax_buf),
+        Arg::In(&ws),
+        Arg::I32(layers as i32),
+        Arg::F32(margin),
+        Arg::I32(SCALE_STRIDE as i32),
+        Arg::I32(DESCALE_AT as i32),
+        Arg::I32(MULTIPLIER_AT as i32),
+        Arg::Out(&mut scales),
+    ];
+    host()
+        .launch1(
+            "fp8_scales",
+            layers.div_ceil(BLOCK as usize) as u32,
+            BLOCK,
+            0,
+            &mut args,
+        )
+        .unwrap();
+    assert!(
+        amax_buf.read::<f32>().iter().all(|&a| a == 0.0),
+        "amax is reset"
+    );
+    let got = scales.read::<f32>();
+    for l in 0..layers {
+        let sx = input_scale(amax[l]);
+        let row = &got[SCALE_STRIDE * l..][..SCALE_STRIDE];
+        assert_eq!(row[DESCALE_AT], sx * w_scale[l], "layer {l} descale");
+        assert_eq!(row[MULTIPLIER_AT], 1.0 / sx, "layer {l} multiplier");
+        for (j, v) in row.iter().enumerate() {
+            if j != DESCALE_AT && j != MULTIPLIER_AT {
+                assert_eq!(*v, -1.0, "layer {l} slot {j} untouched");
+            }
+        }
+        assert!(row[MULTIPLIER_AT].is_finite() && row[MULTIPLIER_AT] > 0.0);
+    }
+}
+
+fn quantize_e4m3_matches_host_on_every_fp16() {
+    let x = every_f16();
+    let xb = HostBuf::of(&x);
+    for multiplier in [1.0f32, 37.5, 0.013] {
+        let m = HostBuf::of(&[multiplier]);
+        let mut out = HostBuf::zeroed::<u8>(x.len());
+        let mut args = [
+            Arg::In(&xb),
+            Arg::I64(x.len() as i64),
+            Arg::In(&m),
+            Arg::Out(&mut out),
+        ];
+        host()
+            .launch1("quantize_e4m3", 8, BLOCK, 0, &mut args)
+            .unwrap();
+        for (i, (&got, v)) in out.read::<u8>().iter().zip(&x).enumerate() {
+            let want = e4m3_from_f32(v.to_f32() * multiplier);
+            let same = got == want || (e4m3_to_f32(got).is_nan() && e4m3_to_f32(want).is_nan());
+            assert!(
+                same,
+                "×{multiplier}: element {i} ({v}): got {got:#04x}, want {want:#04x}"
+            );
+        }
+    }
+}
+
+fn dequantize_e4m3_matches_host_on_every_code() {
+    let codes: Vec<u8> = (0..=255).collect();
+    for (multiplier, misalign) in [(1.0f32, 0usize), (2.5, 1), (1.0 / 448.0, 0)] {
+        let xb = HostBuf::misaligned(&codes, misalign);
+        let m = HostBuf::of(&[multiplier]);
+        let mut out = HostBuf::zeroed::<f16>(codes.len());
+        let mut args = [
+            Arg::In(&xb),
+            Arg::I64(codes.len() as i64),
+            Arg::In(&m),
+            Arg::Out(&mut out),
+        ];
+        host()
+            .launch1("dequantize_e4m3", 1, BLOCK, 0, &mut args)
+            .unwrap();
+        let want: Vec<f16> = codes
+            .iter()
+            .map(|&b| f16::from_f32(e4m3_to_f32(b) / multiplier))
+            .collect();
+        let got = out.read::<f16>();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let same = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+            assert!(same, "×{multiplier}: code {i:#04x}: got {g}, want {w}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scores.cu
+
+fn scores_match_host() {
+    let (b, c, t) = (11usize, 1000usize, 3usize);
+    let logits: Vec<f32> = common::values(b * c, 10).iter().map(|v| v * 8.0).collect();
+    let mut targets: Vec<u32> = (0..b * t)
+        .map(|i| (splitmix64(i as u64) % c as u64) as u32)
+        .collect();
+    targets[4] = c as u32; // out of range: NaN
+    let lb = HostBuf::of(&logits);
+    let tb = HostBuf::of(&targets);
+    for probability in [true, false] {
+        let mut out = HostBuf::zeroed::<f32>(b * t);
+        let mut args = [
+            Arg::In(&lb),
+            Arg::In(&tb),
+            Arg::I32(b as i32),
+            Arg::I32(c as i32),
+            Arg::I32(t as i32),
+            Arg::I32(probability as i32),
+            Arg::Out(&mut out),
+        ];
+        // Fewer blocks than rows: the block-uniform row loop.
+        host().launch1("scores", 4, BLOCK, 0, &mut args).unwrap();
+        let mut want = Vec::with_capacity(b * t);
+        for r in 0..b {
+            let row = &logits[r * c..][..c];
+            for &tg in &targets[r * t..][..t] {
+                want.push(if tg as usize >= c {
+                    f32::NAN
+                } else {
+                    cpu::score_rows(row, c, &[tg], probability)[0]
+                });
+            }
+        }
+        assert_close(
+            &out.read::<f32>(),
+            &want,
+            1e-9,
+            1e-5,
+            &format!("scores probability {probability}"),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// combine.cu
+
+fn weighted_channel_sum_matches_host() {
+    let (h, w) = (7usize, 9usize);
+    for (k, misalign) in [(64usize, 0usize), (64, 2), (37, 0)] {
+        let acts = f16s(&common::values(h * w * k, 11));
+        let weights = common::values(k, 12);
+        let ab = HostBuf::misaligned(&acts, misalign);
+        let wb = HostBuf::of(&weights);
+        for relu in [false, true] {
+            let mut out = HostBuf::zeroed::<f32>(h * w);
+            let mut args = [
+                Arg::In(&ab),
+                Arg::In(&wb),
+                Arg::I32(h as i32),
+                Arg::I32(w as i32),
+                Arg::I32(k as i32),
+                Arg::I32(relu as i32),
+                Arg::Out(&mut out),
+            ];
+            host()
+                .launch1("weighted_channel_sum", 2, BLOCK, 0, &mut args)
+                .unwrap();
+            let want: Vec<f32> = (0..h * w)
+                .map(|p| {
+                    let s: f64 = (0..k)
+                        .map(|i| weights[i] as f64 * acts[p * k + i].to_f32() as f64)
+                        .sum();
+                    if relu {
+                        s.max(0.0) as f32
+                    } else {
+                        s as f32
+                    }
+                })
+                .collect();
+            let what = format!("weighted_channel_sum k {k} +{misalign} relu {relu}");
+            assert_close(&out.read::<f32>(), &want, 1e-5, 1e-5, &what);
+        }
+    }
+}
+
+fn upsample_relu_normalize_matches_host() {
+    for (h, w, s, ac) in [
+        (7usize, 7usize, 224usize, false),
+        (5, 9, 40, true),
+        (120, 100, 33, false),
+    ] {
+        let low: Vec<f32> = common::values(h * w, 13);
+        let in_smem = h * w * 4 <= 44 * 1024;
+        let lb = HostBuf::of(&low);
+        let mut out = HostBuf::zeroed::<f32>(s * s);
+        let mut flat = HostBuf::of(&[7u32]);
+        let mut args = [
+            Arg::In(&lb),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(s as i32),
+            Arg::I32(ac as i32),
+            Arg::I32(in_smem as i32),
+            Arg::Out(&mut out),
+            Arg::Out(&mut flat),
+        ];
+        // A second block must leave (the kernel runs on block 0 only).
+        let smem = if in_smem { h * w * 4 } else { 0 };
+        host()
+            .launch1("upsample_relu_normalize", 2, MAP_BLOCK, smem, &mut args)
+            .unwrap();
+        let mut want = cpu::upsample_bilinear(&low, h, w, s, ac);
+        cpu::relu(&mut want);
+        let want_flat = cpu::normalize_min_max(&mut want);
+        assert_close(
+            &out.read::<f32>(),
+            &want,
+            1e-5,
+            1e-4,
+            &format!("map {h}×{w} → {s}"),
+        );
+        assert_eq!(flat.read::<u32>(), vec![want_flat as u32]);
+    }
+    // All negative: ReLU makes it flat, the map is zeros.
+    let low = vec![-1.0f32; 16];
+    let lb = HostBuf::of(&low);
+    let mut out = HostBuf::of(&[5.0f32; 64]);
+    let mut flat = HostBuf::zeroed::<u32>(1);
+    let mut args = [
+        Arg::In(&lb),
+        Arg::I32(4),
+        Arg::I32(4),
+        Arg::I32(8),
+        Arg::I32(0),
+        Arg::I32(1),
+        Arg::Out(&mut out),
+        Arg::Out(&mut flat),
+    ];
+    host()
+        .launch1("upsample_relu_normalize", 1, MAP_BLOCK, 64, &mut args)
+        .unwrap();
+    assert_eq!(out.read::<f32>(), vec![0.0; 64]);
+    assert_eq!(flat.read::<u32>(), vec![1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// masks.cu
+
+/// How a masks launch evaluates U (the launcher picks by shared memory; here each is forced).
+#[derive(Clone, Copy, Debug)]
+enum MasksMode {
+    /// `masks`: plane and h×s interpolated rows in shared memory.
+    Separable,
+    /// `masks_direct`, plane in shared memory.
+    SmemPlane,
+    /// `masks_direct`, plane read from the NHWC activations.
+    Global,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MasksCase {
+    mode: MasksMode,
+    h: usize,
+    w: usize,
+    s: usize,
+    cpad: usize,
+    style: MaskStyle,
+    blocks_per_item: u32,
+    grid: u32,
+    misalign: usize,
+}
+
+fn run_masks_case(case: MasksCase) {
+    let MasksCase {
+        mode,
+        h,
+        w,
+        s,
+        cpad,
+        style,
+        ..
+    } = case;
+    let (n_img, k) = (2usize, 6usize);
+    let mut acts = common::values(n_img * h * w * k, 14);
+    for p in 0..h * w {
+        acts[p * k + 1] = 0.3; // image 0, channel 1: constant (a degenerate mask)
+        acts[(h * w + p) * k + 2] = 0.0; // image 1, channel 2: all zero
+    }
+    let acts = f16s(&acts);
+    let mut images = f16s(&common::values(n_img * s * s * cpad, 15));
+    for (i, v) in images.iter_mut().enumerate() {
+        if i % cpad >= 3 {
+            *v = f16::ZERO;
+        }
+    }
+    let items: Vec<MaskItem> = [
+        (0, 0, 0),
+        (1, 5, 1),
+        (0, 1, 2),
+        (1, 2, 0),
+        (1, 3, 3),
+        (2, 0, 0),
+        (0, 6, 0),
+    ]
+    .iter()
+    .map(|&(image, channel, sample)| MaskItem {
+        image,
+        channel,
+        sample,
+    })
+    .collect();
+    let b = items.len();
+    let item_words: Vec<u32> = items
+        .iter()
+        .flat_map(|m| [m.image, m.channel, m.sample])
+        .collect();
+    let (ib, ab, itb) = (
+        HostBuf::misaligned(&images, case.misalign),
+        HostBuf::of(&acts),
+        HostBuf::of(&item_words),
+    );
+    let per_item = s * s * cpad;
+    let mut out = HostBuf::misaligned(&vec![f16::NAN; b * per_item], case.misalign);
+    let (seed, sigma) = style.noise.map_or((0, 0.0), |n| (n.seed, n.sigma));
+    let mut args = vec![
+        Arg::In(&ib),
+        Arg::In(&ab),
+        Arg::In(&itb),
+        Arg::I32(b as i32),
+        Arg::I32(n_img as i32),
+        Arg::I32(s as i32),
+        Arg::I32(h as i32),
+        Arg::I32(w as i32),
+        Arg::I32(k as i32),
+        Arg::I32(cpad as i32),
+        Arg::I32(style.sem.align_corners() as i32),
+        Arg::F32(style.sem.mask_eps()),
+        Arg::I32(style.sem.lowres_stats() as i32),
+        Arg::F32(style.scale),
+        Arg::F32(sigma),
+        Arg::U64(splitmix64(seed)),
+        Arg::I32(case.blocks_per_item as i32),
+    ];
+    let (name, smem) = match mode {
+        MasksMode::Separable => ("masks", (h * w + h * s) * 4),
+        MasksMode::SmemPlane => {
+            args.push(Arg::I32(1));
+            ("masks_direct", h * w * 4)
+        }
+        MasksMode::Global => {
+            args.push(Arg::I32(0));
+            ("masks_direct", 0)
+        }
+    };
+    args.push(Arg::Out(&mut out));
+    host()
+        .launch1(name, case.grid, BLOCK, smem, &mut args)
+        .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let got = to_f32(&out.read::<f16>());
+
+    let acts = to_f32(&acts);
+    let images = to_f32(&images);
+    for (i, item) in items.iter().enumerate() {
+        let (img, ch) = (item.image as usize, item.channel as usize);
+        let mut want = vec![0f32; per_item];
+        if img < n_img && ch < k {
+            let plane: Vec<f32> = (0..h * w)
+                .map(|p| acts[(img * h * w + p) * k + ch])
+                .collect();
+            let m = cpu::styled_mask(&plane, h, w, s, style, item);
+            for p in 0..s * s {
+                for c in 0..3 {
+                    let v = images[img * per_item + p * cpad + c] * m[p];
+                    want[p * cpad + c] = f16::from_f32(v).to_f32();
+                }
+            }
+        }
+        let what = format!("{case:?}, item {i} {item:?}");
+        // f32 mask arithmetic in another order, then one FP16 rounding.
+        assert_close(&got[i * per_item..][..per_item], &want, 2e-3, 2e-3, &what);
+    }
+}
+
+fn masks_match_host() {
+    let official = MaskStyle::from(Semantics::Official);
+    let cases = [
+        // VGG16's shape, scaled down: 14×14 → 56.
+        (MasksMode::Separable, 14, 14, 56, 8, official, 1, 64, 0),
+        // Several blocks per item, fewer blocks than the work (grid-stride).
+        (MasksMode::Separable, 5, 7, 40, 8, official, 3, 4, 0),
+        (MasksMode::Separable, 7, 7, 33, 4, official, 2, 5, 0),
+        (MasksMode::Separable, 7, 7, 33, 3, official, 1, 3, 0),
+        // Unaligned rows: the half-by-half writes.
+        (MasksMode::Separable, 7, 7, 24, 8, official, 1, 7, 2),
+        (MasksMode::SmemPlane, 6, 5, 29, 8, official, 2, 9, 0),
+        (MasksMode::Global, 6, 5, 29, 4, official, 1, 7, 0),
+    ];
+    for (mode, h, w, s, cpad, style, blocks_per_item, grid, misalign) in cases {
+        run_masks_case(MasksCase {
+            mode,
+            h,
+            w,
+            s,
+            cpad,
+            style,
+            blocks_per_item,
+            grid,
+            misalign,
+        });
+    }
+}
+
+fn masks_variants_match_host() {
+    let styles = [
+        MaskStyle::from(Semantics::ChannelSoftmax),
+        MaskStyle::from(Semantics::Torchcam),
+        // IS-CAM's scale, SS-CAM's noise.
+        MaskStyle {
+            sem: Semantics::Torchcam,
+            scale: 0.4,
+            noise: None,
+        },
+        MaskStyle {
+            sem: Semantics::Torchcam,
+            scale: 1.0,
+            noise: Some(Noise {
+                seed: 7,
+                sigma: 0.3,
+            }),
+        },
+        MaskStyle {
+            sem: Semantics::Official,
+            scale: 1.0,
+            noise: Some(Noise {
+                seed: 8,
+                sigma: 0.1,
+            }),
+        },
+    ];
+    for style in styles {
+        for mode in [
+            MasksMode::Separable,
+            MasksMode::SmemPlane,
+            MasksMode::Global,
+        ] {
+            run_masks_case(MasksCase {
+                mode,
+                h: 7,
+                w: 6,
+                s: 35,
+                cpad: 8,
+                style,
+                blocks_per_item: 2,
+                grid: 5,
+                misalign: 0,
+            });
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    use common::Need::Cxx;
+    let tests: &[(&str, fn())] = &[
+        (
+            "emulation_runs_block_reductions",
+            emulation_runs_block_reductions,
+        ),
+        (
+            "emulation_shares_dynamic_memory_within_a_block",
+            emulation_shares_dynamic_memory_within_a_block,
+        ),
+        ("emulation_reports_a_race", emulation_reports_a_race),
+        ("emulation_reports_a_deadlock", emulation_reports_a_deadlock),
+        (
+            "emulation_catches_writes_outside_buffers",
+            emulation_catches_writes_outside_buffers,
+        ),
+        (
+            "emulation_checks_names_and_argument_kinds",
+            emulation_checks_names_and_argument_kinds,
+        ),
+        ("preprocess_matches_host", preprocess_matches_host),
+        ("bias_act_f16_matches_host", bias_act_f16_matches_host),
+        ("bias_f32_matches_host", bias_f32_matches_host),
+        (
+            "relu_f16_matches_host_on_every_value",
+            relu_f16_matches_host_on_every_value,
+        ),
+        (
+            "fill_uniform_f16_matches_host",
+            fill_uniform_f16_matches_host,
+        ),
+        ("maxpool2_matches_host", maxpool2_matches_host),
+        ("maxpool2_e4m3_matches_host", maxpool2_e4m3_matches_host),
+        (
+            "adaptive_avgpool_matches_host",
+            adaptive_avgpool_matches_host,
+        ),
+        ("amax_abs_f16_matches_host", amax_abs_f16_matches_host),
+        ("fp8_scales_match_host", fp8_scales_match_host),
+        (
+            "quantize_e4m3_matches_host_on_every_fp16",
+            quantize_e4m3_matches_host_on_every_fp16,
+        ),
+        (
+            "dequantize_e4m3_matches_host_on_every_code",
+            dequantize_e4m3_matches_host_on_every_code,
+        ),
+        ("scores_match_host", scores_match_host),
+        (
+            "weighted_channel_sum_matches_host",
+            weighted_channel_sum_matches_host,
+        ),
+        (
+            "upsample_relu_normalize_matches_host",
+            upsample_relu_normalize_matches_host,
+        ),
+        ("masks_match_host", masks_match_host),
+        ("masks_variants_match_host", masks_variants_match_host),
+    ];
+    common::run_tests(
+        tests
+            .iter()
+            .map(|&(name, f)| common::trial(name, &[Cxx], f))
+            .collect(),
+    )
+}
