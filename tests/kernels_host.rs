@@ -1,12 +1,13 @@
 //! Every kernel of `kernels/*.cu`, run on the CPU (tests/kernel_host), against its CPU
 //! reference: the kernels' logic (indexing, vector and scalar paths, grid-stride loops, block
-//! reductions, shared memory) is checked on every machine, GPU or not. What this cannot see:
-//! the GPU's own arithmetic (FMA contraction, fast math), timing, and the launchers' argument
-//! order (the GPU tests in cuda_parity.rs cover those).
+//! reductions, shared memory) and their launchers' shapes and argument lists are checked on
+//! every machine, GPU or not. What this cannot see: the GPU's own arithmetic (FMA contraction,
+//! its `expf`) and timing (the GPU tests in cuda_parity.rs cover those).
 //!
-//! Launch shapes: the launchers' blocks (256 threads, 512 for the map), with grids smaller than
-//! the work where the kernel loops, so the grid-stride paths run. Buffers start 256-byte aligned;
-//! `misaligned` ones start 2 bytes later, which turns off the 16-byte vector paths.
+//! Every test runs the launchers' own launches: the pure `*_launch` functions the CUDA path
+//! pushes (checks, grid, shared memory, arguments in order) are what runs here, with a device of
+//! one SM so the grid-stride loops go round (`LIMITS`). Buffers start 256-byte aligned;
+//! `misaligned` ones start a little later, which turns off the 16-byte vector paths.
 //!
 //! Needs a C++ compiler: without one the tests are reported as ignored, unless
 //! `SCORECAM_REQUIRE_CXX` is truthy (CI), which makes that a failure.
@@ -17,14 +18,18 @@ mod kernel_host;
 use half::f16;
 use kernel_host::{host, Arg, HostBuf};
 use scorecam_gpu::backend::cpu;
-use scorecam_gpu::backend::cuda::kernels::{kernel_names, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE};
+use scorecam_gpu::backend::cuda::kernels::{self as k, LaunchLimits, MaskVariant, MasksShape};
+use scorecam_gpu::backend::cuda::kernels::{
+    kernel_names, BLOCK, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE, SMEM_DEFAULT,
+};
 use scorecam_gpu::backend::fp8::{e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3};
 use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
 
-/// The launchers' block size for the grid-stride kernels, `masks` and `scores`.
-const BLOCK: u32 = 256;
-/// The launcher's block size for `upsample_relu_normalize`.
-const MAP_BLOCK: u32 = 512;
+/// A device with one SM (grid-stride grids of at most 32 blocks) and the default shared memory.
+const LIMITS: LaunchLimits = LaunchLimits {
+    sm_count: 1,
+    masks_smem: SMEM_DEFAULT,
+};
 
 fn f16s(x: &[f32]) -> Vec<f16> {
     x.iter().map(|&v| f16::from_f32(v)).collect()
@@ -238,23 +243,16 @@ fn preprocess_matches_host() {
     let rgb_buf = HostBuf::of(&rgb);
     for cpad in [3usize, 4, 8] {
         for misalign in [0usize, 2] {
-            let mut out = HostBuf::misaligned(&vec![f16::from_f32(9.0); s * s * cpad], misalign);
-            let mut args = [
-                Arg::In(&rgb_buf),
-                Arg::I32(s as i32),
-                Arg::F32(mean[0]),
-                Arg::F32(mean[1]),
-                Arg::F32(mean[2]),
-                Arg::F32(std[0]),
-                Arg::F32(std[1]),
-                Arg::F32(std[2]),
-                Arg::I32(cpad as i32),
-                Arg::Out(&mut out),
-            ];
+            let n_out = s * s * cpad;
+            let mut out = HostBuf::misaligned(&vec![f16::from_f32(9.0); n_out], misalign);
+            let launch = k::preprocess_launch(rgb.len(), n_out, s, mean, std, cpad, &LIMITS);
             host()
-                .launch1("preprocess", 1, BLOCK, 0, &mut args)
+                .run(
+                    &launch.unwrap(),
+                    vec![Arg::In(&rgb_buf), Arg::Out(&mut out)],
+                )
                 .unwrap();
-            let want: Vec<f16> = (0..s * s * cpad)
+            let want: Vec<f16> = (0..n_out)
                 .map(|i| {
                     let (p, c) = (i / cpad, i % cpad);
                     if c < 3 {
@@ -264,11 +262,8 @@ fn preprocess_matches_host() {
                     }
                 })
                 .collect();
-            assert_same_f16(
-                &out.read::<f16>(),
-                &want,
-                &format!("preprocess cpad {cpad} +{misalign}"),
-            );
+            let what = format!("preprocess cpad {cpad} +{misalign}");
+            assert_same_f16(&out.read::<f16>(), &want, &what);
         }
     }
 }
@@ -279,25 +274,17 @@ fn preprocess_matches_host() {
 fn bias_act_f16_matches_host() {
     let rows = 37usize;
     for (cols, misalign) in [(16usize, 0usize), (16, 2), (5, 0)] {
-        let y0 = f16s(
-            &common::values(rows * cols, 3)
-                .iter()
-                .map(|v| v * 4.0)
-                .collect::<Vec<_>>(),
-        );
+        let y0: Vec<f16> = f16s(&common::values(rows * cols, 3))
+            .iter()
+            .map(|v| *v * f16::from_f32(4.0))
+            .collect();
         let bias = f16s(&common::values(cols, 4));
         let bias_buf = HostBuf::misaligned(&bias, misalign);
         for relu in [false, true] {
             let mut y = HostBuf::misaligned(&y0, misalign);
-            let mut args = [
-                Arg::Out(&mut y),
-                Arg::In(&bias_buf),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(relu as i32),
-            ];
+            let launch = k::bias_act_f16_launch(y0.len(), cols, rows, cols, relu, &LIMITS);
             host()
-                .launch1("bias_act_f16", 3, BLOCK, 0, &mut args)
+                .run(&launch.unwrap(), vec![Arg::Out(&mut y), Arg::In(&bias_buf)])
                 .unwrap();
             let want: Vec<f16> = y0
                 .iter()
@@ -320,13 +307,10 @@ fn bias_f32_matches_host() {
         let bias = common::values(cols, 6);
         let bias_buf = HostBuf::misaligned(&bias, misalign);
         let mut y = HostBuf::misaligned(&y0, misalign);
-        let mut args = [
-            Arg::Out(&mut y),
-            Arg::In(&bias_buf),
-            Arg::I32(rows as i32),
-            Arg::I32(cols as i32),
-        ];
-        host().launch1("bias_f32", 2, BLOCK, 0, &mut args).unwrap();
+        let launch = k::bias_f32_launch(y0.len(), cols, rows, cols, &LIMITS).unwrap();
+        host()
+            .run(&launch, vec![Arg::Out(&mut y), Arg::In(&bias_buf)])
+            .unwrap();
         let want: Vec<f32> = y0
             .iter()
             .enumerate()
@@ -337,21 +321,13 @@ fn bias_f32_matches_host() {
 }
 
 fn relu_f16_matches_host_on_every_value() {
-    // Every FP16 value, plus a scalar tail of 3 (n % 8 != 0).
+    // Every FP16 value, plus a scalar tail of 3 (n % 8 != 0): more than one grid of 32 blocks.
     let mut x0 = every_f16();
     x0.extend(f16s(&[-1.0, 2.5, -0.0]));
     for misalign in [0usize, 2] {
         let mut x = HostBuf::misaligned(&x0, misalign);
-        let n = x0.len() as i64;
-        host()
-            .launch1(
-                "relu_f16",
-                7,
-                BLOCK,
-                0,
-                &mut [Arg::Out(&mut x), Arg::I64(n)],
-            )
-            .unwrap();
+        let launch = k::relu_f16_launch(x0.len(), x0.len(), &LIMITS).unwrap();
+        host().run(&launch, vec![Arg::Out(&mut x)]).unwrap();
         let want: Vec<f16> = x0
             .iter()
             .map(|v| f16::from_f32(v.to_f32().max(0.0)))
@@ -364,18 +340,10 @@ fn fill_uniform_f16_matches_host() {
     let n = 3001usize;
     let seed = 42u64;
     let (lo, hi) = (-1.5f32, 3.0f32);
-    let key = splitmix64(seed);
     let mut x = HostBuf::zeroed::<f16>(n);
-    let mut args = [
-        Arg::Out(&mut x),
-        Arg::I64(n as i64),
-        Arg::U64(key),
-        Arg::F32(lo),
-        Arg::F32(hi),
-    ];
-    host()
-        .launch1("fill_uniform_f16", 4, BLOCK, 0, &mut args)
-        .unwrap();
+    let launch = k::fill_uniform_f16_launch(n, n, seed, lo, hi, &LIMITS).unwrap();
+    host().run(&launch, vec![Arg::Out(&mut x)]).unwrap();
+    let key = splitmix64(seed);
     let want: Vec<f16> = (0..n as u64)
         .map(|i| {
             let u = (splitmix64(key ^ i) >> 40) as f32 * (1.0 / 16_777_216.0);
@@ -396,16 +364,12 @@ fn maxpool2_matches_host() {
         let x = f16s(&common::values(n * h * w * c, 7));
         let xb = HostBuf::misaligned(&x, misalign);
         let (oh, ow) = (h / 2, w / 2);
-        let mut y = HostBuf::misaligned(&vec![f16::NAN; n * oh * ow * c], misalign);
-        let mut args = [
-            Arg::In(&xb),
-            Arg::I32(n as i32),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::I32(c as i32),
-            Arg::Out(&mut y),
-        ];
-        host().launch1("maxpool2", 2, BLOCK, 0, &mut args).unwrap();
+        let n_out = n * oh * ow * c;
+        let mut y = HostBuf::misaligned(&vec![f16::NAN; n_out], misalign);
+        let launch = k::maxpool2_launch(x.len(), n_out, [n, h, w, c], &LIMITS).unwrap();
+        host()
+            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut y)])
+            .unwrap();
         let planes = nhwc_to_planes(&to_f32(&x), n, h, w, c);
         let want_planes = cpu::maxpool2(&planes, n * c, h, w);
         let got = nhwc_to_planes(&to_f32(&y.read::<f16>()), n, oh, ow, c);
@@ -422,20 +386,14 @@ fn maxpool2_e4m3_matches_host() {
             .collect();
         let xb = HostBuf::misaligned(&x, misalign);
         let (oh, ow) = (h / 2, w / 2);
-        let mut y = HostBuf::misaligned(&vec![0xEEu8; n * oh * ow * c], misalign);
-        let mut args = [
-            Arg::In(&xb),
-            Arg::I32(n as i32),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::I32(c as i32),
-            Arg::Out(&mut y),
-        ];
+        let n_out = n * oh * ow * c;
+        let mut y = HostBuf::misaligned(&vec![0xEEu8; n_out], misalign);
+        let launch = k::maxpool2_e4m3_launch(x.len(), n_out, [n, h, w, c], &LIMITS).unwrap();
         host()
-            .launch1("maxpool2_e4m3", 2, BLOCK, 0, &mut args)
+            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut y)])
             .unwrap();
         let at = |i: usize, yy: usize, xx: usize, ch: usize| x[((i * h + yy) * w + xx) * c + ch];
-        let mut want = Vec::with_capacity(n * oh * ow * c);
+        let mut want = Vec::with_capacity(n_out);
         for i in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -463,31 +421,19 @@ fn adaptive_avgpool_matches_host() {
     ] {
         let x = f16s(&common::values(n * h * w * c, 8));
         let xb = HostBuf::of(&x);
-        let mut y = HostBuf::zeroed::<f16>(n * oh * ow * c);
-        let mut args = [
-            Arg::In(&xb),
-            Arg::I32(n as i32),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::I32(c as i32),
-            Arg::I32(oh as i32),
-            Arg::I32(ow as i32),
-            Arg::Out(&mut y),
-        ];
+        let n_out = n * oh * ow * c;
+        let mut y = HostBuf::zeroed::<f16>(n_out);
+        let launch =
+            k::adaptive_avgpool_launch(x.len(), n_out, [n, h, w, c], [oh, ow], &LIMITS).unwrap();
         host()
-            .launch1("adaptive_avgpool", 1, BLOCK, 0, &mut args)
+            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut y)])
             .unwrap();
         let planes = nhwc_to_planes(&to_f32(&x), n, h, w, c);
         let want = to_f32(&f16s(&cpu::adaptive_avgpool(&planes, n * c, h, w, oh, ow)));
         let got = nhwc_to_planes(&to_f32(&y.read::<f16>()), n, oh, ow, c);
         // f32 sums in another order, then one FP16 rounding: at most an FP16 ulp apart.
-        assert_close(
-            &got,
-            &want,
-            1e-3,
-            1e-3,
-            &format!("adaptive_avgpool {h}×{w} → {oh}×{ow}"),
-        );
+        let what = format!("adaptive_avgpool {h}×{w} → {oh}×{ow}");
+        assert_close(&got, &want, 1e-3, 1e-3, &what);
     }
 }
 
@@ -495,15 +441,15 @@ fn adaptive_avgpool_matches_host() {
 // fp8.cu
 
 fn amax_abs_f16_matches_host() {
-    let n = 5000usize;
+    let n = 10_000usize; // more than one grid of 32 blocks
     let mut x = common::values(n, 9);
-    x[4321] = -7.25; // the largest magnitude is negative
+    x[9321] = -7.25; // the largest magnitude is negative, in the grid-stride loop's second round
     let xb = HostBuf::of(&f16s(&x));
     for start in [0.5f32, 100.0] {
         let mut amax = HostBuf::of(&[start]);
-        let mut args = [Arg::In(&xb), Arg::I64(n as i64), Arg::Out(&mut amax)];
+        let launch = k::amax_abs_f16_launch(n, 1, n, &LIMITS).unwrap();
         host()
-            .launch1("amax_abs_f16", 3, BLOCK, 0, &mut args)
+            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut amax)])
             .unwrap();
         assert_eq!(
             amax.read::<f32>(),
@@ -518,29 +464,12 @@ fn fp8_scales_match_host() {
     let mut amax: Vec<f32> = (0..layers).map(|l| 0.01 * l as f32).collect();
     amax[1] = 1e6; // beyond FP16: capped
     let w_scale: Vec<f32> = (0..layers).map(|l| 0.001 + 0.0001 * l as f32).collect();
-    let margin = 2.0f32;
     let mut amax_buf = HostBuf::of(&amax);
     let ws = HostBuf::of(&w_scale);
     let mut scales = HostBuf::of(&vec![-1.0f32; SCALE_STRIDE * layers]);
-    let mut args = [
-        Arg::Out(&mut amax_buf),
-        Arg::In(&ws),
-        Arg::I32(layers as i32),
-        Arg::F32(margin),
-        Arg::I32(SCALE_STRIDE as i32),
-        Arg::I32(DESCALE_AT as i32),
-        Arg::I32(MULTIPLIER_AT as i32),
-        Arg::Out(&mut scales),
-    ];
-    host()
-        .launch1(
-            "fp8_scales",
-            layers.div_ceil(BLOCK as usize) as u32,
-            BLOCK,
-            0,
-            &mut args,
-        )
-        .unwrap();
+    let launch = k::fp8_scales_launch(layers, layers, SCALE_STRIDE * layers, layers, 2.0).unwrap();
+    let buffers = vec![Arg::Out(&mut amax_buf), Arg::In(&ws), Arg::Out(&mut scales)];
+    host().run(&launch, buffers).unwrap();
     assert!(
         amax_buf.read::<f32>().iter().all(|&a| a == 0.0),
         "amax is reset"
@@ -560,30 +489,80 @@ fn fp8_scales_match_host() {
     }
 }
 
+/// `quantize_e4m3` of `x` at `multiplier`, on the CPU emulation.
+fn quantize_on_host(x: &[f16], multiplier: f32) -> Vec<u8> {
+    let xb = HostBuf::of(x);
+    let m = HostBuf::of(&[multiplier]);
+    let mut out = HostBuf::zeroed::<u8>(x.len());
+    let launch = k::quantize_e4m3_launch(x.len(), 1, x.len(), x.len(), &LIMITS).unwrap();
+    host()
+        .run(&launch, vec![Arg::In(&xb), Arg::In(&m), Arg::Out(&mut out)])
+        .unwrap();
+    out.read::<u8>()
+}
+
+fn same_e4m3(a: u8, b: u8) -> bool {
+    a == b || (e4m3_to_f32(a).is_nan() && e4m3_to_f32(b).is_nan())
+}
+
 fn quantize_e4m3_matches_host_on_every_fp16() {
     let x = every_f16();
-    let xb = HostBuf::of(&x);
     for multiplier in [1.0f32, 37.5, 0.013] {
-        let m = HostBuf::of(&[multiplier]);
-        let mut out = HostBuf::zeroed::<u8>(x.len());
-        let mut args = [
-            Arg::In(&xb),
-            Arg::I64(x.len() as i64),
-            Arg::In(&m),
-            Arg::Out(&mut out),
-        ];
-        host()
-            .launch1("quantize_e4m3", 8, BLOCK, 0, &mut args)
-            .unwrap();
-        for (i, (&got, v)) in out.read::<u8>().iter().zip(&x).enumerate() {
+        for (i, (&got, v)) in quantize_on_host(&x, multiplier).iter().zip(&x).enumerate() {
             let want = e4m3_from_f32(v.to_f32() * multiplier);
-            let same = got == want || (e4m3_to_f32(got).is_nan() && e4m3_to_f32(want).is_nan());
             assert!(
-                same,
+                same_e4m3(got, want),
                 "×{multiplier}: element {i} ({v}): got {got:#04x}, want {want:#04x}"
             );
         }
     }
+}
+
+/// The conversion at every rounding boundary of the E4M3 grid and its f32 neighbours, and at
+/// the saturation: an input of 1 times a multiplier of x is exactly x.
+fn quantize_e4m3_rounds_like_cuda_fp8() {
+    let mut xs = Vec::new();
+    for bits in 0u8..=0x7E {
+        let v = e4m3_to_f32(bits);
+        let mid = if bits < 0x7E {
+            (v + e4m3_to_f32(bits + 1)) / 2.0
+        } else {
+            464.0
+        };
+        for y in [
+            v,
+            mid,
+            f32::from_bits(mid.to_bits() - 1),
+            f32::from_bits(mid.to_bits() + 1),
+        ] {
+            xs.extend([y, -y]);
+        }
+    }
+    xs.extend([
+        1e-30,
+        1e30,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        0.0,
+        -0.0,
+        500.0,
+        460.0,
+        456.0,
+    ]);
+    let one = [f16::ONE];
+    for x in xs {
+        let got = quantize_on_host(&one, x)[0];
+        let want = e4m3_from_f32(x);
+        assert!(
+            same_e4m3(got, want),
+            "{x:e}: kernel {got:#04x}, cuda_fp8 {want:#04x}"
+        );
+    }
+    // Saturation, never NaN for finite values; NaN keeps its sign.
+    assert_eq!(quantize_on_host(&one, 1e9)[0], 0x7E);
+    assert_eq!(quantize_on_host(&one, -1e9)[0], 0xFE);
+    assert_eq!(quantize_on_host(&[f16::NAN], 1.0)[0], 0x7F);
+    assert_eq!(quantize_on_host(&[-f16::NAN], 1.0)[0], 0xFF);
 }
 
 fn dequantize_e4m3_matches_host_on_every_code() {
@@ -592,21 +571,16 @@ fn dequantize_e4m3_matches_host_on_every_code() {
         let xb = HostBuf::misaligned(&codes, misalign);
         let m = HostBuf::of(&[multiplier]);
         let mut out = HostBuf::zeroed::<f16>(codes.len());
-        let mut args = [
-            Arg::In(&xb),
-            Arg::I64(codes.len() as i64),
-            Arg::In(&m),
-            Arg::Out(&mut out),
-        ];
+        let n = codes.len();
+        let launch = k::dequantize_e4m3_launch(n, 1, n, n, &LIMITS).unwrap();
         host()
-            .launch1("dequantize_e4m3", 1, BLOCK, 0, &mut args)
+            .run(&launch, vec![Arg::In(&xb), Arg::In(&m), Arg::Out(&mut out)])
             .unwrap();
         let want: Vec<f16> = codes
             .iter()
             .map(|&b| f16::from_f32(e4m3_to_f32(b) / multiplier))
             .collect();
-        let got = out.read::<f16>();
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (i, (g, w)) in out.read::<f16>().iter().zip(&want).enumerate() {
             let same = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
             assert!(same, "×{multiplier}: code {i:#04x}: got {g}, want {w}");
         }
@@ -627,17 +601,13 @@ fn scores_match_host() {
     let tb = HostBuf::of(&targets);
     for probability in [true, false] {
         let mut out = HostBuf::zeroed::<f32>(b * t);
-        let mut args = [
-            Arg::In(&lb),
-            Arg::In(&tb),
-            Arg::I32(b as i32),
-            Arg::I32(c as i32),
-            Arg::I32(t as i32),
-            Arg::I32(probability as i32),
-            Arg::Out(&mut out),
-        ];
-        // Fewer blocks than rows: the block-uniform row loop.
-        host().launch1("scores", 4, BLOCK, 0, &mut args).unwrap();
+        let launch = k::scores_launch(b * c, b * t, b * t, b, c, t, probability).unwrap();
+        host()
+            .run(
+                &launch,
+                vec![Arg::In(&lb), Arg::In(&tb), Arg::Out(&mut out)],
+            )
+            .unwrap();
         let mut want = Vec::with_capacity(b * t);
         for r in 0..b {
             let row = &logits[r * c..][..c];
@@ -649,13 +619,8 @@ fn scores_match_host() {
                 });
             }
         }
-        assert_close(
-            &out.read::<f32>(),
-            &want,
-            1e-9,
-            1e-5,
-            &format!("scores probability {probability}"),
-        );
+        let what = format!("scores probability {probability}");
+        assert_close(&out.read::<f32>(), &want, 1e-9, 1e-5, &what);
     }
 }
 
@@ -663,30 +628,27 @@ fn scores_match_host() {
 // combine.cu
 
 fn weighted_channel_sum_matches_host() {
-    let (h, w) = (7usize, 9usize);
-    for (k, misalign) in [(64usize, 0usize), (64, 2), (37, 0)] {
-        let acts = f16s(&common::values(h * w * k, 11));
-        let weights = common::values(k, 12);
+    let (h, w) = (17usize, 19usize); // 323 pixels, a warp each: more than 32 blocks of 8 warps
+    for (kk, misalign) in [(64usize, 0usize), (64, 2), (37, 0)] {
+        let acts = f16s(&common::values(h * w * kk, 11));
+        let weights = common::values(kk, 12);
         let ab = HostBuf::misaligned(&acts, misalign);
         let wb = HostBuf::of(&weights);
         for relu in [false, true] {
             let mut out = HostBuf::zeroed::<f32>(h * w);
-            let mut args = [
-                Arg::In(&ab),
-                Arg::In(&wb),
-                Arg::I32(h as i32),
-                Arg::I32(w as i32),
-                Arg::I32(k as i32),
-                Arg::I32(relu as i32),
-                Arg::Out(&mut out),
-            ];
+            let launch =
+                k::weighted_channel_sum_launch(acts.len(), kk, h * w, h, w, kk, relu, &LIMITS)
+                    .unwrap();
             host()
-                .launch1("weighted_channel_sum", 2, BLOCK, 0, &mut args)
+                .run(
+                    &launch,
+                    vec![Arg::In(&ab), Arg::In(&wb), Arg::Out(&mut out)],
+                )
                 .unwrap();
             let want: Vec<f32> = (0..h * w)
                 .map(|p| {
-                    let s: f64 = (0..k)
-                        .map(|i| weights[i] as f64 * acts[p * k + i].to_f32() as f64)
+                    let s: f64 = (0..kk)
+                        .map(|i| weights[i] as f64 * acts[p * kk + i].to_f32() as f64)
                         .sum();
                     if relu {
                         s.max(0.0) as f32
@@ -695,102 +657,68 @@ fn weighted_channel_sum_matches_host() {
                     }
                 })
                 .collect();
-            let what = format!("weighted_channel_sum k {k} +{misalign} relu {relu}");
+            let what = format!("weighted_channel_sum k {kk} +{misalign} relu {relu}");
             assert_close(&out.read::<f32>(), &want, 1e-5, 1e-5, &what);
         }
     }
 }
 
+/// `upsample_relu_normalize` of `low` on the emulation: (map, flat).
+fn map_on_host(low: &[f32], h: usize, w: usize, s: usize, ac: bool) -> (Vec<f32>, u32) {
+    let lb = HostBuf::of(low);
+    let mut out = HostBuf::of(&vec![5.0f32; s * s]);
+    let mut flat = HostBuf::of(&[7u32]);
+    let launch = k::upsample_relu_normalize_launch(low.len(), s * s, 1, h, w, s, ac).unwrap();
+    host()
+        .run(
+            &launch,
+            vec![Arg::In(&lb), Arg::Out(&mut out), Arg::Out(&mut flat)],
+        )
+        .unwrap();
+    (out.read::<f32>(), flat.read::<u32>()[0])
+}
+
 fn upsample_relu_normalize_matches_host() {
+    // The last plane does not fit in shared memory: read from global memory.
     for (h, w, s, ac) in [
         (7usize, 7usize, 224usize, false),
         (5, 9, 40, true),
         (120, 100, 33, false),
     ] {
         let low: Vec<f32> = common::values(h * w, 13);
-        let in_smem = h * w * 4 <= 44 * 1024;
-        let lb = HostBuf::of(&low);
-        let mut out = HostBuf::zeroed::<f32>(s * s);
-        let mut flat = HostBuf::of(&[7u32]);
-        let mut args = [
-            Arg::In(&lb),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::I32(s as i32),
-            Arg::I32(ac as i32),
-            Arg::I32(in_smem as i32),
-            Arg::Out(&mut out),
-            Arg::Out(&mut flat),
-        ];
-        // A second block must leave (the kernel runs on block 0 only).
-        let smem = if in_smem { h * w * 4 } else { 0 };
-        host()
-            .launch1("upsample_relu_normalize", 2, MAP_BLOCK, smem, &mut args)
-            .unwrap();
+        let (got, flat) = map_on_host(&low, h, w, s, ac);
         let mut want = cpu::upsample_bilinear(&low, h, w, s, ac);
         cpu::relu(&mut want);
         let want_flat = cpu::normalize_min_max(&mut want);
-        assert_close(
-            &out.read::<f32>(),
-            &want,
-            1e-5,
-            1e-4,
-            &format!("map {h}×{w} → {s}"),
-        );
-        assert_eq!(flat.read::<u32>(), vec![want_flat as u32]);
+        assert_close(&got, &want, 1e-5, 1e-4, &format!("map {h}×{w} → {s}"));
+        assert_eq!(flat, want_flat as u32);
     }
     // All negative: ReLU makes it flat, the map is zeros.
-    let low = vec![-1.0f32; 16];
-    let lb = HostBuf::of(&low);
-    let mut out = HostBuf::of(&[5.0f32; 64]);
-    let mut flat = HostBuf::zeroed::<u32>(1);
-    let mut args = [
-        Arg::In(&lb),
-        Arg::I32(4),
-        Arg::I32(4),
-        Arg::I32(8),
-        Arg::I32(0),
-        Arg::I32(1),
-        Arg::Out(&mut out),
-        Arg::Out(&mut flat),
-    ];
-    host()
-        .launch1("upsample_relu_normalize", 1, MAP_BLOCK, 64, &mut args)
-        .unwrap();
-    assert_eq!(out.read::<f32>(), vec![0.0; 64]);
-    assert_eq!(flat.read::<u32>(), vec![1]);
+    let (got, flat) = map_on_host(&[-1.0f32; 16], 4, 4, 8, false);
+    assert_eq!(got, vec![0.0; 64]);
+    assert_eq!(flat, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
 // masks.cu
 
-/// How a masks launch evaluates U (the launcher picks by shared memory; here each is forced).
-#[derive(Clone, Copy, Debug)]
-enum MasksMode {
-    /// `masks`: plane and h×s interpolated rows in shared memory.
-    Separable,
-    /// `masks_direct`, plane in shared memory.
-    SmemPlane,
-    /// `masks_direct`, plane read from the NHWC activations.
-    Global,
-}
-
 #[derive(Clone, Copy, Debug)]
 struct MasksCase {
-    mode: MasksMode,
     h: usize,
     w: usize,
     s: usize,
     cpad: usize,
     style: MaskStyle,
-    blocks_per_item: u32,
-    grid: u32,
+    /// The device the launch is shaped for: its SMs set the blocks per item, its shared memory
+    /// budget the kernel (separable when plane and rows fit, else the plane alone, else none).
+    limits: LaunchLimits,
     misalign: usize,
+    /// The kernel the launcher must pick, and its blocks per item.
+    want_kernel: &'static str,
 }
 
 fn run_masks_case(case: MasksCase) {
     let MasksCase {
-        mode,
         h,
         w,
         s,
@@ -798,11 +726,11 @@ fn run_masks_case(case: MasksCase) {
         style,
         ..
     } = case;
-    let (n_img, k) = (2usize, 6usize);
-    let mut acts = common::values(n_img * h * w * k, 14);
+    let (n_img, kk) = (2usize, 6usize);
+    let mut acts = common::values(n_img * h * w * kk, 14);
     for p in 0..h * w {
-        acts[p * k + 1] = 0.3; // image 0, channel 1: constant (a degenerate mask)
-        acts[(h * w + p) * k + 2] = 0.0; // image 1, channel 2: all zero
+        acts[p * kk + 1] = 0.3; // image 0, channel 1: constant (a degenerate mask)
+        acts[(h * w + p) * kk + 2] = 0.0; // image 1, channel 2: all zero
     }
     let acts = f16s(&acts);
     let mut images = f16s(&common::values(n_img * s * s * cpad, 15));
@@ -811,6 +739,7 @@ fn run_masks_case(case: MasksCase) {
             *v = f16::ZERO;
         }
     }
+    // Out of range: image 2, channel 6.
     let items: Vec<MaskItem> = [
         (0, 0, 0),
         (1, 5, 1),
@@ -832,47 +761,46 @@ fn run_masks_case(case: MasksCase) {
         .iter()
         .flat_map(|m| [m.image, m.channel, m.sample])
         .collect();
-    let (ib, ab, itb) = (
-        HostBuf::misaligned(&images, case.misalign),
-        HostBuf::of(&acts),
-        HostBuf::of(&item_words),
-    );
+    let ib = HostBuf::misaligned(&images, case.misalign);
+    let ab = HostBuf::of(&acts);
+    let itb = HostBuf::of(&item_words);
     let per_item = s * s * cpad;
     let mut out = HostBuf::misaligned(&vec![f16::NAN; b * per_item], case.misalign);
-    let (seed, sigma) = style.noise.map_or((0, 0.0), |n| (n.seed, n.sigma));
-    let mut args = vec![
+    let variant = MaskVariant {
+        lowres_stats: style.sem.lowres_stats(),
+        scale: style.scale,
+        sigma: style.noise.map_or(0.0, |n| n.sigma),
+        seed: style.noise.map_or(0, |n| n.seed),
+    };
+    let launch = k::masks_launch(
+        images.len(),
+        acts.len(),
+        item_words.len(),
+        b * per_item,
+        MasksShape {
+            b,
+            s,
+            h,
+            w,
+            k: kk,
+            cpad,
+        },
+        style.sem.align_corners(),
+        style.sem.mask_eps(),
+        variant,
+        &case.limits,
+        &|_, _| 2,
+    )
+    .unwrap();
+    assert_eq!(launch.kernel, case.want_kernel, "{case:?}");
+    let buffers = vec![
         Arg::In(&ib),
         Arg::In(&ab),
         Arg::In(&itb),
-        Arg::I32(b as i32),
-        Arg::I32(n_img as i32),
-        Arg::I32(s as i32),
-        Arg::I32(h as i32),
-        Arg::I32(w as i32),
-        Arg::I32(k as i32),
-        Arg::I32(cpad as i32),
-        Arg::I32(style.sem.align_corners() as i32),
-        Arg::F32(style.sem.mask_eps()),
-        Arg::I32(style.sem.lowres_stats() as i32),
-        Arg::F32(style.scale),
-        Arg::F32(sigma),
-        Arg::U64(splitmix64(seed)),
-        Arg::I32(case.blocks_per_item as i32),
+        Arg::Out(&mut out),
     ];
-    let (name, smem) = match mode {
-        MasksMode::Separable => ("masks", (h * w + h * s) * 4),
-        MasksMode::SmemPlane => {
-            args.push(Arg::I32(1));
-            ("masks_direct", h * w * 4)
-        }
-        MasksMode::Global => {
-            args.push(Arg::I32(0));
-            ("masks_direct", 0)
-        }
-    };
-    args.push(Arg::Out(&mut out));
     host()
-        .launch1(name, case.grid, BLOCK, smem, &mut args)
+        .run(&launch, buffers)
         .unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let got = to_f32(&out.read::<f16>());
 
@@ -881,9 +809,9 @@ fn run_masks_case(case: MasksCase) {
     for (i, item) in items.iter().enumerate() {
         let (img, ch) = (item.image as usize, item.channel as usize);
         let mut want = vec![0f32; per_item];
-        if img < n_img && ch < k {
+        if img < n_img && ch < kk {
             let plane: Vec<f32> = (0..h * w)
-                .map(|p| acts[(img * h * w + p) * k + ch])
+                .map(|p| acts[(img * h * w + p) * kk + ch])
                 .collect();
             let m = cpu::styled_mask(&plane, h, w, s, style, item);
             for p in 0..s * s {
@@ -893,37 +821,54 @@ fn run_masks_case(case: MasksCase) {
                 }
             }
         }
-        let what = format!("{case:?}, item {i} {item:?}");
+        let what = format!("{case:?} ({} blocks), item {i} {item:?}", launch.grid);
         // f32 mask arithmetic in another order, then one FP16 rounding.
         assert_close(&got[i * per_item..][..per_item], &want, 2e-3, 2e-3, &what);
+    }
+}
+
+/// A device with `sm_count` SMs and `smem` bytes of shared memory for the masks kernels.
+fn device(sm_count: u32, smem: usize) -> LaunchLimits {
+    LaunchLimits {
+        sm_count,
+        masks_smem: smem,
     }
 }
 
 fn masks_match_host() {
     let official = MaskStyle::from(Semantics::Official);
     let cases = [
-        // VGG16's shape, scaled down: 14×14 → 56.
-        (MasksMode::Separable, 14, 14, 56, 8, official, 1, 64, 0),
-        // Several blocks per item, fewer blocks than the work (grid-stride).
-        (MasksMode::Separable, 5, 7, 40, 8, official, 3, 4, 0),
-        (MasksMode::Separable, 7, 7, 33, 4, official, 2, 5, 0),
-        (MasksMode::Separable, 7, 7, 33, 3, official, 1, 3, 0),
+        // VGG16's shape, scaled down (14×14 → 56), on a device with room for one block per item.
+        (14, 14, 56, 8, official, device(8, SMEM_DEFAULT), 0, "masks"),
+        // Few items for the device: several blocks per item.
+        (5, 7, 40, 8, official, device(16, SMEM_DEFAULT), 0, "masks"),
+        (7, 7, 33, 4, official, device(16, SMEM_DEFAULT), 0, "masks"),
+        (7, 7, 33, 3, official, device(1, SMEM_DEFAULT), 0, "masks"),
         // Unaligned rows: the half-by-half writes.
-        (MasksMode::Separable, 7, 7, 24, 8, official, 1, 7, 2),
-        (MasksMode::SmemPlane, 6, 5, 29, 8, official, 2, 9, 0),
-        (MasksMode::Global, 6, 5, 29, 4, official, 1, 7, 0),
+        (7, 7, 24, 8, official, device(1, SMEM_DEFAULT), 2, "masks"),
+        // Too little shared memory for the rows, then for the plane.
+        (
+            6,
+            5,
+            29,
+            8,
+            official,
+            device(16, 6 * 5 * 4),
+            0,
+            "masks_direct",
+        ),
+        (6, 5, 29, 4, official, device(1, 64), 0, "masks_direct"),
     ];
-    for (mode, h, w, s, cpad, style, blocks_per_item, grid, misalign) in cases {
+    for (h, w, s, cpad, style, limits, misalign, want_kernel) in cases {
         run_masks_case(MasksCase {
-            mode,
             h,
             w,
             s,
             cpad,
             style,
-            blocks_per_item,
-            grid,
+            limits,
             misalign,
+            want_kernel,
         });
     }
 }
@@ -955,91 +900,60 @@ fn masks_variants_match_host() {
             }),
         },
     ];
+    let (h, w, s) = (7usize, 6usize, 35usize);
+    let modes = [
+        (SMEM_DEFAULT, "masks"),
+        (h * w * 4, "masks_direct"),
+        (0, "masks_direct"),
+    ];
     for style in styles {
-        for mode in [
-            MasksMode::Separable,
-            MasksMode::SmemPlane,
-            MasksMode::Global,
-        ] {
+        for (smem, want_kernel) in modes {
             run_masks_case(MasksCase {
-                mode,
-                h: 7,
-                w: 6,
-                s: 35,
+                h,
+                w,
+                s,
                 cpad: 8,
                 style,
-                blocks_per_item: 2,
-                grid: 5,
+                limits: device(4, smem),
                 misalign: 0,
+                want_kernel,
             });
         }
     }
 }
 
+/// The tests, each named after its function, each needing a C++ compiler.
+macro_rules! trials {
+    ($($test:ident),* $(,)?) => {
+        vec![$(common::trial(stringify!($test), &[common::Need::Cxx], $test)),*]
+    };
+}
+
 fn main() -> std::process::ExitCode {
-    use common::Need::Cxx;
-    let tests: &[(&str, fn())] = &[
-        (
-            "emulation_runs_block_reductions",
-            emulation_runs_block_reductions,
-        ),
-        (
-            "emulation_shares_dynamic_memory_within_a_block",
-            emulation_shares_dynamic_memory_within_a_block,
-        ),
-        ("emulation_reports_a_race", emulation_reports_a_race),
-        ("emulation_reports_a_deadlock", emulation_reports_a_deadlock),
-        (
-            "emulation_catches_writes_outside_buffers",
-            emulation_catches_writes_outside_buffers,
-        ),
-        (
-            "emulation_checks_names_and_argument_kinds",
-            emulation_checks_names_and_argument_kinds,
-        ),
-        ("preprocess_matches_host", preprocess_matches_host),
-        ("bias_act_f16_matches_host", bias_act_f16_matches_host),
-        ("bias_f32_matches_host", bias_f32_matches_host),
-        (
-            "relu_f16_matches_host_on_every_value",
-            relu_f16_matches_host_on_every_value,
-        ),
-        (
-            "fill_uniform_f16_matches_host",
-            fill_uniform_f16_matches_host,
-        ),
-        ("maxpool2_matches_host", maxpool2_matches_host),
-        ("maxpool2_e4m3_matches_host", maxpool2_e4m3_matches_host),
-        (
-            "adaptive_avgpool_matches_host",
-            adaptive_avgpool_matches_host,
-        ),
-        ("amax_abs_f16_matches_host", amax_abs_f16_matches_host),
-        ("fp8_scales_match_host", fp8_scales_match_host),
-        (
-            "quantize_e4m3_matches_host_on_every_fp16",
-            quantize_e4m3_matches_host_on_every_fp16,
-        ),
-        (
-            "dequantize_e4m3_matches_host_on_every_code",
-            dequantize_e4m3_matches_host_on_every_code,
-        ),
-        ("scores_match_host", scores_match_host),
-        (
-            "weighted_channel_sum_matches_host",
-            weighted_channel_sum_matches_host,
-        ),
-        (
-            "upsample_relu_normalize_matches_host",
-            upsample_relu_normalize_matches_host,
-        ),
-        ("masks_match_host", masks_match_host),
-        ("masks_variants_match_host", masks_variants_match_host),
-    ];
-    common::run_tests(
-        tests
-            .iter()
-            .map(|&(name, f)| common::trial(name, &[Cxx], f))
-            .collect(),
-    )
+    common::run_tests(trials![
+        emulation_runs_block_reductions,
+        emulation_shares_dynamic_memory_within_a_block,
+        emulation_reports_a_race,
+        emulation_reports_a_deadlock,
+        emulation_catches_writes_outside_buffers,
+        emulation_checks_names_and_argument_kinds,
+        preprocess_matches_host,
+        bias_act_f16_matches_host,
+        bias_f32_matches_host,
+        relu_f16_matches_host_on_every_value,
+        fill_uniform_f16_matches_host,
+        maxpool2_matches_host,
+        maxpool2_e4m3_matches_host,
+        adaptive_avgpool_matches_host,
+        amax_abs_f16_matches_host,
+        fp8_scales_match_host,
+        quantize_e4m3_matches_host_on_every_fp16,
+        quantize_e4m3_rounds_like_cuda_fp8,
+        dequantize_e4m3_matches_host_on_every_code,
+        scores_match_host,
+        weighted_channel_sum_matches_host,
+        upsample_relu_normalize_matches_host,
+        masks_match_host,
+        masks_variants_match_host,
+    ])
 }

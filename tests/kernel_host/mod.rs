@@ -16,7 +16,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use bytemuck::Pod;
-use scorecam_gpu::backend::cuda::kernels::{assemble_source, kernel_names, sources};
+use scorecam_gpu::backend::cuda::kernels::{
+    assemble_source, kernel_names, sources, KernelArg, KernelLaunch,
+};
 
 /// The emulation header, pasted at the top of the generated unit.
 const HEADER: &str = include_str!("cuda_host.hpp");
@@ -285,6 +287,53 @@ impl KernelHost {
             }
         }
         Ok(())
+    }
+
+    /// Runs `launch`, a launcher's own launch (its kernel, shape and arguments), with
+    /// `buffers[i]` as the launcher's buffer `i`: `Arg::Out` where the kernel writes it,
+    /// `Arg::In` or `Arg::Out` where it reads it. Errors as [`Self::launch`], and a buffer the
+    /// launch writes passed as `Arg::In`, missing, used twice or not used.
+    pub fn run(&self, launch: &KernelLaunch, buffers: Vec<Arg<'_>>) -> Result<(), String> {
+        let name = launch.kernel;
+        let mut slots: Vec<Option<Arg<'_>>> = buffers.into_iter().map(Some).collect();
+        let mut take = |i: usize| {
+            slots
+                .get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| format!("{name}: buffer {i} is missing or used twice"))
+        };
+        let mut args = Vec::with_capacity(launch.args.len());
+        for a in &launch.args {
+            args.push(match *a {
+                KernelArg::Read(i) => match take(i)? {
+                    Arg::Out(b) => Arg::In(b),
+                    other => other,
+                },
+                KernelArg::Write(i) => match take(i)? {
+                    Arg::In(_) => {
+                        return Err(format!("{name}: buffer {i} is written, passed as In"))
+                    }
+                    other => other,
+                },
+                KernelArg::I32(v) => Arg::I32(v),
+                KernelArg::I64(v) => Arg::I64(v),
+                KernelArg::U64(v) => Arg::U64(v),
+                KernelArg::F32(v) => Arg::F32(v),
+            });
+        }
+        if let Some(i) = slots.iter().position(Option::is_some) {
+            return Err(format!(
+                "{name}: buffer {i} is not an argument of the launch"
+            ));
+        }
+        let (grid, block) = ([launch.grid, 1, 1], [launch.block, 1, 1]);
+        self.launch(
+            name,
+            grid,
+            block,
+            launch.shared_mem_bytes as usize,
+            &mut args,
+        )
     }
 
     /// [`Self::launch`] on a 1-D grid and block.

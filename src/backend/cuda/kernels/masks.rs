@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use half::f16;
 
-use super::{cpad_arg, dim, invalid, need, prod, Kernels, BLOCK};
+use super::{cpad_arg, dim, invalid, need, prod, KernelArg, KernelLaunch, Kernels};
+use super::{LaunchLimits, BLOCK};
 use crate::error::Result;
 
 /// The mask variant of one `masks` launch: min/max over the low-resolution plane (torchcam),
@@ -30,121 +31,183 @@ impl Default for MaskVariant {
     }
 }
 
+/// The sizes of one `masks` launch: `b` items, masked inputs `s`×`s` with `cpad` stored
+/// channels, activations `h`×`w` with `k` channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MasksShape {
+    pub b: usize,
+    pub s: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub cpad: usize,
+}
+
 /// Modes of kernels/masks.cu (how U is evaluated): `masks` runs the separable one,
 /// `masks_direct` the other two.
 const MASKS_MODE_GLOBAL: i32 = 0;
 const MASKS_MODE_SMEM_PLANE: i32 = 1;
 const MASKS_MODE_SEPARABLE: i32 = 2;
 
+/// `masks` / `masks_direct`: all masked inputs of a batch in one launch. Buffers: `[images,
+/// acts, items, out]`. `items` is `[b, 3]` u32: image slot, channel, noise stream. For item i:
+/// `U` = bilinear upsample to S×S of `acts[image, :, :, channel]` (`acts` `[N, h, w, k]` NHWC),
+/// half-pixel centres (PyTorch `align_corners=False`, source coordinate clamped at 0) or
+/// `align_corners=True`; `M = (U − min U)/(max U − min U + eps)`;
+/// `out[i, y, x, c] = images[image, y, x, c] · M[y, x]` for c < 3, 0 for padding channels.
+/// `images` `[N, S, S, cpad]`, `out` `[≥b, S, S, cpad]`. A channel with max == min writes
+/// zeros when eps == 0 (the caller never asks for such channels in official mode).
+///
+/// `variant` adds torchcam's low-resolution statistics, a scale and Gaussian noise (see
+/// [`MaskVariant`]).
+///
+/// N is taken from the lengths of `images` and `acts`; an item whose image slot or channel
+/// is out of range (the kernel checks, the host cannot see `items`) gets an all-zero output.
+///
+/// The kernel and its shared memory follow from the plane and `limits.masks_smem`
+/// ([`masks_mode`]); the blocks per item from the blocks resident on the device,
+/// `resident_per_sm(kernel, shared memory bytes)` per SM.
+pub fn masks_launch(
+    images_len: usize,
+    acts_len: usize,
+    items_len: usize,
+    out_len: usize,
+    shape: MasksShape,
+    align_corners: bool,
+    eps: f32,
+    variant: MaskVariant,
+    limits: &LaunchLimits,
+    resident_per_sm: &dyn Fn(&'static str, usize) -> u32,
+) -> Result<KernelLaunch> {
+    const OP: &str = "masks";
+    let MasksShape {
+        b,
+        s,
+        h,
+        w,
+        k,
+        cpad,
+    } = shape;
+    let b_i = dim(OP, "b", b)?;
+    let s_i = dim(OP, "s", s)?;
+    let h_i = dim(OP, "h", h)?;
+    let w_i = dim(OP, "w", w)?;
+    let k_i = dim(OP, "k", k)?;
+    let cpad_i = cpad_arg(OP, cpad)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(invalid(OP, format!("eps {eps} must be finite and ≥ 0")));
+    }
+    if !(variant.scale.is_finite() && variant.sigma.is_finite() && variant.sigma >= 0.0) {
+        return Err(invalid(
+            OP,
+            format!(
+                "scale {} and sigma {} must be finite, sigma ≥ 0",
+                variant.scale, variant.sigma
+            ),
+        ));
+    }
+    let per_item = prod(OP, &[s, s, cpad])?;
+    if per_item > i32::MAX as usize / 2 {
+        return Err(invalid(
+            OP,
+            format!("s={s}, cpad={cpad}: one masked input is too large"),
+        ));
+    }
+    let plane = prod(OP, &[h, w])?;
+    let per_image_acts = prod(OP, &[plane, k])?;
+    need(OP, "items", items_len, prod(OP, &[b, 3])?)?;
+    need(OP, "images", images_len, per_item)?;
+    need(OP, "acts", acts_len, per_image_acts)?;
+    need(OP, "out", out_len, prod(OP, &[b, per_item])?)?;
+    let n_img = (images_len / per_item).min(acts_len / per_image_acts);
+    let n_img_i = n_img.min(i32::MAX as usize) as i32;
+
+    let (mode, smem) = masks_mode(h, w, s, limits.masks_smem);
+    let separable = mode == MASKS_MODE_SEPARABLE;
+    let kernel = if separable { "masks" } else { "masks_direct" };
+    let resident = limits
+        .sm_count
+        .saturating_mul(resident_per_sm(kernel, smem).max(1));
+    let parts = masks_blocks_per_item(b, s, resident, separable);
+    let grid = (b as u64 * parts as u64).min(i32::MAX as u64) as u32;
+    use KernelArg::*;
+    let mut args = vec![
+        Read(0),
+        Read(1),
+        Read(2),
+        I32(b_i),
+        I32(n_img_i),
+        I32(s_i),
+        I32(h_i),
+        I32(w_i),
+        I32(k_i),
+        I32(cpad_i),
+        I32(align_corners as i32),
+        F32(eps),
+        I32(variant.lowres_stats as i32),
+        F32(variant.scale),
+        F32(variant.sigma),
+        U64(crate::backend::splitmix64(variant.seed)),
+        I32(parts as i32),
+    ];
+    if !separable {
+        args.push(I32((mode == MASKS_MODE_SMEM_PLANE) as i32));
+    }
+    args.push(Write(3));
+    Ok(KernelLaunch {
+        kernel,
+        grid,
+        block: BLOCK,
+        shared_mem_bytes: smem as u32,
+        args,
+    })
+}
+
 impl Kernels {
-    /// All masked inputs of a batch in one launch. `items` is `[b, 2]` u32 (image slot, channel).
-    /// For item i: `U` = bilinear upsample to S×S of `acts[image, :, :, channel]`
-    /// (`acts` `[N, h, w, k]` NHWC), half-pixel centres (PyTorch `align_corners=False`, source
-    /// coordinate clamped at 0) or `align_corners=True`; `M = (U − min U)/(max U − min U + eps)`;
-    /// `out[i, y, x, c] = images[image, y, x, c] · M[y, x]` for c < 3, 0 for padding channels.
-    /// `images` `[N, S, S, cpad]`, `out` `[≥b, S, S, cpad]`. A channel with max == min writes
-    /// zeros when eps == 0 (the caller never asks for such channels in official mode).
-    ///
-    /// `variant` adds torchcam's low-resolution statistics, a scale and Gaussian noise (see
-    /// [`MaskVariant`]); `items` is `[b, 3]`: image slot, channel, noise stream.
-    ///
-    /// N is taken from the lengths of `images` and `acts`; an item whose image slot or channel
-    /// is out of range (the kernel checks, the host cannot see `items`) gets an all-zero output.
+    /// [`masks_launch`], the blocks resident per SM queried once per kernel and shared memory
+    /// size (not per launch).
     pub fn masks(
         &self,
         stream: &Arc<CudaStream>,
         images: &CudaView<'_, f16>,
         acts: &CudaView<'_, f16>,
         items: &CudaView<'_, u32>,
-        b: usize,
-        s: usize,
-        h: usize,
-        w: usize,
-        k: usize,
-        cpad: usize,
+        shape: MasksShape,
         align_corners: bool,
         eps: f32,
         variant: MaskVariant,
         out: &mut CudaViewMut<'_, f16>,
     ) -> Result<()> {
-        const OP: &str = "masks";
-        let b_i = dim(OP, "b", b)?;
-        let s_i = dim(OP, "s", s)?;
-        let h_i = dim(OP, "h", h)?;
-        let w_i = dim(OP, "w", w)?;
-        let k_i = dim(OP, "k", k)?;
-        let cpad_i = cpad_arg(OP, cpad)?;
-        if !(eps.is_finite() && eps >= 0.0) {
-            return Err(invalid(OP, format!("eps {eps} must be finite and ≥ 0")));
-        }
-        if !(variant.scale.is_finite() && variant.sigma.is_finite() && variant.sigma >= 0.0) {
-            return Err(invalid(
-                OP,
-                format!(
-                    "scale {} and sigma {} must be finite, sigma ≥ 0",
-                    variant.scale, variant.sigma
-                ),
-            ));
-        }
-        let per_item = prod(OP, &[s, s, cpad])?;
-        if per_item > i32::MAX as usize / 2 {
-            return Err(invalid(
-                OP,
-                format!("s={s}, cpad={cpad}: one masked input is too large"),
-            ));
-        }
-        let plane = prod(OP, &[h, w])?;
-        let per_image_acts = prod(OP, &[plane, k])?;
-        need(OP, "items", items.len(), prod(OP, &[b, 3])?)?;
-        need(OP, "images", images.len(), per_item)?;
-        need(OP, "acts", acts.len(), per_image_acts)?;
-        need(OP, "out", out.len(), prod(OP, &[b, per_item])?)?;
-        let n_img = (images.len() / per_item).min(acts.len() / per_image_acts);
-        let n_img_i = n_img.min(i32::MAX as usize) as i32;
-
-        let (mode, smem) = masks_mode(h, w, s, self.masks_smem);
-        let separable = mode == MASKS_MODE_SEPARABLE;
-        let func = if separable {
-            &self.masks
-        } else {
-            &self.masks_direct
+        let occupancy = |kernel: &'static str, smem: usize| {
+            *self
+                .masks_occupancy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((kernel, smem))
+                .or_insert_with(|| {
+                    self.functions[kernel]
+                        .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+                        .unwrap_or(4)
+                        .max(1)
+                })
         };
-        // Queried once per kernel and shared-memory size, not per launch.
-        let per_sm = *self
-            .masks_occupancy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((separable, smem))
-            .or_insert_with(|| {
-                func.occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
-                    .unwrap_or(4)
-                    .max(1)
-            });
-        let resident = self.sm_count.saturating_mul(per_sm);
-        let parts = masks_blocks_per_item(b, s, resident, separable);
-        let grid = (b as u64 * parts as u64).min(i32::MAX as u64) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let ac = align_corners as i32;
-        let parts_i = parts as i32;
-        let in_smem = (mode == MASKS_MODE_SMEM_PLANE) as i32;
-        let lowres = variant.lowres_stats as i32;
-        let seed_key = crate::backend::splitmix64(variant.seed);
-        self.launch(OP, stream, func, cfg, |lb| {
-            lb.arg(images).arg(acts).arg(items);
-            lb.arg(&b_i).arg(&n_img_i).arg(&s_i).arg(&h_i);
-            lb.arg(&w_i).arg(&k_i).arg(&cpad_i);
-            lb.arg(&ac).arg(&eps);
-            lb.arg(&lowres).arg(&variant.scale).arg(&variant.sigma);
-            lb.arg(&seed_key).arg(&parts_i);
-            if !separable {
-                lb.arg(&in_smem);
-            }
-            lb.arg(out);
-        })
+        let launch = masks_launch(
+            images.len(),
+            acts.len(),
+            items.len(),
+            out.len(),
+            shape,
+            align_corners,
+            eps,
+            variant,
+            &self.limits,
+            &occupancy,
+        )?;
+        let (images_p, _images) = images.device_ptr(stream);
+        let (acts_p, _acts) = acts.device_ptr(stream);
+        let (items_p, _items) = items.device_ptr(stream);
+        let (out_p, _out) = out.device_ptr_mut(stream);
+        self.run(stream, &launch, &[images_p, acts_p, items_p, out_p])
     }
 }
 

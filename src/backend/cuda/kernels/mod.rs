@@ -1,6 +1,9 @@
 //! Launchers for the hand-written kernels in `kernels/*.cu` (embedded by build.rs, compiled once
-//! per process by NVRTC for the device's own architecture). One launcher per kernel: it owns the
-//! grid/block shape and checks its inputs before launching (llm.c style).
+//! per process by NVRTC for the device's own architecture). One launcher per kernel (llm.c
+//! style), in two halves: a pure `*_launch` function checks the inputs, owns the grid/block shape
+//! and lists the arguments (a [`KernelLaunch`]), with no device involved, so the CPU tests run
+//! exactly that launch on an emulation of the kernel (tests/kernels_host.rs); the method of the
+//! same name on [`Kernels`] takes the device views and pushes it.
 //!
 //! Layouts: images, masked inputs and activations are FP16 NHWC; `cpad` is the channel count of
 //! the input images as stored (3 real channels, the rest zero). Logits and maps are f32.
@@ -34,17 +37,29 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 
-pub use self::fp8::{e4m3_from_f32, DESCALE_AT, E4M3_MAX, MULTIPLIER_AT, SCALE_STRIDE};
-pub use self::masks::MaskVariant;
+pub use self::combine::{upsample_relu_normalize_launch, weighted_channel_sum_launch};
+pub use self::elementwise::{
+    bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
+};
+pub use self::fp8::{
+    amax_abs_f16_launch, dequantize_e4m3_launch, e4m3_from_f32, fp8_scales_launch,
+    quantize_e4m3_launch, DESCALE_AT, E4M3_MAX, MULTIPLIER_AT, SCALE_STRIDE,
+};
+pub use self::masks::{masks_launch, MaskVariant, MasksShape};
 pub use self::nvrtc::{
     assemble_source, compile_cached, compile_for_arch, disk_cache_dir, is_cubin, nvrtc_available,
     nvrtc_version,
 };
+pub use self::pool::{adaptive_avgpool_launch, maxpool2_e4m3_launch, maxpool2_launch};
+pub use self::preprocess::preprocess_launch;
+pub use self::scores::scores_launch;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
@@ -83,45 +98,88 @@ pub fn sources() -> &'static [(&'static str, &'static str)] {
 
 /// Threads per block of the grid-stride kernels and of `masks` / `scores` (a multiple of 32: the
 /// block reductions in common.cuh rely on whole warps).
-const BLOCK: u32 = 256;
+pub const BLOCK: u32 = 256;
 /// Threads of the single block of `upsample_relu_normalize`.
-const MAP_BLOCK: u32 = 512;
+pub const MAP_BLOCK: u32 = 512;
 /// Dynamic shared memory a block may always use: 44 KiB, leaving room for the reductions' static
 /// shared memory under the 48 KiB default.
-const SMEM_DEFAULT: usize = 44 * 1024;
+pub const SMEM_DEFAULT: usize = 44 * 1024;
 /// Dynamic shared memory `masks` opts into where the device allows (cuFuncSetAttribute), so the
 /// separable mode also covers e.g. a 28×28 layer at S = 448 (53 KiB).
-const SMEM_OPT_IN: usize = 96 * 1024;
+pub const SMEM_OPT_IN: usize = 96 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Launches as data
+
+/// One kernel launch as a launcher computes it, before any device is involved: the kernel, the
+/// launch shape and the arguments in the kernel's parameter order. Every launcher is a pure
+/// `*_launch` function returning this (checks, shape and arguments), which the CUDA path pushes
+/// as is ([`Kernels`]) and the CPU tests run on an emulation of the same kernel source
+/// (tests/kernel_host): the launch a test checks is the launch the GPU gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelLaunch {
+    /// The kernel's `extern "C"` name in kernels/*.cu.
+    pub kernel: &'static str,
+    /// Blocks (x only: every kernel is 1-D).
+    pub grid: u32,
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory per block, bytes.
+    pub shared_mem_bytes: u32,
+    pub args: Vec<KernelArg>,
+}
+
+/// One kernel argument. A buffer is named by its position in the launcher's buffer list (each
+/// `*_launch` function documents its list), marked read-only or written.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Read(usize),
+    Write(usize),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+/// What the launch shapes depend on besides the arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LaunchLimits {
+    /// Streaming multiprocessors (sizes the grid-stride grids).
+    pub sm_count: u32,
+    /// Dynamic shared memory `masks` / `masks_direct` may use per block, bytes.
+    pub masks_smem: usize,
+}
+
+/// A grid-stride launch over `units` work items: blocks of [`BLOCK`] threads, at most 32 per SM
+/// (the loop inside covers the rest).
+fn grid_stride(
+    kernel: &'static str,
+    units: usize,
+    limits: &LaunchLimits,
+    args: Vec<KernelArg>,
+) -> KernelLaunch {
+    let cap = (limits.sm_count as usize).saturating_mul(32).max(1);
+    let blocks = units.div_ceil(BLOCK as usize).clamp(1, cap);
+    KernelLaunch {
+        kernel,
+        grid: blocks as u32,
+        block: BLOCK,
+        shared_mem_bytes: 0,
+        args,
+    }
+}
 
 /// The compiled kernel module for one context. Build once (`Kernels::load`) and keep.
 pub struct Kernels {
     ctx: Arc<CudaContext>,
     _module: Arc<CudaModule>,
-    preprocess: CudaFunction,
-    masks: CudaFunction,
-    masks_direct: CudaFunction,
-    scores: CudaFunction,
-    weighted_channel_sum: CudaFunction,
-    upsample_relu_normalize: CudaFunction,
-    maxpool2: CudaFunction,
-    maxpool2_e4m3: CudaFunction,
-    adaptive_avgpool: CudaFunction,
-    bias_act_f16: CudaFunction,
-    bias_f32: CudaFunction,
-    relu_f16: CudaFunction,
-    fill_uniform_f16: CudaFunction,
-    amax_abs_f16: CudaFunction,
-    fp8_scales: CudaFunction,
-    quantize_e4m3: CudaFunction,
-    dequantize_e4m3: CudaFunction,
-    /// Streaming multiprocessors of the device (sizes the grids).
-    sm_count: u32,
-    /// Dynamic shared memory `masks` / `masks_direct` may use per block (bytes).
-    masks_smem: usize,
+    /// Every kernel of [`KERNEL_NAMES`], by name.
+    functions: HashMap<&'static str, CudaFunction>,
+    limits: LaunchLimits,
     /// The architecture the module was compiled for, e.g. `sm_90` (or `compute_86` for PTX).
     arch: String,
-    /// Resident blocks per SM of the masks kernels, by (separable kernel, shared memory bytes).
-    masks_occupancy: Mutex<HashMap<(bool, usize), u32>>,
+    /// Resident blocks per SM of the masks kernels, by (kernel, shared memory bytes).
+    masks_occupancy: Mutex<HashMap<(&'static str, usize), u32>>,
 }
 
 impl Kernels {
@@ -145,17 +203,17 @@ impl Kernels {
         let module = ctx.load_module(ptx).map_err(|e| {
             Error::CudaUnavailable(format!("loading the kernel module ({arch}): {e}"))
         })?;
-        let f = |name: &str| {
-            module.load_function(name).map_err(|e| {
+        let mut functions = HashMap::new();
+        for &name in KERNEL_NAMES {
+            let f = module.load_function(name).map_err(|e| {
                 Error::CudaUnavailable(format!("kernel `{name}` missing from the module: {e}"))
-            })
-        };
+            })?;
+            functions.insert(name, f);
+        }
         let sm_count = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::CudaUnavailable(format!("reading the SM count: {e}")))?
             .max(1) as u32;
-        let masks = f("masks")?;
-        let masks_direct = f("masks_direct")?;
         // Opt the masks kernels into more shared memory where the device has it; else 44 KiB.
         let opt_in = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
@@ -164,35 +222,22 @@ impl Kernels {
         let want = SMEM_OPT_IN.min(opt_in.saturating_sub(4 * 1024));
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         let masks_smem = if want > SMEM_DEFAULT
-            && masks.set_attribute(attr, want as i32).is_ok()
-            && masks_direct.set_attribute(attr, want as i32).is_ok()
+            && ["masks", "masks_direct"]
+                .iter()
+                .all(|k| functions[k].set_attribute(attr, want as i32).is_ok())
         {
             want
         } else {
             SMEM_DEFAULT
         };
         Ok(Kernels {
-            preprocess: f("preprocess")?,
-            masks,
-            masks_direct,
-            scores: f("scores")?,
-            weighted_channel_sum: f("weighted_channel_sum")?,
-            upsample_relu_normalize: f("upsample_relu_normalize")?,
-            maxpool2: f("maxpool2")?,
-            maxpool2_e4m3: f("maxpool2_e4m3")?,
-            adaptive_avgpool: f("adaptive_avgpool")?,
-            bias_act_f16: f("bias_act_f16")?,
-            bias_f32: f("bias_f32")?,
-            relu_f16: f("relu_f16")?,
-            fill_uniform_f16: f("fill_uniform_f16")?,
-            amax_abs_f16: f("amax_abs_f16")?,
-            fp8_scales: f("fp8_scales")?,
-            quantize_e4m3: f("quantize_e4m3")?,
-            dequantize_e4m3: f("dequantize_e4m3")?,
             ctx: ctx.clone(),
             _module: module,
-            sm_count,
-            masks_smem,
+            functions,
+            limits: LaunchLimits {
+                sm_count,
+                masks_smem,
+            },
             arch,
             masks_occupancy: Mutex::new(HashMap::new()),
         })
@@ -201,18 +246,6 @@ impl Kernels {
     /// The architecture the kernels were compiled for (`sm_90`; `compute_XY` if PTX).
     pub fn arch(&self) -> &str {
         &self.arch
-    }
-
-    /// A grid-stride launch over `units` work items: blocks of [`BLOCK`] threads, at most 32 per
-    /// SM (the loop inside covers the rest).
-    fn grid_stride(&self, units: usize) -> LaunchConfig {
-        let cap = (self.sm_count as usize).saturating_mul(32).max(1);
-        let blocks = units.div_ceil(BLOCK as usize).clamp(1, cap);
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
     }
 
     /// The stream must belong to the context the module was loaded in.
@@ -227,21 +260,44 @@ impl Kernels {
         }
     }
 
-    /// The one launch path: check the stream, push the arguments (`args`, in the kernel's
-    /// parameter order), launch with `cfg`, name `op` in any error.
-    fn launch<'a>(
+    /// The one launch path: push `launch`'s arguments (buffer `i` is the device address
+    /// `buffers[i]`) and launch it on `stream`; errors name the kernel.
+    fn run(
         &self,
-        op: &str,
-        stream: &'a Arc<CudaStream>,
-        func: &'a CudaFunction,
-        cfg: LaunchConfig,
-        args: impl FnOnce(&mut LaunchArgs<'a>),
+        stream: &Arc<CudaStream>,
+        launch: &KernelLaunch,
+        buffers: &[cudarc::driver::sys::CUdeviceptr],
     ) -> Result<()> {
+        let op = launch.kernel;
         self.check_stream(op, stream)?;
+        let func = self
+            .functions
+            .get(op)
+            .ok_or_else(|| invalid(op, "no such kernel in the module".into()))?;
         let mut builder = stream.launch_builder(func);
-        args(&mut builder);
-        // SAFETY: every launcher checks its buffers against the shapes it passes, and pushes the
-        // arguments in the order and types of the kernel's signature in kernels/*.cu.
+        for arg in &launch.args {
+            match arg {
+                KernelArg::Read(i) | KernelArg::Write(i) => {
+                    let p = buffers.get(*i).ok_or_else(|| {
+                        invalid(op, format!("buffer {i} of {} passed", buffers.len()))
+                    })?;
+                    builder.arg(p)
+                }
+                KernelArg::I32(v) => builder.arg(v),
+                KernelArg::I64(v) => builder.arg(v),
+                KernelArg::U64(v) => builder.arg(v),
+                KernelArg::F32(v) => builder.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (launch.grid, 1, 1),
+            block_dim: (launch.block, 1, 1),
+            shared_mem_bytes: launch.shared_mem_bytes,
+        };
+        // SAFETY: the `*_launch` function checked every buffer's length against the shapes it
+        // passes and built the arguments in the order and types of the kernel's parameters
+        // (which the CPU emulation of the kernels checks, tests/kernels_host.rs); the buffers'
+        // addresses come from views that outlive the launch's enqueueing.
         unsafe { builder.launch(cfg) }.map_err(|e| Error::cuda(op, e))?;
         Ok(())
     }

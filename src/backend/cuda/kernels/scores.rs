@@ -2,16 +2,50 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
-use super::{dim, need, prod, Kernels, BLOCK};
+use super::{dim, need, prod, KernelArg, KernelLaunch, Kernels, BLOCK};
 use crate::error::Result;
 
+/// `scores`: per row r of `logits` `[b, c]` and each of its `t` targets, the softmax probability
+/// (`probability`) or the raw logit; one block per row. Buffers: `[logits, targets, out]`
+/// (`targets` `[b, t]` u32, `out` `[b, t]` f32), lengths in elements.
+pub fn scores_launch(
+    logits_len: usize,
+    targets_len: usize,
+    out_len: usize,
+    b: usize,
+    c: usize,
+    t: usize,
+    probability: bool,
+) -> Result<KernelLaunch> {
+    const OP: &str = "scores";
+    let b_i = dim(OP, "b", b)?;
+    let c_i = dim(OP, "c", c)?;
+    let t_i = dim(OP, "t", t)?;
+    need(OP, "logits", logits_len, prod(OP, &[b, c])?)?;
+    need(OP, "targets", targets_len, prod(OP, &[b, t])?)?;
+    need(OP, "out", out_len, prod(OP, &[b, t])?)?;
+    use KernelArg::*;
+    Ok(KernelLaunch {
+        kernel: OP,
+        grid: b_i as u32,
+        block: BLOCK,
+        shared_mem_bytes: 0,
+        args: vec![
+            Read(0),
+            Read(1),
+            I32(b_i),
+            I32(c_i),
+            I32(t_i),
+            I32(probability as i32),
+            Write(2),
+        ],
+    })
+}
+
 impl Kernels {
-    /// Batched scoring in one launch: for each row r < b of `logits` `[b, c]` and each of its `t`
-    /// targets `targets[r, j]` (`[b, t]` u32): `out[r, j]` = softmax(logits[r])[target]
-    /// (`probability`) or logits[r, target]. `out` `[b, t]` f32. Softmax is max-subtracted, f32.
-    /// A target ≥ c (which the host must not pass) yields NaN rather than an out-of-bounds read.
+    /// [`scores_launch`].
     pub fn scores(
         &self,
         stream: &Arc<CudaStream>,
@@ -23,22 +57,10 @@ impl Kernels {
         probability: bool,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        const OP: &str = "scores";
-        let b_i = dim(OP, "b", b)?;
-        let c_i = dim(OP, "c", c)?;
-        let t_i = dim(OP, "t", t)?;
-        need(OP, "logits", logits.len(), prod(OP, &[b, c])?)?;
-        need(OP, "targets", targets.len(), prod(OP, &[b, t])?)?;
-        need(OP, "out", out.len(), prod(OP, &[b, t])?)?;
-        let cfg = LaunchConfig {
-            grid_dim: (b_i as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let p = probability as i32;
-        self.launch(OP, stream, &self.scores, cfg, |lb| {
-            lb.arg(logits).arg(targets).arg(&b_i).arg(&c_i);
-            lb.arg(&t_i).arg(&p).arg(out);
-        })
+        let launch = scores_launch(logits.len(), targets.len(), out.len(), b, c, t, probability)?;
+        let (logits_p, _logits) = logits.device_ptr(stream);
+        let (targets_p, _targets) = targets.device_ptr(stream);
+        let (out_p, _out) = out.device_ptr_mut(stream);
+        self.run(stream, &launch, &[logits_p, targets_p, out_p])
     }
 }
