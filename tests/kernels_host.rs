@@ -587,6 +587,61 @@ fn dequantize_e4m3_matches_host_on_every_code() {
     }
 }
 
+/// The FP8 forward keeps activations E4M3 through a max-pool: with the real kernels, quantize →
+/// E4M3 pool → dequantize equals FP16 pool → quantize → dequantize (post-ReLU values, −0 and
+/// the saturation included).
+fn e4m3_pooling_commutes_with_quantization() {
+    let (n, h, w, c) = (2usize, 8usize, 6usize, 32usize);
+    let mut x: Vec<f32> = common::values(n * h * w * c, 16)
+        .iter()
+        .map(|v| (v * 3.0).max(0.0))
+        .collect();
+    x[5] = -0.0;
+    x[77] = 1e4; // saturates at 448 / multiplier
+    let x = f16s(&x);
+    let multiplier = 37.0f32;
+    let m = HostBuf::of(&[multiplier]);
+    let (len, pooled) = (x.len(), n * (h / 2) * (w / 2) * c);
+    let quantize = |src: &HostBuf, len: usize| {
+        let mut q = HostBuf::zeroed::<u8>(len);
+        let launch = k::quantize_e4m3_launch(len, 1, len, len, &LIMITS).unwrap();
+        host()
+            .run(&launch, vec![Arg::In(src), Arg::In(&m), Arg::Out(&mut q)])
+            .unwrap();
+        q
+    };
+    let dequantize = |src: &HostBuf, len: usize| {
+        let mut y = HostBuf::zeroed::<f16>(len);
+        let launch = k::dequantize_e4m3_launch(len, 1, len, len, &LIMITS).unwrap();
+        host()
+            .run(&launch, vec![Arg::In(src), Arg::In(&m), Arg::Out(&mut y)])
+            .unwrap();
+        y.read::<f16>()
+    };
+    let xb = HostBuf::of(&x);
+    // E4M3 all the way.
+    let q = quantize(&xb, len);
+    let mut qp = HostBuf::zeroed::<u8>(pooled);
+    let launch = k::maxpool2_e4m3_launch(len, pooled, [n, h, w, c], &LIMITS).unwrap();
+    host()
+        .run(&launch, vec![Arg::In(&q), Arg::Out(&mut qp)])
+        .unwrap();
+    let chained = dequantize(&qp, pooled);
+    // FP16 pool first.
+    let mut p = HostBuf::zeroed::<f16>(pooled);
+    let launch = k::maxpool2_launch(len, pooled, [n, h, w, c], &LIMITS).unwrap();
+    host()
+        .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut p)])
+        .unwrap();
+    let direct = dequantize(&quantize(&p, pooled), pooled);
+    assert_same_f16(&chained, &direct, "E4M3 pool vs FP16 pool");
+    let saturated = f16::from_f32(448.0 / multiplier);
+    assert!(
+        chained.contains(&saturated),
+        "the saturated value is pooled"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // scores.cu
 
@@ -950,6 +1005,7 @@ fn main() -> std::process::ExitCode {
         quantize_e4m3_matches_host_on_every_fp16,
         quantize_e4m3_rounds_like_cuda_fp8,
         dequantize_e4m3_matches_host_on_every_code,
+        e4m3_pooling_commutes_with_quantization,
         scores_match_host,
         weighted_channel_sum_matches_host,
         upsample_relu_normalize_matches_host,

@@ -384,4 +384,66 @@ mod tests {
         );
         assert!(need("op", "x", 11, 11).is_ok());
     }
+
+    /// The pure launches refuse what the kernels cannot take, naming the kernel and the cause.
+    #[test]
+    fn launches_reject_bad_arguments() {
+        let l = LaunchLimits {
+            sm_count: 132,
+            masks_smem: SMEM_DEFAULT,
+        };
+        let fails = |r: Result<KernelLaunch>, words: &[&str]| match r {
+            Err(Error::Invalid(m)) => {
+                assert!(words.iter().all(|w| m.contains(w)), "{m} lacks {words:?}")
+            }
+            other => panic!("{words:?}: {other:?}"),
+        };
+        fails(
+            maxpool2_launch(8, 2, [1, 1, 8, 1], &l),
+            &["maxpool2", "1×8"],
+        );
+        fails(
+            maxpool2_launch(64, 15, [1, 8, 8, 1], &l),
+            &["`y` has 15", "need 16"],
+        );
+        fails(
+            maxpool2_e4m3_launch(63, 16, [1, 8, 8, 1], &l),
+            &["maxpool2_e4m3", "`x`"],
+        );
+        fails(relu_f16_launch(10, 0, &l), &["relu_f16", "n must be > 0"]);
+        fails(fill_uniform_f16_launch(4, 4, 0, 2.0, 1.0, &l), &["[2, 1)"]);
+        fails(fp8_scales_launch(1, 1, 8, 1, 0.5), &["margin 0.5"]);
+        fails(fp8_scales_launch(1, 1, 7, 1, 2.0), &["`scales` has 7"]);
+        fails(
+            preprocess_launch(12, 16, 2, [0.0; 3], [1.0, 0.0, 1.0], 4, &l),
+            &["preprocess", "std"],
+        );
+        fails(scores_launch(10, 2, 4, 2, 5, 2, true), &["`targets` has 2"]);
+        fails(
+            upsample_relu_normalize_launch(4, 4, 0, 2, 2, 2, false),
+            &["`flat` has 0"],
+        );
+        let shape = MasksShape {
+            b: 1,
+            s: 4,
+            h: 2,
+            w: 2,
+            k: 1,
+            cpad: 4,
+        };
+        let masks = |eps: f32, variant: MaskVariant| {
+            masks_launch(64, 4, 3, 64, shape, false, eps, variant, &l, &|_, _| 1)
+        };
+        fails(masks(f32::NAN, MaskVariant::default()), &["eps NaN"]);
+        let noisy = MaskVariant {
+            sigma: -1.0,
+            ..MaskVariant::default()
+        };
+        fails(masks(0.0, noisy), &["sigma -1"]);
+        assert_eq!(masks(0.0, MaskVariant::default()).unwrap().kernel, "masks");
+        // A good launch: one grid-stride grid per 256 units, at most 32 blocks per SM.
+        let ok = relu_f16_launch(1 << 30, 1 << 30, &l).unwrap();
+        assert_eq!((ok.grid, ok.block), (132 * 32, BLOCK));
+        assert_eq!(ok.args, vec![KernelArg::Write(0), KernelArg::I64(1 << 30)]);
+    }
 }
