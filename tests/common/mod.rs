@@ -333,6 +333,8 @@ pub enum Need {
     /// Leave to run a long CPU measurement: `SCORECAM_SLOW` set to a truthy value.
     Slow,
     /// A C++20 compiler, to run the kernels on the CPU (`SCORECAM_REQUIRE_CXX`; tests/kernel_host).
+    /// `SCORECAM_KERNEL_HOST=off` skips those runs (a GPU host, where CI's CPU checks would only
+    /// spend device time).
     Cxx,
 }
 
@@ -401,6 +403,9 @@ impl Need {
                 } else {
                     Err("a long CPU measurement: set SCORECAM_SLOW=1 to run it".into())
                 }
+            }
+            Need::Cxx if std::env::var("SCORECAM_KERNEL_HOST").is_ok_and(|v| v == "off") => {
+                Err("the CPU runs of the kernels are off (SCORECAM_KERNEL_HOST=off)".into())
             }
             Need::Cxx => cxx_compiler().map(|_| ()).ok_or_else(|| {
                 "needs a C++ compiler (c++, g++ or clang++ on the PATH, or $CXX)".into()
