@@ -20,7 +20,7 @@ use kernel_host::{host, Arg, HostBuf};
 use scorecam_gpu::backend::cpu;
 use scorecam_gpu::backend::cuda::kernels::{self as k, LaunchLimits, MaskVariant, MasksShape};
 use scorecam_gpu::backend::cuda::kernels::{
-    kernel_names, BLOCK, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE, SMEM_DEFAULT,
+    kernel_names, BLOCK, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE, SMEM_DEFAULT, SMEM_OPT_IN,
 };
 use scorecam_gpu::backend::fp8::{e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3};
 use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
@@ -893,7 +893,19 @@ fn device(sm_count: u32, smem: usize) -> LaunchLimits {
 fn masks_match_host() {
     let official = MaskStyle::from(Semantics::Official);
     let cases = [
-        // VGG16's shape, scaled down (14×14 → 56), on a device with room for one block per item.
+        // VGG16's own shape (14×14 → 224) on an H100/H200-sized device (132 SMs, the opt-in
+        // shared memory): few items, so 28 blocks share each (the launch the GPU gets).
+        (
+            14,
+            14,
+            224,
+            8,
+            official,
+            device(132, SMEM_OPT_IN),
+            0,
+            "masks",
+        ),
+        // Scaled down, on a device with room for one block per item.
         (14, 14, 56, 8, official, device(8, SMEM_DEFAULT), 0, "masks"),
         // Few items for the device: several blocks per item.
         (5, 7, 40, 8, official, device(16, SMEM_DEFAULT), 0, "masks"),
