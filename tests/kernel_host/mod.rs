@@ -170,21 +170,18 @@ impl KernelHost {
         dynamic_shared: usize,
         args: &mut [Arg<'_>],
     ) -> Result<(), String> {
-        let outputs_before: Vec<Vec<u8>> = args
-            .iter()
-            .filter_map(|a| match a {
-                Arg::Out(b) => Some(b.bytes().to_vec()),
-                _ => None,
-            })
-            .collect();
+        // The bytes of every written buffer, in argument order.
+        let outputs = |args: &[Arg<'_>]| -> Vec<Vec<u8>> {
+            args.iter()
+                .filter_map(|a| match a {
+                    Arg::Out(b) => Some(b.bytes().to_vec()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let outputs_before = outputs(args);
         self.launch_once(name, grid, block, dynamic_shared, args, 0)?;
-        let in_order: Vec<Vec<u8>> = args
-            .iter_mut()
-            .filter_map(|a| match a {
-                Arg::Out(b) => Some(b.bytes().to_vec()),
-                _ => None,
-            })
-            .collect();
+        let in_order = outputs(args);
         for run in 1..=RANDOM_SCHEDULES {
             let mut before = outputs_before.iter();
             for a in args.iter_mut() {

@@ -172,11 +172,7 @@ impl Kernels {
         multiplier: &CudaView<'_, f32>,
         out: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        let launch = quantize_e4m3_launch(x.len(), multiplier.len(), out.len(), n, &self.limits)?;
-        let (x_p, _x) = x.device_ptr(stream);
-        let (m_p, _m) = multiplier.device_ptr(stream);
-        let (out_p, _out) = out.device_ptr_mut(stream);
-        self.run(stream, &launch, &[x_p, m_p, out_p])
+        self.scaled_map(stream, quantize_e4m3_launch, x, n, multiplier, out)
     }
 
     /// [`dequantize_e4m3_launch`].
@@ -188,7 +184,20 @@ impl Kernels {
         multiplier: &CudaView<'_, f32>,
         out: &mut CudaViewMut<'_, f16>,
     ) -> Result<()> {
-        let launch = dequantize_e4m3_launch(x.len(), multiplier.len(), out.len(), n, &self.limits)?;
+        self.scaled_map(stream, dequantize_e4m3_launch, x, n, multiplier, out)
+    }
+
+    /// Either conversion on the device: `launch` is its `*_launch` function.
+    fn scaled_map<X, Y>(
+        &self,
+        stream: &Arc<CudaStream>,
+        launch: fn(usize, usize, usize, usize, &LaunchLimits) -> Result<KernelLaunch>,
+        x: &CudaView<'_, X>,
+        n: usize,
+        multiplier: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, Y>,
+    ) -> Result<()> {
+        let launch = launch(x.len(), multiplier.len(), out.len(), n, &self.limits)?;
         let (x_p, _x) = x.device_ptr(stream);
         let (m_p, _m) = multiplier.device_ptr(stream);
         let (out_p, _out) = out.device_ptr_mut(stream);
