@@ -208,6 +208,28 @@ fn emulation_checks_names_and_argument_kinds() {
         e.contains("\"pi\" passed") && e.contains("takes \"pl\""),
         "{e}"
     );
+    let mut out = HostBuf::zeroed::<f32>(128);
+    let e = host()
+        .launch1(
+            "host_selftest_bounded",
+            1,
+            128,
+            0,
+            &mut [Arg::Out(&mut out)],
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("128 threads per block, its __launch_bounds__ allow 64"),
+        "{e}"
+    );
+    host()
+        .launch1("host_selftest_bounded", 1, 64, 0, &mut [Arg::Out(&mut out)])
+        .unwrap();
+    // The masks kernels declare theirs (256).
+    for name in ["masks", "masks_direct"] {
+        let e = host().launch1(name, 1, 512, 0, &mut []).unwrap_err();
+        assert!(e.contains("allow 256"), "{e}");
+    }
     let e = host()
         .launch1("no_such_kernel", 1, BLOCK, 0, &mut [])
         .unwrap_err();

@@ -10,6 +10,7 @@
 //! threads, and must give the same bytes each time: a missing barrier or a race fails it.
 #![allow(dead_code)] // each test crate uses its own subset
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,6 +55,9 @@ type LaunchFn = unsafe extern "C" fn(
 pub struct KernelHost {
     _lib: libloading::Library,
     launch: LaunchFn,
+    /// Threads per block each kernel's `__launch_bounds__` allow (a launch beyond them fails on
+    /// a GPU, so it fails here).
+    bounds: HashMap<String, u32>,
 }
 
 /// The process's kernel host, built on first use (a build failure panics with the compiler's
@@ -85,22 +89,29 @@ fn rewrite_dynamic_shared(src: &str) -> String {
     out
 }
 
-/// Names of the `extern "C" __global__` functions of a source.
-pub fn global_functions(src: &str) -> Vec<String> {
-    let mut names = Vec::new();
+/// The `__global__` functions of a source: (name, the threads per block its
+/// `__launch_bounds__` allow, if it declares them).
+pub fn global_functions(src: &str) -> Vec<(String, Option<u32>)> {
+    let mut found = Vec::new();
     let mut rest = src;
     while let Some(i) = rest.find("__global__ void") {
         rest = &rest[i + "__global__ void".len()..];
         let mut t = rest.trim_start();
-        if let Some(r) = t.strip_prefix("__launch_bounds__") {
-            t = r[r.find(')').map_or(0, |j| j + 1)..].trim_start();
+        let mut bound = None;
+        if let Some(r) = t.strip_prefix("__launch_bounds__(") {
+            let close = r.find(')').unwrap_or(r.len());
+            bound = r[..close]
+                .split(',')
+                .next()
+                .and_then(|v| v.trim().parse().ok());
+            t = r[(close + 1).min(r.len())..].trim_start();
         }
         let end = t
             .find(|c: char| !(c.is_alphanumeric() || c == '_'))
             .unwrap_or(t.len());
-        names.push(t[..end].to_string());
+        found.push((t[..end].to_string(), bound));
     }
-    names
+    found
 }
 
 /// The generated translation unit: header, kernels, self-test kernels, the kernel table.
@@ -116,7 +127,7 @@ fn unit_source() -> Result<String, String> {
     for name in kernel_names()
         .iter()
         .copied()
-        .chain(selftest.iter().map(|s| s.as_str()))
+        .chain(selftest.iter().map(|(name, _)| name.as_str()))
     {
         unit.push_str(&format!("    SCORECAM_HOST_KERNEL({name}),\n"));
     }
@@ -147,7 +158,16 @@ impl KernelHost {
         let launch = unsafe { lib.get::<LaunchFn>(b"scorecam_host_launch\0") }
             .map(|f| *f)
             .map_err(|e| format!("{}: {e}", lib_path.display()))?;
-        Ok(KernelHost { _lib: lib, launch })
+        let bounds = global_functions(&assemble_source(sources())?)
+            .into_iter()
+            .chain(global_functions(SELFTEST))
+            .filter_map(|(name, bound)| Some((name, bound?)))
+            .collect();
+        Ok(KernelHost {
+            _lib: lib,
+            launch,
+            bounds,
+        })
     }
 
     /// Runs kernel `name` over `grid` × `block` threads (x, y, z) with `dynamic_shared` bytes;
@@ -159,8 +179,8 @@ impl KernelHost {
     /// barriers as the kernel allows). All must write the same bytes, as they would in any order
     /// a GPU picks.
     ///
-    /// Errors: an unknown kernel, argument kinds that differ from the kernel's parameters, a
-    /// deadlock or a failed barrier in the kernel, a write outside a buffer or into an
+    /// Errors: an unknown kernel, argument kinds that differ from the kernel's parameters, more
+    /// threads per block than its `__launch_bounds__` allow, a deadlock or a failed barrier in the kernel, a write outside a buffer or into an
     /// [`Arg::In`] buffer, results that depend on the order (a missing barrier, a race).
     pub fn launch(
         &self,
@@ -170,6 +190,12 @@ impl KernelHost {
         dynamic_shared: usize,
         args: &mut [Arg<'_>],
     ) -> Result<(), String> {
+        let threads = block.iter().product::<u32>();
+        if let Some(&bound) = self.bounds.get(name).filter(|&&b| threads > b) {
+            return Err(format!(
+                "{name}: {threads} threads per block, its __launch_bounds__ allow {bound}"
+            ));
+        }
         // The bytes of every written buffer, in argument order.
         let outputs = |args: &[Arg<'_>]| -> Vec<Vec<u8>> {
             args.iter()

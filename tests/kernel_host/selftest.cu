@@ -51,3 +51,8 @@ extern "C" __global__ void host_selftest_write_past_end(float* __restrict__ out,
 extern "C" __global__ void host_selftest_write_input(const float* __restrict__ x) {
     if (threadIdx.x == 0) const_cast<float*>(x)[0] = 2.0f;
 }
+
+// Declares at most 64 threads per block.
+extern "C" __global__ void __launch_bounds__(64) host_selftest_bounded(float* __restrict__ out) {
+    out[threadIdx.x] = 1.0f;
+}
