@@ -3,23 +3,30 @@
 // The kernel sources are compiled by the host C++ compiler after this header, which supplies
 // what NVRTC would: the qualifiers, threadIdx & co., the vector types, the intrinsics the kernels
 // use, __syncthreads and the warp shuffles. A launch runs its blocks one after another on the
-// calling OS thread; the threads of a block are fibers (ucontext), switched only at barriers, so
-// every interleaving a kernel relies on is explicit:
+// calling OS thread; the threads of a block are fibers (ucontext), switched only at barriers:
 //   * __syncthreads releases when every thread of the block that has not exited waits at it;
-//   * a warp shuffle is a warp barrier (all 32 lanes, full mask only) around an exchange;
+//   * a warp shuffle is a warp barrier around an exchange (full mask only): it releases when
+//     every lane of the warp that has not exited waits at one; reading an exited lane gives NaN;
 //   * a block where no barrier can release (divergent __syncthreads, a shuffle that part of
 //     the warp never reaches) fails the launch with a message naming who waits where, instead of
 //     hanging like a GPU would;
 //   * a launch runs its blocks and threads in order, or (schedule != 0) blocks in a random order
 //     and warps by a random priority, the first that can run always next, so warps drift apart
-//     by as many barriers as the kernel allows: the Rust side compares the results (races show
-//     as differences).
-// `__shared__` variables are thread_local statics (one block runs at a time per OS thread);
-// dynamic shared memory is a per-block buffer filled with 0xFF (NaN as floats) before each
-// block, so a read before a write shows. The FP16 conversions are _Float16's (round to nearest
-// even, like cvt.rn.f16.f32); floating-point contraction is off, so results can differ from the
-// GPU's in the last bits where nvcc would fuse a multiply-add: tests compare with tolerances
+//     by as many barriers as the kernel allows. The Rust side compares the results: a value read
+//     across a missing barrier shows as a difference. What cannot show: races between threads
+//     with no barrier between them at all (a non-atomic read-modify-write by many threads runs
+//     each thread's stretch whole, so it always "works"), and overlapping blocks.
+// Shared memory: `__shared__` arrays are thread_local statics registered on first use (one block
+// runs at a time per OS thread), dynamic shared memory a per-block buffer with guard bytes on
+// both sides (a write outside it fails the launch). Both are filled before every block with
+// 0xFF bytes (schedule 0) or random bytes (other schedules), so a read before a write differs
+// between schedules even where a NaN would vanish in fminf/fmaxf.
+// Numbers: the FP16 conversions are _Float16's (round to nearest even, like cvt.rn.f16.f32),
+// with NaNs made canonical both ways (0x7FFFFFFF, 0x7FFF) as cuda_fp16.hpp's host fallbacks,
+// written to match the device, do. Floating-point contraction is off, so results can differ from
+// the GPU's in the last bits where nvcc would fuse a multiply-add: tests compare with tolerances
 // where the kernels do arithmetic beyond one rounding.
+// Each fiber has a 128 KiB stack with a PROT_NONE page below it (an overflow crashes loudly).
 //
 // Entry point: `scorecam_host_launch` (below), over the table of kernels that the generated
 // translation unit appends (`SCORECAM_HOST_KERNEL(name)` entries).
@@ -32,8 +39,11 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
+#include <exception>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -47,6 +57,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// Arrays are rewritten by the builder to `SCORECAM_SHARED_ARRAY(T, name, N)` (registered and
+// poisoned per block); anything else declared __shared__ is a plain thread_local static.
 #define __shared__ static thread_local
 
 struct uint3 {
@@ -114,11 +126,15 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return old;
 }
 
-// FP16 <-> f32 for common.cuh's h2f / f2h under SCORECAM_HOST_EMULATION.
+// FP16 <-> f32 for common.cuh's h2f / f2h under SCORECAM_HOST_EMULATION: round to nearest even,
+// NaNs canonical (sign and payload dropped), as cuda_fp16.hpp's host fallbacks of the device
+// conversions give them.
 inline float scorecam_host_h2f(unsigned short h) {
+    if ((h & 0x7C00u) == 0x7C00u && (h & 0x03FFu)) return scorecam_bits<float>(0x7FFFFFFFu);
     return (float)scorecam_bits<_Float16>(h);
 }
 inline unsigned short scorecam_host_f2h(float f) {
+    if (f != f) return 0x7FFFu;
     return scorecam_bits<unsigned short>((_Float16)f);
 }
 
@@ -138,7 +154,7 @@ using AnyFn = void (*)();
 // One block being run: its fibers, the scheduler's context, the exchange slots of the shuffles.
 struct BlockRun {
     std::vector<Fiber> fibers;
-    std::unique_ptr<char[]> stacks;
+    char* stacks = nullptr;  // the calling OS thread's stack area (`stack_area`)
     ucontext_t scheduler;
     unsigned current = 0;
     std::vector<unsigned long long> exchange;  // one slot per thread
@@ -146,12 +162,54 @@ struct BlockRun {
     AnyFn fn = nullptr;
     void (*invoke)(AnyFn, void**) = nullptr;
     void** args = nullptr;
-    std::unique_ptr<unsigned char[]> dynamic_shared;
+    // Dynamic shared memory: SMEM_GUARD bytes, the block's bytes, SMEM_GUARD bytes.
+    std::vector<unsigned char> dynamic_shared;
+    size_t dynamic_shared_bytes = 0;
 };
 
 inline thread_local BlockRun* run = nullptr;
 
 constexpr size_t STACK_BYTES = 128 * 1024;
+constexpr size_t SMEM_GUARD = 64;
+constexpr unsigned char SMEM_CANARY = 0xA5;
+
+// Fiber stacks of this OS thread, grown when a launch needs more: slot i is a PROT_NONE page
+// then STACK_BYTES of stack. Kept for the thread's life (launches reuse them).
+struct StackArea {
+    char* base = nullptr;
+    size_t slots = 0;
+    static size_t page() { return (size_t)sysconf(_SC_PAGESIZE); }
+    static size_t slot_bytes() { return page() + STACK_BYTES; }
+    ~StackArea() {
+        if (base) munmap(base, slots * slot_bytes());
+    }
+    // The stacks of `n` fibers (nullptr if the memory cannot be had).
+    char* reserve(size_t n) {
+        if (n <= slots) return base;
+        if (base) munmap(base, slots * slot_bytes());
+        base = nullptr;
+        slots = 0;
+        void* p = mmap(nullptr, n * slot_bytes(), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return nullptr;
+        base = static_cast<char*>(p);
+        slots = n;
+        for (size_t i = 0; i < n; ++i) mprotect(base + i * slot_bytes(), page(), PROT_NONE);
+        return base;
+    }
+    static char* stack(char* base, size_t i) { return base + i * slot_bytes() + page(); }
+};
+inline thread_local StackArea stack_area;
+
+// The static __shared__ arrays this OS thread has met: poisoned before every block.
+inline thread_local std::vector<std::pair<void*, size_t>> static_shared;
+
+inline void register_shared(void* p, size_t n) {
+    for (const auto& e : static_shared)
+        if (e.first == p) return;
+    static_shared.emplace_back(p, n);
+    memset(p, 0xFF, n);  // its first block: read-before-write shows as NaN here too
+}
 
 inline unsigned threads_per_block() { return blockDim.x * blockDim.y * blockDim.z; }
 
@@ -181,6 +239,8 @@ inline void yield(Wait w) {
 
 inline void fiber_main() {
     run->invoke(run->fn, run->args);
+    // A lane that has exited gives NaN to a shuffle that reads it.
+    run->exchange[run->current] = ~0ull;
     run->fibers[run->current].wait = Wait::Done;
     // returning resumes uc_link: the scheduler
 }
@@ -226,10 +286,15 @@ inline bool release(BlockRun& r) {
     bool released = false;
     for (size_t w0 = 0; w0 < n; w0 += 32) {
         const size_t w1 = w0 + 32 < n ? w0 + 32 : n;
-        bool all = true;
-        for (size_t i = w0; i < w1; ++i) all = all && r.fibers[i].wait == Wait::Warp;
-        if (all) {
-            for (size_t i = w0; i < w1; ++i) r.fibers[i].wait = Wait::None;
+        // Exited lanes count as arrived (CUDA: every non-exited lane of the mask takes part).
+        bool all = true, any = false;
+        for (size_t i = w0; i < w1; ++i) {
+            any = any || r.fibers[i].wait == Wait::Warp;
+            all = all && (r.fibers[i].wait == Wait::Warp || r.fibers[i].wait == Wait::Done);
+        }
+        if (any && all) {
+            for (size_t i = w0; i < w1; ++i)
+                if (r.fibers[i].wait == Wait::Warp) r.fibers[i].wait = Wait::None;
             released = true;
         }
     }
@@ -260,6 +325,21 @@ inline void shuffle_order(std::vector<unsigned>& order, unsigned long long& stat
     for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[next_random(state) % i]);
 }
 
+// The guard bytes around the block's dynamic shared memory are untouched (else r.error).
+inline bool dynamic_shared_intact(BlockRun& r) {
+    const unsigned char* d = r.dynamic_shared.data();
+    const size_t n = r.dynamic_shared_bytes;
+    for (size_t i = 0; i < SMEM_GUARD; ++i) {
+        if (d[i] != SMEM_CANARY || d[SMEM_GUARD + n + i] != SMEM_CANARY) {
+            r.error = "block (" + std::to_string(blockIdx.x) + "): wrote " +
+                      (d[i] != SMEM_CANARY ? "before" : "past") + " its " + std::to_string(n) +
+                      " bytes of dynamic shared memory";
+            return false;
+        }
+    }
+    return true;
+}
+
 // Run fiber `i` to its next barrier (or its end). False when it failed.
 inline bool resume(BlockRun& r, unsigned i) {
     r.current = i;
@@ -274,13 +354,27 @@ inline bool resume(BlockRun& r, unsigned i) {
 // (its threads in a random order), so fast warps get as far ahead as barriers let them while
 // slow ones wait: a value read after a barrier, overwritten by a fast warp before a slow one
 // read it, shows.
-inline bool run_block(BlockRun& r, size_t dynamic_shared_bytes, unsigned long long& schedule) {
+// Fill `n` bytes at `p`: 0xFF in order, random bytes in a random schedule.
+inline void poison(void* p, size_t n, unsigned long long& schedule) {
+    unsigned char* b = static_cast<unsigned char*>(p);
+    if (!schedule) {
+        memset(b, 0xFF, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i += 8) {
+        const unsigned long long v = next_random(schedule);
+        memcpy(b + i, &v, n - i < 8 ? n - i : 8);
+    }
+}
+
+inline bool run_block(BlockRun& r, unsigned long long& schedule) {
     const unsigned n = threads_per_block();
-    if (dynamic_shared_bytes) memset(r.dynamic_shared.get(), 0xFF, dynamic_shared_bytes);
+    poison(r.dynamic_shared.data() + SMEM_GUARD, r.dynamic_shared_bytes, schedule);
+    for (const auto& e : static_shared) poison(e.first, e.second, schedule);
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = r.fibers[i];
         getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = r.stacks.get() + (size_t)i * STACK_BYTES;
+        f.ctx.uc_stack.ss_sp = StackArea::stack(r.stacks, i);
         f.ctx.uc_stack.ss_size = STACK_BYTES;
         f.ctx.uc_link = &r.scheduler;
         makecontext(&f.ctx, fiber_main, 0);
@@ -313,7 +407,7 @@ inline bool run_block(BlockRun& r, size_t dynamic_shared_bytes, unsigned long lo
         }
         bool done = true;
         for (const Fiber& f : r.fibers) done = done && f.wait == Wait::Done;
-        if (done) return true;
+        if (done) return dynamic_shared_intact(r);
         if (!release(r) && !ran) {
             r.error = "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
                       "," + std::to_string(blockIdx.z) +
@@ -366,7 +460,14 @@ constexpr Kernel kernel(const char* name, void (*f)(A...)) {
 
 // Dynamic shared memory: `extern __shared__ T name[];` is rewritten by the builder to
 // `T* name = reinterpret_cast<T*>(scorecam_dynamic_shared());`.
-inline void* scorecam_dynamic_shared() { return scorecam_host::run->dynamic_shared.get(); }
+inline void* scorecam_dynamic_shared() {
+    return scorecam_host::run->dynamic_shared.data() + scorecam_host::SMEM_GUARD;
+}
+
+// `__shared__ T name[N];` is rewritten by the builder to `SCORECAM_SHARED_ARRAY(T, name, N)`.
+#define SCORECAM_SHARED_ARRAY(T, name, N) \
+    static thread_local T name[N];        \
+    scorecam_host::register_shared(name, sizeof(name))
 
 inline void __syncthreads() { scorecam_host::yield(scorecam_host::Wait::Block); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -411,46 +512,56 @@ extern "C" __attribute__((visibility("default"))) int scorecam_host_launch(
         }
         return 1;
     };
-    const Kernel* k = scorecam_host_kernels;
-    while (k->name && strcmp(k->name, name) != 0) ++k;
-    if (!k->name) return failed(std::string("no kernel named `") + name + "`");
-    if (strcmp(k->kinds, kinds) != 0)
-        return failed(std::string(name) + ": arguments of kinds \"" + kinds +
-                      "\" passed, the kernel takes \"" + k->kinds + "\"");
-    const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
-    if (threads == 0 || threads > 1024)
-        return failed(std::string(name) + ": " + std::to_string(threads) +
-                      " threads per block (1..=1024)");
-    if ((unsigned long long)grid[0] * grid[1] * grid[2] == 0)
-        return failed(std::string(name) + ": an empty grid");
-    if (dynamic_shared > 228 * 1024)
-        return failed(std::string(name) + ": " + std::to_string(dynamic_shared) +
-                      " bytes of dynamic shared memory (an H100/H200 block has at most 227 KiB)");
+    // No C++ exception may unwind into the Rust caller.
+    try {
+        const Kernel* k = scorecam_host_kernels;
+        while (k->name && strcmp(k->name, name) != 0) ++k;
+        if (!k->name) return failed(std::string("no kernel named `") + name + "`");
+        if (strcmp(k->kinds, kinds) != 0)
+            return failed(std::string(name) + ": arguments of kinds \"" + kinds +
+                          "\" passed, the kernel takes \"" + k->kinds + "\"");
+        const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
+        if (threads == 0 || threads > 1024)
+            return failed(std::string(name) + ": " + std::to_string(threads) +
+                          " threads per block (1..=1024)");
+        if ((unsigned long long)grid[0] * grid[1] * grid[2] == 0)
+            return failed(std::string(name) + ": an empty grid");
+        // The most any launch may ask (H100/H200 opt-in); the Rust side checks each kernel's.
+        if (dynamic_shared > 232448)
+            return failed(std::string(name) + ": " + std::to_string(dynamic_shared) +
+                          " bytes of dynamic shared memory (at most 227 KiB per block)");
 
-    BlockRun r;
-    r.fibers.resize(threads);
-    r.stacks.reset(new char[threads * STACK_BYTES]);
-    r.exchange.assign(threads, 0);
-    r.fn = k->fn;
-    r.invoke = k->invoke;
-    r.args = args;
-    if (dynamic_shared) r.dynamic_shared.reset(new unsigned char[dynamic_shared]);
-    BlockRun* const outer = run;
-    run = &r;
-    gridDim = dim3{grid[0], grid[1], grid[2]};
-    blockDim = dim3{block[0], block[1], block[2]};
-    // Blocks in order, or (schedule != 0) in a random order: no kernel may depend on it.
-    std::vector<unsigned> blocks((size_t)grid[0] * grid[1] * grid[2]);
-    for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = (unsigned)i;
-    if (schedule) shuffle_order(blocks, schedule);
-    bool ok = true;
-    for (size_t i = 0; ok && i < blocks.size(); ++i) {
-        const unsigned b = blocks[i];
-        blockIdx = uint3{b % grid[0], (b / grid[0]) % grid[1], b / (grid[0] * grid[1])};
-        ok = run_block(r, dynamic_shared, schedule);
+        BlockRun r;
+        r.fibers.resize(threads);
+        r.stacks = stack_area.reserve(threads);
+        if (!r.stacks) return failed(std::string(name) + ": no memory for the fiber stacks");
+        r.exchange.assign(threads, 0);
+        r.fn = k->fn;
+        r.invoke = k->invoke;
+        r.args = args;
+        r.dynamic_shared.assign(dynamic_shared + 2 * SMEM_GUARD, SMEM_CANARY);
+        r.dynamic_shared_bytes = dynamic_shared;
+        BlockRun* const outer = run;
+        run = &r;
+        gridDim = dim3{grid[0], grid[1], grid[2]};
+        blockDim = dim3{block[0], block[1], block[2]};
+        // Blocks in order, or (schedule != 0) in a random order: no kernel may depend on it.
+        std::vector<unsigned> blocks((size_t)grid[0] * grid[1] * grid[2]);
+        for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = (unsigned)i;
+        if (schedule) shuffle_order(blocks, schedule);
+        bool ok = true;
+        for (size_t i = 0; ok && i < blocks.size(); ++i) {
+            const unsigned b = blocks[i];
+            blockIdx = uint3{b % grid[0], (b / grid[0]) % grid[1], b / (grid[0] * grid[1])};
+            ok = run_block(r, schedule);
+        }
+        run = outer;
+        return ok ? 0 : failed(std::string(name) + ": " + r.error);
+    } catch (const std::exception& e) {
+        return failed(std::string(name) + ": " + e.what());
+    } catch (...) {
+        return failed(std::string(name) + ": an exception");
     }
-    run = outer;
-    return ok ? 0 : failed(std::string(name) + ": " + r.error);
 }
 
 #endif  // SCORECAM_CUDA_HOST_HPP

@@ -4,10 +4,12 @@
 //! The embedded kernel sources, assembled as for NVRTC, are compiled by the host C++ compiler
 //! after `cuda_host.hpp` (fibers for the threads of a block, barriers and warp shuffles that
 //! detect deadlocks; see its header) into a shared library, loaded once per test process.
-//! Buffers carry guard bytes on both sides, checked after every launch, and inputs passed as
-//! read-only are checked unchanged: a kernel writing out of bounds or into its input fails the
-//! launch that did it. Every launch runs in order and then in random schedules of blocks and
-//! threads, and must give the same bytes each time: a missing barrier or a race fails it.
+//! Buffers carry 256 guard bytes on both sides, checked after every launch, and inputs passed as
+//! read-only are checked unchanged: a kernel writing just outside a buffer (or outside its
+//! dynamic shared memory) or into its input fails the launch that did it; reads outside are not
+//! seen. Every launch runs in order and then in random schedules of blocks and warps, and must
+//! give the same bytes each time: a value read across a missing barrier fails it (races with no
+//! barrier at all cannot show, see cuda_host.hpp).
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::collections::HashMap;
@@ -18,7 +20,8 @@ use std::sync::OnceLock;
 
 use bytemuck::Pod;
 use scorecam_gpu::backend::cuda::kernels::{
-    assemble_source, kernel_names, sources, KernelArg, KernelLaunch,
+    assemble_source, kernel_names, sources, KernelArg, KernelLaunch, SMEM_OPT_IN,
+    SMEM_OPT_IN_KERNELS,
 };
 
 /// The emulation header, pasted at the top of the generated unit.
@@ -38,6 +41,12 @@ const CXX_FLAGS: &[&str] = &[
     "-shared",
     "-w",
 ];
+
+// Arguments are passed in 8-byte slots with 4-byte values in their first bytes.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "the kernel host assumes little-endian"
+);
 
 type LaunchFn = unsafe extern "C" fn(
     *const c_char,
@@ -67,20 +76,30 @@ pub fn host() -> &'static KernelHost {
     HOST.get_or_init(|| KernelHost::build().unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// `extern __shared__ T name[];` → a pointer to the block's dynamic shared memory.
-fn rewrite_dynamic_shared(src: &str) -> String {
+/// Shared memory declarations for the emulation: `extern __shared__ T name[];` → a pointer to
+/// the block's dynamic shared memory; `__shared__ T name[N];` → `SCORECAM_SHARED_ARRAY(T, name,
+/// N);` (a thread_local array registered for poisoning before every block).
+fn rewrite_shared(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
     for line in src.lines() {
         let t = line.trim();
-        let decl = t
+        let dynamic = t
             .strip_prefix("extern __shared__ ")
             .and_then(|r| r.strip_suffix("[];"))
             .and_then(|r| r.rsplit_once(' '));
-        match decl {
-            Some((ty, name)) => out.push_str(&format!(
+        let array = t
+            .strip_prefix("__shared__ ")
+            .and_then(|r| r.strip_suffix("];"))
+            .and_then(|r| r.split_once('['))
+            .and_then(|(decl, n)| Some((decl.rsplit_once(' ')?, n)));
+        match (dynamic, array) {
+            (Some((ty, name)), _) => out.push_str(&format!(
                 "{ty}* {name} = reinterpret_cast<{ty}*>(scorecam_dynamic_shared());\n"
             )),
-            None => {
+            (None, Some(((ty, name), n))) => {
+                out.push_str(&format!("SCORECAM_SHARED_ARRAY({ty}, {name}, {n});\n"))
+            }
+            (None, None) => {
                 out.push_str(line);
                 out.push('\n');
             }
@@ -119,9 +138,9 @@ fn unit_source() -> Result<String, String> {
     let kernels = assemble_source(sources())?;
     let mut unit = String::new();
     unit.push_str(HEADER);
-    unit.push_str(&rewrite_dynamic_shared(&kernels));
+    unit.push_str(&rewrite_shared(&kernels));
     unit.push_str("#line 1 \"tests/kernel_host/selftest.cu\"\n");
-    unit.push_str(&rewrite_dynamic_shared(SELFTEST));
+    unit.push_str(&rewrite_shared(SELFTEST));
     unit.push_str("\nconst scorecam_host::Kernel scorecam_host_kernels[] = {\n");
     let selftest = global_functions(SELFTEST);
     for name in kernel_names()
@@ -180,7 +199,8 @@ impl KernelHost {
     /// a GPU picks.
     ///
     /// Errors: an unknown kernel, argument kinds that differ from the kernel's parameters, more
-    /// threads per block than its `__launch_bounds__` allow, a deadlock or a failed barrier in the kernel, a write outside a buffer or into an
+    /// threads per block than its `__launch_bounds__` allow, more dynamic shared memory than the
+    /// GPU gives it (48 KiB, [`SMEM_OPT_IN`] for the kernels that opt in), a deadlock or a failed barrier in the kernel, a write outside a buffer or into an
     /// [`Arg::In`] buffer, results that depend on the order (a missing barrier, a race).
     pub fn launch(
         &self,
@@ -190,6 +210,17 @@ impl KernelHost {
         dynamic_shared: usize,
         args: &mut [Arg<'_>],
     ) -> Result<(), String> {
+        let limit = if SMEM_OPT_IN_KERNELS.contains(&name) {
+            SMEM_OPT_IN
+        } else {
+            48 * 1024
+        };
+        if dynamic_shared > limit {
+            return Err(format!(
+                "{name}: {dynamic_shared} bytes of dynamic shared memory, the kernel may use \
+                 {limit} (static shared memory comes on top)"
+            ));
+        }
         let threads = block.iter().product::<u32>();
         if let Some(&bound) = self.bounds.get(name).filter(|&&b| threads > b) {
             return Err(format!(
@@ -252,7 +283,7 @@ impl KernelHost {
                     inputs.push((i, b.bytes().to_vec()));
                     ('p', b.ptr() as u64)
                 }
-                Arg::Out(b) => ('p', b.ptr_mut() as u64),
+                Arg::Out(b) => ('p', b.ptr() as u64),
                 Arg::I32(v) => ('i', *v as u32 as u64),
                 Arg::U32(v) => ('I', *v as u64),
                 Arg::I64(v) => ('l', *v as u64),
@@ -395,7 +426,12 @@ const CANARY: u8 = 0xA5;
 /// A buffer for a kernel: its data 256-byte aligned (plus `misalign` bytes, to exercise the
 /// kernels' unaligned paths) between guard bytes.
 pub struct HostBuf {
-    mem: Vec<u128>,
+    /// The allocation, only reached through `base` once made.
+    _mem: Vec<u128>,
+    /// Its first byte: every pointer handed to a kernel (and every read here) derives from it,
+    /// so writes anywhere in the allocation — the guards included — stay within its bounds.
+    base: *mut u8,
+    total: usize,
     start: usize,
     len: usize,
 }
@@ -404,19 +440,22 @@ impl HostBuf {
     /// A copy of `data`, `misalign` bytes past a 256-byte boundary.
     pub fn misaligned<T: Pod>(data: &[T], misalign: usize) -> HostBuf {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let start = GUARD + misalign;
-        let total = start + bytes.len() + GUARD;
-        let mem = vec![0u128; total.div_ceil(16) + 16];
-        let off = (mem.as_ptr() as usize).next_multiple_of(256) - mem.as_ptr() as usize;
-        let mut b = HostBuf {
-            mem,
-            start: off + start,
+        let mut mem = vec![0u128; (GUARD + misalign + bytes.len() + GUARD).div_ceil(16) + 16];
+        let total = mem.len() * 16;
+        let base = mem.as_mut_ptr() as *mut u8;
+        let start = (base as usize).next_multiple_of(256) - base as usize + GUARD + misalign;
+        // SAFETY: start + len + GUARD ≤ total (the 256 bytes of slack cover the alignment).
+        unsafe {
+            std::ptr::write_bytes(base, CANARY, total);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(start), bytes.len());
+        }
+        HostBuf {
+            _mem: mem,
+            base,
+            total,
+            start,
             len: bytes.len(),
-        };
-        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut b.mem);
-        all.fill(CANARY);
-        all[b.start..b.start + b.len].copy_from_slice(bytes);
-        b
+        }
     }
 
     /// A copy of `data`, aligned.
@@ -434,25 +473,30 @@ impl HostBuf {
         bytemuck::pod_collect_to_vec(self.bytes())
     }
 
-    fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<u128, u8>(&self.mem)[self.start..self.start + self.len]
+    /// The whole allocation, guards included.
+    fn all(&self) -> &[u8] {
+        // SAFETY: `base` points at `total` initialized bytes owned by `_mem`; no kernel runs
+        // while this borrow lives (launches take the buffers by reference for their duration).
+        unsafe { std::slice::from_raw_parts(self.base, self.total) }
     }
 
-    fn ptr(&self) -> *const u8 {
-        self.bytes().as_ptr()
+    fn bytes(&self) -> &[u8] {
+        &self.all()[self.start..self.start + self.len]
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        let (start, len) = (self.start, self.len);
-        &mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.mem)[start..start + len]
+        // SAFETY: as in `all`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(self.start), self.len) }
     }
 
-    fn ptr_mut(&mut self) -> *mut u8 {
-        self.bytes_mut().as_mut_ptr()
+    /// The data's first byte, for a kernel.
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: start < total.
+        unsafe { self.base.add(self.start) }
     }
 
     fn check_guards(&self) -> Result<(), String> {
-        let all: &[u8] = bytemuck::cast_slice(&self.mem);
+        let all = self.all();
         let before = &all[self.start - GUARD..self.start];
         let after = &all[self.start + self.len..self.start + self.len + GUARD];
         if let Some(i) = before.iter().rposition(|&b| b != CANARY) {
@@ -478,16 +522,16 @@ pub fn build_dir() -> PathBuf {
 }
 
 fn compile(cxx: &str, unit: &str, dir: &Path, lib_path: &Path) -> Result<(), String> {
-    let stem = lib_path.with_extension("");
-    let cpp = stem.with_extension("cpp");
-    std::fs::write(&cpp, unit).map_err(|e| format!("{}: {e}", cpp.display()))?;
-    // A private temporary name, renamed into place: concurrent test processes never load a
-    // half-written library.
-    let tmp = dir.join(format!(
-        "{}.{}.tmp",
-        lib_path.file_name().unwrap().to_string_lossy(),
+    // Private names, the library renamed into place: concurrent test processes never compile
+    // or load a half-written file.
+    let private = format!(
+        "{}.{}",
+        lib_path.file_stem().unwrap().to_string_lossy(),
         std::process::id()
-    ));
+    );
+    let cpp = dir.join(format!("{private}.cpp"));
+    std::fs::write(&cpp, unit).map_err(|e| format!("{}: {e}", cpp.display()))?;
+    let tmp = dir.join(format!("{private}.so.tmp"));
     let out = Command::new(cxx)
         .args(CXX_FLAGS)
         .arg("-o")
@@ -502,5 +546,8 @@ fn compile(cxx: &str, unit: &str, dir: &Path, lib_path: &Path) -> Result<(), Str
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    std::fs::rename(&tmp, lib_path).map_err(|e| format!("{}: {e}", lib_path.display()))
+    std::fs::rename(&tmp, lib_path).map_err(|e| format!("{}: {e}", lib_path.display()))?;
+    // Kept for a look at what was compiled.
+    let _ = std::fs::rename(&cpp, lib_path.with_extension("cpp"));
+    Ok(())
 }

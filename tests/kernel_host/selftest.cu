@@ -16,14 +16,35 @@ extern "C" __global__ void host_selftest_block_sum(const float* __restrict__ x,
 }
 
 // out[t] = the value thread (blockDim.x − 1 − t) stored in dynamic shared memory before the
-// barrier; out[blockDim.x] = the first word past what the threads stored (never written:
-// the emulation fills dynamic shared memory with NaN).
+// barrier.
 extern "C" __global__ void host_selftest_dynamic_shared(float* __restrict__ out) {
     extern __shared__ float s_selftest[];
     s_selftest[threadIdx.x] = (float)threadIdx.x;
     __syncthreads();
     out[threadIdx.x] = s_selftest[blockDim.x - 1 - threadIdx.x];
-    if (threadIdx.x == 0) out[blockDim.x] = s_selftest[blockDim.x];
+}
+
+// Reads shared memory nobody wrote: dynamic (`dynamic` != 0) or static.
+extern "C" __global__ void host_selftest_unwritten_shared(float* __restrict__ out, int dynamic) {
+    extern __shared__ float s_unwritten[];
+    __shared__ float s_static_unwritten[64];
+    out[threadIdx.x] = dynamic ? s_unwritten[threadIdx.x] : s_static_unwritten[threadIdx.x];
+}
+
+// Writes one float past its dynamic shared memory (blockDim.x floats).
+extern "C" __global__ void host_selftest_shared_overflow(float* __restrict__ out) {
+    extern __shared__ float s_overflow[];
+    s_overflow[threadIdx.x + 1] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = s_overflow[threadIdx.x];
+}
+
+// Lanes 20..31 exit; the others meet at a shuffle and read lane 0 and an exited lane (NaN).
+extern "C" __global__ void host_selftest_exited_lanes(float* __restrict__ out) {
+    if ((threadIdx.x & 31) >= 20) return;
+    const float v = (float)threadIdx.x;
+    out[2 * threadIdx.x] = __shfl_sync(0xffffffffu, v, 0);
+    out[2 * threadIdx.x + 1] = __shfl_sync(0xffffffffu, v, 25);
 }
 
 // The same exchange as host_selftest_dynamic_shared without its barrier: a race.

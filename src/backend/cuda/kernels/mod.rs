@@ -107,6 +107,8 @@ pub const SMEM_DEFAULT: usize = 44 * 1024;
 /// Dynamic shared memory `masks` opts into where the device allows (cuFuncSetAttribute), so the
 /// separable mode also covers e.g. a 28×28 layer at S = 448 (53 KiB).
 pub const SMEM_OPT_IN: usize = 96 * 1024;
+/// The kernels that opt into [`SMEM_OPT_IN`]; every other kernel has the 48 KiB default.
+pub const SMEM_OPT_IN_KERNELS: &[&str] = &["masks", "masks_direct"];
 
 // ---------------------------------------------------------------------------------------------
 // Launches as data
@@ -222,7 +224,7 @@ impl Kernels {
         let want = SMEM_OPT_IN.min(opt_in.saturating_sub(4 * 1024));
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         let masks_smem = if want > SMEM_DEFAULT
-            && ["masks", "masks_direct"]
+            && SMEM_OPT_IN_KERNELS
                 .iter()
                 .all(|k| functions[k].set_attribute(attr, want as i32).is_ok())
         {
