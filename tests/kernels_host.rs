@@ -857,8 +857,11 @@ struct MasksCase {
     /// budget the kernel (separable when plane and rows fit, else the plane alone, else none).
     limits: LaunchLimits,
     misalign: usize,
-    /// The kernel the launcher must pick, and its blocks per item.
+    /// The kernel the launcher must pick.
     want_kernel: &'static str,
+    /// Fewer blocks than the launcher's (items × blocks per item): the kernel's grid-stride loop
+    /// over items, which must give the same masks with any grid.
+    grid: Option<u32>,
 }
 
 fn run_masks_case(case: MasksCase) {
@@ -937,6 +940,15 @@ fn run_masks_case(case: MasksCase) {
     )
     .unwrap();
     assert_eq!(launch.kernel, case.want_kernel, "{case:?}");
+    let mut launch = launch;
+    if let Some(grid) = case.grid {
+        assert!(
+            grid < launch.grid,
+            "{case:?}: the launcher's grid is {}",
+            launch.grid
+        );
+        launch.grid = grid;
+    }
     let buffers = vec![
         Arg::In(&ib),
         Arg::In(&ab),
@@ -1025,6 +1037,7 @@ fn masks_match_host() {
             limits,
             misalign,
             want_kernel,
+            grid: None,
         });
     }
 }
@@ -1064,16 +1077,20 @@ fn masks_variants_match_host() {
     ];
     for style in styles {
         for (smem, want_kernel) in modes {
-            run_masks_case(MasksCase {
-                h,
-                w,
-                s,
-                cpad: 8,
-                style,
-                limits: device(4, smem),
-                misalign: 0,
-                want_kernel,
-            });
+            // The launcher's grid, then five blocks for all the items (each loops over several).
+            for grid in [None, Some(5)] {
+                run_masks_case(MasksCase {
+                    h,
+                    w,
+                    s,
+                    cpad: 8,
+                    style,
+                    limits: device(4, smem),
+                    misalign: 0,
+                    want_kernel,
+                    grid,
+                });
+            }
         }
     }
 }
