@@ -169,6 +169,7 @@ impl KernelHost {
         if !lib_path.exists() {
             compile(&cxx, &unit, &dir, &lib_path)?;
         }
+        remove_stale(&dir, &lib_path);
         // SAFETY: the library is the unit built above; loading runs no initializers beyond
         // the C++ runtime's.
         let lib = unsafe { libloading::Library::new(&lib_path) }
@@ -513,6 +514,29 @@ impl HostBuf {
             ));
         }
         Ok(())
+    }
+}
+
+/// Builds of older sources (another key) untouched for an hour: each edit of a kernel leaves
+/// one behind. Younger ones may be in use by another test process.
+fn remove_stale(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let path = e.path();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > hour);
+        let ours = path.file_stem() == keep.file_stem();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if old && !ours && name.is_some_and(|n| n.starts_with("kernels-")) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
