@@ -15,15 +15,20 @@
 mod common;
 mod kernel_host;
 
+use bytemuck::Pod;
 use half::f16;
 use kernel_host::{host, Arg, HostBuf};
 use scorecam_gpu::backend::cpu;
-use scorecam_gpu::backend::cuda::kernels::{self as k, LaunchLimits, MaskVariant, MasksShape};
+use scorecam_gpu::backend::cuda::kernels::{
+    self as k, KernelLaunch, LaunchLimits, MaskVariant, MasksShape,
+};
 use scorecam_gpu::backend::cuda::kernels::{
     kernel_names, BLOCK, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE, SMEM_DEFAULT, SMEM_OPT_IN,
 };
+use scorecam_gpu::backend::cuda::nhwc_f16_to_nchw;
 use scorecam_gpu::backend::fp8::{e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3};
 use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
+use scorecam_gpu::Error;
 
 /// A device with one SM (grid-stride grids of at most 32 blocks) and the default shared memory.
 const LIMITS: LaunchLimits = LaunchLimits {
@@ -44,19 +49,20 @@ fn every_f16() -> Vec<f16> {
     (0..=u16::MAX).map(f16::from_bits).collect()
 }
 
-/// `[n, h, w, c]` → `[n·c]` planes of `h·w` (the CPU reference's layout).
-fn nhwc_to_planes(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
-    let mut p = vec![0f32; x.len()];
-    for i in 0..n {
-        for y in 0..h {
-            for xx in 0..w {
-                for ch in 0..c {
-                    p[((i * c + ch) * h + y) * w + xx] = x[((i * h + y) * w + xx) * c + ch];
-                }
-            }
-        }
-    }
-    p
+/// Runs `launch` with `inputs` as its first buffers (read-only) and `out` as its last; returns
+/// `out`'s data.
+fn run_into<O: Pod>(
+    launch: Result<KernelLaunch, Error>,
+    inputs: &[&HostBuf],
+    mut out: HostBuf,
+) -> Vec<O> {
+    let launch = launch.unwrap();
+    let mut buffers: Vec<Arg<'_>> = inputs.iter().map(|b| Arg::In(b)).collect();
+    buffers.push(Arg::Out(&mut out));
+    host()
+        .run(&launch, buffers)
+        .unwrap_or_else(|e| panic!("{e}"));
+    out.read()
 }
 
 /// `got` equals `want` within `atol + rtol·|want|` everywhere (NaN only where `want` is NaN).
@@ -331,14 +337,9 @@ fn preprocess_matches_host() {
     for cpad in [3usize, 4, 8] {
         for misalign in [0usize, 2] {
             let n_out = s * s * cpad;
-            let mut out = HostBuf::misaligned(&vec![f16::from_f32(9.0); n_out], misalign);
+            let out = HostBuf::misaligned(&vec![f16::from_f32(9.0); n_out], misalign);
             let launch = k::preprocess_launch(rgb.len(), n_out, s, mean, std, cpad, &LIMITS);
-            host()
-                .run(
-                    &launch.unwrap(),
-                    vec![Arg::In(&rgb_buf), Arg::Out(&mut out)],
-                )
-                .unwrap();
+            let got: Vec<f16> = run_into(launch, &[&rgb_buf], out);
             let want: Vec<f16> = (0..n_out)
                 .map(|i| {
                     let (p, c) = (i / cpad, i % cpad);
@@ -350,7 +351,7 @@ fn preprocess_matches_host() {
                 })
                 .collect();
             let what = format!("preprocess cpad {cpad} +{misalign}");
-            assert_same_f16(&out.read::<f16>(), &want, &what);
+            assert_same_f16(&got, &want, &what);
         }
     }
 }
@@ -445,22 +446,30 @@ fn fill_uniform_f16_matches_host() {
 // ---------------------------------------------------------------------------------------------
 // pool.cu
 
+/// `maxpool2` of FP16 NHWC `x` `[n, h, w, c]`, buffers `misalign` bytes off alignment.
+fn maxpool2_on_host(x: &[f16], [n, h, w, c]: [usize; 4], misalign: usize) -> Vec<f16> {
+    let n_out = n * (h / 2) * (w / 2) * c;
+    let out = HostBuf::misaligned(&vec![f16::NAN; n_out], misalign);
+    let launch = k::maxpool2_launch(x.len(), n_out, [n, h, w, c], &LIMITS);
+    run_into(launch, &[&HostBuf::misaligned(x, misalign)], out)
+}
+
+/// `maxpool2_e4m3` of E4M3 NHWC `x` `[n, h, w, c]`, buffers `misalign` bytes off alignment.
+fn maxpool2_e4m3_on_host(x: &[u8], [n, h, w, c]: [usize; 4], misalign: usize) -> Vec<u8> {
+    let n_out = n * (h / 2) * (w / 2) * c;
+    let out = HostBuf::misaligned(&vec![0xEEu8; n_out], misalign);
+    let launch = k::maxpool2_e4m3_launch(x.len(), n_out, [n, h, w, c], &LIMITS);
+    run_into(launch, &[&HostBuf::misaligned(x, misalign)], out)
+}
+
 fn maxpool2_matches_host() {
     let (n, h, w) = (2usize, 7usize, 6usize);
     for (c, misalign) in [(16usize, 0usize), (16, 2), (3, 0)] {
         let x = f16s(&common::values(n * h * w * c, 7));
-        let xb = HostBuf::misaligned(&x, misalign);
-        let (oh, ow) = (h / 2, w / 2);
-        let n_out = n * oh * ow * c;
-        let mut y = HostBuf::misaligned(&vec![f16::NAN; n_out], misalign);
-        let launch = k::maxpool2_launch(x.len(), n_out, [n, h, w, c], &LIMITS).unwrap();
-        host()
-            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut y)])
-            .unwrap();
-        let planes = nhwc_to_planes(&to_f32(&x), n, h, w, c);
-        let want_planes = cpu::maxpool2(&planes, n * c, h, w);
-        let got = nhwc_to_planes(&to_f32(&y.read::<f16>()), n, oh, ow, c);
-        assert_eq!(got, want_planes, "maxpool2 c {c} +{misalign}");
+        let got = maxpool2_on_host(&x, [n, h, w, c], misalign);
+        let want = cpu::maxpool2(&nhwc_f16_to_nchw(&x, n, c, h, w, c), n * c, h, w);
+        let got = nhwc_f16_to_nchw(&got, n, c, h / 2, w / 2, c);
+        assert_eq!(got, want, "maxpool2 c {c} +{misalign}");
     }
 }
 
@@ -471,16 +480,10 @@ fn maxpool2_e4m3_matches_host() {
         let x: Vec<u8> = (0..n * h * w * c)
             .map(|i| (splitmix64(i as u64 + 99) >> 56) as u8)
             .collect();
-        let xb = HostBuf::misaligned(&x, misalign);
+        let got = maxpool2_e4m3_on_host(&x, [n, h, w, c], misalign);
         let (oh, ow) = (h / 2, w / 2);
-        let n_out = n * oh * ow * c;
-        let mut y = HostBuf::misaligned(&vec![0xEEu8; n_out], misalign);
-        let launch = k::maxpool2_e4m3_launch(x.len(), n_out, [n, h, w, c], &LIMITS).unwrap();
-        host()
-            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut y)])
-            .unwrap();
         let at = |i: usize, yy: usize, xx: usize, ch: usize| x[((i * h + yy) * w + xx) * c + ch];
-        let mut want = Vec::with_capacity(n_out);
+        let mut want = Vec::with_capacity(got.len());
         for i in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -494,7 +497,7 @@ fn maxpool2_e4m3_matches_host() {
                 }
             }
         }
-        assert_eq!(y.read::<u8>(), want, "maxpool2_e4m3 c {c} +{misalign}");
+        assert_eq!(got, want, "maxpool2_e4m3 c {c} +{misalign}");
     }
 }
 
@@ -507,17 +510,12 @@ fn adaptive_avgpool_matches_host() {
         (14, 14, 7, 7),
     ] {
         let x = f16s(&common::values(n * h * w * c, 8));
-        let xb = HostBuf::of(&x);
         let n_out = n * oh * ow * c;
-        let mut y = HostBuf::zeroed::<f16>(n_out);
-        let launch =
-            k::adaptive_avgpool_launch(x.len(), n_out, [n, h, w, c], [oh, ow], &LIMITS).unwrap();
-        host()
-            .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut y)])
-            .unwrap();
-        let planes = nhwc_to_planes(&to_f32(&x), n, h, w, c);
+        let launch = k::adaptive_avgpool_launch(x.len(), n_out, [n, h, w, c], [oh, ow], &LIMITS);
+        let got: Vec<f16> = run_into(launch, &[&HostBuf::of(&x)], HostBuf::zeroed::<f16>(n_out));
+        let planes = nhwc_f16_to_nchw(&x, n, c, h, w, c);
         let want = to_f32(&f16s(&cpu::adaptive_avgpool(&planes, n * c, h, w, oh, ow)));
-        let got = nhwc_to_planes(&to_f32(&y.read::<f16>()), n, oh, ow, c);
+        let got = nhwc_f16_to_nchw(&got, n, c, oh, ow, c);
         // f32 sums in another order, then one FP16 rounding: at most an FP16 ulp apart.
         let what = format!("adaptive_avgpool {h}×{w} → {oh}×{ow}");
         assert_close(&got, &want, 1e-3, 1e-3, &what);
@@ -578,14 +576,20 @@ fn fp8_scales_match_host() {
 
 /// `quantize_e4m3` of `x` at `multiplier`, on the CPU emulation.
 fn quantize_on_host(x: &[f16], multiplier: f32) -> Vec<u8> {
-    let xb = HostBuf::of(x);
-    let m = HostBuf::of(&[multiplier]);
-    let mut out = HostBuf::zeroed::<u8>(x.len());
-    let launch = k::quantize_e4m3_launch(x.len(), 1, x.len(), x.len(), &LIMITS).unwrap();
-    host()
-        .run(&launch, vec![Arg::In(&xb), Arg::In(&m), Arg::Out(&mut out)])
-        .unwrap();
-    out.read::<u8>()
+    let launch = k::quantize_e4m3_launch(x.len(), 1, x.len(), x.len(), &LIMITS);
+    let inputs = [&HostBuf::of(x), &HostBuf::of(&[multiplier])];
+    run_into(launch, &inputs, HostBuf::zeroed::<u8>(x.len()))
+}
+
+/// `dequantize_e4m3` of `codes` at `multiplier`, the codes `misalign` bytes off alignment.
+fn dequantize_on_host(codes: &[u8], multiplier: f32, misalign: usize) -> Vec<f16> {
+    let n = codes.len();
+    let launch = k::dequantize_e4m3_launch(n, 1, n, n, &LIMITS);
+    let inputs = [
+        &HostBuf::misaligned(codes, misalign),
+        &HostBuf::of(&[multiplier]),
+    ];
+    run_into(launch, &inputs, HostBuf::of(&vec![f16::from_f32(9.0); n]))
 }
 
 fn same_e4m3(a: u8, b: u8) -> bool {
@@ -657,19 +661,12 @@ fn quantize_e4m3_rounds_like_cuda_fp8() {
 fn dequantize_e4m3_matches_host_on_every_code() {
     let codes: Vec<u8> = (0..=255).collect();
     for (multiplier, misalign) in [(1.0f32, 0usize), (2.5, 1), (1.0 / 448.0, 0)] {
-        let xb = HostBuf::misaligned(&codes, misalign);
-        let m = HostBuf::of(&[multiplier]);
-        let mut out = HostBuf::zeroed::<f16>(codes.len());
-        let n = codes.len();
-        let launch = k::dequantize_e4m3_launch(n, 1, n, n, &LIMITS).unwrap();
-        host()
-            .run(&launch, vec![Arg::In(&xb), Arg::In(&m), Arg::Out(&mut out)])
-            .unwrap();
         let want: Vec<f16> = codes
             .iter()
             .map(|&b| f16::from_f32(e4m3_to_f32(b) / multiplier))
             .collect();
-        for (i, (g, w)) in out.read::<f16>().iter().zip(&want).enumerate() {
+        let got = dequantize_on_host(&codes, multiplier, misalign);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let same = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
             assert!(same, "×{multiplier}: code {i:#04x}: got {g}, want {w}");
         }
@@ -689,40 +686,13 @@ fn e4m3_pooling_commutes_with_quantization() {
     x[77] = 1e4; // saturates at 448 / multiplier
     let x = f16s(&x);
     let multiplier = 37.0f32;
-    let m = HostBuf::of(&[multiplier]);
-    let (len, pooled) = (x.len(), n * (h / 2) * (w / 2) * c);
-    let quantize = |src: &HostBuf, len: usize| {
-        let mut q = HostBuf::zeroed::<u8>(len);
-        let launch = k::quantize_e4m3_launch(len, 1, len, len, &LIMITS).unwrap();
-        host()
-            .run(&launch, vec![Arg::In(src), Arg::In(&m), Arg::Out(&mut q)])
-            .unwrap();
-        q
-    };
-    let dequantize = |src: &HostBuf, len: usize| {
-        let mut y = HostBuf::zeroed::<f16>(len);
-        let launch = k::dequantize_e4m3_launch(len, 1, len, len, &LIMITS).unwrap();
-        host()
-            .run(&launch, vec![Arg::In(src), Arg::In(&m), Arg::Out(&mut y)])
-            .unwrap();
-        y.read::<f16>()
-    };
-    let xb = HostBuf::of(&x);
+    let shape = [n, h, w, c];
     // E4M3 all the way.
-    let q = quantize(&xb, len);
-    let mut qp = HostBuf::zeroed::<u8>(pooled);
-    let launch = k::maxpool2_e4m3_launch(len, pooled, [n, h, w, c], &LIMITS).unwrap();
-    host()
-        .run(&launch, vec![Arg::In(&q), Arg::Out(&mut qp)])
-        .unwrap();
-    let chained = dequantize(&qp, pooled);
+    let codes = maxpool2_e4m3_on_host(&quantize_on_host(&x, multiplier), shape, 0);
+    let chained = dequantize_on_host(&codes, multiplier, 0);
     // FP16 pool first.
-    let mut p = HostBuf::zeroed::<f16>(pooled);
-    let launch = k::maxpool2_launch(len, pooled, [n, h, w, c], &LIMITS).unwrap();
-    host()
-        .run(&launch, vec![Arg::In(&xb), Arg::Out(&mut p)])
-        .unwrap();
-    let direct = dequantize(&quantize(&p, pooled), pooled);
+    let codes = quantize_on_host(&maxpool2_on_host(&x, shape, 0), multiplier);
+    let direct = dequantize_on_host(&codes, multiplier, 0);
     assert_same_f16(&chained, &direct, "E4M3 pool vs FP16 pool");
     let saturated = f16::from_f32(448.0 / multiplier);
     assert!(
@@ -744,14 +714,8 @@ fn scores_match_host() {
     let lb = HostBuf::of(&logits);
     let tb = HostBuf::of(&targets);
     for probability in [true, false] {
-        let mut out = HostBuf::zeroed::<f32>(b * t);
-        let launch = k::scores_launch(b * c, b * t, b * t, b, c, t, probability).unwrap();
-        host()
-            .run(
-                &launch,
-                vec![Arg::In(&lb), Arg::In(&tb), Arg::Out(&mut out)],
-            )
-            .unwrap();
+        let launch = k::scores_launch(b * c, b * t, b * t, b, c, t, probability);
+        let got: Vec<f32> = run_into(launch, &[&lb, &tb], HostBuf::zeroed::<f32>(b * t));
         let mut want = Vec::with_capacity(b * t);
         for r in 0..b {
             let row = &logits[r * c..][..c];
@@ -764,7 +728,7 @@ fn scores_match_host() {
             }
         }
         let what = format!("scores probability {probability}");
-        assert_close(&out.read::<f32>(), &want, 1e-9, 1e-5, &what);
+        assert_close(&got, &want, 1e-9, 1e-5, &what);
     }
 }
 
@@ -779,16 +743,9 @@ fn weighted_channel_sum_matches_host() {
         let ab = HostBuf::misaligned(&acts, misalign);
         let wb = HostBuf::of(&weights);
         for relu in [false, true] {
-            let mut out = HostBuf::zeroed::<f32>(h * w);
             let launch =
-                k::weighted_channel_sum_launch(acts.len(), kk, h * w, h, w, kk, relu, &LIMITS)
-                    .unwrap();
-            host()
-                .run(
-                    &launch,
-                    vec![Arg::In(&ab), Arg::In(&wb), Arg::Out(&mut out)],
-                )
-                .unwrap();
+                k::weighted_channel_sum_launch(acts.len(), kk, h * w, h, w, kk, relu, &LIMITS);
+            let got: Vec<f32> = run_into(launch, &[&ab, &wb], HostBuf::zeroed::<f32>(h * w));
             let want: Vec<f32> = (0..h * w)
                 .map(|p| {
                     let s: f64 = (0..kk)
@@ -802,7 +759,7 @@ fn weighted_channel_sum_matches_host() {
                 })
                 .collect();
             let what = format!("weighted_channel_sum k {kk} +{misalign} relu {relu}");
-            assert_close(&out.read::<f32>(), &want, 1e-5, 1e-5, &what);
+            assert_close(&got, &want, 1e-5, 1e-5, &what);
         }
     }
 }

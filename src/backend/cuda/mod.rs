@@ -72,6 +72,7 @@ use self::weights::DevModel;
 
 pub use self::conv::{GraphUse, PlanChoice};
 pub use self::device::CudaBuf;
+pub use self::layout::nhwc_f16_to_nchw;
 
 /// Channels of an input image as stored on the device (3 real + zeros). 8 FP16 values = 16
 /// bytes per pixel: the channel multiple cuDNN's FP16 tensor-core NHWC kernels are built for,
