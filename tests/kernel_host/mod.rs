@@ -133,16 +133,15 @@ pub fn global_functions(src: &str) -> Vec<(String, Option<u32>)> {
     found
 }
 
-/// The generated translation unit: header, kernels, self-test kernels, the kernel table.
-fn unit_source() -> Result<String, String> {
-    let kernels = assemble_source(sources())?;
+/// The generated translation unit: header, `kernels` (the assembled kernel sources), the
+/// self-test kernels, the table of `kernels`' kernels and `selftest`'s.
+fn unit_source(kernels: &str, selftest: &[(String, Option<u32>)]) -> String {
     let mut unit = String::new();
     unit.push_str(HEADER);
-    unit.push_str(&rewrite_shared(&kernels));
+    unit.push_str(&rewrite_shared(kernels));
     unit.push_str("#line 1 \"tests/kernel_host/selftest.cu\"\n");
     unit.push_str(&rewrite_shared(SELFTEST));
     unit.push_str("\nconst scorecam_host::Kernel scorecam_host_kernels[] = {\n");
-    let selftest = global_functions(SELFTEST);
     for name in kernel_names()
         .iter()
         .copied()
@@ -151,19 +150,21 @@ fn unit_source() -> Result<String, String> {
         unit.push_str(&format!("    SCORECAM_HOST_KERNEL({name}),\n"));
     }
     unit.push_str("    {},\n};\n");
-    Ok(unit)
+    unit
 }
 
 impl KernelHost {
     fn build() -> Result<KernelHost, String> {
         let cxx = crate::common::cxx_compiler()
             .ok_or("no C++ compiler (c++, g++ or clang++; or set $CXX)")?;
-        let unit = unit_source()?;
+        let kernels = assemble_source(sources())?;
+        let selftest = global_functions(SELFTEST);
+        let unit = unit_source(&kernels, &selftest);
         let key = twox_hash::XxHash64::oneshot(
             0,
             format!("{cxx}\n{}\n{unit}", CXX_FLAGS.join(" ")).as_bytes(),
         );
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host");
+        let dir = build_dir();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let lib_path = dir.join(format!("kernels-{key:016x}.so"));
         if !lib_path.exists() {
@@ -178,9 +179,9 @@ impl KernelHost {
         let launch = unsafe { lib.get::<LaunchFn>(b"scorecam_host_launch\0") }
             .map(|f| *f)
             .map_err(|e| format!("{}: {e}", lib_path.display()))?;
-        let bounds = global_functions(&assemble_source(sources())?)
+        let bounds = global_functions(&kernels)
             .into_iter()
-            .chain(global_functions(SELFTEST))
+            .chain(selftest)
             .filter_map(|(name, bound)| Some((name, bound?)))
             .collect();
         Ok(KernelHost {
