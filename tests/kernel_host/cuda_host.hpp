@@ -219,6 +219,12 @@ inline void set_thread_index(unsigned tid) {
     threadIdx.z = tid / (blockDim.x * blockDim.y);
 }
 
+// "block (x,y,z)" of the running block, for messages.
+inline std::string block_name() {
+    return "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+           std::to_string(blockIdx.z) + ")";
+}
+
 // Leave the running fiber for the scheduler, marked `w`.
 inline void yield(Wait w) {
     Fiber& f = run->fibers[run->current];
@@ -229,9 +235,7 @@ inline void yield(Wait w) {
 // Stop the block with `msg` (the first failure is kept); the fiber is never resumed.
 [[noreturn]] inline void fail(const std::string& msg) {
     if (run->error.empty()) {
-        run->error = "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
-                     "," + std::to_string(blockIdx.z) + ") thread " +
-                     std::to_string(run->current) + ": " + msg;
+        run->error = block_name() + " thread " + std::to_string(run->current) + ": " + msg;
     }
     yield(Wait::Failed);
     __builtin_unreachable();
@@ -331,7 +335,7 @@ inline bool dynamic_shared_intact(BlockRun& r) {
     const size_t n = r.dynamic_shared_bytes;
     for (size_t i = 0; i < SMEM_GUARD; ++i) {
         if (d[i] != SMEM_CANARY || d[SMEM_GUARD + n + i] != SMEM_CANARY) {
-            r.error = "block (" + std::to_string(blockIdx.x) + "): wrote " +
+            r.error = block_name() + ": wrote " +
                       (d[i] != SMEM_CANARY ? "before" : "past") + " its " + std::to_string(n) +
                       " bytes of dynamic shared memory";
             return false;
@@ -409,9 +413,7 @@ inline bool run_block(BlockRun& r, unsigned long long& schedule) {
         for (const Fiber& f : r.fibers) done = done && f.wait == Wait::Done;
         if (done) return dynamic_shared_intact(r);
         if (!release(r) && !ran) {
-            r.error = "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
-                      "," + std::to_string(blockIdx.z) +
-                      "): deadlock, no barrier can release: " + describe_waits(r);
+            r.error = block_name() + ": deadlock, no barrier can release: " + describe_waits(r);
             return false;
         }
     }
