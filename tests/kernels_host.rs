@@ -15,20 +15,16 @@
 mod common;
 mod kernel_host;
 
-use bytemuck::Pod;
 use half::f16;
-use kernel_host::{host, Arg, HostBuf};
+use kernel_host::{host, run_into, Arg, HostBuf};
 use scorecam_gpu::backend::cpu;
-use scorecam_gpu::backend::cuda::kernels::{
-    self as k, KernelLaunch, LaunchLimits, MaskVariant, MasksShape,
-};
+use scorecam_gpu::backend::cuda::kernels::{self as k, LaunchLimits, MaskVariant, MasksShape};
 use scorecam_gpu::backend::cuda::kernels::{
     kernel_names, BLOCK, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE, SMEM_DEFAULT, SMEM_OPT_IN,
 };
 use scorecam_gpu::backend::cuda::nhwc_f16_to_nchw;
 use scorecam_gpu::backend::fp8::{e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3};
 use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
-use scorecam_gpu::Error;
 
 /// A device with one SM (grid-stride grids of at most 32 blocks) and the default shared memory.
 const LIMITS: LaunchLimits = LaunchLimits {
@@ -47,22 +43,6 @@ fn to_f32(x: &[f16]) -> Vec<f32> {
 /// Every 16-bit pattern as an FP16.
 fn every_f16() -> Vec<f16> {
     (0..=u16::MAX).map(f16::from_bits).collect()
-}
-
-/// Runs `launch` with `inputs` as its first buffers (read-only) and `out` as its last; returns
-/// `out`'s data.
-fn run_into<O: Pod>(
-    launch: Result<KernelLaunch, Error>,
-    inputs: &[&HostBuf],
-    mut out: HostBuf,
-) -> Vec<O> {
-    let launch = launch.unwrap();
-    let mut buffers: Vec<Arg<'_>> = inputs.iter().map(|b| Arg::In(b)).collect();
-    buffers.push(Arg::Out(&mut out));
-    host()
-        .run(&launch, buffers)
-        .unwrap_or_else(|e| panic!("{e}"));
-    out.read()
 }
 
 /// `got` equals `want` within `atol + rtol·|want|` everywhere (NaN only where `want` is NaN).

@@ -23,6 +23,7 @@ use scorecam_gpu::backend::cuda::kernels::{
     assemble_source, kernel_names, sources, KernelArg, KernelLaunch, SMEM_OPT_IN,
     SMEM_OPT_IN_KERNELS,
 };
+use scorecam_gpu::Error;
 
 /// The emulation header, pasted at the top of the generated unit.
 const HEADER: &str = include_str!("cuda_host.hpp");
@@ -403,6 +404,22 @@ impl KernelHost {
     ) -> Result<(), String> {
         self.launch(name, [grid, 1, 1], [block, 1, 1], dynamic_shared, args)
     }
+}
+
+/// Runs `launch` with `inputs` as its first buffers (read-only) and `out` as its last; returns
+/// `out`'s data.
+pub fn run_into<O: Pod>(
+    launch: Result<KernelLaunch, Error>,
+    inputs: &[&HostBuf],
+    mut out: HostBuf,
+) -> Vec<O> {
+    let launch = launch.unwrap();
+    let mut buffers: Vec<Arg<'_>> = inputs.iter().map(|b| Arg::In(b)).collect();
+    buffers.push(Arg::Out(&mut out));
+    host()
+        .run(&launch, buffers)
+        .unwrap_or_else(|e| panic!("{e}"));
+    out.read()
 }
 
 /// A kernel argument.

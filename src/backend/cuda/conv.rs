@@ -18,7 +18,8 @@ use half::f16;
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
 use super::cudnn_graph::{ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
-use super::fp8::{Fp8Forms, Fp8State, StageRoute};
+use super::forward_plan::{Fp8Forms, StageRoute};
+use super::fp8::Fp8State;
 use super::kernels::Kernels;
 use super::profile::new_event;
 use super::weights::DevConv;
@@ -134,7 +135,7 @@ pub struct PlanChoice {
     pub fp8: bool,
     /// The fastest plan with an E4M3 output (the next conv's input quantized here: an FP8 conv,
     /// or an FP16 one before the first FP8 conv), and whether it is kept. See
-    /// [`super::fp8::route`] for which plan a forward runs.
+    /// [`super::forward_plan::route`] for which plan a forward runs.
     pub e4m3_out_ms: Option<f32>,
     pub e4m3_out: bool,
 }
@@ -557,13 +558,14 @@ pub(super) struct Fp8Run<'a> {
     pub next: Option<usize>,
 }
 
-/// Where an FP8 conv's input is.
-pub(super) enum Fp8Input<'v, 'a> {
-    /// FP16 activations (all of the view): quantized into the FP8 input buffer first, at the
-    /// stage's multiplier.
+/// Where a conv's input is.
+pub(super) enum ConvInput<'v, 'a> {
+    /// FP16 activations (all of the view); an FP8 plan quantizes them into the FP8 input
+    /// buffer first, at the stage's multiplier (the tuning; a forward's plan quantizes in a
+    /// step of its own and passes the codes).
     Half(&'v CudaView<'a, f16>),
-    /// E4M3 codes already at the stage's multiplier, at this device address: the previous FP8
-    /// conv's output (or, in the tuning, the FP8 input buffer).
+    /// E4M3 codes already at the stage's multiplier, at this device address (an FP8 plan only):
+    /// the previous conv's output, or the FP8 input buffer.
     E4m3(u64),
 }
 
@@ -582,7 +584,7 @@ impl Fp8Run<'_> {
         dnn: &cudnn::Handle,
         plan: &GraphPlan,
         layer: &DevConv,
-        input: Fp8Input<'_, '_>,
+        input: ConvInput<'_, '_>,
         y: u64,
         ws: &CudaSlice<u8>,
     ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>> {
@@ -590,13 +592,13 @@ impl Fp8Run<'_> {
         let i = self.stage;
         let fp8 = plan.form.fp8;
         let x = match input {
-            Fp8Input::Half(x) if fp8 => {
+            ConvInput::Half(x) if fp8 => {
                 self.state.quantize_input(self.kernels, s, i, x)?;
                 ptr(&self.state.x8, s)
             }
-            Fp8Input::Half(x) => ptr(x, s),
-            Fp8Input::E4m3(x) if fp8 => x,
-            Fp8Input::E4m3(_) => {
+            ConvInput::Half(x) => ptr(x, s),
+            ConvInput::E4m3(x) if fp8 => x,
+            ConvInput::E4m3(_) => {
                 return Err(Error::Invalid(format!(
                     "features stage {i}: an FP16 plan given E4M3 input"
                 )))
@@ -733,8 +735,8 @@ fn time_graph_plans(
                     Some(run) => {
                         let x = bx.slice(..n);
                         let input = match pre_quantized {
-                            Some(x8) => Fp8Input::E4m3(x8),
-                            None => Fp8Input::Half(&x),
+                            Some(x8) => ConvInput::E4m3(x8),
+                            None => ConvInput::Half(&x),
                         };
                         let y = ptr(by, &dev.stream);
                         run.execute(dev, dnn, plan, layer, input, y, ws)
@@ -1016,14 +1018,14 @@ pub(super) struct ConvRun<'a> {
 
 impl ConvRun<'_> {
     /// Run conv stage `key.stage` on `key.rows` rows of `x` into `y` with the plan made at
-    /// prepare, in FP8 as `route` says (its E4M3 input or output in the first bytes of the
-    /// FP16 views); a key nobody planned is planned now (counted in `built_on_first_use`).
+    /// prepare, in FP8 as `route` says (an E4M3 output in the first bytes of `y`); a key nobody
+    /// planned is planned now (counted in `built_on_first_use`).
     pub fn run(
         &mut self,
         layer: &DevConv,
         key: ConvKey,
         d: super::StageDims,
-        x: &CudaView<'_, f16>,
+        x: ConvInput<'_, '_>,
         y: &mut CudaViewMut<'_, f16>,
         route: StageRoute,
     ) -> Result<()> {
@@ -1047,22 +1049,21 @@ impl ConvRun<'_> {
                 stage: key.stage,
                 next: route.next,
             };
-            let s = &self.dev.stream;
-            // An FP16 conv after an E4M3 output has its input dequantized already.
-            let input = if route.e4m3_in && route.fp8 {
-                Fp8Input::E4m3(ptr(x, s))
-            } else {
-                Fp8Input::Half(x)
-            };
-            let y = ptr(y, s);
-            // SAFETY: x holds rows·in_len and y rows·out_len FP16 elements (checked by the
-            // caller), so their E4M3 codes fit in their first bytes; the workspace was sized at
+            let y = ptr(y, &self.dev.stream);
+            // SAFETY: x holds rows·in_len values and y rows·out_len in the plan's types (the
+            // forward plan's spans, checked against the buffers); the workspace was sized at
             // prepare for every chosen plan; FP8 plans exist only for capable stages.
             return unsafe {
-                run.execute(self.dev, self.dnn, &g.plan, layer, input, y, self.workspace)
+                run.execute(self.dev, self.dnn, &g.plan, layer, x, y, self.workspace)
             }?
             .map_err(|e| dnn_err(&op(), e));
         }
+        let ConvInput::Half(x) = x else {
+            return Err(Error::Invalid(format!(
+                "{}: an FP16 plan given E4M3 input",
+                op()
+            )));
+        };
         if !self.plans.plans.contains_key(&key) {
             self.plan_on_first_use(layer, key, d, x, y)?;
         }

@@ -1,8 +1,9 @@
 //! The forward pass on the device: feature stages (cuDNN conv+bias+ReLU, max-pool kernel),
 //! the adaptive average pool, the classifier (cuBLAS), in that order, ping-ponging between the
-//! two arena buffers. Batches run at a planned size (see `conv.rs`); blocks 1–2 may run in
-//! sub-batches (`Prefix`), and a masked-forward batch is replayed from a CUDA graph captured on
-//! its first run.
+//! two arena buffers. What the feature stages read and write where is `forward_plan.rs`'s plan;
+//! here each of its steps becomes a launch. Batches run at a planned size (see `conv.rs`);
+//! blocks 1–2 may run in sub-batches (`Prefix`), and a masked-forward batch is replayed from a
+//! CUDA graph captured on its first run.
 
 use std::collections::HashMap;
 
@@ -11,25 +12,18 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use half::f16;
 
 use super::blas;
-use super::conv::{ConvKey, ConvRun};
+use super::conv::{ConvInput, ConvKey, ConvRun};
 use super::cudnn::{self, ActDesc};
 use super::device::{blas_err, drv_err, ptr, verbose, Dev};
-use super::fp8::{self, StageRoute};
+use super::forward_plan::{
+    self, Buf, CaptureAt, FeaturePlan, Format, PlanShape, Prefix, Span, StageRoute, Step,
+};
 use super::kernels::Kernels;
 use super::profile::LayerEvents;
 use super::weights::DevModel;
-use super::{Prepared, StageDims};
+use super::Prepared;
 use crate::error::{Error, Result};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
-
-/// Blocks 1–2 (`end` feature stages) run `rows` rows at a time: their activations (the largest
-/// of the network) then stay in L2 between a conv and the next layer. Chosen at `prepare` by
-/// timing, only when faster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Prefix {
-    pub end: usize,
-    pub rows: usize,
-}
 
 /// Where the activations are copied during a forward: the capture stage's output (pre-ReLU
 /// when asked) for the first `rows` rows into `acts`.
@@ -167,7 +161,8 @@ impl Pass<'_> {
             .ok_or_else(|| Error::cuda(&op, "the capture recorded nothing"))
     }
 
-    /// The forward, launch by launch.
+    /// The forward, launch by launch: its feature stages' plan (see `forward_plan.rs`), then
+    /// the head.
     pub fn eager(
         &mut self,
         x: &CudaSlice<f16>,
@@ -179,10 +174,6 @@ impl Pass<'_> {
         if let Some(t) = timer.as_deref_mut() {
             t.mark(self.dev)?;
         }
-        let stages = self.dm.model.features.len();
-        let mut first = 0;
-        // `cur`: the buffer holding the current activations (None: the input x).
-        let mut cur: Option<usize> = None;
         let prefix = self
             .prep
             .prefix_for(rows)
@@ -193,22 +184,229 @@ impl Pass<'_> {
             None => self.prep.fp8_routes(&self.dm.model, rows, prefix),
             Some(_) => None,
         };
-        let route = |stage: usize| routes.as_ref().map(|r| r[stage]).unwrap_or_default();
-        if let Some(p) = prefix {
-            cur = self.prefix_stages(x, rows, p.end, Some(p.rows), routes.as_deref())?;
-            first = p.end;
+        let at = capture.as_ref().map(|c| CaptureAt {
+            stage: c.at.stage,
+            pre_relu: c.at.pre_relu,
+            rows: c.rows,
+        });
+        let plan =
+            self.plan(|shape| forward_plan::features(shape, rows, prefix, routes.as_deref(), at))?;
+        for step in &plan.steps {
+            self.step(step, x, capture.as_mut(), timer.as_deref_mut())?;
         }
-        for stage in first..stages {
-            cur = Some(self.stage(stage, x, cur, rows, 0, capture.as_mut(), route(stage))?);
-            if let Some(t) = timer.as_deref_mut() {
-                t.mark(self.dev)?;
+        let out = plan
+            .out
+            .ok_or_else(|| Error::Invalid("a model without feature stages".into()))?;
+        self.head(out, rows, logits, timer)
+    }
+
+    /// Feature stages `0..end` on `rows` rows of `x`, in sub-batches of `sub` rows when given
+    /// (`rows` a multiple of it), in FP16: blocks 1–2 alone, as `prepare` times them.
+    pub fn prefix_stages(
+        &mut self,
+        x: &CudaSlice<f16>,
+        rows: usize,
+        end: usize,
+        sub: Option<usize>,
+    ) -> Result<()> {
+        let plan = self.plan(|shape| forward_plan::prefix(shape, rows, end, sub, None))?;
+        for step in &plan.steps {
+            self.step(step, x, None, None)?;
+        }
+        Ok(())
+    }
+
+    /// `build`'s plan for this model and arena.
+    fn plan(
+        &self,
+        build: impl FnOnce(&PlanShape<'_>) -> Result<FeaturePlan>,
+    ) -> Result<FeaturePlan> {
+        let features = &self.dm.model.features;
+        let is_conv: Vec<bool> = features
+            .iter()
+            .map(|f| matches!(f, FeatureStage::Conv(_)))
+            .collect();
+        let fp8_filters: Vec<bool> = self.prep.fp8.as_ref().map_or_else(Vec::new, |f| {
+            f.filters.iter().map(Option::is_some).collect()
+        });
+        build(&PlanShape {
+            is_conv: &is_conv,
+            dims: &self.prep.dims,
+            fp8_filters: &fp8_filters,
+        })
+    }
+
+    /// One step of a forward plan on input `x` (the capture's and timer's steps need them).
+    fn step(
+        &mut self,
+        step: &Step,
+        x: &CudaSlice<f16>,
+        capture: Option<&mut CaptureTo<'_>>,
+        timer: Option<&mut LayerEvents>,
+    ) -> Result<()> {
+        match *step {
+            Step::Fp8Scales => return self.fp8_scales(),
+            Step::StageDone { .. } => {
+                if let Some(t) = timer {
+                    t.mark(self.dev)?;
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        let stream = &self.dev.stream;
+        let kernels = self.kernels;
+        let Prepared {
+            bufs,
+            workspace,
+            convs,
+            fp8,
+            dims,
+            ..
+        } = &mut *self.prep;
+        let no_fp8 =
+            |stage: usize| Error::Invalid(format!("stage {stage}: an FP8 step without FP8 state"));
+        match *step {
+            Step::Fp8Scales | Step::StageDone { .. } => {}
+            Step::Amax { stage, x: xs } => {
+                let f = fp8.as_mut().ok_or_else(|| no_fp8(stage))?;
+                let v = view(x, bufs, xs)?;
+                kernels.amax_abs_f16(
+                    stream,
+                    &v,
+                    xs.len,
+                    &mut f.amax.slice_mut(stage..stage + 1),
+                )?;
+            }
+            Step::Quantize {
+                stage,
+                x: xs,
+                y: ys,
+            } => {
+                let f = fp8.as_mut().ok_or_else(|| no_fp8(stage))?;
+                // The FP8 input buffer is written from its start, one code per value.
+                if (ys.buf, ys.at, ys.len) != (Buf::Fp8Input, 0, xs.len) {
+                    return Err(Error::Invalid(format!(
+                        "stage {stage}: quantizing {xs:?} into {ys:?}"
+                    )));
+                }
+                f.quantize_input(kernels, stream, stage, &view(x, bufs, xs)?)?;
+            }
+            Step::Dequantize {
+                stage,
+                x: xs,
+                y: ys,
+            } => {
+                let f = fp8.as_ref().ok_or_else(|| no_fp8(stage))?;
+                let (xv, mut yv) = io(x, bufs, xs, ys)?;
+                kernels.dequantize_e4m3(
+                    stream,
+                    &codes(&xv, xs)?,
+                    xs.len,
+                    &f.multiplier(stage),
+                    &mut yv,
+                )?;
+            }
+            Step::Conv {
+                stage,
+                rows,
+                identity,
+                route,
+                x: xs,
+                y: ys,
+            } => {
+                let layer = self.dm.convs[stage]
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))?;
+                // An FP8 plan's codes in the FP8 input buffer: their address.
+                let x8 = match xs.buf {
+                    Buf::Fp8Input => {
+                        let f = fp8.as_ref().ok_or_else(|| no_fp8(stage))?;
+                        let v = f.x8.try_slice(xs.bytes()).ok_or_else(|| out_of_range(xs))?;
+                        Some(ptr(&v, stream))
+                    }
+                    _ => None,
+                };
+                let (xv, mut yv) = match x8 {
+                    Some(_) => (None, view_mut(bufs, ys)?),
+                    None => {
+                        let (xv, yv) = io(x, bufs, xs, ys)?;
+                        (Some(xv), yv)
+                    }
+                };
+                let input = match (xs.format, &xv, x8) {
+                    (Format::E4m3, None, Some(p)) => ConvInput::E4m3(p),
+                    (Format::E4m3, Some(v), None) => ConvInput::E4m3(ptr(v, stream)),
+                    (Format::F16, Some(v), None) => ConvInput::Half(v),
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "stage {stage}: a conv reading {xs:?}"
+                        )))
+                    }
+                };
+                let mut run = ConvRun {
+                    dev: self.dev,
+                    dnn: self.dnn,
+                    kernels,
+                    plans: convs,
+                    workspace,
+                    act: if identity { self.identity } else { self.relu },
+                    fp8: fp8.as_mut().filter(|_| route.fp8 || route.e4m3_out),
+                };
+                let key = ConvKey {
+                    stage,
+                    rows,
+                    identity,
+                };
+                run.run(layer, key, dims[stage], input, &mut yv, route)?;
+            }
+            Step::Pool {
+                stage,
+                rows,
+                x: xs,
+                y: ys,
+            } => {
+                let d = dims[stage];
+                let (xv, mut yv) = io(x, bufs, xs, ys)?;
+                match (xs.format, ys.format) {
+                    (Format::F16, Format::F16) => {
+                        kernels.maxpool2(stream, &xv, rows, d.in_h, d.in_w, d.in_c, &mut yv)?
+                    }
+                    (Format::E4m3, Format::E4m3) => {
+                        // SAFETY: the output span's bytes (any byte is a valid u8), within the
+                        // view that covers them.
+                        let mut yb = unsafe { yv.transmute_mut::<u8>(ys.len) }
+                            .ok_or_else(|| out_of_range(ys))?;
+                        let xb = codes(&xv, xs)?;
+                        kernels.maxpool2_e4m3(stream, &xb, rows, d.in_h, d.in_w, d.in_c, &mut yb)?
+                    }
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "stage {stage}: pooling {xs:?} into {ys:?}"
+                        )))
+                    }
+                }
+            }
+            Step::Capture { stage, y: ys } => {
+                let c = capture.ok_or_else(|| {
+                    Error::Invalid(format!("stage {stage}: a capture step with no capture"))
+                })?;
+                let have = c.acts.len();
+                let mut dst = c.acts.try_slice_mut(..ys.len).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "stage {stage}: {} activations to capture, room for {have}",
+                        ys.len
+                    ))
+                })?;
+                stream
+                    .memcpy_dtod(&view(x, bufs, ys)?, &mut dst)
+                    .map_err(|e| drv_err("forward: capturing activations", e))?;
+            }
+            Step::Relu { y: ys } => {
+                kernels.relu_f16(stream, &mut view_mut(bufs, ys)?, ys.len)?;
             }
         }
-        let cur = cur.ok_or_else(|| Error::Invalid("a model without feature stages".into()))?;
-        if capture.is_some() {
-            self.fp8_scales()?;
-        }
-        self.head(cur, rows, logits, timer)
+        Ok(())
     }
 
     /// After a base forward: the FP8 layers' scales from the input amaxes it measured.
@@ -227,184 +425,6 @@ impl Pass<'_> {
         )?;
         f.ready = true;
         Ok(())
-    }
-
-    /// Feature stages `0..end` on `rows` rows of `x`, in sub-batches of `sub` rows when given
-    /// (`rows` a multiple of it), routed by `routes` (None: FP16). Returns the arena buffer
-    /// holding the output (None if `end` is 0).
-    pub fn prefix_stages(
-        &mut self,
-        x: &CudaSlice<f16>,
-        rows: usize,
-        end: usize,
-        sub: Option<usize>,
-        routes: Option<&[StageRoute]>,
-    ) -> Result<Option<usize>> {
-        let step = sub.unwrap_or(rows).clamp(1, rows.max(1));
-        let mut cur = None;
-        for chunk in 0..rows / step {
-            let mut c = None;
-            for stage in 0..end {
-                let route = routes.map(|r| r[stage]).unwrap_or_default();
-                c = Some(self.stage(stage, x, c, step, chunk * step, None, route)?);
-            }
-            cur = c;
-        }
-        Ok(cur)
-    }
-
-    /// Feature stage `stage` on `rows` rows starting at row `row0`, reading `cur` (None: `x`)
-    /// and writing the other arena buffer at the same rows, as `route` says (an E4M3 input or
-    /// output: one byte per value at the start of the FP16 rows). Returns the buffer written.
-    #[allow(clippy::too_many_arguments)]
-    fn stage(
-        &mut self,
-        stage: usize,
-        x: &CudaSlice<f16>,
-        cur: Option<usize>,
-        rows: usize,
-        row0: usize,
-        capture: Option<&mut CaptureTo<'_>>,
-        route: StageRoute,
-    ) -> Result<usize> {
-        // An FP16 conv after an E4M3 output reads it dequantized, from the other buffer.
-        let cur = match route.dequantizes() {
-            true => Some(self.dequantize_input(stage, cur, rows, row0)?),
-            false => cur,
-        };
-        let d: StageDims = self.prep.dims[stage];
-        let (out_len, in_len) = (d.out_len(), d.in_len());
-        let out_elems = rows * out_len;
-        let Prepared {
-            bufs,
-            workspace,
-            convs,
-            fp8,
-            ..
-        } = &mut *self.prep;
-        let (input, output, next): (&CudaSlice<f16>, &mut CudaSlice<f16>, usize) = match cur {
-            None => (x, &mut bufs[0], 0),
-            Some(cur) => read_write(bufs, cur),
-        };
-        let x_view = input.slice(row0 * in_len..(row0 + rows) * in_len);
-        let mut y_view = output.slice_mut(row0 * out_len..row0 * out_len + out_elems);
-        // A base forward measures the FP8 layers' inputs.
-        if let (Some(f), Some(c)) = (fp8.as_mut(), capture.as_deref()) {
-            if f.filters[stage].is_some() {
-                let real = c.rows * in_len;
-                self.kernels.amax_abs_f16(
-                    &self.dev.stream,
-                    &x_view.slice(..real),
-                    real,
-                    &mut f.amax.slice_mut(stage..stage + 1),
-                )?;
-            }
-        }
-        let fp8_run = fp8.as_mut().filter(|_| route.fp8 || route.e4m3_out);
-        let capture = capture.filter(|c| c.at.stage == stage);
-        let stream = &self.dev.stream;
-        match &self.dm.model.features[stage] {
-            FeatureStage::Conv(_) if route.packed_out => {
-                return Err(Error::Invalid(format!(
-                    "stage {stage}: a sub-batched prefix must end with a pool to pack E4M3 rows"
-                )));
-            }
-            FeatureStage::Conv(_) => {
-                let layer = self.dm.convs[stage]
-                    .as_ref()
-                    .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))?;
-                let pre = capture.as_ref().is_some_and(|c| c.at.pre_relu);
-                let mut run = ConvRun {
-                    dev: self.dev,
-                    dnn: self.dnn,
-                    kernels: self.kernels,
-                    plans: convs,
-                    workspace,
-                    act: if pre { self.identity } else { self.relu },
-                    fp8: fp8_run,
-                };
-                let key = ConvKey {
-                    stage,
-                    rows,
-                    identity: pre,
-                };
-                run.run(layer, key, d, &x_view, &mut y_view, route)?;
-                if let Some(c) = capture {
-                    copy_rows(self.dev, &y_view.as_view(), c, out_len)?;
-                    if pre {
-                        self.kernels.relu_f16(stream, &mut y_view, out_elems)?;
-                    }
-                }
-            }
-            FeatureStage::MaxPool { .. } if route.e4m3_in => {
-                let (n_in, n_out) = (rows * in_len, out_elems);
-                let out_of_range =
-                    || Error::Invalid(format!("stage {stage}: E4M3 pool views out of range"));
-                // SAFETY: E4M3 codes (bytes) in the first bytes of the FP16 rows, which hold
-                // twice as many bytes; any byte is a valid u8.
-                let xb = unsafe { x_view.transmute::<u8>(n_in) }.ok_or_else(out_of_range)?;
-                // The output's first byte: that of its FP16 rows, or, for the last stage of a
-                // sub-batched prefix, its rows packed from the buffer's first byte (where the
-                // full-batch stage after the prefix reads them).
-                let at = if route.packed_out { 1 } else { 2 } * row0 * out_len;
-                // SAFETY: the buffer's bytes as u8 (twice its FP16 length).
-                let mut bytes = unsafe { output.transmute_mut::<u8>(2 * output.len()) }
-                    .ok_or_else(out_of_range)?;
-                let mut yb = bytes
-                    .try_slice_mut(at..at + n_out)
-                    .ok_or_else(out_of_range)?;
-                self.kernels
-                    .maxpool2_e4m3(stream, &xb, rows, d.in_h, d.in_w, d.in_c, &mut yb)?;
-            }
-            FeatureStage::MaxPool { .. } => {
-                self.kernels.maxpool2(
-                    stream,
-                    &x_view,
-                    rows,
-                    d.in_h,
-                    d.in_w,
-                    d.in_c,
-                    &mut y_view,
-                )?;
-                if let Some(c) = capture {
-                    copy_rows(self.dev, &y_view.as_view(), c, out_len)?;
-                }
-            }
-        }
-        Ok(next)
-    }
-
-    /// The E4M3 codes conv stage `stage` reads (`rows` rows from `row0` in arena buffer `cur`)
-    /// as FP16 values, at the stage's multiplier, in the other buffer at the same rows. Returns
-    /// that buffer.
-    fn dequantize_input(
-        &mut self,
-        stage: usize,
-        cur: Option<usize>,
-        rows: usize,
-        row0: usize,
-    ) -> Result<usize> {
-        let in_len = self.prep.dims[stage].in_len();
-        let Prepared { bufs, fp8, .. } = &mut *self.prep;
-        let (Some(cur), Some(f)) = (cur, fp8.as_ref()) else {
-            return Err(Error::Invalid(format!(
-                "stage {stage}: an E4M3 input needs an earlier stage and FP8 scales"
-            )));
-        };
-        let (src, dst, other) = read_write(bufs, cur);
-        let (at, n) = (row0 * in_len, rows * in_len);
-        let x = src.slice(at..at + n);
-        // SAFETY: the codes are the first n bytes of these rows' FP16 span; any byte is a u8.
-        let codes = unsafe { x.transmute::<u8>(n) }
-            .ok_or_else(|| Error::Invalid(format!("stage {stage}: E4M3 input out of range")))?;
-        self.kernels.dequantize_e4m3(
-            &self.dev.stream,
-            &codes,
-            n,
-            &f.multiplier(stage),
-            &mut dst.slice_mut(at..at + n),
-        )?;
-        Ok(other)
     }
 
     /// Adaptive average pool (skipped when the map is already 7×7) and the classifier, from
@@ -497,18 +517,80 @@ fn read_write(
     }
 }
 
-/// Copy the first `c.rows` rows (of `row_len` values) of a stage's output into the capture.
-fn copy_rows(
-    dev: &Dev,
-    y: &CudaView<'_, f16>,
-    c: &mut CaptureTo<'_>,
-    row_len: usize,
-) -> Result<()> {
-    let n = c.rows * row_len;
-    let mut dst: CudaViewMut<'_, f16> = c.acts.slice_mut(..n);
-    dev.stream
-        .memcpy_dtod(&y.slice(..n), &mut dst)
-        .map_err(|e| drv_err("forward: capturing activations", e))
+/// A span's bytes as FP16 words (its last word whole).
+fn words(s: Span) -> Result<std::ops::Range<usize>> {
+    if !s.at.is_multiple_of(2) {
+        return Err(Error::Invalid(format!(
+            "forward plan: {s:?} starts mid-word"
+        )));
+    }
+    let b = s.bytes();
+    Ok(b.start / 2..b.end.div_ceil(2))
+}
+
+fn out_of_range(s: Span) -> Error {
+    Error::Invalid(format!("forward plan: {s:?} is outside its buffer"))
+}
+
+/// The words of a span of the input or an arena buffer, to read.
+fn view<'b>(
+    x: &'b CudaSlice<f16>,
+    bufs: &'b [CudaSlice<f16>; 2],
+    s: Span,
+) -> Result<CudaView<'b, f16>> {
+    let whole = match s.buf {
+        Buf::Input => x,
+        Buf::Arena(i) if i < 2 => &bufs[i],
+        _ => return Err(out_of_range(s)),
+    };
+    whole.try_slice(words(s)?).ok_or_else(|| out_of_range(s))
+}
+
+/// The words of a span of an arena buffer, to write.
+fn view_mut(bufs: &mut [CudaSlice<f16>; 2], s: Span) -> Result<CudaViewMut<'_, f16>> {
+    let whole = match s.buf {
+        Buf::Arena(i) if i < 2 => &mut bufs[i],
+        _ => return Err(out_of_range(s)),
+    };
+    whole
+        .try_slice_mut(words(s)?)
+        .ok_or_else(|| out_of_range(s))
+}
+
+/// A step's input (the forward's input or an arena buffer) and output (the other arena
+/// buffer): a step never writes the buffer it reads.
+fn io<'b>(
+    x: &'b CudaSlice<f16>,
+    bufs: &'b mut [CudaSlice<f16>; 2],
+    xs: Span,
+    ys: Span,
+) -> Result<(CudaView<'b, f16>, CudaViewMut<'b, f16>)> {
+    let [b0, b1] = bufs;
+    let (write, other) = match ys.buf {
+        Buf::Arena(0) => (b0, &*b1),
+        Buf::Arena(1) => (b1, &*b0),
+        _ => return Err(out_of_range(ys)),
+    };
+    let read = match xs.buf {
+        Buf::Input => x,
+        Buf::Arena(i) if i < 2 && xs.buf != ys.buf => other,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "forward plan: a step reading {xs:?} writes {ys:?}"
+            )))
+        }
+    };
+    let r = read.try_slice(words(xs)?).ok_or_else(|| out_of_range(xs))?;
+    let w = write
+        .try_slice_mut(words(ys)?)
+        .ok_or_else(|| out_of_range(ys))?;
+    Ok((r, w))
+}
+
+/// The E4M3 codes of span `s`, read through `v`, its words.
+fn codes<'b>(v: &CudaView<'b, f16>, s: Span) -> Result<CudaView<'b, u8>> {
+    // SAFETY: the span's bytes, within the words that cover them; any byte is a valid u8.
+    unsafe { v.transmute::<u8>(s.len) }.ok_or_else(|| out_of_range(s))
 }
 
 impl Prepared {
@@ -548,13 +630,6 @@ impl Prepared {
                 }))
             })
             .collect();
-        let mut routes = fp8::route(&forms);
-        // Sub-batched blocks 1–2 write each chunk's activations at its own rows; an E4M3 output
-        // of the prefix's last stage (a pool) is packed instead, the layout the full batch after
-        // it reads (see `stage`).
-        if let Some(r) = prefix.and_then(|p| routes.get_mut(p.end.checked_sub(1)?)) {
-            r.packed_out = r.e4m3_out;
-        }
-        Some(routes)
+        Some(forward_plan::route(&forms))
     }
 }

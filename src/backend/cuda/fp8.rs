@@ -21,7 +21,7 @@ use super::kernels::{Kernels, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE};
 use super::layout;
 use super::weights::DevConv;
 use crate::backend::fp8::{capable_stages, weight_scale};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{FeatureStage, Vgg};
 
 /// The FP8 state of a prepared plan.
@@ -118,7 +118,13 @@ impl Fp8State {
         let n = x.len();
         // The fields apart: the multiplier is read while x8 is written.
         let multiplier = scale(&self.scales, stage, MULTIPLIER_AT);
-        kernels.quantize_e4m3(stream, x, n, &multiplier, &mut self.x8.slice_mut(..n))
+        let cap = self.x8.len();
+        let mut y = self.x8.try_slice_mut(..n).ok_or_else(|| {
+            Error::Invalid(format!(
+                "stage {stage}: {n} values to quantize, the FP8 input buffer holds {cap}"
+            ))
+        })?;
+        kernels.quantize_e4m3(stream, x, n, &multiplier, &mut y)
     }
 
     /// Bytes of device memory held.
@@ -149,102 +155,9 @@ pub(super) fn next_fp8_convs(is_conv: &[bool], fp8: &[bool]) -> Vec<Option<usize
         .collect()
 }
 
-/// How one feature stage of an FP8 forward runs: in FP8 or not, and in which format its input
-/// and output activations are (E4M3 codes, one byte each at the start of the FP16 rows they
-/// replace, or FP16). A batch read whole starts at the buffer's first byte either way; a
-/// sub-batch chunk's rows start at their FP16 offset, except where `packed_out` says.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct StageRoute {
-    /// The stage is a conv (else a pool).
-    pub conv: bool,
-    /// The conv runs an FP8 plan.
-    pub fp8: bool,
-    /// The input is E4M3 at this stage's multiplier (for a conv: already quantized).
-    pub e4m3_in: bool,
-    /// The output is E4M3: a conv's at the multiplier of conv stage `next`, a pool's as its input.
-    pub e4m3_out: bool,
-    /// The next conv stage (after any pools), whose multiplier an E4M3 conv output is at.
-    pub next: Option<usize>,
-    /// The E4M3 output of `rows` rows from row `row0` goes to bytes `row0·len..` of the buffer
-    /// (packed) rather than to the first bytes of its FP16 rows: set on the last stage of
-    /// sub-batched blocks 1–2, whose chunks the full batch after them reads as one.
-    pub packed_out: bool,
-}
-
-/// The plans a conv key has for an FP8 forward: FP8 with an FP16 output, FP8 with an E4M3
-/// output, FP16 with an E4M3 output (an FP16 layer before an FP8 one).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct Fp8Forms {
-    pub half_out: bool,
-    pub e4m3_out: bool,
-    pub fp16_e4m3_out: bool,
-}
-
-/// The route of one forward's feature stages, from the FP8 plans each conv key has (`None`:
-/// a pool). A conv with an FP8 plan runs FP8. It writes E4M3 (its E4M3-output form, which
-/// exists only where the next conv may run FP8) when the next conv runs FP8, or when it has no
-/// FP16-output form; a next conv that then runs FP16 reads its input dequantized (it sees the
-/// E4M3-rounded values an FP8 conv would). An FP16 conv with an E4M3-output plan writes E4M3
-/// when the next conv runs FP8. The last conv's output, which the head reads, stays FP16.
-pub(super) fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
-    let n = forms.len();
-    let mut routes = vec![StageRoute::default(); n];
-    // Backwards: the next conv and whether it runs FP8.
-    let mut next: Option<(usize, bool)> = None;
-    for i in (0..n).rev() {
-        let Some(f) = forms[i] else { continue };
-        let r = &mut routes[i];
-        r.conv = true;
-        r.next = next.map(|(j, _)| j);
-        let next_fp8 = next.is_some_and(|(_, fp8)| fp8);
-        r.e4m3_out = f.e4m3_out && next.is_some() && (next_fp8 || !f.half_out);
-        r.fp8 = f.half_out || r.e4m3_out;
-        // An FP16 conv's E4M3 output.
-        r.e4m3_out |= !r.fp8 && f.fp16_e4m3_out && next_fp8;
-        next = Some((i, r.fp8));
-    }
-    // Forwards: the format each stage reads; pools pass theirs on.
-    let mut e4m3 = false;
-    for (i, r) in routes.iter_mut().enumerate() {
-        r.e4m3_in = e4m3;
-        if forms[i].is_none() {
-            r.e4m3_out = e4m3;
-        }
-        e4m3 = r.e4m3_out;
-    }
-    routes
-}
-
-impl StageRoute {
-    /// A conv that runs FP16 on an E4M3 input: its input is dequantized first (a pool works on
-    /// the codes).
-    pub fn dequantizes(&self) -> bool {
-        self.conv && self.e4m3_in && !self.fp8
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const fn forms(half_out: bool, e4m3_out: bool, fp16_e4m3_out: bool) -> Option<Fp8Forms> {
-        Some(Fp8Forms {
-            half_out,
-            e4m3_out,
-            fp16_e4m3_out,
-        })
-    }
-    const BOTH: Option<Fp8Forms> = forms(true, true, false);
-    const HALF: Option<Fp8Forms> = forms(true, false, false);
-    const E4M3: Option<Fp8Forms> = forms(false, true, false);
-    const FP16: Option<Fp8Forms> = forms(false, false, false);
-    /// An FP16 conv with an E4M3-output plan.
-    const FP16_E4M3: Option<Fp8Forms> = forms(false, false, true);
-    const POOL: Option<Fp8Forms> = None;
-
-    fn summary(r: &[StageRoute]) -> Vec<(bool, bool, bool)> {
-        r.iter().map(|s| (s.fp8, s.e4m3_in, s.e4m3_out)).collect()
-    }
 
     #[test]
     fn the_next_fp8_conv_is_found_past_pools() {
@@ -255,116 +168,5 @@ mod tests {
             next_fp8_convs(&is_conv, &fp8),
             [Some(1), None, None, Some(4), None, None]
         );
-    }
-
-    #[test]
-    fn activations_stay_e4m3_between_fp8_convs_and_through_pools() {
-        // conv(FP16) conv pool conv conv pool → head
-        let r = route(&[FP16, BOTH, POOL, BOTH, BOTH, POOL]);
-        assert_eq!(
-            summary(&r),
-            [
-                (false, false, false),
-                (true, false, true), // quantizes its FP16 input, writes E4M3
-                (false, true, true), // pools the codes
-                (true, true, true),
-                (true, true, false), // the last conv writes FP16 for the head
-                (false, false, false),
-            ]
-        );
-        assert!(!r[2].dequantizes(), "a pool works on the codes");
-        assert_eq!(r[1].next, Some(3));
-        assert_eq!(r[3].next, Some(4));
-        assert_eq!(r[4].next, None);
-    }
-
-    #[test]
-    fn an_fp16_conv_writes_e4m3_only_for_an_fp8_conv() {
-        // conv(FP16, E4M3 out) conv pool conv: the first conv quantizes for the second.
-        let r = route(&[FP16_E4M3, BOTH, POOL, HALF]);
-        assert_eq!(
-            summary(&r),
-            [
-                (false, false, true),
-                (true, true, true),
-                (false, true, true),
-                (true, true, false),
-            ]
-        );
-        assert!(r.iter().all(|s| !s.dequantizes()));
-        // Before an FP16 conv it writes FP16.
-        let r = route(&[FP16_E4M3, FP16, HALF]);
-        assert_eq!(
-            summary(&r),
-            [
-                (false, false, false),
-                (false, false, false),
-                (true, false, false),
-            ]
-        );
-    }
-
-    #[test]
-    fn an_fp16_conv_after_an_e4m3_only_conv_reads_its_input_dequantized() {
-        // The last conv has no FP8 plan here (say cuDNN refused its FP16-output form): the conv
-        // before still runs FP8, writing E4M3, and the last one dequantizes its input.
-        let r = route(&[BOTH, E4M3, FP16]);
-        assert_eq!(
-            summary(&r),
-            [
-                (true, false, true),
-                (true, true, true),
-                (false, true, false),
-            ]
-        );
-        assert!(r[2].dequantizes() && !r[1].dequantizes());
-        // With both forms it writes FP16 for an FP16 next conv instead (no dequantize pass).
-        let r = route(&[BOTH, POOL, BOTH, FP16]);
-        assert_eq!(
-            summary(&r),
-            [
-                (true, false, true),
-                (false, true, true),
-                (true, true, false),
-                (false, false, false),
-            ]
-        );
-        // An E4M3-only last conv has no reader: it runs FP16 (its plan exists only with a next).
-        let r = route(&[BOTH, E4M3]);
-        assert_eq!(summary(&r), [(true, false, false), (false, false, false)]);
-        // Every E4M3 output has a conv reading it, every conv reading E4M3 runs FP8 or
-        // dequantizes, and the head reads FP16.
-        for forms in [
-            vec![E4M3, E4M3, E4M3, POOL],
-            vec![BOTH, POOL, POOL, BOTH, E4M3],
-            vec![HALF, E4M3, BOTH, FP16, E4M3, BOTH, POOL],
-            vec![E4M3, FP16, E4M3, POOL, HALF, E4M3, E4M3, FP16, POOL],
-            vec![FP16_E4M3, E4M3, FP16_E4M3, POOL, E4M3, FP16_E4M3, HALF],
-        ] {
-            let r = route(&forms);
-            for (i, s) in r.iter().enumerate() {
-                assert_eq!(s.conv, forms[i].is_some());
-                if s.dequantizes() {
-                    assert!(s.conv && s.e4m3_in && !s.fp8, "{forms:?}: stage {i}");
-                }
-                if forms[i].is_none() {
-                    assert!(!s.dequantizes() && !s.fp8, "{forms:?}: pool {i}");
-                    assert_eq!(s.e4m3_in, s.e4m3_out, "{forms:?}: pool {i}");
-                }
-                if forms[i].is_some() && s.e4m3_out {
-                    let next = s.next.expect("an E4M3 output has a reader");
-                    assert!(r[next].e4m3_in, "{forms:?}: stage {i}");
-                }
-                if let Some(f) = forms[i] {
-                    match (s.fp8, s.e4m3_out) {
-                        (true, true) => assert!(f.e4m3_out),
-                        (true, false) => assert!(f.half_out),
-                        (false, true) => assert!(f.fp16_e4m3_out),
-                        (false, false) => {}
-                    }
-                }
-            }
-            assert!(!r.last().unwrap().e4m3_out, "{forms:?}");
-        }
     }
 }

@@ -6,8 +6,10 @@
 //! - `device.rs`: opening the device (libraries, `symbols.rs`, context, stream), buffers, copies;
 //! - `weights.rs`: the model uploaded in device layouts (`layout.rs`);
 //! - `prepare.rs`: the arena, every batch size planned and tuned (`conv.rs`, `cudnn.rs`);
-//! - `forward.rs`: the forward pass (features, average pool, classifier via `blas.rs`), CUDA
-//!   graphs of masked-forward batches;
+//! - `forward_plan.rs`: a forward's feature stages as data (which launch reads and writes which
+//!   bytes of which buffer), run on the CPU by `tests/forward_plan.rs`;
+//! - `forward.rs`: the forward pass (the plan's steps, average pool, classifier via `blas.rs`),
+//!   CUDA graphs of masked-forward batches;
 //! - `kernels/`: each hand-written kernel file's launchers (masks, scores, combine, ...);
 //! - `profile.rs`: stage and per-layer timing with CUDA events.
 //!
@@ -39,6 +41,7 @@ mod cudnn;
 mod cudnn_graph;
 mod device;
 mod forward;
+pub mod forward_plan;
 mod fp8;
 mod layout;
 mod prepare;
@@ -65,14 +68,17 @@ use self::device::{
     count_devices, drv_err, gpu_oom, open_device, panic_message, unavailable, BufData, Dev, Grow,
     UploadRing,
 };
-use self::forward::{CaptureTo, Graphs, Pass, Prefix};
+use self::forward::{CaptureTo, Graphs, Pass};
+use self::forward_plan::{Prefix, StageDims};
 use self::kernels::Kernels;
 use self::profile::{LayerEvents, Profiler};
 use self::weights::DevModel;
 
 pub use self::conv::{GraphUse, PlanChoice};
 pub use self::device::CudaBuf;
-pub use self::layout::nhwc_f16_to_nchw;
+pub use self::layout::{
+    conv_filter_krsc, conv_filter_krsc_e4m3, nchw_to_nhwc_f16, nhwc_f16_to_nchw,
+};
 
 /// Channels of an input image as stored on the device (3 real + zeros). 8 FP16 values = 16
 /// bytes per pixel: the channel multiple cuDNN's FP16 tensor-core NHWC kernels are built for,
@@ -90,26 +96,6 @@ const UPLOAD_RING: usize = 1 << 20;
 /// cuBLAS's own workspace (NVIDIA's recommendation for Hopper), given to it so it never
 /// allocates (which a CUDA graph capture forbids).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
-
-/// Input/output geometry of one feature stage (stored channels).
-#[derive(Clone, Copy, Debug)]
-struct StageDims {
-    in_h: usize,
-    in_w: usize,
-    in_c: usize,
-    out_h: usize,
-    out_w: usize,
-    out_c: usize,
-}
-
-impl StageDims {
-    fn in_len(&self) -> usize {
-        self.in_h * self.in_w * self.in_c
-    }
-    fn out_len(&self) -> usize {
-        self.out_h * self.out_w * self.out_c
-    }
-}
 
 /// Per-plan state: the arena, the planned batch sizes and their convolution plans.
 /// How a masked forward runs its feature stages under `--precision fp8` (see
@@ -568,7 +554,7 @@ impl CudaBackend {
         let p = self.prep.as_ref()?;
         let model = &self.model.as_ref()?.model;
         let routes = p.fp8_routes(model, rows, p.prefix_for(rows))?;
-        let stages = |keep: fn(&fp8::StageRoute) -> bool| -> Vec<usize> {
+        let stages = |keep: fn(&forward_plan::StageRoute) -> bool| -> Vec<usize> {
             (0..routes.len()).filter(|&i| keep(&routes[i])).collect()
         };
         Some(Fp8Route {

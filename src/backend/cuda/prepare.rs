@@ -7,13 +7,13 @@ use half::f16;
 
 use super::conv::{self, BatchLadder, ConvKey, EventPair, Fp8Tuning, TuneArena, LADDER_STEPS};
 use super::device::{drv_err, gpu_oom, verbose};
-use super::forward::Prefix;
+use super::forward_plan::{prefix_end, stage_dims, Prefix};
 use super::fp8::{next_fp8_convs, Fp8State};
 use super::weights::upload_model;
-use super::{CudaBackend, Prepared, StageDims, CPAD};
+use super::{CudaBackend, Prepared, CPAD};
 use crate::backend::{Plan, Precision};
 use crate::error::{Error, Result};
-use crate::model::{FeatureStage, Vgg, POOLED};
+use crate::model::{Vgg, POOLED};
 
 /// cuDNN's legacy descriptors address tensors with 32-bit element counts.
 const CUDNN_MAX_ELEMS: usize = i32::MAX as usize;
@@ -21,51 +21,6 @@ const CUDNN_MAX_ELEMS: usize = i32::MAX as usize;
 /// Sub-batch sizes tried for blocks 1–2 (their activations, ≈ 6.4 MB per 224² image at the
 /// first convs, stay in the 50 MB L2 for a few images at a time).
 const PREFIX_ROWS: [usize; 4] = [4, 8, 16, 32];
-
-/// The geometry of every feature stage for input side `s` (stored channels; the first conv reads
-/// [`CPAD`] channels).
-fn stage_dims(model: &Vgg, s: usize) -> Result<Vec<StageDims>> {
-    // The model's own shapes; only the stored channels differ (the input's 3 are stored as
-    // CPAD, which a pool straight after it would keep).
-    let mut dims = Vec::with_capacity(model.features.len());
-    let (mut h, mut w, mut c) = (s, s, CPAD);
-    for (stage, out) in model.features.iter().zip(model.stage_shapes(s)) {
-        if out.h == 0 || out.w == 0 {
-            return Err(Error::Invalid(format!(
-                "input size {s} is too small for this model's max-pools"
-            )));
-        }
-        let oc = match stage {
-            FeatureStage::Conv(_) => out.c,
-            FeatureStage::MaxPool { .. } => c,
-        };
-        dims.push(StageDims {
-            in_h: h,
-            in_w: w,
-            in_c: c,
-            out_h: out.h,
-            out_w: out.w,
-            out_c: oc,
-        });
-        (h, w, c) = (out.h, out.w, oc);
-    }
-    Ok(dims)
-}
-
-/// Where blocks 1–2 end (the stage after the second max-pool), if sub-batching them is safe:
-/// every stage before writes rows at least as long as the last one's, so a sub-batch never
-/// overwrites an earlier sub-batch's output in the ping-pong buffers.
-fn prefix_end(model: &Vgg, dims: &[StageDims]) -> Option<usize> {
-    let end = model
-        .features
-        .iter()
-        .enumerate()
-        .filter(|(_, st)| matches!(st, FeatureStage::MaxPool { .. }))
-        .nth(1)
-        .map(|(i, _)| i + 1)?;
-    let last = dims[end - 1].out_len();
-    (end < dims.len() && dims[..end].iter().all(|d| d.out_len() >= last)).then_some(end)
-}
 
 impl CudaBackend {
     pub(super) fn prepare_plan(&mut self, model: &Arc<Vgg>, plan: Plan) -> Result<()> {
@@ -338,9 +293,9 @@ impl CudaBackend {
         for sub in std::iter::once(None).chain(subs.iter().copied().map(Some)) {
             let (mut pass, _) = self.pass()?;
             let dev = pass.dev;
-            pass.prefix_stages(&x, rows, end, sub, None)?; // warm-up
+            pass.prefix_stages(&x, rows, end, sub)?; // warm-up
             let timed = timer.median_ms(dev, op, || {
-                pass.prefix_stages(&x, rows, end, sub, None)
+                pass.prefix_stages(&x, rows, end, sub)
                     .map(|_| Ok::<(), std::convert::Infallible>(()))
             })?;
             let Ok(ms) = timed;

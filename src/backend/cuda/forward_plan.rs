@@ -1,0 +1,668 @@
+//! The feature stages of one forward as data: which kernel or convolution reads and writes
+//! which bytes of which buffer, in order. `forward.rs` turns each [`Step`] into a launch; the
+//! tests (`tests/forward_plan.rs`) run the same steps on the CPU, the kernels through their
+//! emulation, so the routing of the data — the ping-pong arena, blocks 1–2 in sub-batches, FP8
+//! activations as E4M3 codes in the first bytes of their FP16 rows, the quantized-input buffer,
+//! the activations captured by a base forward — is checked on every machine, GPU or not.
+//!
+//! Nothing here touches the device: the plan is a pure function of the model's stages, their
+//! geometry, the batch and the FP8 route.
+
+use std::ops::Range;
+
+use super::CPAD;
+use crate::error::{Error, Result};
+use crate::model::{FeatureStage, Vgg};
+
+/// Input/output geometry of one feature stage (stored channels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageDims {
+    pub in_h: usize,
+    pub in_w: usize,
+    pub in_c: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub out_c: usize,
+}
+
+impl StageDims {
+    /// Values of one row (image) of the stage's input.
+    pub fn in_len(&self) -> usize {
+        self.in_h * self.in_w * self.in_c
+    }
+
+    /// Values of one row of the stage's output.
+    pub fn out_len(&self) -> usize {
+        self.out_h * self.out_w * self.out_c
+    }
+}
+
+/// The geometry of every feature stage for input side `s` (stored channels; the first conv reads
+/// [`CPAD`] channels).
+pub fn stage_dims(model: &Vgg, s: usize) -> Result<Vec<StageDims>> {
+    // The model's own shapes; only the stored channels differ (the input's 3 are stored as
+    // CPAD, which a pool straight after it would keep).
+    let mut dims = Vec::with_capacity(model.features.len());
+    let (mut h, mut w, mut c) = (s, s, CPAD);
+    for (stage, out) in model.features.iter().zip(model.stage_shapes(s)) {
+        if out.h == 0 || out.w == 0 {
+            return Err(Error::Invalid(format!(
+                "input size {s} is too small for this model's max-pools"
+            )));
+        }
+        let oc = match stage {
+            FeatureStage::Conv(_) => out.c,
+            FeatureStage::MaxPool { .. } => c,
+        };
+        dims.push(StageDims {
+            in_h: h,
+            in_w: w,
+            in_c: c,
+            out_h: out.h,
+            out_w: out.w,
+            out_c: oc,
+        });
+        (h, w, c) = (out.h, out.w, oc);
+    }
+    Ok(dims)
+}
+
+/// Where blocks 1–2 end (the stage after the second max-pool), if sub-batching them is safe:
+/// every stage before writes rows at least as long as the last one's, so a sub-batch never
+/// overwrites an earlier sub-batch's output in the ping-pong buffers.
+pub fn prefix_end(model: &Vgg, dims: &[StageDims]) -> Option<usize> {
+    let end = model
+        .features
+        .iter()
+        .enumerate()
+        .filter(|(_, st)| matches!(st, FeatureStage::MaxPool { .. }))
+        .nth(1)
+        .map(|(i, _)| i + 1)?;
+    let last = dims[end - 1].out_len();
+    (end < dims.len() && dims[..end].iter().all(|d| d.out_len() >= last)).then_some(end)
+}
+
+/// Blocks 1–2 (`end` feature stages) run `rows` rows at a time: their activations (the largest
+/// of the network) then stay in L2 between a conv and the next layer. Chosen at `prepare` by
+/// timing, only when faster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub end: usize,
+    pub rows: usize,
+}
+
+/// How one feature stage of an FP8 forward runs: in FP8 or not, and in which format its input
+/// and output activations are (E4M3 codes, one byte each at the start of the FP16 rows they
+/// replace, or FP16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageRoute {
+    /// The stage is a conv (else a pool).
+    pub conv: bool,
+    /// The conv runs an FP8 plan.
+    pub fp8: bool,
+    /// The input is E4M3 at this stage's multiplier (for a conv: already quantized).
+    pub e4m3_in: bool,
+    /// The output is E4M3: a conv's at the multiplier of conv stage `next`, a pool's as its input.
+    pub e4m3_out: bool,
+    /// The next conv stage (after any pools), whose multiplier an E4M3 conv output is at.
+    pub next: Option<usize>,
+}
+
+impl StageRoute {
+    /// A conv that runs FP16 on an E4M3 input: its input is dequantized first (a pool works on
+    /// the codes).
+    pub fn dequantizes(&self) -> bool {
+        self.conv && self.e4m3_in && !self.fp8
+    }
+}
+
+/// The plans a conv key has for an FP8 forward: FP8 with an FP16 output, FP8 with an E4M3
+/// output, FP16 with an E4M3 output (an FP16 layer before an FP8 one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fp8Forms {
+    pub half_out: bool,
+    pub e4m3_out: bool,
+    pub fp16_e4m3_out: bool,
+}
+
+/// The route of one forward's feature stages, from the FP8 plans each conv key has (`None`:
+/// a pool). A conv with an FP8 plan runs FP8. It writes E4M3 (its E4M3-output form, which
+/// exists only where the next conv may run FP8) when the next conv runs FP8, or when it has no
+/// FP16-output form; a next conv that then runs FP16 reads its input dequantized (it sees the
+/// E4M3-rounded values an FP8 conv would). An FP16 conv with an E4M3-output plan writes E4M3
+/// when the next conv runs FP8. The last conv's output, which the head reads, stays FP16.
+pub fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
+    let n = forms.len();
+    let mut routes = vec![StageRoute::default(); n];
+    // Backwards: the next conv and whether it runs FP8.
+    let mut next: Option<(usize, bool)> = None;
+    for i in (0..n).rev() {
+        let Some(f) = forms[i] else { continue };
+        let r = &mut routes[i];
+        r.conv = true;
+        r.next = next.map(|(j, _)| j);
+        let next_fp8 = next.is_some_and(|(_, fp8)| fp8);
+        r.e4m3_out = f.e4m3_out && next.is_some() && (next_fp8 || !f.half_out);
+        r.fp8 = f.half_out || r.e4m3_out;
+        // An FP16 conv's E4M3 output.
+        r.e4m3_out |= !r.fp8 && f.fp16_e4m3_out && next_fp8;
+        next = Some((i, r.fp8));
+    }
+    // Forwards: the format each stage reads; pools pass theirs on.
+    let mut e4m3 = false;
+    for (i, r) in routes.iter_mut().enumerate() {
+        r.e4m3_in = e4m3;
+        if forms[i].is_none() {
+            r.e4m3_out = e4m3;
+        }
+        e4m3 = r.e4m3_out;
+    }
+    routes
+}
+
+/// A buffer a step reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buf {
+    /// The forward's input (read only).
+    Input,
+    /// Arena buffer 0 or 1 (FP16 elements; E4M3 codes are stored in its bytes).
+    Arena(usize),
+    /// `--precision fp8`'s quantized-input buffer (bytes), read by the FP8 conv after the
+    /// quantize step that writes it.
+    Fp8Input,
+}
+
+/// The type of a span's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    F16,
+    /// One byte per value.
+    E4m3,
+}
+
+impl Format {
+    pub fn size(self) -> usize {
+        match self {
+            Format::F16 => 2,
+            Format::E4m3 => 1,
+        }
+    }
+}
+
+/// `len` values of `format` from byte `at` of `buf`. Spans start at an even byte (E4M3 rows sit
+/// at the start of FP16 rows, or packed after whole FP16-aligned rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub buf: Buf,
+    pub at: usize,
+    pub len: usize,
+    pub format: Format,
+}
+
+impl Span {
+    /// `rows` rows of `row_len` values from row `row0` of `buf`, at their FP16 place (E4M3
+    /// values in the first bytes of those rows).
+    fn rows(buf: Buf, format: Format, row0: usize, rows: usize, row_len: usize) -> Span {
+        Span {
+            buf,
+            at: 2 * row0 * row_len,
+            len: rows * row_len,
+            format,
+        }
+    }
+
+    /// The bytes it covers.
+    pub fn bytes(&self) -> Range<usize> {
+        self.at..self.at + self.len * self.format.size()
+    }
+
+    /// Its first `len` values (`len` ≤ its length: `features` checks the captured rows).
+    fn first(self, len: usize) -> Span {
+        debug_assert!(len <= self.len);
+        Span { len, ..self }
+    }
+}
+
+/// One launch (or copy) of a forward's feature stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A base forward: fold the FP16 values of `x` (the real images' rows of stage `stage`'s
+    /// input) into the stage's amax.
+    Amax { stage: usize, x: Span },
+    /// FP16 `x` → E4M3 `y` at stage `stage`'s multiplier (an FP8 conv's input).
+    Quantize { stage: usize, x: Span, y: Span },
+    /// E4M3 `x` at stage `stage`'s multiplier → FP16 `y` (an FP16 conv's input).
+    Dequantize { stage: usize, x: Span, y: Span },
+    /// Conv stage `stage` (+ bias, + ReLU unless `identity`) on `rows` rows: `x` in the format
+    /// its plan reads (E4M3 for an FP8 plan), `y` in the one it writes (E4M3 at stage
+    /// `route.next`'s multiplier where `route.e4m3_out`).
+    Conv {
+        stage: usize,
+        rows: usize,
+        identity: bool,
+        route: StageRoute,
+        x: Span,
+        y: Span,
+    },
+    /// 2×2 max-pool of `rows` rows, FP16 or E4M3 codes (both spans alike).
+    Pool {
+        stage: usize,
+        rows: usize,
+        x: Span,
+        y: Span,
+    },
+    /// Copy `y` (the captured rows of stage `stage`'s output) into the activations.
+    Capture { stage: usize, y: Span },
+    /// ReLU in place (a conv captured before its ReLU).
+    Relu { y: Span },
+    /// A base forward is done: the FP8 scales from the amaxes.
+    Fp8Scales,
+    /// Stage `stage` of the full batch is done (where per-layer timing marks).
+    StageDone { stage: usize },
+}
+
+/// What a forward's plan is built from.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanShape<'a> {
+    /// Per feature stage: a conv (else a 2×2 max-pool).
+    pub is_conv: &'a [bool],
+    pub dims: &'a [StageDims],
+    /// Per feature stage: it has an FP8 filter, so a base forward measures its input (empty
+    /// without `--precision fp8`).
+    pub fp8_filters: &'a [bool],
+}
+
+/// The activations a base forward keeps: stage `stage`'s output (before the ReLU when
+/// `pre_relu`) for the first `rows` rows (the real images).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureAt {
+    pub stage: usize,
+    pub pre_relu: bool,
+    pub rows: usize,
+}
+
+/// The steps of a forward's feature stages, and the arena buffer holding their output (None
+/// when there are no stages).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeaturePlan {
+    pub steps: Vec<Step>,
+    pub out: Option<usize>,
+}
+
+/// The feature stages of a forward of `rows` rows: blocks 1–2 in sub-batches when `prefix`
+/// says (`rows` a multiple of its rows), routed by `routes` (None: FP16 everywhere), measuring
+/// the FP8 layers' inputs and capturing activations when `capture` says (a base forward).
+pub fn features(
+    shape: &PlanShape<'_>,
+    rows: usize,
+    prefix: Option<Prefix>,
+    routes: Option<&[StageRoute]>,
+    capture: Option<CaptureAt>,
+) -> Result<FeaturePlan> {
+    let stages = shape.dims.len();
+    check_shape(shape, routes)?;
+    if let Some(c) = capture.filter(|c| c.rows > rows || c.stage >= stages) {
+        return Err(Error::Invalid(format!(
+            "capturing {c:?} from a forward of {rows} rows and {stages} stages"
+        )));
+    }
+    let mut p = Planner {
+        shape,
+        steps: Vec::new(),
+    };
+    let mut first = 0;
+    let mut cur = None;
+    if let Some(pre) = prefix {
+        if capture.is_some() {
+            return Err(Error::Invalid(
+                "a base forward runs blocks 1–2 whole (it captures activations)".into(),
+            ));
+        }
+        cur = p.prefix(rows, pre.end, Some(pre.rows), routes)?;
+        first = pre.end;
+    }
+    for stage in first..stages {
+        let route = routes.map(|r| r[stage]).unwrap_or_default();
+        cur = Some(p.stage(stage, cur, rows, 0, capture, route, false)?);
+        p.steps.push(Step::StageDone { stage });
+    }
+    // (`--precision fp8` only: its state gives the FP8 flags.)
+    if capture.is_some() && !shape.fp8_filters.is_empty() {
+        p.steps.push(Step::Fp8Scales);
+    }
+    Ok(FeaturePlan {
+        steps: p.steps,
+        out: cur,
+    })
+}
+
+/// Feature stages `0..end` on `rows` rows, in sub-batches of `sub` rows when given (`rows` a
+/// multiple of it), routed by `routes` (None: FP16): blocks 1–2 alone, as `prepare` times them.
+pub fn prefix(
+    shape: &PlanShape<'_>,
+    rows: usize,
+    end: usize,
+    sub: Option<usize>,
+    routes: Option<&[StageRoute]>,
+) -> Result<FeaturePlan> {
+    check_shape(shape, routes)?;
+    let mut p = Planner {
+        shape,
+        steps: Vec::new(),
+    };
+    let out = p.prefix(rows, end, sub, routes)?;
+    Ok(FeaturePlan {
+        steps: p.steps,
+        out,
+    })
+}
+
+fn check_shape(shape: &PlanShape<'_>, routes: Option<&[StageRoute]>) -> Result<()> {
+    let n = shape.dims.len();
+    let fp8_ok = shape.fp8_filters.is_empty() || shape.fp8_filters.len() == n;
+    let routes_ok = routes.is_none_or(|r| {
+        r.len() == n && r.iter().zip(shape.is_conv).all(|(r, &conv)| r.conv == conv)
+    });
+    if shape.is_conv.len() != n || !fp8_ok || !routes_ok {
+        return Err(Error::Invalid(format!(
+            "forward plan: {n} stages, {} kinds, {} FP8 flags, {:?} routes",
+            shape.is_conv.len(),
+            shape.fp8_filters.len(),
+            routes.map(<[_]>::len)
+        )));
+    }
+    Ok(())
+}
+
+struct Planner<'s, 'a> {
+    shape: &'s PlanShape<'a>,
+    steps: Vec<Step>,
+}
+
+impl Planner<'_, '_> {
+    /// Stages `0..end` in chunks of `sub` rows; the arena buffer of their output.
+    fn prefix(
+        &mut self,
+        rows: usize,
+        end: usize,
+        sub: Option<usize>,
+        routes: Option<&[StageRoute]>,
+    ) -> Result<Option<usize>> {
+        if end > self.shape.dims.len() {
+            return Err(Error::Invalid(format!(
+                "blocks 1–2 end at stage {end} of {}",
+                self.shape.dims.len()
+            )));
+        }
+        let step = sub.unwrap_or(rows).clamp(1, rows.max(1));
+        if !rows.is_multiple_of(step) {
+            return Err(Error::Invalid(format!(
+                "blocks 1–2: {rows} rows are not a multiple of the sub-batch {step}"
+            )));
+        }
+        // Every chunk starts from the input and ping-pongs alike, so all of them end in the
+        // same buffer, each at its own rows; an E4M3 output of the last stage (a pool) is
+        // packed instead, the layout the full batch after it reads as one.
+        let chunked = step < rows;
+        let mut cur = None;
+        for chunk in 0..rows / step {
+            let mut c = None;
+            for stage in 0..end {
+                let route = routes.map(|r| r[stage]).unwrap_or_default();
+                let packed = chunked && stage + 1 == end && route.e4m3_out;
+                c = Some(self.stage(stage, c, step, chunk * step, None, route, packed)?);
+            }
+            cur = c;
+        }
+        Ok(cur)
+    }
+
+    /// Feature stage `stage` on `rows` rows starting at row `row0`, reading arena buffer `cur`
+    /// (None: the input) and writing the other one at the same rows, as `route` says. Returns
+    /// the buffer written.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        stage: usize,
+        cur: Option<usize>,
+        rows: usize,
+        row0: usize,
+        capture: Option<CaptureAt>,
+        route: StageRoute,
+        packed_out: bool,
+    ) -> Result<usize> {
+        let d = self.shape.dims[stage];
+        let (in_len, out_len) = (d.in_len(), d.out_len());
+        let e4m3 = |yes: bool| if yes { Format::E4m3 } else { Format::F16 };
+        let source = |cur: Option<usize>| cur.map_or(Buf::Input, Buf::Arena);
+        let mut cur = cur;
+        // An FP16 conv after an E4M3 output reads it dequantized, from the other buffer.
+        if route.dequantizes() {
+            let Some(c) = cur else {
+                return Err(Error::Invalid(format!(
+                    "stage {stage}: an E4M3 input needs an earlier stage"
+                )));
+            };
+            self.steps.push(Step::Dequantize {
+                stage,
+                x: Span::rows(Buf::Arena(c), Format::E4m3, row0, rows, in_len),
+                y: Span::rows(Buf::Arena(1 - c), Format::F16, row0, rows, in_len),
+            });
+            cur = Some(1 - c);
+        }
+        if route.e4m3_in && cur.is_none() {
+            return Err(Error::Invalid(format!(
+                "stage {stage}: an E4M3 input needs an earlier stage"
+            )));
+        }
+        let input = source(cur);
+        let next = cur.map_or(0, |c| 1 - c);
+        let output = Buf::Arena(next);
+        let x16 = Span::rows(input, Format::F16, row0, rows, in_len);
+        // A base forward measures the FP8 layers' inputs (the real rows only).
+        if let Some(c) = capture {
+            if self.shape.fp8_filters.get(stage) == Some(&true) {
+                self.steps.push(Step::Amax {
+                    stage,
+                    x: x16.first(c.rows * in_len),
+                });
+            }
+        }
+        let capture = capture.filter(|c| c.stage == stage);
+        if self.shape.is_conv[stage] {
+            if packed_out {
+                return Err(Error::Invalid(format!(
+                    "stage {stage}: a sub-batched prefix must end with a pool to pack E4M3 rows"
+                )));
+            }
+            // An FP8 conv reads E4M3: the previous stage's codes, or its FP16 input quantized.
+            let x = match (route.fp8, route.e4m3_in) {
+                (true, true) => Span::rows(input, Format::E4m3, row0, rows, in_len),
+                (true, false) => {
+                    let y = Span {
+                        buf: Buf::Fp8Input,
+                        at: 0,
+                        len: rows * in_len,
+                        format: Format::E4m3,
+                    };
+                    self.steps.push(Step::Quantize { stage, x: x16, y });
+                    y
+                }
+                (false, _) => x16,
+            };
+            let pre = capture.is_some_and(|c| c.pre_relu);
+            let y = Span::rows(output, e4m3(route.e4m3_out), row0, rows, out_len);
+            self.steps.push(Step::Conv {
+                stage,
+                rows,
+                identity: pre,
+                route,
+                x,
+                y,
+            });
+            if let Some(c) = capture {
+                self.steps.push(Step::Capture {
+                    stage,
+                    y: y.first(c.rows * out_len),
+                });
+                if pre {
+                    self.steps.push(Step::Relu { y });
+                }
+            }
+        } else {
+            let format = e4m3(route.e4m3_in);
+            let mut y = Span::rows(output, format, row0, rows, out_len);
+            if packed_out {
+                y.at = row0 * out_len;
+            }
+            self.steps.push(Step::Pool {
+                stage,
+                rows,
+                x: Span::rows(input, format, row0, rows, in_len),
+                y,
+            });
+            if let Some(c) = capture {
+                self.steps.push(Step::Capture {
+                    stage,
+                    y: y.first(c.rows * out_len),
+                });
+            }
+        }
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn forms(half_out: bool, e4m3_out: bool, fp16_e4m3_out: bool) -> Option<Fp8Forms> {
+        Some(Fp8Forms {
+            half_out,
+            e4m3_out,
+            fp16_e4m3_out,
+        })
+    }
+    const BOTH: Option<Fp8Forms> = forms(true, true, false);
+    const HALF: Option<Fp8Forms> = forms(true, false, false);
+    const E4M3: Option<Fp8Forms> = forms(false, true, false);
+    const FP16: Option<Fp8Forms> = forms(false, false, false);
+    /// An FP16 conv with an E4M3-output plan.
+    const FP16_E4M3: Option<Fp8Forms> = forms(false, false, true);
+    const POOL: Option<Fp8Forms> = None;
+
+    fn summary(r: &[StageRoute]) -> Vec<(bool, bool, bool)> {
+        r.iter().map(|s| (s.fp8, s.e4m3_in, s.e4m3_out)).collect()
+    }
+
+    #[test]
+    fn activations_stay_e4m3_between_fp8_convs_and_through_pools() {
+        // conv(FP16) conv pool conv conv pool → head
+        let r = route(&[FP16, BOTH, POOL, BOTH, BOTH, POOL]);
+        assert_eq!(
+            summary(&r),
+            [
+                (false, false, false),
+                (true, false, true), // quantizes its FP16 input, writes E4M3
+                (false, true, true), // pools the codes
+                (true, true, true),
+                (true, true, false), // the last conv writes FP16 for the head
+                (false, false, false),
+            ]
+        );
+        assert!(!r[2].dequantizes(), "a pool works on the codes");
+        assert_eq!(r[1].next, Some(3));
+        assert_eq!(r[3].next, Some(4));
+        assert_eq!(r[4].next, None);
+    }
+
+    #[test]
+    fn an_fp16_conv_writes_e4m3_only_for_an_fp8_conv() {
+        // conv(FP16, E4M3 out) conv pool conv: the first conv quantizes for the second.
+        let r = route(&[FP16_E4M3, BOTH, POOL, HALF]);
+        assert_eq!(
+            summary(&r),
+            [
+                (false, false, true),
+                (true, true, true),
+                (false, true, true),
+                (true, true, false),
+            ]
+        );
+        assert!(r.iter().all(|s| !s.dequantizes()));
+        // Before an FP16 conv it writes FP16.
+        let r = route(&[FP16_E4M3, FP16, HALF]);
+        assert_eq!(
+            summary(&r),
+            [
+                (false, false, false),
+                (false, false, false),
+                (true, false, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_fp16_conv_after_an_e4m3_only_conv_reads_its_input_dequantized() {
+        // The last conv has no FP8 plan here (say cuDNN refused its FP16-output form): the conv
+        // before still runs FP8, writing E4M3, and the last one dequantizes its input.
+        let r = route(&[BOTH, E4M3, FP16]);
+        assert_eq!(
+            summary(&r),
+            [
+                (true, false, true),
+                (true, true, true),
+                (false, true, false),
+            ]
+        );
+        assert!(r[2].dequantizes() && !r[1].dequantizes());
+        // With both forms it writes FP16 for an FP16 next conv instead (no dequantize pass).
+        let r = route(&[BOTH, POOL, BOTH, FP16]);
+        assert_eq!(
+            summary(&r),
+            [
+                (true, false, true),
+                (false, true, true),
+                (true, true, false),
+                (false, false, false),
+            ]
+        );
+        // An E4M3-only last conv has no reader: it runs FP16 (its plan exists only with a next).
+        let r = route(&[BOTH, E4M3]);
+        assert_eq!(summary(&r), [(true, false, false), (false, false, false)]);
+        // Every E4M3 output has a conv reading it, every conv reading E4M3 runs FP8 or
+        // dequantizes, and the head reads FP16.
+        for forms in [
+            vec![E4M3, E4M3, E4M3, POOL],
+            vec![BOTH, POOL, POOL, BOTH, E4M3],
+            vec![HALF, E4M3, BOTH, FP16, E4M3, BOTH, POOL],
+            vec![E4M3, FP16, E4M3, POOL, HALF, E4M3, E4M3, FP16, POOL],
+            vec![FP16_E4M3, E4M3, FP16_E4M3, POOL, E4M3, FP16_E4M3, HALF],
+        ] {
+            let r = route(&forms);
+            for (i, s) in r.iter().enumerate() {
+                assert_eq!(s.conv, forms[i].is_some());
+                if s.dequantizes() {
+                    assert!(s.conv && s.e4m3_in && !s.fp8, "{forms:?}: stage {i}");
+                }
+                if forms[i].is_none() {
+                    assert!(!s.dequantizes() && !s.fp8, "{forms:?}: pool {i}");
+                    assert_eq!(s.e4m3_in, s.e4m3_out, "{forms:?}: pool {i}");
+                }
+                if forms[i].is_some() && s.e4m3_out {
+                    let next = s.next.expect("an E4M3 output has a reader");
+                    assert!(r[next].e4m3_in, "{forms:?}: stage {i}");
+                }
+                if let Some(f) = forms[i] {
+                    match (s.fp8, s.e4m3_out) {
+                        (true, true) => assert!(f.e4m3_out),
+                        (true, false) => assert!(f.half_out),
+                        (false, true) => assert!(f.fp16_e4m3_out),
+                        (false, false) => {}
+                    }
+                }
+            }
+            assert!(!r.last().unwrap().e4m3_out, "{forms:?}");
+        }
+    }
+}

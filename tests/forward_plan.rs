@@ -1,0 +1,943 @@
+//! The CUDA forward's feature stages, run on the CPU: the plan `forward.rs` executes
+//! (`backend::cuda::forward_plan`) is run step by step on host copies of the device's buffers —
+//! the input, the two arena buffers, the FP8 input buffer, the amaxes and scales, the captured
+//! activations — with every kernel step through the kernels' CPU emulation (tests/kernel_host)
+//! and the convolutions by direct summation in the route's formats. The result must equal, value
+//! for value, a reference that runs the same stages on whole tensors with no buffers at all.
+//!
+//! So the routing of the data is checked on every machine: the ping-pong arena, blocks 1–2 in
+//! sub-batches, FP8 activations as E4M3 codes in the first bytes of FP16 rows (and packed after
+//! a sub-batched prefix), the quantize and dequantize passes, the amaxes a base forward measures
+//! over its real rows only, the FP8 scales it leaves, the pre-ReLU capture. Every arena read must
+//! fall on bytes written earlier in the same forward, and spans must lie inside their buffers.
+//!
+//! What this cannot see: cuDNN's own numerics (the GPU tests compare those with the CPU twin).
+//!
+//! Needs a C++ compiler (for the kernels), like tests/kernels_host.rs.
+
+mod common;
+mod kernel_host;
+
+use half::f16;
+use kernel_host::{run_into, HostBuf};
+use scorecam_gpu::backend::cuda::forward_plan::{
+    self as plan, Buf, CaptureAt, FeaturePlan, Format, Fp8Forms, PlanShape, Prefix, Span,
+    StageDims, StageRoute, Step,
+};
+use scorecam_gpu::backend::cuda::kernels::{
+    self as k, LaunchLimits, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE, SMEM_DEFAULT,
+};
+use scorecam_gpu::backend::cuda::{conv_filter_krsc, conv_filter_krsc_e4m3, CPAD};
+use scorecam_gpu::backend::fp8::{
+    capable_stages, e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3, weight_scale, MARGIN,
+};
+use scorecam_gpu::backend::splitmix64;
+use scorecam_gpu::model::{FeatureStage, Vgg};
+
+/// A device with one SM: the kernels' grid-stride loops go round.
+const LIMITS: LaunchLimits = LaunchLimits {
+    sm_count: 1,
+    masks_smem: SMEM_DEFAULT,
+};
+
+/// Input side, base-forward rows (the last one padding), real images, masked-forward rows.
+const S: usize = 16;
+const BASE_ROWS: usize = 3;
+const IMAGES: usize = 2;
+const MASK_ROWS: usize = 8;
+
+/// A conv layer as the device holds it, decoded to f32 for the host convolution.
+struct Layer {
+    cin_s: usize,
+    cout: usize,
+    /// KRSC FP16 filter values.
+    filter16: Vec<f32>,
+    /// KRSC E4M3 filter values (`w / sw` on the E4M3 grid), where the stage may run FP8.
+    filter8: Option<Vec<f32>>,
+    w_scale: f32,
+    bias16: Vec<f32>,
+    bias32: Vec<f32>,
+}
+
+/// The model under test: stages, geometry, device-layout layers.
+struct Net {
+    model: Vgg,
+    is_conv: Vec<bool>,
+    capable: Vec<bool>,
+    dims: Vec<StageDims>,
+    layers: Vec<Option<Layer>>,
+}
+
+impl Net {
+    /// conv 8→16 (FP16 only), conv 16→16, pool, conv 16→32, conv 32→32, pool | conv 32→32,
+    /// pool, conv 32→16: blocks 1–2 end after the second pool.
+    fn new() -> Net {
+        let model = Vgg::random_from_config(&[16, 16, 0, 32, 32, 0, 32, 0, 16], &[10], 11, S);
+        let capable = capable_stages(&model);
+        let dims = plan::stage_dims(&model, S).unwrap();
+        let mut cin_s = CPAD;
+        let layers = model
+            .features
+            .iter()
+            .zip(&capable)
+            .map(|(stage, &fp8)| {
+                let FeatureStage::Conv(l) = stage else {
+                    return None;
+                };
+                let w_scale = if fp8 { weight_scale(&l.weight) } else { 1.0 };
+                let filter16 = conv_filter_krsc(&l.weight, l.cout, l.cin, cin_s);
+                let filter8 = fp8.then(|| {
+                    conv_filter_krsc_e4m3(&l.weight, l.cout, l.cin, cin_s, w_scale)
+                        .into_iter()
+                        .map(e4m3_to_f32)
+                        .collect()
+                });
+                let layer = Layer {
+                    cin_s,
+                    cout: l.cout,
+                    filter16: filter16.iter().map(|v| v.to_f32()).collect(),
+                    filter8,
+                    w_scale,
+                    bias16: l.bias.iter().map(|&b| round16(b)).collect(),
+                    bias32: l.bias.clone(),
+                };
+                cin_s = l.cout;
+                Some(layer)
+            })
+            .collect();
+        Net {
+            is_conv: model
+                .features
+                .iter()
+                .map(|f| matches!(f, FeatureStage::Conv(_)))
+                .collect(),
+            capable,
+            dims,
+            layers,
+            model,
+        }
+    }
+
+    fn shape(&self) -> PlanShape<'_> {
+        PlanShape {
+            is_conv: &self.is_conv,
+            dims: &self.dims,
+            fp8_filters: &self.capable,
+        }
+    }
+
+    /// Where blocks 1–2 end, by the library's rule: stage 6.
+    fn prefix_end(&self) -> usize {
+        let end = plan::prefix_end(&self.model, &self.dims).expect("blocks 1–2 may be sub-batched");
+        assert_eq!(end, 6);
+        end
+    }
+
+    /// The scales before any base forward, as `Fp8State` starts them: descale `sw` (1 where
+    /// no FP8 filter), multiplier 1.
+    fn initial_scales(&self) -> Vec<Scale> {
+        self.layers
+            .iter()
+            .map(|l| Scale {
+                descale: l.as_ref().map_or(1.0, |l| l.w_scale),
+                multiplier: 1.0,
+            })
+            .collect()
+    }
+
+    /// Values of one row of the arena (the largest stage row).
+    fn row_len(&self) -> usize {
+        self.dims
+            .iter()
+            .map(|d| d.in_len().max(d.out_len()))
+            .max()
+            .unwrap()
+    }
+}
+
+fn round16(v: f32) -> f32 {
+    f16::from_f32(v).to_f32()
+}
+
+/// The FP8 scales of one stage: the conv output's descale and the input's multiplier.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Scale {
+    descale: f32,
+    multiplier: f32,
+}
+
+/// A 3×3 conv (pad 1) of NHWC `x` `[n, h, w, cin_s]` with a KRSC filter, each sum times `scale`
+/// plus the bias, ReLU unless `identity`; f32 in one fixed order (the run and the reference
+/// share it, so they agree exactly when they read the same values).
+#[allow(clippy::too_many_arguments)]
+fn conv3x3(
+    x: &[f32],
+    [n, h, w]: [usize; 3],
+    layer: &Layer,
+    filter: &[f32],
+    scale: f32,
+    bias: &[f32],
+    identity: bool,
+) -> Vec<f32> {
+    let (cin, cout) = (layer.cin_s, layer.cout);
+    assert_eq!(x.len(), n * h * w * cin, "conv input length");
+    let mut y = vec![0f32; n * h * w * cout];
+    for b in 0..n {
+        for i in 0..h {
+            for j in 0..w {
+                for o in 0..cout {
+                    let mut acc = 0f32;
+                    for r in 0..3 {
+                        for q in 0..3 {
+                            let (yy, xx) = (i + r, j + q);
+                            if yy < 1 || xx < 1 || yy > h || xx > w {
+                                continue;
+                            }
+                            let px = &x[((b * h + yy - 1) * w + xx - 1) * cin..][..cin];
+                            let wt = &filter[((o * 3 + r) * 3 + q) * cin..][..cin];
+                            acc += px.iter().zip(wt).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                    }
+                    let v = acc * scale + bias[o];
+                    y[((b * h + i) * w + j) * cout + o] = if identity { v } else { v.max(0.0) };
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Conv stage `stage` as `route` runs it on values `x` (decoded from the format it reads),
+/// returning the output in the format it writes.
+fn conv_stage(
+    net: &Net,
+    stage: usize,
+    rows: usize,
+    route: StageRoute,
+    identity: bool,
+    x: &[f32],
+    scales: &[Scale],
+) -> Activations {
+    let layer = net.layers[stage].as_ref().unwrap();
+    let d = net.dims[stage];
+    let (filter, scale, bias) = if route.fp8 {
+        let f = layer.filter8.as_ref().expect("FP8 on a capable stage");
+        (f, scales[stage].descale, &layer.bias32)
+    } else {
+        (&layer.filter16, 1.0, &layer.bias16)
+    };
+    let v = conv3x3(
+        x,
+        [rows, d.in_h, d.in_w],
+        layer,
+        filter,
+        scale,
+        bias,
+        identity,
+    );
+    if route.e4m3_out {
+        let m = scales[route.next.expect("an E4M3 output has a reader")].multiplier;
+        Activations::E4m3(v.iter().map(|&v| e4m3_from_f32(v * m)).collect())
+    } else {
+        Activations::F16(v.iter().map(|&v| f16::from_f32(v)).collect())
+    }
+}
+
+/// A stage's activations in the format they are stored in.
+#[derive(Clone, Debug)]
+enum Activations {
+    F16(Vec<f16>),
+    E4m3(Vec<u8>),
+}
+
+impl Activations {
+    /// The values, E4M3 codes as FP16 at `multiplier` (what a dequantize pass gives).
+    fn dequantized(&self, multiplier: f32) -> Vec<f32> {
+        match self {
+            Activations::F16(v) => v.iter().map(|v| v.to_f32()).collect(),
+            Activations::E4m3(c) => c
+                .iter()
+                .map(|&b| round16(e4m3_to_f32(b) / multiplier))
+                .collect(),
+        }
+    }
+
+    /// The codes an FP8 conv reads: its own, or FP16 quantized at `multiplier`.
+    fn codes(&self, multiplier: f32) -> Vec<u8> {
+        match self {
+            Activations::F16(v) => v
+                .iter()
+                .map(|v| e4m3_from_f32(v.to_f32() * multiplier))
+                .collect(),
+            Activations::E4m3(c) => c.clone(),
+        }
+    }
+}
+
+/// What a reference forward gives: the features' output, the captured activations, the amaxes
+/// of the FP8 stages' inputs over the real rows.
+struct Reference {
+    out: Activations,
+    captured: Option<Vec<f16>>,
+    amax: Vec<f32>,
+}
+
+/// The forward on whole tensors, stage after stage: no buffers, no sub-batches.
+fn reference(
+    net: &Net,
+    x: &[f16],
+    rows: usize,
+    routes: Option<&[StageRoute]>,
+    capture: Option<CaptureAt>,
+    scales: &[Scale],
+) -> Reference {
+    let mut act = Activations::F16(x.to_vec());
+    let mut captured = None;
+    let mut amax = vec![0f32; net.dims.len()];
+    for (stage, d) in net.dims.iter().enumerate() {
+        let route = routes.map_or_else(StageRoute::default, |r| r[stage]);
+        let cap = capture.filter(|c| c.stage == stage);
+        if let (Some(c), Activations::F16(v)) = (capture, &act) {
+            if net.capable[stage] {
+                let real = &v[..c.rows * d.in_len()];
+                amax[stage] = real.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+            }
+        }
+        act = if net.is_conv[stage] {
+            let pre = cap.is_some_and(|c| c.pre_relu);
+            let x: Vec<f32> = if route.fp8 {
+                let codes = act.codes(scales[stage].multiplier);
+                codes.into_iter().map(e4m3_to_f32).collect()
+            } else {
+                act.dequantized(scales[stage].multiplier)
+            };
+            let y = conv_stage(net, stage, rows, route, pre, &x, scales);
+            if let (Some(c), Activations::F16(v)) = (cap, &y) {
+                captured = Some(v[..c.rows * d.out_len()].to_vec());
+            }
+            match y {
+                Activations::F16(v) if pre => {
+                    Activations::F16(v.iter().map(|&v| v.max(f16::ZERO)).collect())
+                }
+                y => y,
+            }
+        } else {
+            let pooled = match &act {
+                Activations::F16(v) => {
+                    Activations::F16(pool(v, rows, d, |a, b| if b > a { b } else { a }))
+                }
+                Activations::E4m3(c) => Activations::E4m3(pool(c, rows, d, max_e4m3)),
+            };
+            if let (Some(c), Activations::F16(v)) = (cap, &pooled) {
+                captured = Some(v[..c.rows * d.out_len()].to_vec());
+            }
+            pooled
+        };
+    }
+    Reference {
+        out: act,
+        captured,
+        amax,
+    }
+}
+
+/// 2×2 max-pool of NHWC rows by `max`.
+fn pool<T: Copy>(x: &[T], rows: usize, d: &StageDims, max: impl Fn(T, T) -> T) -> Vec<T> {
+    let (h, w, c) = (d.in_h, d.in_w, d.in_c);
+    let mut y = Vec::with_capacity(rows * d.out_len());
+    for n in 0..rows {
+        for i in 0..h / 2 {
+            for j in 0..w / 2 {
+                for ch in 0..c {
+                    let at = |r: usize, q: usize| x[((n * h + 2 * i + r) * w + 2 * j + q) * c + ch];
+                    y.push(max(max(at(0, 0), at(0, 1)), max(at(1, 0), at(1, 1))));
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The scales a base forward's amaxes give (kernels/fp8.cu's `fp8_scales`, in Rust).
+fn scales_from(net: &Net, amax: &[f32]) -> Vec<Scale> {
+    amax.iter()
+        .enumerate()
+        .map(|(stage, &a)| {
+            let sx = input_scale(a);
+            let sw = net.layers[stage].as_ref().map_or(1.0, |l| l.w_scale);
+            Scale {
+                descale: sx * sw,
+                multiplier: 1.0 / sx,
+            }
+        })
+        .collect()
+}
+
+/// The device's buffers, on the host, and which arena bytes this forward has written.
+struct Device<'n> {
+    net: &'n Net,
+    input: Vec<u8>,
+    arena: [Vec<u8>; 2],
+    written: [Vec<bool>; 2],
+    x8: Vec<u8>,
+    x8_written: Vec<bool>,
+    amax: Vec<f32>,
+    w_scale: Vec<f32>,
+    /// `SCALE_STRIDE` floats per stage, as `Fp8State` starts them.
+    scales: Vec<f32>,
+    acts: Vec<f16>,
+}
+
+impl<'n> Device<'n> {
+    /// Buffers for `rows_max` rows, the arena poisoned (0xFF: an FP16 and an E4M3 NaN).
+    fn new(net: &'n Net, rows_max: usize) -> Device<'n> {
+        let arena = vec![0xFFu8; 2 * rows_max * net.row_len()];
+        let x8_len = (0..net.dims.len())
+            .filter(|&i| net.capable[i])
+            .map(|i| rows_max * net.dims[i].in_len())
+            .max()
+            .unwrap_or(1);
+        let stages = net.dims.len();
+        let mut scales = vec![0f32; SCALE_STRIDE * stages];
+        for (i, s) in net.initial_scales().iter().enumerate() {
+            scales[SCALE_STRIDE * i + DESCALE_AT] = s.descale;
+            scales[SCALE_STRIDE * i + MULTIPLIER_AT] = s.multiplier;
+        }
+        Device {
+            net,
+            input: Vec::new(),
+            written: [vec![false; arena.len()], vec![false; arena.len()]],
+            arena: [arena.clone(), arena],
+            x8: vec![0xFF; x8_len],
+            x8_written: vec![false; x8_len],
+            amax: vec![0.0; stages],
+            w_scale: net.initial_scales().iter().map(|s| s.descale).collect(),
+            scales,
+            acts: Vec::new(),
+        }
+    }
+
+    fn scale(&self, stage: usize) -> Scale {
+        Scale {
+            descale: self.scales[SCALE_STRIDE * stage + DESCALE_AT],
+            multiplier: self.scales[SCALE_STRIDE * stage + MULTIPLIER_AT],
+        }
+    }
+
+    /// Runs `plan` on input `x`, with `acts` room for `acts_len` captured values; returns the
+    /// output rows (`rows` of the last stage) from the buffer the plan names.
+    fn forward(&mut self, plan: &FeaturePlan, x: &[f16], rows: usize, acts_len: usize) -> Vec<u8> {
+        self.input = bytemuck::cast_slice(x).to_vec();
+        self.written.iter_mut().for_each(|w| w.fill(false));
+        self.x8_written.fill(false);
+        self.acts = vec![f16::from_f32(-7.0); acts_len];
+        for (i, step) in plan.steps.iter().enumerate() {
+            self.step(step)
+                .unwrap_or_else(|e| panic!("step {i} {step:?}: {e}"));
+        }
+        let out = plan.out.expect("an output buffer");
+        let last = self.net.dims.last().unwrap();
+        let span = Span {
+            buf: Buf::Arena(out),
+            at: 0,
+            len: rows * last.out_len(),
+            format: Format::F16,
+        };
+        self.read(span).expect("the output")
+    }
+
+    /// The bytes of `s`, which must lie in its buffer and (arena, FP8 input) have been written
+    /// by this forward.
+    fn read(&self, s: Span) -> Result<Vec<u8>, String> {
+        even(s)?;
+        let r = s.bytes();
+        let (data, written): (&[u8], Option<&[bool]>) = match s.buf {
+            Buf::Input => (&self.input, None),
+            Buf::Arena(i) => (&self.arena[i], Some(&self.written[i])),
+            Buf::Fp8Input => (&self.x8, Some(&self.x8_written)),
+        };
+        let bytes = data
+            .get(r.clone())
+            .ok_or_else(|| format!("{s:?} is outside its {}-byte buffer", data.len()))?;
+        if let Some(at) = written.and_then(|w| w[r.clone()].iter().position(|&w| !w)) {
+            return Err(format!(
+                "{s:?} reads byte {} before this forward wrote it",
+                r.start + at
+            ));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    fn write(&mut self, s: Span, bytes: &[u8]) -> Result<(), String> {
+        assert_eq!(bytes.len(), s.bytes().len(), "{s:?}: bytes written");
+        even(s)?;
+        let (data, written) = match s.buf {
+            Buf::Input => return Err(format!("{s:?}: the input is read-only")),
+            Buf::Arena(i) => (&mut self.arena[i], &mut self.written[i]),
+            Buf::Fp8Input => (&mut self.x8, &mut self.x8_written),
+        };
+        let r = s.bytes();
+        let len = data.len();
+        data.get_mut(r.clone())
+            .ok_or_else(|| format!("{s:?} is outside its {len}-byte buffer"))?
+            .copy_from_slice(bytes);
+        written[r].fill(true);
+        Ok(())
+    }
+
+    /// The values of `s` as the kernels see them (FP16 or E4M3 codes), in a buffer for a launch.
+    fn host_buf(&self, s: Span) -> Result<HostBuf, String> {
+        Ok(HostBuf::of(&self.read(s)?))
+    }
+
+    fn step(&mut self, step: &Step) -> Result<(), String> {
+        let net = self.net;
+        let need = |s: Span, f: Format| match s.format == f {
+            true => Ok(()),
+            false => Err(format!("{s:?} should be {f:?}")),
+        };
+        match *step {
+            Step::Amax { stage, x } => {
+                need(x, Format::F16)?;
+                let launch = k::amax_abs_f16_launch(x.len, 1, x.len, &LIMITS);
+                let got: Vec<f32> = run_into(
+                    launch,
+                    &[&self.host_buf(x)?],
+                    HostBuf::of(&[self.amax[stage]]),
+                );
+                self.amax[stage] = got[0];
+            }
+            Step::Fp8Scales => {
+                let layers = self.amax.len();
+                let launch =
+                    k::fp8_scales_launch(layers, layers, self.scales.len(), layers, MARGIN);
+                let mut amax = HostBuf::of(&self.amax);
+                let mut scales = HostBuf::of(&self.scales);
+                let w_scale = HostBuf::of(&self.w_scale);
+                let buffers = vec![
+                    kernel_host::Arg::Out(&mut amax),
+                    kernel_host::Arg::In(&w_scale),
+                    kernel_host::Arg::Out(&mut scales),
+                ];
+                kernel_host::host().run(&launch.unwrap(), buffers)?;
+                self.amax = amax.read();
+                self.scales = scales.read();
+            }
+            Step::Quantize { stage, x, y } => {
+                need(x, Format::F16)?;
+                need(y, Format::E4m3)?;
+                // As the executor requires: the FP8 input buffer from its start.
+                if (y.buf, y.at, y.len) != (Buf::Fp8Input, 0, x.len) {
+                    return Err(format!("quantizing into {y:?}"));
+                }
+                let launch = k::quantize_e4m3_launch(x.len, 1, y.len, x.len, &LIMITS);
+                let m = HostBuf::of(&[self.scale(stage).multiplier]);
+                let out = HostBuf::of(&vec![0xEEu8; y.len]);
+                let codes: Vec<u8> = run_into(launch, &[&self.host_buf(x)?, &m], out);
+                self.write(y, &codes)?;
+            }
+            Step::Dequantize { stage, x, y } => {
+                need(x, Format::E4m3)?;
+                need(y, Format::F16)?;
+                let launch = k::dequantize_e4m3_launch(x.len, 1, y.len, x.len, &LIMITS);
+                let m = HostBuf::of(&[self.scale(stage).multiplier]);
+                let out = HostBuf::of(&vec![f16::from_f32(9.0); y.len]);
+                let v: Vec<f16> = run_into(launch, &[&self.host_buf(x)?, &m], out);
+                self.write(y, bytemuck::cast_slice(&v))?;
+            }
+            Step::Conv {
+                stage,
+                rows,
+                identity,
+                route,
+                x,
+                y,
+            } => {
+                if !net.is_conv[stage] {
+                    return Err("a conv step on a pool".into());
+                }
+                need(x, if route.fp8 { Format::E4m3 } else { Format::F16 })?;
+                need(
+                    y,
+                    if route.e4m3_out {
+                        Format::E4m3
+                    } else {
+                        Format::F16
+                    },
+                )?;
+                let bytes = self.read(x)?;
+                let values: Vec<f32> = match x.format {
+                    Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
+                    Format::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&bytes)
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect(),
+                };
+                let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
+                let out = conv_stage(net, stage, rows, route, identity, &values, &scales);
+                match out {
+                    Activations::F16(v) => self.write(y, bytemuck::cast_slice(&v))?,
+                    Activations::E4m3(c) => self.write(y, &c)?,
+                }
+            }
+            Step::Pool { stage, rows, x, y } => {
+                let d = net.dims[stage];
+                if x.format != y.format || net.is_conv[stage] {
+                    return Err("a pool step: formats or stage".into());
+                }
+                let nhwc = [rows, d.in_h, d.in_w, d.in_c];
+                let input = self.host_buf(x)?;
+                let bytes: Vec<u8> = match x.format {
+                    Format::F16 => {
+                        let launch = k::maxpool2_launch(x.len, y.len, nhwc, &LIMITS);
+                        let out = HostBuf::of(&vec![f16::from_f32(9.0); y.len]);
+                        let v: Vec<f16> = run_into(launch, &[&input], out);
+                        bytemuck::cast_slice(&v).to_vec()
+                    }
+                    Format::E4m3 => {
+                        let launch = k::maxpool2_e4m3_launch(x.len, y.len, nhwc, &LIMITS);
+                        run_into(launch, &[&input], HostBuf::of(&vec![0xEEu8; y.len]))
+                    }
+                };
+                self.write(y, &bytes)?;
+            }
+            Step::Capture { y, .. } => {
+                need(y, Format::F16)?;
+                let v: Vec<f16> = bytemuck::pod_collect_to_vec(&self.read(y)?);
+                let room = self.acts.len();
+                self.acts
+                    .get_mut(..v.len())
+                    .ok_or_else(|| format!("{} values to capture, room for {room}", v.len()))?
+                    .copy_from_slice(&v);
+            }
+            Step::Relu { y } => {
+                need(y, Format::F16)?;
+                let launch = k::relu_f16_launch(y.len, y.len, &LIMITS);
+                let v: Vec<f16> = run_into(launch, &[], self.host_buf(y)?);
+                self.write(y, bytemuck::cast_slice(&v))?;
+            }
+            Step::StageDone { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// The executor views spans as FP16 words: they start at an even byte.
+fn even(s: Span) -> Result<(), String> {
+    match s.at % 2 {
+        0 => Ok(()),
+        _ => Err(format!("{s:?} starts mid-word")),
+    }
+}
+
+/// `rows` rows of input (3 real channels of CPAD), values in [-2, 2); rows from `big` on hold
+/// large values (padding rows a base forward must not measure).
+fn input(rows: usize, seed: u64, big: usize) -> Vec<f16> {
+    let px = S * S;
+    let v = common::values(rows * px * 3, seed);
+    let mut x = vec![f16::ZERO; rows * px * CPAD];
+    for (p, rgb) in v.chunks(3).enumerate() {
+        let scale = if p / px >= big { 400.0 } else { 2.0 };
+        for (c, &v) in rgb.iter().enumerate() {
+            x[p * CPAD + c] = f16::from_f32(v * scale);
+        }
+    }
+    x
+}
+
+/// Same values (NaN matching NaN; −0 equal to 0), reported by position.
+fn assert_same(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g == w || (g.is_nan() && w.is_nan()),
+            "{what}: value {i}: got {g}, want {w}"
+        );
+    }
+}
+
+fn values_of(a: &Activations) -> Vec<f32> {
+    match a {
+        Activations::F16(v) => v.iter().map(|v| v.to_f32()).collect(),
+        Activations::E4m3(c) => c.iter().map(|&b| e4m3_to_f32(b)).collect(),
+    }
+}
+
+fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec::<u8, f16>(bytes)
+        .iter()
+        .map(|v| v.to_f32())
+        .collect()
+}
+
+/// A base forward of `BASE_ROWS` rows (the last one padding) capturing `capture`'s stage for
+/// the real images: features, activations, amaxes and the scales it leaves equal the
+/// reference's. Returns the device (its scales set) and the reference scales.
+fn base_forward(net: &Net, capture: CaptureAt) -> (Device<'_>, Vec<Scale>) {
+    let mut dev = Device::new(net, MASK_ROWS.max(BASE_ROWS));
+    let x = input(BASE_ROWS, 5, IMAGES);
+    let p = plan::features(&net.shape(), BASE_ROWS, None, None, Some(capture)).unwrap();
+    let acts_len = IMAGES * net.dims[capture.stage].out_len();
+    let out = dev.forward(&p, &x, BASE_ROWS, acts_len);
+    let want = reference(
+        net,
+        &x,
+        BASE_ROWS,
+        None,
+        Some(capture),
+        &net.initial_scales(),
+    );
+    let what = format!("base forward capturing {capture:?}");
+    assert_same(&f16_values(&out), &values_of(&want.out), &what);
+    let acts: Vec<f32> = dev.acts.iter().map(|v| v.to_f32()).collect();
+    let captured: Vec<f32> = want.captured.unwrap().iter().map(|v| v.to_f32()).collect();
+    assert_same(&acts, &captured, &format!("{what}: activations"));
+    if capture.pre_relu {
+        assert!(
+            captured.iter().any(|&v| v < 0.0),
+            "{what}: a pre-ReLU capture has negative values"
+        );
+    }
+    // The amaxes were turned into scales (and reset); the padding row did not count.
+    assert!(dev.amax.iter().all(|&a| a == 0.0), "{what}: amax reset");
+    let scales = scales_from(net, &want.amax);
+    for (stage, s) in scales.iter().enumerate() {
+        assert_eq!(dev.scale(stage), *s, "{what}: stage {stage} scales");
+        if net.capable[stage] {
+            assert!(
+                want.amax[stage] > 0.0 && want.amax[stage] < 200.0,
+                "{what}: stage {stage} amax {} (the padding row's values are ≥ 200)",
+                want.amax[stage]
+            );
+        }
+    }
+    (dev, scales)
+}
+
+/// Stage `stage`'s output (before its ReLU when `pre_relu`) for the real images.
+fn capture(stage: usize, pre_relu: bool) -> CaptureAt {
+    CaptureAt {
+        stage,
+        pre_relu,
+        rows: IMAGES,
+    }
+}
+
+/// A masked forward of `MASK_ROWS` rows routed by `forms`, blocks 1–2 in sub-batches of `sub`
+/// rows when given: the features equal the reference's, value for value.
+fn masked_forward(
+    net: &Net,
+    dev: &mut Device<'_>,
+    scales: &[Scale],
+    forms: &[Option<Fp8Forms>],
+    sub: Option<usize>,
+) {
+    let routes = plan::route(forms);
+    let prefix = sub.map(|rows| Prefix {
+        end: net.prefix_end(),
+        rows,
+    });
+    let p = plan::features(&net.shape(), MASK_ROWS, prefix, Some(&routes), None).unwrap();
+    let x = input(MASK_ROWS, 99, MASK_ROWS);
+    let out = dev.forward(&p, &x, MASK_ROWS, 0);
+    let want = reference(net, &x, MASK_ROWS, Some(&routes), None, scales);
+    let what = format!("forms {forms:?}, sub-batch {sub:?}");
+    assert_same(&f16_values(&out), &values_of(&want.out), &what);
+    // The route matters: FP16 all the way gives other values wherever a conv ran FP8.
+    if routes.iter().any(|r| r.fp8) {
+        let fp16 = reference(net, &x, MASK_ROWS, None, None, scales);
+        assert_ne!(
+            values_of(&fp16.out),
+            values_of(&want.out),
+            "{what}: FP8 changed nothing"
+        );
+    }
+}
+
+const BOTH: Fp8Forms = Fp8Forms {
+    half_out: true,
+    e4m3_out: true,
+    fp16_e4m3_out: false,
+};
+
+/// Per stage, the forms of the net's six convs, in order (pools None).
+fn net_forms(net: &Net, convs: [Fp8Forms; 6]) -> Vec<Option<Fp8Forms>> {
+    let mut convs = convs.into_iter();
+    net.is_conv
+        .iter()
+        .map(|&conv| if conv { convs.next() } else { None })
+        .collect()
+}
+
+/// Random forms a prepared plan could have: FP8 forms on capable convs, an E4M3 output only
+/// where the next conv may run FP8.
+fn random_forms(net: &Net, seed: u64) -> Vec<Option<Fp8Forms>> {
+    let mut s = seed;
+    let n = net.dims.len();
+    (0..n)
+        .map(|i| {
+            if !net.is_conv[i] {
+                return None;
+            }
+            let next_capable = (i + 1..n)
+                .find(|&j| net.is_conv[j])
+                .is_some_and(|j| net.capable[j]);
+            let mut bit = || {
+                s = splitmix64(s);
+                s & 1 == 1
+            };
+            let fp8 = net.capable[i];
+            Some(Fp8Forms {
+                half_out: fp8 && bit(),
+                e4m3_out: fp8 && next_capable && bit(),
+                fp16_e4m3_out: next_capable && bit(),
+            })
+        })
+        .collect()
+}
+
+/// FP16 everywhere (a masked forward before any scales), whole and in sub-batches; base
+/// forwards capturing a conv before and after its ReLU and a pool.
+fn fp16_forwards_match_the_reference() {
+    let net = Net::new();
+    for capture in [
+        capture(4, false),
+        capture(4, true),
+        capture(2, false),
+        capture(8, true),
+    ] {
+        base_forward(&net, capture);
+    }
+    let (mut dev, scales) = base_forward(&net, capture(6, false));
+    let fp16 = net_forms(&net, [Fp8Forms::default(); 6]);
+    for sub in [None, Some(1), Some(2), Some(4)] {
+        masked_forward(&net, &mut dev, &scales, &fp16, sub);
+    }
+}
+
+/// Activations E4M3 from the first FP8 conv through both pools to the last conv: across the
+/// end of sub-batched blocks 1–2 (packed there), whole and in sub-batches.
+fn e4m3_activations_cross_blocks_1_2() {
+    let net = Net::new();
+    let (mut dev, scales) = base_forward(&net, capture(8, false));
+    let fp16_e4m3 = Fp8Forms {
+        fp16_e4m3_out: true,
+        ..Fp8Forms::default()
+    };
+    let forms = net_forms(&net, [fp16_e4m3, BOTH, BOTH, BOTH, BOTH, BOTH]);
+    let routes = plan::route(&forms);
+    assert!(routes[..8].iter().all(|r| r.e4m3_out), "{routes:?}");
+    for sub in [None, Some(2), Some(4)] {
+        masked_forward(&net, &mut dev, &scales, &forms, sub);
+    }
+}
+
+/// An FP8 conv with an E4M3 output only, before an FP16 conv: the codes are dequantized into
+/// the other buffer first (inside blocks 1–2 and after them).
+fn fp16_convs_read_e4m3_dequantized() {
+    let net = Net::new();
+    let (mut dev, scales) = base_forward(&net, capture(8, false));
+    let e4m3_only = Fp8Forms {
+        e4m3_out: true,
+        ..Fp8Forms::default()
+    };
+    let fp16 = Fp8Forms::default();
+    let forms = net_forms(&net, [fp16, e4m3_only, fp16, e4m3_only, fp16, BOTH]);
+    let routes = plan::route(&forms);
+    assert!(
+        routes[3].dequantizes() && routes[6].dequantizes(),
+        "{routes:?}"
+    );
+    for sub in [None, Some(2)] {
+        masked_forward(&net, &mut dev, &scales, &forms, sub);
+    }
+}
+
+/// Random plans a prepare could make, each whole and in sub-batches of 2 and 4.
+fn random_routes_match_the_reference() {
+    let net = Net::new();
+    let (mut dev, scales) = base_forward(&net, capture(8, false));
+    for seed in 0..12 {
+        let forms = random_forms(&net, 0xF0F0 + seed);
+        for sub in [None, Some(2), Some(4)] {
+            masked_forward(&net, &mut dev, &scales, &forms, sub);
+        }
+    }
+}
+
+/// The plan refuses what the executor could not run: a conv ending sub-batched blocks 1–2 with
+/// an E4M3 output, routes of another model, a batch that is no multiple of the sub-batch.
+fn plans_refuse_what_cannot_run() {
+    let net = Net::new();
+    let shape = net.shape();
+    let forms = net_forms(&net, [Fp8Forms::default(), BOTH, BOTH, BOTH, BOTH, BOTH]);
+    let routes = plan::route(&forms);
+    // Blocks 1–2 cut after conv stage 4, which writes E4M3 for stage 6.
+    let at_conv = Prefix { end: 5, rows: 2 };
+    let e = plan::features(&shape, MASK_ROWS, Some(at_conv), Some(&routes), None).unwrap_err();
+    assert!(e.to_string().contains("must end with a pool"), "{e}");
+    // Whole, the same cut is fine (nothing to pack).
+    plan::prefix(&shape, MASK_ROWS, 5, None, Some(&routes)).unwrap();
+    let e = plan::features(
+        &shape,
+        MASK_ROWS,
+        Some(Prefix { end: 6, rows: 3 }),
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not a multiple"), "{e}");
+    let e = plan::features(&shape, MASK_ROWS, None, Some(&routes[1..]), None).unwrap_err();
+    assert!(e.to_string().contains("routes"), "{e}");
+    let e = plan::features(&shape, 2, None, None, Some(capture(4, false)));
+    assert!(e.is_ok(), "two rows, two images");
+    let e = plan::features(&shape, 1, None, None, Some(capture(4, false))).unwrap_err();
+    assert!(e.to_string().contains("capturing"), "{e}");
+    let e = plan::features(
+        &shape,
+        MASK_ROWS,
+        Some(Prefix { end: 10, rows: 2 }),
+        None,
+        None,
+    );
+    assert!(e.unwrap_err().to_string().contains("end at stage 10"));
+    let mut shifted = routes.clone();
+    shifted.rotate_left(1);
+    assert!(plan::features(&shape, MASK_ROWS, None, Some(&shifted), None).is_err());
+    let capture = CaptureAt {
+        stage: 4,
+        pre_relu: false,
+        rows: 1,
+    };
+    let e = plan::features(
+        &shape,
+        MASK_ROWS,
+        Some(Prefix { end: 6, rows: 2 }),
+        None,
+        Some(capture),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("whole"), "{e}");
+}
+
+/// The tests, each named after its function, each needing a C++ compiler.
+macro_rules! trials {
+    ($($test:ident),* $(,)?) => {
+        vec![$(common::trial(stringify!($test), &[common::Need::Cxx], $test)),*]
+    };
+}
+
+fn main() -> std::process::ExitCode {
+    let mut trials = trials![
+        fp16_forwards_match_the_reference,
+        e4m3_activations_cross_blocks_1_2,
+        fp16_convs_read_e4m3_dequantized,
+        random_routes_match_the_reference,
+    ];
+    trials.push(common::trial(
+        "plans_refuse_what_cannot_run",
+        &[],
+        plans_refuse_what_cannot_run,
+    ));
+    common::run_tests(trials)
+}
