@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One-shot check on a GPU host (no Rust toolchain, no network there), in one device call:
 #   bash benches/gpu_check.sh
-# from the project root, after `../shared/tools/gpu-bundle.sh` built target/gpu-bundle here and
+# from the project root, after `bash benches/gpu_bundle.sh` built target/gpu-bundle here and
 # both were copied over, with the pytorch-grad-cam wheels in .whl/ (see benches/README.md).
 # Everything goes to $OUT (default ./gpu-out), ending with the merged file
 # $OUT/gpu-check-<UTC date>.json (benches/gpu_report.py merge) and its tables in $OUT/table.md:
 #   gpu.csv, gpu_after.csv  nvidia-smi at the start and after the engine's benches (gpu.fields)
 #   libs.txt                the CUDA libraries the engine is pointed at
-#   tests.log               every test executable with SCORECAM_REQUIRE_GPU=1 (parity tests included)
+#   tests.log               the bundled test executables (cuda_parity, cli, kernels_nvrtc) with
+#                           SCORECAM_REQUIRE_GPU=1
 #   engine_{fp16,fp8,cs}.json/.err   `scorecam-gpu bench --json` (FP16 1,8,32; FP8 1,8,32;
 #                           channel-softmax 8) and each one's stderr
 #   cudnn_fp8.log           cuDNN's error log during the FP8 bench (CUDNN_LOGLEVEL_DBG=1)
