@@ -30,7 +30,7 @@ bundle=$(du -sk target/gpu-bundle | cut -f1)
 whl=$(du -sk .whl 2> /dev/null | cut -f1 || echo 0)
 tree=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1024 ))
 total=$(( (bundle + ${whl:-0} + tree) / 1024 ))
-echo "gpu_bundle: $(ls target/gpu-bundle/tests | tr '\n' ' ')"
+echo "gpu_bundle: tests $(cd target/gpu-bundle/tests && echo *)"
 echo "gpu_bundle: carried ≈ ${total} MiB (bundle $((bundle / 1024)), .whl $(( ${whl:-0} / 1024 )), checkout $((tree / 1024)))"
 if [ "$total" -gt 60 ]; then
   echo "gpu_bundle: over 60 MiB; the device call carries 64 MiB at most" >&2
