@@ -24,6 +24,9 @@ The merged JSON (top-level keys):
   peers        peers_gpu.py's --json-out verbatim; peers.compile_bound from the compile run
   ratios       per engine precision and image count: engine ms/image, each peer's ms/image and
                the ratio peer / engine (> 1: the engine is that many times faster)
+  targets      the speed issue's targets, each met, unmet or unknown (a figure missing), and for
+               a precision that misses its speed target where its time goes: the layers of one
+               mask batch's forward by share, with their % of the GPU's dense peak
 """
 
 import argparse
@@ -441,6 +444,84 @@ def compute_ratios(engine, peers):
     return out
 
 
+# Dense tensor-core peaks (TFLOP/s) by GPU name: FP16 (FP32 accumulate) and FP8. H100 and H200
+# SXM share them (the H200 has more and faster memory, the same SMs).
+PEAKS = [("H200", 989.4, 1978.9), ("H100", 989.4, 1978.9), ("A100", 312.0, None)]
+
+# The speed issue's targets: FP16 ≤ 20 ms/image at 8 and at 32 images, the 32-image figure within
+# 5 % of the 8-image one, FP8 ≤ 10 ms/image, FP8 maps correlating ≥ 0.99 with the FP16 maps on
+# every image with the same class.
+FP16_MS, FP8_MS, BATCH_SPREAD, FP8_CORR = 20.0, 10.0, 0.05, 0.99
+
+
+def peaks(gpu_name):
+    for key, fp16, fp8 in PEAKS:
+        if key in (gpu_name or ""):
+            return {"fp16": fp16, "fp8": fp8}
+    return {"fp16": None, "fp8": None}
+
+
+def where_time_goes(e, peak, top=4):
+    """The largest layers of one mask batch's forward (bench `layers`), by share of their sum."""
+    rows = [x for x in (e.get("layers") or []) if isinstance(x, dict) and _float(x.get("ms"))]
+    tot = sum(_float(x["ms"]) for x in rows)
+    out = []
+    for x in sorted(rows, key=lambda x: -_float(x["ms"]))[:top]:
+        ms = _float(x["ms"])
+        t = _float(x.get("tflops"))
+        pk = peak["fp8"] if x.get("runs_fp8") and peak["fp8"] else peak["fp16"]
+        out.append({"name": x.get("name"), "kind": x.get("kind"), "ms": ms,
+                    "share": round(ms / tot, 4) if tot else None,
+                    "tflops": t, "gbps": _float(x.get("gbps")),
+                    "peak_fraction": round(t / pk, 4) if t and pk else None,
+                    "runs_fp8": x.get("runs_fp8")})
+    return out
+
+
+def assess_targets(r):
+    """The targets, each {target, value, limit, met (None: figure missing)}, and per precision
+    that misses a speed target, where its time goes."""
+    eng = r.get("engine") or {}
+    pk = peaks((r.get("gpu") or {}).get("name"))
+
+    def ms(prec, n):
+        e = eng.get(prec)
+        v = e.get("ms_per_image") if isinstance(e, dict) else None
+        return _float(v.get(n)) if isinstance(v, dict) else None
+
+    def check(target, value, limit, ok):
+        return {"target": target, "value": value, "limit": limit,
+                "met": None if value is None else bool(ok(value))}
+
+    t = []
+    for n in ("8", "32"):
+        t.append(check("FP16 ms/image at %s images" % n, ms("fp16", n), FP16_MS, lambda v: v <= FP16_MS))
+    a, b = ms("fp16", "8"), ms("fp16", "32")
+    spread = round(b / a - 1.0, 4) if a and b else None
+    t.append(check("FP16 at 32 images within 5 % of 8 images (32 ÷ 8 − 1)", spread, BATCH_SPREAD,
+                   lambda v: v <= BATCH_SPREAD))
+    for n in ("8", "32"):
+        t.append(check("FP8 ms/image at %s images" % n, ms("fp8", n), FP8_MS, lambda v: v <= FP8_MS))
+    fid = eng["fp8"].get("fp8_fidelity") if isinstance(eng.get("fp8"), dict) else None
+    corr = fid.get("map_corr_vs_fp16") if isinstance(fid, dict) else None
+    cmin = _float(corr.get("min")) if isinstance(corr, dict) else None
+    t.append(check("FP8 map correlation with FP16, lowest image", cmin, FP8_CORR, lambda v: v >= FP8_CORR))
+    same = fid.get("same_top1_class") if isinstance(fid, dict) else None
+    images = fid.get("images") if isinstance(fid, dict) else None
+    t.append(check("FP8 images with the FP16 top-1 class", same, images, lambda v: v == images))
+    out = {"targets": t, "peak_tflops": pk}
+    for prec, limit in (("fp16", FP16_MS), ("fp8", FP8_MS)):
+        missed = [x for x in t if x["target"].startswith(prec.upper() + " ms") and x["met"] is False]
+        e = eng.get(prec)
+        if missed and isinstance(e, dict):
+            out["where_time_goes_" + prec] = {
+                "masked_forward_tflops": e.get("masked_forward_tflops"),
+                "stages_ms_per_image": e.get("stages_ms_per_image"),
+                "layers": where_time_goes(e, pk),
+            }
+    return out
+
+
 def merge(d, root=".", out=None, budget_s=None, date=None):
     now = datetime.datetime.now(datetime.timezone.utc)
     date = date or now.strftime("%Y-%m-%d")
@@ -501,6 +582,7 @@ def merge(d, root=".", out=None, budget_s=None, date=None):
     r["gpu"]["cudnn"] = {"engine": _engine_cudnn(engine),
                          "pytorch": _torch_cudnn(peers.get("cudnn")) if isinstance(peers, dict) else None}
     r["ratios"] = guard("ratios", compute_ratios, engine, peers)
+    r["targets"] = guard("targets", assess_targets, r)
     if errors:
         r["merge_errors"] = errors
     out = out or os.path.join(d, "gpu-check-%s.json" % date)
@@ -668,7 +750,40 @@ def table(r):
     if layers:
         L.append("")
         L += layer_tables(layers)
+    L += target_lines(r.get("targets"))
     return "\n".join(L).rstrip() + "\n"
+
+
+def target_lines(tg):
+    """The targets' table, and for a precision that misses its speed target, its largest layers."""
+    if not isinstance(tg, dict) or not isinstance(tg.get("targets"), list):
+        return []
+    L = ["", "| target | value | limit | met |", "|---|---:|---:|---|"]
+    for x in tg["targets"]:
+        v = x.get("value")
+        met = {True: "yes", False: "**no**", None: "unknown (no figure)"}[x.get("met")]
+        cell = "–" if v is None else (fmt_num(v, 5) if "correlation" in x["target"] else
+                                      ("%+.1f %%" % (100 * v) if "within" in x["target"] else
+                                       (str(v) if isinstance(v, int) else fmt_ms(v))))
+        lim = x.get("limit")
+        lim = "–" if lim is None else ("%.0f %%" % (100 * lim) if "within" in x["target"] else str(lim))
+        L.append("| %s | %s | %s | %s |" % (x["target"], cell, lim, met))
+    for prec in ("fp16", "fp8"):
+        w = tg.get("where_time_goes_" + prec)
+        if not isinstance(w, dict):
+            continue
+        parts = []
+        for y in w.get("layers") or []:
+            rate = ("%.0f TFLOP/s%s" % (y["tflops"], ", %.0f %% of peak" % (100 * y["peak_fraction"])
+                                        if y.get("peak_fraction") else "") if y.get("tflops")
+                    else ("%.0f GB/s" % y["gbps"] if y.get("gbps") else "?"))
+            parts.append("%s %.3f ms (%s of the forward; %s%s)" % (
+                y["name"], y["ms"], "%.0f %%" % (100 * y["share"]) if y.get("share") is not None else "?",
+                rate, ", FP8" if y.get("runs_fp8") else ""))
+        L.append("")
+        L.append("%s misses its speed target; the largest layers of one mask batch's forward: %s." % (
+            prec.upper(), "; ".join(parts) or "(no per-layer figures)"))
+    return L
 
 
 def graph_search_lines(eng):
@@ -924,6 +1039,15 @@ def selftest():
         check(r["steps"]["engine_fp16"]["wall_s"] == 25.3 and r["steps"]["tests"]["timed_out"], "steps")
         check(r["wall_s"] == round(0.21 + 180.02 + 25.3 + 0.05 + 9.9 + 48.2 + 190.0, 2), "wall total")
         check("merge_errors" not in r, "merge errors %r" % r.get("merge_errors"))
+        tg = {x["target"]: x for x in r["targets"]["targets"]}
+        check(tg["FP16 ms/image at 8 images"]["met"] is True and tg["FP16 ms/image at 32 images"]["met"] is True,
+              "fp16 targets met %r" % tg)
+        check(tg["FP16 at 32 images within 5 % of 8 images (32 ÷ 8 − 1)"]["value"] == round(18.75 / 19.5 - 1, 4),
+              "spread %r" % tg)
+        check(tg["FP8 ms/image at 8 images"]["met"] is None and tg["FP8 map correlation with FP16, lowest image"]["met"]
+              is None, "fp8 unknown when its run failed")
+        check("where_time_goes_fp16" not in r["targets"], "fp16 met: no breakdown")
+        check(r["targets"]["peak_tflops"] == {"fp16": 989.4, "fp8": 1978.9}, "H200 peaks")
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "table", path],
                            capture_output=True, text=True, timeout=60)
         check(p.returncode == 0, "table exit %d: %s" % (p.returncode, p.stderr[-500:]))
@@ -936,7 +1060,9 @@ def selftest():
                   "| PyTorch eager FP16 channels_last forward, batch 256, × 513 passes (lower bound) | 50.0 | 1.60× |",
                   "| name | kind | ms | TFLOP/s | GB/s | algo |", "| conv1_1 | conv | 0.812 | 27.1 | – | IMPLICIT_PRECOMP_GEMM |",
                   "| pool1 | maxpool | 1.250 | – | 3900.5 | – |", "failed: `cuda_parity::new_never_panics`",
-                  "Tests (`SCORECAM_REQUIRE_GPU=1`): 6 passed, 3 failed, 1 ignored in 4 executables, 1 without a summary, timed out"):
+                  "Tests (`SCORECAM_REQUIRE_GPU=1`): 6 passed, 3 failed, 1 ignored in 4 executables, 1 without a summary, timed out",
+                  "| FP16 ms/image at 8 images | 19.5 | 20.0 | yes |", "| FP16 at 32 images within 5 % of 8 images (32 ÷ 8 − 1) | -3.9 % | 5 % | yes |",
+                  "| FP8 ms/image at 32 images | – | 10.0 | unknown (no figure) |"):
             check(s in tab, "table lacks %r" % s)
         print("== merged JSON (full fake run): %s" % path)
         print("== table:\n" + tab)
@@ -977,6 +1103,27 @@ def selftest():
               "finalize, 0 over the workspace cap, 0 failed to run, 0 plans timed (first error: finalizing engine "
               "config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED))" in tab2, "graph search line %r" % tab2)
         check("error: skipped: PEERS_COMPILE=0" in tab2, "compile skipped row")
+        tg2 = {x["target"]: x["met"] for x in r2["targets"]["targets"]}
+        check(tg2["FP8 ms/image at 8 images"] is True and tg2["FP8 map correlation with FP16, lowest image"] is True
+              and tg2["FP8 images with the FP16 top-1 class"] is True, "fp8 targets met %r" % tg2)
+        # The H100 run before the speed work: 29.4 ms at 8 images, 37.7 at 32.
+        with open(os.path.join(d2, "engine_fp16.json")) as f:
+            slow = json.load(f)
+        slow["ms_per_image"] = {"1": 28.7, "8": 29.4, "32": 37.7}
+        with open(os.path.join(d2, "engine_fp16.json"), "w") as f:
+            json.dump(slow, f)
+        _, r2b = merge(d2, root=tmp, out=os.path.join(d2, "slow.json"), budget_s=540, date="2026-11-30")
+        tg2b = {x["target"]: x["met"] for x in r2b["targets"]["targets"]}
+        check(tg2b["FP16 ms/image at 8 images"] is False and tg2b["FP16 ms/image at 32 images"] is False
+              and tg2b["FP16 at 32 images within 5 % of 8 images (32 ÷ 8 − 1)"] is False, "slow fp16 %r" % tg2b)
+        w16 = r2b["targets"]["where_time_goes_fp16"]["layers"]
+        check([y["name"] for y in w16] == ["conv1_2", "pool1", "conv1_1", "fc6"], "layers by time %r" % w16)
+        check(abs(w16[0]["share"] - 9.5 / (0.812 + 9.5 + 1.25 + 0.4)) < 1e-3
+              and abs(w16[0]["peak_fraction"] - 473.0 / 989.4) < 1e-3, "conv1_2 share and peak %r" % w16[0])
+        tab2b = table(r2b)
+        check("| FP16 ms/image at 8 images | 29.4 | 20.0 | **no** |" in tab2b, "slow row %r" % tab2b)
+        check("FP16 misses its speed target; the largest layers of one mask batch's forward: conv1_2 9.500 ms "
+              "(79 % of the forward; 473 TFLOP/s, 48 % of peak)" in tab2b, "breakdown line %r" % tab2b)
 
         # 3. nothing at all (the script died early): merge and table still work
         d3 = os.path.join(tmp, "empty")

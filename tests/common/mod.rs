@@ -332,6 +332,9 @@ pub enum Need {
     MsrvToolchain,
     /// Leave to run a long CPU measurement: `SCORECAM_SLOW` set to a truthy value.
     Slow,
+    /// Python 3 (`SCORECAM_REQUIRE_PYTHON`), for the GPU run's report script (standard library
+    /// only).
+    Python,
     /// A C++20 compiler, to run the kernels on the CPU (`SCORECAM_REQUIRE_CXX`; tests/kernel_host).
     /// `SCORECAM_KERNEL_HOST=off` skips those runs (a GPU host, where CI's CPU checks would only
     /// spend device time).
@@ -349,6 +352,7 @@ impl Need {
             Need::MsrvToolchain => Some("SCORECAM_REQUIRE_MSRV"),
             Need::Slow => None,
             Need::Cxx => Some("SCORECAM_REQUIRE_CXX"),
+            Need::Python => Some("SCORECAM_REQUIRE_PYTHON"),
         }
     }
 
@@ -410,6 +414,12 @@ impl Need {
             Need::Cxx => cxx_compiler().map(|_| ()).ok_or_else(|| {
                 "needs a C++ compiler (c++, g++ or clang++ on the PATH, or $CXX)".into()
             }),
+            Need::Python => std::process::Command::new("python3")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+                .then_some(())
+                .ok_or_else(|| "needs python3 on the PATH".into()),
             Need::Root => {
                 // SAFETY: geteuid has no preconditions.
                 if unsafe { libc::geteuid() } != 0 {
