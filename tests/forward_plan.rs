@@ -565,6 +565,11 @@ impl<'n> Device<'n> {
                         Format::F16
                     },
                 )?;
+                // cuDNN's tensor-core engines (FP8 ones above all) want 16-byte aligned tensors;
+                // the buffers themselves are 256-byte aligned.
+                if let Some(s) = [x, y].into_iter().find(|s| s.at % 16 != 0) {
+                    return Err(format!("{s:?}: a conv tensor not 16-byte aligned"));
+                }
                 let bytes = self.read(x)?;
                 let values: Vec<f32> = match x.format {
                     Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
