@@ -642,15 +642,15 @@ fn jet_index(v: f32) -> u8 {
     (255.0f32 * v) as u8
 }
 
-/// Jet colormap of a map in [0,1] (`map` is `[S*S]`), as OpenCV's COLORMAP_JET (what
+/// Jet colormap of a map in \[0,1\] (`map` is `[S*S]`), as OpenCV's COLORMAP_JET (what
 /// pytorch-grad-cam's `show_cam_on_image` uses), returned as RGB u8 HWC.
 pub fn colormap_jet(map: &[f32]) -> Vec<u8> {
     map.iter().flat_map(|&v| jet_lut(jet_index(v))).collect()
 }
 
 /// Overlay like pytorch-grad-cam `show_cam_on_image(img, map, use_rgb=True, image_weight)`:
-/// `out = uint8(255 · c / max(c))` with `c = (1−w)·heat + w·img`, heat and img in [0,1], all in
-/// f32 as numpy does. `rgb` is the S×S model view; `image_weight` is clamped to [0,1] (NaN → 0.5).
+/// `out = uint8(255 · c / max(c))` with `c = (1−w)·heat + w·img`, heat and img in \[0,1\], all in
+/// f32 as numpy does. `rgb` is the S×S model view; `image_weight` is clamped to \[0,1\] (NaN → 0.5).
 ///
 /// # Panics
 /// If `rgb.len() != 3 * map.len()` (a caller bug, never an input problem).

@@ -14,9 +14,9 @@ pub struct ConvLayer {
     pub relu_index: usize,
     pub cin: usize,
     pub cout: usize,
-    /// [cout, cin, 3, 3]
+    /// `[cout, cin, 3, 3]`
     pub weight: Vec<f32>,
-    /// [cout]
+    /// `[cout]`
     pub bias: Vec<f32>,
 }
 
@@ -69,9 +69,9 @@ pub struct LinearLayer {
     pub fout: usize,
     /// ReLU after this layer (all but the last).
     pub relu: bool,
-    /// [fout, fin]; `fin` is in C,H,W order of the 7×7 pooled features for the first layer.
+    /// `[fout, fin]`; `fin` is in C,H,W order of the 7×7 pooled features for the first layer.
     pub weight: Vec<f32>,
-    /// [fout]
+    /// `[fout]`
     pub bias: Vec<f32>,
 }
 

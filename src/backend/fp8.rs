@@ -118,7 +118,7 @@ pub struct Fp8Emulation {
 
 impl Fp8Emulation {
     /// Quantize `model`'s capable filters (the rounding of
-    /// [`conv_filter_krsc_e4m3`](super::cuda::layout::conv_filter_krsc_e4m3)).
+    /// [`conv_filter_krsc_e4m3`](super::cuda::conv_filter_krsc_e4m3)).
     pub fn new(model: &Vgg) -> Fp8Emulation {
         let capable = capable_stages(model);
         let quant = capable

@@ -7,7 +7,7 @@
 //! device memory (so captured CUDA graphs stay valid).
 //!
 //! Between two FP8 convs the activations stay E4M3 where cuDNN offers the E4M3-output form
-//! ([`route`]): the first conv quantizes its own output at the second's multiplier, the max-pool
+//! ([`route`](super::forward_plan::route)): the first conv quantizes its own output at the second's multiplier, the max-pool
 //! between works on the codes, and no quantize pass runs. Elsewhere an FP8 conv's FP16 input is
 //! quantized by a kernel into [`Fp8State::x8`] first.
 

@@ -65,7 +65,7 @@ const MASKS_MODE_SEPARABLE: i32 = 2;
 /// is out of range (the kernel checks, the host cannot see `items`) gets an all-zero output.
 ///
 /// The kernel and its shared memory follow from the plane and `limits.masks_smem`
-/// ([`masks_mode`]); the blocks per item from the blocks resident on the device,
+/// (`masks_mode`); the blocks per item from the blocks resident on the device,
 /// `resident_per_sm(kernel, shared memory bytes)` per SM.
 pub fn masks_launch(
     images_len: usize,
