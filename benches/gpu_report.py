@@ -806,6 +806,8 @@ def graph_search_lines(eng):
                         kind.upper(), s.get("graphs_built"), s.get("graphs_refused"), s.get("configs_offered"),
                         s.get("finalize_failed"), s.get("over_workspace"), s.get("execute_failed"),
                         s.get("plans_timed")))
+            if s.get("skipped_over_budget"):
+                part += ", %s searches skipped or cut short by the time budget" % s["skipped_over_budget"]
             errs = s.get("errors") or []
             if errs:
                 part += " (first error: %s)" % _short(str(errs[0]), 160)
@@ -1080,7 +1082,7 @@ def selftest():
                                     "plans_timed": 45, "errors": []},
                            "fp8": {"graphs_built": 8, "graphs_refused": 1, "configs_offered": 12,
                                    "finalize_failed": 12, "over_workspace": 0, "execute_failed": 0,
-                                   "plans_timed": 0,
+                                   "plans_timed": 0, "skipped_over_budget": 3,
                                    "errors": ["finalizing engine config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED)"]}}},
                        "fp8_fidelity": {"images": 32, "same_top1_class": 32,
                                         "map_corr_vs_fp16": {"min": 0.991, "p10": 0.995,
@@ -1100,7 +1102,8 @@ def selftest():
         check("| FP8 speed-up over FP16 | 2.08× | 2.00× | 1.97× |" in tab2, "speed-up row")
         check("Graph API in the FP8 run: FP16 graphs: 9 built, 0 refused; 40 engine configs offered, 4 failed "
               "to finalize" in tab2 and "FP8 graphs: 8 built, 1 refused; 12 engine configs offered, 12 failed to "
-              "finalize, 0 over the workspace cap, 0 failed to run, 0 plans timed (first error: finalizing engine "
+              "finalize, 0 over the workspace cap, 0 failed to run, 0 plans timed, 3 searches skipped or cut short "
+              "by the time budget (first error: finalizing engine "
               "config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED))" in tab2, "graph search line %r" % tab2)
         check("error: skipped: PEERS_COMPILE=0" in tab2, "compile skipped row")
         tg2 = {x["target"]: x["met"] for x in r2["targets"]["targets"]}

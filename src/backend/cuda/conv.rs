@@ -309,6 +309,7 @@ pub(super) fn plan_all(
                           form: GraphForm,
                           search: &mut PlanSearch| {
             let started = Instant::now();
+            let deadline = started + budget.saturating_sub(search.spent);
             let timed = time_graph_plans(
                 dev,
                 dnn,
@@ -316,7 +317,7 @@ pub(super) fn plan_all(
                 layer,
                 (d, key.rows),
                 arena,
-                ws_limit,
+                (ws_limit, deadline),
                 run,
                 form,
                 search,
@@ -419,50 +420,6 @@ pub(super) fn plan_all(
             .get(&(shape, input_e4m3))
             .cloned()
             .unwrap_or_default();
-        // The quantize pass of the next layer's input, which an FP16 layer's E4M3 output saves.
-        let mut saved_ms = 0.0;
-        if let (Some((capable, next)), Some(f)) = (fp8_key, fp8.as_mut()) {
-            // Forms in order until one offers a plan.
-            let mut try_forms = |arena: &mut TuneArena<'_>, forms: &[GraphForm]| {
-                if out.fp8_search.spent >= budget {
-                    out.graph_skipped += 1;
-                    return Ok(None);
-                }
-                for &form in forms {
-                    let run = Fp8Run {
-                        kernels,
-                        state: &mut *f.state,
-                        stage: key.stage,
-                        next,
-                    };
-                    let run = Some((run, input_e4m3));
-                    if let Some(p) = time_graph(arena, run, form, &mut out.fp8_search)? {
-                        return Ok(Some(p));
-                    }
-                }
-                Ok::<_, Error>(None)
-            };
-            // FP16 bias first; should no engine take it, an f32 bias.
-            let fp8_forms = |e4m3_out| [false, true].map(|b| GraphForm::fp8(b, e4m3_out));
-            if capable {
-                if next.is_some() && f8.e4m3.is_none() {
-                    f8.e4m3 = Some(try_forms(&mut arena, &fp8_forms(true))?);
-                }
-                let e4m3_ok = next.is_some() && f8.e4m3.as_ref().is_some_and(|p| p.is_some());
-                if !e4m3_ok && f8.half.is_none() {
-                    f8.half = Some(try_forms(&mut arena, &fp8_forms(false))?);
-                }
-            } else if let Some(next) = next {
-                if f8.fp16_e4m3.is_none() {
-                    f8.fp16_e4m3 = Some(try_forms(&mut arena, &[GraphForm::FP16_E4M3_OUT])?);
-                }
-                if f8.fp16_e4m3.as_ref().is_some_and(|p| p.is_some()) {
-                    let n = key.rows * dims[next].in_len();
-                    saved_ms = quantize_ms(dev, &timer, kernels, f.state, next, n, &arena)?;
-                }
-            }
-            fp8_tuned.insert((shape, input_e4m3), f8.clone());
-        }
         let graph_wins = t
             .graph
             .as_ref()
@@ -501,10 +458,58 @@ pub(super) fn plan_all(
             );
         }
         // Each FP8 form joins the FP16 plan (kept for base forwards and before any scales exist)
-        // when it beats it, or always when FP8 is preferred; an FP16 layer's E4M3 output when it
-        // beats its FP16 plan plus the quantize pass it saves the next layer.
+        // when it beats it, or always when FP8 is preferred. A form with an E4M3 output is
+        // credited with the quantize pass it saves the next conv.
         let prefer_fp8 = fp8.as_ref().is_some_and(|f| f.state.prefer);
         let wins = |ms_form: f32, saved: f32| prefer_fp8 || ms.is_none_or(|m| ms_form < m + saved);
+        let mut saved_ms = 0.0;
+        if let (Some((capable, next)), Some(f)) = (fp8_key, fp8.as_mut()) {
+            // Forms in order until one offers a plan.
+            let mut try_forms =
+                |arena: &mut TuneArena<'_>, state: &mut Fp8State, forms: &[GraphForm]| {
+                    if out.fp8_search.spent >= budget {
+                        out.fp8_search.skipped += 1;
+                        return Ok(None);
+                    }
+                    for &form in forms {
+                        let run = Fp8Run {
+                            kernels,
+                            state: &mut *state,
+                            stage: key.stage,
+                            next,
+                        };
+                        let run = Some((run, input_e4m3));
+                        if let Some(p) = time_graph(arena, run, form, &mut out.fp8_search)? {
+                            return Ok(Some(p));
+                        }
+                    }
+                    Ok::<_, Error>(None)
+                };
+            // FP16 bias first; should no engine take it, an f32 bias.
+            let fp8_forms = |e4m3_out| [false, true].map(|b| GraphForm::fp8(b, e4m3_out));
+            if capable && next.is_some() && f8.e4m3.is_none() {
+                f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
+            }
+            if !capable && next.is_some() && f8.fp16_e4m3.is_none() {
+                f8.fp16_e4m3 = Some(try_forms(&mut arena, f.state, &[GraphForm::FP16_E4M3_OUT])?);
+            }
+            let e4m3_form = if capable { &f8.e4m3 } else { &f8.fp16_e4m3 };
+            if let (Some(Some(_)), Some(next)) = (e4m3_form, next) {
+                let n = key.rows * dims[next].in_len();
+                saved_ms = quantize_ms(dev, &timer, kernels, f.state, next, n, &arena)?;
+            }
+            // The FP16-output form where there is no E4M3 one, or it loses.
+            let e4m3_wins = f8
+                .e4m3
+                .clone()
+                .flatten()
+                .filter(|_| next.is_some())
+                .is_some_and(|(_, m)| wins(m, saved_ms));
+            if capable && !e4m3_wins && f8.half.is_none() {
+                f8.half = Some(try_forms(&mut arena, f.state, &fp8_forms(false))?);
+            }
+            fp8_tuned.insert((shape, input_e4m3), f8.clone());
+        }
         let half = f8.half.clone().flatten().filter(|_| fp8_next.is_some());
         let e4m3 = f8
             .e4m3
@@ -527,7 +532,7 @@ pub(super) fn plan_all(
             _ => false,
         };
         let half_kept = kept(&mut out.fp8, &half, 0.0);
-        let e4m3_kept = kept(&mut out.fp8_e4m3, &e4m3, 0.0);
+        let e4m3_kept = kept(&mut out.fp8_e4m3, &e4m3, saved_ms);
         let fp16_e4m3_kept = kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms);
         out.choices.push(PlanChoice {
             stage: key.stage,
@@ -641,7 +646,8 @@ impl Fp8Run<'_> {
 }
 
 /// Milliseconds of the quantize pass of `n` values of stage `stage`'s input (median of
-/// [`TIMED_RUNS`], on the arena's second buffer): what an E4M3 output of the layer before saves.
+/// [`TIMED_RUNS`], on the arena's first buffer: the tuning's random input, which the timed
+/// convolutions only read): what an E4M3 output of the layer before saves.
 fn quantize_ms(
     dev: &Dev,
     timer: &EventPair,
@@ -651,7 +657,7 @@ fn quantize_ms(
     n: usize,
     arena: &TuneArena<'_>,
 ) -> Result<f32> {
-    let x = arena.bufs[1].slice(..n);
+    let x = arena.bufs[0].slice(..n);
     let op = "timing the FP8 quantize pass";
     let mut once = || {
         state
@@ -677,7 +683,7 @@ fn time_graph_plans(
     layer: &DevConv,
     (d, rows): (super::StageDims, usize),
     arena: &mut TuneArena<'_>,
-    ws_limit: usize,
+    (ws_limit, deadline): (usize, Instant),
     fp8: Option<(Fp8Run<'_>, bool)>,
     form: GraphForm,
     search: &mut PlanSearch,
@@ -722,7 +728,7 @@ fn time_graph_plans(
         timer,
         graph,
         arena,
-        ws_limit,
+        (ws_limit, deadline),
         &op,
         search,
         |plan, [bx, by], ws| {
@@ -748,9 +754,9 @@ fn time_graph_plans(
     )
 }
 
-/// Time every plan cuDNN finalizes for `graph` with `exec` on the arena (a warm-up that also
-/// tells whether it runs, then the median of [`TIMED_RUNS`]) and keep the fastest. The arena's
-/// workspace grows (up to `ws_limit`) for a plan that needs more.
+/// Time every plan cuDNN finalizes for `graph` (before `deadline`) with `exec` on the arena (a
+/// warm-up that also tells whether it runs, then the median of [`TIMED_RUNS`]) and keep the
+/// fastest. The arena's workspace grows (up to `ws_limit`) for a plan that needs more.
 #[allow(clippy::too_many_arguments)]
 fn time_plans(
     dev: &Dev,
@@ -758,7 +764,7 @@ fn time_plans(
     timer: &EventPair,
     graph: ConvGraph,
     arena: &mut TuneArena<'_>,
-    ws_limit: usize,
+    (ws_limit, deadline): (usize, Instant),
     op: &str,
     search: &mut PlanSearch,
     mut exec: impl FnMut(
@@ -768,7 +774,7 @@ fn time_plans(
     ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>>,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let mut best: Option<(GraphPlan, f32)> = None;
-    for plan in graph.plans(dnn, ws_limit, search) {
+    for plan in graph.plans(dnn, ws_limit, search, deadline) {
         match grow_workspace(dev, arena.workspace, plan.ws) {
             Ok(()) => {}
             // An optional plan: one whose workspace does not fit is passed over.
@@ -884,34 +890,74 @@ impl EventPair {
 }
 
 impl EventPair {
-    /// The median of [`TIMED_RUNS`] timed runs of `f` (its outer error is returned as is; its
-    /// inner one, the launch refusing, ends the timing).
+    /// Milliseconds per launch of `f`: the median of [`TIMED_RUNS`] timed runs, each of as many
+    /// launches back to back as take [`TIMED_RUN_MIN_MS`] (sized by one launch first). A single
+    /// launch on an idle GPU would also time its host side — a graph plan's variant pack, an FP8
+    /// plan's quantize launch — which the CUDA graphs of the masked forwards do not pay, and
+    /// which for a small layer is a fair part of its time. `f`'s outer error is returned as is;
+    /// its inner one, the launch refusing, ends the timing.
     pub fn median_ms<E>(
         &self,
         dev: &Dev,
         op: &str,
         mut f: impl FnMut() -> Result<std::result::Result<(), E>>,
     ) -> Result<std::result::Result<f32, E>> {
+        let single = match self.launches(dev, op, 1, &mut f)? {
+            Ok(ms) => ms,
+            Err(e) => return Ok(Err(e)),
+        };
+        let reps = launches_per_run(single);
         let mut runs = Vec::with_capacity(TIMED_RUNS);
         for _ in 0..TIMED_RUNS {
-            let mut outer = None;
-            let timed = self.time(dev, op, || match f() {
-                Ok(r) => r,
-                Err(e) => {
-                    outer = Some(e);
-                    Ok(())
-                }
-            })?;
-            if let Some(e) = outer {
-                return Err(e);
-            }
-            match timed {
-                Ok(ms) => runs.push(ms),
+            match self.launches(dev, op, reps, &mut f)? {
+                Ok(ms) => runs.push(ms / reps as f32),
                 Err(e) => return Ok(Err(e)),
             }
         }
         Ok(Ok(median(runs)))
     }
+
+    /// Milliseconds of `reps` launches of `f`, back to back.
+    fn launches<E>(
+        &self,
+        dev: &Dev,
+        op: &str,
+        reps: usize,
+        f: &mut impl FnMut() -> Result<std::result::Result<(), E>>,
+    ) -> Result<std::result::Result<f32, E>> {
+        let mut outer = None;
+        let timed = self.time(dev, op, || {
+            for _ in 0..reps {
+                match f() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => {
+                        outer = Some(e);
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        match outer {
+            Some(e) => Err(e),
+            None => Ok(timed),
+        }
+    }
+}
+
+/// A timed run lasts at least this long (see [`EventPair::median_ms`]).
+const TIMED_RUN_MIN_MS: f32 = 0.5;
+/// The most launches in one timed run.
+const MAX_LAUNCHES_PER_RUN: usize = 16;
+
+/// Launches per timed run, from one launch's milliseconds.
+fn launches_per_run(single_ms: f32) -> usize {
+    if single_ms.is_nan() || single_ms <= 0.0 {
+        return MAX_LAUNCHES_PER_RUN;
+    }
+    let n = (TIMED_RUN_MIN_MS / single_ms).ceil();
+    (n.min(MAX_LAUNCHES_PER_RUN as f32) as usize).max(1)
 }
 
 /// Time the candidates worth timing on the arena (random data): a warm-up launch (which also
@@ -1275,6 +1321,18 @@ mod tests {
         let all: Vec<_> = timed_subset(&cands, usize::MAX).collect();
         assert_eq!(all.len(), cands.len());
         assert_eq!(all[4].algo, A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING);
+    }
+
+    #[test]
+    fn short_launches_are_timed_several_to_a_run() {
+        assert_eq!(launches_per_run(2.0), 1);
+        assert_eq!(launches_per_run(0.5), 1);
+        assert_eq!(launches_per_run(0.2), 3);
+        assert_eq!(launches_per_run(0.04), 13);
+        assert_eq!(launches_per_run(0.001), MAX_LAUNCHES_PER_RUN);
+        assert_eq!(launches_per_run(0.0), MAX_LAUNCHES_PER_RUN);
+        assert_eq!(launches_per_run(f32::NAN), MAX_LAUNCHES_PER_RUN);
+        assert_eq!(launches_per_run(f32::INFINITY), 1);
     }
 
     #[test]

@@ -487,9 +487,17 @@ impl ConvGraph {
     /// [`HEURISTIC_PLANS`] that finalize with workspace ≤ `ws_cap` among heuristics mode A's
     /// configurations, then the first [`FALLBACK_PLANS`] of the fallback list's (for FP8 and
     /// E4M3-output graphs [`FP8_HEURISTIC_PLANS`] and [`FP8_FALLBACK_PLANS`]). `index` in each
-    /// plan is its configuration's position (mode A's first, then the fallback list's).
-    /// `search` counts what happened on the way (for the report).
-    pub fn plans(&self, handle: &Handle, ws_cap: usize, search: &mut PlanSearch) -> Vec<GraphPlan> {
+    /// plan is its configuration's position among those tried (mode A's first, then the
+    /// fallback list's). `search` counts what happened on the way (for the report). Past
+    /// `deadline` no further configuration is tried: finalizing one may compile kernels, and a
+    /// graph whose configurations all fail would otherwise run far past the time budget.
+    pub fn plans(
+        &self,
+        handle: &Handle,
+        ws_cap: usize,
+        search: &mut PlanSearch,
+        deadline: std::time::Instant,
+    ) -> Vec<GraphPlan> {
         let mut out = Vec::new();
         let mut index = 0;
         let (heuristic, fallback) = if self.form == GraphForm::FP16 {
@@ -517,6 +525,11 @@ impl ConvGraph {
             for cfg in cfgs {
                 if out.len() - before == cap {
                     break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    search.skipped += 1;
+                    search.error("the time budget ran out during the plan search".into());
+                    return out;
                 }
                 match self.plan(handle, cfg, index, ws_cap) {
                     Ok(Some(plan)) => out.push(plan),
@@ -579,6 +592,8 @@ pub struct PlanSearch {
     pub timed: usize,
     /// Wall time spent building, finalizing and timing (what the budget limits).
     pub spent: std::time::Duration,
+    /// Searches not started, or cut short, because the budget was spent.
+    pub skipped: usize,
     /// The first few distinct errors.
     pub errors: Vec<String>,
 }
@@ -603,6 +618,7 @@ impl PlanSearch {
             "over_workspace": self.over_workspace,
             "execute_failed": self.execute_failed,
             "plans_timed": self.timed,
+            "skipped_over_budget": self.skipped,
             "seconds": self.spent.as_secs_f64(),
             "errors": self.errors,
         })
