@@ -274,12 +274,18 @@ impl Activations {
     }
 }
 
-/// What a reference forward gives: the features' output, the captured activations, the amaxes
-/// of the FP8 stages' inputs over the real rows.
+/// What a reference forward gives: every stage's output (the last one the features'), the
+/// captured activations, the amaxes of the FP8 stages' inputs over the real rows.
 struct Reference {
-    out: Activations,
+    stages: Vec<Activations>,
     captured: Option<Vec<f16>>,
     amax: Vec<f32>,
+}
+
+impl Reference {
+    fn out(&self) -> &Activations {
+        self.stages.last().expect("a stage")
+    }
 }
 
 /// The forward on whole tensors, stage after stage: no buffers, no sub-batches.
@@ -292,6 +298,7 @@ fn reference(
     scales: &[Scale],
 ) -> Reference {
     let mut act = Activations::F16(x.to_vec());
+    let mut stages = Vec::with_capacity(net.dims.len());
     let mut captured = None;
     let mut amax = vec![0f32; net.dims.len()];
     for (stage, d) in net.dims.iter().enumerate() {
@@ -333,9 +340,10 @@ fn reference(
             }
             pooled
         };
+        stages.push(act.clone());
     }
     Reference {
-        out: act,
+        stages,
         captured,
         amax,
     }
@@ -373,19 +381,33 @@ fn scales_from(net: &Net, amax: &[f32]) -> Vec<Scale> {
         .collect()
 }
 
-/// The device's buffers, on the host, and which arena bytes this forward has written.
+/// What a byte of a device buffer holds, for the checks: nothing this forward may read (never
+/// written, or already read by the step it was written for), an FP16 value's byte, or an E4M3
+/// code at stage `s`'s multiplier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Nothing,
+    F16,
+    E4m3At(usize),
+}
+
+/// The device's buffers, on the host, with what each byte holds.
 struct Device<'n> {
     net: &'n Net,
     input: Vec<u8>,
     arena: [Vec<u8>; 2],
-    written: [Vec<bool>; 2],
     x8: Vec<u8>,
-    x8_written: Vec<bool>,
+    /// What each byte of `arena[0]`, `arena[1]` and `x8` holds.
+    held: [Vec<Held>; 3],
     amax: Vec<f32>,
     w_scale: Vec<f32>,
     /// `SCALE_STRIDE` floats per stage, as `Fp8State` starts them.
     scales: Vec<f32>,
     acts: Vec<f16>,
+    /// The span the last conv or pool wrote, and each full-batch stage's output at its
+    /// `StageDone`: (stage, bytes, format).
+    last_out: Option<Span>,
+    done: Vec<(usize, Vec<u8>, Format)>,
 }
 
 impl<'n> Device<'n> {
@@ -406,14 +428,19 @@ impl<'n> Device<'n> {
         Device {
             net,
             input: Vec::new(),
-            written: [vec![false; arena.len()], vec![false; arena.len()]],
+            held: [
+                vec![Held::Nothing; arena.len()],
+                vec![Held::Nothing; arena.len()],
+                vec![Held::Nothing; x8_len],
+            ],
             arena: [arena.clone(), arena],
             x8: vec![0xFF; x8_len],
-            x8_written: vec![false; x8_len],
             amax: vec![0.0; stages],
             w_scale: net.initial_scales().iter().map(|s| s.descale).collect(),
             scales,
             acts: Vec::new(),
+            last_out: None,
+            done: Vec::new(),
         }
     }
 
@@ -424,70 +451,110 @@ impl<'n> Device<'n> {
         }
     }
 
-    /// Runs `plan` on input `x`, with `acts` room for `acts_len` captured values; returns the
-    /// output rows (`rows` of the last stage) from the buffer the plan names.
-    fn forward(&mut self, plan: &FeaturePlan, x: &[f16], rows: usize, acts_len: usize) -> Vec<u8> {
+    /// Runs `plan` on input `x`, with `acts` room for `acts_len` captured values. What an
+    /// earlier forward left in the buffers stays there, but may not be read.
+    fn forward(&mut self, plan: &FeaturePlan, x: &[f16], acts_len: usize) {
         self.input = bytemuck::cast_slice(x).to_vec();
-        self.written.iter_mut().for_each(|w| w.fill(false));
-        self.x8_written.fill(false);
+        self.held.iter_mut().for_each(|h| h.fill(Held::Nothing));
         self.acts = vec![f16::from_f32(-7.0); acts_len];
+        self.done.clear();
+        self.last_out = None;
         for (i, step) in plan.steps.iter().enumerate() {
             self.step(step)
                 .unwrap_or_else(|e| panic!("step {i} {step:?}: {e}"));
         }
-        let out = plan.out.expect("an output buffer");
-        let last = self.net.dims.last().unwrap();
-        let span = Span {
-            buf: Buf::Arena(out),
-            at: 0,
-            len: rows * last.out_len(),
-            format: Format::F16,
-        };
-        self.read(span).expect("the output")
     }
 
-    /// The bytes of `s`, which must lie in its buffer and (arena, FP8 input) have been written
-    /// by this forward.
-    fn read(&self, s: Span) -> Result<Vec<u8>, String> {
+    /// The first `len` values of arena buffer `out` in `format` (what the head, or the full
+    /// batch after blocks 1–2, reads), all written by this forward.
+    fn output(&self, out: Option<usize>, len: usize, format: Format) -> Vec<u8> {
+        let span = Span {
+            buf: Buf::Arena(out.expect("an output buffer")),
+            at: 0,
+            len,
+            format,
+        };
+        self.read(span).expect("the output").0
+    }
+
+    /// Which of `held` tracks `buf` (None: the input, FP16 throughout).
+    fn slot(buf: Buf) -> Option<usize> {
+        match buf {
+            Buf::Input => None,
+            Buf::Arena(i) if i < 2 => Some(i),
+            Buf::Arena(i) => panic!("arena buffer {i}"),
+            Buf::Fp8Input => Some(2),
+        }
+    }
+
+    /// The bytes of `s` and what they hold, all alike: FP16 for an FP16 span, codes at one
+    /// stage's multiplier for an E4M3 one. The span must lie in its buffer, start at an even
+    /// byte (the executor views spans as FP16 words) and hold what this forward wrote.
+    fn read(&self, s: Span) -> Result<(Vec<u8>, Held), String> {
         even(s)?;
         let r = s.bytes();
-        let (data, written): (&[u8], Option<&[bool]>) = match s.buf {
-            Buf::Input => (&self.input, None),
-            Buf::Arena(i) => (&self.arena[i], Some(&self.written[i])),
-            Buf::Fp8Input => (&self.x8, Some(&self.x8_written)),
+        let data = match s.buf {
+            Buf::Input => &self.input,
+            Buf::Arena(i) => &self.arena[i],
+            Buf::Fp8Input => &self.x8,
         };
         let bytes = data
             .get(r.clone())
             .ok_or_else(|| format!("{s:?} is outside its {}-byte buffer", data.len()))?;
-        if let Some(at) = written.and_then(|w| w[r.clone()].iter().position(|&w| !w)) {
-            return Err(format!(
-                "{s:?} reads byte {} before this forward wrote it",
-                r.start + at
-            ));
+        let held = match Self::slot(s.buf) {
+            None => Held::F16,
+            Some(k) => {
+                let h = &self.held[k][r.clone()];
+                let first = h.first().copied().unwrap_or(Held::Nothing);
+                if let Some(at) = h.iter().position(|&b| b != first || b == Held::Nothing) {
+                    return Err(format!(
+                        "{s:?}: byte {} holds {:?} (this forward left {first:?} at its start)",
+                        r.start + at,
+                        h[at]
+                    ));
+                }
+                first
+            }
+        };
+        match (s.format, held) {
+            (Format::F16, Held::F16) | (Format::E4m3, Held::E4m3At(_)) => {
+                Ok((bytes.to_vec(), held))
+            }
+            _ => Err(format!("{s:?} holds {held:?}")),
         }
-        Ok(bytes.to_vec())
     }
 
-    fn write(&mut self, s: Span, bytes: &[u8]) -> Result<(), String> {
+    /// A step has read `s` for the one step its writer wrote it for: nothing may read it again.
+    fn consume(&mut self, s: Span) {
+        if let Some(k) = Self::slot(s.buf) {
+            self.held[k][s.bytes()].fill(Held::Nothing);
+        }
+    }
+
+    fn write(&mut self, s: Span, bytes: &[u8], held: Held) -> Result<(), String> {
         assert_eq!(bytes.len(), s.bytes().len(), "{s:?}: bytes written");
         even(s)?;
-        let (data, written) = match s.buf {
-            Buf::Input => return Err(format!("{s:?}: the input is read-only")),
-            Buf::Arena(i) => (&mut self.arena[i], &mut self.written[i]),
-            Buf::Fp8Input => (&mut self.x8, &mut self.x8_written),
+        let k = Self::slot(s.buf).ok_or_else(|| format!("{s:?}: the input is read-only"))?;
+        let data = match s.buf {
+            Buf::Arena(i) => &mut self.arena[i],
+            _ => &mut self.x8,
         };
         let r = s.bytes();
         let len = data.len();
         data.get_mut(r.clone())
             .ok_or_else(|| format!("{s:?} is outside its {len}-byte buffer"))?
             .copy_from_slice(bytes);
-        written[r].fill(true);
+        self.held[k][r].fill(held);
         Ok(())
     }
 
-    /// The values of `s` as the kernels see them (FP16 or E4M3 codes), in a buffer for a launch.
-    fn host_buf(&self, s: Span) -> Result<HostBuf, String> {
-        Ok(HostBuf::of(&self.read(s)?))
+    /// What `forward.rs`'s `io` requires of a step reading `x` and writing `y`: `y` in the
+    /// arena buffer `x` is not in.
+    fn io(x: Span, y: Span) -> Result<(), String> {
+        match (x.buf, y.buf) {
+            (Buf::Input | Buf::Arena(_), Buf::Arena(_)) if x.buf != y.buf => Ok(()),
+            _ => Err(format!("a step reading {x:?} writes {y:?}")),
+        }
     }
 
     fn step(&mut self, step: &Step) -> Result<(), String> {
@@ -496,15 +563,19 @@ impl<'n> Device<'n> {
             true => Ok(()),
             false => Err(format!("{s:?} should be {f:?}")),
         };
+        let exact = |s: Span, len: usize| match s.len == len {
+            true => Ok(()),
+            false => Err(format!("{s:?} should hold {len} values")),
+        };
         match *step {
             Step::Amax { stage, x } => {
                 need(x, Format::F16)?;
+                if x.buf == Buf::Fp8Input {
+                    return Err("measuring the FP8 input buffer".into());
+                }
                 let launch = k::amax_abs_f16_launch(x.len, 1, x.len, &LIMITS);
-                let got: Vec<f32> = run_into(
-                    launch,
-                    &[&self.host_buf(x)?],
-                    HostBuf::of(&[self.amax[stage]]),
-                );
+                let input = HostBuf::of(&self.read(x)?.0);
+                let got: Vec<f32> = run_into(launch, &[&input], HostBuf::of(&[self.amax[stage]]));
                 self.amax[stage] = got[0];
             }
             Step::Fp8Scales => {
@@ -532,18 +603,27 @@ impl<'n> Device<'n> {
                 }
                 let launch = k::quantize_e4m3_launch(x.len, 1, y.len, x.len, &LIMITS);
                 let m = HostBuf::of(&[self.scale(stage).multiplier]);
+                let input = HostBuf::of(&self.read(x)?.0);
+                self.consume(x);
                 let out = HostBuf::of(&vec![0xEEu8; y.len]);
-                let codes: Vec<u8> = run_into(launch, &[&self.host_buf(x)?, &m], out);
-                self.write(y, &codes)?;
+                let codes: Vec<u8> = run_into(launch, &[&input, &m], out);
+                self.write(y, &codes, Held::E4m3At(stage))?;
             }
             Step::Dequantize { stage, x, y } => {
                 need(x, Format::E4m3)?;
                 need(y, Format::F16)?;
+                exact(y, x.len)?;
+                Self::io(x, y)?;
+                let (codes, held) = self.read(x)?;
+                if held != Held::E4m3At(stage) {
+                    return Err(format!("dequantizing at stage {stage} codes of {held:?}"));
+                }
+                self.consume(x);
                 let launch = k::dequantize_e4m3_launch(x.len, 1, y.len, x.len, &LIMITS);
                 let m = HostBuf::of(&[self.scale(stage).multiplier]);
                 let out = HostBuf::of(&vec![f16::from_f32(9.0); y.len]);
-                let v: Vec<f16> = run_into(launch, &[&self.host_buf(x)?, &m], out);
-                self.write(y, bytemuck::cast_slice(&v))?;
+                let v: Vec<f16> = run_into(launch, &[&HostBuf::of(&codes), &m], out);
+                self.write(y, bytemuck::cast_slice(&v), Held::F16)?;
             }
             Step::Conv {
                 stage,
@@ -556,6 +636,7 @@ impl<'n> Device<'n> {
                 if !net.is_conv[stage] {
                     return Err("a conv step on a pool".into());
                 }
+                let d = net.dims[stage];
                 need(x, if route.fp8 { Format::E4m3 } else { Format::F16 })?;
                 need(
                     y,
@@ -565,34 +646,52 @@ impl<'n> Device<'n> {
                         Format::F16
                     },
                 )?;
+                exact(x, rows * d.in_len())?;
+                exact(y, rows * d.out_len())?;
+                if x.buf != Buf::Fp8Input {
+                    Self::io(x, y)?;
+                } else if !matches!(y.buf, Buf::Arena(_)) {
+                    return Err(format!("a conv writing {y:?}"));
+                }
                 // cuDNN's tensor-core engines (FP8 ones above all) want 16-byte aligned tensors;
                 // the buffers themselves are 256-byte aligned.
                 if let Some(s) = [x, y].into_iter().find(|s| s.at % 16 != 0) {
                     return Err(format!("{s:?}: a conv tensor not 16-byte aligned"));
                 }
-                let bytes = self.read(x)?;
+                let (bytes, held) = self.read(x)?;
+                if x.format == Format::E4m3 && held != Held::E4m3At(stage) {
+                    return Err(format!(
+                        "an FP8 conv at stage {stage} reading codes of {held:?}"
+                    ));
+                }
+                self.consume(x);
                 let values: Vec<f32> = match x.format {
                     Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
-                    Format::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&bytes)
-                        .iter()
-                        .map(|v| v.to_f32())
-                        .collect(),
+                    Format::F16 => f16_values(&bytes),
                 };
                 let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
-                let out = conv_stage(net, stage, rows, route, identity, &values, &scales);
-                match out {
-                    Activations::F16(v) => self.write(y, bytemuck::cast_slice(&v))?,
-                    Activations::E4m3(c) => self.write(y, &c)?,
+                match conv_stage(net, stage, rows, route, identity, &values, &scales) {
+                    Activations::F16(v) => self.write(y, bytemuck::cast_slice(&v), Held::F16)?,
+                    Activations::E4m3(c) => {
+                        let next = route.next.ok_or("an E4M3 output with no next conv")?;
+                        self.write(y, &c, Held::E4m3At(next))?
+                    }
                 }
+                self.last_out = Some(y);
             }
             Step::Pool { stage, rows, x, y } => {
                 let d = net.dims[stage];
                 if x.format != y.format || net.is_conv[stage] {
                     return Err("a pool step: formats or stage".into());
                 }
+                exact(x, rows * d.in_len())?;
+                exact(y, rows * d.out_len())?;
+                Self::io(x, y)?;
                 let nhwc = [rows, d.in_h, d.in_w, d.in_c];
-                let input = self.host_buf(x)?;
-                let bytes: Vec<u8> = match x.format {
+                let (bytes, held) = self.read(x)?;
+                self.consume(x);
+                let input = HostBuf::of(&bytes);
+                let out: Vec<u8> = match x.format {
                     Format::F16 => {
                         let launch = k::maxpool2_launch(x.len, y.len, nhwc, &LIMITS);
                         let out = HostBuf::of(&vec![f16::from_f32(9.0); y.len]);
@@ -604,11 +703,13 @@ impl<'n> Device<'n> {
                         run_into(launch, &[&input], HostBuf::of(&vec![0xEEu8; y.len]))
                     }
                 };
-                self.write(y, &bytes)?;
+                // Codes keep their multiplier through a pool.
+                self.write(y, &out, held)?;
+                self.last_out = Some(y);
             }
             Step::Capture { y, .. } => {
                 need(y, Format::F16)?;
-                let v: Vec<f16> = bytemuck::pod_collect_to_vec(&self.read(y)?);
+                let v: Vec<f16> = bytemuck::pod_collect_to_vec(&self.read(y)?.0);
                 let room = self.acts.len();
                 self.acts
                     .get_mut(..v.len())
@@ -617,11 +718,17 @@ impl<'n> Device<'n> {
             }
             Step::Relu { y } => {
                 need(y, Format::F16)?;
+                if !matches!(y.buf, Buf::Arena(_)) {
+                    return Err(format!("ReLU on {y:?}"));
+                }
                 let launch = k::relu_f16_launch(y.len, y.len, &LIMITS);
-                let v: Vec<f16> = run_into(launch, &[], self.host_buf(y)?);
-                self.write(y, bytemuck::cast_slice(&v))?;
+                let v: Vec<f16> = run_into(launch, &[], HostBuf::of(&self.read(y)?.0));
+                self.write(y, bytemuck::cast_slice(&v), Held::F16)?;
             }
-            Step::StageDone { .. } => {}
+            Step::StageDone { stage } => {
+                let out = self.last_out.ok_or("a stage done before any output")?;
+                self.done.push((stage, self.read(out)?.0, out.format));
+            }
         }
         Ok(())
     }
@@ -650,21 +757,45 @@ fn input(rows: usize, seed: u64, big: usize) -> Vec<f16> {
     x
 }
 
-/// Same values (NaN matching NaN; −0 equal to 0), reported by position.
-fn assert_same(got: &[f32], want: &[f32], what: &str) {
+/// `bytes`, in `format`, hold `want`'s values: FP16 bit for bit and E4M3 code for code (±0
+/// alike in both); the reference holds no NaN, so a read of poison shows.
+fn assert_same(bytes: &[u8], format: Format, want: &Activations, what: &str) {
+    // (bits, value) of each.
+    type Coded = Vec<(u16, f32)>;
+    let (got, want): (Coded, Coded) = match (format, want) {
+        (Format::F16, Activations::F16(w)) => (
+            bytemuck::pod_collect_to_vec::<u8, f16>(bytes)
+                .iter()
+                .map(|v| (v.to_bits(), v.to_f32()))
+                .collect(),
+            w.iter().map(|v| (v.to_bits(), v.to_f32())).collect(),
+        ),
+        (Format::E4m3, Activations::E4m3(w)) => (
+            bytes.iter().map(|&b| (b.into(), e4m3_to_f32(b))).collect(),
+            w.iter().map(|&b| (b.into(), e4m3_to_f32(b))).collect(),
+        ),
+        _ => panic!("{what}: {format:?} values where the reference holds {want:?}"),
+    };
     assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(!w.1.is_nan(), "{what}: the reference's value {i} is NaN");
         assert!(
-            g == w || (g.is_nan() && w.is_nan()),
-            "{what}: value {i}: got {g}, want {w}"
+            g.0 == w.0 || (g.1 == 0.0 && w.1 == 0.0),
+            "{what}: value {i}: got {} ({:#x}), want {} ({:#x})",
+            g.1,
+            g.0,
+            w.1,
+            w.0
         );
     }
 }
 
-fn values_of(a: &Activations) -> Vec<f32> {
-    match a {
-        Activations::F16(v) => v.iter().map(|v| v.to_f32()).collect(),
-        Activations::E4m3(c) => c.iter().map(|&b| e4m3_to_f32(b)).collect(),
+/// Every full-batch stage's output, as the plan left it at the stage's `StageDone`, equals the
+/// reference's.
+fn assert_stages(dev: &Device<'_>, want: &Reference, what: &str) {
+    for (stage, bytes, format) in &dev.done {
+        let what = format!("{what}: stage {stage}");
+        assert_same(bytes, *format, &want.stages[*stage], &what);
     }
 }
 
@@ -675,15 +806,19 @@ fn f16_values(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// A base forward of `BASE_ROWS` rows (the last one padding) capturing `capture`'s stage for
-/// the real images: features, activations, amaxes and the scales it leaves equal the
-/// reference's. Returns the device (its scales set) and the reference scales.
+/// Values of one row of the features' output.
+fn out_len(net: &Net) -> usize {
+    net.dims.last().expect("a stage").out_len()
+}
+
+/// A base forward of `BASE_ROWS` rows (the last one padding unless the capture takes it)
+/// capturing `capture`'s stage: every stage, the activations, the amaxes and the scales it
+/// leaves equal the reference's. Returns the device (its scales set) and the reference scales.
 fn base_forward(net: &Net, capture: CaptureAt) -> (Device<'_>, Vec<Scale>) {
     let mut dev = Device::new(net, MASK_ROWS.max(BASE_ROWS));
     let x = input(BASE_ROWS, 5, IMAGES);
     let p = plan::features(&net.shape(), BASE_ROWS, None, None, Some(capture)).unwrap();
-    let acts_len = IMAGES * net.dims[capture.stage].out_len();
-    let out = dev.forward(&p, &x, BASE_ROWS, acts_len);
+    dev.forward(&p, &x, capture.rows * net.dims[capture.stage].out_len());
     let want = reference(
         net,
         &x,
@@ -693,22 +828,31 @@ fn base_forward(net: &Net, capture: CaptureAt) -> (Device<'_>, Vec<Scale>) {
         &net.initial_scales(),
     );
     let what = format!("base forward capturing {capture:?}");
-    assert_same(&f16_values(&out), &values_of(&want.out), &what);
-    let acts: Vec<f32> = dev.acts.iter().map(|v| v.to_f32()).collect();
-    let captured: Vec<f32> = want.captured.unwrap().iter().map(|v| v.to_f32()).collect();
-    assert_same(&acts, &captured, &format!("{what}: activations"));
+    let out = dev.output(p.out, BASE_ROWS * out_len(net), Format::F16);
+    assert_same(&out, Format::F16, want.out(), &what);
+    assert_stages(&dev, &want, &what);
+    assert_eq!(dev.done.len(), net.dims.len(), "{what}: every stage done");
+    let captured = want.captured.expect("captured");
+    let acts = bytemuck::cast_slice(&dev.acts);
+    let captured_f16 = Activations::F16(captured.clone());
+    assert_same(
+        acts,
+        Format::F16,
+        &captured_f16,
+        &format!("{what}: activations"),
+    );
     if capture.pre_relu {
         assert!(
-            captured.iter().any(|&v| v < 0.0),
+            captured.iter().any(|&v| v < f16::ZERO),
             "{what}: a pre-ReLU capture has negative values"
         );
     }
-    // The amaxes were turned into scales (and reset); the padding row did not count.
+    // The amaxes were turned into scales (and reset); a padding row did not count.
     assert!(dev.amax.iter().all(|&a| a == 0.0), "{what}: amax reset");
     let scales = scales_from(net, &want.amax);
     for (stage, s) in scales.iter().enumerate() {
         assert_eq!(dev.scale(stage), *s, "{what}: stage {stage} scales");
-        if net.capable[stage] {
+        if net.capable[stage] && capture.rows < BASE_ROWS {
             assert!(
                 want.amax[stage] > 0.0 && want.amax[stage] < 200.0,
                 "{what}: stage {stage} amax {} (the padding row's values are ≥ 200)",
@@ -729,7 +873,8 @@ fn capture(stage: usize, pre_relu: bool) -> CaptureAt {
 }
 
 /// A masked forward of `MASK_ROWS` rows routed by `forms`, blocks 1–2 in sub-batches of `sub`
-/// rows when given: the features equal the reference's, value for value.
+/// rows when given: the plan has the shape asked for, and every full-batch stage and the
+/// features equal the reference's, value for value.
 fn masked_forward(
     net: &Net,
     dev: &mut Device<'_>,
@@ -738,22 +883,57 @@ fn masked_forward(
     sub: Option<usize>,
 ) {
     let routes = plan::route(forms);
-    let prefix = sub.map(|rows| Prefix {
-        end: net.prefix_end(),
-        rows,
-    });
+    let end = net.prefix_end();
+    let prefix = sub.map(|rows| Prefix { end, rows });
     let p = plan::features(&net.shape(), MASK_ROWS, prefix, Some(&routes), None).unwrap();
-    let x = input(MASK_ROWS, 99, MASK_ROWS);
-    let out = dev.forward(&p, &x, MASK_ROWS, 0);
-    let want = reference(net, &x, MASK_ROWS, Some(&routes), None, scales);
     let what = format!("forms {forms:?}, sub-batch {sub:?}");
-    assert_same(&f16_values(&out), &values_of(&want.out), &what);
+    // Blocks 1–2 in MASK_ROWS / sub chunks of sub rows, the rest whole; marks after each
+    // full-batch stage only.
+    let stages = net.dims.len();
+    let done: Vec<usize> = p
+        .steps
+        .iter()
+        .filter_map(|s| match *s {
+            Step::StageDone { stage } => Some(stage),
+            _ => None,
+        })
+        .collect();
+    let first = if sub.is_some() { end } else { 0 };
+    assert_eq!(done, (first..stages).collect::<Vec<_>>(), "{what}: marks");
+    for stage in 0..stages {
+        let runs: Vec<usize> = p
+            .steps
+            .iter()
+            .filter_map(|s| match *s {
+                Step::Conv { stage: t, rows, .. } | Step::Pool { stage: t, rows, .. }
+                    if t == stage =>
+                {
+                    Some(rows)
+                }
+                _ => None,
+            })
+            .collect();
+        let want = match sub {
+            Some(r) if stage < end => vec![r; MASK_ROWS / r],
+            _ => vec![MASK_ROWS],
+        };
+        assert_eq!(runs, want, "{what}: stage {stage}'s launches");
+    }
+    let x = input(MASK_ROWS, 99, MASK_ROWS);
+    dev.forward(&p, &x, 0);
+    let want = reference(net, &x, MASK_ROWS, Some(&routes), None, scales);
+    let out = dev.output(p.out, MASK_ROWS * out_len(net), Format::F16);
+    assert_same(&out, Format::F16, want.out(), &what);
+    assert_stages(dev, &want, &what);
     // The route matters: FP16 all the way gives other values wherever a conv ran FP8.
     if routes.iter().any(|r| r.fp8) {
         let fp16 = reference(net, &x, MASK_ROWS, None, None, scales);
         assert_ne!(
-            values_of(&fp16.out),
-            values_of(&want.out),
+            f16_values(&out),
+            f16_values(bytemuck::cast_slice(match fp16.out() {
+                Activations::F16(v) => v,
+                Activations::E4m3(_) => unreachable!("the features end FP16"),
+            })),
             "{what}: FP8 changed nothing"
         );
     }
@@ -805,11 +985,20 @@ fn random_forms(net: &Net, seed: u64) -> Vec<Option<Fp8Forms>> {
 /// forwards capturing a conv before and after its ReLU and a pool.
 fn fp16_forwards_match_the_reference() {
     let net = Net::new();
+    // Convs before and after their ReLU (stage 3's ReLU before stage 4's amax), pools, the
+    // first stage and the last, and a capture of every row.
+    let all_rows = CaptureAt {
+        rows: BASE_ROWS,
+        ..capture(4, false)
+    };
     for capture in [
         capture(4, false),
         capture(4, true),
+        capture(3, true),
+        capture(0, false),
         capture(2, false),
         capture(8, true),
+        all_rows,
     ] {
         base_forward(&net, capture);
     }
@@ -832,7 +1021,7 @@ fn e4m3_activations_cross_blocks_1_2() {
     let forms = net_forms(&net, [fp16_e4m3, BOTH, BOTH, BOTH, BOTH, BOTH]);
     let routes = plan::route(&forms);
     assert!(routes[..8].iter().all(|r| r.e4m3_out), "{routes:?}");
-    for sub in [None, Some(2), Some(4)] {
+    for sub in [None, Some(1), Some(2), Some(4)] {
         masked_forward(&net, &mut dev, &scales, &forms, sub);
     }
 }
@@ -855,6 +1044,37 @@ fn fp16_convs_read_e4m3_dequantized() {
     );
     for sub in [None, Some(2)] {
         masked_forward(&net, &mut dev, &scales, &forms, sub);
+    }
+}
+
+/// Blocks 1–2 alone (what prepare times, and the part of a forward a sub-batch size changes):
+/// their output, E4M3 (packed) or FP16, equals the reference's at their last stage.
+fn prefix_plans_match_the_reference() {
+    let net = Net::new();
+    let (mut dev, scales) = base_forward(&net, capture(8, false));
+    let end = net.prefix_end();
+    let fp16_e4m3 = Fp8Forms {
+        fp16_e4m3_out: true,
+        ..Fp8Forms::default()
+    };
+    let e4m3 = net_forms(&net, [fp16_e4m3, BOTH, BOTH, BOTH, BOTH, BOTH]);
+    for routes in [None, Some(plan::route(&e4m3))] {
+        for sub in [None, Some(1), Some(2), Some(4)] {
+            let p = plan::prefix(&net.shape(), MASK_ROWS, end, sub, routes.as_deref()).unwrap();
+            let x = input(MASK_ROWS, 7, MASK_ROWS);
+            dev.forward(&p, &x, 0);
+            let want = reference(&net, &x, MASK_ROWS, routes.as_deref(), None, &scales);
+            let last = routes.as_ref().is_some_and(|r| r[end - 1].e4m3_out);
+            let format = if last { Format::E4m3 } else { Format::F16 };
+            let len = MASK_ROWS * net.dims[end - 1].out_len();
+            let what = format!("blocks 1–2, routes {routes:?}, sub-batch {sub:?}");
+            assert_same(
+                &dev.output(p.out, len, format),
+                format,
+                &want.stages[end - 1],
+                &what,
+            );
+        }
     }
 }
 
@@ -906,6 +1126,15 @@ fn plans_refuse_what_cannot_run() {
         None,
     );
     assert!(e.unwrap_err().to_string().contains("end at stage 10"));
+    // A base forward runs FP16: no routes beside a capture.
+    let e = plan::features(
+        &shape,
+        MASK_ROWS,
+        None,
+        Some(&routes),
+        Some(capture(4, false)),
+    );
+    assert!(e.unwrap_err().to_string().contains("FP16"));
     let mut shifted = routes.clone();
     shifted.rotate_left(1);
     assert!(plan::features(&shape, MASK_ROWS, None, Some(&shifted), None).is_err());
@@ -937,6 +1166,7 @@ fn main() -> std::process::ExitCode {
         fp16_forwards_match_the_reference,
         e4m3_activations_cross_blocks_1_2,
         fp16_convs_read_e4m3_dequantized,
+        prefix_plans_match_the_reference,
         random_routes_match_the_reference,
     ];
     trials.push(common::trial(

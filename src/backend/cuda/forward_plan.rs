@@ -301,6 +301,11 @@ pub fn features(
 ) -> Result<FeaturePlan> {
     let stages = shape.dims.len();
     check_shape(shape, routes)?;
+    if capture.is_some() && routes.is_some() {
+        return Err(Error::Invalid(
+            "a base forward runs FP16 (it captures activations): no FP8 route".into(),
+        ));
+    }
     if let Some(c) = capture.filter(|c| c.rows > rows || c.stage >= stages) {
         return Err(Error::Invalid(format!(
             "capturing {c:?} from a forward of {rows} rows and {stages} stages"
