@@ -350,6 +350,16 @@ def _why(log):
 
 
 def find_commit(root):
+    """The commit the measured binary was built from: the bundle's COMMIT file (written by
+    benches/gpu_bundle.sh beside the binary), else a COMMIT file in the root, else the checkout's
+    HEAD. The checkout comes second: the device's copy of it may be older than the bundle."""
+    for p in (os.path.join("target", "gpu-bundle", "COMMIT"), "COMMIT"):
+        try:
+            t = _read(os.path.join(root, p)).strip()
+            if t:
+                return t.splitlines()[0].strip()
+        except OSError:
+            continue
     if os.path.exists(os.path.join(root, ".git")):
         try:
             r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
@@ -358,13 +368,6 @@ def find_commit(root):
                 return r.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
-    for p in ("COMMIT", os.path.join("target", "gpu-bundle", "COMMIT")):
-        try:
-            t = _read(os.path.join(root, p)).strip()
-            if t:
-                return t.splitlines()[0].strip()
-        except OSError:
-            continue
     return None
 
 
@@ -1010,6 +1013,12 @@ def selftest():
         with open(path) as f:
             r = json.load(f)
         check(r["commit"] == "0123456789abcdef0123456789abcdef01234567", "commit from COMMIT")
+        # The bundle's COMMIT (the binary's source) wins over a root COMMIT or an older checkout.
+        os.makedirs(os.path.join(root, "target", "gpu-bundle"))
+        with open(os.path.join(root, "target", "gpu-bundle", "COMMIT"), "w") as f:
+            f.write("fedcba9876543210fedcba9876543210fedcba98\n")
+        check(find_commit(root) == "fedcba9876543210fedcba9876543210fedcba98", "commit from the bundle")
+        shutil.rmtree(os.path.join(root, "target"))
         g = r["gpu"]
         check(g["name"] == "NVIDIA H200" and g["driver_version"] == "580.95.05", "gpu name/driver")
         check(g["clocks.max.sm"] == 1980 and g["power.limit"] == 700.0 and g["temperature.gpu"] == 31, "gpu numbers")
