@@ -19,7 +19,7 @@
 # Every step has its own timeout and the whole run keeps within GPU_CHECK_BUDGET_S (default 540 s,
 # under the device's 10-minute command limit); a failed step never stops the later ones.
 # Limits (seconds, each also capped by the time left): TEST_TIMEOUT 200, BENCH_TIMEOUT 90,
-# FP8_TIMEOUT 100, CS_TIMEOUT 40, PEERS_TIMEOUT 120, COMPILE_TIMEOUT 330 (run only if at least
+# FP8_TIMEOUT 180, CS_TIMEOUT 90, PEERS_TIMEOUT 120, COMPILE_TIMEOUT 330 (run only if at least
 # COMPILE_MIN_S 120 are left; PEERS_COMPILE_MODE picks another torch.compile mode). Exit status: 0 when the tests, the FP16 bench and the peers succeeded.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -120,13 +120,13 @@ run_step engine_fp16 "${BENCH_TIMEOUT:-90}" "$out/engine_fp16.json" "$out/engine
 fp16_rc=$?
 # FP8 graphs have no NVIDIA sample with an FP16 output: if cuDNN refuses them, its own error log
 # (errors only, kept to 4 MB) says why, beside the report's graph_api_search counts.
-run_step engine_fp8 "${FP8_TIMEOUT:-100}" "$out/engine_fp8.json" "$out/engine_fp8.err" \
+run_step engine_fp8 "${FP8_TIMEOUT:-180}" "$out/engine_fp8.json" "$out/engine_fp8.err" \
   env SCORECAM_CUDA_VERBOSE=1 CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG="$out/cudnn_fp8.log" \
   "$bin" bench --backend cuda --precision fp8 --images 1,8,32 --json
 if [ -f "$out/cudnn_fp8.log" ]; then
   head -c 4000000 "$out/cudnn_fp8.log" > "$out/cudnn_fp8.log.tmp" && mv "$out/cudnn_fp8.log.tmp" "$out/cudnn_fp8.log"
 fi
-run_step engine_channel_softmax "${CS_TIMEOUT:-40}" "$out/engine_cs.json" "$out/engine_cs.err" \
+run_step engine_channel_softmax "${CS_TIMEOUT:-90}" "$out/engine_cs.json" "$out/engine_cs.err" \
   "$bin" bench --backend cuda --mode channel-softmax --images 8 --json
 for f in engine_fp16 engine_fp8 engine_cs; do
   echo "-- $f: $(head -c 600 "$out/$f.json" 2> /dev/null)"
