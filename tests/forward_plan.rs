@@ -136,12 +136,20 @@ impl Net {
     /// The scales before any base forward, as `Fp8State` starts them: descale `sw` (1 where
     /// no FP8 filter), multiplier 1.
     fn initial_scales(&self) -> Vec<Scale> {
-        self.layers
-            .iter()
-            .map(|l| Scale {
-                descale: l.as_ref().map_or(1.0, |l| l.w_scale),
+        self.w_scales()
+            .into_iter()
+            .map(|sw| Scale {
+                descale: sw,
                 multiplier: 1.0,
             })
+            .collect()
+    }
+
+    /// Per stage, the filter's scale `sw` (1 where no FP8 filter): `Fp8State::w_scale`.
+    fn w_scales(&self) -> Vec<f32> {
+        self.layers
+            .iter()
+            .map(|l| l.as_ref().map_or(1.0, |l| l.w_scale))
             .collect()
     }
 
@@ -369,10 +377,9 @@ fn pool<T: Copy>(x: &[T], rows: usize, d: &StageDims, max: impl Fn(T, T) -> T) -
 /// The scales a base forward's amaxes give (kernels/fp8.cu's `fp8_scales`, in Rust).
 fn scales_from(net: &Net, amax: &[f32]) -> Vec<Scale> {
     amax.iter()
-        .enumerate()
-        .map(|(stage, &a)| {
+        .zip(net.w_scales())
+        .map(|(&a, sw)| {
             let sx = input_scale(a);
-            let sw = net.layers[stage].as_ref().map_or(1.0, |l| l.w_scale);
             Scale {
                 descale: sx * sw,
                 multiplier: 1.0 / sx,
@@ -436,7 +443,7 @@ impl<'n> Device<'n> {
             arena: [arena.clone(), arena],
             x8: vec![0xFF; x8_len],
             amax: vec![0.0; stages],
-            w_scale: net.initial_scales().iter().map(|s| s.descale).collect(),
+            w_scale: net.w_scales(),
             scales,
             acts: Vec::new(),
             last_out: None,
