@@ -244,16 +244,6 @@ impl Pass<'_> {
         capture: Option<&mut CaptureTo<'_>>,
         timer: Option<&mut LayerEvents>,
     ) -> Result<()> {
-        match *step {
-            Step::Fp8Scales => return self.fp8_scales(),
-            Step::StageDone { .. } => {
-                if let Some(t) = timer {
-                    t.mark(self.dev)?;
-                }
-                return Ok(());
-            }
-            _ => {}
-        }
         let stream = &self.dev.stream;
         let kernels = self.kernels;
         let Prepared {
@@ -267,7 +257,18 @@ impl Pass<'_> {
         let no_fp8 =
             |stage: usize| Error::Invalid(format!("stage {stage}: an FP8 step without FP8 state"));
         match *step {
-            Step::Fp8Scales | Step::StageDone { .. } => {}
+            Step::StageDone { .. } => {
+                if let Some(t) = timer {
+                    t.mark(self.dev)?;
+                }
+            }
+            // A base forward is done: the FP8 layers' scales from the amaxes it measured (no FP8
+            // state: nothing to scale).
+            Step::Fp8Scales => {
+                if let Some(f) = fp8.as_mut() {
+                    f.scales_from_amax(kernels, stream)?;
+                }
+            }
             Step::Amax { stage, x: xs } => {
                 let f = fp8.as_mut().ok_or_else(|| no_fp8(stage))?;
                 let v = view(x, bufs, xs)?;
@@ -406,24 +407,6 @@ impl Pass<'_> {
                 kernels.relu_f16(stream, &mut view_mut(bufs, ys)?, ys.len)?;
             }
         }
-        Ok(())
-    }
-
-    /// After a base forward: the FP8 layers' scales from the input amaxes it measured.
-    fn fp8_scales(&mut self) -> Result<()> {
-        let Some(f) = self.prep.fp8.as_mut() else {
-            return Ok(());
-        };
-        let layers = f.filters.len();
-        self.kernels.fp8_scales(
-            &self.dev.stream,
-            &mut f.amax.slice_mut(..),
-            &f.w_scale.slice(..),
-            layers,
-            crate::backend::fp8::MARGIN,
-            &mut f.scales.slice_mut(..),
-        )?;
-        f.ready = true;
         Ok(())
     }
 

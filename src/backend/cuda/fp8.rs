@@ -127,6 +127,22 @@ impl Fp8State {
         kernels.quantize_e4m3(stream, x, n, &multiplier, &mut y)
     }
 
+    /// After a base forward: every layer's descale and multiplier from the input amaxes it
+    /// measured (which start again from 0); the FP8 plans run from now on.
+    pub fn scales_from_amax(&mut self, kernels: &Kernels, stream: &Arc<CudaStream>) -> Result<()> {
+        let layers = self.filters.len();
+        kernels.fp8_scales(
+            stream,
+            &mut self.amax.slice_mut(..),
+            &self.w_scale.slice(..),
+            layers,
+            crate::backend::fp8::MARGIN,
+            &mut self.scales.slice_mut(..),
+        )?;
+        self.ready = true;
+        Ok(())
+    }
+
     /// Bytes of device memory held.
     pub fn bytes(&self) -> usize {
         self.filters
