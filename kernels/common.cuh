@@ -42,6 +42,31 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)f2h(lo) | ((u32)f2h(hi) << 16);
 }
 
+// ---------------------------------------------------------------------------------------------
+// One warp-wide tensor-core step, d += A·B: A 16×16 FP16 (row-major), B 16×8 FP16 (column-major),
+// d 16×8 f32, in PTX's m16n8k16 fragment layout. With lane = 4·g + t:
+//   a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1], a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..];
+//   b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];
+//   d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]
+// (two FP16 per u32, the lower index in the low half). Every lane of the warp must call it.
+// Needs sm_80+: older GPUs get a trap (the launchers of its kernels refuse them first). The CPU
+// emulation (tests/kernel_host) gathers the fragments with warp shuffles and sums in f32.
+#ifdef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
+    scorecam_host_mma_16816(d, a, b);
+}
+#elif __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+__device__ __forceinline__ void mma_16816(float*, const u32*, const u32*) { asm volatile("trap;"); }
+#endif
+
 __device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
 
 // True when `p` is aligned to `bytes` (a power of two).

@@ -145,7 +145,14 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
             }
             if let Some(p) = plan(i).filter(|_| c.kind == LayerKind::Conv) {
-                for key in ["algo", "legacy_ms", "graph_ms", "fp8_ms", "e4m3_out_ms"] {
+                for key in [
+                    "algo",
+                    "legacy_ms",
+                    "graph_ms",
+                    "direct_ms",
+                    "fp8_ms",
+                    "e4m3_out_ms",
+                ] {
                     if !p[key].is_null() {
                         v[key] = p[key].clone();
                     }

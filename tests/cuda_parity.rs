@@ -566,6 +566,83 @@ fn graph_api_convolutions_match_cpu() {
     }
 }
 
+/// The hand-written first conv (kernels/conv_cin8.cu), preferred wherever it runs, gives the CPU's
+/// conv1_1 output (pre-ReLU and post-ReLU captures) and logits on a random VGG16 at 224², after
+/// passing its own check on the device; with it off, no plan names it.
+fn direct_conv_matches_cpu() {
+    use scorecam_gpu::backend::cuda::DirectUse;
+    let model = Arc::new(Vgg::random_vgg16(5));
+    let (s, classes, n) = (model.input_size(), model.num_classes(), 2);
+    let x = cpu_images(n, s, 800);
+    let mut c = CpuBackend::new();
+    let cx = cpu_buf(&[n, 3, s, s], x.clone());
+    for pre_relu in [false, true] {
+        let cap = Capture { stage: 0, pre_relu };
+        let p = plan(&model, n, n, cap);
+        let mut g = gpu();
+        g.set_direct_conv(DirectUse::Prefer);
+        g.prepare(&model, p).unwrap();
+        c.prepare(&model, p).unwrap();
+        let report = g.report();
+        let check = &report["direct_conv"]["check"];
+        let hand_written: Vec<scorecam_gpu::backend::cuda::PlanChoice> = g
+            .plan_choices()
+            .into_iter()
+            .filter(|c| c.algo.starts_with("hand-written"))
+            .collect();
+        let arch = report["kernels_arch"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let digits: String = arch.chars().filter(|c| c.is_ascii_digit()).collect();
+        if digits.parse::<u32>().is_ok_and(|v| v < 80) {
+            println!("{arch} has no m16n8k16 mma: the hand-written conv is never offered");
+            assert!(hand_written.is_empty() && check.is_null());
+            return;
+        }
+        assert_eq!(check, "passed", "the device check: {check}");
+        assert!(
+            !hand_written.is_empty() && hand_written.iter().all(|c| c.stage == 0),
+            "{hand_written:?}"
+        );
+        let a = model.capture_shape(cap, s);
+        let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
+        let (mut gl, mut ga) = (
+            g.alloc(&[n, classes]).unwrap(),
+            g.alloc(&[n, a.c, a.h, a.w]).unwrap(),
+        );
+        let (mut cl, mut ca) = (
+            c.alloc(&[n, classes]).unwrap(),
+            c.alloc(&[n, a.c, a.h, a.w]).unwrap(),
+        );
+        g.forward(&gx, n, &mut gl, Some(&mut ga)).unwrap();
+        c.forward(&cx, n, &mut cl, Some(&mut ca)).unwrap();
+        let e = check_nmse(
+            &g.download(&ga, n).unwrap(),
+            &c.download(&ca, n).unwrap(),
+            fp16_nmse_limit(1),
+            &format!("conv1_1 by the hand-written conv (pre_relu {pre_relu})"),
+        );
+        let layers = model.weight_layers_from_top().len();
+        check_nmse(
+            &g.download(&gl, n).unwrap(),
+            &c.download(&cl, n).unwrap(),
+            fp16_nmse_limit(layers),
+            "logits with the hand-written conv1_1",
+        );
+        println!("pre_relu {pre_relu}: conv1_1 NMSE {e:.2e}, plans {hand_written:?}");
+    }
+    let mut g = gpu();
+    g.set_direct_conv(DirectUse::Off);
+    g.prepare(&model, plan(&model, n, n, model.default_capture()))
+        .unwrap();
+    assert!(g
+        .plan_choices()
+        .iter()
+        .all(|c| !c.algo.starts_with("hand-written")));
+    assert!(g.report()["direct_conv"]["check"].is_null());
+}
+
 /// The FP8 kernels against the host: the quantization bit for bit with the float8 crate's
 /// conversion (cuda_fp8.hpp's), the amax exactly.
 fn fp8_kernels_match_the_host() {
@@ -1439,6 +1516,7 @@ fn main() -> std::process::ExitCode {
             fixtures_multi_class_and_batch_match_golden,
         ),
         t("methods_match_golden", &[Gpu], methods_match_golden),
+        t("direct_conv_matches_cpu", &[Gpu], direct_conv_matches_cpu),
         t("class_probs_match_cpu", &[Gpu], class_probs_match_cpu),
     ])
 }

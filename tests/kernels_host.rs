@@ -424,6 +424,75 @@ fn fill_uniform_f16_matches_host() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// conv_cin8.cu
+
+/// `conv3x3_cin8` against the CPU conv: partial last tiles (pixel counts not a multiple of 16),
+/// rows and columns of one pixel (every tap but the centre outside), with and without ReLU, and
+/// buffers off alignment (the 16-bit loads and the element-wise stores).
+fn conv3x3_cin8_matches_host() {
+    let (cin, cout, cs) = (3usize, k::CONV_CIN8_OUT, k::CONV_CIN8_IN);
+    let weight: Vec<f32> = common::values(cout * cin * 9, 31)
+        .iter()
+        .map(|v| f16::from_f32(0.5 * v).to_f32())
+        .collect();
+    let bias = common::values(cout, 32);
+    // KRSC [cout, 3, 3, cs], channels cin.. zero (what the backend uploads).
+    let mut filter = vec![f16::ZERO; cout * 9 * cs];
+    for o in 0..cout {
+        for c in 0..cin {
+            for t in 0..9 {
+                filter[(o * 9 + t) * cs + c] = f16::from_f32(weight[(o * cin + c) * 9 + t]);
+            }
+        }
+    }
+    for (n, h, w, relu, misalign) in [
+        (2usize, 5usize, 7usize, true, 0usize),
+        (1, 9, 13, false, 0),
+        (1, 4, 6, true, 2),
+        (3, 1, 20, true, 0),
+        (2, 20, 1, false, 2),
+    ] {
+        let x_nchw: Vec<f32> = common::values(n * cin * h * w, 33 + n as u64)
+            .iter()
+            .map(|v| f16::from_f32(*v).to_f32())
+            .collect();
+        let mut x = vec![f16::ZERO; n * h * w * cs];
+        for i in 0..n {
+            for c in 0..cin {
+                for p in 0..h * w {
+                    x[(i * h * w + p) * cs + c] = f16::from_f32(x_nchw[(i * cin + c) * h * w + p]);
+                }
+            }
+        }
+        let y_len = n * h * w * cout;
+        let launch = k::conv3x3_cin8_launch(
+            x.len(),
+            filter.len(),
+            bias.len(),
+            y_len,
+            [n, h, w],
+            [cs, cout],
+            relu,
+            &LIMITS,
+        );
+        let got: Vec<f16> = run_into(
+            launch,
+            &[
+                &HostBuf::misaligned(&x, misalign),
+                &HostBuf::misaligned(&filter, misalign),
+                &HostBuf::misaligned(&bias, 0),
+            ],
+            HostBuf::misaligned(&vec![f16::NAN; y_len], misalign),
+        );
+        let got = nhwc_f16_to_nchw(&got, n, cout, h, w, cout);
+        let mut want = vec![0f32; y_len];
+        cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, relu, &mut want);
+        let what = format!("conv3x3_cin8 {n}×{h}×{w} relu {relu} +{misalign}");
+        assert_close(&got, &want, 2e-3, 2e-3, &what);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // pool.cu
 
 /// `maxpool2` of FP16 NHWC `x` `[n, h, w, c]`, buffers `misalign` bytes off alignment.
@@ -1054,6 +1123,7 @@ fn main() -> std::process::ExitCode {
         bias_f32_matches_host,
         relu_f16_matches_host_on_every_value,
         fill_uniform_f16_matches_host,
+        conv3x3_cin8_matches_host,
         maxpool2_matches_host,
         maxpool2_e4m3_matches_host,
         adaptive_avgpool_matches_host,

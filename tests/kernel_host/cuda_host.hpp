@@ -73,6 +73,10 @@ struct alignas(8) uint2 {
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct alignas(16) float4 {
     float x, y, z, w;
 };
@@ -489,6 +493,41 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane) {
     return scorecam_host::shuffle(mask, v, (unsigned)src_lane, "__shfl_sync");
+}
+
+// common.cuh's mma_16816 (PTX mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32) for the warp
+// of the calling thread: each lane gathers the A rows and B columns of its four results from the
+// lanes that hold them, with warp shuffles (so every lane must call it, as on a GPU, and a lane
+// that has exited reads NaN), and adds the products to d in f32, in k order. A GPU's tensor core
+// sums in another order and precision: tests compare with tolerances.
+inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned* b) {
+    const unsigned lane = scorecam_host::run->current & 31u;
+    const unsigned g = lane >> 2, t = lane & 3u;
+    float A[2][16];  // rows g and g + 8
+    for (unsigned j = 0; j < 4; ++j)
+        for (unsigned r = 0; r < 4; ++r) {
+            // lane 4g + j holds in a[r]: row g + 8·(r & 1), columns 2j + 8·(r >> 1) + {0, 1}
+            const unsigned v = __shfl_sync(0xffffffffu, a[r], (int)(4 * g + j));
+            const unsigned col = 2 * j + 8 * (r >> 1);
+            A[r & 1][col] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
+            A[r & 1][col + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
+        }
+    float B[2][16];  // columns 2t and 2t + 1
+    for (unsigned c = 0; c < 2; ++c)
+        for (unsigned j = 0; j < 4; ++j)
+            for (unsigned r = 0; r < 2; ++r) {
+                // lane 4n + j holds in b[r]: column n, rows 2j + 8·r + {0, 1}
+                const unsigned v = __shfl_sync(0xffffffffu, b[r], (int)(4 * (2 * t + c) + j));
+                const unsigned k = 2 * j + 8 * r;
+                B[c][k] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
+                B[c][k + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
+            }
+    for (unsigned row = 0; row < 2; ++row)
+        for (unsigned c = 0; c < 2; ++c) {
+            float s = d[2 * row + c];
+            for (unsigned k = 0; k < 16; ++k) s += A[row][k] * B[c][k];
+            d[2 * row + c] = s;
+        }
 }
 
 #define SCORECAM_HOST_KERNEL(f) scorecam_host::kernel(#f, &f)

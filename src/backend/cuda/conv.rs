@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::f16;
 
+use super::conv_direct::{self, DirectUse};
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
 use super::cudnn_graph::{ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
@@ -129,6 +130,8 @@ pub struct PlanChoice {
     /// The fastest legacy configuration's and graph-API plan's times, when timed.
     pub legacy_ms: Option<f32>,
     pub graph_ms: Option<f32>,
+    /// The hand-written conv's time, where it runs ([`super::conv_direct`]).
+    pub direct_ms: Option<f32>,
     /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output, and whether the
     /// masked forwards may run FP8 here.
     pub fp8_ms: Option<f32>,
@@ -169,6 +172,9 @@ pub(super) struct ConvPlans {
     /// What the FP16 and the FP8 graph-API plan searches met.
     pub graph_search: PlanSearch,
     pub fp8_search: PlanSearch,
+    /// The hand-written conv's check on the device: None before any layer it could run, else
+    /// passed (`Ok`) or why it was refused.
+    pub direct_check: Option<std::result::Result<(), String>>,
 }
 
 impl ConvPlans {
@@ -199,6 +205,39 @@ pub(super) enum Planned {
     Legacy(ConvPlan),
     /// A graph-API execution plan (conv + bias + ReLU in one), shared by layers of one shape.
     Graph(Rc<GraphConv>),
+    /// The hand-written conv ([`super::conv_direct`]).
+    Direct,
+}
+
+/// Which engine runs a (layer, batch size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Legacy,
+    Graph,
+    Direct,
+}
+
+/// The engine to keep, from the timed milliseconds of each (None: it does not run here): a
+/// preferred one (tests) wherever it runs, else the fastest; another engine replaces the legacy
+/// API only when strictly faster.
+fn pick_engine(
+    [legacy, graph, direct]: [Option<f32>; 3],
+    prefer_graph: bool,
+    prefer_direct: bool,
+) -> Engine {
+    if prefer_direct && direct.is_some() {
+        return Engine::Direct;
+    }
+    if prefer_graph && graph.is_some() {
+        return Engine::Graph;
+    }
+    let mut best = (Engine::Legacy, legacy.unwrap_or(f32::INFINITY));
+    for (e, ms) in [(Engine::Graph, graph), (Engine::Direct, direct)] {
+        if let Some(ms) = ms.filter(|&m| m < best.1) {
+            best = (e, ms);
+        }
+    }
+    best.0
 }
 
 /// A graph and the execution plan chosen for it (the plan refers to the graph's descriptors).
@@ -238,6 +277,7 @@ struct Tuned {
     legacy_ms: Option<f32>,
     timed: usize,
     graph: Option<(Rc<GraphConv>, f32, String)>,
+    direct_ms: Option<f32>,
 }
 
 /// What the FP8 tuning of one shape found, for inputs arriving E4M3 or FP16 (the timing
@@ -277,6 +317,7 @@ pub(super) fn plan_all(
     mut arena: TuneArena<'_>,
     ws_limit: usize,
     graph: (GraphUse, usize),
+    direct: DirectUse,
     kernels: &Kernels,
     mut fp8: Option<Fp8Tuning<'_>>,
 ) -> Result<(ConvPlans, usize)> {
@@ -382,11 +423,29 @@ pub(super) fn plan_all(
                 } else {
                     None
                 };
+                let direct_ms = if direct != DirectUse::Off
+                    && conv_direct::applies(layer, kernels)
+                    && direct_passes(&mut out.direct_check, dev, kernels, layer)?
+                {
+                    let dims = [key.rows, d.in_h, d.in_w];
+                    Some(time_direct(
+                        dev,
+                        &timer,
+                        kernels,
+                        layer,
+                        dims,
+                        key.identity,
+                        &arena,
+                    )?)
+                } else {
+                    None
+                };
                 let t = Tuned {
                     legacy,
                     legacy_ms,
                     timed,
                     graph,
+                    direct_ms,
                 };
                 tuned.insert(shape, t.clone());
                 t
@@ -420,16 +479,23 @@ pub(super) fn plan_all(
             .get(&(shape, input_e4m3))
             .cloned()
             .unwrap_or_default();
-        let graph_wins = t
-            .graph
-            .as_ref()
-            .is_some_and(|g| graph.0 == GraphUse::Prefer || t.legacy_ms.is_none_or(|l| g.1 < l));
-        let (planned, algo, ws, ms) = match (&t.graph, graph_wins) {
-            (Some((g, ms, name)), true) => (
+        let engine = pick_engine(
+            [t.legacy_ms, t.graph.as_ref().map(|g| g.1), t.direct_ms],
+            graph.0 == GraphUse::Prefer,
+            direct == DirectUse::Prefer,
+        );
+        let (planned, algo, ws, ms) = match (engine, &t.graph) {
+            (Engine::Graph, Some((g, ms, name))) => (
                 Planned::Graph(Rc::clone(g)),
                 name.clone(),
                 g.plan.ws,
                 Some(*ms),
+            ),
+            (Engine::Direct, _) => (
+                Planned::Direct,
+                conv_direct::NAME.to_string(),
+                0,
+                t.direct_ms,
             ),
             _ => (
                 Planned::Legacy(ConvPlan {
@@ -446,15 +512,15 @@ pub(super) fn plan_all(
         ws_used = ws_used.max(ws);
         if verbose() {
             eprintln!(
-                "cuda: conv stage {} batch {}{}: {algo} ({ws} B workspace){}{}",
+                "cuda: conv stage {} batch {}{}: {algo} ({ws} B workspace){} \
+                 [legacy {:?} ms, graph {:?} ms, hand-written {:?} ms]",
                 key.stage,
                 key.rows,
                 if key.identity { " (pre-ReLU)" } else { "" },
                 ms.map(|m| format!(", {m:.3} ms")).unwrap_or_default(),
-                t.graph
-                    .as_ref()
-                    .map(|g| format!(" [legacy {:?} ms, graph {:.3} ms]", t.legacy_ms, g.1))
-                    .unwrap_or_default()
+                t.legacy_ms,
+                t.graph.as_ref().map(|g| g.1),
+                t.direct_ms
             );
         }
         // Each FP8 form joins the FP16 plan (kept for base forwards and before any scales exist)
@@ -544,6 +610,7 @@ pub(super) fn plan_all(
             timed: t.timed,
             legacy_ms: t.legacy_ms,
             graph_ms: t.graph.as_ref().map(|g| g.1),
+            direct_ms: t.direct_ms,
             fp8_ms: half.as_ref().map(|p| p.1),
             fp8: half_kept || e4m3_kept,
             e4m3_out_ms: e4m3.as_ref().or(fp16_e4m3.as_ref()).map(|p| p.1),
@@ -643,6 +710,53 @@ impl Fp8Run<'_> {
         };
         Ok(plan.execute(dnn, p))
     }
+}
+
+/// Whether the hand-written conv passed its device check; the check runs on the first layer
+/// that could use it, and its outcome (a refusal's reason) is kept in `check`.
+fn direct_passes(
+    check: &mut Option<std::result::Result<(), String>>,
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+) -> Result<bool> {
+    if check.is_none() {
+        let outcome = match conv_direct::check_on_device(dev, kernels, layer)? {
+            None => Ok(()),
+            Some(why) => {
+                if verbose() {
+                    eprintln!("cuda: {why}; cuDNN keeps the layer");
+                }
+                Err(why)
+            }
+        };
+        *check = Some(outcome);
+    }
+    Ok(matches!(check, Some(Ok(()))))
+}
+
+/// Milliseconds of the hand-written conv on `rows` rows of the arena (random input; median of
+/// [`TIMED_RUNS`] after a warm-up), as cuDNN's candidates are timed.
+fn time_direct(
+    dev: &Dev,
+    timer: &EventPair,
+    kernels: &Kernels,
+    layer: &DevConv,
+    dims: [usize; 3],
+    identity: bool,
+    arena: &TuneArena<'_>,
+) -> Result<f32> {
+    let [bx, by] = arena.bufs;
+    let op = format!("timing the hand-written conv (batch {})", dims[0]);
+    let mut once = || {
+        // SAFETY: the arena's buffers are apart and hold ≥ rows rows of every stage's input and
+        // output; nothing else runs on them during the tuning.
+        unsafe { conv_direct::launch(dev, kernels, layer, dims, identity, bx, by) }
+            .map(Ok::<(), std::convert::Infallible>)
+    };
+    once()?; // warm-up
+    let Ok(ms) = timer.median_ms(dev, &op, &mut once)?;
+    Ok(ms)
 }
 
 /// Milliseconds of the quantize pass of `n` values of stage `stage`'s input (median of
@@ -1142,6 +1256,13 @@ impl ConvRun<'_> {
                 // workspace sized for them at prepare.
                 unsafe { g.plan.execute(self.dnn, p.into()) }.map_err(|e| dnn_err(&op(), e))?;
             }
+            Planned::Direct => {
+                let dims = [key.rows, d.in_h, d.in_w];
+                // SAFETY: as above; y is this layer's output span, apart from x.
+                unsafe {
+                    conv_direct::launch(self.dev, self.kernels, layer, dims, key.identity, x, &*y)
+                }?;
+            }
         }
         Ok(())
     }
@@ -1209,6 +1330,7 @@ impl ConvRun<'_> {
                         timed: 0,
                         legacy_ms: None,
                         graph_ms: None,
+                        direct_ms: None,
                         fp8_ms: None,
                         fp8: false,
                         e4m3_out_ms: None,
@@ -1262,6 +1384,27 @@ fn add_bias_act(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fastest_engine_is_kept_and_a_preferred_one_wherever_it_runs() {
+        use Engine::*;
+        let pick = |ms: [Option<f32>; 3]| pick_engine(ms, false, false);
+        assert_eq!(pick([Some(2.0), Some(1.7), Some(0.6)]), Direct);
+        assert_eq!(pick([Some(2.0), Some(1.7), Some(1.9)]), Graph);
+        assert_eq!(pick([Some(1.0), Some(1.7), Some(1.9)]), Legacy);
+        assert_eq!(pick([Some(2.0), None, Some(1.9)]), Direct);
+        // Ties keep the legacy API (then the graph API).
+        assert_eq!(pick([Some(1.0), Some(1.0), Some(1.0)]), Legacy);
+        assert_eq!(pick([Some(2.0), Some(1.0), Some(1.0)]), Graph);
+        assert_eq!(pick([None, None, None]), Legacy);
+        // Preferences (tests of a path) win wherever their engine runs; the direct one first.
+        let fast = [Some(0.1), Some(5.0), Some(9.0)];
+        assert_eq!(pick_engine(fast, true, false), Graph);
+        assert_eq!(pick_engine(fast, false, true), Direct);
+        assert_eq!(pick_engine(fast, true, true), Direct);
+        assert_eq!(pick_engine([Some(0.1), Some(5.0), None], true, true), Graph);
+        assert_eq!(pick_engine([Some(0.1), None, None], true, true), Legacy);
+    }
 
     #[test]
     fn ladders_cover_every_batch_with_bounded_waste() {

@@ -5,7 +5,8 @@
 //! The data goes one way through these files:
 //! - `device.rs`: opening the device (libraries, `symbols.rs`, context, stream), buffers, copies;
 //! - `weights.rs`: the model uploaded in device layouts (`layout.rs`);
-//! - `prepare.rs`: the arena, every batch size planned and tuned (`conv.rs`, `cudnn.rs`);
+//! - `prepare.rs`: the arena, every batch size planned and tuned (`conv.rs` over cuDNN's legacy
+//!   API `cudnn.rs`, its graph API `cudnn_graph.rs` and the hand-written `conv_direct.rs`);
 //! - `forward_plan.rs`: a forward's feature stages as data (which launch reads and writes which
 //!   bytes of which buffer), run on the CPU by `tests/forward_plan.rs`;
 //! - `forward.rs`: the forward pass (the plan's steps, average pool, classifier via `blas.rs`),
@@ -37,6 +38,7 @@ pub mod kernels;
 
 mod blas;
 mod conv;
+mod conv_direct;
 mod cudnn;
 mod cudnn_graph;
 mod device;
@@ -75,6 +77,7 @@ use self::profile::{LayerEvents, Profiler};
 use self::weights::DevModel;
 
 pub use self::conv::{GraphUse, PlanChoice};
+pub use self::conv_direct::DirectUse;
 pub use self::device::CudaBuf;
 pub use self::layout::{
     conv_filter_krsc, conv_filter_krsc_e4m3, nchw_to_nhwc_f16, nhwc_f16_to_nchw,
@@ -200,6 +203,8 @@ impl Scratch {
 pub struct CudaBackend {
     /// Which convolutions `prepare` also tries through cuDNN's graph API.
     graph_use: GraphUse,
+    /// Whether `prepare` also tries the hand-written first conv.
+    direct_use: DirectUse,
     /// The masked forwards' number format, and (tests) FP8 wherever it runs.
     precision: Precision,
     prefer_fp8: bool,
@@ -319,6 +324,7 @@ impl CudaBackend {
             .map_err(|e| unavailable("reading the compute capability", e))?;
         Ok(CudaBackend {
             graph_use,
+            direct_use: DirectUse::from_env(),
             precision: Precision::Fp16,
             prefer_fp8: false,
             forced_prefix: None,
@@ -397,6 +403,12 @@ impl CudaBackend {
     /// `SCORECAM_CONV_GRAPH`, else the full mask batch).
     pub fn set_graph_use(&mut self, g: GraphUse) {
         self.graph_use = g;
+    }
+
+    /// Whether the next `prepare` also tries the hand-written first conv (default:
+    /// `SCORECAM_CONV_DIRECT`, else timed against cuDNN).
+    pub fn set_direct_conv(&mut self, d: DirectUse) {
+        self.direct_use = d;
     }
 
     /// The number format of the masked forwards from the next `prepare` on. FP8 needs compute
@@ -1057,6 +1069,7 @@ impl Backend for CudaBackend {
                     "candidates_timed": c.timed,
                     "legacy_ms": c.legacy_ms,
                     "graph_ms": c.graph_ms,
+                    "direct_ms": c.direct_ms,
                     "fp8_ms": c.fp8_ms,
                     "e4m3_out_ms": c.e4m3_out_ms,
                     "fp8": c.fp8,
@@ -1074,6 +1087,15 @@ impl Backend for CudaBackend {
             // forward, or in FP16).
             "fp8_route": self.fp8_route(p.plan.max_masks),
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
+            // The hand-written first conv: its use setting and its check on this device (null:
+            // no layer it could run).
+            "direct_conv": {
+                "use": format!("{:?}", self.direct_use).to_lowercase(),
+                "check": p.convs.direct_check.as_ref().map(|c| match c {
+                    Ok(()) => "passed".to_string(),
+                    Err(why) => why.clone(),
+                }),
+            },
             "graph_api_search": {
                 "fp16": p.convs.graph_search.to_json(),
                 "fp8": p.convs.fp8_search.to_json(),

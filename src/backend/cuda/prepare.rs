@@ -208,6 +208,7 @@ impl CudaBackend {
             },
             ws_limit,
             (self.graph_use, plan.max_masks),
+            self.direct_use,
             &self.kernels,
             fp8.as_mut().map(|state| Fp8Tuning {
                 state,

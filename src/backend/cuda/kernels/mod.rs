@@ -25,6 +25,7 @@
 #![allow(clippy::too_many_arguments)]
 
 mod combine;
+mod conv_cin8;
 mod elementwise;
 mod fp8;
 mod masks;
@@ -45,6 +46,7 @@ use cudarc::nvrtc::Ptx;
 use crate::error::{Error, Result};
 
 pub use self::combine::{upsample_relu_normalize_launch, weighted_channel_sum_launch};
+pub use self::conv_cin8::{conv3x3_cin8_launch, CONV_CIN8_IN, CONV_CIN8_OUT};
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
 };
@@ -80,6 +82,7 @@ const KERNEL_NAMES: &[&str] = &[
     "bias_f32",
     "relu_f16",
     "fill_uniform_f16",
+    "conv3x3_cin8",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",

@@ -1,0 +1,234 @@
+//! The hand-written convolution engine beside cuDNN's: `kernels/conv_cin8.cu`, a VGG's first conv
+//! (8 stored input channels → 64) on tensor cores. This file says which layers it can run, checks
+//! it against the CPU on the device before it may be chosen, and launches it; `conv.rs` times it
+//! with cuDNN's candidates at prepare and keeps the fastest.
+
+use cudarc::driver::DevicePtr;
+use half::f16;
+
+use super::device::Dev;
+use super::kernels::{Kernels, CONV_CIN8_IN, CONV_CIN8_OUT};
+use super::weights::DevConv;
+use crate::backend::splitmix64;
+use crate::error::Result;
+
+/// How plans and reports name it.
+pub(super) const NAME: &str = "hand-written conv3x3_cin8 (tensor cores, conv+bias+ReLU)";
+
+/// Whether `prepare` offers the hand-written conv (`SCORECAM_CONV_DIRECT`): `off`, `auto`
+/// (default: timed with cuDNN's candidates, kept when fastest), or `prefer` (kept wherever it
+/// runs and passes its check: for tests of its path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectUse {
+    Off,
+    Auto,
+    Prefer,
+}
+
+impl DirectUse {
+    pub fn from_env() -> DirectUse {
+        Self::parse(std::env::var("SCORECAM_CONV_DIRECT").ok().as_deref())
+    }
+
+    fn parse(v: Option<&str>) -> DirectUse {
+        match v {
+            Some("off") | Some("0") => DirectUse::Off,
+            Some("prefer") => DirectUse::Prefer,
+            _ => DirectUse::Auto,
+        }
+    }
+}
+
+/// Whether the hand-written conv can run `layer` on this device.
+pub(super) fn applies(layer: &DevConv, kernels: &Kernels) -> bool {
+    layer.cin_s == CONV_CIN8_IN && layer.cout == CONV_CIN8_OUT && kernels.has_mma()
+}
+
+/// `y` `[rows, h, w, 64]` = conv(`x` `[rows, h, w, 8]`) + bias, ReLU unless `identity`.
+///
+/// # Safety
+/// `y` is written through a read pointer (as cuDNN's outputs are): nothing else may use it
+/// until the launch is done, and it must not overlap `x`.
+pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    [rows, h, w]: [usize; 3],
+    identity: bool,
+    x: &X,
+    y: &Y,
+) -> Result<()> {
+    // SAFETY: the caller's, passed on.
+    unsafe {
+        kernels.conv3x3_cin8(
+            &dev.stream,
+            x,
+            &layer.filter,
+            &layer.bias32,
+            [rows, h, w],
+            !identity,
+            y,
+        )
+    }
+}
+
+/// Images of the device check: two of 19×23 (a partial last tile of 16 pixels, every border).
+const CHECK_DIMS: [usize; 3] = [2, 19, 23];
+
+/// Run the kernel on random input on the device and compare with [`reference_nhwc`] on the
+/// layer's own (downloaded) filter and bias, without and with ReLU. `None` when it matches; else
+/// why not, and the kernel is not used (a device whose tensor cores disagree with the CPU must not
+/// change a map).
+pub(super) fn check_on_device(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+) -> Result<Option<String>> {
+    let [n, h, w] = CHECK_DIMS;
+    let (cs, cout) = (layer.cin_s, layer.cout);
+    // All stored channels random: the zero filter taps of the padding must cancel them.
+    let x: Vec<f16> = (0..n * h * w * cs)
+        .map(|i| f16::from_f32((splitmix64(0xC0DE + i as u64) >> 40) as f32 / (1u64 << 24) as f32))
+        .collect();
+    let xd = dev.upload(&x, "the direct conv check's input")?;
+    let yd = dev.alloc::<f16>(n * h * w * cout, "the direct conv check's output")?;
+    let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;
+    let bias = dev.download(&layer.bias32, cout, "the conv bias")?;
+    for identity in [true, false] {
+        // SAFETY: `yd` is this function's own buffer, apart from `xd`.
+        unsafe { launch(dev, kernels, layer, CHECK_DIMS, identity, &xd, &yd) }?;
+        let got = dev.download(&yd, yd.len(), "the direct conv check's output")?;
+        let want = reference_nhwc(&x, &filter, &bias, CHECK_DIMS, [cs, cout], !identity);
+        if let Some(why) = first_mismatch(&got, &want) {
+            return Ok(Some(format!(
+                "the hand-written conv differs from the CPU on this device ({}): {why}",
+                if identity { "no ReLU" } else { "ReLU" }
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The first element where `got` (FP16 out) and `want` differ by more than FP16 rounding and a
+/// differently ordered f32 sum can explain.
+fn first_mismatch(got: &[f16], want: &[f32]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} values, want {}", got.len(), want.len()));
+    }
+    got.iter().zip(want).enumerate().find_map(|(i, (g, &r))| {
+        let g = g.to_f32();
+        let ok = (g - r).abs() <= 2e-3 + 2e-3 * r.abs();
+        (!ok).then(|| format!("element {i}: {g}, want {r}"))
+    })
+}
+
+/// Conv 3×3, stride 1, pad 1 on NHWC: `x` `[n, h, w, cs]`, `filter` KRSC `[cout, 3, 3, cs]`,
+/// + `bias`, ReLU when `relu`; f64 sums. Returns `[n, h, w, cout]`.
+pub fn reference_nhwc(
+    x: &[f16],
+    filter: &[f16],
+    bias: &[f32],
+    [n, h, w]: [usize; 3],
+    [cs, cout]: [usize; 2],
+    relu: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; n * h * w * cout];
+    for (p, out) in y.chunks_mut(cout).enumerate() {
+        let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
+        for (o, v) in out.iter_mut().enumerate() {
+            let mut s = bias[o] as f64;
+            for r in 0..3 {
+                for q in 0..3 {
+                    let (iy, ix) = (yy + r, xx + q);
+                    if iy < 1 || iy > h || ix < 1 || ix > w {
+                        continue;
+                    }
+                    let src = ((img * h + iy - 1) * w + ix - 1) * cs;
+                    let taps = (o * 9 + r * 3 + q) * cs;
+                    for c in 0..cs {
+                        s += x[src + c].to_f64() * filter[taps + c].to_f64();
+                    }
+                }
+            }
+            *v = if relu { s.max(0.0) as f32 } else { s as f32 };
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu;
+
+    /// The device check's reference equals the CPU backend's conv (NCHW, im2col + gemm).
+    #[test]
+    fn the_reference_is_the_cpu_conv() {
+        let ([n, h, w], cin, cs, cout) = ([2usize, 5usize, 7usize], 3usize, 8usize, 16usize);
+        let weight: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| f16::from_f32(((i * 37 % 23) as f32 - 11.0) / 16.0).to_f32())
+            .collect();
+        let bias: Vec<f32> = (0..cout).map(|o| o as f32 / 8.0 - 1.0).collect();
+        let x_nchw: Vec<f32> = (0..n * cin * h * w)
+            .map(|i| f16::from_f32(((i * 13 % 17) as f32 - 8.0) / 8.0).to_f32())
+            .collect();
+        let mut x = vec![f16::ZERO; n * h * w * cs];
+        let mut filter = vec![f16::ZERO; cout * 9 * cs];
+        for i in 0..n {
+            for c in 0..cin {
+                for p in 0..h * w {
+                    x[(i * h * w + p) * cs + c] = f16::from_f32(x_nchw[(i * cin + c) * h * w + p]);
+                }
+            }
+        }
+        for o in 0..cout {
+            for c in 0..cin {
+                for t in 0..9 {
+                    filter[(o * 9 + t) * cs + c] = f16::from_f32(weight[(o * cin + c) * 9 + t]);
+                }
+            }
+        }
+        for relu in [false, true] {
+            let got = reference_nhwc(&x, &filter, &bias, [n, h, w], [cs, cout], relu);
+            let mut want = vec![0f32; got.len()];
+            cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, relu, &mut want);
+            for i in 0..n {
+                for o in 0..cout {
+                    for p in 0..h * w {
+                        let (g, r) = (
+                            got[(i * h * w + p) * cout + o],
+                            want[(i * cout + o) * h * w + p],
+                        );
+                        assert!(
+                            (g - r).abs() < 1e-5,
+                            "relu {relu} image {i} channel {o} pixel {p}: {g} vs {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatches_are_named_and_rounding_is_not_one() {
+        let want = [1.0f32, -2.0, 1000.0];
+        let close: Vec<f16> = want.iter().map(|&v| f16::from_f32(v)).collect();
+        assert_eq!(first_mismatch(&close, &want), None);
+        let mut off = close.clone();
+        off[1] = f16::from_f32(-2.1);
+        let why = first_mismatch(&off, &want).unwrap();
+        assert!(why.contains("element 1"), "{why}");
+        off[1] = f16::NAN;
+        assert!(first_mismatch(&off, &want).is_some(), "NaN passes");
+        assert!(first_mismatch(&close[..2], &want).is_some());
+    }
+
+    #[test]
+    fn the_setting_reads_off_prefer_and_defaults_to_auto() {
+        assert_eq!(DirectUse::parse(Some("off")), DirectUse::Off);
+        assert_eq!(DirectUse::parse(Some("0")), DirectUse::Off);
+        assert_eq!(DirectUse::parse(Some("prefer")), DirectUse::Prefer);
+        assert_eq!(DirectUse::parse(Some("yes")), DirectUse::Auto);
+        assert_eq!(DirectUse::parse(None), DirectUse::Auto);
+    }
+}

@@ -1,0 +1,115 @@
+//! Launcher for kernels/conv_cin8.cu.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use half::f16;
+
+use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
+use crate::error::Result;
+
+/// Input channels as stored (3 real, the rest zero: the backend's `CPAD`) and output channels
+/// the kernel is written for.
+pub const CONV_CIN8_IN: usize = 8;
+pub const CONV_CIN8_OUT: usize = 64;
+/// Warps per block (the kernel's `CONV8_WARPS`) and blocks per SM (its `__launch_bounds__`).
+const WARPS: usize = 4;
+const BLOCKS_PER_SM: u32 = 3;
+
+/// `conv3x3_cin8`: conv 3×3, stride 1, pad 1 of `x` `[n, h, w, 8]` with `filter` KRSC
+/// `[64, 3, 3, 8]` FP16, + `bias` `[64]` f32, + ReLU when `relu`, into `y` `[n, h, w, 64]` FP16.
+/// One warp per tile of 16 output pixels (grid-stride), as many blocks as stay resident.
+/// Buffers: `[x, filter, bias, y]`, lengths in elements.
+pub fn conv3x3_cin8_launch(
+    x_len: usize,
+    filter_len: usize,
+    bias_len: usize,
+    y_len: usize,
+    [n, h, w]: [usize; 3],
+    [cin_s, cout]: [usize; 2],
+    relu: bool,
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    const OP: &str = "conv3x3_cin8";
+    if cin_s != CONV_CIN8_IN || cout != CONV_CIN8_OUT {
+        return Err(invalid(
+            OP,
+            format!("{cin_s} → {cout} channels; the kernel takes {CONV_CIN8_IN} → {CONV_CIN8_OUT}"),
+        ));
+    }
+    let [n_i, h_i, w_i, _] = nhwc_args(OP, n, h, w, cin_s)?;
+    need(OP, "x", x_len, prod(OP, &[n, h, w, cin_s])?)?;
+    need(OP, "filter", filter_len, cout * 9 * cin_s)?;
+    need(OP, "bias", bias_len, cout)?;
+    need(OP, "y", y_len, prod(OP, &[n, h, w, cout])?)?;
+    let tiles = prod(OP, &[n, h, w])?.div_ceil(16);
+    let cap = limits.sm_count.saturating_mul(BLOCKS_PER_SM).max(1) as usize;
+    let blocks = tiles.div_ceil(WARPS).clamp(1, cap);
+    use KernelArg::*;
+    Ok(KernelLaunch {
+        kernel: OP,
+        grid: blocks as u32,
+        block: (32 * WARPS) as u32,
+        shared_mem_bytes: 0,
+        args: vec![
+            Read(0),
+            Read(1),
+            Read(2),
+            I32(n_i),
+            I32(h_i),
+            I32(w_i),
+            I32(relu as i32),
+            Write(3),
+        ],
+    })
+}
+
+impl Kernels {
+    /// Whether the device runs the tensor-core kernels (`mma.sync` m16n8k16: sm_80 and later).
+    pub fn has_mma(&self) -> bool {
+        let digits: String = self.arch.chars().filter(|c| c.is_ascii_digit()).collect();
+        digits.parse::<u32>().is_ok_and(|v| v >= 80)
+    }
+
+    /// [`conv3x3_cin8_launch`]; an error on a GPU older than sm_80.
+    ///
+    /// # Safety
+    /// `y` is written through a read pointer (so that the conv tuning can launch on the arena it
+    /// shares, as cuDNN's launches do): nothing else may use it until the launch is done, and it
+    /// must not overlap `x`.
+    pub unsafe fn conv3x3_cin8<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &X,
+        filter: &CudaSlice<f16>,
+        bias: &CudaSlice<f32>,
+        [n, h, w]: [usize; 3],
+        relu: bool,
+        y: &Y,
+    ) -> Result<()> {
+        if !self.has_mma() {
+            return Err(invalid(
+                "conv3x3_cin8",
+                format!(
+                    "needs sm_80 or later, the kernels are built for {}",
+                    self.arch
+                ),
+            ));
+        }
+        let launch = conv3x3_cin8_launch(
+            x.len(),
+            filter.len(),
+            bias.len(),
+            y.len(),
+            [n, h, w],
+            [CONV_CIN8_IN, CONV_CIN8_OUT],
+            relu,
+            &self.limits,
+        )?;
+        let (x_p, _x) = x.device_ptr(stream);
+        let (f_p, _f) = filter.device_ptr(stream);
+        let (b_p, _b) = bias.device_ptr(stream);
+        let (y_p, _y) = y.device_ptr(stream);
+        self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
+    }
+}
