@@ -38,6 +38,10 @@ const TIMED_CANDIDATES: usize = 3;
 /// Timed runs per candidate (after one warm-up); the median counts.
 pub(super) const TIMED_RUNS: usize = 3;
 
+/// The graph API is not tried for a shape where the hand-written conv is this many times faster
+/// than the legacy API: its plans gained at most 17 % over the legacy API per layer on the H200.
+const GRAPH_CANNOT_CATCH_UP: f32 = 2.0;
+
 /// Wall time `prepare` may spend building and timing graph-API plans (their finalization can
 /// compile kernels) before the remaining layers keep the legacy API; FP8 plans have as much
 /// again. `SCORECAM_GRAPH_BUDGET_S` sets another (seconds, e.g. shorter for tests).
@@ -303,9 +307,11 @@ pub(super) struct Fp8Tuning<'a> {
     pub keep_fp16: &'a [usize],
 }
 
-/// Plan every key at prepare: candidates (ranked by cuDNN), then — once per distinct shape —
-/// the timed choice among the legacy configurations and, where `graph` says, the graph API's
-/// plans. Returns the largest workspace a chosen configuration needs.
+/// Plan every key at prepare, in three passes: (1) once per distinct shape, cuDNN's legacy
+/// candidates (ranked by cuDNN) and the hand-written conv where it applies, timed; (2) where
+/// `graph` says, the graph API's plans, the costliest shapes first within the time budget
+/// ([`graph_search_order`]); (3) per key, the fastest engine ([`pick_engine`]) and, under
+/// `--precision fp8`, the FP8 forms. Returns the largest workspace a chosen configuration needs.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn plan_all(
     dev: &Dev,
@@ -329,128 +335,168 @@ pub(super) fn plan_all(
     // Time spent finalizing and timing graph-API plans is counted per kind (`PlanSearch::spent`):
     // FP16 and FP8 each have the budget, so FP16 graphs never use up `--precision fp8`'s.
     let budget = graph_api_budget();
-    for &key in keys {
-        let layer = convs[key.stage].as_ref().ok_or_else(|| {
-            Error::Invalid(format!("features stage {} is not a convolution", key.stage))
-        })?;
+    let layer_of = |stage: usize| {
+        convs[stage]
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("features stage {stage} is not a convolution")))
+    };
+    let shape_of = |key: ConvKey| -> Result<ConvShape> {
+        let layer = layer_of(key.stage)?;
         let d = dims[key.stage];
-        let (op, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
-        let shape = ConvShape {
+        Ok(ConvShape {
             cin: layer.cin_s,
             cout: layer.cout,
             h: d.in_h,
             w: d.in_w,
             rows: key.rows,
             identity: key.identity,
+        })
+    };
+    // Key `key`'s graph-API plans of `form` (FP8 ones with `run` and whether its input arrives
+    // E4M3), their time counted against their kind's budget.
+    let time_graph = |key: ConvKey,
+                      arena: &mut TuneArena<'_>,
+                      run: Option<(Fp8Run, bool)>,
+                      form: GraphForm,
+                      search: &mut PlanSearch| {
+        let started = Instant::now();
+        let deadline = started + budget.saturating_sub(search.spent);
+        let timed = time_graph_plans(
+            dev,
+            dnn,
+            &timer,
+            layer_of(key.stage)?,
+            (dims[key.stage], key.rows),
+            arena,
+            (ws_limit, deadline),
+            run,
+            form,
+            search,
+        );
+        search.spent += started.elapsed();
+        timed
+    };
+
+    // 1. Per distinct shape: cuDNN's legacy candidates and the hand-written conv, timed.
+    let mut shapes: Vec<(ConvShape, ConvKey)> = Vec::new();
+    for &key in keys {
+        let shape = shape_of(key)?;
+        if tuned.contains_key(&shape) {
+            continue;
+        }
+        let layer = layer_of(key.stage)?;
+        let d = dims[key.stage];
+        let (op, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
+        let mut cands = cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
+            .map_err(|e| dnn_err(&op, e))?;
+        let take = if key.rows == graph.1 {
+            usize::MAX
+        } else {
+            TIMED_CANDIDATES
         };
-        // This key's graph-API plans of `form` (FP8 ones with `run` and whether its input
-        // arrives E4M3), their time counted against their kind's budget.
-        let time_graph = |arena: &mut TuneArena<'_>,
-                          run: Option<(Fp8Run, bool)>,
-                          form: GraphForm,
-                          search: &mut PlanSearch| {
-            let started = Instant::now();
-            let deadline = started + budget.saturating_sub(search.spent);
-            let timed = time_graph_plans(
-                dev,
-                dnn,
-                &timer,
-                layer,
-                (d, key.rows),
-                arena,
-                (ws_limit, deadline),
-                run,
-                form,
-                search,
-            );
-            search.spent += started.elapsed();
-            timed
-        };
-        let t = match tuned.get(&shape) {
-            Some(t) => t.clone(),
-            None => {
-                let mut cands =
-                    cudnn::candidates(dnn, &xd, &layer.wdesc, &cd, &yd, key.identity, ws_limit)
-                        .map_err(|e| dnn_err(&op, e))?;
-                let take = if key.rows == graph.1 {
-                    usize::MAX
-                } else {
-                    TIMED_CANDIDATES
-                };
-                let need = timed_subset(&cands, take).map(|c| c.ws).max().unwrap_or(0);
-                if let Err(e) = grow_workspace(dev, arena.workspace, need) {
-                    // Memory is tight: time only the candidates the workspace already holds
-                    // (the workhorse needs little); none left is the out-of-memory error.
-                    let have = arena.workspace.len();
-                    cands.retain(|c| c.ws <= have);
-                    if !matches!(e, Error::OutOfMemory(_)) || cands.is_empty() {
-                        return Err(e);
-                    }
-                }
-                let act = if key.identity { acts.1 } else { acts.0 };
-                let descs = (&xd, &yd, &cd);
-                let (legacy, legacy_ms, timed) = time_candidates(
-                    dev,
-                    dnn,
-                    &timer,
-                    (&cands, take),
-                    descs,
-                    act,
-                    layer,
-                    &arena,
-                    &op,
-                )?;
-                let wanted = !key.identity
-                    && match graph.0 {
-                        GraphUse::Off => false,
-                        GraphUse::FullBatch => key.rows == graph.1,
-                        GraphUse::All | GraphUse::Prefer => true,
-                    };
-                // Finalizing graph plans may compile kernels: past the budget, the remaining
-                // layers keep the legacy API (counted in the report).
-                let try_graph = wanted && out.graph_search.spent < budget;
-                if wanted && !try_graph {
-                    out.graph_skipped += 1;
-                }
-                let graph = if try_graph {
-                    time_graph(&mut arena, None, GraphForm::FP16, &mut out.graph_search)?.map(
-                        |(g, ms)| {
-                            let name =
-                                format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
-                            (g, ms, name)
-                        },
-                    )
-                } else {
-                    None
-                };
-                let direct_ms = if direct != DirectUse::Off
-                    && conv_direct::applies(layer, kernels)
-                    && direct_passes(&mut out.direct_check, dev, kernels, layer)?
-                {
-                    let dims = [key.rows, d.in_h, d.in_w];
-                    Some(time_direct(
-                        dev,
-                        &timer,
-                        kernels,
-                        layer,
-                        dims,
-                        key.identity,
-                        &arena,
-                    )?)
-                } else {
-                    None
-                };
-                let t = Tuned {
-                    legacy,
-                    legacy_ms,
-                    timed,
-                    graph,
-                    direct_ms,
-                };
-                tuned.insert(shape, t.clone());
-                t
+        let need = timed_subset(&cands, take).map(|c| c.ws).max().unwrap_or(0);
+        if let Err(e) = grow_workspace(dev, arena.workspace, need) {
+            // Memory is tight: time only the candidates the workspace already holds (the
+            // workhorse needs little); none left is the out-of-memory error.
+            let have = arena.workspace.len();
+            cands.retain(|c| c.ws <= have);
+            if !matches!(e, Error::OutOfMemory(_)) || cands.is_empty() {
+                return Err(e);
             }
+        }
+        let act = if key.identity { acts.1 } else { acts.0 };
+        let (legacy, legacy_ms, timed) = time_candidates(
+            dev,
+            dnn,
+            &timer,
+            (&cands, take),
+            (&xd, &yd, &cd),
+            act,
+            layer,
+            &arena,
+            &op,
+        )?;
+        let direct_ms = if direct != DirectUse::Off
+            && conv_direct::applies(layer, kernels)
+            && direct_passes(&mut out.direct_check, dev, kernels, layer)?
+        {
+            let dims = [key.rows, d.in_h, d.in_w];
+            Some(time_direct(
+                dev,
+                &timer,
+                kernels,
+                layer,
+                dims,
+                key.identity,
+                &arena,
+            )?)
+        } else {
+            None
         };
+        tuned.insert(
+            shape,
+            Tuned {
+                legacy,
+                legacy_ms,
+                timed,
+                graph: None,
+                direct_ms,
+            },
+        );
+        shapes.push((shape, key));
+    }
+
+    // 2. The graph API, where `graph` says, shape by shape in order of the time the layers of
+    // the shape take per forward (so that a budget that runs out leaves the least on the table),
+    // except where the hand-written conv already beats the legacy API by more than any graph
+    // plan has (the graph API gained at most 17 % per layer on the H200).
+    let wanted = |shape: &ConvShape| {
+        !shape.identity
+            && match graph.0 {
+                GraphUse::Off => false,
+                GraphUse::FullBatch => shape.rows == graph.1,
+                GraphUse::All | GraphUse::Prefer => true,
+            }
+    };
+    let graph_shapes: Vec<_> = shapes
+        .iter()
+        .filter(|(shape, _)| wanted(shape))
+        .map(|&(shape, key)| {
+            let t = &tuned[&shape];
+            let layers = keys
+                .iter()
+                .filter(|k| shape_of(**k).ok() == Some(shape))
+                .count();
+            ((shape, key), layers, t.legacy_ms, t.direct_ms)
+        })
+        .collect();
+    for (shape, key) in graph_search_order(graph_shapes, graph.0 == GraphUse::Prefer) {
+        // Finalizing graph plans may compile kernels: past the budget, the remaining shapes keep
+        // the legacy API (counted in the report).
+        if out.graph_search.spent >= budget {
+            out.graph_skipped += 1;
+            continue;
+        }
+        let found = time_graph(
+            key,
+            &mut arena,
+            None,
+            GraphForm::FP16,
+            &mut out.graph_search,
+        )?;
+        tuned.get_mut(&shape).expect("tuned in pass 1").graph = found.map(|(g, ms)| {
+            let name = format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
+            (g, ms, name)
+        });
+    }
+
+    // 3. Per key: the fastest engine, and the FP8 forms.
+    for &key in keys {
+        let layer = layer_of(key.stage)?;
+        let d = dims[key.stage];
+        let shape = shape_of(key)?;
+        let (_, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
+        let t = tuned[&shape].clone();
         // FP8 (masked-forward sizes): for a capable layer the E4M3-output form where the next
         // conv may run FP8 too, the FP16-output form where that is not so or offers nothing; for
         // an FP16 layer before a capable one, the FP16 form with an E4M3 output. Each form's plans
@@ -545,7 +591,7 @@ pub(super) fn plan_all(
                             next,
                         };
                         let run = Some((run, input_e4m3));
-                        if let Some(p) = time_graph(arena, run, form, &mut out.fp8_search)? {
+                        if let Some(p) = time_graph(key, arena, run, form, &mut out.fp8_search)? {
                             return Ok(Some(p));
                         }
                     }
@@ -710,6 +756,33 @@ impl Fp8Run<'_> {
         };
         Ok(plan.execute(dnn, p))
     }
+}
+
+/// The shapes the graph API is tried on, in order: most milliseconds per forward first (the
+/// layers of the shape × the faster of the legacy API and the hand-written conv), leaving out
+/// those where the hand-written conv beats the legacy API by [`GRAPH_CANNOT_CATCH_UP`] (unless
+/// the graph API is preferred). Each item: (what, layers, legacy ms, hand-written ms).
+fn graph_search_order<T>(
+    shapes: Vec<(T, usize, Option<f32>, Option<f32>)>,
+    prefer_graph: bool,
+) -> Vec<T> {
+    let mut by_time: Vec<(T, f32)> = shapes
+        .into_iter()
+        .filter(|(_, _, legacy, direct)| {
+            prefer_graph
+                || !direct
+                    .zip(*legacy)
+                    .is_some_and(|(d, l)| d * GRAPH_CANNOT_CATCH_UP < l)
+        })
+        .map(|(what, layers, legacy, direct)| {
+            // Untimed (never so after pass 1): last.
+            let best = [legacy, direct].into_iter().flatten().reduce(f32::min);
+            (what, best.unwrap_or(0.0) * layers as f32)
+        })
+        .collect();
+    // Stable: equal times keep the keys' order.
+    by_time.sort_by(|a, b| b.1.total_cmp(&a.1));
+    by_time.into_iter().map(|(what, _)| what).collect()
 }
 
 /// Whether the hand-written conv passed its device check; the check runs on the first layer
@@ -1384,6 +1457,28 @@ fn add_bias_act(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_graph_api_tries_the_costliest_shapes_first_and_not_where_the_direct_conv_won() {
+        // (name, layers of the shape, legacy ms, hand-written ms), in key order.
+        let shapes = vec![
+            ("conv1_1", 1, Some(1.85), Some(0.5)),
+            ("conv1_2", 1, Some(2.0), None),
+            ("conv2_1", 1, Some(0.89), None),
+            ("conv3_2", 2, Some(1.38), None),
+            ("conv5", 3, Some(0.37), None),
+            ("untimed", 1, None, None),
+            ("close", 1, Some(1.0), Some(0.6)),
+        ];
+        assert_eq!(
+            graph_search_order(shapes.clone(), false),
+            ["conv3_2", "conv1_2", "conv5", "conv2_1", "close", "untimed"]
+        );
+        // Preferred (tests): every shape, the direct conv's too.
+        let all = graph_search_order(shapes, true);
+        assert_eq!(all.len(), 7);
+        assert_eq!(all[..2], ["conv3_2", "conv1_2"]);
+    }
 
     #[test]
     fn the_fastest_engine_is_kept_and_a_preferred_one_wherever_it_runs() {
