@@ -67,6 +67,27 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) 
 __device__ __forceinline__ void mma_16816(float*, const u32*, const u32*) { asm volatile("trap;"); }
 #endif
 
+// f32 → FP8 E4M3 bits, in software (the same result as cuda_fp8.hpp's __nv_cvt_float_to_fp8
+// with __NV_SATFINITE for |x| ≤ 448, clamped above), so it compiles for every architecture:
+// round to nearest even, saturating at ±448, NaN kept (sign too).
+__device__ __forceinline__ unsigned char e4m3_bits(float x) {
+    const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
+    float a = fabsf(x);
+    if (a != a) return (unsigned char)(sign | 0x7Fu);  // NaN stays NaN, sign kept
+    a = fminf(a, 448.0f);
+    if (a < 0.015625f) {
+        // Below 2^-6: subnormals k·2^-9 (k = 8 is 2^-6, the smallest normal, bits 0x08).
+        return (unsigned char)(sign | (u32)__float2int_rn(a * 512.0f));
+    }
+    const u32 bits = __float_as_uint(a);
+    const int e = (int)((bits >> 23) & 0xFFu) - 127;  // -6..8
+    const u32 m = bits & 0x7FFFFFu;
+    u32 r = ((u32)(e + 7) << 3) | (m >> 20);
+    const u32 rem = m & 0xFFFFFu;
+    if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) r += 1;  // a carry moves the exponent
+    return (unsigned char)(sign | r);
+}
+
 __device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
 
 // True when `p` is aligned to `bytes` (a power of two).

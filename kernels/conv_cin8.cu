@@ -1,6 +1,9 @@
 // conv3x3_cin8: a VGG's first convolution as one tensor-core kernel. 3×3, stride 1, padding 1,
 // input channels stored as 8 (3 real, the rest zero: CPAD), 64 output channels, + f32 bias,
 // + ReLU unless `relu` is 0; FP16 NHWC in and out, f32 accumulation, filters KRSC [64][3][3][8].
+// conv3x3_cin8_e4m3: the same with an E4M3 output, each value times `*multiplier` (the next FP8
+// conv's input scale, read from device memory like the FP8 graphs' scales), saturating at ±448:
+// under `--precision fp8` the next conv reads it as is, with no quantize pass between.
 //
 // Why: cuDNN's kernels for an 8-channel input write the 64-channel output far below HBM speed
 // (2.0 ms per mask batch of 256 at 224² on an H200, 22 TFLOP/s; the write alone is 1.6 GB). This
@@ -20,6 +23,9 @@
 // FP16 + 8 of padding, so the fragment writes (row g, word 4j + t) hit 32 distinct banks.
 #define CONV8_WARPS 4
 #define CONV8_ROW 36
+// Bytes per staged E4M3 output row: 64 + 16 of padding (the 16-bit fragment writes, row g at
+// word 20g + 2j + t/2, hit distinct banks).
+#define CONV8_ROW8 80
 
 // Two FP16 at element offset `i` (even) of `p` as one u32: a 32-bit load when `p` is 4-byte
 // aligned, else two 16-bit ones.
@@ -67,16 +73,22 @@ __device__ __forceinline__ u32 tap_pair(const Conv8Pixel& q, int tap, i64 row, b
     return load_pair(q.at, (ty - 1) * row + (tx - 1) * 8, aligned4);
 }
 
-extern "C" __global__ void __launch_bounds__(128, 3)
-    conv3x3_cin8(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
-                 const float* __restrict__ bias, int n, int h, int w, int relu,
-                 f16raw* __restrict__ y) {
-    // uint4, for 16-byte alignment: 9 per staged row.
+// The kernel body; E4M3 selects the output: FP16, or E4M3 codes of the value × `*multiplier`.
+template <bool E4M3>
+__device__ __forceinline__ void conv3x3_cin8_body(const f16raw* __restrict__ x,
+                                                  const f16raw* __restrict__ filter,
+                                                  const float* __restrict__ bias, int n, int h,
+                                                  int w, int relu,
+                                                  const float* __restrict__ multiplier,
+                                                  void* __restrict__ y) {
+    // Staging rows, uint4 for 16-byte alignment: 9 per FP16 row (CONV8_ROW words), 5 per E4M3
+    // row (CONV8_ROW8 bytes).
     __shared__ uint4 staged[4 * 16 * 9];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     u32* rows = reinterpret_cast<u32*>(staged) + warp * 16 * CONV8_ROW;
     const bool x4 = is_aligned(x, 4), f4 = is_aligned(filter, 4), y16 = is_aligned(y, 16);
+    const float out_scale = E4M3 ? *multiplier : 1.0f;
 
     // B fragments: B[k][n] = filter[n][tap][c] with k = 8·(tap − 2s) + c for k-step s; this lane
     // holds rows 2t, 2t + 1 (tap 2s) and 2t + 8, 2t + 9 (tap 2s + 1) of column g of each n-tile.
@@ -92,7 +104,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     }
     // The bias by pairs of columns (2i, 2i + 1), in shared memory: registers are spoken for.
     __shared__ float2 bias2[32];
-    if (threadIdx.x < 32) bias2[threadIdx.x] = make_float2(bias[2 * threadIdx.x], bias[2 * threadIdx.x + 1]);
+    if (threadIdx.x < 32)
+        bias2[threadIdx.x] = make_float2(bias[2 * threadIdx.x], bias[2 * threadIdx.x + 1]);
     __syncthreads();
 
     const i64 pixels = (i64)n * h * w;
@@ -123,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(128, 3)
 #pragma unroll
             for (int j = 0; j < 8; ++j) mma_16816(acc[j], a, b[s][j]);
         }
-        // ReLU, FP16, into the staging rows (the previous tile's have all been read).
+        // ReLU, the output format, into the staging rows (the previous tile's were all read).
         __syncwarp();
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -134,27 +147,49 @@ extern "C" __global__ void __launch_bounds__(128, 3)
                     v0 = fmaxf(v0, 0.0f);
                     v1 = fmaxf(v1, 0.0f);
                 }
-                rows[(g + 8 * r) * CONV8_ROW + 4 * j + t] = pack2(v0, v1);
+                if (E4M3) {
+                    const unsigned short codes = (unsigned short)(
+                        e4m3_bits(v0 * out_scale) | ((u32)e4m3_bits(v1 * out_scale) << 8));
+                    reinterpret_cast<unsigned short*>(
+                        rows)[((g + 8 * r) * CONV8_ROW8 + 8 * j + 2 * t) / 2] = codes;
+                } else {
+                    rows[(g + 8 * r) * CONV8_ROW + 4 * j + t] = pack2(v0, v1);
+                }
             }
         }
         __syncwarp();
-        // 16 rows × 8 chunks of 16 bytes; lane L stores chunks L, L + 32, L + 64, L + 96.
+        // 16 rows of 128 (FP16) or 64 (E4M3) bytes, in chunks of 16 bytes, lane L taking chunks
+        // L, L + 32, ...
+        const int chunks_per_row = E4M3 ? 4 : 8;
 #pragma unroll
-        for (int c = lane; c < 128; c += 32) {
-            const int row = c >> 3, q = c & 7;
+        for (int c = lane; c < 16 * chunks_per_row; c += 32) {
+            const int row = c / chunks_per_row, q = c % chunks_per_row;
             const i64 pix = tile * 16 + row;
             if (pix >= pixels) continue;
-            const u32* src = rows + row * CONV8_ROW + 4 * q;
-            f16raw* dst = y + pix * 64 + 8 * q;
+            const unsigned char* src = reinterpret_cast<const unsigned char*>(rows) +
+                                       row * (E4M3 ? CONV8_ROW8 : 4 * CONV8_ROW) + 16 * q;
+            unsigned char* dst = reinterpret_cast<unsigned char*>(y) + pix * (E4M3 ? 64 : 128) +
+                                 16 * q;
             if (y16) {
                 *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
             } else {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    dst[2 * e] = (f16raw)(src[e] & 0xffffu);
-                    dst[2 * e + 1] = (f16raw)(src[e] >> 16);
-                }
+                for (int e = 0; e < 16; ++e) dst[e] = src[e];
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+    conv3x3_cin8(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
+                 const float* __restrict__ bias, int n, int h, int w, int relu,
+                 f16raw* __restrict__ y) {
+    conv3x3_cin8_body<false>(x, filter, bias, n, h, w, relu, nullptr, y);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+    conv3x3_cin8_e4m3(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
+                      const float* __restrict__ bias, int n, int h, int w, int relu,
+                      const float* __restrict__ multiplier, unsigned char* __restrict__ y) {
+    conv3x3_cin8_body<true>(x, filter, bias, n, h, w, relu, multiplier, y);
 }

@@ -10,27 +10,8 @@
 //   quantize_e4m3: out = E4M3(x · multiplier), saturating at ±448, round to nearest even
 //   dequantize_e4m3: out = f16(value(x) / multiplier): E4M3 codes an FP8 conv wrote for the next
 //                  conv, when that one runs FP16
-// The conversion is done in software (the same result as cuda_fp8.hpp's __nv_cvt_float_to_fp8
-// with __NV_SATFINITE for |x| ≤ 448, clamped above), so it compiles for every architecture.
+// The conversion is common.cuh's e4m3_bits.
 #include "common.cuh"
-
-__device__ __forceinline__ unsigned char e4m3_bits(float x) {
-    const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
-    float a = fabsf(x);
-    if (a != a) return (unsigned char)(sign | 0x7Fu);  // NaN stays NaN, sign kept
-    a = fminf(a, 448.0f);
-    if (a < 0.015625f) {
-        // Below 2^-6: subnormals k·2^-9 (k = 8 is 2^-6, the smallest normal, bits 0x08).
-        return (unsigned char)(sign | (u32)__float2int_rn(a * 512.0f));
-    }
-    const u32 bits = __float_as_uint(a);
-    const int e = (int)((bits >> 23) & 0xFFu) - 127;  // -6..8
-    const u32 m = bits & 0x7FFFFFu;
-    u32 r = ((u32)(e + 7) << 3) | (m >> 20);
-    const u32 rem = m & 0xFFFFFu;
-    if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) r += 1;  // a carry moves the exponent
-    return (unsigned char)(sign | r);
-}
 
 extern "C" __global__ void amax_abs_f16(const f16raw* __restrict__ x, long long n,
                                         float* __restrict__ amax) {

@@ -21,7 +21,7 @@ use common::{
     check_cam, check_tol, corr, fixture_model, fixture_rgb, manifest, npy, values, CamTolerances,
 };
 use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
-use scorecam_gpu::backend::cuda::CudaBackend;
+use scorecam_gpu::backend::cuda::{CudaBackend, DirectUse};
 use scorecam_gpu::backend::{Backend, MaskItem, MaskStyle, Noise, Plan, Semantics, Stage};
 use scorecam_gpu::cam::{CamOptions, Explainer, Explanation, Targets};
 use scorecam_gpu::model::{Capture, FeatureStage, Vgg, IMAGENET_MEAN, IMAGENET_STD};
@@ -570,7 +570,6 @@ fn graph_api_convolutions_match_cpu() {
 /// conv1_1 output (pre-ReLU and post-ReLU captures) and logits on a random VGG16 at 224², after
 /// passing its own check on the device; with it off, no plan names it.
 fn direct_conv_matches_cpu() {
-    use scorecam_gpu::backend::cuda::DirectUse;
     let model = Arc::new(Vgg::random_vgg16(5));
     let (s, classes, n) = (model.input_size(), model.num_classes(), 2);
     let x = cpu_images(n, s, 800);
@@ -790,17 +789,26 @@ fn fp8_forward_matches_the_cpu_twin() {
     fp8_twin_case(
         &small,
         (2, 4),
-        None,
+        (None, DirectUse::Off),
         &[],
         0.25,
         &[(1, "E4M3 between two FP8 convs")],
+    );
+    // The same with the first conv's E4M3 output written by the hand-written conv.
+    fp8_twin_case(
+        &small,
+        (2, 4),
+        (None, DirectUse::Prefer),
+        &[],
+        0.25,
+        &[(0, "the hand-written conv's E4M3 output")],
     );
     // ... then, after the sub-batched blocks 1–2 (stages 0–4), conv 128 → 128, pool.
     let three = [64, 128, 0, 128, 0, 128, 0];
     fp8_twin_case(
         &three,
         (2, 8),
-        Some(4),
+        (Some(4), DirectUse::Off),
         &[],
         0.5,
         &[(4, "E4M3 across the prefix boundary")],
@@ -808,7 +816,7 @@ fn fp8_forward_matches_the_cpu_twin() {
     fp8_twin_case(
         &three,
         (2, 8),
-        Some(4),
+        (Some(4), DirectUse::Off),
         &[5],
         0.5,
         &[(4, "dequantized after the prefix")],
@@ -817,11 +825,12 @@ fn fp8_forward_matches_the_cpu_twin() {
 
 /// One case of [`fp8_forward_matches_the_cpu_twin`]: a random model of feature config `config`
 /// at 32², `n` images and `m` masked rows, blocks 1–2 forced into sub-batches of `prefix` rows,
-/// stages `keep` kept FP16; `covers`: (stage, what) pairs whose E4M3 output is the point.
+/// the hand-written first conv as `direct` says, stages `keep` kept FP16; `covers`: (stage,
+/// what) pairs whose E4M3 output is the point.
 fn fp8_twin_case(
     config: &[usize],
     (n, m): (usize, usize),
-    prefix: Option<usize>,
+    (prefix, direct): (Option<usize>, DirectUse),
     keep: &[usize],
     max_ratio: f64,
     covers: &[(usize, &str)],
@@ -835,6 +844,7 @@ fn fp8_twin_case(
     }
     g.prefer_fp8(true);
     g.force_prefix(prefix);
+    g.set_direct_conv(direct);
     g.keep_fp16(keep);
     let model = Arc::new(Vgg::random_from_config(config, &[64, 10], 2, 32));
     let s = 32;
@@ -873,6 +883,17 @@ fn fp8_twin_case(
         if !route.e4m3_out.contains(&stage) {
             println!("{config:?}: {what} skipped: no E4M3-output plan reached stage {stage}");
         }
+    }
+    let hand_written_e4m3 = g
+        .plan_choices()
+        .iter()
+        .any(|c| c.rows == m && c.e4m3_out && c.direct_e4m3_ms.is_some());
+    if direct == DirectUse::Prefer && g.report()["direct_conv"]["check"] == "passed" {
+        assert!(
+            hand_written_e4m3 && route.e4m3_out.contains(&0),
+            "the hand-written conv's E4M3 output was preferred: {:?}",
+            g.plan_choices()
+        );
     }
     for &stage in keep {
         assert!(

@@ -445,6 +445,7 @@ fn conv3x3_cin8_matches_host() {
             }
         }
     }
+    let mut saturated = 0;
     for (n, h, w, relu, misalign) in [
         (2usize, 5usize, 7usize, true, 0usize),
         (1, 9, 13, false, 0),
@@ -489,7 +490,56 @@ fn conv3x3_cin8_matches_host() {
         cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, relu, &mut want);
         let what = format!("conv3x3_cin8 {n}×{h}×{w} relu {relu} +{misalign}");
         assert_close(&got, &want, 2e-3, 2e-3, &what);
+
+        // The E4M3 output: codes of value × multiplier (150: the largest values saturate).
+        let multiplier = 150.0f32;
+        let launch = k::conv3x3_cin8_e4m3_launch(
+            x.len(),
+            filter.len(),
+            bias.len(),
+            1,
+            y_len,
+            [n, h, w],
+            [cs, cout],
+            relu,
+            &LIMITS,
+        );
+        let codes: Vec<u8> = run_into(
+            launch,
+            &[
+                &HostBuf::misaligned(&x, misalign),
+                &HostBuf::misaligned(&filter, misalign),
+                &HostBuf::misaligned(&bias, 0),
+                &HostBuf::misaligned(&[multiplier], 0),
+            ],
+            HostBuf::misaligned(&vec![0xEEu8; y_len], misalign),
+        );
+        let mut exact = 0;
+        for i in 0..n {
+            for o in 0..cout {
+                for p in 0..h * w {
+                    let got = codes[(i * h * w + p) * cout + o];
+                    let want = e4m3_from_f32(want[(i * cout + o) * h * w + p] * multiplier);
+                    // ±0 alike; else the same code, or (a sum rounded differently at a rounding
+                    // boundary) the next one.
+                    let (g, w) = (got & 0x7F, want & 0x7F);
+                    let same = got == want || (g == 0 && w == 0);
+                    let next = got & 0x80 == want & 0x80 && g.abs_diff(w) == 1;
+                    assert!(
+                        same || next,
+                        "{what} E4M3 ({i}, {o}, {p}): {got:#04x} vs {want:#04x}"
+                    );
+                    exact += same as usize;
+                    saturated += (w == 0x7E) as usize;
+                }
+            }
+        }
+        assert!(
+            exact * 100 >= 99 * y_len,
+            "{what} E4M3: {exact} of {y_len} exact"
+        );
     }
+    assert!(saturated > 0, "conv3x3_cin8_e4m3: no case saturates");
 }
 
 // ---------------------------------------------------------------------------------------------

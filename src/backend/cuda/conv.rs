@@ -8,7 +8,7 @@
 //! buffer too small for the ladder's size) is planned on first use and counted, so `bench`
 //! shows it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -144,6 +144,8 @@ pub struct PlanChoice {
     /// or an FP16 one before the first FP8 conv), and whether it is kept. See
     /// [`super::forward_plan::route`] for which plan a forward runs.
     pub e4m3_out_ms: Option<f32>,
+    /// The hand-written conv's time with an E4M3 output (an FP16 layer before an FP8 one).
+    pub direct_e4m3_ms: Option<f32>,
     pub e4m3_out: bool,
 }
 
@@ -168,6 +170,8 @@ pub(super) struct ConvPlans {
     fp8: HashMap<ConvKey, Rc<GraphConv>>,
     fp8_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
     fp16_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
+    /// Keys whose E4M3 output (an FP16 layer before an FP8 one) the hand-written conv writes.
+    direct_e4m3: HashSet<ConvKey>,
     choices: Vec<PlanChoice>,
     /// Plans made on first use in the hot path (0 when the ladders cover every batch).
     pub built_on_first_use: usize,
@@ -191,7 +195,7 @@ impl ConvPlans {
         Fp8Forms {
             half_out: self.fp8.contains_key(&key),
             e4m3_out: self.fp8_e4m3.contains_key(&key),
-            fp16_e4m3_out: self.fp16_e4m3.contains_key(&key),
+            fp16_e4m3_out: self.fp16_e4m3.contains_key(&key) || self.direct_e4m3.contains(&key),
         }
     }
 }
@@ -294,6 +298,8 @@ struct Fp8Tuned {
     e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
     /// FP16 with an E4M3 output (an FP16 layer before an FP8 one).
     fp16_e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
+    /// The same through the hand-written conv: its time.
+    direct_e4m3: Option<Option<f32>>,
 }
 
 /// `--precision fp8`'s share of the planning: the state whose filters and scales the timing
@@ -602,11 +608,42 @@ pub(super) fn plan_all(
             if capable && next.is_some() && f8.e4m3.is_none() {
                 f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
             }
+            if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
+                f8.direct_e4m3 = Some(
+                    if direct != DirectUse::Off
+                        && conv_direct::applies(layer, kernels)
+                        && direct_passes(&mut out.direct_check, dev, kernels, layer)?
+                    {
+                        let dims = [key.rows, d.in_h, d.in_w];
+                        let m = f.state.multiplier(next);
+                        Some(time_direct_e4m3(
+                            dev, &timer, kernels, layer, dims, &m, &arena,
+                        )?)
+                    } else {
+                        None
+                    },
+                );
+                // A graph plan does not catch up with a hand-written conv that far ahead.
+                let far_ahead = f8.direct_e4m3.flatten().zip(t.legacy_ms);
+                if far_ahead.is_some_and(|(d, l)| d * GRAPH_CANNOT_CATCH_UP < l) {
+                    f8.fp16_e4m3 = Some(None);
+                }
+            }
             if !capable && next.is_some() && f8.fp16_e4m3.is_none() {
                 f8.fp16_e4m3 = Some(try_forms(&mut arena, f.state, &[GraphForm::FP16_E4M3_OUT])?);
             }
-            let e4m3_form = if capable { &f8.e4m3 } else { &f8.fp16_e4m3 };
-            if let (Some(Some(_)), Some(next)) = (e4m3_form, next) {
+            let e4m3_form = if capable {
+                f8.e4m3.clone().flatten().map(|p| p.1)
+            } else {
+                [
+                    f8.fp16_e4m3.clone().flatten().map(|p| p.1),
+                    f8.direct_e4m3.flatten(),
+                ]
+                .into_iter()
+                .flatten()
+                .reduce(f32::min)
+            };
+            if let (Some(_), Some(next)) = (e4m3_form, next) {
                 let n = key.rows * dims[next].in_len();
                 saved_ms = quantize_ms(dev, &timer, kernels, f.state, next, n, &arena)?;
             }
@@ -628,11 +665,9 @@ pub(super) fn plan_all(
             .clone()
             .flatten()
             .filter(|_| fp8_next.is_some_and(|n| n.is_some()));
-        let fp16_e4m3 = f8
-            .fp16_e4m3
-            .clone()
-            .flatten()
-            .filter(|_| fp8_key.is_some_and(|(capable, next)| !capable && next.is_some()));
+        let before_fp8 = fp8_key.is_some_and(|(capable, next)| !capable && next.is_some());
+        let fp16_e4m3 = f8.fp16_e4m3.clone().flatten().filter(|_| before_fp8);
+        let direct_e4m3 = f8.direct_e4m3.flatten().filter(|_| before_fp8);
         type Timed = Option<(Rc<GraphConv>, f32)>;
         let mut kept = |plans: &mut HashMap<ConvKey, Rc<GraphConv>>, p: &Timed, saved: f32| match p
         {
@@ -645,7 +680,15 @@ pub(super) fn plan_all(
         };
         let half_kept = kept(&mut out.fp8, &half, 0.0);
         let e4m3_kept = kept(&mut out.fp8_e4m3, &e4m3, saved_ms);
-        let fp16_e4m3_kept = kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms);
+        // An FP16 layer's E4M3 output: the faster of the graph API's and the hand-written conv's
+        // (the hand-written one wherever it runs, if preferred) competes.
+        let direct_first = direct_e4m3.is_some_and(|d| {
+            direct == DirectUse::Prefer || fp16_e4m3.as_ref().is_none_or(|g| d < g.1)
+        });
+        let fp16_e4m3_kept = match direct_e4m3.filter(|_| direct_first) {
+            Some(d) => wins(d, saved_ms) && out.direct_e4m3.insert(key),
+            None => kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms),
+        };
         out.choices.push(PlanChoice {
             stage: key.stage,
             rows: key.rows,
@@ -660,6 +703,7 @@ pub(super) fn plan_all(
             fp8_ms: half.as_ref().map(|p| p.1),
             fp8: half_kept || e4m3_kept,
             e4m3_out_ms: e4m3.as_ref().or(fp16_e4m3.as_ref()).map(|p| p.1),
+            direct_e4m3_ms: direct_e4m3,
             e4m3_out: e4m3_kept || fp16_e4m3_kept,
         });
         out.plans.insert(key, planned);
@@ -825,6 +869,32 @@ fn time_direct(
         // SAFETY: the arena's buffers are apart and hold ≥ rows rows of every stage's input and
         // output; nothing else runs on them during the tuning.
         unsafe { conv_direct::launch(dev, kernels, layer, dims, identity, bx, by) }
+            .map(Ok::<(), std::convert::Infallible>)
+    };
+    once()?; // warm-up
+    let Ok(ms) = timer.median_ms(dev, &op, &mut once)?;
+    Ok(ms)
+}
+
+/// [`time_direct`] with an E4M3 output at multiplier `m` (the next conv's).
+fn time_direct_e4m3(
+    dev: &Dev,
+    timer: &EventPair,
+    kernels: &Kernels,
+    layer: &DevConv,
+    dims: [usize; 3],
+    m: &CudaView<'_, f32>,
+    arena: &TuneArena<'_>,
+) -> Result<f32> {
+    let [bx, by] = arena.bufs;
+    let y = (ptr(by, &dev.stream), by.num_bytes());
+    let op = format!(
+        "timing the hand-written conv, E4M3 output (batch {})",
+        dims[0]
+    );
+    let mut once = || {
+        // SAFETY: as in `time_direct`; the E4M3 output takes the first bytes of the FP16 buffer.
+        unsafe { conv_direct::launch_e4m3(dev, kernels, layer, dims, bx, m, y) }
             .map(Ok::<(), std::convert::Infallible>)
     };
     once()?; // warm-up
@@ -1264,6 +1334,31 @@ impl ConvRun<'_> {
     ) -> Result<()> {
         // Named only when an error needs it: this runs for every layer of every batch.
         let op = || format!("conv (features stage {}, batch {})", key.stage, key.rows);
+        if !route.fp8 && route.e4m3_out && self.plans.direct_e4m3.contains(&key) {
+            let (Some(state), ConvInput::Half(x), Some(next)) =
+                (self.fp8.as_deref(), &x, route.next)
+            else {
+                return Err(Error::Invalid(format!(
+                    "{}: an E4M3 output needs the FP8 scales, an FP16 input and a next FP8 conv",
+                    op()
+                )));
+            };
+            let dims = [key.rows, d.in_h, d.in_w];
+            let y = (ptr(y, &self.dev.stream), 2 * y.len());
+            // SAFETY: x holds rows·in_len FP16 values and y rows·out_len bytes (the forward
+            // plan's spans, checked against the buffers), apart from each other.
+            return unsafe {
+                conv_direct::launch_e4m3(
+                    self.dev,
+                    self.kernels,
+                    layer,
+                    dims,
+                    *x,
+                    &state.multiplier(next),
+                    y,
+                )
+            };
+        }
         if route.fp8 || route.e4m3_out {
             let plans = match (route.fp8, route.e4m3_out) {
                 (true, true) => &self.plans.fp8_e4m3,
@@ -1407,6 +1502,7 @@ impl ConvRun<'_> {
                         fp8_ms: None,
                         fp8: false,
                         e4m3_out_ms: None,
+                        direct_e4m3_ms: None,
                         e4m3_out: false,
                     });
                     self.plans.plans.insert(

@@ -6,8 +6,8 @@
 use cudarc::driver::DevicePtr;
 use half::f16;
 
-use super::device::Dev;
-use super::kernels::{Kernels, CONV_CIN8_IN, CONV_CIN8_OUT};
+use super::device::{ptr, Dev};
+use super::kernels::{e4m3_from_f32, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT};
 use super::weights::DevConv;
 use crate::backend::splitmix64;
 use crate::error::Result;
@@ -72,13 +72,42 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     }
 }
 
+/// [`launch`] with an E4M3 output, post-ReLU: codes of the value × `multiplier[0]` (the next FP8
+/// conv's input multiplier), `y` = (device address, bytes).
+///
+/// # Safety
+/// As [`launch`]; `y` must be a live device allocation of ≥ its byte count.
+pub(super) unsafe fn launch_e4m3<X: DevicePtr<f16>, M: DevicePtr<f32>>(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    dims: [usize; 3],
+    x: &X,
+    multiplier: &M,
+    y: (u64, usize),
+) -> Result<()> {
+    // SAFETY: the caller's, passed on.
+    unsafe {
+        kernels.conv3x3_cin8_e4m3(
+            &dev.stream,
+            x,
+            &layer.filter,
+            &layer.bias32,
+            multiplier,
+            dims,
+            true,
+            y,
+        )
+    }
+}
+
 /// Images of the device check: two of 19×23 (a partial last tile of 16 pixels, every border).
 const CHECK_DIMS: [usize; 3] = [2, 19, 23];
 
 /// Run the kernel on random input on the device and compare with [`reference_nhwc`] on the
-/// layer's own (downloaded) filter and bias, without and with ReLU. `None` when it matches; else
-/// why not, and the kernel is not used (a device whose tensor cores disagree with the CPU must not
-/// change a map).
+/// layer's own (downloaded) filter and bias: FP16 out without and with ReLU, E4M3 out. `None`
+/// when it matches; else why not, and the kernel is not used (a device whose tensor cores
+/// disagree with the CPU must not change a map).
 pub(super) fn check_on_device(
     dev: &Dev,
     kernels: &Kernels,
@@ -106,7 +135,18 @@ pub(super) fn check_on_device(
             )));
         }
     }
-    Ok(None)
+    // E4M3 out, at a multiplier that saturates the largest values.
+    let multiplier = 300.0f32;
+    let md = dev.upload(&[multiplier], "the direct conv check's multiplier")?;
+    let y8 = dev.alloc::<u8>(n * h * w * cout, "the direct conv check's E4M3 output")?;
+    let at = (ptr(&y8, &dev.stream), y8.len());
+    // SAFETY: `y8` is this function's own buffer.
+    unsafe { launch_e4m3(dev, kernels, layer, CHECK_DIMS, &xd, &md, at) }?;
+    let got = dev.download(&y8, y8.len(), "the direct conv check's E4M3 output")?;
+    let want = reference_nhwc(&x, &filter, &bias, CHECK_DIMS, [cs, cout], true);
+    Ok(first_code_mismatch(&got, &want, multiplier).map(|why| {
+        format!("the hand-written conv's E4M3 output differs from the CPU on this device: {why}")
+    }))
 }
 
 /// The first element where `got` (FP16 out) and `want` differ by more than FP16 rounding and a
@@ -120,6 +160,30 @@ fn first_mismatch(got: &[f16], want: &[f32]) -> Option<String> {
         let ok = (g - r).abs() <= 2e-3 + 2e-3 * r.abs();
         (!ok).then(|| format!("element {i}: {g}, want {r}"))
     })
+}
+
+/// Where E4M3 codes `got` do not encode `want` × `multiplier`: a code other than its own (±0
+/// alike) or, for a sum rounded differently at a rounding boundary, the next one; or fewer
+/// than 99 % exactly its own.
+fn first_code_mismatch(got: &[u8], want: &[f32], multiplier: f32) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} codes, want {}", got.len(), want.len()));
+    }
+    let mut exact = 0;
+    for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+        let w = e4m3_from_f32(r * multiplier);
+        let (gm, wm) = (g & 0x7F, w & 0x7F);
+        let same = g == w || (gm == 0 && wm == 0);
+        let next = g & 0x80 == w & 0x80 && gm.abs_diff(wm) == 1;
+        if !same && !next {
+            return Some(format!(
+                "element {i}: code {g:#04x}, want {w:#04x} ({r} × {multiplier})"
+            ));
+        }
+        exact += same as usize;
+    }
+    (exact * 100 < 99 * got.len())
+        .then(|| format!("{exact} of {} codes exactly the CPU's", got.len()))
 }
 
 /// Conv 3×3, stride 1, pad 1 on NHWC: `x` `[n, h, w, cs]`, `filter` KRSC `[cout, 3, 3, cs]`,
@@ -221,6 +285,33 @@ mod tests {
         off[1] = f16::NAN;
         assert!(first_mismatch(&off, &want).is_some(), "NaN passes");
         assert!(first_mismatch(&close[..2], &want).is_some());
+    }
+
+    #[test]
+    fn codes_may_be_the_next_one_but_rarely() {
+        let want: Vec<f32> = (0..200).map(|i| i as f32 / 50.0).collect();
+        let m = 100.0;
+        let mut got: Vec<u8> = want.iter().map(|&v| e4m3_from_f32(v * m)).collect();
+        assert_eq!(first_code_mismatch(&got, &want, m), None);
+        got[7] += 1;
+        assert_eq!(first_code_mismatch(&got, &want, m), None, "one next code");
+        got[9] += 2;
+        let why = first_code_mismatch(&got, &want, m).unwrap();
+        assert!(why.contains("element 9"), "{why}");
+        got[9] -= 1;
+        got[11] |= 0x80;
+        assert!(first_code_mismatch(&got, &want, m)
+            .unwrap()
+            .contains("element 11"));
+        got[11] &= 0x7F;
+        assert_eq!(first_code_mismatch(&got, &want, m), None);
+        got[20] += 1;
+        assert!(
+            first_code_mismatch(&got, &want, m)
+                .unwrap()
+                .contains("of 200"),
+            "3 % next"
+        );
     }
 
     #[test]

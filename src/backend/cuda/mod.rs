@@ -1072,6 +1072,7 @@ impl Backend for CudaBackend {
                     "direct_ms": c.direct_ms,
                     "fp8_ms": c.fp8_ms,
                     "e4m3_out_ms": c.e4m3_out_ms,
+                    "direct_e4m3_ms": c.direct_e4m3_ms,
                     "fp8": c.fp8,
                     "e4m3_out": c.e4m3_out,
                 })

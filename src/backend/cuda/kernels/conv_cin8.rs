@@ -25,43 +25,93 @@ pub fn conv3x3_cin8_launch(
     filter_len: usize,
     bias_len: usize,
     y_len: usize,
-    [n, h, w]: [usize; 3],
-    [cin_s, cout]: [usize; 2],
+    nhw: [usize; 3],
+    channels: [usize; 2],
     relu: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
     const OP: &str = "conv3x3_cin8";
+    let lens = [x_len, filter_len, bias_len, y_len];
+    let (grid, [n, h, w]) = conv_cin8_shape(OP, lens, nhw, channels, limits)?;
+    use KernelArg::*;
+    let args = vec![
+        Read(0),
+        Read(1),
+        Read(2),
+        I32(n),
+        I32(h),
+        I32(w),
+        I32(relu as i32),
+        Write(3),
+    ];
+    Ok(conv_cin8_launch(OP, grid, args))
+}
+
+/// `conv3x3_cin8_e4m3`: the same with an E4M3 output, `y` `[n, h, w, 64]` bytes: each value
+/// times `multiplier[0]` (the next FP8 conv's input multiplier), saturating. Buffers: `[x,
+/// filter, bias, multiplier, y]`.
+pub fn conv3x3_cin8_e4m3_launch(
+    x_len: usize,
+    filter_len: usize,
+    bias_len: usize,
+    multiplier_len: usize,
+    y_len: usize,
+    nhw: [usize; 3],
+    channels: [usize; 2],
+    relu: bool,
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    const OP: &str = "conv3x3_cin8_e4m3";
+    need(OP, "multiplier", multiplier_len, 1)?;
+    let lens = [x_len, filter_len, bias_len, y_len];
+    let (grid, [n, h, w]) = conv_cin8_shape(OP, lens, nhw, channels, limits)?;
+    use KernelArg::*;
+    let args = vec![
+        Read(0),
+        Read(1),
+        Read(2),
+        I32(n),
+        I32(h),
+        I32(w),
+        I32(relu as i32),
+        Read(3),
+        Write(4),
+    ];
+    Ok(conv_cin8_launch(OP, grid, args))
+}
+
+/// Both kernels' checks (channels, lengths of `[x, filter, bias, y]` in elements) and grid.
+fn conv_cin8_shape(
+    op: &str,
+    [x_len, filter_len, bias_len, y_len]: [usize; 4],
+    [n, h, w]: [usize; 3],
+    [cin_s, cout]: [usize; 2],
+    limits: &LaunchLimits,
+) -> Result<(u32, [i32; 3])> {
     if cin_s != CONV_CIN8_IN || cout != CONV_CIN8_OUT {
         return Err(invalid(
-            OP,
+            op,
             format!("{cin_s} → {cout} channels; the kernel takes {CONV_CIN8_IN} → {CONV_CIN8_OUT}"),
         ));
     }
-    let [n_i, h_i, w_i, _] = nhwc_args(OP, n, h, w, cin_s)?;
-    need(OP, "x", x_len, prod(OP, &[n, h, w, cin_s])?)?;
-    need(OP, "filter", filter_len, cout * 9 * cin_s)?;
-    need(OP, "bias", bias_len, cout)?;
-    need(OP, "y", y_len, prod(OP, &[n, h, w, cout])?)?;
-    let tiles = prod(OP, &[n, h, w])?.div_ceil(16);
+    let [n_i, h_i, w_i, _] = nhwc_args(op, n, h, w, cin_s)?;
+    need(op, "x", x_len, prod(op, &[n, h, w, cin_s])?)?;
+    need(op, "filter", filter_len, cout * 9 * cin_s)?;
+    need(op, "bias", bias_len, cout)?;
+    need(op, "y", y_len, prod(op, &[n, h, w, cout])?)?;
+    let tiles = prod(op, &[n, h, w])?.div_ceil(16);
     let cap = limits.sm_count.saturating_mul(BLOCKS_PER_SM).max(1) as usize;
-    let blocks = tiles.div_ceil(WARPS).clamp(1, cap);
-    use KernelArg::*;
-    Ok(KernelLaunch {
-        kernel: OP,
-        grid: blocks as u32,
+    Ok((tiles.div_ceil(WARPS).clamp(1, cap) as u32, [n_i, h_i, w_i]))
+}
+
+fn conv_cin8_launch(kernel: &'static str, grid: u32, args: Vec<KernelArg>) -> KernelLaunch {
+    KernelLaunch {
+        kernel,
+        grid,
         block: (32 * WARPS) as u32,
         shared_mem_bytes: 0,
-        args: vec![
-            Read(0),
-            Read(1),
-            Read(2),
-            I32(n_i),
-            I32(h_i),
-            I32(w_i),
-            I32(relu as i32),
-            Write(3),
-        ],
-    })
+        args,
+    }
 }
 
 impl Kernels {
@@ -87,15 +137,7 @@ impl Kernels {
         relu: bool,
         y: &Y,
     ) -> Result<()> {
-        if !self.has_mma() {
-            return Err(invalid(
-                "conv3x3_cin8",
-                format!(
-                    "needs sm_80 or later, the kernels are built for {}",
-                    self.arch
-                ),
-            ));
-        }
+        self.need_mma("conv3x3_cin8")?;
         let launch = conv3x3_cin8_launch(
             x.len(),
             filter.len(),
@@ -111,5 +153,55 @@ impl Kernels {
         let (b_p, _b) = bias.device_ptr(stream);
         let (y_p, _y) = y.device_ptr(stream);
         self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
+    }
+
+    /// [`conv3x3_cin8_e4m3_launch`]: the output at device address `y`, `y_len` bytes (an E4M3
+    /// output takes the first bytes of an FP16 buffer, so it comes as an address).
+    ///
+    /// # Safety
+    /// As [`Kernels::conv3x3_cin8`]; `y` must be a live device allocation of ≥ `y_len` bytes.
+    pub unsafe fn conv3x3_cin8_e4m3<X: DevicePtr<f16>, M: DevicePtr<f32>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &X,
+        filter: &CudaSlice<f16>,
+        bias: &CudaSlice<f32>,
+        multiplier: &M,
+        [n, h, w]: [usize; 3],
+        relu: bool,
+        (y, y_len): (u64, usize),
+    ) -> Result<()> {
+        self.need_mma("conv3x3_cin8_e4m3")?;
+        let launch = conv3x3_cin8_e4m3_launch(
+            x.len(),
+            filter.len(),
+            bias.len(),
+            multiplier.len(),
+            y_len,
+            [n, h, w],
+            [CONV_CIN8_IN, CONV_CIN8_OUT],
+            relu,
+            &self.limits,
+        )?;
+        let (x_p, _x) = x.device_ptr(stream);
+        let (f_p, _f) = filter.device_ptr(stream);
+        let (b_p, _b) = bias.device_ptr(stream);
+        let (m_p, _m) = multiplier.device_ptr(stream);
+        self.run(stream, &launch, &[x_p, f_p, b_p, m_p, y])
+    }
+
+    /// An error naming `op` on a GPU without the tensor-core `mma` the kernel uses.
+    fn need_mma(&self, op: &str) -> Result<()> {
+        if self.has_mma() {
+            Ok(())
+        } else {
+            Err(invalid(
+                op,
+                format!(
+                    "needs sm_80 or later, the kernels are built for {}",
+                    self.arch
+                ),
+            ))
+        }
     }
 }

@@ -46,7 +46,9 @@ use cudarc::nvrtc::Ptx;
 use crate::error::{Error, Result};
 
 pub use self::combine::{upsample_relu_normalize_launch, weighted_channel_sum_launch};
-pub use self::conv_cin8::{conv3x3_cin8_launch, CONV_CIN8_IN, CONV_CIN8_OUT};
+pub use self::conv_cin8::{
+    conv3x3_cin8_e4m3_launch, conv3x3_cin8_launch, CONV_CIN8_IN, CONV_CIN8_OUT,
+};
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
 };
@@ -83,6 +85,7 @@ const KERNEL_NAMES: &[&str] = &[
     "relu_f16",
     "fill_uniform_f16",
     "conv3x3_cin8",
+    "conv3x3_cin8_e4m3",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
