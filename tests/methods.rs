@@ -51,3 +51,27 @@ fn the_noise_generator_draws_the_fixture_scripts_numbers() {
         }
     }
 }
+
+/// The FP16 CUDA path's tolerances ("gpu_f16") hold for its CPU twin, FP16 storage emulated
+/// (`CpuBackend::emulate_fp16_storage`): what storing activations and weights in FP16 does to each
+/// method, measured without a GPU, sits within what the GPU test (cuda_parity's
+/// `methods_match_golden`) allows.
+#[test]
+fn the_fp16_storage_twin_is_within_the_gpu_tolerances() {
+    let m = manifest();
+    let twin = || {
+        let mut c = CpuBackend::new();
+        c.emulate_fp16_storage(true);
+        c
+    };
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for case in m["methods"].as_array().unwrap() {
+        match check_method_case(twin, &m, case, "gpu_f16") {
+            Ok(lines) => report.extend(lines),
+            Err(msg) => failures.push(msg),
+        }
+    }
+    println!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

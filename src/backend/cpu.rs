@@ -46,11 +46,22 @@ pub struct CpuBackend {
     /// capable one in FP8).
     fp8_route: Option<(Vec<usize>, Vec<usize>)>,
     fp8: Option<Fp8Emulation>,
+    /// Emulate the FP16 CUDA path's storage (see [`CpuBackend::emulate_fp16_storage`]).
+    emulate_fp16: bool,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Round what the FP16 CUDA path stores in FP16: the input, the conv and Linear weights and
+    /// the conv biases (at prepare), every feature stage's output, the pooled features and the
+    /// hidden Linear outputs; sums stay f32, the logits f32. The CPU twin of the FP16 path: what
+    /// FP16 storage alone does to a result, measured without a GPU (the tolerances of the GPU
+    /// tests against the goldens come from it). Takes effect at the next prepare.
+    pub fn emulate_fp16_storage(&mut self, on: bool) {
+        self.emulate_fp16 = on;
     }
 
     /// Compute the forwards as `--precision fp8` on CUDA is designed to (every FP8-capable conv
@@ -124,8 +135,13 @@ impl Backend for CpuBackend {
             )));
         }
         check_host_memory(model, plan)?;
-        // Weights are host f32 already: nothing to upload, just share them.
-        self.model = Some(Arc::clone(model));
+        // Weights are host f32 already: nothing to upload, just share them (or, emulating FP16
+        // storage, a copy rounded to FP16).
+        self.model = Some(if self.emulate_fp16 {
+            Arc::new(weights_rounded_to_f16(model))
+        } else {
+            Arc::clone(model)
+        });
         self.plan = Some(plan);
         self.fp8 = self.emulate_fp8.then(|| {
             let mut emu = Fp8Emulation::new(model);
@@ -205,12 +221,16 @@ impl Backend for CpuBackend {
         logits: &mut CpuBuf,
         acts: Option<&mut CpuBuf>,
     ) -> Result<()> {
+        let f16_storage = self.emulate_fp16;
         let (model, plan, fp8) = self.prepared_fp8()?;
         let s = x.shape[2];
         let input = &x.data[..n * x.row_len()];
         let capture = acts.is_some().then_some(plan.capture);
         let (out, captured) = match fp8 {
             Some(emu) => forward_emulating_fp8(model, input, n, s, capture, emu),
+            None if f16_storage => {
+                forward_with(model, input, n, s, capture, &mut || {}, None, true)
+            }
             None => forward(model, input, n, s, capture),
         };
         logits.data[..out.len()].copy_from_slice(&out);
@@ -404,7 +424,7 @@ pub fn forward_timed(
     capture: Option<Capture>,
     after_layer: &mut dyn FnMut(),
 ) -> (Vec<f32>, Option<Vec<f32>>) {
-    forward_with(model, input, n, s, capture, after_layer, None)
+    forward_with(model, input, n, s, capture, after_layer, None, false)
 }
 
 /// [`forward`] as `--precision fp8` computes it ([`Fp8Emulation`]): a forward with a capture is
@@ -418,9 +438,13 @@ pub fn forward_emulating_fp8(
     capture: Option<Capture>,
     fp8: &mut Fp8Emulation,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
-    forward_with(model, input, n, s, capture, &mut || {}, Some(fp8))
+    forward_with(model, input, n, s, capture, &mut || {}, Some(fp8), false)
 }
 
+/// The forward of [`forward`], [`forward_emulating_fp8`] and (`f16_storage`: each stage's output,
+/// the pooled features and the hidden Linear outputs rounded to FP16, the input too) the FP16
+/// storage twin ([`CpuBackend::emulate_fp16_storage`]).
+#[allow(clippy::too_many_arguments)]
 fn forward_with(
     model: &Vgg,
     input: &[f32],
@@ -429,7 +453,13 @@ fn forward_with(
     capture: Option<Capture>,
     after_layer: &mut dyn FnMut(),
     mut fp8: Option<&mut Fp8Emulation>,
+    f16_storage: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
+    let round = |x: &mut [f32]| {
+        if f16_storage {
+            round_to_f16(x)
+        }
+    };
     let base = capture.is_some();
     // Two ping-pong activation buffers kept per thread: VGG16's first layers produce ~100 MB at
     // batch 8, and fresh allocations that size cost more in page faults than the copy they hold.
@@ -438,6 +468,7 @@ fn forward_with(
         let (x, y) = (&mut xa, &mut ya);
         x.clear();
         x.extend_from_slice(&input[..n * 3 * s * s]);
+        round(x);
         let (mut c, mut h, mut w) = (3, s, s);
         let mut captured = None;
         for (i, stage) in model.features.iter().enumerate() {
@@ -462,6 +493,7 @@ fn forward_with(
                         None => (&x[..], &l.weight[..]),
                     };
                     conv3x3_into(xin, n, c, h, w, weight, &l.bias, l.cout, !here(true), y);
+                    round(y);
                     c = l.cout;
                     if here(true) {
                         captured = Some(y.clone());
@@ -484,13 +516,18 @@ fn forward_with(
             emu.finish_base();
         }
         let mut feats = adaptive_avgpool(x, n * c, h, w, POOLED, POOLED);
+        round(&mut feats);
         if (h, w) != (POOLED, POOLED) {
             after_layer();
         }
-        for l in &model.classifier {
+        let last = model.classifier.len().saturating_sub(1);
+        for (j, l) in model.classifier.iter().enumerate() {
             feats = linear(&feats, n, l.fin, &l.weight, &l.bias, l.fout);
             if l.relu {
                 relu(&mut feats);
+            }
+            if j < last {
+                round(&mut feats);
             }
             after_layer();
         }
@@ -900,6 +937,30 @@ pub fn combine_maps(
             (low, false)
         }
     }
+}
+
+/// Each value rounded to FP16 (round to nearest even) and back.
+fn round_to_f16(x: &mut [f32]) {
+    x.par_chunks_mut(1 << 16).for_each(|c| {
+        c.iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32())
+    });
+}
+
+/// `model` with its conv weights and biases and its Linear weights rounded to FP16, as the FP16
+/// CUDA path uploads them (Linear biases stay f32).
+fn weights_rounded_to_f16(model: &Vgg) -> Vgg {
+    let mut m = model.clone();
+    for stage in &mut m.features {
+        if let FeatureStage::Conv(l) = stage {
+            round_to_f16(&mut l.weight);
+            round_to_f16(&mut l.bias);
+        }
+    }
+    for l in &mut m.classifier {
+        round_to_f16(&mut l.weight);
+    }
+    m
 }
 
 /// Min-max normalize to [0, 1] in place; a constant map becomes zeros. Returns whether it was flat.
