@@ -73,6 +73,9 @@ impl GraphForm {
 /// Plans built per graph: the first that finalize from cuDNN's heuristic ranking, then from its
 /// fallback list. Configurations that fail to finalize (common for fused and FP8 graphs) are
 /// passed over for the next ones, as cudnn-frontend's samples and PyTorch walk the whole list.
+/// An FP16 graph goes to the fallback list only when the ranking gives no plan: on the H200 the
+/// ranking's configuration #0 or #2 won on every layer searched, never a fallback one, and each
+/// plan's finalization costs about a second of the time budget.
 const HEURISTIC_PLANS: usize = 3;
 const FALLBACK_PLANS: usize = 2;
 /// The same for FP8 and E4M3-output graphs: their finalization compiles fused kernels, and one
@@ -485,8 +488,9 @@ impl ConvGraph {
 
     /// The execution plans to time for this graph, in preference order: the first
     /// [`HEURISTIC_PLANS`] that finalize with workspace ≤ `ws_cap` among heuristics mode A's
-    /// configurations, then the first [`FALLBACK_PLANS`] of the fallback list's (for FP8 and
-    /// E4M3-output graphs [`FP8_HEURISTIC_PLANS`] and [`FP8_FALLBACK_PLANS`]). `index` in each
+    /// configurations, then (FP16: only if those gave none) the first [`FALLBACK_PLANS`] of the
+    /// fallback list's (for FP8 and E4M3-output graphs [`FP8_HEURISTIC_PLANS`] and
+    /// [`FP8_FALLBACK_PLANS`], the fallback list always). `index` in each
     /// plan is its configuration's position among those tried (mode A's first, then the
     /// fallback list's). `search` counts what happened on the way (for the report). Past
     /// `deadline` no further configuration is tried: finalizing one may compile kernels, and a
@@ -512,6 +516,12 @@ impl ConvGraph {
                 fallback,
             ),
         ] {
+            if mode == sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK
+                && self.form == GraphForm::FP16
+                && !out.is_empty()
+            {
+                break;
+            }
             let before = out.len();
             let cfgs = match self.heuristic(mode) {
                 Ok(cfgs) => cfgs,
