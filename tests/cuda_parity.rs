@@ -642,6 +642,54 @@ fn direct_conv_matches_cpu() {
     assert!(g.report()["direct_conv"]["check"].is_null());
 }
 
+/// The graph-API plan choices a first prepare searched for are what a second one (a new backend,
+/// as in a new process) finalizes from the plan cache, without searching, to the same logits.
+fn plan_cache_serves_a_second_prepare() {
+    use scorecam_gpu::backend::cuda::GraphUse;
+    let dir = std::env::temp_dir().join(format!("scorecam-plan-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = tiny_model();
+    let (s, classes, n) = (model.input_size(), model.num_classes(), 3);
+    let p = plan(&model, n, 4, model.default_capture());
+    let x = cpu_images(n, s, 900);
+    let run = || {
+        let mut g = gpu();
+        g.set_graph_use(GraphUse::FullBatch);
+        g.set_plan_cache_dir(Some(&dir));
+        g.prepare(&model, p).unwrap();
+        let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
+        let mut gl = g.alloc(&[n, classes]).unwrap();
+        g.forward(&gx, n, &mut gl, None).unwrap();
+        (g.report(), g.download(&gl, n).unwrap())
+    };
+    let (first, logits1) = run();
+    let (second, logits2) = run();
+    let searched = &first["graph_api_search"]["fp16"];
+    let cached = &second["graph_api_search"]["fp16"];
+    println!(
+        "first: {searched}\nsecond: {cached}\ncache: {}",
+        second["plan_cache"]
+    );
+    assert!(
+        first["plan_cache"]["save_error"].is_null(),
+        "{}",
+        first["plan_cache"]
+    );
+    assert_eq!(searched["from_plan_cache"], 0);
+    // Every search the time budget did not cut short is remembered.
+    let graphs = searched["graphs_built"].as_u64().unwrap();
+    let complete = graphs.saturating_sub(searched["skipped_over_budget"].as_u64().unwrap());
+    assert!(complete > 0, "no complete graph search: {searched}");
+    let from_cache = cached["from_plan_cache"].as_u64().unwrap();
+    assert!(
+        from_cache >= complete,
+        "{from_cache} from the cache, {complete} searched"
+    );
+    assert!(second["plan_cache"]["hits"].as_u64().unwrap() >= complete);
+    check_nmse(&logits2, &logits1, 1e-6, "logits from the cached plans");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The FP8 kernels against the host: the quantization bit for bit with the float8 crate's
 /// conversion (cuda_fp8.hpp's), the amax exactly.
 fn fp8_kernels_match_the_host() {
@@ -1538,6 +1586,11 @@ fn main() -> std::process::ExitCode {
         ),
         t("methods_match_golden", &[Gpu], methods_match_golden),
         t("direct_conv_matches_cpu", &[Gpu], direct_conv_matches_cpu),
+        t(
+            "plan_cache_serves_a_second_prepare",
+            &[Gpu],
+            plan_cache_serves_a_second_prepare,
+        ),
         t("class_probs_match_cpu", &[Gpu], class_probs_match_cpu),
     ])
 }

@@ -22,6 +22,7 @@ use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::forward_plan::{Fp8Forms, StageRoute};
 use super::fp8::Fp8State;
 use super::kernels::Kernels;
+use super::plan_cache::{self, Choice, PlanCache};
 use super::profile::new_event;
 use super::weights::DevConv;
 use crate::backend::median;
@@ -332,6 +333,7 @@ pub(super) fn plan_all(
     direct: DirectUse,
     kernels: &Kernels,
     mut fp8: Option<Fp8Tuning<'_>>,
+    cache: &mut PlanCache,
 ) -> Result<(ConvPlans, usize)> {
     let mut out = ConvPlans::default();
     let mut tuned: HashMap<ConvShape, Tuned> = HashMap::new();
@@ -364,7 +366,7 @@ pub(super) fn plan_all(
                       arena: &mut TuneArena<'_>,
                       run: Option<(Fp8Run, bool)>,
                       form: GraphForm,
-                      search: &mut PlanSearch| {
+                      (search, cache): (&mut PlanSearch, &mut PlanCache)| {
         let started = Instant::now();
         let deadline = started + budget.saturating_sub(search.spent);
         let timed = time_graph_plans(
@@ -377,7 +379,7 @@ pub(super) fn plan_all(
             (ws_limit, deadline),
             run,
             form,
-            search,
+            (&mut *search, cache),
         );
         search.spent += started.elapsed();
         timed
@@ -488,7 +490,7 @@ pub(super) fn plan_all(
             &mut arena,
             None,
             GraphForm::FP16,
-            &mut out.graph_search,
+            (&mut out.graph_search, &mut *cache),
         )?;
         tuned.get_mut(&shape).expect("tuned in pass 1").graph = found.map(|(g, ms)| {
             let name = format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
@@ -597,7 +599,8 @@ pub(super) fn plan_all(
                             next,
                         };
                         let run = Some((run, input_e4m3));
-                        if let Some(p) = time_graph(key, arena, run, form, &mut out.fp8_search)? {
+                        let searched = (&mut out.fp8_search, &mut *cache);
+                        if let Some(p) = time_graph(key, arena, run, form, searched)? {
                             return Ok(Some(p));
                         }
                     }
@@ -943,7 +946,7 @@ fn time_graph_plans(
     (ws_limit, deadline): (usize, Instant),
     fp8: Option<(Fp8Run<'_>, bool)>,
     form: GraphForm,
-    search: &mut PlanSearch,
+    (search, cache): (&mut PlanSearch, &mut PlanCache),
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let (mut fp8, input_e4m3) = match fp8 {
         Some((run, e4m3)) => (Some(run), e4m3),
@@ -956,17 +959,30 @@ fn time_graph_plans(
         )));
     }
     let dims = [rows, layer.cin_s, layer.cout, d.in_h, d.in_w];
-    let graph = match ConvGraph::conv_bias_relu(dnn, dims, form) {
-        Ok(g) => g,
+    // What a complete search of this graph found before, on this device and cuDNN.
+    let key = plan_cache::graph_key(&format!("{form:?}"), dims);
+    let remembered = cache.get(&key);
+    if remembered == Some(Choice::NoPlan) {
+        search.cached += 1;
+        return Ok(None);
+    }
+    let build = |search: &mut PlanSearch| match ConvGraph::conv_bias_relu(dnn, dims, form) {
+        Ok(g) => {
+            search.graphs += 1;
+            Some(g)
+        }
         Err(e) => {
             search.graph_failed += 1;
             search.error(format!(
                 "building the {form:?} graph {dims:?} (rows, cin, cout, h, w): {e}"
             ));
-            return Ok(None);
+            None
         }
     };
-    search.graphs += 1;
+    let Some(graph) = build(search) else {
+        cache.put(key, Choice::NoPlan);
+        return Ok(None);
+    };
     let n = rows * d.in_len();
     // An input that arrives E4M3: the arena's, quantized once.
     let pre_quantized = match fp8.as_mut() {
@@ -979,41 +995,76 @@ fn time_graph_plans(
         _ => None,
     };
     let op = format!("timing {form:?} graph-API plans (batch {rows})");
-    time_plans(
-        dev,
-        dnn,
-        timer,
-        graph,
-        arena,
-        (ws_limit, deadline),
-        &op,
-        search,
-        |plan, [bx, by], ws| {
-            // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output (FP16,
-            // so an E4M3 output of the same rows fits too); the workspace holds ≥ plan.ws bytes;
-            // FP8 runs only on capable stages (with filters), the FP8 input buffer holds ≥ rows
-            // rows of their inputs.
-            unsafe {
-                match fp8.as_mut() {
-                    Some(run) => {
-                        let x = bx.slice(..n);
-                        let input = match pre_quantized {
-                            Some(x8) => ConvInput::E4m3(x8),
-                            None => ConvInput::Half(&x),
-                        };
-                        let y = ptr(by, &dev.stream);
-                        run.execute(dev, dnn, plan, layer, input, y, ws)
-                    }
-                    None => Ok(plan.execute(dnn, conv_ptrs(dev, layer, bx, by, ws).into())),
+    let mut exec = |plan: &GraphPlan, [bx, by]: &[CudaSlice<f16>; 2], ws: &CudaSlice<u8>| {
+        // SAFETY: the arena buffers hold ≥ rows rows of this stage's input and output (FP16,
+        // so an E4M3 output of the same rows fits too); the workspace holds ≥ plan.ws bytes;
+        // FP8 runs only on capable stages (with filters), the FP8 input buffer holds ≥ rows
+        // rows of their inputs.
+        unsafe {
+            match fp8.as_mut() {
+                Some(run) => {
+                    let x = bx.slice(..n);
+                    let input = match pre_quantized {
+                        Some(x8) => ConvInput::E4m3(x8),
+                        None => ConvInput::Half(&x),
+                    };
+                    let y = ptr(by, &dev.stream);
+                    run.execute(dev, dnn, plan, layer, input, y, ws)
                 }
+                None => Ok(plan.execute(dnn, conv_ptrs(dev, layer, bx, by, ws).into())),
             }
-        },
-    )
+        }
+    };
+    let limits = (ws_limit, deadline);
+    // The remembered configuration alone; should it no longer give a plan that runs, forget it
+    // and search again.
+    let graph = match remembered {
+        Some(Choice::Plan { fallback, pos, .. }) => {
+            let only = Some((fallback, pos));
+            let found = time_plans(
+                dev, dnn, timer, graph, arena, limits, &op, search, only, &mut exec,
+            )?;
+            if found.is_some() {
+                search.cached += 1;
+                return Ok(found);
+            }
+            cache.forget(&key);
+            match build(search) {
+                Some(g) => g,
+                None => return Ok(None),
+            }
+        }
+        _ => graph,
+    };
+    let before = (search.skipped, search.over_workspace, search.execute_failed);
+    let found = time_plans(
+        dev, dnn, timer, graph, arena, limits, &op, search, None, &mut exec,
+    )?;
+    // Remember a complete search: not one the budget cut short, nor a fruitless one where a plan
+    // was passed over for memory or failed to run (that may differ next time).
+    let complete = search.skipped == before.0;
+    let clean = (search.over_workspace, search.execute_failed) == (before.1, before.2);
+    match &found {
+        Some((g, ms)) if complete => {
+            let (fallback, pos) = g.plan.origin;
+            cache.put(
+                key,
+                Choice::Plan {
+                    fallback,
+                    pos,
+                    ms: *ms,
+                },
+            );
+        }
+        None if complete && clean => cache.put(key, Choice::NoPlan),
+        _ => {}
+    }
+    Ok(found)
 }
 
-/// Time every plan cuDNN finalizes for `graph` (before `deadline`) with `exec` on the arena (a
-/// warm-up that also tells whether it runs, then the median of [`TIMED_RUNS`]) and keep the
-/// fastest. The arena's workspace grows (up to `ws_limit`) for a plan that needs more.
+/// Time every plan cuDNN finalizes for `graph` (before `deadline`; with `only`, just that
+/// configuration, see [`ConvGraph::plans`]) with `exec` on the arena (a warm-up that also tells
+/// whether it runs, then the median of [`TIMED_RUNS`]) and keep the fastest. The arena's workspace grows (up to `ws_limit`) for a plan that needs more.
 #[allow(clippy::too_many_arguments)]
 fn time_plans(
     dev: &Dev,
@@ -1024,6 +1075,7 @@ fn time_plans(
     (ws_limit, deadline): (usize, Instant),
     op: &str,
     search: &mut PlanSearch,
+    only: Option<(bool, usize)>,
     mut exec: impl FnMut(
         &GraphPlan,
         &[CudaSlice<f16>; 2],
@@ -1031,7 +1083,7 @@ fn time_plans(
     ) -> Result<std::result::Result<(), cudarc::cudnn::CudnnError>>,
 ) -> Result<Option<(Rc<GraphConv>, f32)>> {
     let mut best: Option<(GraphPlan, f32)> = None;
-    for plan in graph.plans(dnn, ws_limit, search, deadline) {
+    for plan in graph.plans(dnn, ws_limit, search, deadline, only) {
         match grow_workspace(dev, arena.workspace, plan.ws) {
             Ok(()) => {}
             // An optional plan: one whose workspace does not fit is passed over.

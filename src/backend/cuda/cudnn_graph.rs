@@ -495,12 +495,16 @@ impl ConvGraph {
     /// fallback list's). `search` counts what happened on the way (for the report). Past
     /// `deadline` no further configuration is tried: finalizing one may compile kernels, and a
     /// graph whose configurations all fail would otherwise run far past the time budget.
+    ///
+    /// With `only` = (fallback list, place in it) — a configuration a complete search chose
+    /// before ([`super::plan_cache`]) — just that one is finalized (none if it no longer does).
     pub fn plans(
         &self,
         handle: &Handle,
         ws_cap: usize,
         search: &mut PlanSearch,
         deadline: std::time::Instant,
+        only: Option<(bool, usize)>,
     ) -> Vec<GraphPlan> {
         let mut out = Vec::new();
         let mut index = 0;
@@ -516,10 +520,11 @@ impl ConvGraph {
                 fallback,
             ),
         ] {
-            if mode == sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK
-                && self.form == GraphForm::FP16
-                && !out.is_empty()
-            {
+            let fallback = mode == sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK;
+            if only.is_some_and(|(f, _)| f != fallback) {
+                continue;
+            }
+            if fallback && self.form == GraphForm::FP16 && !out.is_empty() {
                 break;
             }
             let before = out.len();
@@ -532,7 +537,10 @@ impl ConvGraph {
                 }
             };
             search.offered += cfgs.len();
-            for cfg in cfgs {
+            for (pos, cfg) in cfgs.into_iter().enumerate() {
+                if only.is_some_and(|(_, p)| p != pos) {
+                    continue;
+                }
                 if out.len() - before == cap {
                     break;
                 }
@@ -541,8 +549,13 @@ impl ConvGraph {
                     search.error("the time budget ran out during the plan search".into());
                     return out;
                 }
-                match self.plan(handle, cfg, index, ws_cap) {
-                    Ok(Some(plan)) => out.push(plan),
+                // A remembered configuration keeps the number it had among those tried.
+                let number = if only.is_some() { pos } else { index };
+                match self.plan(handle, cfg, number, ws_cap) {
+                    Ok(Some(mut plan)) => {
+                        plan.origin = (fallback, pos);
+                        out.push(plan)
+                    }
                     Ok(None) => search.over_workspace += 1,
                     Err(e) => {
                         search.finalize_failed += 1;
@@ -580,6 +593,7 @@ impl ConvGraph {
             _cfg: cfg,
             ws,
             index,
+            origin: (false, 0),
             form: self.form,
         }))
     }
@@ -604,6 +618,8 @@ pub struct PlanSearch {
     pub spent: std::time::Duration,
     /// Searches not started, or cut short, because the budget was spent.
     pub skipped: usize,
+    /// Searches answered by the plan cache (a remembered plan, or none), with no search.
+    pub cached: usize,
     /// The first few distinct errors.
     pub errors: Vec<String>,
 }
@@ -629,6 +645,7 @@ impl PlanSearch {
             "execute_failed": self.execute_failed,
             "plans_timed": self.timed,
             "skipped_over_budget": self.skipped,
+            "from_plan_cache": self.cached,
             "seconds": self.spent.as_secs_f64(),
             "errors": self.errors,
         })
@@ -643,6 +660,9 @@ pub struct GraphPlan {
     /// Position of its configuration among those offered (mode A's first, then the fallback
     /// list's).
     pub index: usize,
+    /// Its configuration's list (the fallback one, or mode A's ranking) and place in it: what
+    /// the plan cache remembers.
+    pub origin: (bool, usize),
     /// Its graph's types: the execution passes the f32 bias for `bias_f32`, the output scale
     /// for `e4m3_out`.
     pub form: GraphForm,

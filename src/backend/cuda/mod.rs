@@ -46,6 +46,7 @@ mod forward;
 pub mod forward_plan;
 mod fp8;
 mod layout;
+mod plan_cache;
 mod prepare;
 mod profile;
 mod symbols;
@@ -82,6 +83,7 @@ pub use self::device::CudaBuf;
 pub use self::layout::{
     conv_filter_krsc, conv_filter_krsc_e4m3, nchw_to_nhwc_f16, nhwc_f16_to_nchw,
 };
+use self::plan_cache::PlanCache;
 
 /// Channels of an input image as stored on the device (3 real + zeros). 8 FP16 values = 16
 /// bytes per pixel: the channel multiple cuDNN's FP16 tensor-core NHWC kernels are built for,
@@ -205,6 +207,9 @@ pub struct CudaBackend {
     graph_use: GraphUse,
     /// Whether `prepare` also tries the hand-written first conv.
     direct_use: DirectUse,
+    /// Graph-API plan choices remembered between runs, and why the last save failed, if it did.
+    plan_cache: PlanCache,
+    plan_cache_error: Option<String>,
     /// The masked forwards' number format, and (tests) FP8 wherever it runs.
     precision: Precision,
     prefer_fp8: bool,
@@ -322,9 +327,20 @@ impl CudaBackend {
             .ctx
             .compute_capability()
             .map_err(|e| unavailable("reading the compute capability", e))?;
+        // What the remembered plan choices hold for: the GPU, the libraries choosing them, this
+        // engine's graphs.
+        let device_identity = format!(
+            "{desc}, {} SMs, cuDNN {}, kernels {}, scorecam-gpu {}",
+            kernels.sm_count(),
+            cudnn::version(),
+            kernels.arch(),
+            env!("CARGO_PKG_VERSION")
+        );
         Ok(CudaBackend {
             graph_use,
             direct_use: DirectUse::from_env(),
+            plan_cache: PlanCache::open(&device_identity),
+            plan_cache_error: None,
             precision: Precision::Fp16,
             prefer_fp8: false,
             forced_prefix: None,
@@ -409,6 +425,13 @@ impl CudaBackend {
     /// `SCORECAM_CONV_DIRECT`, else timed against cuDNN).
     pub fn set_direct_conv(&mut self, d: DirectUse) {
         self.direct_use = d;
+    }
+
+    /// Keep the graph-API plan choices in `dir` from now on (None: in memory only), instead of
+    /// `SCORECAM_PLAN_CACHE` or the user's cache directory (tests).
+    pub fn set_plan_cache_dir(&mut self, dir: Option<&std::path::Path>) {
+        let identity = self.plan_cache.identity().to_string();
+        self.plan_cache = PlanCache::open_in(dir, &identity);
     }
 
     /// The number format of the masked forwards from the next `prepare` on. FP8 needs compute
@@ -1088,6 +1111,13 @@ impl Backend for CudaBackend {
             // forward, or in FP16).
             "fp8_route": self.fp8_route(p.plan.max_masks),
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
+            // Graph-API plan choices remembered between runs (see plan_cache.rs).
+            "plan_cache": {
+                "file": self.plan_cache.path().map(|p| p.display().to_string()),
+                "hits": self.plan_cache.hits,
+                "misses": self.plan_cache.misses,
+                "save_error": self.plan_cache_error,
+            },
             // The hand-written first conv: its use setting and its check on this device (null:
             // no layer it could run).
             "direct_conv": {

@@ -216,7 +216,13 @@ impl CudaBackend {
                 next_fp8: &next_fp8,
                 keep_fp16: &self.keep_fp16,
             }),
+            &mut self.plan_cache,
         )?;
+        // A cache that cannot be written costs the next run its plan search, nothing more.
+        self.plan_cache_error = self.plan_cache.save().err();
+        if let (Some(e), true) = (&self.plan_cache_error, verbose()) {
+            eprintln!("cuda: the plan cache was not saved: {e}");
+        }
         let workspace = if ws_used < workspace.len() / 2 {
             // Give back what the tuning needed but the chosen configurations do not.
             drop(workspace);

@@ -256,6 +256,11 @@ impl Kernels {
         &self.arch
     }
 
+    /// The device's streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.limits.sm_count
+    }
+
     /// The stream must belong to the context the module was loaded in.
     fn check_stream(&self, op: &str, stream: &Arc<CudaStream>) -> Result<()> {
         if Arc::ptr_eq(stream.context(), &self.ctx) {

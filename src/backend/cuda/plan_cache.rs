@@ -1,0 +1,241 @@
+//! cuDNN graph-API plan choices remembered between runs, per device and cuDNN version: the plan
+//! search (finalizing a configuration can compile kernels, about a second each on the H200; the
+//! FP16 search took 26 s of a 41 s set-up) runs once, and a later run finalizes only the
+//! configuration that won. Kept as JSON under `$SCORECAM_PLAN_CACHE` (`off`: nowhere), else
+//! `$XDG_CACHE_HOME/scorecam-gpu/plans`, else `~/.cache/scorecam-gpu/plans`, one file per device
+//! identity. A missing, unreadable or damaged file is an empty cache; one that cannot be written
+//! costs the next run its search, nothing else. Only complete searches are remembered (not one
+//! cut short by the time budget).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a complete search of one graph found.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Choice {
+    /// The fastest plan: its configuration's place in cuDNN's lists (`fallback`: in the
+    /// fallback list, else in heuristics mode A's ranking) and its time when found.
+    Plan { fallback: bool, pos: usize, ms: f32 },
+    /// No configuration gave a plan that ran.
+    NoPlan,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct File {
+    /// The device identity the choices hold for (checked on load).
+    device: String,
+    choices: BTreeMap<String, Choice>,
+}
+
+/// The cache of one device identity.
+pub struct PlanCache {
+    path: Option<PathBuf>,
+    file: File,
+    dirty: bool,
+    /// Lookups that found a choice, and that did not.
+    pub hits: usize,
+    pub misses: usize,
+}
+
+impl PlanCache {
+    /// The cache for `device` (e.g. GPU name, compute capability, SM count, driver and cuDNN
+    /// versions: whatever changes the heuristics' lists or the timings) in the default place.
+    pub fn open(device: &str) -> PlanCache {
+        Self::open_in(cache_dir().as_deref(), device)
+    }
+
+    /// The cache for `device` in `dir` (None: in memory only).
+    pub fn open_in(dir: Option<&Path>, device: &str) -> PlanCache {
+        let path = dir.map(|d| d.join(file_name(device)));
+        let file = path
+            .as_deref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|bytes| serde_json::from_slice::<File>(&bytes).ok())
+            .filter(|f| f.device == device)
+            .unwrap_or_else(|| File {
+                device: device.to_string(),
+                choices: BTreeMap::new(),
+            });
+        PlanCache {
+            path,
+            file,
+            dirty: false,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// The remembered choice for `key` (counted as a hit or a miss).
+    pub fn get(&mut self, key: &str) -> Option<Choice> {
+        let found = self.file.choices.get(key).copied();
+        match found {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        found
+    }
+
+    /// Remember `choice` for `key`.
+    pub fn put(&mut self, key: String, choice: Choice) {
+        if self.file.choices.get(&key) != Some(&choice) {
+            self.file.choices.insert(key, choice);
+            self.dirty = true;
+        }
+    }
+
+    /// Forget `key` (its remembered plan no longer runs).
+    pub fn forget(&mut self, key: &str) {
+        self.dirty |= self.file.choices.remove(key).is_some();
+    }
+
+    /// Write the file if anything changed: to a temporary file, then renamed over it, so that a
+    /// reader never sees half of it. The error says what failed (the caller may only report it).
+    pub fn save(&mut self) -> Result<(), String> {
+        let Some(path) = self.path.as_deref().filter(|_| self.dirty) else {
+            return Ok(());
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let text = serde_json::to_vec_pretty(&self.file).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("writing {}: {e}", path.display())
+            })?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Where the file is (None: in memory only).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The device identity the choices hold for.
+    pub fn identity(&self) -> &str {
+        &self.file.device
+    }
+}
+
+/// The key of one graph: its form (`{form:?}`) and dims (rows, cin, cout, h, w).
+pub fn graph_key(form: &str, dims: [usize; 5]) -> String {
+    let [rows, cin, cout, h, w] = dims;
+    format!("{form} rows={rows} cin={cin} cout={cout} h={h} w={w}")
+}
+
+/// `$SCORECAM_PLAN_CACHE` (`off` or empty: none), else the user's cache directory.
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("SCORECAM_PLAN_CACHE") {
+        Some(v) if v == "off" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("scorecam-gpu").join("plans")),
+    }
+}
+
+/// A file name for `device`: readable start, hash for uniqueness.
+fn file_name(device: &str) -> String {
+    let readable: String = device
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(48)
+        .collect();
+    let hash = twox_hash::XxHash64::oneshot(0, device.as_bytes());
+    format!("{readable}-{hash:016x}.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("scorecam-plan-cache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn choices_survive_a_restart_for_the_same_device_only() {
+        let dir = temp_dir("restart");
+        let key = graph_key("FP16", [256, 64, 64, 224, 224]);
+        let plan = Choice::Plan {
+            fallback: false,
+            pos: 2,
+            ms: 1.25,
+        };
+        let mut c = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.14");
+        assert_eq!(c.get(&key), None);
+        c.put(key.clone(), plan);
+        c.put("other".into(), Choice::NoPlan);
+        c.save().unwrap();
+        let mut again = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.14");
+        assert_eq!(again.get(&key), Some(plan));
+        assert_eq!(again.get("other"), Some(Choice::NoPlan));
+        assert_eq!((again.hits, again.misses), (2, 0));
+        again.forget(&key);
+        again.save().unwrap();
+        assert_eq!(
+            PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.14").get(&key),
+            None
+        );
+        // Another cuDNN: another file, nothing known.
+        let mut other = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.15");
+        assert_eq!(other.get("other"), None);
+        assert_ne!(other.path(), again.path());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_file_is_an_empty_cache_and_is_replaced() {
+        let dir = temp_dir("damaged");
+        let device = "A100 sm_80";
+        let c = PlanCache::open_in(Some(&dir), device);
+        let path = c.path().unwrap().to_path_buf();
+        std::fs::create_dir_all(&dir).unwrap();
+        for bad in [
+            &b"{ not json"[..],
+            br#"{"device": "someone else", "choices": {"k": "NoPlan"}}"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let mut c = PlanCache::open_in(Some(&dir), device);
+            assert_eq!(c.get("k"), None);
+            c.put("k".into(), Choice::NoPlan);
+            c.save().unwrap();
+            assert_eq!(
+                PlanCache::open_in(Some(&dir), device).get("k"),
+                Some(Choice::NoPlan)
+            );
+        }
+        // No temporary file left behind.
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unwritable_place_is_an_error_to_report_not_a_failure() {
+        let dir = temp_dir("unwritable");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A file where the directory should be.
+        let blocker = dir.join("plans");
+        std::fs::write(&blocker, b"").unwrap();
+        let mut c = PlanCache::open_in(Some(&blocker), "dev");
+        c.put("k".into(), Choice::NoPlan);
+        let e = c.save().unwrap_err();
+        assert!(e.contains("plans"), "{e}");
+        // In memory only: nothing to write, never an error.
+        let mut mem = PlanCache::open_in(None, "dev");
+        mem.put("k".into(), Choice::NoPlan);
+        assert!(mem.save().is_ok() && mem.path().is_none());
+        assert_eq!(mem.get("k"), Some(Choice::NoPlan));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
