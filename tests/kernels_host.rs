@@ -452,6 +452,9 @@ fn conv3x3_cin8_matches_host() {
         (1, 4, 6, true, 2),
         (3, 1, 20, true, 0),
         (2, 20, 1, false, 2),
+        // More tiles than the launch's 12 warps (one SM): each warp loops, reusing its staging.
+        (2, 19, 23, true, 2),
+        (1, 17, 30, false, 0),
     ] {
         let x_nchw: Vec<f32> = common::values(n * cin * h * w, 33 + n as u64)
             .iter()

@@ -527,7 +527,9 @@ pub(super) fn plan_all(
                     rows: key.rows,
                     identity: false,
                 };
-                out.fp8_e4m3.contains_key(&k) || out.fp16_e4m3.contains_key(&k)
+                out.fp8_e4m3.contains_key(&k)
+                    || out.fp16_e4m3.contains_key(&k)
+                    || out.direct_e4m3.contains(&k)
             });
         let mut f8 = fp8_tuned
             .get(&(shape, input_e4m3))
@@ -688,8 +690,8 @@ pub(super) fn plan_all(
         let direct_first = direct_e4m3.is_some_and(|d| {
             direct == DirectUse::Prefer || fp16_e4m3.as_ref().is_none_or(|g| d < g.1)
         });
-        let fp16_e4m3_kept = match direct_e4m3.filter(|_| direct_first) {
-            Some(d) => wins(d, saved_ms) && out.direct_e4m3.insert(key),
+        let fp16_e4m3_kept = match direct_e4m3.filter(|&d| direct_first && wins(d, saved_ms)) {
+            Some(_) => out.direct_e4m3.insert(key),
             None => kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms),
         };
         out.choices.push(PlanChoice {

@@ -5,6 +5,7 @@
 
 use cudarc::driver::DevicePtr;
 use half::f16;
+use rayon::prelude::*;
 
 use super::device::{ptr, Dev};
 use super::kernels::{e4m3_from_f32, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT};
@@ -101,8 +102,10 @@ pub(super) unsafe fn launch_e4m3<X: DevicePtr<f16>, M: DevicePtr<f32>>(
     }
 }
 
-/// Images of the device check: two of 19×23 (a partial last tile of 16 pixels, every border).
-const CHECK_DIMS: [usize; 3] = [2, 19, 23];
+/// Images of the device check: two of 223×227, so that a partial last tile of 16 pixels and
+/// every border are met, and every warp of the launch's grid (at most 3 blocks of 4 warps per
+/// SM) runs more than one tile on GPUs of up to 260 SMs.
+const CHECK_DIMS: [usize; 3] = [2, 223, 227];
 
 /// Run the kernel on random input on the device and compare with [`reference_nhwc`] on the
 /// layer's own (downloaded) filter and bias: FP16 out without and with ReLU, E4M3 out. `None`
@@ -197,7 +200,7 @@ pub fn reference_nhwc(
     relu: bool,
 ) -> Vec<f32> {
     let mut y = vec![0f32; n * h * w * cout];
-    for (p, out) in y.chunks_mut(cout).enumerate() {
+    y.par_chunks_mut(cout).enumerate().for_each(|(p, out)| {
         let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
         for (o, v) in out.iter_mut().enumerate() {
             let mut s = bias[o] as f64;
@@ -216,7 +219,7 @@ pub fn reference_nhwc(
             }
             *v = if relu { s.max(0.0) as f32 } else { s as f32 };
         }
-    }
+    });
     y
 }
 
