@@ -30,13 +30,23 @@ struct MaxF16 {
     __device__ __forceinline__ static T one(T a, T b) { return f2h(fmaxf(h2f(a), h2f(b))); }
 };
 
+// Four E4M3 codes per word, SIMD within the register (no byte-by-byte loop: the pool was bound
+// by its arithmetic, 2.7 TB/s against the FP16 pool's 4.2 on the H200): a code with the sign bit
+// becomes 0, then per byte max(a, b) of codes ≤ 0x7F, from the sign of (0x80 + a) − b, which no
+// byte can borrow across.
+__device__ __forceinline__ u32 e4m3_nonneg4(u32 v) {
+    return v & ~(((v >> 7) & 0x01010101u) * 0xFFu);
+}
+__device__ __forceinline__ u32 max_u7x4(u32 a, u32 b) {
+    const u32 ge = (((a | 0x80808080u) - b) & 0x80808080u) >> 7;  // 1 where a ≥ b
+    const u32 mask = ge * 0xFFu;
+    return (a & mask) | (b & ~mask);
+}
+
 struct MaxE4m3 {
     typedef unsigned char T;
     __device__ __forceinline__ static u32 word(u32 a, u32 b) {
-        u32 r = 0;
-#pragma unroll
-        for (int k = 0; k < 32; k += 8) r |= max_e4m3((a >> k) & 0xFFu, (b >> k) & 0xFFu) << k;
-        return r;
+        return max_u7x4(e4m3_nonneg4(a), e4m3_nonneg4(b));
     }
     __device__ __forceinline__ static T one(T a, T b) { return (T)max_e4m3(a, b); }
 };
