@@ -811,12 +811,19 @@ def graph_search_lines(eng):
                         s.get("plans_timed")))
             if s.get("skipped_over_budget"):
                 part += ", %s searches skipped or cut short by the time budget" % s["skipped_over_budget"]
+            if s.get("from_plan_cache"):
+                part += ", %s answered by the plan cache" % s["from_plan_cache"]
             errs = s.get("errors") or []
             if errs:
                 part += " (first error: %s)" % _short(str(errs[0]), 160)
             parts.append(part)
         if parts:
             L.append("Graph API in the %s run: %s." % (label, "; ".join(parts)))
+            L.append("")
+        dc = b.get("direct_conv")
+        if isinstance(dc, dict) and dc.get("check") is not None:
+            L.append("Hand-written first conv in the %s run (%s): device check %s." % (
+                label, dc.get("use"), _short(str(dc.get("check")), 160)))
             L.append("")
     return L
 
