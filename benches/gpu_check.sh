@@ -100,6 +100,10 @@ for lib in libcudnn.so.9 libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
 done
 export LD_LIBRARY_PATH
 export SCORECAM_BIN=$PWD/$bin
+# Graph-API plan choices are remembered in this run's own directory: the FP16 bench's set-up is a
+# first run's (no choices from an earlier session on this machine); the FP8 and channel-softmax
+# benches after it find the FP16 ones, as a second run of a job would.
+export SCORECAM_PLAN_CACHE="$out/plan-cache"
 
 # (b) tests
 # The graph API's plans are tried by their own test (graph_api_convolutions_match_cpu sets it
