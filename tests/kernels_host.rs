@@ -469,6 +469,15 @@ fn conv3x3_cin8_matches_host() {
             }
         }
         let y_len = n * h * w * cout;
+        // The E4M3 output's multiplier: 150, so that the largest values saturate.
+        let multiplier = 150.0f32;
+        let bufs = [
+            HostBuf::misaligned(&x, misalign),
+            HostBuf::misaligned(&filter, misalign),
+            HostBuf::misaligned(&bias, 0),
+            HostBuf::misaligned(&[multiplier], 0),
+        ];
+        let inputs = |k: usize| bufs[..k].iter().collect::<Vec<_>>();
         let launch = k::conv3x3_cin8_launch(
             x.len(),
             filter.len(),
@@ -479,23 +488,15 @@ fn conv3x3_cin8_matches_host() {
             relu,
             &LIMITS,
         );
-        let got: Vec<f16> = run_into(
-            launch,
-            &[
-                &HostBuf::misaligned(&x, misalign),
-                &HostBuf::misaligned(&filter, misalign),
-                &HostBuf::misaligned(&bias, 0),
-            ],
-            HostBuf::misaligned(&vec![f16::NAN; y_len], misalign),
-        );
+        let out = HostBuf::misaligned(&vec![f16::NAN; y_len], misalign);
+        let got: Vec<f16> = run_into(launch, &inputs(3), out);
         let got = nhwc_f16_to_nchw(&got, n, cout, h, w, cout);
         let mut want = vec![0f32; y_len];
         cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, relu, &mut want);
         let what = format!("conv3x3_cin8 {n}×{h}×{w} relu {relu} +{misalign}");
         assert_close(&got, &want, 2e-3, 2e-3, &what);
 
-        // The E4M3 output: codes of value × multiplier (150: the largest values saturate).
-        let multiplier = 150.0f32;
+        // The E4M3 output: codes of value × multiplier.
         let launch = k::conv3x3_cin8_e4m3_launch(
             x.len(),
             filter.len(),
@@ -507,16 +508,8 @@ fn conv3x3_cin8_matches_host() {
             relu,
             &LIMITS,
         );
-        let codes: Vec<u8> = run_into(
-            launch,
-            &[
-                &HostBuf::misaligned(&x, misalign),
-                &HostBuf::misaligned(&filter, misalign),
-                &HostBuf::misaligned(&bias, 0),
-                &HostBuf::misaligned(&[multiplier], 0),
-            ],
-            HostBuf::misaligned(&vec![0xEEu8; y_len], misalign),
-        );
+        let out = HostBuf::misaligned(&vec![0xEEu8; y_len], misalign);
+        let codes: Vec<u8> = run_into(launch, &inputs(4), out);
         let mut exact = 0;
         for i in 0..n {
             for o in 0..cout {

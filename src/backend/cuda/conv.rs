@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::f16;
 
-use super::conv_direct::{self, DirectUse};
+use super::conv_direct::{self, DirectOut, DirectUse};
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
 use super::cudnn_graph::{ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
@@ -429,15 +429,10 @@ pub(super) fn plan_all(
             && direct_passes(&mut out.direct_check, dev, kernels, layer)?
         {
             let dims = [key.rows, d.in_h, d.in_w];
-            Some(time_direct(
-                dev,
-                &timer,
-                kernels,
-                layer,
-                dims,
-                key.identity,
-                &arena,
-            )?)
+            let out = DirectOut::Half {
+                identity: key.identity,
+            };
+            Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
         } else {
             None
         };
@@ -621,9 +616,8 @@ pub(super) fn plan_all(
                     {
                         let dims = [key.rows, d.in_h, d.in_w];
                         let m = f.state.multiplier(next);
-                        Some(time_direct_e4m3(
-                            dev, &timer, kernels, layer, dims, &m, &arena,
-                        )?)
+                        let out = DirectOut::E4m3(&m);
+                        Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
                     } else {
                         None
                     },
@@ -857,15 +851,15 @@ fn direct_passes(
     Ok(matches!(check, Some(Ok(()))))
 }
 
-/// Milliseconds of the hand-written conv on `rows` rows of the arena (random input; median of
-/// [`TIMED_RUNS`] after a warm-up), as cuDNN's candidates are timed.
+/// Milliseconds of the hand-written conv writing `out` on `rows` rows of the arena (random
+/// input; median of [`TIMED_RUNS`] after a warm-up), as cuDNN's candidates are timed.
 fn time_direct(
     dev: &Dev,
     timer: &EventPair,
     kernels: &Kernels,
     layer: &DevConv,
     dims: [usize; 3],
-    identity: bool,
+    out: DirectOut<'_, '_>,
     arena: &TuneArena<'_>,
 ) -> Result<f32> {
     let [bx, by] = arena.bufs;
@@ -873,33 +867,7 @@ fn time_direct(
     let mut once = || {
         // SAFETY: the arena's buffers are apart and hold ≥ rows rows of every stage's input and
         // output; nothing else runs on them during the tuning.
-        unsafe { conv_direct::launch(dev, kernels, layer, dims, identity, bx, by) }
-            .map(Ok::<(), std::convert::Infallible>)
-    };
-    once()?; // warm-up
-    let Ok(ms) = timer.median_ms(dev, &op, &mut once)?;
-    Ok(ms)
-}
-
-/// [`time_direct`] with an E4M3 output at multiplier `m` (the next conv's).
-fn time_direct_e4m3(
-    dev: &Dev,
-    timer: &EventPair,
-    kernels: &Kernels,
-    layer: &DevConv,
-    dims: [usize; 3],
-    m: &CudaView<'_, f32>,
-    arena: &TuneArena<'_>,
-) -> Result<f32> {
-    let [bx, by] = arena.bufs;
-    let y = (ptr(by, &dev.stream), by.num_bytes());
-    let op = format!(
-        "timing the hand-written conv, E4M3 output (batch {})",
-        dims[0]
-    );
-    let mut once = || {
-        // SAFETY: as in `time_direct`; the E4M3 output takes the first bytes of the FP16 buffer.
-        unsafe { conv_direct::launch_e4m3(dev, kernels, layer, dims, bx, m, y) }
+        unsafe { conv_direct::launch(dev, kernels, layer, dims, out, bx, by) }
             .map(Ok::<(), std::convert::Infallible>)
     };
     once()?; // warm-up
@@ -1398,18 +1366,18 @@ impl ConvRun<'_> {
                 )));
             };
             let dims = [key.rows, d.in_h, d.in_w];
-            let y = (ptr(y, &self.dev.stream), 2 * y.len());
+            let m = state.multiplier(next);
             // SAFETY: x holds rows·in_len FP16 values and y rows·out_len bytes (the forward
             // plan's spans, checked against the buffers), apart from each other.
             return unsafe {
-                conv_direct::launch_e4m3(
+                conv_direct::launch(
                     self.dev,
                     self.kernels,
                     layer,
                     dims,
+                    DirectOut::E4m3(&m),
                     *x,
-                    &state.multiplier(next),
-                    y,
+                    &*y,
                 )
             };
         }
@@ -1481,9 +1449,10 @@ impl ConvRun<'_> {
             Planned::Direct => {
                 let dims = [key.rows, d.in_h, d.in_w];
                 // SAFETY: as above; y is this layer's output span, apart from x.
-                unsafe {
-                    conv_direct::launch(self.dev, self.kernels, layer, dims, key.identity, x, &*y)
-                }?;
+                let out = DirectOut::Half {
+                    identity: key.identity,
+                };
+                unsafe { conv_direct::launch(self.dev, self.kernels, layer, dims, out, x, &*y) }?;
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! it against the CPU on the device before it may be chosen, and launches it; `conv.rs` times it
 //! with cuDNN's candidates at prepare and keeps the fastest.
 
-use cudarc::driver::DevicePtr;
+use cudarc::driver::{CudaView, DevicePtr};
 use half::f16;
 use rayon::prelude::*;
 
@@ -45,7 +45,18 @@ pub(super) fn applies(layer: &DevConv, kernels: &Kernels) -> bool {
     layer.cin_s == CONV_CIN8_IN && layer.cout == CONV_CIN8_OUT && kernels.has_mma()
 }
 
-/// `y` `[rows, h, w, 64]` = conv(`x` `[rows, h, w, 8]`) + bias, ReLU unless `identity`.
+/// What the hand-written conv writes.
+#[derive(Clone, Copy)]
+pub(super) enum DirectOut<'m, 'v> {
+    /// FP16, ReLU unless `identity` (a pre-ReLU capture).
+    Half { identity: bool },
+    /// E4M3 codes of the post-ReLU value × `multiplier[0]` (the next FP8 conv's input
+    /// multiplier), in the first bytes of the output buffer.
+    E4m3(&'m CudaView<'v, f32>),
+}
+
+/// `y` `[rows, h, w, 64]` (FP16, or E4M3 in its first bytes) = conv(`x` `[rows, h, w, 8]`) +
+/// bias, as `out` says.
 ///
 /// # Safety
 /// `y` is written through a read pointer (as cuDNN's outputs are): nothing else may use it
@@ -54,51 +65,21 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
-    [rows, h, w]: [usize; 3],
-    identity: bool,
+    dims: [usize; 3],
+    out: DirectOut<'_, '_>,
     x: &X,
     y: &Y,
 ) -> Result<()> {
-    // SAFETY: the caller's, passed on.
+    let (s, f, b) = (&dev.stream, &layer.filter, &layer.bias32);
+    // SAFETY: the caller's, passed on; an E4M3 output takes the first of y's 2·len bytes.
     unsafe {
-        kernels.conv3x3_cin8(
-            &dev.stream,
-            x,
-            &layer.filter,
-            &layer.bias32,
-            [rows, h, w],
-            !identity,
-            y,
-        )
-    }
-}
-
-/// [`launch`] with an E4M3 output, post-ReLU: codes of the value × `multiplier[0]` (the next FP8
-/// conv's input multiplier), `y` = (device address, bytes).
-///
-/// # Safety
-/// As [`launch`]; `y` must be a live device allocation of ≥ its byte count.
-pub(super) unsafe fn launch_e4m3<X: DevicePtr<f16>, M: DevicePtr<f32>>(
-    dev: &Dev,
-    kernels: &Kernels,
-    layer: &DevConv,
-    dims: [usize; 3],
-    x: &X,
-    multiplier: &M,
-    y: (u64, usize),
-) -> Result<()> {
-    // SAFETY: the caller's, passed on.
-    unsafe {
-        kernels.conv3x3_cin8_e4m3(
-            &dev.stream,
-            x,
-            &layer.filter,
-            &layer.bias32,
-            multiplier,
-            dims,
-            true,
-            y,
-        )
+        match out {
+            DirectOut::Half { identity } => kernels.conv3x3_cin8(s, x, f, b, dims, !identity, y),
+            DirectOut::E4m3(m) => {
+                let y = (ptr(y, s), 2 * y.len());
+                kernels.conv3x3_cin8_e4m3(s, x, f, b, m, dims, true, y)
+            }
+        }
     }
 }
 
@@ -127,8 +108,9 @@ pub(super) fn check_on_device(
     let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;
     let bias = dev.download(&layer.bias32, cout, "the conv bias")?;
     for identity in [true, false] {
+        let out = DirectOut::Half { identity };
         // SAFETY: `yd` is this function's own buffer, apart from `xd`.
-        unsafe { launch(dev, kernels, layer, CHECK_DIMS, identity, &xd, &yd) }?;
+        unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
         let got = dev.download(&yd, yd.len(), "the direct conv check's output")?;
         let want = reference_nhwc(&x, &filter, &bias, CHECK_DIMS, [cs, cout], !identity);
         if let Some(why) = first_mismatch(&got, &want) {
@@ -141,13 +123,13 @@ pub(super) fn check_on_device(
     // E4M3 out, at a multiplier that saturates the largest values.
     let multiplier = 300.0f32;
     let md = dev.upload(&[multiplier], "the direct conv check's multiplier")?;
-    let y8 = dev.alloc::<u8>(n * h * w * cout, "the direct conv check's E4M3 output")?;
-    let at = (ptr(&y8, &dev.stream), y8.len());
-    // SAFETY: `y8` is this function's own buffer.
-    unsafe { launch_e4m3(dev, kernels, layer, CHECK_DIMS, &xd, &md, at) }?;
-    let got = dev.download(&y8, y8.len(), "the direct conv check's E4M3 output")?;
+    let out = DirectOut::E4m3(&md.as_view());
+    // SAFETY: as above; the codes fill the first half of `yd`'s bytes.
+    unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
+    let half = dev.download(&yd, yd.len() / 2, "the direct conv check's E4M3 output")?;
+    let got: &[u8] = bytemuck::cast_slice(&half);
     let want = reference_nhwc(&x, &filter, &bias, CHECK_DIMS, [cs, cout], true);
-    Ok(first_code_mismatch(&got, &want, multiplier).map(|why| {
+    Ok(first_code_mismatch(got, &want, multiplier).map(|why| {
         format!("the hand-written conv's E4M3 output differs from the CPU on this device: {why}")
     }))
 }

@@ -129,15 +129,7 @@ pub fn graph_key(form: &str, dims: [usize; 5]) -> String {
 
 /// `$SCORECAM_PLAN_CACHE` (`off` or empty: none), else the user's cache directory.
 fn cache_dir() -> Option<PathBuf> {
-    match std::env::var_os("SCORECAM_PLAN_CACHE") {
-        Some(v) if v == "off" || v.is_empty() => None,
-        Some(v) => Some(PathBuf::from(v)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|c| c.join("scorecam-gpu").join("plans")),
-    }
+    super::kernels::user_cache_dir("SCORECAM_PLAN_CACHE", "plans")
 }
 
 /// A file name for `device`: readable start, hash for uniqueness.

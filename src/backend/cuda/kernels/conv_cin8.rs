@@ -30,21 +30,8 @@ pub fn conv3x3_cin8_launch(
     relu: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    const OP: &str = "conv3x3_cin8";
     let lens = [x_len, filter_len, bias_len, y_len];
-    let (grid, [n, h, w]) = conv_cin8_shape(OP, lens, nhw, channels, limits)?;
-    use KernelArg::*;
-    let args = vec![
-        Read(0),
-        Read(1),
-        Read(2),
-        I32(n),
-        I32(h),
-        I32(w),
-        I32(relu as i32),
-        Write(3),
-    ];
-    Ok(conv_cin8_launch(OP, grid, args))
+    conv_cin8_any("conv3x3_cin8", lens, None, (nhw, channels, relu), limits)
 }
 
 /// `conv3x3_cin8_e4m3`: the same with an E4M3 output, `y` `[n, h, w, 64]` bytes: each value
@@ -61,12 +48,32 @@ pub fn conv3x3_cin8_e4m3_launch(
     relu: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    const OP: &str = "conv3x3_cin8_e4m3";
-    need(OP, "multiplier", multiplier_len, 1)?;
     let lens = [x_len, filter_len, bias_len, y_len];
-    let (grid, [n, h, w]) = conv_cin8_shape(OP, lens, nhw, channels, limits)?;
+    let shape = (nhw, channels, relu);
+    conv_cin8_any(
+        "conv3x3_cin8_e4m3",
+        lens,
+        Some(multiplier_len),
+        shape,
+        limits,
+    )
+}
+
+/// Either kernel's launch: the checks, the grid, and the arguments `x, filter, bias, n, h, w,
+/// relu, [multiplier,] y` (the multiplier buffer, when there is one, before `y`).
+fn conv_cin8_any(
+    op: &'static str,
+    lens: [usize; 4],
+    multiplier_len: Option<usize>,
+    (nhw, channels, relu): ([usize; 3], [usize; 2], bool),
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    if let Some(len) = multiplier_len {
+        need(op, "multiplier", len, 1)?;
+    }
+    let (grid, [n, h, w]) = conv_cin8_shape(op, lens, nhw, channels, limits)?;
     use KernelArg::*;
-    let args = vec![
+    let mut args = vec![
         Read(0),
         Read(1),
         Read(2),
@@ -74,10 +81,18 @@ pub fn conv3x3_cin8_e4m3_launch(
         I32(h),
         I32(w),
         I32(relu as i32),
-        Read(3),
-        Write(4),
     ];
-    Ok(conv_cin8_launch(OP, grid, args))
+    args.extend(match multiplier_len {
+        Some(_) => [Read(3), Write(4)].as_slice(),
+        None => [Write(3)].as_slice(),
+    });
+    Ok(KernelLaunch {
+        kernel: op,
+        grid,
+        block: (32 * WARPS) as u32,
+        shared_mem_bytes: 0,
+        args,
+    })
 }
 
 /// Both kernels' checks (channels, lengths of `[x, filter, bias, y]` in elements) and grid.
@@ -102,16 +117,6 @@ fn conv_cin8_shape(
     let tiles = prod(op, &[n, h, w])?.div_ceil(16);
     let cap = limits.sm_count.saturating_mul(BLOCKS_PER_SM).max(1) as usize;
     Ok((tiles.div_ceil(WARPS).clamp(1, cap) as u32, [n_i, h_i, w_i]))
-}
-
-fn conv_cin8_launch(kernel: &'static str, grid: u32, args: Vec<KernelArg>) -> KernelLaunch {
-    KernelLaunch {
-        kernel,
-        grid,
-        block: (32 * WARPS) as u32,
-        shared_mem_bytes: 0,
-        args,
-    }
 }
 
 impl Kernels {

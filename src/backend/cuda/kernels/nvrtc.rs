@@ -94,14 +94,20 @@ pub fn compile_for_arch(arch: &str) -> Result<Vec<u8>> {
 /// Where compiled kernels are kept between runs: `$SCORECAM_KERNEL_CACHE` (`off`: nowhere), else
 /// `$XDG_CACHE_HOME/scorecam-gpu/kernels`, else `~/.cache/scorecam-gpu/kernels`.
 pub fn disk_cache_dir() -> Option<PathBuf> {
-    match std::env::var_os("SCORECAM_KERNEL_CACHE") {
+    user_cache_dir("SCORECAM_KERNEL_CACHE", "kernels")
+}
+
+/// A cache directory: `$var` (`off` or empty: none), else `$XDG_CACHE_HOME/scorecam-gpu/<sub>`,
+/// else `~/.cache/scorecam-gpu/<sub>`.
+pub fn user_cache_dir(var: &str, sub: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
         Some(v) if v == "off" || v.is_empty() => None,
         Some(v) => Some(PathBuf::from(v)),
         None => std::env::var_os("XDG_CACHE_HOME")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|c| c.join("scorecam-gpu").join("kernels")),
+            .map(|c| c.join("scorecam-gpu").join(sub)),
     }
 }
 
