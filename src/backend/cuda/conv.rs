@@ -184,6 +184,8 @@ pub(super) struct ConvPlans {
     /// The hand-written conv's check on the device: None before any layer it could run, else
     /// passed (`Ok`) or why it was refused.
     pub direct_check: Option<std::result::Result<(), String>>,
+    /// Seconds of each pass of [`plan_all`], for the report.
+    pub pass_s: [(&'static str, f64); 3],
 }
 
 impl ConvPlans {
@@ -385,6 +387,7 @@ pub(super) fn plan_all(
         timed
     };
 
+    let started = Instant::now();
     // 1. Per distinct shape: cuDNN's legacy candidates and the hand-written conv, timed.
     let mut shapes: Vec<(ConvShape, ConvKey)> = Vec::new();
     for &key in keys {
@@ -449,6 +452,11 @@ pub(super) fn plan_all(
         shapes.push((shape, key));
     }
 
+    out.pass_s[0] = (
+        "conv tuning: legacy API and hand-written conv",
+        started.elapsed().as_secs_f64(),
+    );
+    let started = Instant::now();
     // 2. The graph API, where `graph` says, shape by shape in order of the time the layers of
     // the shape take per forward (so that a budget that runs out leaves the least on the table),
     // except where the hand-written conv already beats the legacy API by more than any graph
@@ -493,6 +501,11 @@ pub(super) fn plan_all(
         });
     }
 
+    out.pass_s[1] = (
+        "conv tuning: FP16 graph-API plans",
+        started.elapsed().as_secs_f64(),
+    );
+    let started = Instant::now();
     // 3. Per key: the fastest engine, and the FP8 forms.
     for &key in keys {
         let layer = layer_of(key.stage)?;
@@ -707,6 +720,10 @@ pub(super) fn plan_all(
         });
         out.plans.insert(key, planned);
     }
+    out.pass_s[2] = (
+        "conv tuning: choices and FP8 plans",
+        started.elapsed().as_secs_f64(),
+    );
     Ok((out, ws_used))
 }
 
@@ -870,7 +887,7 @@ fn time_direct(
         unsafe { conv_direct::launch(dev, kernels, layer, dims, out, bx, by) }
             .map(Ok::<(), std::convert::Infallible>)
     };
-    once()?; // warm-up
+    let Ok(()) = once()?; // warm-up
     let Ok(ms) = timer.median_ms(dev, &op, &mut once)?;
     Ok(ms)
 }
@@ -894,7 +911,7 @@ fn quantize_ms(
             .quantize_input(kernels, &dev.stream, stage, &x)
             .map(Ok::<(), std::convert::Infallible>)
     };
-    once()?; // warm-up
+    let Ok(()) = once()?; // warm-up
     let timed = timer.median_ms(dev, op, &mut once)?;
     let Ok(ms) = timed;
     Ok(ms)

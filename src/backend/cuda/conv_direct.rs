@@ -123,7 +123,8 @@ pub(super) fn check_on_device(
     // E4M3 out, at a multiplier that saturates the largest values.
     let multiplier = 300.0f32;
     let md = dev.upload(&[multiplier], "the direct conv check's multiplier")?;
-    let out = DirectOut::E4m3(&md.as_view());
+    let m = md.as_view();
+    let out = DirectOut::E4m3(&m);
     // SAFETY: as above; the codes fill the first half of `yd`'s bytes.
     unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
     let half = dev.download(&yd, yd.len() / 2, "the direct conv check's E4M3 output")?;

@@ -134,6 +134,9 @@ struct Prepared {
     prefix_ms: Vec<(usize, f32)>,
     /// `--precision fp8`: filters, scales and the quantized-input buffer.
     fp8: Option<fp8::Fp8State>,
+    /// Where the set-up's time went: (phase, seconds), in order (the conv tuning's passes
+    /// before the tuning as a whole).
+    setup_s: Vec<(&'static str, f64)>,
 }
 
 impl Prepared {
@@ -1132,6 +1135,7 @@ impl Backend for CudaBackend {
                 "fp8": p.convs.fp8_search.to_json(),
             },
             "workspace_bytes": p.workspace.len(),
+            "setup_s": p.setup_s.iter().map(|&(phase, s)| json!({"phase": phase, "s": s})).collect::<Vec<_>>(),
             "prefix": {
                 "end_stage": p.prefix.map(|x| x.end),
                 "sub_batch": p.prefix.map(|x| x.rows),

@@ -72,6 +72,16 @@ impl CudaBackend {
             .synchronize()
             .map_err(|e| drv_err("prepare", e))?;
         self.uploads.synchronized();
+        // Where set-up time goes (the report's `setup_s`): phase, seconds.
+        let mut setup: Vec<(&'static str, f64)> = Vec::new();
+        let mut lap = {
+            let mut last = std::time::Instant::now();
+            move |setup: &mut Vec<(&'static str, f64)>, phase: &'static str| {
+                let now = std::time::Instant::now();
+                setup.push((phase, now.duration_since(last).as_secs_f64()));
+                last = now;
+            }
+        };
         if !self
             .model
             .as_ref()
@@ -80,6 +90,7 @@ impl CudaBackend {
             self.model = None;
             self.model = Some(upload_model(&self.dev, model)?);
         }
+        lap(&mut setup, "weights");
 
         let buf_len = rows_max.checked_mul(per_row).ok_or_else(|| {
             gpu_oom(format!(
@@ -195,6 +206,7 @@ impl CudaBackend {
         });
         let ws_limit = conv::ws_cap(dev)?;
         let mut workspace = dev.alloc::<u8>(0, "cuDNN workspace")?;
+        lap(&mut setup, "arena");
         let (convs, ws_used) = conv::plan_all(
             dev,
             &self.dnn,
@@ -218,6 +230,8 @@ impl CudaBackend {
             }),
             &mut self.plan_cache,
         )?;
+        setup.extend(convs.pass_s);
+        lap(&mut setup, "conv tuning");
         // A cache that cannot be written costs the next run its plan search, nothing more.
         self.plan_cache_error = self.plan_cache.save().err();
         if let (Some(e), true) = (&self.plan_cache_error, verbose()) {
@@ -244,6 +258,7 @@ impl CudaBackend {
             prefix: None,
             prefix_ms: Vec::new(),
             fp8,
+            setup_s: Vec::new(),
         });
         if let Some(rows) = self.forced_prefix {
             // Tests of the sub-batched path: no timing, and no silent fallback either.
@@ -274,6 +289,10 @@ impl CudaBackend {
                 }
                 Ok(()) => {}
             }
+        }
+        lap(&mut setup, "blocks 1–2 sub-batch timing");
+        if let Some(p) = self.prep.as_mut() {
+            p.setup_s = setup;
         }
         Ok(())
     }
