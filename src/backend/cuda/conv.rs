@@ -1008,12 +1008,17 @@ fn time_graph_plans(
     let graph = match remembered {
         Some(Choice::Plan { fallback, pos, .. }) => {
             let only = Some((fallback, pos));
+            let skipped = search.skipped;
             let found = time_plans(
                 dev, dnn, timer, graph, arena, limits, &op, search, only, &mut exec,
             )?;
             if found.is_some() {
                 search.cached += 1;
                 return Ok(found);
+            }
+            if search.skipped != skipped {
+                // The time budget ran out before it, not the plan: keep remembering it.
+                return Ok(None);
             }
             cache.forget(&key);
             match build(search) {
