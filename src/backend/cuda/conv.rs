@@ -17,7 +17,7 @@ use half::f16;
 
 use super::conv_direct::{self, DirectOut, DirectUse};
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
-use super::cudnn_graph::{ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
+use super::cudnn_graph::{config_name, ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::forward_plan::{Fp8Forms, StageRoute};
 use super::fp8::Fp8State;
@@ -178,6 +178,8 @@ pub(super) struct ConvPlans {
     pub built_on_first_use: usize,
     /// Layer shapes that kept the legacy API untried because the graph API's time budget ran out.
     pub graph_skipped: usize,
+    /// Layer shapes the graph API was not tried on because the hand-written conv was far ahead.
+    pub graph_left_to_direct: usize,
     /// What the FP16 and the FP8 graph-API plan searches met.
     pub graph_search: PlanSearch,
     pub fp8_search: PlanSearch,
@@ -481,7 +483,10 @@ pub(super) fn plan_all(
             ((shape, key), layers, t.legacy_ms, t.direct_ms)
         })
         .collect();
-    for (shape, key) in graph_search_order(graph_shapes, graph.0 == GraphUse::Prefer) {
+    let wanted_shapes = graph_shapes.len();
+    let order = graph_search_order(graph_shapes, graph.0 == GraphUse::Prefer);
+    out.graph_left_to_direct = wanted_shapes - order.len();
+    for (shape, key) in order {
         // Finalizing graph plans may compile kernels: past the budget, the remaining shapes keep
         // the legacy API (counted in the report).
         if out.graph_search.spent >= budget {
@@ -496,7 +501,7 @@ pub(super) fn plan_all(
             (&mut out.graph_search, &mut *cache),
         )?;
         tuned.get_mut(&shape).expect("tuned in pass 1").graph = found.map(|(g, ms)| {
-            let name = format!("graph API config #{} (conv+bias+ReLU)", g.plan.index);
+            let name = format!("graph API {} (conv+bias+ReLU)", config_name(g.plan.origin));
             (g, ms, name)
         });
     }
@@ -946,13 +951,9 @@ fn time_graph_plans(
         )));
     }
     let dims = [rows, layer.cin_s, layer.cout, d.in_h, d.in_w];
-    // What a complete search of this graph found before, on this device and cuDNN.
+    // The plan a complete search of this graph chose before, on this device and cuDNN.
     let key = plan_cache::graph_key(&format!("{form:?}"), dims);
     let remembered = cache.get(&key);
-    if remembered == Some(Choice::NoPlan) {
-        search.cached += 1;
-        return Ok(None);
-    }
     let build = |search: &mut PlanSearch| match ConvGraph::conv_bias_relu(dnn, dims, form) {
         Ok(g) => {
             search.graphs += 1;
@@ -967,7 +968,6 @@ fn time_graph_plans(
         }
     };
     let Some(graph) = build(search) else {
-        cache.put(key, Choice::NoPlan);
         return Ok(None);
     };
     let n = rows * d.in_len();
@@ -1004,11 +1004,12 @@ fn time_graph_plans(
     };
     let limits = (ws_limit, deadline);
     // The remembered configuration alone; should it no longer give a plan that runs, forget it
-    // and search again.
+    // (unless the budget or the workspace stopped it: neither says the plan is bad) and search
+    // again.
     let graph = match remembered {
-        Some(Choice::Plan { fallback, pos, .. }) => {
+        Some(Choice { fallback, pos, .. }) => {
             let only = Some((fallback, pos));
-            let skipped = search.skipped;
+            let stops = (search.skipped, search.over_workspace);
             let found = time_plans(
                 dev, dnn, timer, graph, arena, limits, &op, search, only, &mut exec,
             )?;
@@ -1016,40 +1017,37 @@ fn time_graph_plans(
                 search.cached += 1;
                 return Ok(found);
             }
-            if search.skipped != skipped {
-                // The time budget ran out before it, not the plan: keep remembering it.
+            if search.skipped != stops.0 {
                 return Ok(None);
             }
-            cache.forget(&key);
+            if search.over_workspace == stops.1 {
+                cache.forget(&key);
+            }
             match build(search) {
                 Some(g) => g,
                 None => return Ok(None),
             }
         }
-        _ => graph,
+        None => graph,
     };
     let before = (search.skipped, search.over_workspace, search.execute_failed);
     let found = time_plans(
         dev, dnn, timer, graph, arena, limits, &op, search, None, &mut exec,
     )?;
-    // Remember a complete search: not one the budget cut short, nor a fruitless one where a plan
-    // was passed over for memory or failed to run (that may differ next time).
+    // Remember the winner of a complete search: not one the budget cut short, nor one where a
+    // plan was passed over for workspace or failed to run (either may differ next time).
     let complete = search.skipped == before.0;
     let clean = (search.over_workspace, search.execute_failed) == (before.1, before.2);
-    match &found {
-        Some((g, ms)) if complete => {
-            let (fallback, pos) = g.plan.origin;
-            cache.put(
-                key,
-                Choice::Plan {
-                    fallback,
-                    pos,
-                    ms: *ms,
-                },
-            );
-        }
-        None if complete && clean => cache.put(key, Choice::NoPlan),
-        _ => {}
+    if let (Some((g, ms)), true) = (&found, complete && clean) {
+        let (fallback, pos) = g.plan.origin;
+        cache.put(
+            key,
+            Choice {
+                fallback,
+                pos,
+                ms: *ms,
+            },
+        );
     }
     Ok(found)
 }
@@ -1095,7 +1093,8 @@ fn time_plans(
             Ok(ms) => ms,
             Err(e) => {
                 search.execute_failed += 1;
-                search.error(format!("executing engine config #{}: {e}", plan.index));
+                let name = config_name(plan.origin);
+                search.error(format!("executing engine {name}: {e}"));
                 continue;
             }
         };

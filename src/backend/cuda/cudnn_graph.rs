@@ -70,6 +70,12 @@ impl GraphForm {
     };
 }
 
+/// A hash of this file's text: the plan cache's choices are positions in the lists of the graphs
+/// built here, so a change to how they are built or searched starts the cache afresh.
+pub fn source_hash() -> u64 {
+    twox_hash::XxHash64::oneshot(0, include_str!("cudnn_graph.rs").as_bytes())
+}
+
 /// Plans built per graph: the first that finalize from cuDNN's heuristic ranking, then from its
 /// fallback list. Configurations that fail to finalize (common for fused and FP8 graphs) are
 /// passed over for the next ones, as cudnn-frontend's samples and PyTorch walk the whole list.
@@ -490,9 +496,10 @@ impl ConvGraph {
     /// [`HEURISTIC_PLANS`] that finalize with workspace ≤ `ws_cap` among heuristics mode A's
     /// configurations, then (FP16: only if those gave none) the first [`FALLBACK_PLANS`] of the
     /// fallback list's (for FP8 and E4M3-output graphs [`FP8_HEURISTIC_PLANS`] and
-    /// [`FP8_FALLBACK_PLANS`], the fallback list always). `index` in each
-    /// plan is its configuration's position among those tried (mode A's first, then the
-    /// fallback list's). `search` counts what happened on the way (for the report). Past
+    /// [`FP8_FALLBACK_PLANS`], the fallback list always; an FP16 mode A plan that finalizes
+    /// but then fails to run still keeps the fallback list untried). Each plan's `origin` is its
+    /// configuration's list and place in it. `search` counts what happened on the way (for the
+    /// report). Past
     /// `deadline` no further configuration is tried: finalizing one may compile kernels, and a
     /// graph whose configurations all fail would otherwise run far past the time budget.
     ///
@@ -507,7 +514,6 @@ impl ConvGraph {
         only: Option<(bool, usize)>,
     ) -> Vec<GraphPlan> {
         let mut out = Vec::new();
-        let mut index = 0;
         let (heuristic, fallback) = if self.form == GraphForm::FP16 {
             (HEURISTIC_PLANS, FALLBACK_PLANS)
         } else {
@@ -549,20 +555,15 @@ impl ConvGraph {
                     search.error("the time budget ran out during the plan search".into());
                     return out;
                 }
-                // A remembered configuration keeps the number it had among those tried.
-                let number = if only.is_some() { pos } else { index };
-                match self.plan(handle, cfg, number, ws_cap) {
-                    Ok(Some(mut plan)) => {
-                        plan.origin = (fallback, pos);
-                        out.push(plan)
-                    }
+                match self.plan(handle, cfg, (fallback, pos), ws_cap) {
+                    Ok(Some(plan)) => out.push(plan),
                     Ok(None) => search.over_workspace += 1,
                     Err(e) => {
                         search.finalize_failed += 1;
-                        search.error(format!("finalizing engine config #{index}: {e}"));
+                        let name = config_name((fallback, pos));
+                        search.error(format!("finalizing engine {name}: {e}"));
                     }
                 }
-                index += 1;
             }
         }
         out
@@ -574,7 +575,7 @@ impl ConvGraph {
         &self,
         handle: &Handle,
         cfg: Desc,
-        index: usize,
+        origin: (bool, usize),
         ws_cap: usize,
     ) -> Result<Option<GraphPlan>, CudnnError> {
         let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
@@ -592,8 +593,7 @@ impl ConvGraph {
             plan,
             _cfg: cfg,
             ws,
-            index,
-            origin: (false, 0),
+            origin,
             form: self.form,
         }))
     }
@@ -652,16 +652,19 @@ impl PlanSearch {
     }
 }
 
+/// How reports name the configuration at `origin`: `config #2` (the second after the first of
+/// heuristics mode A's ranking), `fallback config #0`.
+pub fn config_name((fallback, pos): (bool, usize)) -> String {
+    format!("{}config #{pos}", if fallback { "fallback " } else { "" })
+}
+
 /// A finalized execution plan of a [`ConvGraph`].
 pub struct GraphPlan {
     plan: Desc,
     _cfg: Desc,
     pub ws: usize,
-    /// Position of its configuration among those offered (mode A's first, then the fallback
-    /// list's).
-    pub index: usize,
-    /// Its configuration's list (the fallback one, or mode A's ranking) and place in it: what
-    /// the plan cache remembers.
+    /// Its configuration's list (the fallback one, or mode A's ranking) and place in it: its
+    /// name, and what the plan cache remembers.
     pub origin: (bool, usize),
     /// Its graph's types: the execution passes the f32 bias for `bias_f32`, the output scale
     /// for `e4m3_out`.

@@ -333,11 +333,11 @@ impl CudaBackend {
         // What the remembered plan choices hold for: the GPU, the libraries choosing them, this
         // engine's graphs.
         let device_identity = format!(
-            "{desc}, {} SMs, cuDNN {}, kernels {}, scorecam-gpu {}",
+            "{desc}), {} SMs, cuDNN {}, kernels {}, graph code {:016x}",
             kernels.sm_count(),
             cudnn::version(),
             kernels.arch(),
-            env!("CARGO_PKG_VERSION")
+            cudnn_graph::source_hash(),
         );
         Ok(CudaBackend {
             graph_use,
@@ -1114,6 +1114,7 @@ impl Backend for CudaBackend {
             // forward, or in FP16).
             "fp8_route": self.fp8_route(p.plan.max_masks),
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
+            "graph_api_left_to_hand_written_conv": p.convs.graph_left_to_direct,
             // Graph-API plan choices remembered between runs (see plan_cache.rs).
             "plan_cache": {
                 "file": self.plan_cache.path().map(|p| p.display().to_string()),

@@ -4,22 +4,24 @@
 //! configuration that won. Kept as JSON under `$SCORECAM_PLAN_CACHE` (`off`: nowhere), else
 //! `$XDG_CACHE_HOME/scorecam-gpu/plans`, else `~/.cache/scorecam-gpu/plans`, one file per device
 //! identity. A missing, unreadable or damaged file is an empty cache; one that cannot be written
-//! costs the next run its search, nothing else. Only complete searches are remembered (not one
-//! cut short by the time budget).
+//! costs the next run its search, nothing else. Only winners of complete, unconstrained searches
+//! are remembered (not a search cut short by the time budget, nor one where a plan was passed
+//! over for workspace), and never "no plan": a failure may not happen next time. Processes
+//! sharing the file (the tasks of a job array on one node) merge their changes into what is on
+//! disk when they save.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// What a complete search of one graph found.
+/// The fastest plan a complete search found: its configuration's place in cuDNN's lists
+/// (`fallback`: in the fallback list, else in heuristics mode A's ranking) and its time then.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Choice {
-    /// The fastest plan: its configuration's place in cuDNN's lists (`fallback`: in the
-    /// fallback list, else in heuristics mode A's ranking) and its time when found.
-    Plan { fallback: bool, pos: usize, ms: f32 },
-    /// No configuration gave a plan that ran.
-    NoPlan,
+pub struct Choice {
+    pub fallback: bool,
+    pub pos: usize,
+    pub ms: f32,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -33,15 +35,18 @@ struct File {
 pub struct PlanCache {
     path: Option<PathBuf>,
     file: File,
-    dirty: bool,
+    /// What this process changed since it opened or last saved (None: forgotten), merged into
+    /// the file on disk at the next save.
+    changes: BTreeMap<String, Option<Choice>>,
     /// Lookups that found a choice, and that did not.
     pub hits: usize,
     pub misses: usize,
 }
 
 impl PlanCache {
-    /// The cache for `device` (e.g. GPU name, compute capability, SM count, driver and cuDNN
-    /// versions: whatever changes the heuristics' lists or the timings) in the default place.
+    /// The cache for `device` (GPU name, compute capability, SM count, cuDNN version, this
+    /// engine's graph code: whatever changes the heuristics' lists or the timings) in the
+    /// default place.
     pub fn open(device: &str) -> PlanCache {
         Self::open_in(cache_dir().as_deref(), device)
     }
@@ -49,19 +54,11 @@ impl PlanCache {
     /// The cache for `device` in `dir` (None: in memory only).
     pub fn open_in(dir: Option<&Path>, device: &str) -> PlanCache {
         let path = dir.map(|d| d.join(file_name(device)));
-        let file = path
-            .as_deref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|bytes| serde_json::from_slice::<File>(&bytes).ok())
-            .filter(|f| f.device == device)
-            .unwrap_or_else(|| File {
-                device: device.to_string(),
-                choices: BTreeMap::new(),
-            });
+        let file = read(path.as_deref(), device);
         PlanCache {
             path,
             file,
-            dirty: false,
+            changes: BTreeMap::new(),
             hits: 0,
             misses: 0,
         }
@@ -80,33 +77,47 @@ impl PlanCache {
     /// Remember `choice` for `key`.
     pub fn put(&mut self, key: String, choice: Choice) {
         if self.file.choices.get(&key) != Some(&choice) {
-            self.file.choices.insert(key, choice);
-            self.dirty = true;
+            self.file.choices.insert(key.clone(), choice);
+            self.changes.insert(key, Some(choice));
         }
     }
 
     /// Forget `key` (its remembered plan no longer runs).
     pub fn forget(&mut self, key: &str) {
-        self.dirty |= self.file.choices.remove(key).is_some();
+        if self.file.choices.remove(key).is_some() {
+            self.changes.insert(key.to_string(), None);
+        }
     }
 
-    /// Write the file if anything changed: to a temporary file, then renamed over it, so that a
-    /// reader never sees half of it. The error says what failed (the caller may only report it).
+    /// Write this process's changes, merged into the file as it is on disk now: to a temporary
+    /// file of this process's own, then renamed over it, so that a reader never sees half of it.
+    /// The error says what failed (the caller may only report it).
     pub fn save(&mut self) -> Result<(), String> {
-        let Some(path) = self.path.as_deref().filter(|_| self.dirty) else {
+        let Some(path) = self.path.clone().filter(|_| !self.changes.is_empty()) else {
             return Ok(());
         };
+        let mut merged = read(Some(&path), &self.file.device);
+        for (key, change) in &self.changes {
+            match change {
+                Some(c) => merged.choices.insert(key.clone(), *c),
+                None => merged.choices.remove(key),
+            };
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let text = serde_json::to_vec_pretty(&self.file).map_err(|e| e.to_string())?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = path.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
+        let text = serde_json::to_vec_pretty(&merged).map_err(|e| e.to_string())?;
         std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 format!("writing {}: {e}", path.display())
             })?;
-        self.dirty = false;
+        self.file = merged;
+        self.changes.clear();
         Ok(())
     }
 
@@ -119,6 +130,18 @@ impl PlanCache {
     pub fn identity(&self) -> &str {
         &self.file.device
     }
+}
+
+/// The choices of `device` in the file at `path` (none if it is missing, damaged or another
+/// device's).
+fn read(path: Option<&Path>, device: &str) -> File {
+    path.and_then(|p| std::fs::read(p).ok())
+        .and_then(|bytes| serde_json::from_slice::<File>(&bytes).ok())
+        .filter(|f| f.device == device)
+        .unwrap_or_else(|| File {
+            device: device.to_string(),
+            choices: BTreeMap::new(),
+        })
 }
 
 /// The key of one graph: its form (`{form:?}`) and dims (rows, cin, cout, h, w).
@@ -154,34 +177,64 @@ mod tests {
         d
     }
 
+    fn plan(pos: usize) -> Choice {
+        Choice {
+            fallback: false,
+            pos,
+            ms: 1.25,
+        }
+    }
+
     #[test]
     fn choices_survive_a_restart_for_the_same_device_only() {
         let dir = temp_dir("restart");
         let key = graph_key("FP16", [256, 64, 64, 224, 224]);
-        let plan = Choice::Plan {
-            fallback: false,
-            pos: 2,
-            ms: 1.25,
-        };
-        let mut c = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.14");
+        let mut c = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 91400");
         assert_eq!(c.get(&key), None);
-        c.put(key.clone(), plan);
-        c.put("other".into(), Choice::NoPlan);
+        c.put(key.clone(), plan(2));
+        c.put("other".into(), plan(0));
         c.save().unwrap();
-        let mut again = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.14");
-        assert_eq!(again.get(&key), Some(plan));
-        assert_eq!(again.get("other"), Some(Choice::NoPlan));
+        let mut again = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 91400");
+        assert_eq!(again.get(&key), Some(plan(2)));
+        assert_eq!(again.get("other"), Some(plan(0)));
         assert_eq!((again.hits, again.misses), (2, 0));
         again.forget(&key);
         again.save().unwrap();
-        assert_eq!(
-            PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.14").get(&key),
-            None
-        );
+        let mut third = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 91400");
+        assert_eq!(third.get(&key), None);
+        assert_eq!(third.get("other"), Some(plan(0)));
         // Another cuDNN: another file, nothing known.
-        let mut other = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 9.15");
+        let mut other = PlanCache::open_in(Some(&dir), "H200 sm_90 cuDNN 91500");
         assert_eq!(other.get("other"), None);
         assert_ne!(other.path(), again.path());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two processes (two tasks of a job array) with the cache open at once: each one's saves
+    /// merge into what the other wrote, forgets included.
+    #[test]
+    fn concurrent_users_merge_their_changes() {
+        let dir = temp_dir("merge");
+        let mut seed = PlanCache::open_in(Some(&dir), "dev");
+        seed.put("stale".into(), plan(9));
+        seed.save().unwrap();
+        let mut a = PlanCache::open_in(Some(&dir), "dev");
+        let mut b = PlanCache::open_in(Some(&dir), "dev");
+        a.put("fp16".into(), plan(1));
+        b.put("fp8".into(), plan(3));
+        b.forget("stale");
+        a.save().unwrap();
+        b.save().unwrap();
+        let mut c = PlanCache::open_in(Some(&dir), "dev");
+        assert_eq!(c.get("fp16"), Some(plan(1)));
+        assert_eq!(c.get("fp8"), Some(plan(3)));
+        assert_eq!(c.get("stale"), None);
+        // Nothing changed: nothing written, nothing lost.
+        a.save().unwrap();
+        assert_eq!(
+            PlanCache::open_in(Some(&dir), "dev").get("fp8"),
+            Some(plan(3))
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -194,17 +247,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         for bad in [
             &b"{ not json"[..],
-            br#"{"device": "someone else", "choices": {"k": "NoPlan"}}"#,
+            br#"{"device": "someone else", "choices": {"k": {"fallback": false, "pos": 1, "ms": 2.0}}}"#,
         ] {
             std::fs::write(&path, bad).unwrap();
             let mut c = PlanCache::open_in(Some(&dir), device);
             assert_eq!(c.get("k"), None);
-            c.put("k".into(), Choice::NoPlan);
+            c.put("k".into(), plan(4));
             c.save().unwrap();
-            assert_eq!(
-                PlanCache::open_in(Some(&dir), device).get("k"),
-                Some(Choice::NoPlan)
-            );
+            assert_eq!(PlanCache::open_in(Some(&dir), device).get("k"), Some(plan(4)));
         }
         // No temporary file left behind.
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
@@ -220,14 +270,14 @@ mod tests {
         let blocker = dir.join("plans");
         std::fs::write(&blocker, b"").unwrap();
         let mut c = PlanCache::open_in(Some(&blocker), "dev");
-        c.put("k".into(), Choice::NoPlan);
+        c.put("k".into(), plan(0));
         let e = c.save().unwrap_err();
         assert!(e.contains("plans"), "{e}");
         // In memory only: nothing to write, never an error.
         let mut mem = PlanCache::open_in(None, "dev");
-        mem.put("k".into(), Choice::NoPlan);
+        mem.put("k".into(), plan(0));
         assert!(mem.save().is_ok() && mem.path().is_none());
-        assert_eq!(mem.get("k"), Some(Choice::NoPlan));
+        assert_eq!(mem.get("k"), Some(plan(0)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -230,8 +230,9 @@ impl CudaBackend {
             }),
             &mut self.plan_cache,
         )?;
+        // The tuning's passes, then the rest of it (the lap covers the passes too: not summed).
         setup.extend(convs.pass_s);
-        lap(&mut setup, "conv tuning");
+        lap(&mut setup, "conv tuning in all (not to add to its passes)");
         // A cache that cannot be written costs the next run its plan search, nothing more.
         self.plan_cache_error = self.plan_cache.save().err();
         if let (Some(e), true) = (&self.plan_cache_error, verbose()) {
@@ -244,6 +245,7 @@ impl CudaBackend {
         } else {
             workspace
         };
+        lap(&mut setup, "plan cache written, workspace trimmed");
         self.prep = Some(Prepared {
             plan,
             rows_max,
