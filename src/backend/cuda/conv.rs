@@ -183,9 +183,6 @@ pub(super) struct ConvPlans {
     /// What the FP16 and the FP8 graph-API plan searches met.
     pub graph_search: PlanSearch,
     pub fp8_search: PlanSearch,
-    /// The hand-written conv's check on the device: None before any layer it could run, else
-    /// passed (`Ok`) or why it was refused.
-    pub direct_check: Option<std::result::Result<(), String>>,
     /// Seconds of each pass of [`plan_all`], for the report.
     pub pass_s: [(&'static str, f64); 3],
 }
@@ -334,7 +331,7 @@ pub(super) fn plan_all(
     mut arena: TuneArena<'_>,
     ws_limit: usize,
     graph: (GraphUse, usize),
-    direct: DirectUse,
+    (direct, direct_check): (DirectUse, &mut DirectCheck),
     kernels: &Kernels,
     mut fp8: Option<Fp8Tuning<'_>>,
     cache: &mut PlanCache,
@@ -431,7 +428,7 @@ pub(super) fn plan_all(
         )?;
         let direct_ms = if direct != DirectUse::Off
             && conv_direct::applies(layer, kernels)
-            && direct_passes(&mut out.direct_check, dev, kernels, layer)?
+            && direct_passes(direct_check, dev, kernels, layer)?
         {
             let dims = [key.rows, d.in_h, d.in_w];
             let out = DirectOut::Half {
@@ -630,7 +627,7 @@ pub(super) fn plan_all(
                 f8.direct_e4m3 = Some(
                     if direct != DirectUse::Off
                         && conv_direct::applies(layer, kernels)
-                        && direct_passes(&mut out.direct_check, dev, kernels, layer)?
+                        && direct_passes(direct_check, dev, kernels, layer)?
                     {
                         let dims = [key.rows, d.in_h, d.in_w];
                         let m = f.state.multiplier(next);
@@ -850,10 +847,15 @@ fn graph_search_order<T>(
     by_time.into_iter().map(|(what, _)| what).collect()
 }
 
+/// The hand-written conv's check on the device: None before any layer it could run, else passed
+/// (`Ok`) or why it was refused. Kept by the backend: the kernel and the device do not change
+/// between prepares.
+pub(super) type DirectCheck = Option<std::result::Result<(), String>>;
+
 /// Whether the hand-written conv passed its device check; the check runs on the first layer
 /// that could use it, and its outcome (a refusal's reason) is kept in `check`.
 fn direct_passes(
-    check: &mut Option<std::result::Result<(), String>>,
+    check: &mut DirectCheck,
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,

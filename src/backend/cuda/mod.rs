@@ -208,8 +208,9 @@ impl Scratch {
 pub struct CudaBackend {
     /// Which convolutions `prepare` also tries through cuDNN's graph API.
     graph_use: GraphUse,
-    /// Whether `prepare` also tries the hand-written first conv.
+    /// Whether `prepare` also tries the hand-written first conv, and its device check.
     direct_use: DirectUse,
+    direct_check: conv::DirectCheck,
     /// Graph-API plan choices remembered between runs, and why the last save failed, if it did.
     plan_cache: PlanCache,
     plan_cache_error: Option<String>,
@@ -342,6 +343,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             graph_use,
             direct_use: DirectUse::from_env(),
+            direct_check: None,
             plan_cache: PlanCache::open(&device_identity),
             plan_cache_error: None,
             precision: Precision::Fp16,
@@ -1122,11 +1124,11 @@ impl Backend for CudaBackend {
                 "misses": self.plan_cache.misses,
                 "save_error": self.plan_cache_error,
             },
-            // The hand-written first conv: its use setting and its check on this device (null:
-            // no layer it could run).
+            // The hand-written first conv: its use setting and its check on this device, run
+            // once per backend (null: no layer it could run yet).
             "direct_conv": {
                 "use": format!("{:?}", self.direct_use).to_lowercase(),
-                "check": p.convs.direct_check.as_ref().map(|c| match c {
+                "check": self.direct_check.as_ref().map(|c| match c {
                     Ok(()) => "passed".to_string(),
                     Err(why) => why.clone(),
                 }),

@@ -220,7 +220,7 @@ impl CudaBackend {
             },
             ws_limit,
             (self.graph_use, plan.max_masks),
-            self.direct_use,
+            (self.direct_use, &mut self.direct_check),
             &self.kernels,
             fp8.as_mut().map(|state| Fp8Tuning {
                 state,
