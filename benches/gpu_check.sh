@@ -112,7 +112,7 @@ export SCORECAM_PLAN_CACHE="$out/plan-cache"
 # (the full mask batch is planned first, so it still gets FP8 plans).
 # The kernels' CPU runs (tests/kernels_host.rs, tests/forward_plan.rs) are CI's; here they would
 # only spend device time.
-run_step tests "${TEST_TIMEOUT:-200}" "$out/tests.log" "$out/tests.log" \
+run_step tests "${TEST_TIMEOUT:-260}" "$out/tests.log" "$out/tests.log" \
   env SCORECAM_CONV_GRAPH="${TEST_CONV_GRAPH:-off}" SCORECAM_GRAPH_BUDGET_S="${TEST_GRAPH_BUDGET_S:-8}" \
   SCORECAM_KERNEL_HOST=off target/gpu-bundle/run.sh
 tests_rc=$?
