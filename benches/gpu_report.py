@@ -825,6 +825,12 @@ def graph_search_lines(eng):
             L.append("Hand-written first conv in the %s run (%s): device check %s." % (
                 label, dc.get("use"), _short(str(dc.get("check")), 160)))
             L.append("")
+        # Where the set-up's seconds went (the backend's setup_s: phase, seconds).
+        phases = [x for x in (b.get("setup_s") or []) if isinstance(x, dict)]
+        if phases:
+            parts = ["%s %.1f s" % (x.get("phase"), _float(x.get("s")) or 0.0) for x in phases]
+            L.append("Set-up of the %s run (last prepare): %s." % (label, "; ".join(parts)))
+            L.append("")
     return L
 
 
