@@ -122,8 +122,7 @@ fn conv_cin8_shape(
 impl Kernels {
     /// Whether the device runs the tensor-core kernels (`mma.sync` m16n8k16: sm_80 and later).
     pub fn has_mma(&self) -> bool {
-        let digits: String = self.arch.chars().filter(|c| c.is_ascii_digit()).collect();
-        digits.parse::<u32>().is_ok_and(|v| v >= 80)
+        self.mma
     }
 
     /// [`conv3x3_cin8_launch`]; an error on a GPU older than sm_80.

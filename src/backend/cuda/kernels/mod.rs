@@ -186,6 +186,9 @@ pub struct Kernels {
     limits: LaunchLimits,
     /// The architecture the module was compiled for, e.g. `sm_90` (or `compute_86` for PTX).
     arch: String,
+    /// Whether the device has the tensor-core `mma.sync` m16n8k16 the hand-written conv uses
+    /// (sm_80 and later).
+    mma: bool,
     /// Resident blocks per SM of the masks kernels, by (kernel, shared memory bytes).
     masks_occupancy: Mutex<HashMap<(&'static str, usize), u32>>,
 }
@@ -247,6 +250,7 @@ impl Kernels {
                 masks_smem,
             },
             arch,
+            mma: major >= 8,
             masks_occupancy: Mutex::new(HashMap::new()),
         })
     }
