@@ -43,6 +43,14 @@ pub(super) const TIMED_RUNS: usize = 3;
 /// than the legacy API: its plans gained at most 17 % over the legacy API per layer on the H200.
 const GRAPH_CANNOT_CATCH_UP: f32 = 2.0;
 
+/// Whether the hand-written conv's `direct` ms beat the legacy API's `legacy` by
+/// [`GRAPH_CANNOT_CATCH_UP`] (no graph plan is worth trying then).
+fn far_ahead(direct: Option<f32>, legacy: Option<f32>) -> bool {
+    direct
+        .zip(legacy)
+        .is_some_and(|(d, l)| d * GRAPH_CANNOT_CATCH_UP < l)
+}
+
 /// Wall time `prepare` may spend building and timing graph-API plans (their finalization can
 /// compile kernels) before the remaining layers keep the legacy API; FP8 plans have as much
 /// again. `SCORECAM_GRAPH_BUDGET_S` sets another (seconds, e.g. shorter for tests).
@@ -389,8 +397,11 @@ pub(super) fn plan_all(
     let started = Instant::now();
     // 1. Per distinct shape: cuDNN's legacy candidates and the hand-written conv, timed.
     let mut shapes: Vec<(ConvShape, ConvKey)> = Vec::new();
+    // Keys (layers at a batch size) per shape: how often a forward runs the shape's plan.
+    let mut layers_of: HashMap<ConvShape, usize> = HashMap::new();
     for &key in keys {
         let shape = shape_of(key)?;
+        *layers_of.entry(shape).or_default() += 1;
         if tuned.contains_key(&shape) {
             continue;
         }
@@ -426,10 +437,7 @@ pub(super) fn plan_all(
             &arena,
             &op,
         )?;
-        let direct_ms = if direct != DirectUse::Off
-            && conv_direct::applies(layer, kernels)
-            && direct_passes(direct_check, dev, kernels, layer)?
-        {
+        let direct_ms = if direct_runs(direct, direct_check, dev, kernels, layer)? {
             let dims = [key.rows, d.in_h, d.in_w];
             let out = DirectOut::Half {
                 identity: key.identity,
@@ -473,11 +481,7 @@ pub(super) fn plan_all(
         .filter(|(shape, _)| wanted(shape))
         .map(|&(shape, key)| {
             let t = &tuned[&shape];
-            let layers = keys
-                .iter()
-                .filter(|k| shape_of(**k).ok() == Some(shape))
-                .count();
-            ((shape, key), layers, t.legacy_ms, t.direct_ms)
+            ((shape, key), layers_of[&shape], t.legacy_ms, t.direct_ms)
         })
         .collect();
     let wanted_shapes = graph_shapes.len();
@@ -513,7 +517,6 @@ pub(super) fn plan_all(
         let layer = layer_of(key.stage)?;
         let d = dims[key.stage];
         let shape = shape_of(key)?;
-        let (_, (xd, yd, cd)) = key_descriptors(layer, d, key)?;
         let t = tuned[&shape].clone();
         // FP8 (masked-forward sizes): for a capable layer the E4M3-output form where the next
         // conv may run FP8 too, the FP16-output form where that is not so or offers nothing; for
@@ -563,17 +566,14 @@ pub(super) fn plan_all(
                 0,
                 t.direct_ms,
             ),
-            _ => (
-                Planned::Legacy(ConvPlan {
-                    x: xd,
-                    y: yd,
-                    conv: cd,
-                    choice: t.legacy,
-                }),
-                candidate_name(&t.legacy),
-                t.legacy.ws,
-                t.legacy_ms,
-            ),
+            _ => {
+                // The legacy API's descriptors, made for the plans that use them only.
+                let (_, (x, y, conv)) = key_descriptors(layer, d, key)?;
+                let choice = t.legacy;
+                let plan = ConvPlan { x, y, conv, choice };
+                let name = candidate_name(&choice);
+                (Planned::Legacy(plan), name, choice.ws, t.legacy_ms)
+            }
         };
         ws_used = ws_used.max(ws);
         if verbose() {
@@ -624,22 +624,16 @@ pub(super) fn plan_all(
                 f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
             }
             if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
-                f8.direct_e4m3 = Some(
-                    if direct != DirectUse::Off
-                        && conv_direct::applies(layer, kernels)
-                        && direct_passes(direct_check, dev, kernels, layer)?
-                    {
-                        let dims = [key.rows, d.in_h, d.in_w];
-                        let m = f.state.multiplier(next);
-                        let out = DirectOut::E4m3(&m);
-                        Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
-                    } else {
-                        None
-                    },
-                );
+                f8.direct_e4m3 = Some(if direct_runs(direct, direct_check, dev, kernels, layer)? {
+                    let dims = [key.rows, d.in_h, d.in_w];
+                    let m = f.state.multiplier(next);
+                    let out = DirectOut::E4m3(&m);
+                    Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
+                } else {
+                    None
+                });
                 // A graph plan does not catch up with a hand-written conv that far ahead.
-                let far_ahead = f8.direct_e4m3.flatten().zip(t.legacy_ms);
-                if far_ahead.is_some_and(|(d, l)| d * GRAPH_CANNOT_CATCH_UP < l) {
+                if far_ahead(f8.direct_e4m3.flatten(), t.legacy_ms) {
                     f8.fp16_e4m3 = Some(None);
                 }
             }
@@ -830,12 +824,7 @@ fn graph_search_order<T>(
 ) -> Vec<T> {
     let mut by_time: Vec<(T, f32)> = shapes
         .into_iter()
-        .filter(|(_, _, legacy, direct)| {
-            prefer_graph
-                || !direct
-                    .zip(*legacy)
-                    .is_some_and(|(d, l)| d * GRAPH_CANNOT_CATCH_UP < l)
-        })
+        .filter(|&(_, _, legacy, direct)| prefer_graph || !far_ahead(direct, legacy))
         .map(|(what, layers, legacy, direct)| {
             // Untimed (never so after pass 1): last.
             let best = [legacy, direct].into_iter().flatten().reduce(f32::min);
@@ -852,14 +841,19 @@ fn graph_search_order<T>(
 /// between prepares.
 pub(super) type DirectCheck = Option<std::result::Result<(), String>>;
 
-/// Whether the hand-written conv passed its device check; the check runs on the first layer
-/// that could use it, and its outcome (a refusal's reason) is kept in `check`.
-fn direct_passes(
+/// Whether the hand-written conv may run `layer`: not turned off, the layer's shape and the
+/// device its own, and its device check passed. The check runs on the first layer that could use
+/// it, and its outcome (a refusal's reason) is kept in `check`.
+fn direct_runs(
+    direct: DirectUse,
     check: &mut DirectCheck,
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
 ) -> Result<bool> {
+    if direct == DirectUse::Off || !conv_direct::applies(layer, kernels) {
+        return Ok(false);
+    }
     if check.is_none() {
         let outcome = match conv_direct::check_on_device(dev, kernels, layer)? {
             None => Ok(()),
