@@ -24,7 +24,7 @@ use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
 use scorecam_gpu::backend::cuda::{CudaBackend, DirectUse};
 use scorecam_gpu::backend::{Backend, MaskItem, MaskStyle, Noise, Plan, Semantics, Stage};
 use scorecam_gpu::cam::{CamOptions, Explainer, Explanation, Targets};
-use scorecam_gpu::model::{Capture, FeatureStage, Vgg, IMAGENET_MEAN, IMAGENET_STD};
+use scorecam_gpu::model::{Capture, FeatureStage, MapShape, Vgg, IMAGENET_MEAN, IMAGENET_STD};
 use scorecam_gpu::Error;
 use serde_json::Value;
 
@@ -195,6 +195,23 @@ fn preprocess_matches_cpu() {
     }
 }
 
+/// A forward of `n` rows of `x` on `b`: its logits and its capture of shape `a`.
+fn logits_and_capture<B: Backend>(
+    b: &mut B,
+    x: &B::Buf,
+    n: usize,
+    classes: usize,
+    a: MapShape,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut logits = b.alloc(&[n, classes]).unwrap();
+    let mut acts = b.alloc(&[n, a.c, a.h, a.w]).unwrap();
+    b.forward(x, n, &mut logits, Some(&mut acts)).unwrap();
+    (
+        b.download(&logits, n).unwrap(),
+        b.download(&acts, n).unwrap(),
+    )
+}
+
 fn forward_matches_cpu_at_every_stage() {
     let mut g = gpu();
     let mut c = CpuBackend::new();
@@ -217,17 +234,8 @@ fn forward_matches_cpu_at_every_stage() {
             g.prepare(&model, p).unwrap();
             c.prepare(&model, p).unwrap();
             let a = model.capture_shape(cap, s);
-            let (mut gl, mut ga) = (
-                g.alloc(&[n, classes]).unwrap(),
-                g.alloc(&[n, a.c, a.h, a.w]).unwrap(),
-            );
-            let (mut cl, mut ca) = (
-                c.alloc(&[n, classes]).unwrap(),
-                c.alloc(&[n, a.c, a.h, a.w]).unwrap(),
-            );
-            g.forward(&gx, n, &mut gl, Some(&mut ga)).unwrap();
-            c.forward(&cx, n, &mut cl, Some(&mut ca)).unwrap();
-            let (gav, cav) = (g.download(&ga, n).unwrap(), c.download(&ca, n).unwrap());
+            let (glv, gav) = logits_and_capture(&mut g, &gx, n, classes, a);
+            let (clv, cav) = logits_and_capture(&mut c, &cx, n, classes, a);
             check_nmse(
                 &gav,
                 &cav,
@@ -240,7 +248,6 @@ fn forward_matches_cpu_at_every_stage() {
                     "{name}: the pre-ReLU capture has no negative value"
                 );
             }
-            let (glv, clv) = (g.download(&gl, n).unwrap(), c.download(&cl, n).unwrap());
             check_nmse(
                 &glv,
                 &clv,
@@ -606,26 +613,18 @@ fn direct_conv_matches_cpu() {
         );
         let a = model.capture_shape(cap, s);
         let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
-        let (mut gl, mut ga) = (
-            g.alloc(&[n, classes]).unwrap(),
-            g.alloc(&[n, a.c, a.h, a.w]).unwrap(),
-        );
-        let (mut cl, mut ca) = (
-            c.alloc(&[n, classes]).unwrap(),
-            c.alloc(&[n, a.c, a.h, a.w]).unwrap(),
-        );
-        g.forward(&gx, n, &mut gl, Some(&mut ga)).unwrap();
-        c.forward(&cx, n, &mut cl, Some(&mut ca)).unwrap();
+        let (glv, gav) = logits_and_capture(&mut g, &gx, n, classes, a);
+        let (clv, cav) = logits_and_capture(&mut c, &cx, n, classes, a);
         let e = check_nmse(
-            &g.download(&ga, n).unwrap(),
-            &c.download(&ca, n).unwrap(),
+            &gav,
+            &cav,
             fp16_nmse_limit(1),
             &format!("conv1_1 by the hand-written conv (pre_relu {pre_relu})"),
         );
         let layers = model.weight_layers_from_top().len();
         check_nmse(
-            &g.download(&gl, n).unwrap(),
-            &c.download(&cl, n).unwrap(),
+            &glv,
+            &clv,
             fp16_nmse_limit(layers),
             "logits with the hand-written conv1_1",
         );
