@@ -67,6 +67,49 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) 
 __device__ __forceinline__ void mma_16816(float*, const u32*, const u32*) { asm volatile("trap;"); }
 #endif
 
+// Two FP16 at element offset `i` (even) of `p` as one u32: a 32-bit load when `p` is 4-byte
+// aligned, else two 16-bit ones.
+__device__ __forceinline__ u32 load_pair(const f16raw* __restrict__ p, i64 i, bool aligned4) {
+    if (aligned4) return *reinterpret_cast<const u32*>(p + i);
+    return (u32)p[i] | ((u32)p[i + 1] << 16);
+}
+
+// Asynchronous 16-byte copies global → shared (sm_80+ `cp.async`), in groups: `cp_async16`
+// queues one (16 zero bytes instead when `valid` is false; `src` must still be a readable
+// address), `cp_async_commit` closes the calling thread's group, `cp_async_wait_1` waits until
+// all but its newest group have landed. Only the calling thread's copies are waited for: a
+// __syncthreads after the wait makes the whole block's visible. Both addresses 16-byte aligned.
+// The CPU emulation (tests/kernel_host) performs a thread's copies only at its wait, so a read
+// of shared memory before the wait sees stale bytes there too.
+#ifdef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    scorecam_host_cp_async16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { scorecam_host_cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_1() { scorecam_host_cp_async_wait(1); }
+#elif __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    u32 s;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+                 : "=r"(s)
+                 : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :
+                 : "r"(s), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_1() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+}
+#else
+__device__ __forceinline__ void cp_async16(void*, const void*, bool) { asm volatile("trap;"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("trap;"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("trap;"); }
+#endif
+
 // f32 → FP8 E4M3 bits, in software (the same result as cuda_fp8.hpp's __nv_cvt_float_to_fp8
 // with __NV_SATFINITE for |x| ≤ 448, clamped above), so it compiles for every architecture:
 // round to nearest even, saturating at ±448, NaN kept (sign too).

@@ -27,13 +27,6 @@
 // word 20g + 2j + t/2, hit distinct banks).
 #define CONV8_ROW8 80
 
-// Two FP16 at element offset `i` (even) of `p` as one u32: a 32-bit load when `p` is 4-byte
-// aligned, else two 16-bit ones.
-__device__ __forceinline__ u32 load_pair(const f16raw* __restrict__ p, i64 i, bool aligned4) {
-    if (aligned4) return *reinterpret_cast<const u32*>(p + i);
-    return (u32)p[i] | ((u32)p[i + 1] << 16);
-}
-
 // One output pixel of a lane's A fragments: where its channels 2t, 2t + 1 are in the input, and
 // which of its neighbours are inside the image (false for a pixel past the end).
 struct Conv8Pixel {

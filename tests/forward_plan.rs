@@ -38,6 +38,7 @@ use scorecam_gpu::model::{FeatureStage, Vgg};
 const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
+    conv_pool_smem: true,
 };
 
 /// Input side, base-forward rows (the last one padding), real images, masked-forward rows.

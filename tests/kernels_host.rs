@@ -26,10 +26,12 @@ use scorecam_gpu::backend::cuda::nhwc_f16_to_nchw;
 use scorecam_gpu::backend::fp8::{e4m3_from_f32, e4m3_to_f32, input_scale, max_e4m3};
 use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
 
-/// A device with one SM (grid-stride grids of at most 32 blocks) and the default shared memory.
+/// A device with one SM (grid-stride grids of at most 32 blocks), the default shared memory for
+/// the masks kernels and the opt-in of the fused conv + pool.
 const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
+    conv_pool_smem: true,
 };
 
 fn f16s(x: &[f32]) -> Vec<f16> {
@@ -539,6 +541,111 @@ fn conv3x3_cin8_matches_host() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// conv_pool.cu
+
+/// Both builds of the fused conv + ReLU + 2×2 max-pool against the CPU conv, rounded to FP16,
+/// then pooled: one whole tile; odd sizes whose last conv row and column the pool drops, with
+/// partial tiles on both edges, more tiles than blocks (each block's double-buffered halo goes
+/// round several times); the smallest input; an unaligned filter and output.
+fn conv3x3_c64_pool_matches_host() {
+    let c = k::CONV_POOL_C;
+    let weight: Vec<f32> = common::values(c * c * 9, 41)
+        .iter()
+        .map(|v| f16::from_f32(v / 8.0).to_f32())
+        .collect();
+    let bias = common::values(c, 42);
+    // KRSC [c, 3, 3, c].
+    let mut filter = vec![f16::ZERO; c * 9 * c];
+    for o in 0..c {
+        for i in 0..c {
+            for t in 0..9 {
+                filter[(o * 9 + t) * c + i] = f16::from_f32(weight[(o * c + i) * 9 + t]);
+            }
+        }
+    }
+    for variant in k::ConvPoolVariant::ALL {
+        for (n, h, w, misalign) in [
+            (1usize, 16usize, 16usize, 0usize),
+            (1, 19, 35, 2),
+            (2, 2, 3, 0),
+        ] {
+            let x_nchw: Vec<f32> = common::values(n * c * h * w, 43 + h as u64)
+                .iter()
+                .map(|v| f16::from_f32(*v).to_f32())
+                .collect();
+            let mut x = vec![f16::ZERO; n * h * w * c];
+            for i in 0..n {
+                for ch in 0..c {
+                    for p in 0..h * w {
+                        x[(i * h * w + p) * c + ch] =
+                            f16::from_f32(x_nchw[(i * c + ch) * h * w + p]);
+                    }
+                }
+            }
+            let mut conv = vec![0f32; n * c * h * w];
+            cpu::conv3x3_into(&x_nchw, n, c, h, w, &weight, &bias, c, true, &mut conv);
+            // The unfused path's values: the conv's FP16 output, then the pool.
+            let (ph, pw) = (h / 2, w / 2);
+            let mut want = vec![0f32; n * c * ph * pw];
+            for i in 0..n {
+                for ch in 0..c {
+                    let plane = &conv[(i * c + ch) * h * w..][..h * w];
+                    for py in 0..ph {
+                        for px in 0..pw {
+                            let v = |y: usize, x: usize| f16::from_f32(plane[y * w + x]).to_f32();
+                            want[((i * c + ch) * ph + py) * pw + px] = v(2 * py, 2 * px)
+                                .max(v(2 * py, 2 * px + 1))
+                                .max(v(2 * py + 1, 2 * px))
+                                .max(v(2 * py + 1, 2 * px + 1));
+                        }
+                    }
+                }
+            }
+            let y_len = n * ph * pw * c;
+            let launch = k::conv3x3_c64_pool_launch(
+                variant,
+                [x.len(), filter.len(), bias.len(), y_len],
+                [n, h, w],
+                &LIMITS,
+            );
+            let bufs = [
+                HostBuf::misaligned(&x, 0),
+                HostBuf::misaligned(&filter, misalign),
+                HostBuf::misaligned(&bias, 0),
+            ];
+            let out = HostBuf::misaligned(&vec![f16::NAN; y_len], misalign);
+            let got: Vec<f16> = run_into(launch, &bufs.iter().collect::<Vec<_>>(), out);
+            let got = nhwc_f16_to_nchw(&got, n, c, ph, pw, c);
+            let what = format!("{variant:?} {n}×{h}×{w} +{misalign}");
+            assert_close(&got, &want, 2e-3, 2e-3, &what);
+        }
+    }
+    // Refused: no 2×2 window, a short output, a device without the shared memory.
+    let v = k::ConvPoolVariant::W4;
+    let lens = |y: usize| [64 * 64, 9 * 64 * 64, 64, y];
+    let err = |r: Result<_, scorecam_gpu::Error>| r.unwrap_err().to_string();
+    assert!(err(k::conv3x3_c64_pool_launch(v, lens(64), [1, 1, 64], &LIMITS)).contains("1×64"));
+    let e = err(k::conv3x3_c64_pool_launch(
+        v,
+        lens(15 * 64),
+        [1, 8, 8],
+        &LIMITS,
+    ));
+    assert!(e.contains("`y` has 960"), "{e}");
+    let small = LaunchLimits {
+        conv_pool_smem: false,
+        ..LIMITS
+    };
+    let e = err(k::conv3x3_c64_pool_launch(
+        v,
+        lens(16 * 64),
+        [1, 8, 8],
+        &small,
+    ));
+    assert!(e.contains("shared memory"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // pool.cu
 
 /// `maxpool2` of FP16 NHWC `x` `[n, h, w, c]`, buffers `misalign` bytes off alignment.
@@ -1040,6 +1147,7 @@ fn device(sm_count: u32, smem: usize) -> LaunchLimits {
     LaunchLimits {
         sm_count,
         masks_smem: smem,
+        conv_pool_smem: true,
     }
 }
 
@@ -1170,6 +1278,7 @@ fn main() -> std::process::ExitCode {
         relu_f16_matches_host_on_every_value,
         fill_uniform_f16_matches_host,
         conv3x3_cin8_matches_host,
+        conv3x3_c64_pool_matches_host,
         maxpool2_matches_host,
         maxpool2_e4m3_matches_host,
         adaptive_avgpool_matches_host,

@@ -43,6 +43,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <array>
 #include <exception>
 #include <memory>
 #include <string>
@@ -148,9 +149,19 @@ namespace scorecam_host {
 
 enum class Wait { None, Block, Warp, Done, Failed };
 
+// One queued `cp.async` (common.cuh's cp_async16): performed at its thread's wait.
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    bool valid;
+};
+
 struct Fiber {
     ucontext_t ctx;
     Wait wait = Wait::None;
+    // The thread's queued copies, oldest first, and where each committed group ends in them.
+    std::vector<PendingCopy> copies;
+    std::vector<size_t> group_ends;
 };
 
 using AnyFn = void (*)();
@@ -162,6 +173,10 @@ struct BlockRun {
     ucontext_t scheduler;
     unsigned current = 0;
     std::vector<unsigned long long> exchange;  // one slot per thread
+    // The mma fragments each thread offers its warp (a[0..3], b[0..1]).
+    std::vector<std::array<unsigned, 6>> mma_slots;
+    // cp.async copies land when issued (random schedules) instead of at the wait (in order).
+    bool eager_copies = false;
     std::string error;
     AnyFn fn = nullptr;
     void (*invoke)(AnyFn, void**) = nullptr;
@@ -247,8 +262,9 @@ inline void yield(Wait w) {
 
 inline void fiber_main() {
     run->invoke(run->fn, run->args);
-    // A lane that has exited gives NaN to a shuffle that reads it.
+    // A lane that has exited gives NaN to a shuffle or an mma that reads it.
     run->exchange[run->current] = ~0ull;
+    run->mma_slots[run->current].fill(0x7FFF7FFFu);
     run->fibers[run->current].wait = Wait::Done;
     // returning resumes uc_link: the scheduler
 }
@@ -377,6 +393,7 @@ inline void poison(void* p, size_t n, unsigned long long& schedule) {
 
 inline bool run_block(BlockRun& r, unsigned long long& schedule) {
     const unsigned n = threads_per_block();
+    r.eager_copies = schedule != 0;
     poison(r.dynamic_shared.data() + SMEM_GUARD, r.dynamic_shared_bytes, schedule);
     for (const auto& e : static_shared) poison(e.first, e.second, schedule);
     for (unsigned i = 0; i < n; ++i) {
@@ -387,6 +404,8 @@ inline bool run_block(BlockRun& r, unsigned long long& schedule) {
         f.ctx.uc_link = &r.scheduler;
         makecontext(&f.ctx, fiber_main, 0);
         f.wait = Wait::None;
+        f.copies.clear();
+        f.group_ends.clear();
     }
     const unsigned warps = (n + 31) / 32;
     std::vector<unsigned> warp_order(warps), lanes;
@@ -496,18 +515,25 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane) {
 }
 
 // common.cuh's mma_16816 (PTX mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32) for the warp
-// of the calling thread: each lane gathers the A rows and B columns of its four results from the
-// lanes that hold them, with warp shuffles (so every lane must call it, as on a GPU, and a lane
-// that has exited reads NaN), and adds the products to d in f32, in k order. A GPU's tensor core
-// sums in another order and precision: tests compare with tolerances.
+// of the calling thread: every lane offers its fragments at a warp barrier (so every lane must
+// call it, as on a GPU, and a lane that has exited offers NaN), gathers the A rows and B columns
+// of its four results from the lanes that hold them, and adds the products to d in f32, in k
+// order. A GPU's tensor core sums in another order and precision: tests compare with tolerances.
 inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned* b) {
-    const unsigned lane = scorecam_host::run->current & 31u;
+    using namespace scorecam_host;
+    const unsigned tid = run->current;
+    const unsigned warp0 = tid & ~31u;
+    if (warp0 + 32 > threads_per_block()) fail("mma_16816 in a warp with fewer than 32 threads");
+    run->mma_slots[tid] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    yield(Wait::Warp);  // every lane has offered its fragments
+    const unsigned lane = tid & 31u;
     const unsigned g = lane >> 2, t = lane & 3u;
+    const auto* slots = &run->mma_slots[warp0];
     float A[2][16];  // rows g and g + 8
     for (unsigned j = 0; j < 4; ++j)
         for (unsigned r = 0; r < 4; ++r) {
             // lane 4g + j holds in a[r]: row g + 8·(r & 1), columns 2j + 8·(r >> 1) + {0, 1}
-            const unsigned v = __shfl_sync(0xffffffffu, a[r], (int)(4 * g + j));
+            const unsigned v = slots[4 * g + j][r];
             const unsigned col = 2 * j + 8 * (r >> 1);
             A[r & 1][col] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
             A[r & 1][col + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
@@ -517,17 +543,58 @@ inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned*
         for (unsigned j = 0; j < 4; ++j)
             for (unsigned r = 0; r < 2; ++r) {
                 // lane 4n + j holds in b[r]: column n, rows 2j + 8·r + {0, 1}
-                const unsigned v = __shfl_sync(0xffffffffu, b[r], (int)(4 * (2 * t + c) + j));
+                const unsigned v = slots[4 * (2 * t + c) + j][4 + r];
                 const unsigned k = 2 * j + 8 * r;
                 B[c][k] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
                 B[c][k + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
             }
+    yield(Wait::Warp);  // every lane has read
     for (unsigned row = 0; row < 2; ++row)
         for (unsigned c = 0; c < 2; ++c) {
             float s = d[2 * row + c];
             for (unsigned k = 0; k < 16; ++k) s += A[row][k] * B[c][k];
             d[2 * row + c] = s;
         }
+}
+
+// common.cuh's cp.async helpers. A GPU lands a copy (16 bytes, or 16 zeros when not `valid`)
+// at any time between its issue and the wait that covers it; the emulation takes both ends, so
+// that results differ between schedules where a kernel relies on either:
+//   * in order (schedule 0) a copy is queued on the calling thread and performed only when a
+//     wait covers its group: shared memory read before the wait (or, for another thread's
+//     copies, before the barrier after it) is stale;
+//   * in random schedules it lands when issued: a copy into memory that a slower warp still
+//     reads (no barrier between its reads and the issue) changes what that warp reads.
+// Copies still queued when a thread ends are dropped.
+inline void scorecam_host_cp_async16(void* dst, const void* src, bool valid) {
+    using namespace scorecam_host;
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15u)
+        fail("cp_async16 with an address not 16-byte aligned");
+    if (run->eager_copies) {
+        if (valid) memcpy(dst, src, 16);
+        else memset(dst, 0, 16);
+        return;
+    }
+    run->fibers[run->current].copies.push_back(PendingCopy{dst, src, valid});
+}
+inline void scorecam_host_cp_async_commit() {
+    auto& f = scorecam_host::run->fibers[scorecam_host::run->current];
+    f.group_ends.push_back(f.copies.size());
+}
+// Perform the copies of every committed group but the newest `keep`.
+inline void scorecam_host_cp_async_wait(size_t keep) {
+    auto& f = scorecam_host::run->fibers[scorecam_host::run->current];
+    if (f.group_ends.size() <= keep) return;
+    const size_t groups = f.group_ends.size() - keep;
+    const size_t done = f.group_ends[groups - 1];
+    for (size_t i = 0; i < done; ++i) {
+        const auto& c = f.copies[i];
+        if (c.valid) memcpy(c.dst, c.src, 16);
+        else memset(c.dst, 0, 16);
+    }
+    f.copies.erase(f.copies.begin(), f.copies.begin() + (ptrdiff_t)done);
+    f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + (ptrdiff_t)groups);
+    for (auto& e : f.group_ends) e -= done;
 }
 
 #define SCORECAM_HOST_KERNEL(f) scorecam_host::kernel(#f, &f)
@@ -577,6 +644,7 @@ extern "C" __attribute__((visibility("default"))) int scorecam_host_launch(
         r.stacks = stack_area.reserve(threads);
         if (!r.stacks) return failed(std::string(name) + ": no memory for the fiber stacks");
         r.exchange.assign(threads, 0);
+        r.mma_slots.assign(threads, {});
         r.fn = k->fn;
         r.invoke = k->invoke;
         r.args = args;

@@ -195,7 +195,7 @@ impl Kernels {
     }
 
     /// An error naming `op` on a GPU without the tensor-core `mma` the kernel uses.
-    fn need_mma(&self, op: &str) -> Result<()> {
+    pub(super) fn need_mma(&self, op: &str) -> Result<()> {
         if self.has_mma() {
             Ok(())
         } else {

@@ -26,6 +26,7 @@
 
 mod combine;
 mod conv_cin8;
+mod conv_pool;
 mod elementwise;
 mod fp8;
 mod masks;
@@ -48,6 +49,9 @@ use crate::error::{Error, Result};
 pub use self::combine::{upsample_relu_normalize_launch, weighted_channel_sum_launch};
 pub use self::conv_cin8::{
     conv3x3_cin8_e4m3_launch, conv3x3_cin8_launch, CONV_CIN8_IN, CONV_CIN8_OUT,
+};
+pub use self::conv_pool::{
+    conv3x3_c64_pool_launch, ConvPoolVariant, CONV_POOL_C, CONV_POOL_KERNELS, CONV_POOL_SMEM,
 };
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
@@ -86,6 +90,8 @@ const KERNEL_NAMES: &[&str] = &[
     "fill_uniform_f16",
     "conv3x3_cin8",
     "conv3x3_cin8_e4m3",
+    "conv3x3_c64_pool_w4",
+    "conv3x3_c64_pool_w8",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
@@ -156,6 +162,8 @@ pub struct LaunchLimits {
     pub sm_count: u32,
     /// Dynamic shared memory `masks` / `masks_direct` may use per block, bytes.
     pub masks_smem: usize,
+    /// The fused conv + pool kernels got their [`CONV_POOL_SMEM`] bytes of shared memory.
+    pub conv_pool_smem: bool,
 }
 
 /// A grid-stride launch over `units` work items: blocks of [`BLOCK`] threads, at most 32 per SM
@@ -241,6 +249,13 @@ impl Kernels {
         } else {
             SMEM_DEFAULT
         };
+        // The fused conv + pool needs more than any GPU's default: only an opt-in enables it.
+        let conv_pool_smem = opt_in >= CONV_POOL_SMEM
+            && CONV_POOL_KERNELS.iter().all(|k| {
+                functions[k]
+                    .set_attribute(attr, CONV_POOL_SMEM as i32)
+                    .is_ok()
+            });
         Ok(Kernels {
             ctx: ctx.clone(),
             _module: module,
@@ -248,6 +263,7 @@ impl Kernels {
             limits: LaunchLimits {
                 sm_count,
                 masks_smem,
+                conv_pool_smem,
             },
             arch,
             mma: major >= 8,
@@ -408,6 +424,7 @@ mod tests {
         let l = LaunchLimits {
             sm_count: 132,
             masks_smem: SMEM_DEFAULT,
+            conv_pool_smem: true,
         };
         let fails = |r: Result<KernelLaunch>, words: &[&str]| match r {
             Err(Error::Invalid(m)) => {

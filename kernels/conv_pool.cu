@@ -1,0 +1,240 @@
+// conv3x3_c64_pool_w4 / _w8: a VGG block's last convolution and its max-pool as one tensor-core
+// kernel. 3×3, stride 1, padding 1, 64 → 64 channels, + f32 bias, ReLU, then MaxPool2d(2, 2)
+// (floor: an odd last row or column of the conv is never computed); FP16 NHWC in and out, f32
+// accumulation, filters KRSC [64][3][3][64]. x [n, h, w, 64], y [n, h/2, w/2, 64].
+//
+// Why: on an H200, cuDNN ran VGG16's conv1_2 (64 → 64 at 224², batch 256) at 48 % of the FP16
+// peak, 2.0 ms, and its 1.6 GB output was then read again by a separate max-pool (0.5 ms). Here the
+// pool happens in registers and only the pooled quarter is written. The tuning at prepare times
+// it (both variants) against cuDNN's conv plus the pool and keeps the faster, after checking it
+// against the CPU on the device (conv.rs, conv_direct.rs).
+//
+// Blocks are persistent (one per SM: the launcher's grid) and loop over tiles of 16×16 conv
+// outputs (8×8 pooled), all 64 output channels. Shared memory (dynamic, CONV_POOL_SMEM bytes):
+//   - the whole filter, stored once per block as B fragments in mma order: 36 k-steps × 4 pairs of
+//     n-tiles × 32 lanes × 16 bytes, so a lane reads the fragments of two n-tiles with one 16-byte
+//     load and a warp's load is 512 contiguous bytes;
+//   - two 18×18-pixel input halos (the tile and its 1-pixel border, zeros outside the image),
+//     filled by cp.async: the next tile's lands while this one is computed;
+//   - per warp, staging rows for its pooled output (16-byte coalesced stores), and the bias.
+// As a GEMM per tile: M = 256 conv pixels (warp w owns conv rows (16/WARPS)·w.., one m-tile of
+// 16 pixels per row), N = 64 (8 n-tiles), K = 9 taps × 64 channels = 36 k-steps of 16. The k
+// order inside a k-step is free (A and B agree): k-step (tap, G, sub) takes channels
+// 32G + 8t + 4sub + {0, 1} as k = 2t, 2t + 1 and + {2, 3} as k = 2t + 8, 2t + 9, so one 16-byte
+// load of channels 32G + 8t .. + 7 of a pixel gives a lane its A fragments of two k-steps.
+// The halo's 16-byte chunks are swizzled (chunk c of pixel q at c ^ 4·(q & 1)): the 8 lanes of a
+// load phase read two neighbouring pixels, whose chunks then fall in 8 distinct bank groups.
+// After the last tap: max over the two rows of each pooled row (two m-tiles of the same lane),
+// then over the two columns (lanes g and g ^ 1: a shuffle), + bias, ReLU (max commutes with the
+// monotone bias add, ReLU and FP16 rounding, so this equals conv → round → pool exactly).
+#include "common.cuh"
+
+#define CP_HALO 18
+#define CP_HALO_BYTES (CP_HALO * CP_HALO * 128)
+#define CP_W_BYTES (36 * 4 * 32 * 16)
+// u32 words per staged pooled pixel: 64 FP16 + 8 of padding (the fragment writes, rows g/2 at
+// word 4j + t, hit 16 distinct banks).
+#define CP_STAGE_ROW 36
+// 8 pooled rows × 8 pixels of the tile, split between the warps.
+#define CP_STAGE_BYTES (64 * CP_STAGE_ROW * 4)
+#define CP_SMEM (CP_W_BYTES + 2 * CP_HALO_BYTES + CP_STAGE_BYTES + 64 * 4)
+
+// Where tile `tile` is: image, tile row, tile column.
+struct CpTile {
+    i64 img;
+    int ty, tx;
+};
+
+__device__ __forceinline__ CpTile cp_tile(i64 tile, int tiles_y, int tiles_x) {
+    const i64 per_img = (i64)tiles_y * tiles_x;
+    CpTile t;
+    t.img = tile / per_img;
+    const int rem = (int)(tile - t.img * per_img);
+    t.ty = rem / tiles_x;
+    t.tx = rem - t.ty * tiles_x;
+    return t;
+}
+
+// Queue the copies of `tile`'s 18×18 input pixels (rows 16·ty − 1 .., columns 16·tx − 1 ..) into
+// `halo`, 8 chunks of 16 bytes per pixel, swizzled; zeros outside the image.
+__device__ __forceinline__ void cp_halo_load(unsigned char* halo, const f16raw* __restrict__ x,
+                                             CpTile t, int h, int w) {
+    const int y0 = 16 * t.ty - 1, x0 = 16 * t.tx - 1;
+    for (int c = threadIdx.x; c < CP_HALO * CP_HALO * 8; c += blockDim.x) {
+        const int q = c >> 3, chunk = c & 7;
+        const int r = q / CP_HALO, col = q - r * CP_HALO;
+        const int gy = y0 + r, gx = x0 + col;
+        const bool inside = gy >= 0 && gy < h && gx >= 0 && gx < w;
+        const f16raw* src = inside ? x + (((t.img * h + gy) * w + gx) << 6) + (chunk << 3) : x;
+        cp_async16(halo + (q << 7) + ((chunk ^ ((q & 1) << 2)) << 4), src, inside);
+    }
+}
+
+// The kernel body for WARPS warps of 16 / WARPS conv rows each.
+template <int WARPS>
+__device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__ x,
+                                                      const f16raw* __restrict__ filter,
+                                                      const float* __restrict__ bias, int n,
+                                                      int h, int w, f16raw* __restrict__ y) {
+    constexpr int ROWS = 16 / WARPS;  // conv rows (m-tiles) per warp
+    constexpr int PROWS = ROWS / 2;   // pooled rows per warp
+    extern __shared__ uint4 cp_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(cp_smem);
+    const uint4* wfrag = reinterpret_cast<const uint4*>(smem);
+    unsigned char* halos = smem + CP_W_BYTES;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    u32* staged = reinterpret_cast<u32*>(halos + 2 * CP_HALO_BYTES) +
+                  warp * PROWS * 8 * CP_STAGE_ROW;
+    float* bias_s = reinterpret_cast<float*>(halos + 2 * CP_HALO_BYTES + CP_STAGE_BYTES);
+
+    const int ph = h >> 1, pw = w >> 1;
+    const int tiles_y = (ph + 7) >> 3, tiles_x = (pw + 7) >> 3;
+    const i64 tiles = (i64)n * tiles_y * tiles_x;
+
+    // The first tile's halo is on its way while the filter is rearranged.
+    i64 tile = blockIdx.x;
+    if (tile < tiles) cp_halo_load(halos, x, cp_tile(tile, tiles_y, tiles_x), h, w);
+    cp_async_commit();
+    // Entry e = (s·4 + jp)·32 + L: lane L's B fragments of k-step s for n-tiles 2jp and 2jp + 1,
+    // i.e. filter row 8·(2jp) + g (and 8·(2jp + 1) + g), tap s / 4, channels c0 .. c0 + 3.
+    const bool f8 = is_aligned(filter, 8);
+    for (int e = threadIdx.x; e < 36 * 4 * 32; e += blockDim.x) {
+        const int el = e & 31, jp = (e >> 5) & 3, s = e >> 7;
+        const int eg = el >> 2, et = el & 3;
+        const int tap = s >> 2, c0 = 32 * ((s >> 1) & 1) + 8 * et + 4 * (s & 1);
+        const f16raw* lo = filter + ((i64)(16 * jp + eg) * 9 + tap) * 64 + c0;
+        const f16raw* hi = lo + 8 * 9 * 64;  // filter row + 8
+        uint4 v;
+        if (f8) {
+            const uint2 a = *reinterpret_cast<const uint2*>(lo);
+            const uint2 b = *reinterpret_cast<const uint2*>(hi);
+            v = make_uint4(a.x, a.y, b.x, b.y);
+        } else {
+            v = make_uint4(load_pair(lo, 0, false), load_pair(lo, 2, false), load_pair(hi, 0, false),
+                           load_pair(hi, 2, false));
+        }
+        reinterpret_cast<uint4*>(smem)[e] = v;
+    }
+    if (threadIdx.x < 64) bias_s[threadIdx.x] = bias[threadIdx.x];
+
+    const bool y16 = is_aligned(y, 16);
+    int cur = 0;
+    for (; tile < tiles; tile += gridDim.x) {  // block-uniform loop
+        const CpTile tc = cp_tile(tile, tiles_y, tiles_x);
+        const i64 next = tile + gridDim.x;
+        if (next < tiles)
+            cp_halo_load(halos + (cur ^ 1) * CP_HALO_BYTES, x, cp_tile(next, tiles_y, tiles_x), h,
+                         w);
+        cp_async_commit();
+        cp_async_wait_1();  // this thread's copies of the current tile have landed
+        __syncthreads();    // everyone's, and the filter and bias
+        const unsigned char* hb = halos + cur * CP_HALO_BYTES;
+
+        float acc[ROWS][8][4];
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll 1
+        for (int tap = 0; tap < 9; ++tap) {
+            const int dy = tap / 3, dx = tap - 3 * dy;
+#pragma unroll
+            for (int G = 0; G < 2; ++G) {
+                // Channels 32G + 8t .. + 7 of this lane's pixels (columns g and g + 8) of each of
+                // the warp's rows, shifted by the tap.
+                uint4 av[ROWS][2];
+#pragma unroll
+                for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const int q = (ROWS * warp + i + dy) * CP_HALO + g + 8 * hf + dx;
+                        const int chunk = 4 * G + t;
+                        av[i][hf] = *reinterpret_cast<const uint4*>(
+                            hb + (q << 7) + ((chunk ^ ((q & 1) << 2)) << 4));
+                    }
+#pragma unroll
+                for (int sub = 0; sub < 2; ++sub) {
+                    const int s = tap * 4 + 2 * G + sub;
+                    uint4 bw[4];
+#pragma unroll
+                    for (int jp = 0; jp < 4; ++jp) bw[jp] = wfrag[(s * 4 + jp) * 32 + lane];
+#pragma unroll
+                    for (int i = 0; i < ROWS; ++i) {
+                        u32 a[4];
+                        a[0] = sub ? av[i][0].z : av[i][0].x;
+                        a[1] = sub ? av[i][1].z : av[i][1].x;
+                        a[2] = sub ? av[i][0].w : av[i][0].y;
+                        a[3] = sub ? av[i][1].w : av[i][1].y;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            u32 b[2];
+                            b[0] = (j & 1) ? bw[j >> 1].z : bw[j >> 1].x;
+                            b[1] = (j & 1) ? bw[j >> 1].w : bw[j >> 1].y;
+                            mma_16816(acc[i][j], a, b);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Pool, bias, ReLU, FP16 into the staging rows (the previous tile's were all read).
+        __syncwarp();
+#pragma unroll
+        for (int ip = 0; ip < PROWS; ++ip)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float v[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float m = fmaxf(acc[2 * ip][j][e], acc[2 * ip + 1][j][e]);
+                    v[e] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+                }
+                if ((g & 1) == 0) {
+                    const float b0 = bias_s[8 * j + 2 * t], b1 = bias_s[8 * j + 2 * t + 1];
+                    // Pixel g's pooled column is g / 2, pixel g + 8's is g / 2 + 4.
+                    u32* row = staged + (ip * 8 + (g >> 1)) * CP_STAGE_ROW + 4 * j + t;
+                    row[0] = pack2(fmaxf(v[0] + b0, 0.0f), fmaxf(v[1] + b1, 0.0f));
+                    row[4 * CP_STAGE_ROW] = pack2(fmaxf(v[2] + b0, 0.0f), fmaxf(v[3] + b1, 0.0f));
+                }
+            }
+        __syncwarp();
+        // PROWS·8 pooled pixels of 128 bytes, 8 chunks of 16 each.
+#pragma unroll
+        for (int c = lane; c < PROWS * 64; c += 32) {
+            const int px = c >> 3, chunk = c & 7;
+            const int prow = 8 * tc.ty + PROWS * warp + (px >> 3), pcol = 8 * tc.tx + (px & 7);
+            if (prow >= ph || pcol >= pw) continue;
+            const unsigned char* src =
+                reinterpret_cast<const unsigned char*>(staged) + px * CP_STAGE_ROW * 4 + 16 * chunk;
+            unsigned char* dst = reinterpret_cast<unsigned char*>(
+                                     y + (((tc.img * ph + prow) * pw + pcol) << 6)) +
+                                 16 * chunk;
+            if (y16) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+#pragma unroll
+                for (int b = 0; b < 16; ++b) dst[b] = src[b];
+            }
+        }
+        __syncthreads();  // the halo just read is refilled by the next iteration's copies
+        cur ^= 1;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 1)
+    conv3x3_c64_pool_w4(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
+                        const float* __restrict__ bias, int n, int h, int w,
+                        f16raw* __restrict__ y) {
+    conv3x3_c64_pool_body<4>(x, filter, bias, n, h, w, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_c64_pool_w8(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
+                        const float* __restrict__ bias, int n, int h, int w,
+                        f16raw* __restrict__ y) {
+    conv3x3_c64_pool_body<8>(x, filter, bias, n, h, w, y);
+}

@@ -1,0 +1,134 @@
+//! Launchers for kernels/conv_pool.cu.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use half::f16;
+
+use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
+use crate::error::Result;
+
+/// Input and output channels the kernels are written for.
+pub const CONV_POOL_C: usize = 64;
+/// Dynamic shared memory per block, bytes (the kernel's `CP_SMEM`): the filter as B fragments,
+/// two 18×18-pixel input halos, the staging rows of 64 pooled pixels, the bias.
+pub const CONV_POOL_SMEM: usize = 36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 64 * 36 * 4 + 64 * 4;
+/// The kernels' names, for the shared-memory opt-in at load.
+pub const CONV_POOL_KERNELS: [&str; 2] = ["conv3x3_c64_pool_w4", "conv3x3_c64_pool_w8"];
+
+/// The two builds of the fused conv + pool: 4 warps of 4 conv rows (more work per shared-memory
+/// byte) or 8 warps of 2 (more warps to hide latency). Prepare times both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConvPoolVariant {
+    W4,
+    W8,
+}
+
+impl ConvPoolVariant {
+    pub const ALL: [ConvPoolVariant; 2] = [ConvPoolVariant::W4, ConvPoolVariant::W8];
+
+    /// Its kernel's `extern "C"` name.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            ConvPoolVariant::W4 => CONV_POOL_KERNELS[0],
+            ConvPoolVariant::W8 => CONV_POOL_KERNELS[1],
+        }
+    }
+
+    fn warps(self) -> u32 {
+        match self {
+            ConvPoolVariant::W4 => 4,
+            ConvPoolVariant::W8 => 8,
+        }
+    }
+}
+
+/// `conv3x3_c64_pool_*`: `y` `[n, h/2, w/2, 64]` = MaxPool2d(2, 2)(ReLU(conv 3×3, stride 1,
+/// pad 1 of `x` `[n, h, w, 64]` with `filter` KRSC `[64, 3, 3, 64]` + `bias` `[64]` f32)), FP16
+/// NHWC. Persistent blocks, one per SM, over tiles of 8×8 pooled pixels. Buffers: `[x, filter,
+/// bias, y]`, lengths in elements; `x` must be 16-byte aligned (checked where its address is
+/// known, [`Kernels::conv3x3_c64_pool`]).
+pub fn conv3x3_c64_pool_launch(
+    variant: ConvPoolVariant,
+    [x_len, filter_len, bias_len, y_len]: [usize; 4],
+    [n, h, w]: [usize; 3],
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    let op = variant.kernel();
+    if !limits.conv_pool_smem {
+        return Err(invalid(
+            op,
+            format!("the device cannot give a block {CONV_POOL_SMEM} bytes of shared memory"),
+        ));
+    }
+    if h < 2 || w < 2 {
+        return Err(invalid(
+            op,
+            format!("a {h}×{w} input has no 2×2 pooling window"),
+        ));
+    }
+    let c = CONV_POOL_C;
+    let [n_i, h_i, w_i, _] = nhwc_args(op, n, h, w, c)?;
+    need(op, "x", x_len, prod(op, &[n, h, w, c])?)?;
+    need(op, "filter", filter_len, c * 9 * c)?;
+    need(op, "bias", bias_len, c)?;
+    need(op, "y", y_len, prod(op, &[n, h / 2, w / 2, c])?)?;
+    let tiles = prod(op, &[n, (h / 2).div_ceil(8), (w / 2).div_ceil(8)])?;
+    let grid = tiles.clamp(1, limits.sm_count.max(1) as usize) as u32;
+    use KernelArg::*;
+    Ok(KernelLaunch {
+        kernel: op,
+        grid,
+        block: 32 * variant.warps(),
+        shared_mem_bytes: CONV_POOL_SMEM as u32,
+        args: vec![
+            Read(0),
+            Read(1),
+            Read(2),
+            I32(n_i),
+            I32(h_i),
+            I32(w_i),
+            Write(3),
+        ],
+    })
+}
+
+impl Kernels {
+    /// Whether the device gave the fused conv + pool kernels their shared memory.
+    pub fn has_conv_pool_smem(&self) -> bool {
+        self.limits.conv_pool_smem
+    }
+
+    /// [`conv3x3_c64_pool_launch`]; an error on a GPU older than sm_80, one without the shared
+    /// memory, or an `x` not 16-byte aligned (the kernel copies it in 16-byte chunks).
+    ///
+    /// # Safety
+    /// `y` is written through a read pointer (as the other conv engines' outputs are): nothing
+    /// else may use it until the launch is done, and it must not overlap `x`.
+    pub unsafe fn conv3x3_c64_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        variant: ConvPoolVariant,
+        x: &X,
+        filter: &CudaSlice<f16>,
+        bias: &CudaSlice<f32>,
+        nhw: [usize; 3],
+        y: &Y,
+    ) -> Result<()> {
+        let op = variant.kernel();
+        self.need_mma(op)?;
+        let lens = [x.len(), filter.len(), bias.len(), y.len()];
+        let launch = conv3x3_c64_pool_launch(variant, lens, nhw, &self.limits)?;
+        let (x_p, _x) = x.device_ptr(stream);
+        if x_p % 16 != 0 {
+            return Err(invalid(
+                op,
+                format!("`x` at {x_p:#x} is not 16-byte aligned"),
+            ));
+        }
+        let (f_p, _f) = filter.device_ptr(stream);
+        let (b_p, _b) = bias.device_ptr(stream);
+        let (y_p, _y) = y.device_ptr(stream);
+        self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
+    }
+}
