@@ -127,6 +127,14 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
             })
         })
     };
+    // A conv run with the max-pool after it in one kernel (where forwards fuse them): its ms
+    // holds the pool's too, and the pool's own is only the gap between two timing events.
+    let fused = |key: &str, stage: usize| -> Option<&Value> {
+        backend["fused_pools"]["layers"].as_array().and_then(|l| {
+            l.iter()
+                .find(|f| f[key] == json!(stage) && f["fused"] == json!(true))
+        })
+    };
     Ok(costs
         .iter()
         .zip(&ms)
@@ -139,7 +147,10 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 "rows": rows,
                 "ms": round3(ms),
             });
-            if c.flops > 0 && secs > 0.0 {
+            let fused_into = fused("pool_stage", i).and_then(|f| f["stage"].as_u64());
+            if let Some(conv) = fused_into {
+                v["fused_into"] = json!(costs[conv as usize].name);
+            } else if c.flops > 0 && secs > 0.0 {
                 v["tflops"] = json!(round3(c.flops as f64 / secs / 1e12));
             } else if secs > 0.0 {
                 v["gbps"] = json!(round3(c.bytes as f64 / secs / 1e9));
@@ -161,6 +172,13 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                     v["fp8"] = p["fp8"].clone();
                     v["e4m3_out_plan"] = p["e4m3_out"].clone();
                 }
+            }
+            if let Some(f) = fused("stage", i) {
+                v["algo"] = f["algo"].clone();
+                v["with_pool"] = json!(costs.get(i + 1).map(|p| &p.name));
+                v["apart_ms"] = json!(round3(
+                    f["conv_ms"].as_f64().unwrap_or(0.0) + f["pool_ms"].as_f64().unwrap_or(0.0)
+                ));
             }
             // Under FP8: how this stage ran (FP8 or not, its activations E4M3 or FP16).
             if let Some(route) = backend["fp8_route"].as_object() {

@@ -573,9 +573,10 @@ fn graph_api_convolutions_match_cpu() {
     }
 }
 
-/// The hand-written first conv (kernels/conv_cin8.cu), preferred wherever it runs, gives the CPU's
-/// conv1_1 output (pre-ReLU and post-ReLU captures) and logits on a random VGG16 at 224², after
-/// passing its own check on the device; with it off, no plan names it.
+/// The hand-written convs, preferred wherever they run: the first conv (kernels/conv_cin8.cu) and
+/// conv1_2 with pool1 in one kernel (kernels/conv_pool.cu). They give the CPU's conv1_1 output
+/// (pre-ReLU and post-ReLU captures) and logits on a random VGG16 at 224², after passing their
+/// own checks on the device; with them off, no plan names them.
 fn direct_conv_matches_cpu() {
     let model = Arc::new(Vgg::random_vgg16(5));
     let (s, classes, n) = (model.input_size(), model.num_classes(), 2);
@@ -611,6 +612,16 @@ fn direct_conv_matches_cpu() {
             !hand_written.is_empty() && hand_written.iter().all(|c| c.stage == 0),
             "{hand_written:?}"
         );
+        // conv1_2 (stage 1, 64 → 64) runs with pool1 where the device gives the kernel its
+        // shared memory (sm_80 and sm_90 do); conv2_2 (128 channels) is not the kernel's.
+        let fused = &report["fused_pools"];
+        println!("fused pools: {fused}");
+        assert_eq!(fused["check"], "passed", "{fused}");
+        let layers = fused["layers"].as_array().expect("fused pool layers");
+        assert!(
+            layers.len() == 1 && layers[0]["stage"] == 1 && layers[0]["fused"] == true,
+            "{fused}"
+        );
         let a = model.capture_shape(cap, s);
         let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
         let (glv, gav) = logits_and_capture(&mut g, &gx, n, classes, a);
@@ -638,7 +649,10 @@ fn direct_conv_matches_cpu() {
         .plan_choices()
         .iter()
         .all(|c| !c.algo.starts_with("hand-written")));
-    assert!(g.report()["direct_conv"]["check"].is_null());
+    let report = g.report();
+    assert!(report["direct_conv"]["check"].is_null());
+    assert!(report["fused_pools"]["check"].is_null());
+    assert_eq!(report["fused_pools"]["layers"], serde_json::json!([]));
 }
 
 /// The graph-API plan choices a first prepare searched for are what a second one (a new backend,

@@ -120,10 +120,16 @@ impl Net {
     }
 
     fn shape(&self) -> PlanShape<'_> {
+        self.shape_with(&[])
+    }
+
+    /// The shape with the conv + pool pairs `fused` says run as one kernel.
+    fn shape_with<'a>(&'a self, fused: &'a [bool]) -> PlanShape<'a> {
         PlanShape {
             is_conv: &self.is_conv,
             dims: &self.dims,
             fp8_filters: &self.capable,
+            fused_pool: fused,
         }
     }
 
@@ -416,6 +422,8 @@ struct Device<'n> {
     /// `StageDone`: (stage, bytes, format).
     last_out: Option<Span>,
     done: Vec<(usize, Vec<u8>, Format)>,
+    /// A conv stage that ran with its pool: its own output never existed (no `done` entry).
+    fused_conv: Option<usize>,
 }
 
 impl<'n> Device<'n> {
@@ -449,6 +457,7 @@ impl<'n> Device<'n> {
             acts: Vec::new(),
             last_out: None,
             done: Vec::new(),
+            fused_conv: None,
         }
     }
 
@@ -467,6 +476,7 @@ impl<'n> Device<'n> {
         self.acts = vec![f16::from_f32(-7.0); acts_len];
         self.done.clear();
         self.last_out = None;
+        self.fused_conv = None;
         for (i, step) in plan.steps.iter().enumerate() {
             self.step(step)
                 .unwrap_or_else(|e| panic!("step {i} {step:?}: {e}"));
@@ -687,6 +697,45 @@ impl<'n> Device<'n> {
                 }
                 self.last_out = Some(y);
             }
+            Step::ConvPool { stage, rows, x, y } => {
+                if !net.is_conv[stage] || net.is_conv.get(stage + 1) != Some(&false) {
+                    return Err("a fused conv + pool on other stages".into());
+                }
+                let (d, pooled) = (net.dims[stage], net.dims[stage + 1]);
+                need(x, Format::F16)?;
+                need(y, Format::F16)?;
+                exact(x, rows * d.in_len())?;
+                exact(y, rows * pooled.out_len())?;
+                Self::io(x, y)?;
+                // The kernel copies its input in 16-byte chunks.
+                if x.at % 16 != 0 {
+                    return Err(format!("{x:?}: a fused conv input not 16-byte aligned"));
+                }
+                let (bytes, _) = self.read(x)?;
+                self.consume(x);
+                let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
+                let route = StageRoute {
+                    conv: true,
+                    ..StageRoute::default()
+                };
+                let conv = match conv_stage(
+                    net,
+                    stage,
+                    rows,
+                    route,
+                    false,
+                    &f16_values(&bytes),
+                    &scales,
+                ) {
+                    Activations::F16(v) => v,
+                    Activations::E4m3(_) => return Err("an FP16 conv wrote codes".into()),
+                };
+                // What the kernel computes: the conv's FP16 values, pooled.
+                let v = pool(&conv, rows, &pooled, |a, b| if b > a { b } else { a });
+                self.write(y, bytemuck::cast_slice(&v), Held::F16)?;
+                self.last_out = Some(y);
+                self.fused_conv = Some(stage);
+            }
             Step::Pool { stage, rows, x, y } => {
                 let d = net.dims[stage];
                 if x.format != y.format || net.is_conv[stage] {
@@ -735,7 +784,9 @@ impl<'n> Device<'n> {
             }
             Step::StageDone { stage } => {
                 let out = self.last_out.ok_or("a stage done before any output")?;
-                self.done.push((stage, self.read(out)?.0, out.format));
+                if self.fused_conv.take() != Some(stage) {
+                    self.done.push((stage, self.read(out)?.0, out.format));
+                }
             }
         }
         Ok(())
@@ -1098,6 +1149,129 @@ fn random_routes_match_the_reference() {
     }
 }
 
+/// The conv stages whose max-pool runs in the same kernel (`PlanShape::fused_pool`).
+fn fused_stages(p: &FeaturePlan) -> Vec<usize> {
+    p.steps
+        .iter()
+        .filter_map(|s| match *s {
+            Step::ConvPool { stage, .. } => Some(stage),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The FP8 layers' inputs a plan measures.
+fn amax_stages(p: &FeaturePlan) -> Vec<usize> {
+    p.steps
+        .iter()
+        .filter_map(|s| match *s {
+            Step::Amax { stage, .. } => Some(stage),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Convs run with their max-pool as one step wherever the shape says so and the forward
+/// allows (both FP16, neither captured), and change no value: masked forwards whole and in
+/// sub-batches, under an FP8 route, and base forwards (which still measure every FP8 input).
+fn fused_pools_match_the_reference() {
+    let net = Net::new();
+    let (mut dev, scales) = base_forward(&net, capture(8, false));
+    let n = net.dims.len();
+    let fused: Vec<bool> = (0..n)
+        .map(|i| net.is_conv[i] && net.is_conv.get(i + 1) == Some(&false))
+        .collect();
+    let shape = net.shape_with(&fused);
+    let end = net.prefix_end();
+    let x = input(MASK_ROWS, 11, MASK_ROWS);
+    let fp8 = net_forms(
+        &net,
+        [
+            Fp8Forms::default(),
+            Fp8Forms::default(),
+            Fp8Forms::default(),
+            BOTH,
+            Fp8Forms::default(),
+            Fp8Forms::default(),
+        ],
+    );
+    let fp8_routes = plan::route(&fp8);
+    assert!(
+        fp8_routes[4].fp8 && !fp8_routes[4].e4m3_out,
+        "stage 4 runs FP8"
+    );
+    for (routes, sub, want) in [
+        (None, None, vec![1, 4, 6]),
+        (None, Some(2), vec![1, 4, 1, 4, 1, 4, 1, 4, 6]),
+        // Stage 4 runs FP8: its pool stays apart.
+        (Some(&fp8_routes[..]), None, vec![1, 6]),
+        (Some(&fp8_routes[..]), Some(4), vec![1, 1, 6]),
+    ] {
+        let what = format!("fused pools, routes {routes:?}, sub-batch {sub:?}");
+        let prefix = sub.map(|rows| Prefix { end, rows });
+        let p = plan::features(&shape, MASK_ROWS, prefix, routes, None).unwrap();
+        assert_eq!(fused_stages(&p), want, "{what}");
+        let pools = p
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Pool { .. }))
+            .count();
+        let apart = if routes.is_some() { 1 } else { 0 };
+        assert_eq!(
+            pools,
+            apart * sub.map_or(1, |r| MASK_ROWS / r),
+            "{what}: pools apart"
+        );
+        // Every full-batch stage is marked, a fused pool's with its conv's.
+        let first = if sub.is_some() { end } else { 0 };
+        let marks: Vec<usize> = p
+            .steps
+            .iter()
+            .filter_map(|s| match *s {
+                Step::StageDone { stage } => Some(stage),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(marks, (first..n).collect::<Vec<_>>(), "{what}: marks");
+        dev.forward(&p, &x, 0);
+        let want = reference(&net, &x, MASK_ROWS, routes, None, &scales);
+        let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);
+        assert_same(&out, Format::F16, want.out(), &what);
+        assert_stages(&dev, &want, &what);
+    }
+    // Base forwards: a captured conv or pool keeps its pair apart; every FP8 input is measured.
+    for (cap, want) in [
+        (capture(2, false), vec![4, 6]),
+        (capture(1, true), vec![4, 6]),
+        (capture(4, false), vec![1, 6]),
+        (capture(8, false), vec![1, 4, 6]),
+    ] {
+        let what = format!("fused pools, base forward capturing {cap:?}");
+        let p = plan::features(&shape, BASE_ROWS, None, None, Some(cap)).unwrap();
+        assert_eq!(fused_stages(&p), want, "{what}");
+        let apart = plan::features(&net.shape(), BASE_ROWS, None, None, Some(cap)).unwrap();
+        assert_eq!(amax_stages(&p), amax_stages(&apart), "{what}: amax");
+        let x = input(BASE_ROWS, 5, IMAGES);
+        dev.forward(&p, &x, cap.rows * net.dims[cap.stage].out_len());
+        let want = reference(&net, &x, BASE_ROWS, None, Some(cap), &net.initial_scales());
+        let out = dev.output(p.out, BASE_ROWS * out_len(&net), Format::F16);
+        assert_same(&out, Format::F16, want.out(), &what);
+        let captured = Activations::F16(want.captured.expect("captured"));
+        let acts = bytemuck::cast_slice(&dev.acts);
+        assert_same(
+            acts,
+            Format::F16,
+            &captured,
+            &format!("{what}: activations"),
+        );
+    }
+    // Flags for another model are refused.
+    let e = plan::features(&net.shape_with(&fused[1..]), MASK_ROWS, None, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fused-pool flags"), "{e}");
+}
+
 /// The plan refuses what the executor could not run: a conv ending sub-batched blocks 1–2 with
 /// an E4M3 output, routes of another model, a batch that is no multiple of the sub-batch.
 fn plans_refuse_what_cannot_run() {
@@ -1176,6 +1350,7 @@ fn main() -> std::process::ExitCode {
         fp16_convs_read_e4m3_dequantized,
         prefix_plans_match_the_reference,
         random_routes_match_the_reference,
+        fused_pools_match_the_reference,
     ];
     trials.push(common::trial(
         "plans_refuse_what_cannot_run",

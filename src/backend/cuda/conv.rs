@@ -21,7 +21,7 @@ use super::cudnn_graph::{config_name, ConvGraph, GraphForm, GraphPlan, GraphPtrs
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::forward_plan::{Fp8Forms, StageRoute};
 use super::fp8::Fp8State;
-use super::kernels::Kernels;
+use super::kernels::{ConvPoolVariant, Kernels};
 use super::plan_cache::{self, Choice, PlanCache};
 use super::profile::new_event;
 use super::weights::DevConv;
@@ -193,11 +193,22 @@ pub(super) struct ConvPlans {
     pub fp8_search: PlanSearch,
     /// Seconds of each pass of [`plan_all`], for the report.
     pub pass_s: [(&'static str, f64); 3],
+    /// The convs tried with their max-pool fused ([`plan_fused_pools`]), kept or not.
+    pub fused_pools: Vec<FusedPool>,
 }
 
 impl ConvPlans {
     pub fn choices(&self) -> &[PlanChoice] {
         &self.choices
+    }
+
+    /// The build of the fused conv + pool that runs conv stage `stage` with the max-pool after
+    /// it, where forwards use it.
+    pub fn pool_fused(&self, stage: usize) -> Option<ConvPoolVariant> {
+        self.fused_pools
+            .iter()
+            .find(|f| f.stage == stage && f.kept)
+            .map(|f| f.variant)
     }
 
     /// The FP8 plans of `key` a forward may run.
@@ -882,15 +893,129 @@ fn time_direct(
 ) -> Result<f32> {
     let [bx, by] = arena.bufs;
     let op = format!("timing the hand-written conv (batch {})", dims[0]);
-    let mut once = || {
+    time_launch(dev, timer, &op, || {
         // SAFETY: the arena's buffers are apart and hold ≥ rows rows of every stage's input and
         // output; nothing else runs on them during the tuning.
         unsafe { conv_direct::launch(dev, kernels, layer, dims, out, bx, by) }
-            .map(Ok::<(), std::convert::Infallible>)
-    };
+    })
+}
+
+/// Milliseconds of `launch` (median of [`TIMED_RUNS`] after a warm-up).
+fn time_launch(
+    dev: &Dev,
+    timer: &EventPair,
+    op: &str,
+    mut launch: impl FnMut() -> Result<()>,
+) -> Result<f32> {
+    let mut once = || launch().map(Ok::<(), std::convert::Infallible>);
     let Ok(()) = once()?; // warm-up
-    let Ok(ms) = timer.median_ms(dev, &op, &mut once)?;
+    let Ok(ms) = timer.median_ms(dev, op, &mut once)?;
     Ok(ms)
+}
+
+/// A 64 → 64 conv tried with the 2×2 max-pool after it in the same kernel
+/// ([`conv_direct::launch_pool`]), at the full mask batch.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FusedPool {
+    pub stage: usize,
+    /// The faster build and its time.
+    pub variant: ConvPoolVariant,
+    pub ms: f32,
+    /// The conv's chosen plan's time and the pool's, apart.
+    pub conv_ms: f32,
+    pub pool_ms: f32,
+    /// Forwards run it: faster than the two apart, or preferred (`SCORECAM_CONV_DIRECT=prefer`).
+    pub kept: bool,
+}
+
+/// After [`plan_all`]: every post-ReLU conv followed by a max-pool that the fused kernel can run
+/// is timed in both builds at `rows` rows (the full mask batch) against its chosen plan's time
+/// plus the pool's, on the arena `bufs` (random input in the first), and recorded in
+/// `plans.fused_pools`; a forward's plan then runs the pair as one step where the FP16 route
+/// and its captures allow (`forward_plan.rs`). The kernel's device check runs first, once per
+/// backend (`check`, as for the hand-written first conv).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn plan_fused_pools(
+    dev: &Dev,
+    kernels: &Kernels,
+    convs: &[Option<DevConv>],
+    dims: &[super::StageDims],
+    rows: usize,
+    (direct, check): (DirectUse, &mut DirectCheck),
+    bufs: &mut [CudaSlice<f16>; 2],
+    plans: &mut ConvPlans,
+) -> Result<()> {
+    if direct == DirectUse::Off {
+        return Ok(());
+    }
+    let timer = EventPair::new(dev)?;
+    for (stage, layer) in convs.iter().enumerate() {
+        let Some(layer) = layer else { continue };
+        let pooled = convs.get(stage + 1).is_some_and(Option::is_none);
+        if !pooled || !conv_direct::pool_applies(layer, kernels) {
+            continue;
+        }
+        let chosen = plans
+            .choices
+            .iter()
+            .find(|c| c.stage == stage && c.rows == rows && !c.identity);
+        let Some(conv_ms) = chosen.and_then(|c| c.ms) else {
+            continue;
+        };
+        if check.is_none() {
+            *check = Some(
+                match conv_direct::check_pool_on_device(dev, kernels, layer)? {
+                    None => Ok(()),
+                    Some(why) => {
+                        if verbose() {
+                            eprintln!("cuda: {why}; the max-pools stay apart");
+                        }
+                        Err(why)
+                    }
+                },
+            );
+        }
+        if !matches!(check, Some(Ok(()))) {
+            return Ok(());
+        }
+        let d = dims[stage];
+        let [bx, by] = &mut *bufs;
+        let op = format!("timing the max-pool after features stage {stage} (batch {rows})");
+        let pool_ms = time_launch(dev, &timer, &op, || {
+            let (x, mut y) = (bx.slice(..), by.slice_mut(..));
+            kernels.maxpool2(&dev.stream, &x, rows, d.out_h, d.out_w, d.out_c, &mut y)
+        })?;
+        let mut best: Option<(ConvPoolVariant, f32)> = None;
+        for variant in ConvPoolVariant::ALL {
+            let op = format!("timing the fused conv + pool {variant:?} (batch {rows})");
+            let dims = [rows, d.in_h, d.in_w];
+            let ms = time_launch(dev, &timer, &op, || {
+                // SAFETY: as in `time_direct`.
+                unsafe { conv_direct::launch_pool(dev, kernels, layer, variant, dims, &*bx, &*by) }
+            })?;
+            if best.is_none_or(|(_, b)| ms < b) {
+                best = Some((variant, ms));
+            }
+        }
+        let (variant, ms) = best.expect("two builds timed");
+        let kept = direct == DirectUse::Prefer || ms < conv_ms + pool_ms;
+        if verbose() {
+            eprintln!(
+                "cuda: conv stage {stage} + max-pool, batch {rows}: fused {variant:?} {ms:.3} ms, \
+                 apart {conv_ms:.3} + {pool_ms:.3} ms: {}",
+                if kept { "fused" } else { "apart" }
+            );
+        }
+        plans.fused_pools.push(FusedPool {
+            stage,
+            variant,
+            ms,
+            conv_ms,
+            pool_ms,
+            kept,
+        });
+    }
+    Ok(())
 }
 
 /// Milliseconds of the quantize pass of `n` values of stage `stage`'s input (median of

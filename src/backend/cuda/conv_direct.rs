@@ -1,20 +1,25 @@
-//! The hand-written convolution engine beside cuDNN's: `kernels/conv_cin8.cu`, a VGG's first conv
-//! (8 stored input channels → 64) on tensor cores. This file says which layers it can run, checks
-//! it against the CPU on the device before it may be chosen, and launches it; `conv.rs` times it
-//! with cuDNN's candidates at prepare and keeps the fastest.
+//! The hand-written convolution engines beside cuDNN's, on tensor cores: `kernels/conv_cin8.cu`,
+//! a VGG's first conv (8 stored input channels → 64), and `kernels/conv_pool.cu`, a 64 → 64 conv
+//! with the 2×2 max-pool after it in the same kernel (VGG16's conv1_2 + pool1). This file says
+//! which layers they can run, checks them against the CPU on the device before they may be
+//! chosen, and launches them; `conv.rs` times them against cuDNN at prepare and keeps the fastest.
 
 use cudarc::driver::{CudaView, DevicePtr};
 use half::f16;
 use rayon::prelude::*;
 
 use super::device::{ptr, Dev};
-use super::kernels::{e4m3_from_f32, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT};
+use super::kernels::{
+    e4m3_from_f32, ConvPoolVariant, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT, CONV_POOL_C,
+};
 use super::weights::DevConv;
 use crate::backend::splitmix64;
 use crate::error::Result;
 
-/// How plans and reports name it.
+/// How plans and reports name them.
 pub(super) const NAME: &str = "hand-written conv3x3_cin8 (tensor cores, conv+bias+ReLU)";
+pub(super) const POOL_NAME: &str =
+    "hand-written conv3x3_c64_pool (tensor cores, conv+bias+ReLU+2×2 max-pool)";
 
 /// Whether `prepare` offers the hand-written conv (`SCORECAM_CONV_DIRECT`): `off`, `auto`
 /// (default: timed with cuDNN's candidates, kept when fastest), or `prefer` (kept wherever it
@@ -43,6 +48,95 @@ impl DirectUse {
 /// Whether the hand-written conv can run `layer` on this device.
 pub(super) fn applies(layer: &DevConv, kernels: &Kernels) -> bool {
     layer.cin_s == CONV_CIN8_IN && layer.cout == CONV_CIN8_OUT && kernels.has_mma()
+}
+
+/// Whether the fused conv + pool can run `layer` (its output then pooled 2×2) on this device.
+pub(super) fn pool_applies(layer: &DevConv, kernels: &Kernels) -> bool {
+    layer.cin_s == CONV_POOL_C
+        && layer.cout == CONV_POOL_C
+        && kernels.has_mma()
+        && kernels.has_conv_pool_smem()
+}
+
+/// `y` `[rows, h/2, w/2, 64]` = max-pool 2×2 of ReLU(conv(`x` `[rows, h, w, 64]`) + bias), FP16,
+/// by `variant`'s build of the fused kernel.
+///
+/// # Safety
+/// As [`launch`].
+pub(super) unsafe fn launch_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    variant: ConvPoolVariant,
+    dims: [usize; 3],
+    x: &X,
+    y: &Y,
+) -> Result<()> {
+    let (f, b) = (&layer.filter, &layer.bias32);
+    // SAFETY: the caller's, passed on.
+    unsafe { kernels.conv3x3_c64_pool(&dev.stream, variant, x, f, b, dims, y) }
+}
+
+/// Images of the fused kernel's device check: two of 37×35, so that the pool drops the conv's
+/// last row and column, tiles are partial on both edges, and blocks go round more than once.
+const POOL_CHECK_DIMS: [usize; 3] = [2, 37, 35];
+
+/// Both builds of the fused conv + pool on random input on the device against
+/// [`reference_nhwc`] (ReLU, rounded to FP16, then pooled) on the layer's own filter and bias.
+/// `None` when they match; else why not, and cuDNN keeps the layer.
+pub(super) fn check_pool_on_device(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+) -> Result<Option<String>> {
+    let [n, h, w] = POOL_CHECK_DIMS;
+    let c = layer.cout;
+    let x = random_f16(n * h * w * layer.cin_s, 0xC0DE_F00D);
+    let xd = dev.upload(&x, "the fused conv check's input")?;
+    let (ph, pw) = (h / 2, w / 2);
+    let yd = dev.alloc::<f16>(n * ph * pw * c, "the fused conv check's output")?;
+    let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;
+    let bias = dev.download(&layer.bias32, c, "the conv bias")?;
+    let conv = reference_nhwc(&x, &filter, &bias, POOL_CHECK_DIMS, [layer.cin_s, c], true);
+    // The unfused path's values: the conv's FP16 output, then the pool.
+    let at = |i: usize, y: usize, xx: usize, o: usize| {
+        f16::from_f32(conv[((i * h + y) * w + xx) * c + o]).to_f32()
+    };
+    let mut want = vec![0f32; n * ph * pw * c];
+    for (p, out) in want.chunks_mut(c).enumerate() {
+        let (i, py, px) = (p / (ph * pw), (p / pw) % ph, p % pw);
+        for (o, v) in out.iter_mut().enumerate() {
+            *v = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                .iter()
+                .map(|&(dy, dx)| at(i, 2 * py + dy, 2 * px + dx, o))
+                .fold(f32::NEG_INFINITY, f32::max);
+        }
+    }
+    for variant in ConvPoolVariant::ALL {
+        // SAFETY: `yd` is this function's own buffer, apart from `xd`.
+        // A launch the device refuses (resources, configuration) only keeps the pools apart.
+        if let Err(e) =
+            unsafe { launch_pool(dev, kernels, layer, variant, POOL_CHECK_DIMS, &xd, &yd) }
+        {
+            return Ok(Some(format!(
+                "the fused conv + pool ({variant:?}) did not launch on this device: {e}"
+            )));
+        }
+        let got = dev.download(&yd, yd.len(), "the fused conv check's output")?;
+        if let Some(why) = first_mismatch(&got, &want) {
+            return Ok(Some(format!(
+                "the fused conv + pool ({variant:?}) differs from the CPU on this device: {why}"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// `len` FP16 values in [0, 1) from `seed` (the device checks' inputs).
+fn random_f16(len: usize, seed: u64) -> Vec<f16> {
+    (0..len)
+        .map(|i| f16::from_f32((splitmix64(seed + i as u64) >> 40) as f32 / (1u64 << 24) as f32))
+        .collect()
 }
 
 /// What the hand-written conv writes.
@@ -100,9 +194,7 @@ pub(super) fn check_on_device(
     let [n, h, w] = CHECK_DIMS;
     let (cs, cout) = (layer.cin_s, layer.cout);
     // All stored channels random: the zero filter taps of the padding must cancel them.
-    let x: Vec<f16> = (0..n * h * w * cs)
-        .map(|i| f16::from_f32((splitmix64(0xC0DE + i as u64) >> 40) as f32 / (1u64 << 24) as f32))
-        .collect();
+    let x = random_f16(n * h * w * cs, 0xC0DE);
     let xd = dev.upload(&x, "the direct conv check's input")?;
     let yd = dev.alloc::<f16>(n * h * w * cout, "the direct conv check's output")?;
     let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;

@@ -13,6 +13,7 @@ use half::f16;
 
 use super::blas;
 use super::conv::{ConvInput, ConvKey, ConvRun};
+use super::conv_direct;
 use super::cudnn::{self, ActDesc};
 use super::device::{blas_err, drv_err, ptr, verbose, Dev};
 use super::forward_plan::{
@@ -229,10 +230,14 @@ impl Pass<'_> {
         let fp8_filters: Vec<bool> = self.prep.fp8.as_ref().map_or_else(Vec::new, |f| {
             f.filters.iter().map(Option::is_some).collect()
         });
+        let fused_pool: Vec<bool> = (0..features.len())
+            .map(|i| self.prep.convs.pool_fused(i).is_some())
+            .collect();
         build(&PlanShape {
             is_conv: &is_conv,
             dims: &self.prep.dims,
             fp8_filters: &fp8_filters,
+            fused_pool: &fused_pool,
         })
     }
 
@@ -360,6 +365,27 @@ impl Pass<'_> {
                     identity,
                 };
                 run.run(layer, key, dims[stage], input, &mut yv, route)?;
+            }
+            Step::ConvPool {
+                stage,
+                rows,
+                x: xs,
+                y: ys,
+            } => {
+                let layer = self.dm.convs[stage]
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))?;
+                let variant = convs.pool_fused(stage).ok_or_else(|| {
+                    Error::Invalid(format!("stage {stage}: no fused conv + pool planned"))
+                })?;
+                let d = dims[stage];
+                let (xv, yv) = io(x, bufs, xs, ys)?;
+                let dims = [rows, d.in_h, d.in_w];
+                // SAFETY: the plan's spans: `x` and `y` in different buffers (io checked them),
+                // nothing else using `y` until the launch is done.
+                unsafe {
+                    conv_direct::launch_pool(self.dev, kernels, layer, variant, dims, &xv, &yv)
+                }?;
             }
             Step::Pool {
                 stage,

@@ -244,6 +244,14 @@ pub enum Step {
         x: Span,
         y: Span,
     },
+    /// Conv stage `stage` (+ bias, + ReLU) and the 2×2 max-pool of stage `stage + 1` in one
+    /// kernel, on `rows` rows: FP16 `x`, the pooled FP16 `y`.
+    ConvPool {
+        stage: usize,
+        rows: usize,
+        x: Span,
+        y: Span,
+    },
     /// 2×2 max-pool of `rows` rows, FP16 or E4M3 codes (both spans alike).
     Pool {
         stage: usize,
@@ -270,6 +278,9 @@ pub struct PlanShape<'a> {
     /// Per feature stage: it has an FP8 filter, so a base forward measures its input (empty
     /// without `--precision fp8`).
     pub fp8_filters: &'a [bool],
+    /// Per feature stage: a conv that runs with the max-pool after it in one kernel where the
+    /// forward allows (FP16 in and out, neither captured); empty: none.
+    pub fused_pool: &'a [bool],
 }
 
 /// The activations a base forward keeps: stage `stage`'s output (before the ReLU when
@@ -326,10 +337,15 @@ pub fn features(
         cur = p.prefix(rows, pre.end, Some(pre.rows), routes)?;
         first = pre.end;
     }
-    for stage in first..stages {
-        let route = routes.map(|r| r[stage]).unwrap_or_default();
-        cur = Some(p.stage(stage, cur, rows, 0, capture, route, false)?);
-        p.steps.push(Step::StageDone { stage });
+    let mut stage = first;
+    while stage < stages {
+        let (out, done) = p.stage(stage, cur, rows, 0, capture, routes, false)?;
+        cur = Some(out);
+        // A fused pool's stage is done with its conv's (its time is the conv's).
+        for s in stage..done {
+            p.steps.push(Step::StageDone { stage: s });
+        }
+        stage = done;
     }
     // (`--precision fp8` only: its state gives the FP8 flags.)
     if capture.is_some() && !shape.fp8_filters.is_empty() {
@@ -365,14 +381,16 @@ pub fn prefix(
 fn check_shape(shape: &PlanShape<'_>, routes: Option<&[StageRoute]>) -> Result<()> {
     let n = shape.dims.len();
     let fp8_ok = shape.fp8_filters.is_empty() || shape.fp8_filters.len() == n;
+    let fused_ok = shape.fused_pool.is_empty() || shape.fused_pool.len() == n;
     let routes_ok = routes.is_none_or(|r| {
         r.len() == n && r.iter().zip(shape.is_conv).all(|(r, &conv)| r.conv == conv)
     });
-    if shape.is_conv.len() != n || !fp8_ok || !routes_ok {
+    if shape.is_conv.len() != n || !fp8_ok || !routes_ok || !fused_ok {
         return Err(Error::Invalid(format!(
-            "forward plan: {n} stages, {} kinds, {} FP8 flags, {:?} routes",
+            "forward plan: {n} stages, {} kinds, {} FP8 flags, {} fused-pool flags, {:?} routes",
             shape.is_conv.len(),
             shape.fp8_filters.len(),
+            shape.fused_pool.len(),
             routes.map(<[_]>::len)
         )));
     }
@@ -412,10 +430,12 @@ impl Planner<'_, '_> {
         let mut cur = None;
         for chunk in 0..rows / step {
             let mut c = None;
-            for stage in 0..end {
-                let route = routes.map(|r| r[stage]).unwrap_or_default();
-                let packed = chunked && stage + 1 == end && route.e4m3_out;
-                c = Some(self.stage(stage, c, step, chunk * step, None, route, packed)?);
+            let mut stage = 0;
+            while stage < end {
+                let packed =
+                    chunked && stage + 1 == end && routes.is_some_and(|r| r[stage].e4m3_out);
+                let (out, done) = self.stage(stage, c, step, chunk * step, None, routes, packed)?;
+                (c, stage) = (Some(out), done);
             }
             cur = c;
         }
@@ -423,10 +443,74 @@ impl Planner<'_, '_> {
     }
 
     /// Feature stage `stage` on `rows` rows starting at row `row0`, reading arena buffer `cur`
-    /// (None: the input) and writing the other one at the same rows, as `route` says. Returns
-    /// the buffer written.
+    /// (None: the input) and writing the other one at the same rows, as `routes` say (None:
+    /// FP16). Returns the buffer written and the next stage to plan: `stage + 2` where the conv
+    /// ran with its max-pool, else `stage + 1`.
     #[allow(clippy::too_many_arguments)]
     fn stage(
+        &mut self,
+        stage: usize,
+        cur: Option<usize>,
+        rows: usize,
+        row0: usize,
+        capture: Option<CaptureAt>,
+        routes: Option<&[StageRoute]>,
+        packed_out: bool,
+    ) -> Result<(usize, usize)> {
+        let route = routes.map(|r| r[stage]).unwrap_or_default();
+        if self.fuses_pool(stage, capture, routes) && !packed_out {
+            let (d, pooled) = (self.shape.dims[stage], self.shape.dims[stage + 1]);
+            let next = cur.map_or(0, |c| 1 - c);
+            let input = cur.map_or(Buf::Input, Buf::Arena);
+            let x = Span::rows(input, Format::F16, row0, rows, d.in_len());
+            self.amax(stage, x, capture);
+            self.steps.push(Step::ConvPool {
+                stage,
+                rows,
+                x,
+                y: Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled.out_len()),
+            });
+            return Ok((next, stage + 2));
+        }
+        Ok((
+            self.single(stage, cur, rows, row0, capture, route, packed_out)?,
+            stage + 1,
+        ))
+    }
+
+    /// Whether conv stage `stage` runs with the max-pool after it: the shape says so, and both
+    /// stages run FP16 (in, out and the conv itself) with neither captured.
+    fn fuses_pool(
+        &self,
+        stage: usize,
+        capture: Option<CaptureAt>,
+        routes: Option<&[StageRoute]>,
+    ) -> bool {
+        let sh = self.shape;
+        let fp16 = |s: usize| routes.is_none_or(|r| !r[s].fp8 && !r[s].e4m3_in && !r[s].e4m3_out);
+        sh.fused_pool.get(stage) == Some(&true)
+            && sh.is_conv[stage]
+            && sh.is_conv.get(stage + 1) == Some(&false)
+            && fp16(stage)
+            && fp16(stage + 1)
+            && sh.fp8_filters.get(stage + 1) != Some(&true)
+            && capture.is_none_or(|c| c.stage != stage && c.stage != stage + 1)
+    }
+
+    /// A base forward measures the FP8 layers' inputs (the real rows only): stage `stage`'s FP16
+    /// input `x16`.
+    fn amax(&mut self, stage: usize, x16: Span, capture: Option<CaptureAt>) {
+        if let Some(c) = capture {
+            if self.shape.fp8_filters.get(stage) == Some(&true) {
+                let x = x16.first(c.rows * self.shape.dims[stage].in_len());
+                self.steps.push(Step::Amax { stage, x });
+            }
+        }
+    }
+
+    /// One feature stage, as [`Planner::stage`] says; returns the buffer written.
+    #[allow(clippy::too_many_arguments)]
+    fn single(
         &mut self,
         stage: usize,
         cur: Option<usize>,
@@ -464,15 +548,7 @@ impl Planner<'_, '_> {
         let next = cur.map_or(0, |c| 1 - c);
         let output = Buf::Arena(next);
         let x16 = Span::rows(input, Format::F16, row0, rows, in_len);
-        // A base forward measures the FP8 layers' inputs (the real rows only).
-        if let Some(c) = capture {
-            if self.shape.fp8_filters.get(stage) == Some(&true) {
-                self.steps.push(Step::Amax {
-                    stage,
-                    x: x16.first(c.rows * in_len),
-                });
-            }
-        }
+        self.amax(stage, x16, capture);
         let capture = capture.filter(|c| c.stage == stage);
         if self.shape.is_conv[stage] {
             if packed_out {

@@ -208,9 +208,11 @@ impl Scratch {
 pub struct CudaBackend {
     /// Which convolutions `prepare` also tries through cuDNN's graph API.
     graph_use: GraphUse,
-    /// Whether `prepare` also tries the hand-written first conv, and its device check.
+    /// Whether `prepare` also tries the hand-written convs, and their device checks (the first
+    /// conv's, the fused conv + pool's).
     direct_use: DirectUse,
     direct_check: conv::DirectCheck,
+    pool_check: conv::DirectCheck,
     /// Graph-API plan choices remembered between runs, and why the last save failed, if it did.
     plan_cache: PlanCache,
     plan_cache_error: Option<String>,
@@ -344,6 +346,7 @@ impl CudaBackend {
             graph_use,
             direct_use: DirectUse::from_env(),
             direct_check: None,
+            pool_check: None,
             plan_cache: PlanCache::open(&device_identity),
             plan_cache_error: None,
             precision: Precision::Fp16,
@@ -426,8 +429,8 @@ impl CudaBackend {
         self.graph_use = g;
     }
 
-    /// Whether the next `prepare` also tries the hand-written first conv (default:
-    /// `SCORECAM_CONV_DIRECT`, else timed against cuDNN).
+    /// Whether the next `prepare` also tries the hand-written convs, the first conv and the
+    /// fused conv + pool (default: `SCORECAM_CONV_DIRECT`, else timed against cuDNN).
     pub fn set_direct_conv(&mut self, d: DirectUse) {
         self.direct_use = d;
     }
@@ -633,6 +636,15 @@ impl CudaBackend {
             },
             graphs,
         ))
+    }
+}
+
+/// A device check's outcome for the report: null before it ran, "passed", or why it failed.
+fn check_json(check: &conv::DirectCheck) -> serde_json::Value {
+    match check {
+        None => serde_json::Value::Null,
+        Some(Ok(())) => json!("passed"),
+        Some(Err(why)) => json!(why),
     }
 }
 
@@ -1128,10 +1140,21 @@ impl Backend for CudaBackend {
             // once per backend (null: no layer it could run yet).
             "direct_conv": {
                 "use": format!("{:?}", self.direct_use).to_lowercase(),
-                "check": self.direct_check.as_ref().map(|c| match c {
-                    Ok(()) => "passed".to_string(),
-                    Err(why) => why.clone(),
-                }),
+                "check": check_json(&self.direct_check),
+            },
+            // 64 → 64 convs tried with their max-pool in the same kernel, at the full mask batch:
+            // its time, the conv's and the pool's apart, and whether forwards fuse them.
+            "fused_pools": {
+                "check": check_json(&self.pool_check),
+                "layers": p.convs.fused_pools.iter().map(|f| json!({
+                    "stage": f.stage,
+                    "pool_stage": f.stage + 1,
+                    "algo": format!("{} {:?}", conv_direct::POOL_NAME, f.variant),
+                    "ms": f.ms,
+                    "conv_ms": f.conv_ms,
+                    "pool_ms": f.pool_ms,
+                    "fused": f.kept,
+                })).collect::<Vec<_>>(),
             },
             "graph_api_search": {
                 "fp16": p.convs.graph_search.to_json(),

@@ -233,6 +233,18 @@ impl CudaBackend {
         // The tuning's passes, then the rest of it (the lap covers the passes too: not summed).
         setup.extend(convs.pass_s);
         lap(&mut setup, "conv tuning in all (not to add to its passes)");
+        let mut convs = convs;
+        conv::plan_fused_pools(
+            dev,
+            &self.kernels,
+            &dm.convs,
+            &dims,
+            plan.max_masks,
+            (self.direct_use, &mut self.pool_check),
+            &mut bufs,
+            &mut convs,
+        )?;
+        lap(&mut setup, "fused conv + pool timing");
         // A cache that cannot be written costs the next run its plan search, nothing more.
         self.plan_cache_error = self.plan_cache.save().err();
         if let (Some(e), true) = (&self.plan_cache_error, verbose()) {
