@@ -949,16 +949,12 @@ fn masked_forward(
     // Blocks 1–2 in MASK_ROWS / sub chunks of sub rows, the rest whole; marks after each
     // full-batch stage only.
     let stages = net.dims.len();
-    let done: Vec<usize> = p
-        .steps
-        .iter()
-        .filter_map(|s| match *s {
-            Step::StageDone { stage } => Some(stage),
-            _ => None,
-        })
-        .collect();
     let first = if sub.is_some() { end } else { 0 };
-    assert_eq!(done, (first..stages).collect::<Vec<_>>(), "{what}: marks");
+    assert_eq!(
+        marked_stages(&p),
+        (first..stages).collect::<Vec<_>>(),
+        "{what}: marks"
+    );
     for stage in 0..stages {
         let runs: Vec<usize> = p
             .steps
@@ -1149,26 +1145,33 @@ fn random_routes_match_the_reference() {
     }
 }
 
+/// The stage of each step `pick` takes, in plan order.
+fn step_stages(p: &FeaturePlan, pick: impl Fn(&Step) -> Option<usize>) -> Vec<usize> {
+    p.steps.iter().filter_map(pick).collect()
+}
+
 /// The conv stages whose max-pool runs in the same kernel (`PlanShape::fused_pool`).
 fn fused_stages(p: &FeaturePlan) -> Vec<usize> {
-    p.steps
-        .iter()
-        .filter_map(|s| match *s {
-            Step::ConvPool { stage, .. } => Some(stage),
-            _ => None,
-        })
-        .collect()
+    step_stages(p, |s| match *s {
+        Step::ConvPool { stage, .. } => Some(stage),
+        _ => None,
+    })
 }
 
 /// The FP8 layers' inputs a plan measures.
 fn amax_stages(p: &FeaturePlan) -> Vec<usize> {
-    p.steps
-        .iter()
-        .filter_map(|s| match *s {
-            Step::Amax { stage, .. } => Some(stage),
-            _ => None,
-        })
-        .collect()
+    step_stages(p, |s| match *s {
+        Step::Amax { stage, .. } => Some(stage),
+        _ => None,
+    })
+}
+
+/// The stages a plan marks done.
+fn marked_stages(p: &FeaturePlan) -> Vec<usize> {
+    step_stages(p, |s| match *s {
+        Step::StageDone { stage } => Some(stage),
+        _ => None,
+    })
 }
 
 /// Convs run with their max-pool as one step wherever the shape says so and the forward
@@ -1224,15 +1227,11 @@ fn fused_pools_match_the_reference() {
         );
         // Every full-batch stage is marked, a fused pool's with its conv's.
         let first = if sub.is_some() { end } else { 0 };
-        let marks: Vec<usize> = p
-            .steps
-            .iter()
-            .filter_map(|s| match *s {
-                Step::StageDone { stage } => Some(stage),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(marks, (first..n).collect::<Vec<_>>(), "{what}: marks");
+        assert_eq!(
+            marked_stages(&p),
+            (first..n).collect::<Vec<_>>(),
+            "{what}: marks"
+        );
         dev.forward(&p, &x, 0);
         let want = reference(&net, &x, MASK_ROWS, routes, None, &scales);
         let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);

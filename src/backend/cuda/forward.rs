@@ -21,7 +21,7 @@ use super::forward_plan::{
 };
 use super::kernels::Kernels;
 use super::profile::LayerEvents;
-use super::weights::DevModel;
+use super::weights::{DevConv, DevModel};
 use super::Prepared;
 use crate::error::{Error, Result};
 use crate::model::{Capture, FeatureStage, Vgg, POOLED};
@@ -321,9 +321,7 @@ impl Pass<'_> {
                 x: xs,
                 y: ys,
             } => {
-                let layer = self.dm.convs[stage]
-                    .as_ref()
-                    .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))?;
+                let layer = conv_layer(self.dm, stage)?;
                 // An FP8 plan's codes in the FP8 input buffer: their address.
                 let x8 = match xs.buf {
                     Buf::Fp8Input => {
@@ -372,9 +370,7 @@ impl Pass<'_> {
                 x: xs,
                 y: ys,
             } => {
-                let layer = self.dm.convs[stage]
-                    .as_ref()
-                    .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))?;
+                let layer = conv_layer(self.dm, stage)?;
                 let variant = convs.pool_fused(stage).ok_or_else(|| {
                     Error::Invalid(format!("stage {stage}: no fused conv + pool planned"))
                 })?;
@@ -511,6 +507,14 @@ impl Pass<'_> {
         }
         Ok(())
     }
+}
+
+/// Conv stage `stage`'s uploaded layer.
+fn conv_layer(dm: &DevModel, stage: usize) -> Result<&DevConv> {
+    dm.convs
+        .get(stage)
+        .and_then(Option::as_ref)
+        .ok_or_else(|| Error::Invalid(format!("stage {stage}: no conv uploaded")))
 }
 
 /// The ping-pong arena: buffer `cur` to read, the other one to write, and the other one's index.
