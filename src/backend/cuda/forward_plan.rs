@@ -457,69 +457,10 @@ impl Planner<'_, '_> {
         routes: Option<&[StageRoute]>,
         packed_out: bool,
     ) -> Result<(usize, usize)> {
-        let route = routes.map(|r| r[stage]).unwrap_or_default();
         if self.fuses_pool(stage, capture, routes) && !packed_out {
-            let (d, pooled) = (self.shape.dims[stage], self.shape.dims[stage + 1]);
-            let next = cur.map_or(0, |c| 1 - c);
-            let input = cur.map_or(Buf::Input, Buf::Arena);
-            let x = Span::rows(input, Format::F16, row0, rows, d.in_len());
-            self.amax(stage, x, capture);
-            self.steps.push(Step::ConvPool {
-                stage,
-                rows,
-                x,
-                y: Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled.out_len()),
-            });
-            return Ok((next, stage + 2));
+            return Ok((self.conv_pool(stage, cur, rows, row0, capture), stage + 2));
         }
-        Ok((
-            self.single(stage, cur, rows, row0, capture, route, packed_out)?,
-            stage + 1,
-        ))
-    }
-
-    /// Whether conv stage `stage` runs with the max-pool after it: the shape says so, and both
-    /// stages run FP16 (in, out and the conv itself) with neither captured.
-    fn fuses_pool(
-        &self,
-        stage: usize,
-        capture: Option<CaptureAt>,
-        routes: Option<&[StageRoute]>,
-    ) -> bool {
-        let sh = self.shape;
-        let fp16 = |s: usize| routes.is_none_or(|r| !r[s].fp8 && !r[s].e4m3_in && !r[s].e4m3_out);
-        sh.fused_pool.get(stage) == Some(&true)
-            && sh.is_conv[stage]
-            && sh.is_conv.get(stage + 1) == Some(&false)
-            && fp16(stage)
-            && fp16(stage + 1)
-            && sh.fp8_filters.get(stage + 1) != Some(&true)
-            && capture.is_none_or(|c| c.stage != stage && c.stage != stage + 1)
-    }
-
-    /// A base forward measures the FP8 layers' inputs (the real rows only): stage `stage`'s FP16
-    /// input `x16`.
-    fn amax(&mut self, stage: usize, x16: Span, capture: Option<CaptureAt>) {
-        if let Some(c) = capture {
-            if self.shape.fp8_filters.get(stage) == Some(&true) {
-                let x = x16.first(c.rows * self.shape.dims[stage].in_len());
-                self.steps.push(Step::Amax { stage, x });
-            }
-        }
-    }
-
-    /// One feature stage, as [`Planner::stage`] says; returns the buffer written.
-    #[allow(clippy::too_many_arguments)]
-    fn single(
-        &mut self,
-        stage: usize,
-        cur: Option<usize>,
-        rows: usize,
-        row0: usize,
-        capture: Option<CaptureAt>,
-        route: StageRoute,
-        packed_out: bool,
-    ) -> Result<usize> {
+        let route = routes.map(|r| r[stage]).unwrap_or_default();
         let d = self.shape.dims[stage];
         let (in_len, out_len) = (d.in_len(), d.out_len());
         let e4m3 = |yes: bool| if yes { Format::E4m3 } else { Format::F16 };
@@ -609,7 +550,61 @@ impl Planner<'_, '_> {
                 });
             }
         }
-        Ok(next)
+        Ok((next, stage + 1))
+    }
+
+    /// Conv stage `stage` and the max-pool after it as one step (see [`Planner::stage`]);
+    /// returns the buffer written.
+    fn conv_pool(
+        &mut self,
+        stage: usize,
+        cur: Option<usize>,
+        rows: usize,
+        row0: usize,
+        capture: Option<CaptureAt>,
+    ) -> usize {
+        let (d, pooled) = (self.shape.dims[stage], self.shape.dims[stage + 1]);
+        let next = cur.map_or(0, |c| 1 - c);
+        let input = cur.map_or(Buf::Input, Buf::Arena);
+        let x = Span::rows(input, Format::F16, row0, rows, d.in_len());
+        self.amax(stage, x, capture);
+        self.steps.push(Step::ConvPool {
+            stage,
+            rows,
+            x,
+            y: Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled.out_len()),
+        });
+        next
+    }
+
+    /// Whether conv stage `stage` runs with the max-pool after it: the shape says so, and both
+    /// stages run FP16 (in, out and the conv itself) with neither captured.
+    fn fuses_pool(
+        &self,
+        stage: usize,
+        capture: Option<CaptureAt>,
+        routes: Option<&[StageRoute]>,
+    ) -> bool {
+        let sh = self.shape;
+        let fp16 = |s: usize| routes.is_none_or(|r| !r[s].fp8 && !r[s].e4m3_in && !r[s].e4m3_out);
+        sh.fused_pool.get(stage) == Some(&true)
+            && sh.is_conv[stage]
+            && sh.is_conv.get(stage + 1) == Some(&false)
+            && fp16(stage)
+            && fp16(stage + 1)
+            && sh.fp8_filters.get(stage + 1) != Some(&true)
+            && capture.is_none_or(|c| c.stage != stage && c.stage != stage + 1)
+    }
+
+    /// A base forward measures the FP8 layers' inputs (the real rows only): stage `stage`'s FP16
+    /// input `x16`.
+    fn amax(&mut self, stage: usize, x16: Span, capture: Option<CaptureAt>) {
+        if let Some(c) = capture {
+            if self.shape.fp8_filters.get(stage) == Some(&true) {
+                let x = x16.first(c.rows * self.shape.dims[stage].in_len());
+                self.steps.push(Step::Amax { stage, x });
+            }
+        }
     }
 }
 
