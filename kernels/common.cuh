@@ -74,6 +74,33 @@ __device__ __forceinline__ u32 load_pair(const f16raw* __restrict__ p, i64 i, bo
     return (u32)p[i] | ((u32)p[i + 1] << 16);
 }
 
+// The shared-memory address (the `.shared` window's 32-bit offset) of a generic pointer into
+// shared memory, as the PTX of cp.async and ldmatrix takes it.
+#ifndef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+#endif
+
+// Four 8×8 FP16 matrices from shared memory (sm_75+ `ldmatrix .x4`), warp-wide: lane L gives the
+// address of row L % 8 of matrix L / 8 (16 bytes, 16-byte aligned); r[m] of lane 4g + t is then
+// row g, columns 2t, 2t + 1 of matrix m. With the matrices (rows 0–7, k 0–7), (rows 8–15,
+// k 0–7), (rows 0–7, k 8–15), (rows 8–15, k 8–15) that is mma_16816's A fragment. Every lane of
+// the warp must call it. The CPU emulation exchanges the addresses at a warp barrier.
+#ifdef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* row) {
+    scorecam_host_ldmatrix_x4(r, row);
+}
+#elif __CUDA_ARCH__ >= 750
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+#else
+__device__ __forceinline__ void ldmatrix_x4(u32*, const void*) { asm volatile("trap;"); }
+#endif
+
 // Asynchronous 16-byte copies global → shared (sm_80+ `cp.async`), in groups: `cp_async16`
 // queues one (16 zero bytes instead when `valid` is false; `src` must still be a readable
 // address), `cp_async_commit` closes the calling thread's group, `cp_async_wait_1` waits until
@@ -89,13 +116,9 @@ __device__ __forceinline__ void cp_async_commit() { scorecam_host_cp_async_commi
 __device__ __forceinline__ void cp_async_wait_1() { scorecam_host_cp_async_wait(1); }
 #elif __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    u32 s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
-                 : "=r"(s)
-                 : "l"(dst));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                  :
-                 : "r"(s), "l"(src), "r"(valid ? 16 : 0)
+                 : "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {

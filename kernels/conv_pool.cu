@@ -18,12 +18,12 @@
 //     filled by cp.async: the next tile's lands while this one is computed;
 //   - per warp, staging rows for its pooled output (16-byte coalesced stores), and the bias.
 // As a GEMM per tile: M = 256 conv pixels (warp w owns conv rows (16/WARPS)·w.., one m-tile of
-// 16 pixels per row), N = 64 (8 n-tiles), K = 9 taps × 64 channels = 36 k-steps of 16. The k
-// order inside a k-step is free (A and B agree): k-step (tap, G, sub) takes channels
-// 32G + 8t + 4sub + {0, 1} as k = 2t, 2t + 1 and + {2, 3} as k = 2t + 8, 2t + 9, so one 16-byte
-// load of channels 32G + 8t .. + 7 of a pixel gives a lane its A fragments of two k-steps.
-// The halo's 16-byte chunks are swizzled (chunk c of pixel q at c ^ 4·(q & 1)): the 8 lanes of a
-// load phase read two neighbouring pixels, whose chunks then fall in 8 distinct bank groups.
+// 16 pixels per row), N = 64 (8 n-tiles), K = 9 taps × 64 channels = 36 k-steps of 16 (k-step
+// 4·tap + kc: channels 16·kc ..). A fragments come straight from the halo by ldmatrix (the
+// registers it fills are the fragment, so no moves feed the mma): its four 8×8 matrices are
+// pixels 0–7 and 8–15 of the m-tile's row, channel chunks 2kc and 2kc + 1. The halo's 16-byte
+// chunks are swizzled (chunk c of pixel q at c ^ (q & 7)): the 8 rows of one matrix are 8
+// neighbouring pixels at one chunk, which then fall in 8 distinct bank groups.
 // After the last tap: max over the two rows of each pooled row (two m-tiles of the same lane),
 // then over the two columns (lanes g and g ^ 1: a shuffle), + bias, ReLU (max commutes with the
 // monotone bias add, ReLU and FP16 rounding, so this equals conv → round → pool exactly).
@@ -66,7 +66,7 @@ __device__ __forceinline__ void cp_halo_load(unsigned char* halo, const f16raw* 
         const int gy = y0 + r, gx = x0 + col;
         const bool inside = gy >= 0 && gy < h && gx >= 0 && gx < w;
         const f16raw* src = inside ? x + (((t.img * h + gy) * w + gx) << 6) + (chunk << 3) : x;
-        cp_async16(halo + (q << 7) + ((chunk ^ ((q & 1) << 2)) << 4), src, inside);
+        cp_async16(halo + (q << 7) + ((chunk ^ (q & 7)) << 4), src, inside);
     }
 }
 
@@ -96,25 +96,18 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
     i64 tile = blockIdx.x;
     if (tile < tiles) cp_halo_load(halos, x, cp_tile(tile, tiles_y, tiles_x), h, w);
     cp_async_commit();
-    // Entry e = (s·4 + jp)·32 + L: lane L's B fragments of k-step s for n-tiles 2jp and 2jp + 1,
-    // i.e. filter row 8·(2jp) + g (and 8·(2jp + 1) + g), tap s / 4, channels c0 .. c0 + 3.
-    const bool f8 = is_aligned(filter, 8);
+    // Entry e = (s·4 + jp)·32 + L: lane L's B fragments of k-step s for n-tiles 2jp and 2jp + 1:
+    // filter row 8·(2jp) + g (and 8·(2jp + 1) + g), tap s / 4, channels c0, c0 + 1 (b[0]) and
+    // c0 + 8, c0 + 9 (b[1]) with c0 = 16·(s % 4) + 2t.
+    const bool f4 = is_aligned(filter, 4);
+#pragma unroll 4
     for (int e = threadIdx.x; e < 36 * 4 * 32; e += blockDim.x) {
         const int el = e & 31, jp = (e >> 5) & 3, s = e >> 7;
-        const int eg = el >> 2, et = el & 3;
-        const int tap = s >> 2, c0 = 32 * ((s >> 1) & 1) + 8 * et + 4 * (s & 1);
-        const f16raw* lo = filter + ((i64)(16 * jp + eg) * 9 + tap) * 64 + c0;
+        const int tap = s >> 2, c0 = 16 * (s & 3) + 2 * (el & 3);
+        const f16raw* lo = filter + ((i64)(16 * jp + (el >> 2)) * 9 + tap) * 64 + c0;
         const f16raw* hi = lo + 8 * 9 * 64;  // filter row + 8
-        uint4 v;
-        if (f8) {
-            const uint2 a = *reinterpret_cast<const uint2*>(lo);
-            const uint2 b = *reinterpret_cast<const uint2*>(hi);
-            v = make_uint4(a.x, a.y, b.x, b.y);
-        } else {
-            v = make_uint4(load_pair(lo, 0, false), load_pair(lo, 2, false), load_pair(hi, 0, false),
-                           load_pair(hi, 2, false));
-        }
-        reinterpret_cast<uint4*>(smem)[e] = v;
+        reinterpret_cast<uint4*>(smem)[e] = make_uint4(load_pair(lo, 0, f4), load_pair(lo, 8, f4),
+                                                       load_pair(hi, 0, f4), load_pair(hi, 8, f4));
     }
     if (threadIdx.x < 64) bias_s[threadIdx.x] = bias[threadIdx.x];
 
@@ -142,42 +135,31 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
 #pragma unroll 1
         for (int tap = 0; tap < 9; ++tap) {
             const int dy = tap / 3, dx = tap - 3 * dy;
+            // This lane's ldmatrix row: pixel (L % 8) + 8·(L / 8 % 2) of an m-tile's row, shifted
+            // by the tap, channel chunk L / 16 of the k-step's two.
+            const int px = (lane & 7) + 8 * ((lane >> 3) & 1) + dx, half = lane >> 4;
 #pragma unroll
-            for (int G = 0; G < 2; ++G) {
-                // Channels 32G + 8t .. + 7 of this lane's pixels (columns g and g + 8) of each of
-                // the warp's rows, shifted by the tap.
-                uint4 av[ROWS][2];
+            for (int kc = 0; kc < 4; ++kc) {
+                const int s = tap * 4 + kc;
+                uint4 bw[4];
+#pragma unroll
+                for (int jp = 0; jp < 4; ++jp) bw[jp] = wfrag[(s * 4 + jp) * 32 + lane];
+                u32 a[ROWS][4];
+#pragma unroll
+                for (int i = 0; i < ROWS; ++i) {
+                    const int q = (ROWS * warp + i + dy) * CP_HALO + px;
+                    const int chunk = 2 * kc + half;
+                    ldmatrix_x4(a[i], hb + (q << 7) + ((chunk ^ (q & 7)) << 4));
+                }
 #pragma unroll
                 for (int i = 0; i < ROWS; ++i)
 #pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int q = (ROWS * warp + i + dy) * CP_HALO + g + 8 * hf + dx;
-                        const int chunk = 4 * G + t;
-                        av[i][hf] = *reinterpret_cast<const uint4*>(
-                            hb + (q << 7) + ((chunk ^ ((q & 1) << 2)) << 4));
+                    for (int j = 0; j < 8; ++j) {
+                        u32 b[2];
+                        b[0] = (j & 1) ? bw[j >> 1].z : bw[j >> 1].x;
+                        b[1] = (j & 1) ? bw[j >> 1].w : bw[j >> 1].y;
+                        mma_16816(acc[i][j], a[i], b);
                     }
-#pragma unroll
-                for (int sub = 0; sub < 2; ++sub) {
-                    const int s = tap * 4 + 2 * G + sub;
-                    uint4 bw[4];
-#pragma unroll
-                    for (int jp = 0; jp < 4; ++jp) bw[jp] = wfrag[(s * 4 + jp) * 32 + lane];
-#pragma unroll
-                    for (int i = 0; i < ROWS; ++i) {
-                        u32 a[4];
-                        a[0] = sub ? av[i][0].z : av[i][0].x;
-                        a[1] = sub ? av[i][1].z : av[i][1].x;
-                        a[2] = sub ? av[i][0].w : av[i][0].y;
-                        a[3] = sub ? av[i][1].w : av[i][1].y;
-#pragma unroll
-                        for (int j = 0; j < 8; ++j) {
-                            u32 b[2];
-                            b[0] = (j & 1) ? bw[j >> 1].z : bw[j >> 1].x;
-                            b[1] = (j & 1) ? bw[j >> 1].w : bw[j >> 1].y;
-                            mma_16816(acc[i][j], a, b);
-                        }
-                    }
-                }
             }
         }
 

@@ -917,7 +917,11 @@ fn print_bench_table(r: &serde_json::Value) {
                 l["ms"].as_f64().unwrap_or(f64::NAN),
                 num(&l["tflops"]),
                 num(&l["gbps"]),
-                l["algo"].as_str().unwrap_or("")
+                match (l["algo"].as_str(), l["fused_into"].as_str()) {
+                    (_, Some(conv)) => format!("in {conv}'s kernel"),
+                    (Some(algo), _) => algo.to_string(),
+                    (None, None) => String::new(),
+                }
             );
         }
     }

@@ -557,6 +557,29 @@ inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned*
         }
 }
 
+// common.cuh's ldmatrix_x4 (PTX ldmatrix.sync.aligned.m8n8.x4.shared.b16) for the warp of the
+// calling thread: every lane offers its row address at a warp barrier, then reads its four words
+// from the rows it is given (every lane must call it; an exited lane's address fails the launch).
+inline void scorecam_host_ldmatrix_x4(unsigned* r, const void* row) {
+    using namespace scorecam_host;
+    const unsigned tid = run->current;
+    const unsigned warp0 = tid & ~31u;
+    if (warp0 + 32 > threads_per_block()) fail("ldmatrix_x4 in a warp with fewer than 32 threads");
+    if (reinterpret_cast<uintptr_t>(row) & 15u) fail("ldmatrix_x4 with a row not 16-byte aligned");
+    run->exchange[tid] = reinterpret_cast<uintptr_t>(row);
+    yield(Wait::Warp);  // every lane has offered its row
+    const unsigned lane = tid & 31u;
+    const unsigned g = lane >> 2, t = lane & 3u;
+    unsigned got[4];
+    for (unsigned m = 0; m < 4; ++m) {
+        const unsigned long long a = run->exchange[warp0 + 8 * m + g];
+        if (a == ~0ull) fail("ldmatrix_x4 reading the row of a lane that has exited");
+        memcpy(&got[m], reinterpret_cast<const unsigned char*>(a) + 4 * t, 4);
+    }
+    yield(Wait::Warp);  // every lane has read
+    memcpy(r, got, sizeof got);
+}
+
 // common.cuh's cp.async helpers. A GPU lands a copy (16 bytes, or 16 zeros when not `valid`)
 // at any time between its issue and the wait that covers it; the emulation takes both ends, so
 // that results differ between schedules where a kernel relies on either:

@@ -991,7 +991,9 @@ pub(super) fn plan_fused_pools(
             let dims = [rows, d.in_h, d.in_w];
             let ms = time_launch(dev, &timer, &op, || {
                 // SAFETY: as in `time_direct`.
-                unsafe { conv_direct::launch_pool(dev, kernels, layer, variant, dims, &*bx, &*by) }
+                unsafe {
+                    conv_direct::launch_pool(dev, kernels, layer, variant, dims, (&*bx, &*by), None)
+                }
             })?;
             if best.is_none_or(|(_, b)| ms < b) {
                 best = Some((variant, ms));

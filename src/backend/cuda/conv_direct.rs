@@ -59,7 +59,7 @@ pub(super) fn pool_applies(layer: &DevConv, kernels: &Kernels) -> bool {
 }
 
 /// `y` `[rows, h/2, w/2, 64]` = max-pool 2×2 of ReLU(conv(`x` `[rows, h, w, 64]`) + bias), FP16,
-/// by `variant`'s build of the fused kernel.
+/// by `variant`'s build of the fused kernel (on at most `max_blocks` blocks when given).
 ///
 /// # Safety
 /// As [`launch`].
@@ -69,17 +69,19 @@ pub(super) unsafe fn launch_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     layer: &DevConv,
     variant: ConvPoolVariant,
     dims: [usize; 3],
-    x: &X,
-    y: &Y,
+    (x, y): (&X, &Y),
+    max_blocks: Option<u32>,
 ) -> Result<()> {
     let (f, b) = (&layer.filter, &layer.bias32);
     // SAFETY: the caller's, passed on.
-    unsafe { kernels.conv3x3_c64_pool(&dev.stream, variant, x, f, b, dims, y) }
+    unsafe { kernels.conv3x3_c64_pool(&dev.stream, variant, x, f, b, dims, y, max_blocks) }
 }
 
 /// Images of the fused kernel's device check: two of 37×35, so that the pool drops the conv's
-/// last row and column, tiles are partial on both edges, and blocks go round more than once.
+/// last row and column and tiles are partial on both edges; 18 tiles on [`POOL_CHECK_BLOCKS`]
+/// blocks, so that each goes round its double-buffered tile loop six times.
 const POOL_CHECK_DIMS: [usize; 3] = [2, 37, 35];
+const POOL_CHECK_BLOCKS: u32 = 3;
 
 /// Both builds of the fused conv + pool on random input on the device against
 /// [`reference_nhwc`] (ReLU, rounded to FP16, then pooled) on the layer's own filter and bias.
@@ -115,8 +117,9 @@ pub(super) fn check_pool_on_device(
     for variant in ConvPoolVariant::ALL {
         // SAFETY: `yd` is this function's own buffer, apart from `xd`.
         // A launch the device refuses (resources, configuration) only keeps the pools apart.
+        let (dims, blocks) = (POOL_CHECK_DIMS, Some(POOL_CHECK_BLOCKS));
         if let Err(e) =
-            unsafe { launch_pool(dev, kernels, layer, variant, POOL_CHECK_DIMS, &xd, &yd) }
+            unsafe { launch_pool(dev, kernels, layer, variant, dims, (&xd, &yd), blocks) }
         {
             return Ok(Some(format!(
                 "the fused conv + pool ({variant:?}) did not launch on this device: {e}"

@@ -380,7 +380,15 @@ impl Pass<'_> {
                 // SAFETY: the plan's spans: `x` and `y` in different buffers (io checked them),
                 // nothing else using `y` until the launch is done.
                 unsafe {
-                    conv_direct::launch_pool(self.dev, kernels, layer, variant, dims, &xv, &yv)
+                    conv_direct::launch_pool(
+                        self.dev,
+                        kernels,
+                        layer,
+                        variant,
+                        dims,
+                        (&xv, &yv),
+                        None,
+                    )
                 }?;
             }
             Step::Pool {

@@ -99,8 +99,9 @@ impl Kernels {
         self.limits.conv_pool_smem
     }
 
-    /// [`conv3x3_c64_pool_launch`]; an error on a GPU older than sm_80, one without the shared
-    /// memory, or an `x` not 16-byte aligned (the kernel copies it in 16-byte chunks).
+    /// [`conv3x3_c64_pool_launch`], on at most `max_blocks` blocks when given (the device check
+    /// makes each block go round several tiles); an error on a GPU older than sm_80, one without
+    /// the shared memory, or an `x` not 16-byte aligned (the kernel copies it in 16-byte chunks).
     ///
     /// # Safety
     /// `y` is written through a read pointer (as the other conv engines' outputs are): nothing
@@ -114,11 +115,16 @@ impl Kernels {
         bias: &CudaSlice<f32>,
         nhw: [usize; 3],
         y: &Y,
+        max_blocks: Option<u32>,
     ) -> Result<()> {
         let op = variant.kernel();
         self.need_mma(op)?;
         let lens = [x.len(), filter.len(), bias.len(), y.len()];
-        let launch = conv3x3_c64_pool_launch(variant, lens, nhw, &self.limits)?;
+        let limits = LaunchLimits {
+            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
+            ..self.limits
+        };
+        let launch = conv3x3_c64_pool_launch(variant, lens, nhw, &limits)?;
         let (x_p, _x) = x.device_ptr(stream);
         if x_p % 16 != 0 {
             return Err(invalid(
