@@ -918,9 +918,10 @@ fn time_launch(
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FusedPool {
     pub stage: usize,
-    /// The faster build and its time.
+    /// The faster build and its time, and each build's time (in [`ConvPoolVariant::ALL`]'s order).
     pub variant: ConvPoolVariant,
     pub ms: f32,
+    pub builds_ms: [f32; 2],
     /// The conv's chosen plan's time and the pool's, apart.
     pub conv_ms: f32,
     pub pool_ms: f32,
@@ -985,21 +986,22 @@ pub(super) fn plan_fused_pools(
             let (x, mut y) = (bx.slice(..), by.slice_mut(..));
             kernels.maxpool2(&dev.stream, &x, rows, d.out_h, d.out_w, d.out_c, &mut y)
         })?;
-        let mut best: Option<(ConvPoolVariant, f32)> = None;
-        for variant in ConvPoolVariant::ALL {
+        let mut builds_ms = [0f32; 2];
+        for (variant, ms) in ConvPoolVariant::ALL.into_iter().zip(&mut builds_ms) {
             let op = format!("timing the fused conv + pool {variant:?} (batch {rows})");
             let dims = [rows, d.in_h, d.in_w];
-            let ms = time_launch(dev, &timer, &op, || {
+            *ms = time_launch(dev, &timer, &op, || {
                 // SAFETY: as in `time_direct`.
                 unsafe {
                     conv_direct::launch_pool(dev, kernels, layer, variant, dims, (&*bx, &*by), None)
                 }
             })?;
-            if best.is_none_or(|(_, b)| ms < b) {
-                best = Some((variant, ms));
-            }
         }
-        let (variant, ms) = best.expect("two builds timed");
+        let (variant, ms) = ConvPoolVariant::ALL
+            .into_iter()
+            .zip(builds_ms)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("two builds timed");
         let kept = direct == DirectUse::Prefer || ms < conv_ms + pool_ms;
         if verbose() {
             eprintln!(
@@ -1012,6 +1014,7 @@ pub(super) fn plan_fused_pools(
             stage,
             variant,
             ms,
+            builds_ms,
             conv_ms,
             pool_ms,
             kept,

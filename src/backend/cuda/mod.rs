@@ -73,7 +73,7 @@ use self::device::{
 };
 use self::forward::{CaptureTo, Graphs, Pass};
 use self::forward_plan::{Prefix, StageDims};
-use self::kernels::Kernels;
+use self::kernels::{ConvPoolVariant, Kernels};
 use self::profile::{LayerEvents, Profiler};
 use self::weights::DevModel;
 
@@ -1151,6 +1151,9 @@ impl Backend for CudaBackend {
                     "pool_stage": f.stage + 1,
                     "algo": format!("{} {:?}", conv_direct::POOL_NAME, f.variant),
                     "ms": f.ms,
+                    "builds_ms": ConvPoolVariant::ALL.iter().zip(f.builds_ms)
+                        .map(|(v, ms)| json!({"build": format!("{v:?}"), "ms": ms}))
+                        .collect::<Vec<_>>(),
                     "conv_ms": f.conv_ms,
                     "pool_ms": f.pool_ms,
                     "fused": f.kept,
