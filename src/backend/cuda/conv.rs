@@ -997,12 +997,8 @@ pub(super) fn plan_fused_pools(
                 }
             })?;
         }
-        let (variant, ms) = ConvPoolVariant::ALL
-            .into_iter()
-            .zip(builds_ms)
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .expect("two builds timed");
-        let kept = direct == DirectUse::Prefer || ms < conv_ms + pool_ms;
+        let (variant, ms, kept) =
+            fused_choice(builds_ms, conv_ms + pool_ms, direct == DirectUse::Prefer);
         if verbose() {
             eprintln!(
                 "cuda: conv stage {stage} + max-pool, batch {rows}: fused {variant:?} {ms:.3} ms, \
@@ -1021,6 +1017,17 @@ pub(super) fn plan_fused_pools(
         });
     }
     Ok(())
+}
+
+/// The fused conv + pool's faster build (the first on a tie), its time, and whether forwards
+/// use it: strictly faster than the conv and the pool apart (`apart_ms`), or `prefer`red.
+fn fused_choice(builds_ms: [f32; 2], apart_ms: f32, prefer: bool) -> (ConvPoolVariant, f32, bool) {
+    let (variant, ms) = ConvPoolVariant::ALL
+        .into_iter()
+        .zip(builds_ms)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("two builds");
+    (variant, ms, prefer || ms < apart_ms)
 }
 
 /// Milliseconds of the quantize pass of `n` values of stage `stage`'s input (median of
@@ -1723,6 +1730,28 @@ fn add_bias_act(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fused_pool_is_kept_only_when_faster_than_the_two_apart() {
+        use ConvPoolVariant::{W4, W8};
+        assert_eq!(fused_choice([1.5, 1.2], 2.0, false), (W8, 1.2, true));
+        assert_eq!(fused_choice([1.1, 1.2], 2.0, false), (W4, 1.1, true));
+        assert_eq!(
+            fused_choice([1.2, 1.2], 2.0, false),
+            (W4, 1.2, true),
+            "a tie: the first"
+        );
+        assert_eq!(fused_choice([2.5, 2.1], 2.0, false), (W8, 2.1, false));
+        assert!(
+            !fused_choice([2.0, 2.0], 2.0, false).2,
+            "equal is not faster"
+        );
+        assert_eq!(
+            fused_choice([2.5, 2.1], 2.0, true),
+            (W8, 2.1, true),
+            "preferred"
+        );
+    }
 
     #[test]
     fn the_graph_api_tries_the_costliest_shapes_first_and_not_where_the_direct_conv_won() {
