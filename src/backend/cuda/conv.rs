@@ -865,17 +865,29 @@ fn direct_runs(
     if direct == DirectUse::Off || !conv_direct::applies(layer, kernels) {
         return Ok(false);
     }
+    checked(check, "cuDNN keeps the layer", || {
+        conv_direct::check_on_device(dev, kernels, layer)
+    })
+}
+
+/// Whether a hand-written kernel's device check passed, running `run` (None: it matched; else
+/// why not) the first time only and keeping its outcome in `check`; a refusal is printed under
+/// `SCORECAM_CUDA_VERBOSE` with what happens instead (`fallback`).
+fn checked(
+    check: &mut DirectCheck,
+    fallback: &str,
+    run: impl FnOnce() -> Result<Option<String>>,
+) -> Result<bool> {
     if check.is_none() {
-        let outcome = match conv_direct::check_on_device(dev, kernels, layer)? {
+        *check = Some(match run()? {
             None => Ok(()),
             Some(why) => {
                 if verbose() {
-                    eprintln!("cuda: {why}; cuDNN keeps the layer");
+                    eprintln!("cuda: {why}; {fallback}");
                 }
                 Err(why)
             }
-        };
-        *check = Some(outcome);
+        });
     }
     Ok(matches!(check, Some(Ok(()))))
 }
@@ -901,7 +913,7 @@ fn time_direct(
 }
 
 /// Milliseconds of `launch` (median of [`TIMED_RUNS`] after a warm-up).
-fn time_launch(
+pub(super) fn time_launch(
     dev: &Dev,
     timer: &EventPair,
     op: &str,
@@ -963,20 +975,10 @@ pub(super) fn plan_fused_pools(
         let Some(conv_ms) = chosen.and_then(|c| c.ms) else {
             continue;
         };
-        if check.is_none() {
-            *check = Some(
-                match conv_direct::check_pool_on_device(dev, kernels, layer)? {
-                    None => Ok(()),
-                    Some(why) => {
-                        if verbose() {
-                            eprintln!("cuda: {why}; the max-pools stay apart");
-                        }
-                        Err(why)
-                    }
-                },
-            );
-        }
-        if !matches!(check, Some(Ok(()))) {
+        let passed = checked(check, "the max-pools stay apart", || {
+            conv_direct::check_pool_on_device(dev, kernels, layer)
+        })?;
+        if !passed {
             return Ok(());
         }
         let d = dims[stage];
@@ -1043,16 +1045,9 @@ fn quantize_ms(
     arena: &TuneArena<'_>,
 ) -> Result<f32> {
     let x = arena.bufs[0].slice(..n);
-    let op = "timing the FP8 quantize pass";
-    let mut once = || {
-        state
-            .quantize_input(kernels, &dev.stream, stage, &x)
-            .map(Ok::<(), std::convert::Infallible>)
-    };
-    let Ok(()) = once()?; // warm-up
-    let timed = timer.median_ms(dev, op, &mut once)?;
-    let Ok(ms) = timed;
-    Ok(ms)
+    time_launch(dev, timer, "timing the FP8 quantize pass", || {
+        state.quantize_input(kernels, &dev.stream, stage, &x)
+    })
 }
 
 /// Build the graph of `rows` rows of `layer` (stage geometry `d`) in `form` — conv+bias+ReLU in

@@ -4,7 +4,7 @@
 //! which layers they can run, checks them against the CPU on the device before they may be
 //! chosen, and launches them; `conv.rs` times them against cuDNN at prepare and keeps the fastest.
 
-use cudarc::driver::{CudaView, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::f16;
 use rayon::prelude::*;
 
@@ -93,16 +93,12 @@ pub(super) fn check_pool_on_device(
 ) -> Result<Option<String>> {
     let [n, h, w] = POOL_CHECK_DIMS;
     let c = layer.cout;
-    let x = random_f16(n * h * w * layer.cin_s, 0xC0DE_F00D);
-    let xd = dev.upload(&x, "the fused conv check's input")?;
+    let (xd, conv) = check_input(dev, layer, POOL_CHECK_DIMS, 0xC0DE_F00D)?;
     let (ph, pw) = (h / 2, w / 2);
     let yd = dev.alloc::<f16>(n * ph * pw * c, "the fused conv check's output")?;
-    let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;
-    let bias = dev.download(&layer.bias32, c, "the conv bias")?;
-    let conv = reference_nhwc(&x, &filter, &bias, POOL_CHECK_DIMS, [layer.cin_s, c], true);
-    // The unfused path's values: the conv's FP16 output, then the pool.
+    // The unfused path's values: the conv's FP16 output after its ReLU, then the pool.
     let at = |i: usize, y: usize, xx: usize, o: usize| {
-        f16::from_f32(conv[((i * h + y) * w + xx) * c + o]).to_f32()
+        f16::from_f32(conv[((i * h + y) * w + xx) * c + o].max(0.0)).to_f32()
     };
     let mut want = vec![0f32; n * ph * pw * c];
     for (p, out) in want.chunks_mut(c).enumerate() {
@@ -135,11 +131,27 @@ pub(super) fn check_pool_on_device(
     Ok(None)
 }
 
-/// `len` FP16 values in [0, 1) from `seed` (the device checks' inputs).
-fn random_f16(len: usize, seed: u64) -> Vec<f16> {
-    (0..len)
+/// A device check's input and CPU reference: `n·h·w` pixels of FP16 in [0, 1) from `seed` in
+/// every stored channel (the zero filter taps of padded channels must cancel them), uploaded,
+/// and [`reference_nhwc`] of them with the layer's own (downloaded) filter and bias, before the
+/// ReLU (the ReLU's is its max with 0, the same as ReLU on the f64 sum).
+fn check_input(
+    dev: &Dev,
+    layer: &DevConv,
+    dims @ [n, h, w]: [usize; 3],
+    seed: u64,
+) -> Result<(CudaSlice<f16>, Vec<f32>)> {
+    let (cs, cout) = (layer.cin_s, layer.cout);
+    let x: Vec<f16> = (0..n * h * w * cs)
         .map(|i| f16::from_f32((splitmix64(seed + i as u64) >> 40) as f32 / (1u64 << 24) as f32))
-        .collect()
+        .collect();
+    let xd = dev.upload(&x, "a hand-written conv check's input")?;
+    let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;
+    let bias = dev.download(&layer.bias32, cout, "the conv bias")?;
+    Ok((
+        xd,
+        reference_nhwc(&x, &filter, &bias, dims, [cs, cout], false),
+    ))
 }
 
 /// What the hand-written conv writes.
@@ -195,15 +207,8 @@ pub(super) fn check_on_device(
     layer: &DevConv,
 ) -> Result<Option<String>> {
     let [n, h, w] = CHECK_DIMS;
-    let (cs, cout) = (layer.cin_s, layer.cout);
-    // All stored channels random: the zero filter taps of the padding must cancel them.
-    let x = random_f16(n * h * w * cs, 0xC0DE);
-    let xd = dev.upload(&x, "the direct conv check's input")?;
-    let yd = dev.alloc::<f16>(n * h * w * cout, "the direct conv check's output")?;
-    let filter = dev.download(&layer.filter, layer.filter.len(), "the conv filter")?;
-    let bias = dev.download(&layer.bias32, cout, "the conv bias")?;
-    // One reference sum; the ReLU's is its max with 0 (the same as ReLU on the f64 sum).
-    let pre_relu = reference_nhwc(&x, &filter, &bias, CHECK_DIMS, [cs, cout], false);
+    let (xd, pre_relu) = check_input(dev, layer, CHECK_DIMS, 0xC0DE)?;
+    let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the direct conv check's output")?;
     let relu: Vec<f32> = pre_relu.iter().map(|v| v.max(0.0)).collect();
     for (identity, want) in [(true, &pre_relu), (false, &relu)] {
         let out = DirectOut::Half { identity };

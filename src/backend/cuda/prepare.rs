@@ -207,7 +207,7 @@ impl CudaBackend {
         let ws_limit = conv::ws_cap(dev)?;
         let mut workspace = dev.alloc::<u8>(0, "cuDNN workspace")?;
         lap(&mut setup, "arena");
-        let (convs, ws_used) = conv::plan_all(
+        let (mut convs, ws_used) = conv::plan_all(
             dev,
             &self.dnn,
             &dm.convs,
@@ -233,7 +233,6 @@ impl CudaBackend {
         // The tuning's passes, then the rest of it (the lap covers the passes too: not summed).
         setup.extend(convs.pass_s);
         lap(&mut setup, "conv tuning in all (not to add to its passes)");
-        let mut convs = convs;
         conv::plan_fused_pools(
             dev,
             &self.kernels,
@@ -333,12 +332,7 @@ impl CudaBackend {
         for sub in std::iter::once(None).chain(subs.iter().copied().map(Some)) {
             let (mut pass, _) = self.pass()?;
             let dev = pass.dev;
-            pass.prefix_stages(&x, rows, end, sub)?; // warm-up
-            let timed = timer.median_ms(dev, op, || {
-                pass.prefix_stages(&x, rows, end, sub)
-                    .map(|_| Ok::<(), std::convert::Infallible>(()))
-            })?;
-            let Ok(ms) = timed;
+            let ms = conv::time_launch(dev, &timer, op, || pass.prefix_stages(&x, rows, end, sub))?;
             results.push((sub.unwrap_or(0), ms));
         }
         let whole = results[0].1;
