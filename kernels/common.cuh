@@ -50,7 +50,7 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 //   d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]
 // (two FP16 per u32, the lower index in the low half). Every lane of the warp must call it.
 // Needs sm_80+: older GPUs get a trap (the launchers of its kernels refuse them first). The CPU
-// emulation (tests/kernel_host) gathers the fragments with warp shuffles and sums in f32.
+// emulation (tests/kernel_host) exchanges the fragments at a warp barrier and sums in f32.
 #ifdef SCORECAM_HOST_EMULATION
 __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
     scorecam_host_mma_16816(d, a, b);
@@ -72,6 +72,18 @@ __device__ __forceinline__ void mma_16816(float*, const u32*, const u32*) { asm 
 __device__ __forceinline__ u32 load_pair(const f16raw* __restrict__ p, i64 i, bool aligned4) {
     if (aligned4) return *reinterpret_cast<const u32*>(p + i);
     return (u32)p[i] | ((u32)p[i + 1] << 16);
+}
+
+// 16 bytes from shared memory `src` (16-byte aligned) to global `dst`: one vector store when
+// `dst_aligned16`, else byte by byte (the kernels' staged, coalesced output rows).
+__device__ __forceinline__ void store16(unsigned char* dst, const unsigned char* src,
+                                        bool dst_aligned16) {
+    if (dst_aligned16) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+#pragma unroll
+        for (int b = 0; b < 16; ++b) dst[b] = src[b];
+    }
 }
 
 // The shared-memory address (the `.shared` window's 32-bit offset) of a generic pointer into
@@ -106,8 +118,9 @@ __device__ __forceinline__ void ldmatrix_x4(u32*, const void*) { asm volatile("t
 // address), `cp_async_commit` closes the calling thread's group, `cp_async_wait_1` waits until
 // all but its newest group have landed. Only the calling thread's copies are waited for: a
 // __syncthreads after the wait makes the whole block's visible. Both addresses 16-byte aligned.
-// The CPU emulation (tests/kernel_host) performs a thread's copies only at its wait, so a read
-// of shared memory before the wait sees stale bytes there too.
+// The CPU emulation (tests/kernel_host) lands a copy at its wait in one run and at its issue in
+// others, so a kernel that relies on either (a read before the wait, a refill of memory another
+// warp still reads) gives results that differ between runs.
 #ifdef SCORECAM_HOST_EMULATION
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     scorecam_host_cp_async16(dst, src, valid);

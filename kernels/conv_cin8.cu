@@ -163,12 +163,7 @@ __device__ __forceinline__ void conv3x3_cin8_body(const f16raw* __restrict__ x,
                                        row * (E4M3 ? CONV8_ROW8 : 4 * CONV8_ROW) + 16 * q;
             unsigned char* dst = reinterpret_cast<unsigned char*>(y) + pix * (E4M3 ? 64 : 128) +
                                  16 * q;
-            if (y16) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 16; ++e) dst[e] = src[e];
-            }
+            store16(dst, src, y16);
         }
     }
 }

@@ -195,12 +195,7 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
             unsigned char* dst = reinterpret_cast<unsigned char*>(
                                      y + (((tc.img * ph + prow) * pw + pcol) << 6)) +
                                  16 * chunk;
-            if (y16) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-#pragma unroll
-                for (int b = 0; b < 16; ++b) dst[b] = src[b];
-            }
+            store16(dst, src, y16);
         }
         __syncthreads();  // the halo just read is refilled by the next iteration's copies
         cur ^= 1;
