@@ -89,8 +89,8 @@ impl PlanCache {
         }
     }
 
-    /// Write this process's changes, merged into the file as it is on disk now: to a temporary
-    /// file of this process's own, then renamed over it, so that a reader never sees half of it.
+    /// Write this process's changes, merged into the file as it is on disk now, atomically
+    /// ([`crate::image::write_atomic`]: a reader never sees half of it).
     /// The error says what failed (the caller may only report it).
     pub fn save(&mut self) -> Result<(), String> {
         let Some(path) = self.path.clone().filter(|_| !self.changes.is_empty()) else {
@@ -105,17 +105,8 @@ impl PlanCache {
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tmp = path.with_extension(format!("tmp-{}-{nanos}", std::process::id()));
         let text = serde_json::to_vec_pretty(&merged).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                format!("writing {}: {e}", path.display())
-            })?;
+        crate::image::write_atomic(&path, &text).map_err(|e| e.to_string())?;
         self.file = merged;
         self.changes.clear();
         Ok(())
