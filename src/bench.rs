@@ -129,10 +129,10 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
     };
     // A conv run with the max-pool after it in one kernel (where forwards fuse them): its ms
     // holds the pool's too, and the pool's own is only the gap between two timing events.
-    let fused = |key: &str, stage: usize| -> Option<&Value> {
+    let fused = |stage: usize| -> Option<&Value> {
         backend["fused_pools"]["layers"].as_array().and_then(|l| {
             l.iter()
-                .find(|f| f[key] == json!(stage) && f["fused"] == json!(true))
+                .find(|f| f["stage"] == json!(stage) && f["fused"] == json!(true))
         })
     };
     Ok(costs
@@ -147,9 +147,10 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 "rows": rows,
                 "ms": round3(ms),
             });
-            let fused_into = fused("pool_stage", i).and_then(|f| f["stage"].as_u64());
+            // A fused pool is the stage right after its conv.
+            let fused_into = i.checked_sub(1).filter(|&conv| fused(conv).is_some());
             if let Some(conv) = fused_into {
-                v["fused_into"] = json!(costs[conv as usize].name);
+                v["fused_into"] = json!(costs[conv].name);
             } else if c.flops > 0 && secs > 0.0 {
                 v["tflops"] = json!(round3(c.flops as f64 / secs / 1e12));
             } else if secs > 0.0 {
@@ -173,7 +174,7 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                     v["e4m3_out_plan"] = p["e4m3_out"].clone();
                 }
             }
-            if let Some(f) = fused("stage", i) {
+            if let Some(f) = fused(i) {
                 v["algo"] = f["algo"].clone();
                 v["with_pool"] = json!(costs.get(i + 1).map(|p| &p.name));
                 v["apart_ms"] = json!(round3(

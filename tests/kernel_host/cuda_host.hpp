@@ -269,15 +269,22 @@ inline void fiber_main() {
     // returning resumes uc_link: the scheduler
 }
 
+// The first thread of the calling thread's warp, for a warp-wide operation `what` (which fails
+// the launch in a warp of fewer than 32 threads).
+inline unsigned full_warp0(const char* what) {
+    const unsigned warp0 = run->current & ~31u;
+    if (warp0 + 32 > threads_per_block())
+        fail(std::string(what) + " in a warp with fewer than 32 threads");
+    return warp0;
+}
+
 // The value of lane `src_lane` of the calling thread's warp, exchanged as 64-bit slots.
 template <typename T>
 inline T shuffle(unsigned mask, T v, unsigned src_lane, const char* what) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 64 bits");
     if (mask != 0xffffffffu) fail(std::string(what) + " with a partial mask is not emulated");
     const unsigned tid = run->current;
-    const unsigned warp0 = tid & ~31u;
-    if (warp0 + 32 > threads_per_block())
-        fail(std::string(what) + " in a warp with fewer than 32 threads");
+    const unsigned warp0 = full_warp0(what);
     unsigned long long slot = 0;
     memcpy(&slot, &v, sizeof(T));
     run->exchange[tid] = slot;
@@ -522,8 +529,7 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane) {
 inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned* b) {
     using namespace scorecam_host;
     const unsigned tid = run->current;
-    const unsigned warp0 = tid & ~31u;
-    if (warp0 + 32 > threads_per_block()) fail("mma_16816 in a warp with fewer than 32 threads");
+    const unsigned warp0 = full_warp0("mma_16816");
     run->mma_slots[tid] = {a[0], a[1], a[2], a[3], b[0], b[1]};
     yield(Wait::Warp);  // every lane has offered its fragments
     const unsigned lane = tid & 31u;
@@ -563,8 +569,7 @@ inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned*
 inline void scorecam_host_ldmatrix_x4(unsigned* r, const void* row) {
     using namespace scorecam_host;
     const unsigned tid = run->current;
-    const unsigned warp0 = tid & ~31u;
-    if (warp0 + 32 > threads_per_block()) fail("ldmatrix_x4 in a warp with fewer than 32 threads");
+    const unsigned warp0 = full_warp0("ldmatrix_x4");
     if (reinterpret_cast<uintptr_t>(row) & 15u) fail("ldmatrix_x4 with a row not 16-byte aligned");
     run->exchange[tid] = reinterpret_cast<uintptr_t>(row);
     yield(Wait::Warp);  // every lane has offered its row

@@ -457,12 +457,25 @@ impl Planner<'_, '_> {
         routes: Option<&[StageRoute]>,
         packed_out: bool,
     ) -> Result<(usize, usize)> {
-        if self.fuses_pool(stage, capture, routes) && !packed_out {
-            return Ok((self.conv_pool(stage, cur, rows, row0, capture), stage + 2));
-        }
-        let route = routes.map(|r| r[stage]).unwrap_or_default();
         let d = self.shape.dims[stage];
         let (in_len, out_len) = (d.in_len(), d.out_len());
+        // The conv and the max-pool after it as one step.
+        if self.fuses_pool(stage, capture, routes) && !packed_out {
+            let next = cur.map_or(0, |c| 1 - c);
+            let x = Span::rows(
+                cur.map_or(Buf::Input, Buf::Arena),
+                Format::F16,
+                row0,
+                rows,
+                in_len,
+            );
+            let pooled = self.shape.dims[stage + 1].out_len();
+            let y = Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled);
+            self.amax(stage, x, capture);
+            self.steps.push(Step::ConvPool { stage, rows, x, y });
+            return Ok((next, stage + 2));
+        }
+        let route = routes.map(|r| r[stage]).unwrap_or_default();
         let e4m3 = |yes: bool| if yes { Format::E4m3 } else { Format::F16 };
         let source = |cur: Option<usize>| cur.map_or(Buf::Input, Buf::Arena);
         let mut cur = cur;
@@ -551,30 +564,6 @@ impl Planner<'_, '_> {
             }
         }
         Ok((next, stage + 1))
-    }
-
-    /// Conv stage `stage` and the max-pool after it as one step (see [`Planner::stage`]);
-    /// returns the buffer written.
-    fn conv_pool(
-        &mut self,
-        stage: usize,
-        cur: Option<usize>,
-        rows: usize,
-        row0: usize,
-        capture: Option<CaptureAt>,
-    ) -> usize {
-        let (d, pooled) = (self.shape.dims[stage], self.shape.dims[stage + 1]);
-        let next = cur.map_or(0, |c| 1 - c);
-        let input = cur.map_or(Buf::Input, Buf::Arena);
-        let x = Span::rows(input, Format::F16, row0, rows, d.in_len());
-        self.amax(stage, x, capture);
-        self.steps.push(Step::ConvPool {
-            stage,
-            rows,
-            x,
-            y: Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled.out_len()),
-        });
-        next
     }
 
     /// Whether conv stage `stage` runs with the max-pool after it: the shape says so, and both
