@@ -146,6 +146,84 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("trap;"); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("trap;"); }
 #endif
 
+// Hopper's warpgroup MMA (sm_90a `wgmma`), register-A form: 4 consecutive warps (a warpgroup,
+// the first a multiple of 4) issue together d[64×64] += A[64×16]·B[16×64], FP16 in, f32 out.
+//   - A in registers: warp w of the group holds rows 16w.. in mma_16816's A layout (an
+//     ldmatrix_x4 fills it), so a warp's 16 rows are its own.
+//   - B in shared memory, named by a descriptor (`wgmma_desc_kmajor`): K-major, no swizzle, in
+//     8×8 "core matrices" of 8 rows (n) × 16 bytes (8 k), 128 contiguous bytes each; the two
+//     core matrices of a row group along k are `lbo` bytes apart, row groups `sbo` bytes apart.
+//     Stores into it by ordinary instructions need fence_proxy_async() and then a barrier before
+//     a wgmma reads them (the tensor cores read shared memory through the async proxy).
+//   - d: warp w's rows 16w + g and 16w + g + 8 in mma_16816's C layout per 8 columns:
+//     d[4j + 0..1] = D[16w + g][8j + 2t..], d[4j + 2..3] = D[16w + g + 8][8j + 2t..].
+// The operation is asynchronous: wgmma_fence() before the first one and after any other write
+// to its A or d registers; wgmma_commit() closes a group; wgmma_wait<N>() waits until at most N
+// groups are in flight. Until then its A and d registers may be neither read nor written.
+// Other architectures get a trap (the launcher refuses them first: Kernels::has_wgmma). The CPU
+// emulation (tests/kernel_host) reads the operands at the wait in one run, at the issue in others.
+#ifdef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ u32 smem_desc_addr(const void* p) { return scorecam_host_smem_offset(p); }
+__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_commit() { scorecam_host_wgmma_commit(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    scorecam_host_wgmma_wait(N);
+}
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], const u32 (&a)[4], u64 desc) {
+    scorecam_host_wgmma_64x64x16(d, a, desc);
+}
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ u32 smem_desc_addr(const void* p) { return smem_addr(p); }
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], const u32 (&a)[4], u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+          "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+        : "memory");
+}
+#else
+__device__ __forceinline__ u32 smem_desc_addr(const void*) { return 0; }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("trap;"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("trap;"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("trap;"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("trap;");
+}
+__device__ __forceinline__ void wgmma_64x64x16(float (&)[32], const u32 (&)[4], u64) {
+    asm volatile("trap;");
+}
+#endif
+
+// The descriptor of a K-major, unswizzled B operand at shared-memory `p` (16-byte aligned):
+// start address, leading (k) and stride (row group) byte offsets, each in 16-byte units.
+__device__ __forceinline__ u64 wgmma_desc_kmajor(const void* p, u32 lbo, u32 sbo) {
+    return (u64)((smem_desc_addr(p) & 0x3FFFFu) >> 4) | ((u64)((lbo & 0x3FFFFu) >> 4) << 16) |
+           ((u64)((sbo & 0x3FFFFu) >> 4) << 32);
+}
+
 // f32 → FP8 E4M3 bits, in software (the same result as cuda_fp8.hpp's __nv_cvt_float_to_fp8
 // with __NV_SATFINITE for |x| ≤ 448, clamped above), so it compiles for every architecture:
 // round to nearest even, saturating at ±448, NaN kept (sign too).

@@ -617,6 +617,12 @@ fn direct_conv_matches_cpu() {
         let fused = &report["fused_pools"];
         println!("fused pools: {fused}");
         assert_eq!(fused["check"], "passed", "{fused}");
+        // Kernels built for sm_90a (Hopper) have the wgmma build too, checked on its own.
+        if arch == "sm_90a" {
+            assert_eq!(fused["check_wgmma"], "passed", "{fused}");
+        } else {
+            assert!(fused["check_wgmma"].is_null(), "{fused}");
+        }
         let layers = fused["layers"].as_array().expect("fused pool layers");
         assert!(
             layers.len() == 1 && layers[0]["stage"] == 1 && layers[0]["fused"] == true,
@@ -652,6 +658,7 @@ fn direct_conv_matches_cpu() {
     let report = g.report();
     assert!(report["direct_conv"]["check"].is_null());
     assert!(report["fused_pools"]["check"].is_null());
+    assert!(report["fused_pools"]["check_wgmma"].is_null());
     assert_eq!(report["fused_pools"]["layers"], serde_json::json!([]));
 }
 

@@ -39,6 +39,7 @@ const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
     conv_pool_smem: true,
+    wgmma: true,
 };
 
 /// Input side, base-forward rows (the last one padding), real images, masked-forward rows.

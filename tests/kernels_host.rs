@@ -32,6 +32,7 @@ const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
     conv_pool_smem: true,
+    wgmma: true,
 };
 
 fn f16s(x: &[f32]) -> Vec<f16> {
@@ -543,7 +544,8 @@ fn conv3x3_cin8_matches_host() {
 // ---------------------------------------------------------------------------------------------
 // conv_pool.cu
 
-/// Both builds of the fused conv + ReLU + 2×2 max-pool against the CPU conv, rounded to FP16,
+/// Every build of the fused conv + ReLU + 2×2 max-pool (the wgmma one too: the emulation reads
+/// its B operand through the descriptor as PTX defines it) against the CPU conv, rounded to FP16,
 /// then pooled: one whole tile; odd sizes whose last conv row and column the pool drops, with
 /// partial tiles on both edges, more tiles than blocks (each block's double-buffered halo goes
 /// round several times); the smallest input; an unaligned filter and output.
@@ -643,6 +645,19 @@ fn conv3x3_c64_pool_matches_host() {
         &small,
     ));
     assert!(e.contains("shared memory"), "{e}");
+    // The wgmma build without an sm_90a module; the mma builds still launch there.
+    let no_wgmma = LaunchLimits {
+        wgmma: false,
+        ..LIMITS
+    };
+    let e = err(k::conv3x3_c64_pool_launch(
+        k::ConvPoolVariant::Wg,
+        lens(16 * 64),
+        [1, 8, 8],
+        &no_wgmma,
+    ));
+    assert!(e.contains("sm_90a"), "{e}");
+    assert!(k::conv3x3_c64_pool_launch(v, lens(16 * 64), [1, 8, 8], &no_wgmma).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1148,6 +1163,7 @@ fn device(sm_count: u32, smem: usize) -> LaunchLimits {
         sm_count,
         masks_smem: smem,
         conv_pool_smem: true,
+        wgmma: true,
     }
 }
 

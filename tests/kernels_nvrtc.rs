@@ -1,6 +1,6 @@
-//! Every hand-written kernel compiles with NVRTC, with no GPU: CUBIN for sm_80 and sm_90 (the
-//! kernel names must be global functions in the ELF symbol table) and PTX for compute_80 (the
-//! fallback path; `.entry` names).
+//! Every hand-written kernel compiles with NVRTC, with no GPU: CUBIN for sm_75, sm_80, sm_90 and
+//! sm_90a (the kernel names must be global functions in the ELF symbol table) and PTX for
+//! compute_80 (the fallback path; `.entry` names).
 //!
 //! Without a loadable NVRTC these tests are reported as ignored, unless `SCORECAM_REQUIRE_NVRTC`
 //! is truthy, which makes them fail (CI: `eval "$(bash .ci/install-nvrtc.sh)"` first).
@@ -124,6 +124,23 @@ fn compiles_all_kernels_for_sm_90() {
     check("sm_90", true);
 }
 
+/// Hopper's own target: the fused conv + pool's wgmma build is real only there (all 144 of its
+/// unrolled warpgroup MMAs per tile), and a trap for plain sm_90 (whose launcher refuses it).
+fn compiles_wgmma_for_sm_90a_only() {
+    check("sm_90a", true);
+    let wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16";
+    let ptx = |arch: &str| {
+        let image = compile_for_arch(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        String::from_utf8(image).expect("PTX is text")
+    };
+    let a = ptx("compute_90a");
+    assert_eq!(a.matches(wgmma).count(), 144, "compute_90a");
+    for fence in ["wgmma.fence", "wgmma.commit_group", "fence.proxy.async"] {
+        assert!(a.contains(fence), "compute_90a: no {fence}");
+    }
+    assert!(!ptx("compute_90").contains("wgmma"), "compute_90 has wgmma");
+}
+
 fn compiles_all_kernels_to_ptx_for_compute_80() {
     check("compute_80", false);
 }
@@ -211,6 +228,11 @@ fn main() -> std::process::ExitCode {
             "compiles_all_kernels_for_sm_90",
             &[Nvrtc],
             compiles_all_kernels_for_sm_90,
+        ),
+        t(
+            "compiles_wgmma_for_sm_90a_only",
+            &[Nvrtc],
+            compiles_wgmma_for_sm_90a_only,
         ),
         t(
             "compiles_all_kernels_to_ptx_for_compute_80",

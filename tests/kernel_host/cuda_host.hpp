@@ -147,7 +147,7 @@ inline unsigned short scorecam_host_f2h(float f) {
 // Blocks of fibers.
 namespace scorecam_host {
 
-enum class Wait { None, Block, Warp, Done, Failed };
+enum class Wait { None, Block, Warp, Group, Done, Failed };
 
 // One queued `cp.async` (common.cuh's cp_async16): performed at its thread's wait.
 struct PendingCopy {
@@ -156,12 +156,24 @@ struct PendingCopy {
     bool valid;
 };
 
+// One issued wgmma (common.cuh's wgmma_64x64x16): where its accumulators and A registers live
+// (the issuing thread's stack), and its B descriptor. Performed at the wait that covers it, or
+// at its issue in random schedules.
+struct PendingWgmma {
+    float* d;
+    const unsigned* a;
+    unsigned long long desc;
+};
+
 struct Fiber {
     ucontext_t ctx;
     Wait wait = Wait::None;
     // The thread's queued copies, oldest first, and where each committed group ends in them.
     std::vector<PendingCopy> copies;
     std::vector<size_t> group_ends;
+    // Its issued wgmma operations, oldest first, and where each committed group ends in them.
+    std::vector<PendingWgmma> wgmmas;
+    std::vector<size_t> wgmma_group_ends;
 };
 
 using AnyFn = void (*)();
@@ -175,7 +187,8 @@ struct BlockRun {
     std::vector<unsigned long long> exchange;  // one slot per thread
     // The mma fragments each thread offers its warp (a[0..3], b[0..1]).
     std::vector<std::array<unsigned, 6>> mma_slots;
-    // cp.async copies land when issued (random schedules) instead of at the wait (in order).
+    // cp.async copies land, and wgmma operations read their operands, when issued (random
+    // schedules) instead of at the wait (in order).
     bool eager_copies = false;
     std::string error;
     AnyFn fn = nullptr;
@@ -265,6 +278,8 @@ inline void fiber_main() {
     // A lane that has exited gives NaN to a shuffle or an mma that reads it.
     run->exchange[run->current] = ~0ull;
     run->mma_slots[run->current].fill(0x7FFF7FFFu);
+    if (!run->fibers[run->current].wgmmas.empty())
+        fail("ended with wgmma operations not waited for");
     run->fibers[run->current].wait = Wait::Done;
     // returning resumes uc_link: the scheduler
 }
@@ -298,7 +313,8 @@ inline T shuffle(unsigned mask, T v, unsigned src_lane, const char* what) {
 
 inline std::string describe_waits(const BlockRun& r) {
     std::string s;
-    const char* names[] = {"running", "__syncthreads", "a warp shuffle", "exited", "failed"};
+    const char* names[] = {"running",          "__syncthreads", "a warp shuffle",
+                           "a warpgroup's wgmma", "exited",        "failed"};
     size_t i = 0;
     while (i < r.fibers.size()) {
         size_t j = i;
@@ -326,6 +342,21 @@ inline bool release(BlockRun& r) {
         if (any && all) {
             for (size_t i = w0; i < w1; ++i)
                 if (r.fibers[i].wait == Wait::Warp) r.fibers[i].wait = Wait::None;
+            released = true;
+        }
+    }
+    if (released) return true;
+    // Warpgroups (128 threads from a multiple of 128) at a wgmma step.
+    for (size_t g0 = 0; g0 < n; g0 += 128) {
+        const size_t g1 = g0 + 128 < n ? g0 + 128 : n;
+        bool all = true, any = false;
+        for (size_t i = g0; i < g1; ++i) {
+            any = any || r.fibers[i].wait == Wait::Group;
+            all = all && (r.fibers[i].wait == Wait::Group || r.fibers[i].wait == Wait::Done);
+        }
+        if (any && all) {
+            for (size_t i = g0; i < g1; ++i)
+                if (r.fibers[i].wait == Wait::Group) r.fibers[i].wait = Wait::None;
             released = true;
         }
     }
@@ -413,6 +444,8 @@ inline bool run_block(BlockRun& r, unsigned long long& schedule) {
         f.wait = Wait::None;
         f.copies.clear();
         f.group_ends.clear();
+        f.wgmmas.clear();
+        f.wgmma_group_ends.clear();
     }
     const unsigned warps = (n + 31) / 32;
     std::vector<unsigned> warp_order(warps), lanes;
@@ -583,6 +616,129 @@ inline void scorecam_host_ldmatrix_x4(unsigned* r, const void* row) {
     }
     yield(Wait::Warp);  // every lane has read
     memcpy(r, got, sizeof got);
+}
+
+// The offset of `p` in the block's dynamic shared memory: what common.cuh's wgmma descriptors
+// hold here in place of a `.shared` address (the emulation decodes them against the same base).
+inline unsigned scorecam_host_smem_offset(const void* p) {
+    using namespace scorecam_host;
+    const auto* b = static_cast<const unsigned char*>(p);
+    const auto* base = static_cast<const unsigned char*>(scorecam_dynamic_shared());
+    if (b < base || b >= base + run->dynamic_shared_bytes)
+        fail("a wgmma descriptor of an address outside the dynamic shared memory");
+    return (unsigned)(b - base);
+}
+
+namespace scorecam_host {
+
+// The first thread of the calling thread's warpgroup, for a warpgroup-wide `what`.
+inline unsigned full_group0(const char* what) {
+    const unsigned group0 = run->current & ~127u;
+    if (group0 + 128 > threads_per_block())
+        fail(std::string(what) + " in a warpgroup with fewer than 128 threads");
+    return group0;
+}
+
+// B[k][n] (k < 16, n < 64) of a K-major, unswizzled wgmma descriptor: 8-row groups of n `sbo`
+// bytes apart, the two 8-wide halves of k `lbo` bytes apart, 16 bytes per row of a group.
+inline float wgmma_b(unsigned long long desc, unsigned k, unsigned n) {
+    const size_t start = (size_t)(desc & 0x3FFFu) << 4;
+    const size_t lbo = (size_t)((desc >> 16) & 0x3FFFu) << 4;
+    const size_t sbo = (size_t)((desc >> 32) & 0x3FFFu) << 4;
+    const size_t at = start + (n >> 3) * sbo + (n & 7u) * 16 + (k >> 3) * lbo + (k & 7u) * 2;
+    if (at + 2 > run->dynamic_shared_bytes)
+        fail("a wgmma B operand reaching past the dynamic shared memory");
+    unsigned short h;
+    memcpy(&h, static_cast<const unsigned char*>(scorecam_dynamic_shared()) + at, 2);
+    return scorecam_host_h2f(h);
+}
+
+// Perform the calling thread's wgmma number `i` (every thread of the warpgroup has one at `i`,
+// the same descriptor in all): its 32 accumulators += its rows of A (the A registers of the
+// lanes of its warp, as they are now) times B, in f32, in k order.
+inline void wgmma_perform(size_t i) {
+    const unsigned tid = run->current;
+    const unsigned group0 = tid & ~127u, warp0 = tid & ~31u;
+    const PendingWgmma& op = run->fibers[tid].wgmmas[i];
+    if (op.desc >> 46)
+        fail("a wgmma descriptor with a swizzle or base offset (not emulated)");
+    if (op.desc & 0xC000C000ull) fail("a wgmma descriptor with reserved bits set");
+    for (unsigned j = group0; j < group0 + 128; ++j) {
+        const Fiber& f = run->fibers[j];
+        if (f.wait == Wait::Done || f.wgmmas.size() <= i)
+            fail("a wgmma that not every thread of the warpgroup issued");
+        if (f.wgmmas[i].desc != op.desc)
+            fail("a wgmma whose B descriptor differs between threads of the warpgroup");
+    }
+    const unsigned lane = tid & 31u;
+    const unsigned g = lane >> 2, t = lane & 3u;
+    float A[2][16];  // rows g and g + 8 of the warp's 16
+    for (unsigned j = 0; j < 4; ++j)
+        for (unsigned r = 0; r < 4; ++r) {
+            // lane 4g + j holds in a[r]: row g + 8·(r & 1), columns 2j + 8·(r >> 1) + {0, 1}
+            const unsigned v = run->fibers[warp0 + 4 * g + j].wgmmas[i].a[r];
+            const unsigned col = 2 * j + 8 * (r >> 1);
+            A[r & 1][col] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
+            A[r & 1][col + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
+        }
+    float d[32];
+    for (unsigned nt = 0; nt < 8; ++nt)
+        for (unsigned row = 0; row < 2; ++row)
+            for (unsigned c = 0; c < 2; ++c) {
+                const unsigned n = 8 * nt + 2 * t + c;
+                float s = op.d[4 * nt + 2 * row + c];
+                for (unsigned k = 0; k < 16; ++k) s += A[row][k] * wgmma_b(op.desc, k, n);
+                d[4 * nt + 2 * row + c] = s;
+            }
+    memcpy(op.d, d, sizeof d);
+}
+
+// Perform the calling thread's oldest `count` wgmma operations, the warpgroup in step: all have
+// arrived before any reads, all have read before any goes on (and may write its registers).
+inline void wgmma_perform_oldest(size_t count) {
+    yield(Wait::Group);
+    for (size_t i = 0; i < count; ++i) wgmma_perform(i);
+    yield(Wait::Group);
+    auto& f = run->fibers[run->current];
+    f.wgmmas.erase(f.wgmmas.begin(), f.wgmmas.begin() + (ptrdiff_t)count);
+    // (At issue, in random schedules, no group end lies past the performed ones: they stay 0.)
+    for (auto& e : f.wgmma_group_ends) e = e > count ? e - count : 0;
+}
+
+}  // namespace scorecam_host
+
+// common.cuh's wgmma_64x64x16 (PTX wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16, A from
+// registers): queued on the calling thread with the addresses of its accumulators and A
+// registers. In order (schedule 0) it is performed at the wait that covers it, reading the A
+// registers as they are then: a kernel that rewrites them, or reads its accumulators, before
+// that wait gets other results than in random schedules, where it is performed at its issue.
+inline void scorecam_host_wgmma_64x64x16(float* d, const unsigned* a, unsigned long long desc) {
+    using namespace scorecam_host;
+    full_group0("wgmma_64x64x16");
+    auto& f = run->fibers[run->current];
+    f.wgmmas.push_back(PendingWgmma{d, a, desc});
+    if (run->eager_copies) wgmma_perform_oldest(f.wgmmas.size());
+}
+inline void scorecam_host_wgmma_commit() {
+    using namespace scorecam_host;
+    full_group0("wgmma_commit");
+    auto& f = run->fibers[run->current];
+    f.wgmma_group_ends.push_back(f.wgmmas.size());
+}
+// Wait until at most `keep` committed groups are pending: perform the others.
+inline void scorecam_host_wgmma_wait(size_t keep) {
+    using namespace scorecam_host;
+    full_group0("wgmma_wait");
+    auto& f = run->fibers[run->current];
+    size_t count = 0;
+    if (f.wgmma_group_ends.size() > keep) {
+        const size_t groups = f.wgmma_group_ends.size() - keep;
+        count = f.wgmma_group_ends[groups - 1];
+        f.wgmma_group_ends.erase(f.wgmma_group_ends.begin(),
+                                 f.wgmma_group_ends.begin() + (ptrdiff_t)groups);
+    }
+    // Every thread steps the same barriers, also with nothing to perform.
+    wgmma_perform_oldest(count);
 }
 
 // common.cuh's cp.async helpers. A GPU lands a copy (16 bytes, or 16 zeros when not `valid`)

@@ -852,6 +852,14 @@ fn graph_search_order<T>(
 /// between prepares.
 pub(super) type DirectCheck = Option<std::result::Result<(), String>>;
 
+/// The fused conv + pool's device checks, once per backend: its `mma.sync` builds together, its
+/// `wgmma` build apart (so that a wgmma build the device disagrees with leaves the others used).
+#[derive(Debug, Default)]
+pub(super) struct PoolChecks {
+    pub mma: DirectCheck,
+    pub wgmma: DirectCheck,
+}
+
 /// Whether the hand-written conv may run `layer`: not turned off, the layer's shape and the
 /// device its own, and its device check passed. The check runs on the first layer that could use
 /// it, and its outcome (a refusal's reason) is kept in `check`.
@@ -927,13 +935,14 @@ pub(super) fn time_launch(
 
 /// A 64 → 64 conv tried with the 2×2 max-pool after it in the same kernel
 /// ([`conv_direct::launch_pool`]), at the full mask batch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct FusedPool {
     pub stage: usize,
-    /// The faster build and its time, and each build's time (in [`ConvPoolVariant::ALL`]'s order).
+    /// The fastest build and its time, and each timed build's time (the builds the device runs
+    /// and passed its check, in [`ConvPoolVariant::ALL`]'s order).
     pub variant: ConvPoolVariant,
     pub ms: f32,
-    pub builds_ms: [f32; 2],
+    pub builds_ms: Vec<(ConvPoolVariant, f32)>,
     /// The conv's chosen plan's time and the pool's, apart.
     pub conv_ms: f32,
     pub pool_ms: f32,
@@ -942,11 +951,11 @@ pub(super) struct FusedPool {
 }
 
 /// After [`plan_all`]: every post-ReLU conv followed by a max-pool that the fused kernel can run
-/// is timed in both builds at `rows` rows (the full mask batch) against its chosen plan's time
+/// is timed in each build at `rows` rows (the full mask batch) against its chosen plan's time
 /// plus the pool's, on the arena `bufs` (random input in the first), and recorded in
 /// `plans.fused_pools`; a forward's plan then runs the pair as one step where the FP16 route
-/// and its captures allow (`forward_plan.rs`). The kernel's device check runs first, once per
-/// backend (`check`, as for the hand-written first conv).
+/// and its captures allow (`forward_plan.rs`). The kernel's device checks run first, once per
+/// backend (`checks`, as for the hand-written first conv): only builds that pass are timed.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn plan_fused_pools(
     dev: &Dev,
@@ -954,7 +963,7 @@ pub(super) fn plan_fused_pools(
     convs: &[Option<DevConv>],
     dims: &[super::StageDims],
     rows: usize,
-    (direct, check): (DirectUse, &mut DirectCheck),
+    (direct, checks): (DirectUse, &mut PoolChecks),
     bufs: &mut [CudaSlice<f16>; 2],
     plans: &mut ConvPlans,
 ) -> Result<()> {
@@ -975,10 +984,28 @@ pub(super) fn plan_fused_pools(
         let Some(conv_ms) = chosen.and_then(|c| c.ms) else {
             continue;
         };
-        let passed = checked(check, "the max-pools stay apart", || {
-            conv_direct::check_pool_on_device(dev, kernels, layer)
-        })?;
-        if !passed {
+        // The builds that passed their check (each group's check runs on the first such layer).
+        let mut builds = Vec::new();
+        for (wgmma, check) in [(false, &mut checks.mma), (true, &mut checks.wgmma)] {
+            let group: Vec<_> = kernels
+                .conv_pool_variants()
+                .into_iter()
+                .filter(|v| v.wgmma() == wgmma)
+                .collect();
+            let fallback = if wgmma {
+                "the wgmma build is not used"
+            } else {
+                "the mma.sync builds are not used"
+            };
+            if !group.is_empty()
+                && checked(check, fallback, || {
+                    conv_direct::check_pool_on_device(dev, kernels, layer, &group)
+                })?
+            {
+                builds.extend(group);
+            }
+        }
+        if builds.is_empty() {
             return Ok(());
         }
         let d = dims[stage];
@@ -988,19 +1015,20 @@ pub(super) fn plan_fused_pools(
             let (x, mut y) = (bx.slice(..), by.slice_mut(..));
             kernels.maxpool2(&dev.stream, &x, rows, d.out_h, d.out_w, d.out_c, &mut y)
         })?;
-        let mut builds_ms = [0f32; 2];
-        for (variant, ms) in ConvPoolVariant::ALL.into_iter().zip(&mut builds_ms) {
+        let mut builds_ms = Vec::new();
+        for variant in builds {
             let op = format!("timing the fused conv + pool {variant:?} (batch {rows})");
             let dims = [rows, d.in_h, d.in_w];
-            *ms = time_launch(dev, &timer, &op, || {
+            let ms = time_launch(dev, &timer, &op, || {
                 // SAFETY: as in `time_direct`.
                 unsafe {
                     conv_direct::launch_pool(dev, kernels, layer, variant, dims, (&*bx, &*by), None)
                 }
             })?;
+            builds_ms.push((variant, ms));
         }
         let (variant, ms, kept) =
-            fused_choice(builds_ms, conv_ms + pool_ms, direct == DirectUse::Prefer);
+            fused_choice(&builds_ms, conv_ms + pool_ms, direct == DirectUse::Prefer);
         if verbose() {
             eprintln!(
                 "cuda: conv stage {stage} + max-pool, batch {rows}: fused {variant:?} {ms:.3} ms, \
@@ -1021,14 +1049,18 @@ pub(super) fn plan_fused_pools(
     Ok(())
 }
 
-/// The fused conv + pool's faster build (the first on a tie), its time, and whether forwards
-/// use it: strictly faster than the conv and the pool apart (`apart_ms`), or `prefer`red.
-fn fused_choice(builds_ms: [f32; 2], apart_ms: f32, prefer: bool) -> (ConvPoolVariant, f32, bool) {
-    let (variant, ms) = ConvPoolVariant::ALL
-        .into_iter()
-        .zip(builds_ms)
+/// The fused conv + pool's fastest build of `builds_ms` (at least one; the first on a tie), its
+/// time, and whether forwards use it: strictly faster than the conv and the pool apart
+/// (`apart_ms`), or `prefer`red.
+fn fused_choice(
+    builds_ms: &[(ConvPoolVariant, f32)],
+    apart_ms: f32,
+    prefer: bool,
+) -> (ConvPoolVariant, f32, bool) {
+    let &(variant, ms) = builds_ms
+        .iter()
         .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("two builds");
+        .expect("at least one build");
     (variant, ms, prefer || ms < apart_ms)
 }
 
@@ -1728,24 +1760,29 @@ mod tests {
 
     #[test]
     fn the_fused_pool_is_kept_only_when_faster_than_the_two_apart() {
-        use ConvPoolVariant::{W4, W8};
-        assert_eq!(fused_choice([1.5, 1.2], 2.0, false), (W8, 1.2, true));
-        assert_eq!(fused_choice([1.1, 1.2], 2.0, false), (W4, 1.1, true));
+        use ConvPoolVariant::{Wg, W4, W8};
+        let two = |a, b| [(W4, a), (W8, b)];
+        assert_eq!(fused_choice(&two(1.5, 1.2), 2.0, false), (W8, 1.2, true));
+        assert_eq!(fused_choice(&two(1.1, 1.2), 2.0, false), (W4, 1.1, true));
         assert_eq!(
-            fused_choice([1.2, 1.2], 2.0, false),
+            fused_choice(&two(1.2, 1.2), 2.0, false),
             (W4, 1.2, true),
             "a tie: the first"
         );
-        assert_eq!(fused_choice([2.5, 2.1], 2.0, false), (W8, 2.1, false));
+        assert_eq!(fused_choice(&two(2.5, 2.1), 2.0, false), (W8, 2.1, false));
         assert!(
-            !fused_choice([2.0, 2.0], 2.0, false).2,
+            !fused_choice(&two(2.0, 2.0), 2.0, false).2,
             "equal is not faster"
         );
         assert_eq!(
-            fused_choice([2.5, 2.1], 2.0, true),
+            fused_choice(&two(2.5, 2.1), 2.0, true),
             (W8, 2.1, true),
             "preferred"
         );
+        // The wgmma build competes where it ran; alone (its check passed, the others' did not).
+        let three = [(W4, 1.5), (W8, 1.4), (Wg, 1.1)];
+        assert_eq!(fused_choice(&three, 2.0, false), (Wg, 1.1, true));
+        assert_eq!(fused_choice(&[(Wg, 2.2)], 2.0, false), (Wg, 2.2, false));
     }
 
     #[test]

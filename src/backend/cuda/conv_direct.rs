@@ -83,13 +83,14 @@ pub(super) unsafe fn launch_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
 const POOL_CHECK_DIMS: [usize; 3] = [2, 37, 35];
 const POOL_CHECK_BLOCKS: u32 = 3;
 
-/// Both builds of the fused conv + pool on random input on the device against
-/// [`reference_nhwc`] (ReLU, rounded to FP16, then pooled) on the layer's own filter and bias.
-/// `None` when they match; else why not, and cuDNN keeps the layer.
+/// The fused conv + pool's `builds` on random input on the device against [`reference_nhwc`]
+/// (ReLU, rounded to FP16, then pooled) on the layer's own filter and bias. `None` when they
+/// match; else why not, and those builds are not used.
 pub(super) fn check_pool_on_device(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
+    builds: &[ConvPoolVariant],
 ) -> Result<Option<String>> {
     let [n, h, w] = POOL_CHECK_DIMS;
     let c = layer.cout;
@@ -110,7 +111,7 @@ pub(super) fn check_pool_on_device(
                 .fold(f32::NEG_INFINITY, f32::max);
         }
     }
-    for variant in ConvPoolVariant::ALL {
+    for &variant in builds {
         // SAFETY: `yd` is this function's own buffer, apart from `xd`.
         // A launch the device refuses (resources, configuration) only keeps the pools apart.
         let (dims, blocks) = (POOL_CHECK_DIMS, Some(POOL_CHECK_BLOCKS));

@@ -73,7 +73,7 @@ use self::device::{
 };
 use self::forward::{CaptureTo, Graphs, Pass};
 use self::forward_plan::{Prefix, StageDims};
-use self::kernels::{ConvPoolVariant, Kernels};
+use self::kernels::Kernels;
 use self::profile::{LayerEvents, Profiler};
 use self::weights::DevModel;
 
@@ -212,7 +212,7 @@ pub struct CudaBackend {
     /// conv's, the fused conv + pool's).
     direct_use: DirectUse,
     direct_check: conv::DirectCheck,
-    pool_check: conv::DirectCheck,
+    pool_check: conv::PoolChecks,
     /// Graph-API plan choices remembered between runs, and why the last save failed, if it did.
     plan_cache: PlanCache,
     plan_cache_error: Option<String>,
@@ -346,7 +346,7 @@ impl CudaBackend {
             graph_use,
             direct_use: DirectUse::from_env(),
             direct_check: None,
-            pool_check: None,
+            pool_check: conv::PoolChecks::default(),
             plan_cache: PlanCache::open(&device_identity),
             plan_cache_error: None,
             precision: Precision::Fp16,
@@ -1145,13 +1145,14 @@ impl Backend for CudaBackend {
             // 64 → 64 convs tried with their max-pool in the same kernel, at the full mask batch:
             // its time, the conv's and the pool's apart, and whether forwards fuse them.
             "fused_pools": {
-                "check": check_json(&self.pool_check),
+                "check": check_json(&self.pool_check.mma),
+                "check_wgmma": check_json(&self.pool_check.wgmma),
                 "layers": p.convs.fused_pools.iter().map(|f| json!({
                     "stage": f.stage,
                     "pool_stage": f.stage + 1,
                     "algo": format!("{} {:?}", conv_direct::POOL_NAME, f.variant),
                     "ms": f.ms,
-                    "builds_ms": ConvPoolVariant::ALL.iter().zip(f.builds_ms)
+                    "builds_ms": f.builds_ms.iter()
                         .map(|(v, ms)| json!({"build": format!("{v:?}"), "ms": ms}))
                         .collect::<Vec<_>>(),
                     "conv_ms": f.conv_ms,

@@ -14,30 +14,47 @@ pub const CONV_POOL_C: usize = 64;
 /// two 18×18-pixel input halos, the staging rows of 64 pooled pixels, the bias.
 pub const CONV_POOL_SMEM: usize = 36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 64 * 36 * 4 + 64 * 4;
 /// The kernels' names, for the shared-memory opt-in at load.
-pub const CONV_POOL_KERNELS: [&str; 2] = ["conv3x3_c64_pool_w4", "conv3x3_c64_pool_w8"];
+pub const CONV_POOL_KERNELS: [&str; 3] = [
+    "conv3x3_c64_pool_w4",
+    "conv3x3_c64_pool_w8",
+    "conv3x3_c64_pool_wg",
+];
 
-/// The two builds of the fused conv + pool: 4 warps of 4 conv rows (more work per shared-memory
-/// byte) or 8 warps of 2 (more warps to hide latency). Prepare times both.
+/// The builds of the fused conv + pool, by `mma.sync` (sm_80+): 4 warps of 4 conv rows (more
+/// work per shared-memory byte) or 8 warps of 2 (more warps to hide latency); and by Hopper's
+/// warpgroup `wgmma` (`Wg`, sm_90a only: one warpgroup of 4 warps, its A fragments loaded once
+/// for three taps). Prepare checks and times each the device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConvPoolVariant {
     W4,
     W8,
+    Wg,
 }
 
 impl ConvPoolVariant {
-    pub const ALL: [ConvPoolVariant; 2] = [ConvPoolVariant::W4, ConvPoolVariant::W8];
+    pub const ALL: [ConvPoolVariant; 3] = [
+        ConvPoolVariant::W4,
+        ConvPoolVariant::W8,
+        ConvPoolVariant::Wg,
+    ];
 
     /// Its kernel's `extern "C"` name.
     pub fn kernel(self) -> &'static str {
         match self {
             ConvPoolVariant::W4 => CONV_POOL_KERNELS[0],
             ConvPoolVariant::W8 => CONV_POOL_KERNELS[1],
+            ConvPoolVariant::Wg => CONV_POOL_KERNELS[2],
         }
+    }
+
+    /// Whether it needs `wgmma` (a module built for sm_90a).
+    pub fn wgmma(self) -> bool {
+        self == ConvPoolVariant::Wg
     }
 
     fn warps(self) -> u32 {
         match self {
-            ConvPoolVariant::W4 => 4,
+            ConvPoolVariant::W4 | ConvPoolVariant::Wg => 4,
             ConvPoolVariant::W8 => 8,
         }
     }
@@ -59,6 +76,12 @@ pub fn conv3x3_c64_pool_launch(
         return Err(invalid(
             op,
             format!("the device cannot give a block {CONV_POOL_SMEM} bytes of shared memory"),
+        ));
+    }
+    if variant.wgmma() && !limits.wgmma {
+        return Err(invalid(
+            op,
+            "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
         ));
     }
     if h < 2 || w < 2 {
@@ -97,6 +120,19 @@ impl Kernels {
     /// Whether the device gave the fused conv + pool kernels their shared memory.
     pub fn has_conv_pool_smem(&self) -> bool {
         self.limits.conv_pool_smem
+    }
+
+    /// Whether the kernels were built for sm_90a, where the `wgmma` build runs.
+    pub fn has_wgmma(&self) -> bool {
+        self.limits.wgmma
+    }
+
+    /// The builds of the fused conv + pool this device runs, in [`ConvPoolVariant::ALL`]'s order.
+    pub fn conv_pool_variants(&self) -> Vec<ConvPoolVariant> {
+        ConvPoolVariant::ALL
+            .into_iter()
+            .filter(|v| !v.wgmma() || self.has_wgmma())
+            .collect()
     }
 
     /// [`conv3x3_c64_pool_launch`], on at most `max_blocks` blocks when given (the device check

@@ -92,6 +92,7 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_cin8_e4m3",
     "conv3x3_c64_pool_w4",
     "conv3x3_c64_pool_w8",
+    "conv3x3_c64_pool_wg",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
@@ -164,6 +165,8 @@ pub struct LaunchLimits {
     pub masks_smem: usize,
     /// The fused conv + pool kernels got their [`CONV_POOL_SMEM`] bytes of shared memory.
     pub conv_pool_smem: bool,
+    /// The module was built for `sm_90a`, so its `wgmma` kernels run (Hopper only).
+    pub wgmma: bool,
 }
 
 /// A grid-stride launch over `units` work items: blocks of [`BLOCK`] threads, at most 32 per SM
@@ -264,6 +267,7 @@ impl Kernels {
                 sm_count,
                 masks_smem,
                 conv_pool_smem,
+                wgmma: arch == "sm_90a",
             },
             arch,
             mma: major >= 8,
@@ -425,6 +429,7 @@ mod tests {
             sm_count: 132,
             masks_smem: SMEM_DEFAULT,
             conv_pool_smem: true,
+            wgmma: true,
         };
         let fails = |r: Result<KernelLaunch>, words: &[&str]| match r {
             Err(Error::Invalid(m)) => {

@@ -186,12 +186,18 @@ fn compile_uncached(arch: &str) -> Result<Vec<u8>> {
 }
 
 /// The image for a device of compute capability `major.minor`: its own `sm_XY` when this NVRTC
-/// knows it; else PTX for the newest virtual arch below it that NVRTC knows (the driver JITs
-/// PTX forward to newer GPUs). Returns (arch compiled, image).
+/// knows it (`sm_90a` on Hopper, for its `wgmma` kernels, falling back to `sm_90` should this
+/// NVRTC refuse that); else PTX for the newest virtual arch below it that NVRTC knows (the
+/// driver JITs PTX forward to newer GPUs). Returns (arch compiled, image).
 pub(super) fn image_for_device(major: i32, minor: i32) -> Result<(String, Vec<u8>)> {
     let number = major * 10 + minor;
     let archs = supported_archs();
     if archs.is_empty() || archs.contains(&number) {
+        if number == 90 {
+            if let Ok(img) = compile_for_arch("sm_90a") {
+                return Ok(("sm_90a".to_string(), img));
+            }
+        }
         let arch = format!("sm_{number}");
         return compile_for_arch(&arch).map(|img| (arch, img));
     }
