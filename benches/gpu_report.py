@@ -826,7 +826,7 @@ def graph_search_lines(eng):
                 label, dc.get("use"), _short(str(dc.get("check")), 160)))
             L.append("")
         fp = b.get("fused_pools")
-        if isinstance(fp, dict) and (fp.get("check") is not None or fp.get("check_wgmma") is not None):
+        if isinstance(fp, dict) and fp.get("check") is not None:
             parts = ["stage %s %s: fused %s ms (builds %s) vs %s + %s ms apart, %s" % (
                 x.get("stage"), x.get("algo"), fmt_ms(_float(x.get("ms"))),
                 ", ".join("%s %s" % (b.get("build"), fmt_ms(_float(b.get("ms"))))
@@ -834,8 +834,10 @@ def graph_search_lines(eng):
                 fmt_ms(_float(x.get("conv_ms"))), fmt_ms(_float(x.get("pool_ms"))),
                 "kept" if x.get("fused") else "not kept")
                 for x in fp.get("layers") or [] if isinstance(x, dict)]
-            L.append("Fused conv + max-pool in the %s run: device check %s (wgmma build: %s); %s." % (
-                label, _short(str(fp.get("check")), 160), _short(str(fp.get("check_wgmma")), 160),
+            checks = fp.get("checks") if isinstance(fp.get("checks"), dict) else {}
+            L.append("Fused conv + max-pool in the %s run: device check %s (%s); %s." % (
+                label, _short(str(fp.get("check")), 160),
+                ", ".join("%s %s" % (k, _short(str(v), 80)) for k, v in checks.items()) or "no build",
                 "; ".join(parts) or "no layer timed"))
             L.append("")
         # Where the set-up's seconds went (the backend's setup_s: phase, seconds).

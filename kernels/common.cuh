@@ -116,8 +116,9 @@ __device__ __forceinline__ void ldmatrix_x4(u32*, const void*) { asm volatile("t
 // Asynchronous 16-byte copies global → shared (sm_80+ `cp.async`), in groups: `cp_async16`
 // queues one (16 zero bytes instead when `valid` is false; `src` must still be a readable
 // address), `cp_async_commit` closes the calling thread's group, `cp_async_wait_1` waits until
-// all but its newest group have landed. Only the calling thread's copies are waited for: a
-// __syncthreads after the wait makes the whole block's visible. Both addresses 16-byte aligned.
+// all but its newest group have landed (`cp_async_wait_0`: all of them). Only the calling
+// thread's copies are waited for: a __syncthreads after the wait makes the whole block's
+// visible. Both addresses 16-byte aligned.
 // The CPU emulation (tests/kernel_host) lands a copy at its wait in one run and at its issue in
 // others, so a kernel that relies on either (a read before the wait, a refill of memory another
 // warp still reads) gives results that differ between runs.
@@ -127,6 +128,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 }
 __device__ __forceinline__ void cp_async_commit() { scorecam_host_cp_async_commit(); }
 __device__ __forceinline__ void cp_async_wait_1() { scorecam_host_cp_async_wait(1); }
+__device__ __forceinline__ void cp_async_wait_0() { scorecam_host_cp_async_wait(0); }
 #elif __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
@@ -140,10 +142,25 @@ __device__ __forceinline__ void cp_async_commit() {
 __device__ __forceinline__ void cp_async_wait_1() {
     asm volatile("cp.async.wait_group 1;" ::: "memory");
 }
+__device__ __forceinline__ void cp_async_wait_0() {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
 #else
 __device__ __forceinline__ void cp_async16(void*, const void*, bool) { asm volatile("trap;"); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("trap;"); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("trap;"); }
+__device__ __forceinline__ void cp_async_wait_0() { asm volatile("trap;"); }
+#endif
+
+// A barrier for the 128 threads of the calling thread's warpgroup only (named barrier `id`,
+// 1..15: 0 is __syncthreads'), so that the warpgroups of a block go at their own pace. The CPU
+// emulation releases it when every thread of the warpgroup waits at one.
+#ifdef SCORECAM_HOST_EMULATION
+__device__ __forceinline__ void warpgroup_sync(int id) { scorecam_host_warpgroup_sync(id); }
+#else
+__device__ __forceinline__ void warpgroup_sync(int id) {
+    asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
+}
 #endif
 
 // Hopper's warpgroup MMA (sm_90a `wgmma`), register-A form: 4 consecutive warps (a warpgroup,
@@ -216,6 +233,16 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&)[32], const u32 (&)[4], 
     asm volatile("trap;");
 }
 #endif
+
+// Pins the accumulators' values at this point of the program (an empty asm that reads and writes
+// each): the compiler may not move their zeroing past the wgmma_fence that follows, nor their
+// reads before the wgmma_wait that precedes (else ptxas inserts waits of its own, C7517).
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[32]) {
+#ifndef SCORECAM_HOST_EMULATION
+#pragma unroll
+    for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#endif
+}
 
 // The descriptor of a K-major, unswizzled B operand at shared-memory `p` (16-byte aligned):
 // start address, leading (k) and stride (row group) byte offsets, each in 16-byte units.

@@ -1,4 +1,4 @@
-// conv3x3_c64_pool_w4 / _w8 / _wg: a VGG block's last convolution and its max-pool as one
+// conv3x3_c64_pool_w4 / _w8 / _wg / _wg2: a VGG block's last convolution and its max-pool as one
 // tensor-core kernel. 3×3, stride 1, padding 1, 64 → 64 channels, + f32 bias, ReLU, then
 // MaxPool2d(2, 2) (floor: an odd last row or column of the conv is never computed); FP16 NHWC in
 // and out, f32 accumulation, filters KRSC [64][3][3][64]. x [n, h, w, 64], y [n, h/2, w/2, 64].
@@ -10,11 +10,13 @@
 // checking it against the CPU on the device (conv.rs, conv_direct.rs).
 //
 // Builds: _w4 and _w8 by mma.sync (sm_80+), 4 warps of 4 conv rows or 8 of 2; _wg by Hopper's
-// wgmma (sm_90a), one warpgroup whose warps own 4 conv rows each, as _w4's do. On Hopper mma.sync
-// is the slower path to the tensor cores, and every warp of _w4 reads the whole filter from
-// shared memory each k-step; wgmma reads it once per warpgroup instruction through a descriptor
-// (the filter is then stored as K-major 8×8 core matrices, cp_filter_load), and _wg loads each
-// A fragment once for the three taps of a column (cp_tile_wgmma).
+// wgmma (sm_90a), one warpgroup whose warps own 4 conv rows each, as _w4's do; _wg2, two such
+// warpgroups per block on tiles of their own, sharing the filter. On Hopper mma.sync is the
+// slower path to the tensor cores, and every warp of _w4 reads the whole filter from shared
+// memory each k-step; wgmma reads it once per warpgroup instruction through a descriptor (the
+// filter is then stored as K-major 8×8 core matrices, cp_filter_load), and _wg loads each A
+// fragment once for the three taps of a column (cp_tile_wgmma). _wg leaves the tensor cores idle
+// while it pools, stores and waits for its next halo; in _wg2 the other group's MMAs fill that.
 //
 // Blocks are persistent (one per SM: the launcher's grid) and loop over tiles of 16×16 conv
 // outputs (8×8 pooled), all 64 output channels. Shared memory (dynamic, CONV_POOL_SMEM bytes):
@@ -64,11 +66,12 @@ __device__ __forceinline__ CpTile cp_tile(i64 tile, int tiles_y, int tiles_x) {
 }
 
 // Queue the copies of `tile`'s 18×18 input pixels (rows 16·ty − 1 .., columns 16·tx − 1 ..) into
-// `halo`, 8 chunks of 16 bytes per pixel, swizzled; zeros outside the image.
+// `halo`, 8 chunks of 16 bytes per pixel, swizzled; zeros outside the image. Thread `tid` of the
+// `threads` that share the work.
 __device__ __forceinline__ void cp_halo_load(unsigned char* halo, const f16raw* __restrict__ x,
-                                             CpTile t, int h, int w) {
+                                             CpTile t, int h, int w, int tid, int threads) {
     const int y0 = 16 * t.ty - 1, x0 = 16 * t.tx - 1;
-    for (int c = threadIdx.x; c < CP_HALO * CP_HALO * 8; c += blockDim.x) {
+    for (int c = tid; c < CP_HALO * CP_HALO * 8; c += threads) {
         const int q = c >> 3, chunk = c & 7;
         const int r = q / CP_HALO, col = q - r * CP_HALO;
         const int gy = y0 + r, gx = x0 + col;
@@ -83,12 +86,13 @@ __device__ __forceinline__ void cp_halo_load(unsigned char* halo, const f16raw* 
 // 16 pixels × 64 channels in mma_16816's C layout per n-tile: acc[i][4j ..] is n-tile j of row i.
 // The two rows of a pooled row are two m-tiles of the same lane, the two columns lanes g and
 // g ^ 1 (a shuffle). `staged` is the warp's own; the warp's previous stores have read it.
+// `warp`: the calling warp's place among the tile's warps (its pooled rows PROWS·warp ..).
 template <int PROWS>
 __device__ __forceinline__ void cp_pool_store(const float (&acc)[2 * PROWS][32],
                                               const float* bias_s, u32* staged,
                                               f16raw* __restrict__ y, CpTile tc, int ph, int pw,
-                                              bool y16) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+                                              bool y16, int warp) {
+    const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
 #pragma unroll
@@ -209,6 +213,8 @@ __device__ __forceinline__ void cp_tile_mma(float (&acc)[ROWS][32], const unsign
 __device__ __forceinline__ void cp_tile_wgmma(float (&acc)[4][32], const unsigned char* hb,
                                               u64 desc0, int warp, int lane) {
     u32 a[2][6][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_fence_operands(acc[j]);
     wgmma_fence();  // the zeroed accumulators
 #pragma unroll
     for (int step = 0; step < 12; ++step) {
@@ -227,6 +233,8 @@ __device__ __forceinline__ void cp_tile_wgmma(float (&acc)[4][32], const unsigne
         wgmma_commit();
     }
     wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_fence_operands(acc[j]);
 }
 
 // The kernel body: WARPS warps of 16 / WARPS conv rows each, by mma_16816, or (`WG`) one
@@ -253,7 +261,8 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
 
     // The first tile's halo is on its way while the filter is rearranged.
     i64 tile = blockIdx.x;
-    if (tile < tiles) cp_halo_load(halos, x, cp_tile(tile, tiles_y, tiles_x), h, w);
+    if (tile < tiles)
+        cp_halo_load(halos, x, cp_tile(tile, tiles_y, tiles_x), h, w, threadIdx.x, blockDim.x);
     cp_async_commit();
     cp_filter_load<WG>(smem, filter);
     if (threadIdx.x < 64) bias_s[threadIdx.x] = bias[threadIdx.x];
@@ -267,7 +276,7 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
         const i64 next = tile + gridDim.x;
         if (next < tiles)
             cp_halo_load(halos + (cur ^ 1) * CP_HALO_BYTES, x, cp_tile(next, tiles_y, tiles_x), h,
-                         w);
+                         w, threadIdx.x, blockDim.x);
         cp_async_commit();
         cp_async_wait_1();  // this thread's copies of the current tile have landed
         __syncthreads();    // everyone's, and the filter and bias
@@ -284,7 +293,7 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
             cp_tile_mma<ROWS>(acc, hb, reinterpret_cast<const uint4*>(smem), warp, lane);
         }
 
-        cp_pool_store<PROWS>(acc, bias_s, staged, y, tc, ph, pw, y16);
+        cp_pool_store<PROWS>(acc, bias_s, staged, y, tc, ph, pw, y16, warp);
         __syncthreads();  // the halo just read is refilled by the next iteration's copies
         cur ^= 1;
     }
@@ -304,10 +313,73 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_c64_pool_body<8, false>(x, filter, bias, n, h, w, y);
 }
 
-// sm_90a only (wgmma): elsewhere it traps, and the launcher refuses it first.
+// Two warpgroups per block, each on its own tiles (tile 2·block + group, then every 2·grid-th)
+// with its own halo and staging rows, sharing the filter: while one drains its last wgmma, pools
+// and stores, and waits for its next halo, the other keeps the tensor cores busy. One halo per
+// group (shared memory: CONV_POOL_SMEM_WG2), refilled as soon as the group's wgmma have read it
+// and landing during its pool and stores. Only the filter load is block-wide; afterwards each
+// group syncs its own 128 threads (named barrier 1 + group).
+#define CP_SMEM_WG2 (CP_W_BYTES + 2 * CP_HALO_BYTES + 2 * CP_STAGE_BYTES + 64 * 4)
+__device__ __forceinline__ void conv3x3_c64_pool_wg2_body(const f16raw* __restrict__ x,
+                                                          const f16raw* __restrict__ filter,
+                                                          const float* __restrict__ bias, int n,
+                                                          int h, int w, f16raw* __restrict__ y) {
+    extern __shared__ uint4 cp_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(cp_smem);
+    // The group read through a shuffle, so that the compiler knows it (and the tile loop) to be
+    // uniform in the warp: wgmma in a loop it thinks divergent are serialized (ptxas C7519).
+    const int group = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
+    const int gtid = threadIdx.x & 127;
+    const int lane = threadIdx.x & 31, warp = gtid >> 5;  // warp within the group
+    unsigned char* halo = smem + CP_W_BYTES + group * CP_HALO_BYTES;
+    unsigned char* stage_base = smem + CP_W_BYTES + 2 * CP_HALO_BYTES;
+    u32* staged = reinterpret_cast<u32*>(stage_base + group * CP_STAGE_BYTES) +
+                  warp * 2 * 8 * CP_STAGE_ROW;  // 2 pooled rows × 8 pixels per warp
+    float* bias_s = reinterpret_cast<float*>(stage_base + 2 * CP_STAGE_BYTES);
+
+    const int ph = h >> 1, pw = w >> 1;
+    const int tiles_y = (ph + 7) >> 3, tiles_x = (pw + 7) >> 3;
+    const i64 tiles = (i64)n * tiles_y * tiles_x;
+    const i64 stride = 2 * (i64)gridDim.x;
+
+    i64 tile = 2 * (i64)blockIdx.x + group;
+    if (tile < tiles) cp_halo_load(halo, x, cp_tile(tile, tiles_y, tiles_x), h, w, gtid, 128);
+    cp_async_commit();
+    cp_filter_load<true>(smem, filter);
+    if (threadIdx.x < 64) bias_s[threadIdx.x] = bias[threadIdx.x];
+    const u64 desc0 = wgmma_desc_kmajor(smem, 128, 256);
+    __syncthreads();  // the filter and bias (the last block-wide barrier: tile counts differ)
+
+    const bool y16 = is_aligned(y, 16);
+    for (; tile < tiles; tile += stride) {  // uniform within the group
+        const CpTile tc = cp_tile(tile, tiles_y, tiles_x);
+        cp_async_wait_0();          // this thread's copies of the tile have landed
+        warpgroup_sync(1 + group);  // the group's
+        float acc[4][32];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
+        cp_tile_wgmma(acc, halo, desc0, warp, lane);  // every wgmma done at its return
+        warpgroup_sync(1 + group);  // the group's ldmatrix reads of the halo too
+        const i64 next = tile + stride;
+        if (next < tiles) cp_halo_load(halo, x, cp_tile(next, tiles_y, tiles_x), h, w, gtid, 128);
+        cp_async_commit();
+        cp_pool_store<2>(acc, bias_s, staged, y, tc, ph, pw, y16, warp);
+    }
+}
+
+// sm_90a only (wgmma): elsewhere they trap, and the launcher refuses them first.
 extern "C" __global__ void __launch_bounds__(128, 1)
     conv3x3_c64_pool_wg(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
                         const float* __restrict__ bias, int n, int h, int w,
                         f16raw* __restrict__ y) {
     conv3x3_c64_pool_body<4, true>(x, filter, bias, n, h, w, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_c64_pool_wg2(const f16raw* __restrict__ x, const f16raw* __restrict__ filter,
+                         const float* __restrict__ bias, int n, int h, int w,
+                         f16raw* __restrict__ y) {
+    conv3x3_c64_pool_wg2_body(x, filter, bias, n, h, w, y);
 }

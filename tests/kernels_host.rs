@@ -31,7 +31,7 @@ use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
 const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
-    conv_pool_smem: true,
+    conv_pool_smem: 232448,
     wgmma: true,
 };
 
@@ -544,11 +544,12 @@ fn conv3x3_cin8_matches_host() {
 // ---------------------------------------------------------------------------------------------
 // conv_pool.cu
 
-/// Every build of the fused conv + ReLU + 2×2 max-pool (the wgmma one too: the emulation reads
-/// its B operand through the descriptor as PTX defines it) against the CPU conv, rounded to FP16,
-/// then pooled: one whole tile; odd sizes whose last conv row and column the pool drops, with
-/// partial tiles on both edges, more tiles than blocks (each block's double-buffered halo goes
-/// round several times); the smallest input; an unaligned filter and output.
+/// Every build of the fused conv + ReLU + 2×2 max-pool (the wgmma ones too: the emulation reads
+/// their B operand through the descriptor as PTX defines it) against the CPU conv, rounded to
+/// FP16, then pooled: one whole tile (the second warpgroup of `Wg2` has none); odd sizes whose
+/// last conv row and column the pool drops, with partial tiles on both edges, more tiles than
+/// blocks (each block's halos go round several times; `Wg2`'s groups get 3 and 3, then 2 and 1);
+/// the smallest input; an unaligned filter and output.
 fn conv3x3_c64_pool_matches_host() {
     let c = k::CONV_POOL_C;
     let weight: Vec<f32> = common::values(c * c * 9, 41)
@@ -569,6 +570,7 @@ fn conv3x3_c64_pool_matches_host() {
         for (n, h, w, misalign) in [
             (1usize, 16usize, 16usize, 0usize),
             (1, 19, 35, 2),
+            (1, 40, 16, 0),
             (2, 2, 3, 0),
         ] {
             let x_nchw: Vec<f32> = common::values(n * c * h * w, 43 + h as u64)
@@ -635,7 +637,7 @@ fn conv3x3_c64_pool_matches_host() {
     ));
     assert!(e.contains("`y` has 960"), "{e}");
     let small = LaunchLimits {
-        conv_pool_smem: false,
+        conv_pool_smem: 0,
         ..LIMITS
     };
     let e = err(k::conv3x3_c64_pool_launch(
@@ -1162,7 +1164,7 @@ fn device(sm_count: u32, smem: usize) -> LaunchLimits {
     LaunchLimits {
         sm_count,
         masks_smem: smem,
-        conv_pool_smem: true,
+        conv_pool_smem: 232448,
         wgmma: true,
     }
 }

@@ -124,8 +124,9 @@ fn compiles_all_kernels_for_sm_90() {
     check("sm_90", true);
 }
 
-/// Hopper's own target: the fused conv + pool's wgmma build is real only there (all 144 of its
-/// unrolled warpgroup MMAs per tile), and a trap for plain sm_90 (whose launcher refuses it).
+/// Hopper's own target: the fused conv + pool's wgmma builds are real only there (all 144 of
+/// each one's unrolled warpgroup MMAs per tile), and a trap for plain sm_90 (whose launcher
+/// refuses them).
 fn compiles_wgmma_for_sm_90a_only() {
     check("sm_90a", true);
     let wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16";
@@ -134,7 +135,7 @@ fn compiles_wgmma_for_sm_90a_only() {
         String::from_utf8(image).expect("PTX is text")
     };
     let a = ptx("compute_90a");
-    assert_eq!(a.matches(wgmma).count(), 144, "compute_90a");
+    assert_eq!(a.matches(wgmma).count(), 2 * 144, "compute_90a: wg and wg2");
     for fence in ["wgmma.fence", "wgmma.commit_group", "fence.proxy.async"] {
         assert!(a.contains(fence), "compute_90a: no {fence}");
     }

@@ -147,7 +147,7 @@ inline unsigned short scorecam_host_f2h(float f) {
 // Blocks of fibers.
 namespace scorecam_host {
 
-enum class Wait { None, Block, Warp, Group, Done, Failed };
+enum class Wait { None, Block, Warp, Group, Named, Done, Failed };
 
 // One queued `cp.async` (common.cuh's cp_async16): performed at its thread's wait.
 struct PendingCopy {
@@ -185,6 +185,9 @@ struct BlockRun {
     ucontext_t scheduler;
     unsigned current = 0;
     std::vector<unsigned long long> exchange;  // one slot per thread
+    // The warpgroup (its first thread) that uses each named barrier (warpgroup_sync), or -1:
+    // one barrier id serving two warpgroups would mix their arrivals on a GPU.
+    std::array<long, 16> named_owner;
     // The mma fragments each thread offers its warp (a[0..3], b[0..1]).
     std::vector<std::array<unsigned, 6>> mma_slots;
     // cp.async copies land, and wgmma operations read their operands, when issued (random
@@ -313,8 +316,13 @@ inline T shuffle(unsigned mask, T v, unsigned src_lane, const char* what) {
 
 inline std::string describe_waits(const BlockRun& r) {
     std::string s;
-    const char* names[] = {"running",          "__syncthreads", "a warp shuffle",
-                           "a warpgroup's wgmma", "exited",        "failed"};
+    const char* names[] = {"running",
+                           "__syncthreads",
+                           "a warp shuffle",
+                           "a warpgroup's wgmma",
+                           "a warpgroup barrier",
+                           "exited",
+                           "failed"};
     size_t i = 0;
     while (i < r.fibers.size()) {
         size_t j = i;
@@ -346,20 +354,21 @@ inline bool release(BlockRun& r) {
         }
     }
     if (released) return true;
-    // Warpgroups (128 threads from a multiple of 128) at a wgmma step.
-    for (size_t g0 = 0; g0 < n; g0 += 128) {
-        const size_t g1 = g0 + 128 < n ? g0 + 128 : n;
-        bool all = true, any = false;
-        for (size_t i = g0; i < g1; ++i) {
-            any = any || r.fibers[i].wait == Wait::Group;
-            all = all && (r.fibers[i].wait == Wait::Group || r.fibers[i].wait == Wait::Done);
+    // Warpgroups (128 threads from a multiple of 128) at a wgmma step, or at their barrier.
+    for (const Wait kind : {Wait::Group, Wait::Named})
+        for (size_t g0 = 0; g0 < n; g0 += 128) {
+            const size_t g1 = g0 + 128 < n ? g0 + 128 : n;
+            bool all = true, any = false;
+            for (size_t i = g0; i < g1; ++i) {
+                any = any || r.fibers[i].wait == kind;
+                all = all && (r.fibers[i].wait == kind || r.fibers[i].wait == Wait::Done);
+            }
+            if (any && all) {
+                for (size_t i = g0; i < g1; ++i)
+                    if (r.fibers[i].wait == kind) r.fibers[i].wait = Wait::None;
+                released = true;
+            }
         }
-        if (any && all) {
-            for (size_t i = g0; i < g1; ++i)
-                if (r.fibers[i].wait == Wait::Group) r.fibers[i].wait = Wait::None;
-            released = true;
-        }
-    }
     if (released) return true;
     bool any = false, all = true;
     for (const Fiber& f : r.fibers) {
@@ -432,6 +441,7 @@ inline void poison(void* p, size_t n, unsigned long long& schedule) {
 inline bool run_block(BlockRun& r, unsigned long long& schedule) {
     const unsigned n = threads_per_block();
     r.eager_copies = schedule != 0;
+    r.named_owner.fill(-1);
     poison(r.dynamic_shared.data() + SMEM_GUARD, r.dynamic_shared_bytes, schedule);
     for (const auto& e : static_shared) poison(e.first, e.second, schedule);
     for (unsigned i = 0; i < n; ++i) {
@@ -706,6 +716,19 @@ inline void wgmma_perform_oldest(size_t count) {
 }
 
 }  // namespace scorecam_host
+
+// common.cuh's warpgroup_sync (PTX bar.sync id, 128): every thread of the calling thread's
+// warpgroup waits for the others (the named barrier is taken to be the warpgroup's own).
+inline void scorecam_host_warpgroup_sync(int id) {
+    using namespace scorecam_host;
+    const unsigned group0 = full_group0("warpgroup_sync");
+    if (id < 1 || id > 15) fail("warpgroup_sync with a barrier id outside 1..15");
+    long& owner = run->named_owner[(size_t)id];
+    if (owner == -1) owner = (long)group0;
+    if (owner != (long)group0)
+        fail("named barrier " + std::to_string(id) + " used by two warpgroups");
+    yield(Wait::Named);
+}
 
 // common.cuh's wgmma_64x64x16 (PTX wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16, A from
 // registers): queued on the calling thread with the addresses of its accumulators and A

@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 
 use bytemuck::Pod;
 use scorecam_gpu::backend::cuda::kernels::{
-    assemble_source, kernel_names, sources, KernelArg, KernelLaunch, CONV_POOL_KERNELS,
-    CONV_POOL_SMEM, SMEM_OPT_IN, SMEM_OPT_IN_KERNELS,
+    assemble_source, kernel_names, sources, ConvPoolVariant, KernelArg, KernelLaunch, SMEM_OPT_IN,
+    SMEM_OPT_IN_KERNELS,
 };
 use scorecam_gpu::Error;
 
@@ -203,7 +203,8 @@ impl KernelHost {
     ///
     /// Errors: an unknown kernel, argument kinds that differ from the kernel's parameters, more
     /// threads per block than its `__launch_bounds__` allow, more dynamic shared memory than the
-    /// GPU gives it (48 KiB; [`SMEM_OPT_IN`] or [`CONV_POOL_SMEM`] for the kernels that opt in),
+    /// GPU gives it (48 KiB; [`SMEM_OPT_IN`] or [`ConvPoolVariant::smem`] for the kernels that
+    /// opt in),
     /// a deadlock or a failed barrier in the kernel, a write outside a buffer or into an
     /// [`Arg::In`] buffer, results that depend on the order (a missing barrier, a race).
     pub fn launch(
@@ -216,8 +217,8 @@ impl KernelHost {
     ) -> Result<(), String> {
         let limit = if SMEM_OPT_IN_KERNELS.contains(&name) {
             SMEM_OPT_IN
-        } else if CONV_POOL_KERNELS.contains(&name) {
-            CONV_POOL_SMEM
+        } else if let Some(v) = ConvPoolVariant::ALL.iter().find(|v| v.kernel() == name) {
+            v.smem()
         } else {
             48 * 1024
         };

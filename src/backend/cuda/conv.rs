@@ -852,12 +852,36 @@ fn graph_search_order<T>(
 /// between prepares.
 pub(super) type DirectCheck = Option<std::result::Result<(), String>>;
 
-/// The fused conv + pool's device checks, once per backend: its `mma.sync` builds together, its
-/// `wgmma` build apart (so that a wgmma build the device disagrees with leaves the others used).
+/// The fused conv + pool's device checks, once per backend and build (in
+/// [`ConvPoolVariant::ALL`]'s order): a build the device disagrees with leaves the others used.
 #[derive(Debug, Default)]
-pub(super) struct PoolChecks {
-    pub mma: DirectCheck,
-    pub wgmma: DirectCheck,
+pub(super) struct PoolChecks([DirectCheck; ConvPoolVariant::ALL.len()]);
+
+impl PoolChecks {
+    fn of(&mut self, build: ConvPoolVariant) -> &mut DirectCheck {
+        let i = ConvPoolVariant::ALL.iter().position(|&v| v == build);
+        &mut self.0[i.expect("every build is in ALL")]
+    }
+
+    /// Each checked build's outcome.
+    pub fn outcomes(&self) -> impl Iterator<Item = (ConvPoolVariant, &DirectCheck)> {
+        ConvPoolVariant::ALL.into_iter().zip(&self.0)
+    }
+
+    /// All checked builds together: None when none was checked, Ok when every one passed, else
+    /// the failures.
+    pub fn overall(&self) -> DirectCheck {
+        let failed: Vec<String> = self
+            .0
+            .iter()
+            .filter_map(|c| c.as_ref().and_then(|r| r.clone().err()))
+            .collect();
+        match (self.0.iter().any(Option::is_some), failed.is_empty()) {
+            (false, _) => None,
+            (true, true) => Some(Ok(())),
+            (true, false) => Some(Err(failed.join("; "))),
+        }
+    }
 }
 
 /// Whether the hand-written conv may run `layer`: not turned off, the layer's shape and the
@@ -984,25 +1008,14 @@ pub(super) fn plan_fused_pools(
         let Some(conv_ms) = chosen.and_then(|c| c.ms) else {
             continue;
         };
-        // The builds that passed their check (each group's check runs on the first such layer).
+        // The builds that passed their check (each one's runs on the first such layer).
         let mut builds = Vec::new();
-        for (wgmma, check) in [(false, &mut checks.mma), (true, &mut checks.wgmma)] {
-            let group: Vec<_> = kernels
-                .conv_pool_variants()
-                .into_iter()
-                .filter(|v| v.wgmma() == wgmma)
-                .collect();
-            let fallback = if wgmma {
-                "the wgmma build is not used"
-            } else {
-                "the mma.sync builds are not used"
-            };
-            if !group.is_empty()
-                && checked(check, fallback, || {
-                    conv_direct::check_pool_on_device(dev, kernels, layer, &group)
-                })?
-            {
-                builds.extend(group);
+        for build in kernels.conv_pool_variants() {
+            let fallback = format!("the {build:?} build is not used");
+            if checked(checks.of(build), &fallback, || {
+                conv_direct::check_pool_on_device(dev, kernels, layer, build)
+            })? {
+                builds.push(build);
             }
         }
         if builds.is_empty() {

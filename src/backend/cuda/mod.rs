@@ -1145,8 +1145,11 @@ impl Backend for CudaBackend {
             // 64 → 64 convs tried with their max-pool in the same kernel, at the full mask batch:
             // its time, the conv's and the pool's apart, and whether forwards fuse them.
             "fused_pools": {
-                "check": check_json(&self.pool_check.mma),
-                "check_wgmma": check_json(&self.pool_check.wgmma),
+                "check": check_json(&self.pool_check.overall()),
+                "checks": self.pool_check.outcomes()
+                    .filter(|(_, c)| c.is_some())
+                    .map(|(v, c)| (format!("{v:?}"), check_json(c)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "layers": p.convs.fused_pools.iter().map(|f| json!({
                     "stage": f.stage,
                     "pool_stage": f.stage + 1,

@@ -10,52 +10,61 @@ use crate::error::Result;
 
 /// Input and output channels the kernels are written for.
 pub const CONV_POOL_C: usize = 64;
-/// Dynamic shared memory per block, bytes (the kernel's `CP_SMEM`): the filter as B fragments,
-/// two 18×18-pixel input halos, the staging rows of 64 pooled pixels, the bias.
+/// Dynamic shared memory per block, bytes (the kernel's `CP_SMEM`): the filter, two 18×18-pixel
+/// input halos, the staging rows of 64 pooled pixels, the bias.
 pub const CONV_POOL_SMEM: usize = 36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 64 * 36 * 4 + 64 * 4;
-/// The kernels' names, for the shared-memory opt-in at load.
-pub const CONV_POOL_KERNELS: [&str; 3] = [
-    "conv3x3_c64_pool_w4",
-    "conv3x3_c64_pool_w8",
-    "conv3x3_c64_pool_wg",
-];
+/// The same for the two-warpgroup build (`CP_SMEM_WG2`): one halo and staging rows per group.
+pub const CONV_POOL_SMEM_WG2: usize =
+    36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 2 * 64 * 36 * 4 + 64 * 4;
 
 /// The builds of the fused conv + pool, by `mma.sync` (sm_80+): 4 warps of 4 conv rows (more
 /// work per shared-memory byte) or 8 warps of 2 (more warps to hide latency); and by Hopper's
-/// warpgroup `wgmma` (`Wg`, sm_90a only: one warpgroup of 4 warps, its A fragments loaded once
-/// for three taps). Prepare checks and times each the device runs.
+/// warpgroup `wgmma` (sm_90a only, its A fragments loaded once for three taps): one warpgroup
+/// per block (`Wg`), or two on tiles of their own sharing the filter (`Wg2`: one's pool, stores
+/// and halo wait overlap the other's MMAs). Prepare checks and times each the device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConvPoolVariant {
     W4,
     W8,
     Wg,
+    Wg2,
 }
 
 impl ConvPoolVariant {
-    pub const ALL: [ConvPoolVariant; 3] = [
+    pub const ALL: [ConvPoolVariant; 4] = [
         ConvPoolVariant::W4,
         ConvPoolVariant::W8,
         ConvPoolVariant::Wg,
+        ConvPoolVariant::Wg2,
     ];
 
     /// Its kernel's `extern "C"` name.
     pub fn kernel(self) -> &'static str {
         match self {
-            ConvPoolVariant::W4 => CONV_POOL_KERNELS[0],
-            ConvPoolVariant::W8 => CONV_POOL_KERNELS[1],
-            ConvPoolVariant::Wg => CONV_POOL_KERNELS[2],
+            ConvPoolVariant::W4 => "conv3x3_c64_pool_w4",
+            ConvPoolVariant::W8 => "conv3x3_c64_pool_w8",
+            ConvPoolVariant::Wg => "conv3x3_c64_pool_wg",
+            ConvPoolVariant::Wg2 => "conv3x3_c64_pool_wg2",
         }
     }
 
     /// Whether it needs `wgmma` (a module built for sm_90a).
     pub fn wgmma(self) -> bool {
-        self == ConvPoolVariant::Wg
+        matches!(self, ConvPoolVariant::Wg | ConvPoolVariant::Wg2)
+    }
+
+    /// Its dynamic shared memory per block, bytes.
+    pub fn smem(self) -> usize {
+        match self {
+            ConvPoolVariant::Wg2 => CONV_POOL_SMEM_WG2,
+            _ => CONV_POOL_SMEM,
+        }
     }
 
     fn warps(self) -> u32 {
         match self {
             ConvPoolVariant::W4 | ConvPoolVariant::Wg => 4,
-            ConvPoolVariant::W8 => 8,
+            ConvPoolVariant::W8 | ConvPoolVariant::Wg2 => 8,
         }
     }
 }
@@ -72,10 +81,13 @@ pub fn conv3x3_c64_pool_launch(
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
     let op = variant.kernel();
-    if !limits.conv_pool_smem {
+    if variant.smem() > limits.conv_pool_smem {
         return Err(invalid(
             op,
-            format!("the device cannot give a block {CONV_POOL_SMEM} bytes of shared memory"),
+            format!(
+                "the device cannot give a block {} bytes of shared memory",
+                variant.smem()
+            ),
         ));
     }
     if variant.wgmma() && !limits.wgmma {
@@ -97,13 +109,21 @@ pub fn conv3x3_c64_pool_launch(
     need(op, "bias", bias_len, c)?;
     need(op, "y", y_len, prod(op, &[n, h / 2, w / 2, c])?)?;
     let tiles = prod(op, &[n, (h / 2).div_ceil(8), (w / 2).div_ceil(8)])?;
-    let grid = tiles.clamp(1, limits.sm_count.max(1) as usize) as u32;
+    // Persistent: one block per SM at most (a block of two groups takes two tiles at a time).
+    let per_block = if variant == ConvPoolVariant::Wg2 {
+        2
+    } else {
+        1
+    };
+    let grid = tiles
+        .div_ceil(per_block)
+        .clamp(1, limits.sm_count.max(1) as usize) as u32;
     use KernelArg::*;
     Ok(KernelLaunch {
         kernel: op,
         grid,
         block: 32 * variant.warps(),
-        shared_mem_bytes: CONV_POOL_SMEM as u32,
+        shared_mem_bytes: variant.smem() as u32,
         args: vec![
             Read(0),
             Read(1),
@@ -117,9 +137,10 @@ pub fn conv3x3_c64_pool_launch(
 }
 
 impl Kernels {
-    /// Whether the device gave the fused conv + pool kernels their shared memory.
+    /// Whether the device gave the fused conv + pool kernels their shared memory (the mma.sync
+    /// builds', at least).
     pub fn has_conv_pool_smem(&self) -> bool {
-        self.limits.conv_pool_smem
+        CONV_POOL_SMEM <= self.limits.conv_pool_smem
     }
 
     /// Whether the kernels were built for sm_90a, where the `wgmma` build runs.
@@ -131,7 +152,7 @@ impl Kernels {
     pub fn conv_pool_variants(&self) -> Vec<ConvPoolVariant> {
         ConvPoolVariant::ALL
             .into_iter()
-            .filter(|v| !v.wgmma() || self.has_wgmma())
+            .filter(|v| (!v.wgmma() || self.has_wgmma()) && v.smem() <= self.limits.conv_pool_smem)
             .collect()
     }
 

@@ -51,7 +51,7 @@ pub use self::conv_cin8::{
     conv3x3_cin8_e4m3_launch, conv3x3_cin8_launch, CONV_CIN8_IN, CONV_CIN8_OUT,
 };
 pub use self::conv_pool::{
-    conv3x3_c64_pool_launch, ConvPoolVariant, CONV_POOL_C, CONV_POOL_KERNELS, CONV_POOL_SMEM,
+    conv3x3_c64_pool_launch, ConvPoolVariant, CONV_POOL_C, CONV_POOL_SMEM, CONV_POOL_SMEM_WG2,
 };
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
@@ -93,6 +93,7 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_c64_pool_w4",
     "conv3x3_c64_pool_w8",
     "conv3x3_c64_pool_wg",
+    "conv3x3_c64_pool_wg2",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
@@ -163,8 +164,9 @@ pub struct LaunchLimits {
     pub sm_count: u32,
     /// Dynamic shared memory `masks` / `masks_direct` may use per block, bytes.
     pub masks_smem: usize,
-    /// The fused conv + pool kernels got their [`CONV_POOL_SMEM`] bytes of shared memory.
-    pub conv_pool_smem: bool,
+    /// Dynamic shared memory the fused conv + pool kernels were opted into, bytes (the device's
+    /// opt-in limit; each build needs [`ConvPoolVariant::smem`]).
+    pub conv_pool_smem: usize,
     /// The module was built for `sm_90a`, so its `wgmma` kernels run (Hopper only).
     pub wgmma: bool,
 }
@@ -252,13 +254,20 @@ impl Kernels {
         } else {
             SMEM_DEFAULT
         };
-        // The fused conv + pool needs more than any GPU's default: only an opt-in enables it.
-        let conv_pool_smem = opt_in >= CONV_POOL_SMEM
-            && CONV_POOL_KERNELS.iter().all(|k| {
-                functions[k]
-                    .set_attribute(attr, CONV_POOL_SMEM as i32)
+        // The fused conv + pool needs more than any GPU's default: only an opt-in enables it,
+        // for each build its own size where the device has it.
+        let conv_pool_smem = if ConvPoolVariant::ALL
+            .into_iter()
+            .filter(|v| v.smem() <= opt_in)
+            .all(|v| {
+                functions[v.kernel()]
+                    .set_attribute(attr, v.smem() as i32)
                     .is_ok()
-            });
+            }) {
+            opt_in
+        } else {
+            0
+        };
         Ok(Kernels {
             ctx: ctx.clone(),
             _module: module,
@@ -428,7 +437,7 @@ mod tests {
         let l = LaunchLimits {
             sm_count: 132,
             masks_smem: SMEM_DEFAULT,
-            conv_pool_smem: true,
+            conv_pool_smem: 232448,
             wgmma: true,
         };
         let fails = |r: Result<KernelLaunch>, words: &[&str]| match r {
