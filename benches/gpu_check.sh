@@ -123,16 +123,27 @@ run_step engine_fp16 "${BENCH_TIMEOUT:-90}" "$out/engine_fp16.json" "$out/engine
   "$bin" bench --backend cuda --images 1,8,32 --json
 fp16_rc=$?
 # A hand-written kernel that faults on the device poisons the process's CUDA context, and with it
-# every figure of the bench. Then the bench runs again with cuDNN only (its report says
-# `direct_conv.use: off`; steps.tsv keeps the failed try, its output the *_failed files), and so
-# do the benches after it. Not after a timeout: a second try would not fit either.
-if [ "$fp16_rc" != 0 ] && [ "$fp16_rc" != 124 ] && [ "$fp16_rc" != 125 ] && [ "$fp16_rc" != 137 ] && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
-  mv "$out/engine_fp16.json" "$out/engine_fp16_failed.json" 2> /dev/null
-  mv "$out/engine_fp16.err" "$out/engine_fp16_failed.err" 2> /dev/null
-  export SCORECAM_CONV_DIRECT=off
-  run_step engine_fp16_cudnn_only "${BENCH_TIMEOUT:-90}" "$out/engine_fp16.json" "$out/engine_fp16.err" \
+# every figure of the bench. Then the bench runs again without the newest of them, the Hopper
+# wgmma builds (kernels for plain sm_90: the report's `kernels_arch`), and if it fails again with
+# cuDNN only (`direct_conv.use: off`); the benches after it keep the setting that worked.
+# steps.tsv keeps each failed try, their outputs the *_failed* files. Not after a timeout: a
+# second try would not fit either.
+fp16_failed() {
+  [ "$fp16_rc" != 0 ] && [ "$fp16_rc" != 124 ] && [ "$fp16_rc" != 125 ] && [ "$fp16_rc" != 137 ]
+}
+retry_fp16() {  # retry_fp16 STEP VAR VALUE: keep the failed try's files, set VAR, run again
+  mv "$out/engine_fp16.json" "$out/engine_fp16_failed_before_$1.json" 2> /dev/null
+  mv "$out/engine_fp16.err" "$out/engine_fp16_failed_before_$1.err" 2> /dev/null
+  export "$2=$3"
+  run_step "$1" "${BENCH_TIMEOUT:-90}" "$out/engine_fp16.json" "$out/engine_fp16.err" \
     "$bin" bench --backend cuda --images 1,8,32 --json
   fp16_rc=$?
+}
+if fp16_failed && [ "${SCORECAM_WGMMA:-on}" != off ] && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
+  retry_fp16 engine_fp16_no_wgmma SCORECAM_WGMMA off
+fi
+if fp16_failed && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
+  retry_fp16 engine_fp16_cudnn_only SCORECAM_CONV_DIRECT off
 fi
 # FP8 graphs have no NVIDIA sample with an FP16 output: if cuDNN refuses them, its own error log
 # (errors only, kept to 4 MB) says why, beside the report's graph_api_search counts.

@@ -185,15 +185,25 @@ fn compile_uncached(arch: &str) -> Result<Vec<u8>> {
     })
 }
 
+/// Whether `SCORECAM_WGMMA` (unset: on) lets Hopper's kernels be built for `sm_90a`; `off`
+/// (or `0`) builds plain `sm_90`, where the `wgmma` builds are not offered.
+pub fn wgmma_allowed() -> bool {
+    wgmma_setting(std::env::var("SCORECAM_WGMMA").ok().as_deref())
+}
+
+fn wgmma_setting(v: Option<&str>) -> bool {
+    !matches!(v.map(str::trim), Some("off" | "0"))
+}
+
 /// The image for a device of compute capability `major.minor`: its own `sm_XY` when this NVRTC
-/// knows it (`sm_90a` on Hopper, for its `wgmma` kernels, falling back to `sm_90` should this
-/// NVRTC refuse that); else PTX for the newest virtual arch below it that NVRTC knows (the
+/// knows it (`sm_90a` on Hopper, for its `wgmma` kernels, unless [`wgmma_allowed`] says no or
+/// this NVRTC refuses it); else PTX for the newest virtual arch below it that NVRTC knows (the
 /// driver JITs PTX forward to newer GPUs). Returns (arch compiled, image).
 pub(super) fn image_for_device(major: i32, minor: i32) -> Result<(String, Vec<u8>)> {
     let number = major * 10 + minor;
     let archs = supported_archs();
     if archs.is_empty() || archs.contains(&number) {
-        if number == 90 {
+        if number == 90 && wgmma_allowed() {
             if let Ok(img) = compile_for_arch("sm_90a") {
                 return Ok(("sm_90a".to_string(), img));
             }
@@ -508,6 +518,20 @@ mod tests {
         found.sort();
         expected.sort();
         assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn wgmma_is_on_unless_turned_off() {
+        for (v, on) in [
+            (None, true),
+            (Some("on"), true),
+            (Some(""), true),
+            (Some("off"), false),
+            (Some(" off "), false),
+            (Some("0"), false),
+        ] {
+            assert_eq!(wgmma_setting(v), on, "{v:?}");
+        }
     }
 
     #[test]
