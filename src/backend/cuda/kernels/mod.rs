@@ -215,18 +215,32 @@ impl Kernels {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| Error::CudaUnavailable(format!("reading the compute capability: {e}")))?;
-        let (arch, image) = nvrtc::image_for_device(major, minor)?;
-        let ptx = if is_cubin(&image) {
-            Ptx::from_binary(image)
-        } else {
-            let text = String::from_utf8(image).map_err(|_| {
-                Error::CudaUnavailable(format!("NVRTC returned non-UTF-8 PTX for {arch}"))
-            })?;
-            Ptx::from_src(text)
+        let load = |arch: &str, image: Vec<u8>| {
+            let ptx = if is_cubin(&image) {
+                Ptx::from_binary(image)
+            } else {
+                let text = String::from_utf8(image).map_err(|_| {
+                    Error::CudaUnavailable(format!("NVRTC returned non-UTF-8 PTX for {arch}"))
+                })?;
+                Ptx::from_src(text)
+            };
+            ctx.load_module(ptx).map_err(|e| {
+                Error::CudaUnavailable(format!("loading the kernel module ({arch}): {e}"))
+            })
         };
-        let module = ctx.load_module(ptx).map_err(|e| {
-            Error::CudaUnavailable(format!("loading the kernel module ({arch}): {e}"))
-        })?;
+        let (mut arch, image) = nvrtc::image_for_device(major, minor)?;
+        let module = match load(&arch, image) {
+            // The sm_90a image refused (a driver that does not take it): plain sm_90 then,
+            // without the wgmma builds.
+            Err(e) if arch == "sm_90a" => {
+                if super::device::verbose() {
+                    eprintln!("cuda: {e}; the kernels are built for sm_90 instead");
+                }
+                arch = "sm_90".to_string();
+                load(&arch, nvrtc::compile_for_arch(&arch)?)?
+            }
+            loaded => loaded?,
+        };
         let mut functions = HashMap::new();
         for &name in KERNEL_NAMES {
             let f = module.load_function(name).map_err(|e| {
