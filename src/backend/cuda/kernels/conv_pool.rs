@@ -143,7 +143,7 @@ impl Kernels {
         CONV_POOL_SMEM <= self.limits.conv_pool_smem
     }
 
-    /// Whether the kernels were built for sm_90a, where the `wgmma` build runs.
+    /// Whether the kernels were built for sm_90a, where the `wgmma` builds run.
     pub fn has_wgmma(&self) -> bool {
         self.limits.wgmma
     }
