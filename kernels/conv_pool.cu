@@ -67,11 +67,15 @@ __device__ __forceinline__ CpTile cp_tile(i64 tile, int tiles_y, int tiles_x) {
 
 // Queue the copies of `tile`'s 18×18 input pixels (rows 16·ty − 1 .., columns 16·tx − 1 ..) into
 // `halo`, 8 chunks of 16 bytes per pixel, swizzled; zeros outside the image. Thread `tid` of the
-// `threads` that share the work.
+// `threads` that share the work; of its rounds, part `part` of `parts`.
 __device__ __forceinline__ void cp_halo_load(unsigned char* halo, const f16raw* __restrict__ x,
-                                             CpTile t, int h, int w, int tid, int threads) {
+                                             CpTile t, int h, int w, int tid, int threads,
+                                             int part = 0, int parts = 1) {
+    constexpr int CHUNKS = CP_HALO * CP_HALO * 8;
+    const int rounds = (CHUNKS + threads - 1) / threads, per = (rounds + parts - 1) / parts;
     const int y0 = 16 * t.ty - 1, x0 = 16 * t.tx - 1;
-    for (int c = tid; c < CP_HALO * CP_HALO * 8; c += threads) {
+    const int last = tid + (part + 1) * per * threads, end = last < CHUNKS ? last : CHUNKS;
+    for (int c = tid + part * per * threads; c < end; c += threads) {
         const int q = c >> 3, chunk = c & 7;
         const int r = q / CP_HALO, col = q - r * CP_HALO;
         const int gy = y0 + r, gx = x0 + col;
@@ -80,6 +84,25 @@ __device__ __forceinline__ void cp_halo_load(unsigned char* halo, const f16raw* 
         cp_async16(halo + (q << 7) + ((chunk ^ (q & 7)) << 4), src, inside);
     }
 }
+
+// The next tile's halo copies, queued part by part between this tile's MMA steps, so that issuing
+// them (address arithmetic for 2592 chunks of 16 bytes) overlaps tensor work instead of coming
+// before it. `live` false: no next tile.
+struct CpNextHalo {
+    unsigned char* halo;
+    const f16raw* x;
+    CpTile t;
+    int h, w;
+    bool live;
+    __device__ __forceinline__ void part(int p, int parts) const {
+        if (live) cp_halo_load(halo, x, t, h, w, threadIdx.x, blockDim.x, p, parts);
+    }
+};
+
+// No copies to interleave (a group whose next halo must wait until this tile's MMAs are done).
+struct CpNoCopies {
+    __device__ __forceinline__ void part(int, int) const {}
+};
 
 // After a tile's last k-step: pool, + bias, ReLU, FP16, through the calling warp's staging rows
 // (16-byte coalesced stores) into `y`. `acc` holds the warp's 2·PROWS conv rows (m-tiles) of
@@ -174,10 +197,12 @@ __device__ __forceinline__ const unsigned char* cp_a_row(const unsigned char* hb
     return hb + (q << 7) + ((chunk ^ (q & 7)) << 4);
 }
 
-// One tile's conv by mma_16816: warp `warp` accumulates its ROWS conv rows into `acc`.
-template <int ROWS>
+// One tile's conv by mma_16816: warp `warp` accumulates its ROWS conv rows into `acc`; after
+// each tap, part of `next`'s copies.
+template <int ROWS, class Copies>
 __device__ __forceinline__ void cp_tile_mma(float (&acc)[ROWS][32], const unsigned char* hb,
-                                            const uint4* wfrag, int warp, int lane) {
+                                            const uint4* wfrag, int warp, int lane,
+                                            const Copies& next) {
 #pragma unroll 1
     for (int tap = 0; tap < 9; ++tap) {
         const int dy = tap / 3, dx = tap - 3 * dy;
@@ -201,6 +226,7 @@ __device__ __forceinline__ void cp_tile_mma(float (&acc)[ROWS][32], const unsign
                     mma_16816(&acc[i][4 * j], a[i], b);
                 }
         }
+        next.part(tap, 9);
     }
 }
 
@@ -209,9 +235,11 @@ __device__ __forceinline__ void cp_tile_mma(float (&acc)[ROWS][32], const unsign
 // (dx, kc): warp w loads halo rows 4w .. 4w + 5 once (6 ldmatrix) for the three dy, as conv row
 // 4w + j at tap row dy reads halo row 4w + j + dy: half the A loads of one load per (row, tap).
 // The A registers are double-buffered: the loads of step i + 1 overlap step i's 12 wgmma (one
-// group), and step i + 2 reuses step i's registers after waiting for its group.
+// group), and step i + 2 reuses step i's registers after waiting for its group. After every
+// third step's group, a quarter of `next`'s copies (twelve parts spilled registers).
+template <class Copies>
 __device__ __forceinline__ void cp_tile_wgmma(float (&acc)[4][32], const unsigned char* hb,
-                                              u64 desc0, int warp, int lane) {
+                                              u64 desc0, int warp, int lane, const Copies& next) {
     u32 a[2][6][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) wgmma_fence_operands(acc[j]);
@@ -231,6 +259,7 @@ __device__ __forceinline__ void cp_tile_wgmma(float (&acc)[4][32], const unsigne
             for (int j = 0; j < 4; ++j) wgmma_64x64x16(acc[j], a[buf][j + dy], desc);
         }
         wgmma_commit();
+        if (step % 3 == 2) next.part(step / 3, 4);
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -273,14 +302,14 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
     int cur = 0;
     for (; tile < tiles; tile += gridDim.x) {  // block-uniform loop
         const CpTile tc = cp_tile(tile, tiles_y, tiles_x);
-        const i64 next = tile + gridDim.x;
-        if (next < tiles)
-            cp_halo_load(halos + (cur ^ 1) * CP_HALO_BYTES, x, cp_tile(next, tiles_y, tiles_x), h,
-                         w, threadIdx.x, blockDim.x);
-        cp_async_commit();
-        cp_async_wait_1();  // this thread's copies of the current tile have landed
+        cp_async_wait_0();  // this thread's copies of the tile (queued during the last one)
         __syncthreads();    // everyone's, and the filter and bias
         const unsigned char* hb = halos + cur * CP_HALO_BYTES;
+        // The next tile's halo goes to the other buffer, read last by the previous tile.
+        const i64 next = tile + gridDim.x;
+        const CpNextHalo copies{halos + (cur ^ 1) * CP_HALO_BYTES, x,
+                                cp_tile(next < tiles ? next : tile, tiles_y, tiles_x), h, w,
+                                next < tiles};
 
         float acc[ROWS][32];  // conv row i of the warp, n-tile j at acc[i][4j ..]
 #pragma unroll
@@ -288,10 +317,11 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
 #pragma unroll
             for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
         if constexpr (WG) {
-            cp_tile_wgmma(acc, hb, desc0, warp, lane);
+            cp_tile_wgmma(acc, hb, desc0, warp, lane, copies);
         } else {
-            cp_tile_mma<ROWS>(acc, hb, reinterpret_cast<const uint4*>(smem), warp, lane);
+            cp_tile_mma<ROWS>(acc, hb, reinterpret_cast<const uint4*>(smem), warp, lane, copies);
         }
+        cp_async_commit();  // the next tile's copies, one group
 
         cp_pool_store<PROWS>(acc, bias_s, staged, y, tc, ph, pw, y16, warp);
         __syncthreads();  // the halo just read is refilled by the next iteration's copies
@@ -360,7 +390,7 @@ __device__ __forceinline__ void conv3x3_c64_pool_wg2_body(const f16raw* __restri
         for (int i = 0; i < 4; ++i)
 #pragma unroll
             for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
-        cp_tile_wgmma(acc, halo, desc0, warp, lane);  // every wgmma done at its return
+        cp_tile_wgmma(acc, halo, desc0, warp, lane, CpNoCopies{});  // all done at its return
         warpgroup_sync(1 + group);  // the group's ldmatrix reads of the halo too
         const i64 next = tile + stride;
         if (next < tiles) cp_halo_load(halo, x, cp_tile(next, tiles_y, tiles_x), h, w, gtid, 128);
