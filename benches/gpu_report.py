@@ -832,7 +832,8 @@ def graph_search_lines(eng):
                 ", ".join("%s %s" % (b.get("build"), fmt_ms(_float(b.get("ms"))))
                           for b in x.get("builds_ms") or [] if isinstance(b, dict)) or "none",
                 fmt_ms(_float(x.get("conv_ms"))), fmt_ms(_float(x.get("pool_ms"))),
-                "kept" if x.get("fused") else "not kept")
+                "fused" if x.get("fused") else
+                ("kept, but apart in the FP8 route" if x.get("kept") else "not kept"))
                 for x in fp.get("layers") or [] if isinstance(x, dict)]
             checks = fp.get("checks") if isinstance(fp.get("checks"), dict) else {}
             L.append("Fused conv + max-pool in the %s run: device check %s (%s); %s." % (

@@ -160,6 +160,13 @@ pub fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
     routes
 }
 
+/// Whether stages `stage` and `stage + 1` both run FP16 under `routes` (None: every stage does):
+/// in, out and the conv itself. Only then may a conv and the max-pool after it run as one kernel.
+pub fn pair_runs_fp16(routes: Option<&[StageRoute]>, stage: usize) -> bool {
+    let fp16 = |s: usize| routes.is_none_or(|r| !r[s].fp8 && !r[s].e4m3_in && !r[s].e4m3_out);
+    fp16(stage) && fp16(stage + 1)
+}
+
 /// A buffer a step reads or writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Buf {
@@ -567,7 +574,7 @@ impl Planner<'_, '_> {
     }
 
     /// Whether conv stage `stage` runs with the max-pool after it: the shape says so, and both
-    /// stages run FP16 (in, out and the conv itself) with neither captured.
+    /// stages run FP16 ([`pair_runs_fp16`]) with neither captured.
     fn fuses_pool(
         &self,
         stage: usize,
@@ -575,12 +582,10 @@ impl Planner<'_, '_> {
         routes: Option<&[StageRoute]>,
     ) -> bool {
         let sh = self.shape;
-        let fp16 = |s: usize| routes.is_none_or(|r| !r[s].fp8 && !r[s].e4m3_in && !r[s].e4m3_out);
         sh.fused_pool.get(stage) == Some(&true)
             && sh.is_conv[stage]
             && sh.is_conv.get(stage + 1) == Some(&false)
-            && fp16(stage)
-            && fp16(stage + 1)
+            && pair_runs_fp16(routes, stage)
             && sh.fp8_filters.get(stage + 1) != Some(&true)
             && capture.is_none_or(|c| c.stage != stage && c.stage != stage + 1)
     }

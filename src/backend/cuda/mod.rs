@@ -115,6 +115,19 @@ pub struct Fp8Route {
     pub dequantized_inputs: Vec<usize>,
 }
 
+impl Fp8Route {
+    fn of(routes: &[forward_plan::StageRoute]) -> Fp8Route {
+        let stages = |keep: fn(&forward_plan::StageRoute) -> bool| -> Vec<usize> {
+            (0..routes.len()).filter(|&i| keep(&routes[i])).collect()
+        };
+        Fp8Route {
+            fp8: stages(|r| r.conv && r.fp8),
+            e4m3_out: stages(|r| r.e4m3_out),
+            dequantized_inputs: stages(|r| r.dequantizes()),
+        }
+    }
+}
+
 struct Prepared {
     plan: Plan,
     rows_max: usize,
@@ -594,17 +607,14 @@ impl CudaBackend {
     /// Under `--precision fp8`, once a base forward has set the scales: how a masked forward of
     /// `rows` rows runs each feature stage (None before, or without FP8).
     pub fn fp8_route(&self, rows: usize) -> Option<Fp8Route> {
+        self.masked_routes(rows).as_deref().map(Fp8Route::of)
+    }
+
+    /// The stage routes of a masked forward of `rows` rows (None: every stage FP16).
+    fn masked_routes(&self, rows: usize) -> Option<Vec<forward_plan::StageRoute>> {
         let p = self.prep.as_ref()?;
         let model = &self.model.as_ref()?.model;
-        let routes = p.fp8_routes(model, rows, p.prefix_for(rows))?;
-        let stages = |keep: fn(&forward_plan::StageRoute) -> bool| -> Vec<usize> {
-            (0..routes.len()).filter(|&i| keep(&routes[i])).collect()
-        };
-        Some(Fp8Route {
-            fp8: stages(|r| r.conv && r.fp8),
-            e4m3_out: stages(|r| r.e4m3_out),
-            dequantized_inputs: stages(|r| r.dequantizes()),
-        })
+        p.fp8_routes(model, rows, p.prefix_for(rows))
     }
 
     /// The forward pass's borrows of the prepared backend.
@@ -1094,6 +1104,7 @@ impl Backend for CudaBackend {
         let Some(p) = self.prep.as_ref() else {
             return serde_json::Value::Null;
         };
+        let routes = self.masked_routes(p.plan.max_masks);
         let plans: Vec<serde_json::Value> = p
             .convs
             .choices()
@@ -1126,7 +1137,7 @@ impl Backend for CudaBackend {
             "plans_built_on_first_use": p.convs.built_on_first_use,
             // How a full mask batch's forward runs under `--precision fp8` (null before a base
             // forward, or in FP16).
-            "fp8_route": self.fp8_route(p.plan.max_masks),
+            "fp8_route": routes.as_deref().map(Fp8Route::of),
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
             "graph_api_left_to_hand_written_conv": p.convs.graph_left_to_direct,
             // Graph-API plan choices remembered between runs (see plan_cache.rs).
@@ -1143,7 +1154,9 @@ impl Backend for CudaBackend {
                 "check": check_json(&self.direct_check),
             },
             // 64 → 64 convs tried with their max-pool in the same kernel, at the full mask batch:
-            // its time, the conv's and the pool's apart, and whether forwards fuse them.
+            // its time, the conv's and the pool's apart, whether the tuning kept it, and whether
+            // a full mask batch's forward runs it (not where its FP8 route runs either stage in
+            // FP8 or E4M3).
             "fused_pools": {
                 "check": check_json(&self.pool_check.overall()),
                 "checks": self.pool_check.outcomes()
@@ -1160,7 +1173,8 @@ impl Backend for CudaBackend {
                         .collect::<Vec<_>>(),
                     "conv_ms": f.conv_ms,
                     "pool_ms": f.pool_ms,
-                    "fused": f.kept,
+                    "kept": f.kept,
+                    "fused": f.kept && forward_plan::pair_runs_fp16(routes.as_deref(), f.stage),
                 })).collect::<Vec<_>>(),
             },
             "graph_api_search": {
