@@ -115,10 +115,9 @@ __device__ __forceinline__ void ldmatrix_x4(u32*, const void*) { asm volatile("t
 
 // Asynchronous 16-byte copies global → shared (sm_80+ `cp.async`), in groups: `cp_async16`
 // queues one (16 zero bytes instead when `valid` is false; `src` must still be a readable
-// address), `cp_async_commit` closes the calling thread's group, `cp_async_wait_1` waits until
-// all but its newest group have landed (`cp_async_wait_0`: all of them). Only the calling
-// thread's copies are waited for: a __syncthreads after the wait makes the whole block's
-// visible. Both addresses 16-byte aligned.
+// address), `cp_async_commit` closes the calling thread's group, `cp_async_wait_0` waits until
+// all its committed groups have landed. Only the calling thread's copies are waited for: a
+// __syncthreads after the wait makes the whole block's visible. Both addresses 16-byte aligned.
 // The CPU emulation (tests/kernel_host) lands a copy at its wait in one run and at its issue in
 // others, so a kernel that relies on either (a read before the wait, a refill of memory another
 // warp still reads) gives results that differ between runs.
@@ -127,7 +126,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
     scorecam_host_cp_async16(dst, src, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { scorecam_host_cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_1() { scorecam_host_cp_async_wait(1); }
 __device__ __forceinline__ void cp_async_wait_0() { scorecam_host_cp_async_wait(0); }
 #elif __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
@@ -139,16 +137,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
-__device__ __forceinline__ void cp_async_wait_1() {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-}
 __device__ __forceinline__ void cp_async_wait_0() {
     asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 #else
 __device__ __forceinline__ void cp_async16(void*, const void*, bool) { asm volatile("trap;"); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("trap;"); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("trap;"); }
 __device__ __forceinline__ void cp_async_wait_0() { asm volatile("trap;"); }
 #endif
 

@@ -49,21 +49,30 @@
 #define CP_STAGE_BYTES (64 * CP_STAGE_ROW * 4)
 #define CP_SMEM (CP_W_BYTES + 2 * CP_HALO_BYTES + CP_STAGE_BYTES + 64 * 4)
 
-// Where tile `tile` is: image, tile row, tile column.
+// Where a tile is: image, tile row, tile column.
 struct CpTile {
     i64 img;
     int ty, tx;
 };
 
-__device__ __forceinline__ CpTile cp_tile(i64 tile, int tiles_y, int tiles_x) {
-    const i64 per_img = (i64)tiles_y * tiles_x;
-    CpTile t;
-    t.img = tile / per_img;
-    const int rem = (int)(tile - t.img * per_img);
-    t.ty = rem / tiles_x;
-    t.tx = rem - t.ty * tiles_x;
-    return t;
-}
+// The tiles of an input [n, h, w, 64]: 8×8 pooled pixels each, of a pooled output ph × pw.
+struct CpGrid {
+    int ph, pw, tiles_y, tiles_x;
+    i64 tiles;
+    __device__ __forceinline__ CpGrid(int n, int h, int w)
+        : ph(h >> 1), pw(w >> 1), tiles_y(((h >> 1) + 7) >> 3), tiles_x(((w >> 1) + 7) >> 3),
+          tiles((i64)n * tiles_y * tiles_x) {}
+    // Where tile `tile` is.
+    __device__ __forceinline__ CpTile at(i64 tile) const {
+        const i64 per_img = (i64)tiles_y * tiles_x;
+        CpTile t;
+        t.img = tile / per_img;
+        const int rem = (int)(tile - t.img * per_img);
+        t.ty = rem / tiles_x;
+        t.tx = rem - t.ty * tiles_x;
+        return t;
+    }
+};
 
 // Queue the copies of `tile`'s 18×18 input pixels (rows 16·ty − 1 .., columns 16·tx − 1 ..) into
 // `halo`, 8 chunks of 16 bytes per pixel, swizzled; zeros outside the image. Thread `tid` of the
@@ -113,8 +122,9 @@ struct CpNoCopies {
 template <int PROWS>
 __device__ __forceinline__ void cp_pool_store(const float (&acc)[2 * PROWS][32],
                                               const float* bias_s, u32* staged,
-                                              f16raw* __restrict__ y, CpTile tc, int ph, int pw,
-                                              bool y16, int warp) {
+                                              f16raw* __restrict__ y, const CpGrid& grid,
+                                              CpTile tc, bool y16, int warp) {
+    const int ph = grid.ph, pw = grid.pw;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
@@ -197,12 +207,22 @@ __device__ __forceinline__ const unsigned char* cp_a_row(const unsigned char* hb
     return hb + (q << 7) + ((chunk ^ (q & 7)) << 4);
 }
 
-// One tile's conv by mma_16816: warp `warp` accumulates its ROWS conv rows into `acc`; after
-// each tap, part of `next`'s copies.
+// Zeros in a tile's accumulators.
+template <int ROWS>
+__device__ __forceinline__ void cp_zero(float (&acc)[ROWS][32]) {
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
+}
+
+// One tile's conv by mma_16816: warp `warp` computes its ROWS conv rows into `acc`; after each
+// tap, part of `next`'s copies.
 template <int ROWS, class Copies>
 __device__ __forceinline__ void cp_tile_mma(float (&acc)[ROWS][32], const unsigned char* hb,
                                             const uint4* wfrag, int warp, int lane,
                                             const Copies& next) {
+    cp_zero(acc);
 #pragma unroll 1
     for (int tap = 0; tap < 9; ++tap) {
         const int dy = tap / 3, dx = tap - 3 * dy;
@@ -241,6 +261,7 @@ template <class Copies>
 __device__ __forceinline__ void cp_tile_wgmma(float (&acc)[4][32], const unsigned char* hb,
                                               u64 desc0, int warp, int lane, const Copies& next) {
     u32 a[2][6][4];
+    cp_zero(acc);
 #pragma unroll
     for (int j = 0; j < 4; ++j) wgmma_fence_operands(acc[j]);
     wgmma_fence();  // the zeroed accumulators
@@ -284,14 +305,13 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
                   warp * PROWS * 8 * CP_STAGE_ROW;
     float* bias_s = reinterpret_cast<float*>(halos + 2 * CP_HALO_BYTES + CP_STAGE_BYTES);
 
-    const int ph = h >> 1, pw = w >> 1;
-    const int tiles_y = (ph + 7) >> 3, tiles_x = (pw + 7) >> 3;
-    const i64 tiles = (i64)n * tiles_y * tiles_x;
+    const CpGrid grid(n, h, w);
+    const i64 tiles = grid.tiles;
 
     // The first tile's halo is on its way while the filter is rearranged.
     i64 tile = blockIdx.x;
     if (tile < tiles)
-        cp_halo_load(halos, x, cp_tile(tile, tiles_y, tiles_x), h, w, threadIdx.x, blockDim.x);
+        cp_halo_load(halos, x, grid.at(tile), h, w, threadIdx.x, blockDim.x);
     cp_async_commit();
     cp_filter_load<WG>(smem, filter);
     if (threadIdx.x < 64) bias_s[threadIdx.x] = bias[threadIdx.x];
@@ -301,21 +321,17 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
     const bool y16 = is_aligned(y, 16);
     int cur = 0;
     for (; tile < tiles; tile += gridDim.x) {  // block-uniform loop
-        const CpTile tc = cp_tile(tile, tiles_y, tiles_x);
+        const CpTile tc = grid.at(tile);
         cp_async_wait_0();  // this thread's copies of the tile (queued during the last one)
         __syncthreads();    // everyone's, and the filter and bias
         const unsigned char* hb = halos + cur * CP_HALO_BYTES;
         // The next tile's halo goes to the other buffer, read last by the previous tile.
         const i64 next = tile + gridDim.x;
         const CpNextHalo copies{halos + (cur ^ 1) * CP_HALO_BYTES, x,
-                                cp_tile(next < tiles ? next : tile, tiles_y, tiles_x), h, w,
+                                grid.at(next < tiles ? next : tile), h, w,
                                 next < tiles};
 
         float acc[ROWS][32];  // conv row i of the warp, n-tile j at acc[i][4j ..]
-#pragma unroll
-        for (int i = 0; i < ROWS; ++i)
-#pragma unroll
-            for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
         if constexpr (WG) {
             cp_tile_wgmma(acc, hb, desc0, warp, lane, copies);
         } else {
@@ -323,7 +339,7 @@ __device__ __forceinline__ void conv3x3_c64_pool_body(const f16raw* __restrict__
         }
         cp_async_commit();  // the next tile's copies, one group
 
-        cp_pool_store<PROWS>(acc, bias_s, staged, y, tc, ph, pw, y16, warp);
+        cp_pool_store<PROWS>(acc, bias_s, staged, y, grid, tc, y16, warp);
         __syncthreads();  // the halo just read is refilled by the next iteration's copies
         cur ^= 1;
     }
@@ -367,13 +383,12 @@ __device__ __forceinline__ void conv3x3_c64_pool_wg2_body(const f16raw* __restri
                   warp * 2 * 8 * CP_STAGE_ROW;  // 2 pooled rows × 8 pixels per warp
     float* bias_s = reinterpret_cast<float*>(stage_base + 2 * CP_STAGE_BYTES);
 
-    const int ph = h >> 1, pw = w >> 1;
-    const int tiles_y = (ph + 7) >> 3, tiles_x = (pw + 7) >> 3;
-    const i64 tiles = (i64)n * tiles_y * tiles_x;
+    const CpGrid grid(n, h, w);
+    const i64 tiles = grid.tiles;
     const i64 stride = 2 * (i64)gridDim.x;
 
     i64 tile = 2 * (i64)blockIdx.x + group;
-    if (tile < tiles) cp_halo_load(halo, x, cp_tile(tile, tiles_y, tiles_x), h, w, gtid, 128);
+    if (tile < tiles) cp_halo_load(halo, x, grid.at(tile), h, w, gtid, 128);
     cp_async_commit();
     cp_filter_load<true>(smem, filter);
     if (threadIdx.x < 64) bias_s[threadIdx.x] = bias[threadIdx.x];
@@ -382,20 +397,16 @@ __device__ __forceinline__ void conv3x3_c64_pool_wg2_body(const f16raw* __restri
 
     const bool y16 = is_aligned(y, 16);
     for (; tile < tiles; tile += stride) {  // uniform within the group
-        const CpTile tc = cp_tile(tile, tiles_y, tiles_x);
+        const CpTile tc = grid.at(tile);
         cp_async_wait_0();          // this thread's copies of the tile have landed
         warpgroup_sync(1 + group);  // the group's
         float acc[4][32];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int e = 0; e < 32; ++e) acc[i][e] = 0.0f;
         cp_tile_wgmma(acc, halo, desc0, warp, lane, CpNoCopies{});  // all done at its return
         warpgroup_sync(1 + group);  // the group's ldmatrix reads of the halo too
         const i64 next = tile + stride;
-        if (next < tiles) cp_halo_load(halo, x, cp_tile(next, tiles_y, tiles_x), h, w, gtid, 128);
+        if (next < tiles) cp_halo_load(halo, x, grid.at(next), h, w, gtid, 128);
         cp_async_commit();
-        cp_pool_store<2>(acc, bias_s, staged, y, tc, ph, pw, y16, warp);
+        cp_pool_store<2>(acc, bias_s, staged, y, grid, tc, y16, warp);
     }
 }
 

@@ -626,40 +626,29 @@ fn conv3x3_c64_pool_matches_host() {
     }
     // Refused: no 2×2 window, a short output, a device without the shared memory.
     let v = k::ConvPoolVariant::W4;
-    let lens = |y: usize| [64 * 64, 9 * 64 * 64, 64, y];
-    let err = |r: Result<_, scorecam_gpu::Error>| r.unwrap_err().to_string();
-    assert!(err(k::conv3x3_c64_pool_launch(v, lens(64), [1, 1, 64], &LIMITS)).contains("1×64"));
-    let e = err(k::conv3x3_c64_pool_launch(
-        v,
-        lens(15 * 64),
-        [1, 8, 8],
-        &LIMITS,
-    ));
+    let launch = |v, y: usize, nhw, limits: &LaunchLimits| {
+        k::conv3x3_c64_pool_launch(v, [64 * 64, 9 * 64 * 64, 64, y], nhw, limits)
+    };
+    let refused =
+        |v, y, nhw, limits: &LaunchLimits| launch(v, y, nhw, limits).unwrap_err().to_string();
+    let e = refused(v, 64, [1, 1, 64], &LIMITS);
+    assert!(e.contains("1×64"), "{e}");
+    let e = refused(v, 15 * 64, [1, 8, 8], &LIMITS);
     assert!(e.contains("`y` has 960"), "{e}");
     let small = LaunchLimits {
         conv_pool_smem: 0,
         ..LIMITS
     };
-    let e = err(k::conv3x3_c64_pool_launch(
-        v,
-        lens(16 * 64),
-        [1, 8, 8],
-        &small,
-    ));
+    let e = refused(v, 16 * 64, [1, 8, 8], &small);
     assert!(e.contains("shared memory"), "{e}");
     // The wgmma build without an sm_90a module; the mma builds still launch there.
     let no_wgmma = LaunchLimits {
         wgmma: false,
         ..LIMITS
     };
-    let e = err(k::conv3x3_c64_pool_launch(
-        k::ConvPoolVariant::Wg,
-        lens(16 * 64),
-        [1, 8, 8],
-        &no_wgmma,
-    ));
+    let e = refused(k::ConvPoolVariant::Wg, 16 * 64, [1, 8, 8], &no_wgmma);
     assert!(e.contains("sm_90a"), "{e}");
-    assert!(k::conv3x3_c64_pool_launch(v, lens(16 * 64), [1, 8, 8], &no_wgmma).is_ok());
+    assert!(launch(v, 16 * 64, [1, 8, 8], &no_wgmma).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------

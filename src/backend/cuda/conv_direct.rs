@@ -50,12 +50,12 @@ pub(super) fn applies(layer: &DevConv, kernels: &Kernels) -> bool {
     layer.cin_s == CONV_CIN8_IN && layer.cout == CONV_CIN8_OUT && kernels.has_mma()
 }
 
-/// Whether the fused conv + pool can run `layer` (its output then pooled 2×2) on this device.
+/// Whether the fused conv + pool can run `layer` (its output then pooled 2×2) on this device:
+/// its shape, and a build the device runs.
 pub(super) fn pool_applies(layer: &DevConv, kernels: &Kernels) -> bool {
     layer.cin_s == CONV_POOL_C
         && layer.cout == CONV_POOL_C
-        && kernels.has_mma()
-        && kernels.has_conv_pool_smem()
+        && !kernels.conv_pool_variants().is_empty()
 }
 
 /// `y` `[rows, h/2, w/2, 64]` = max-pool 2×2 of ReLU(conv(`x` `[rows, h, w, 64]`) + bias), FP16,

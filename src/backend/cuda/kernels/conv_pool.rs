@@ -137,22 +137,18 @@ pub fn conv3x3_c64_pool_launch(
 }
 
 impl Kernels {
-    /// Whether the device gave the fused conv + pool kernels their shared memory (the mma.sync
-    /// builds', at least).
-    pub fn has_conv_pool_smem(&self) -> bool {
-        CONV_POOL_SMEM <= self.limits.conv_pool_smem
-    }
-
     /// Whether the kernels were built for sm_90a, where the `wgmma` builds run.
     pub fn has_wgmma(&self) -> bool {
         self.limits.wgmma
     }
 
-    /// The builds of the fused conv + pool this device runs, in [`ConvPoolVariant::ALL`]'s order.
+    /// The builds of the fused conv + pool this device runs, in [`ConvPoolVariant::ALL`]'s order:
+    /// its `mma` (sm_80+), the shared memory it gave each, `wgmma` for those that need it.
     pub fn conv_pool_variants(&self) -> Vec<ConvPoolVariant> {
         ConvPoolVariant::ALL
             .into_iter()
-            .filter(|v| (!v.wgmma() || self.has_wgmma()) && v.smem() <= self.limits.conv_pool_smem)
+            .filter(|v| self.has_mma() && v.smem() <= self.limits.conv_pool_smem)
+            .filter(|v| !v.wgmma() || self.has_wgmma())
             .collect()
     }
 

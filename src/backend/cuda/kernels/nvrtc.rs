@@ -187,7 +187,7 @@ fn compile_uncached(arch: &str) -> Result<Vec<u8>> {
 
 /// Whether `SCORECAM_WGMMA` (unset: on) lets Hopper's kernels be built for `sm_90a`; `off`
 /// (or `0`) builds plain `sm_90`, where the `wgmma` builds are not offered.
-pub fn wgmma_allowed() -> bool {
+fn wgmma_allowed() -> bool {
     wgmma_setting(std::env::var("SCORECAM_WGMMA").ok().as_deref())
 }
 
