@@ -335,52 +335,36 @@ inline std::string describe_waits(const BlockRun& r) {
     return s;
 }
 
-// Release whatever barrier can be released; false when none can (a deadlock) or all are done.
-inline bool release(BlockRun& r) {
+// Release the threads waiting at `kind` in each span of `size` threads (warp, warpgroup or
+// block; the last may be shorter) where every thread waits there or has exited (CUDA: exited
+// threads count as arrived). Whether any span was released.
+inline bool release_spans(BlockRun& r, size_t size, Wait kind) {
     const size_t n = r.fibers.size();
     bool released = false;
-    for (size_t w0 = 0; w0 < n; w0 += 32) {
-        const size_t w1 = w0 + 32 < n ? w0 + 32 : n;
-        // Exited lanes count as arrived (CUDA: every non-exited lane of the mask takes part).
+    for (size_t s0 = 0; s0 < n; s0 += size) {
+        const size_t s1 = s0 + size < n ? s0 + size : n;
         bool all = true, any = false;
-        for (size_t i = w0; i < w1; ++i) {
-            any = any || r.fibers[i].wait == Wait::Warp;
-            all = all && (r.fibers[i].wait == Wait::Warp || r.fibers[i].wait == Wait::Done);
+        for (size_t i = s0; i < s1; ++i) {
+            any = any || r.fibers[i].wait == kind;
+            all = all && (r.fibers[i].wait == kind || r.fibers[i].wait == Wait::Done);
         }
         if (any && all) {
-            for (size_t i = w0; i < w1; ++i)
-                if (r.fibers[i].wait == Wait::Warp) r.fibers[i].wait = Wait::None;
+            for (size_t i = s0; i < s1; ++i)
+                if (r.fibers[i].wait == kind) r.fibers[i].wait = Wait::None;
             released = true;
         }
     }
-    if (released) return true;
+    return released;
+}
+
+// Release whatever barrier can be released; false when none can (a deadlock) or all are done.
+inline bool release(BlockRun& r) {
+    const size_t n = r.fibers.size();
+    if (release_spans(r, 32, Wait::Warp)) return true;
     // Warpgroups (128 threads from a multiple of 128) at a wgmma step, or at their barrier.
-    for (const Wait kind : {Wait::Group, Wait::Named})
-        for (size_t g0 = 0; g0 < n; g0 += 128) {
-            const size_t g1 = g0 + 128 < n ? g0 + 128 : n;
-            bool all = true, any = false;
-            for (size_t i = g0; i < g1; ++i) {
-                any = any || r.fibers[i].wait == kind;
-                all = all && (r.fibers[i].wait == kind || r.fibers[i].wait == Wait::Done);
-            }
-            if (any && all) {
-                for (size_t i = g0; i < g1; ++i)
-                    if (r.fibers[i].wait == kind) r.fibers[i].wait = Wait::None;
-                released = true;
-            }
-        }
-    if (released) return true;
-    bool any = false, all = true;
-    for (const Fiber& f : r.fibers) {
-        if (f.wait == Wait::Block) any = true;
-        else if (f.wait != Wait::Done) all = false;
-    }
-    if (any && all) {
-        for (Fiber& f : r.fibers)
-            if (f.wait == Wait::Block) f.wait = Wait::None;
-        return true;
-    }
-    return false;
+    const bool group = release_spans(r, 128, Wait::Group);
+    if (release_spans(r, 128, Wait::Named) || group) return true;
+    return release_spans(r, n, Wait::Block);
 }
 
 // xorshift64 (state never 0).
@@ -564,6 +548,24 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane) {
     return scorecam_host::shuffle(mask, v, (unsigned)src_lane, "__shfl_sync");
 }
 
+namespace scorecam_host {
+
+// Rows g and g + 8 of a 16×16 FP16 A operand in mma_16816's fragment layout, spread over a warp:
+// `reg(l, r)` is register r of the warp's lane l (lane 4g + j holds in its register r row
+// g + 8·(r & 1), columns 2j + 8·(r >> 1) + {0, 1}). mma_16816 and wgmma share the layout.
+template <class Reg>
+inline void a_rows(float (&A)[2][16], unsigned g, Reg reg) {
+    for (unsigned j = 0; j < 4; ++j)
+        for (unsigned r = 0; r < 4; ++r) {
+            const unsigned v = reg(4 * g + j, r);
+            const unsigned col = 2 * j + 8 * (r >> 1);
+            A[r & 1][col] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
+            A[r & 1][col + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
+        }
+}
+
+}  // namespace scorecam_host
+
 // common.cuh's mma_16816 (PTX mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32) for the warp
 // of the calling thread: every lane offers its fragments at a warp barrier (so every lane must
 // call it, as on a GPU, and a lane that has exited offers NaN), gathers the A rows and B columns
@@ -579,14 +581,7 @@ inline void scorecam_host_mma_16816(float* d, const unsigned* a, const unsigned*
     const unsigned g = lane >> 2, t = lane & 3u;
     const auto* slots = &run->mma_slots[warp0];
     float A[2][16];  // rows g and g + 8
-    for (unsigned j = 0; j < 4; ++j)
-        for (unsigned r = 0; r < 4; ++r) {
-            // lane 4g + j holds in a[r]: row g + 8·(r & 1), columns 2j + 8·(r >> 1) + {0, 1}
-            const unsigned v = slots[4 * g + j][r];
-            const unsigned col = 2 * j + 8 * (r >> 1);
-            A[r & 1][col] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
-            A[r & 1][col + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
-        }
+    a_rows(A, g, [&](unsigned l, unsigned r) { return slots[l][r]; });
     float B[2][16];  // columns 2t and 2t + 1
     for (unsigned c = 0; c < 2; ++c)
         for (unsigned j = 0; j < 4; ++j)
@@ -683,14 +678,7 @@ inline void wgmma_perform(size_t i) {
     const unsigned lane = tid & 31u;
     const unsigned g = lane >> 2, t = lane & 3u;
     float A[2][16];  // rows g and g + 8 of the warp's 16
-    for (unsigned j = 0; j < 4; ++j)
-        for (unsigned r = 0; r < 4; ++r) {
-            // lane 4g + j holds in a[r]: row g + 8·(r & 1), columns 2j + 8·(r >> 1) + {0, 1}
-            const unsigned v = run->fibers[warp0 + 4 * g + j].wgmmas[i].a[r];
-            const unsigned col = 2 * j + 8 * (r >> 1);
-            A[r & 1][col] = scorecam_host_h2f((unsigned short)(v & 0xffffu));
-            A[r & 1][col + 1] = scorecam_host_h2f((unsigned short)(v >> 16));
-        }
+    a_rows(A, g, [&](unsigned l, unsigned r) { return run->fibers[warp0 + l].wgmmas[i].a[r]; });
     float d[32];
     for (unsigned nt = 0; nt < 8; ++nt)
         for (unsigned row = 0; row < 2; ++row)
