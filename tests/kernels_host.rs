@@ -44,6 +44,24 @@ fn to_f32(x: &[f16]) -> Vec<f32> {
 }
 
 /// Every 16-bit pattern as an FP16.
+/// `n·c·h·w` values from `seed`, each exact in FP16: NCHW as f32 (the CPU reference's input),
+/// and NHWC as FP16 with `cs` ≥ `c` stored channels, the extra ones zero (the kernels' input).
+fn nchw_and_nhwc([n, c, h, w]: [usize; 4], cs: usize, seed: u64) -> (Vec<f32>, Vec<f16>) {
+    let nchw: Vec<f32> = common::values(n * c * h * w, seed)
+        .iter()
+        .map(|v| f16::from_f32(*v).to_f32())
+        .collect();
+    let mut nhwc = vec![f16::ZERO; n * h * w * cs];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                nhwc[(i * h * w + p) * cs + ch] = f16::from_f32(nchw[(i * c + ch) * h * w + p]);
+            }
+        }
+    }
+    (nchw, nhwc)
+}
+
 fn every_f16() -> Vec<f16> {
     (0..=u16::MAX).map(f16::from_bits).collect()
 }
@@ -459,18 +477,7 @@ fn conv3x3_cin8_matches_host() {
         (2, 19, 23, true, 2),
         (1, 17, 30, false, 0),
     ] {
-        let x_nchw: Vec<f32> = common::values(n * cin * h * w, 33 + n as u64)
-            .iter()
-            .map(|v| f16::from_f32(*v).to_f32())
-            .collect();
-        let mut x = vec![f16::ZERO; n * h * w * cs];
-        for i in 0..n {
-            for c in 0..cin {
-                for p in 0..h * w {
-                    x[(i * h * w + p) * cs + c] = f16::from_f32(x_nchw[(i * cin + c) * h * w + p]);
-                }
-            }
-        }
+        let (x_nchw, x) = nchw_and_nhwc([n, cin, h, w], cs, 33 + n as u64);
         let y_len = n * h * w * cout;
         // The E4M3 output's multiplier: 150, so that the largest values saturate.
         let multiplier = 150.0f32;
@@ -573,19 +580,7 @@ fn conv3x3_c64_pool_matches_host() {
             (1, 40, 16, 0),
             (2, 2, 3, 0),
         ] {
-            let x_nchw: Vec<f32> = common::values(n * c * h * w, 43 + h as u64)
-                .iter()
-                .map(|v| f16::from_f32(*v).to_f32())
-                .collect();
-            let mut x = vec![f16::ZERO; n * h * w * c];
-            for i in 0..n {
-                for ch in 0..c {
-                    for p in 0..h * w {
-                        x[(i * h * w + p) * c + ch] =
-                            f16::from_f32(x_nchw[(i * c + ch) * h * w + p]);
-                    }
-                }
-            }
+            let (x_nchw, x) = nchw_and_nhwc([n, c, h, w], c, 43 + h as u64);
             let mut conv = vec![0f32; n * c * h * w];
             cpu::conv3x3_into(&x_nchw, n, c, h, w, &weight, &bias, c, true, &mut conv);
             // The unfused path's values: the conv's FP16 output, then the pool.
