@@ -38,7 +38,7 @@ use scorecam_gpu::model::{FeatureStage, Vgg};
 const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
-    conv_pool_smem: 232448,
+    conv_smem: 232448,
     wgmma: true,
 };
 

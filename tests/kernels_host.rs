@@ -31,7 +31,7 @@ use scorecam_gpu::backend::{splitmix64, MaskItem, MaskStyle, Noise, Semantics};
 const LIMITS: LaunchLimits = LaunchLimits {
     sm_count: 1,
     masks_smem: SMEM_DEFAULT,
-    conv_pool_smem: 232448,
+    conv_smem: 232448,
     wgmma: true,
 };
 
@@ -43,7 +43,6 @@ fn to_f32(x: &[f16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
 
-/// Every 16-bit pattern as an FP16.
 /// `n·c·h·w` values from `seed`, each exact in FP16: NCHW as f32 (the CPU reference's input),
 /// and NHWC as FP16 with `cs` ≥ `c` stored channels, the extra ones zero (the kernels' input).
 fn nchw_and_nhwc([n, c, h, w]: [usize; 4], cs: usize, seed: u64) -> (Vec<f32>, Vec<f16>) {
@@ -62,6 +61,7 @@ fn nchw_and_nhwc([n, c, h, w]: [usize; 4], cs: usize, seed: u64) -> (Vec<f32>, V
     (nchw, nhwc)
 }
 
+/// Every 16-bit pattern as an FP16.
 fn every_f16() -> Vec<f16> {
     (0..=u16::MAX).map(f16::from_bits).collect()
 }
@@ -631,7 +631,7 @@ fn conv3x3_c64_pool_matches_host() {
     let e = refused(v, 15 * 64, [1, 8, 8], &LIMITS);
     assert!(e.contains("`y` has 960"), "{e}");
     let small = LaunchLimits {
-        conv_pool_smem: 0,
+        conv_smem: 0,
         ..LIMITS
     };
     let e = refused(v, 16 * 64, [1, 8, 8], &small);
@@ -644,6 +644,89 @@ fn conv3x3_c64_pool_matches_host() {
     let e = refused(k::ConvPoolVariant::Wg, 16 * 64, [1, 8, 8], &no_wgmma);
     assert!(e.contains("sm_90a"), "{e}");
     assert!(launch(v, 16 * 64, [1, 8, 8], &no_wgmma).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv_wg.cu
+
+/// Both builds of the wgmma conv (the emulation reads both operands through their descriptors
+/// as PTX defines them) against the CPU conv: a partial item; several items per block on one
+/// and on three blocks, so that the ring of stages runs on from one item into the next (items
+/// spanning two images, two blocks of output channels); rows and columns of one pixel; without
+/// ReLU; an output off 4-byte alignment (the element-wise stores).
+fn conv3x3_wg_matches_host() {
+    for (build, [cin, cout], [n, h, w], blocks, relu, misalign) in [
+        (
+            k::ConvWgBuild::N128,
+            [64usize, 128usize],
+            [1usize, 9usize, 13usize],
+            1u32,
+            true,
+            0usize,
+        ),
+        (k::ConvWgBuild::N128, [32, 256], [2, 7, 10], 1, true, 0),
+        (k::ConvWgBuild::N256, [32, 256], [3, 9, 11], 2, false, 2),
+        (k::ConvWgBuild::N256, [64, 256], [3, 1, 20], 2, true, 0),
+        (k::ConvWgBuild::N128, [32, 128], [2, 20, 1], 1, false, 2),
+    ] {
+        let weight: Vec<f32> = common::values(cout * cin * 9, 51 + cin as u64)
+            .iter()
+            .map(|v| f16::from_f32(v / 8.0).to_f32())
+            .collect();
+        let bias = common::values(cout, 52);
+        // KRSC [cout, 3, 3, cin], then packed for the build.
+        let mut filter = vec![f16::ZERO; cout * 9 * cin];
+        for o in 0..cout {
+            for i in 0..cin {
+                for t in 0..9 {
+                    filter[(o * 9 + t) * cin + i] = f16::from_f32(weight[(o * cin + i) * 9 + t]);
+                }
+            }
+        }
+        let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout]).unwrap();
+        let (x_nchw, x) = nchw_and_nhwc([n, cin, h, w], cin, 53 + h as u64);
+        let mut want = vec![0f32; n * cout * h * w];
+        cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, relu, &mut want);
+        let y_len = n * h * w * cout;
+        let limits = LaunchLimits {
+            sm_count: blocks,
+            ..LIMITS
+        };
+        let lens = [x.len(), packed.len(), bias.len(), y_len];
+        let launch = k::conv3x3_wg_launch(build, lens, [n, h, w], [cin, cout], relu, &limits);
+        let bufs = [HostBuf::of(&x), HostBuf::of(&packed), HostBuf::of(&bias)];
+        let out = HostBuf::misaligned(&vec![f16::NAN; y_len], misalign);
+        let got: Vec<f16> = run_into(launch, &bufs.iter().collect::<Vec<_>>(), out);
+        let got = nhwc_f16_to_nchw(&got, n, cout, h, w, cout);
+        let what =
+            format!("{build:?} {cin}→{cout} {n}×{h}×{w} on {blocks} relu {relu} +{misalign}");
+        assert_close(&got, &want, 2e-3, 2e-3, &what);
+    }
+    // Refused: channels that do not fit the build, a short output, no sm_90a kernels, a device
+    // without the shared memory.
+    let b = k::ConvWgBuild::N256;
+    let launch = |c: [usize; 2], y: usize, limits: &LaunchLimits| {
+        let x = 4 * 4 * c[0];
+        k::conv3x3_wg_launch(b, [x, 9 * c[0] * c[1], c[1], y], [1, 4, 4], c, true, limits)
+    };
+    let refused = |c, y, limits: &LaunchLimits| launch(c, y, limits).unwrap_err().to_string();
+    let e = refused([64, 128], 16 * 128, &LIMITS);
+    assert!(e.contains("64 → 128"), "{e}");
+    let e = refused([48, 256], 16 * 256, &LIMITS);
+    assert!(e.contains("48 → 256"), "{e}");
+    let e = refused([64, 256], 15 * 256, &LIMITS);
+    assert!(e.contains("`y` has 3840"), "{e}");
+    let no_wgmma = LaunchLimits {
+        wgmma: false,
+        ..LIMITS
+    };
+    assert!(refused([64, 256], 16 * 256, &no_wgmma).contains("sm_90a"));
+    let small = LaunchLimits {
+        conv_smem: 100_000,
+        ..LIMITS
+    };
+    assert!(refused([64, 256], 16 * 256, &small).contains("shared memory"));
+    assert!(launch([64, 256], 16 * 256, &LIMITS).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1148,7 +1231,7 @@ fn device(sm_count: u32, smem: usize) -> LaunchLimits {
     LaunchLimits {
         sm_count,
         masks_smem: smem,
-        conv_pool_smem: 232448,
+        conv_smem: 232448,
         wgmma: true,
     }
 }
@@ -1281,6 +1364,7 @@ fn main() -> std::process::ExitCode {
         fill_uniform_f16_matches_host,
         conv3x3_cin8_matches_host,
         conv3x3_c64_pool_matches_host,
+        conv3x3_wg_matches_host,
         maxpool2_matches_host,
         maxpool2_e4m3_matches_host,
         adaptive_avgpool_matches_host,

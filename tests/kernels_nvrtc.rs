@@ -124,9 +124,9 @@ fn compiles_all_kernels_for_sm_90() {
     check("sm_90", true);
 }
 
-/// Hopper's own target: the fused conv + pool's wgmma builds are real only there (all 144 of
-/// each one's unrolled warpgroup MMAs per tile), and a trap for plain sm_90 (whose launcher
-/// refuses them).
+/// Hopper's own target: the wgmma builds are real only there (all 144 of each fused conv + pool
+/// build's unrolled warpgroup MMAs per tile; the wgmma conv's two shared-memory MMAs per stage,
+/// N = 128 and 256), and a trap for plain sm_90 (whose launcher refuses them).
 fn compiles_wgmma_for_sm_90a_only() {
     check("sm_90a", true);
     let wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16";
@@ -136,6 +136,14 @@ fn compiles_wgmma_for_sm_90a_only() {
     };
     let a = ptx("compute_90a");
     assert_eq!(a.matches(wgmma).count(), 2 * 144, "compute_90a: wg and wg2");
+    for n in [128, 256] {
+        let ss = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16");
+        assert_eq!(a.matches(&ss).count(), 2, "compute_90a: conv3x3_wg_n{n}");
+    }
+    assert!(
+        a.contains("cp.async.ca.shared.global"),
+        "compute_90a: no L1 copies"
+    );
     for fence in ["wgmma.fence", "wgmma.commit_group", "fence.proxy.async"] {
         assert!(a.contains(fence), "compute_90a: no {fence}");
     }

@@ -156,13 +156,16 @@ struct PendingCopy {
     bool valid;
 };
 
-// One issued wgmma (common.cuh's wgmma_64x64x16): where its accumulators and A registers live
-// (the issuing thread's stack), and its B descriptor. Performed at the wait that covers it, or
-// at its issue in random schedules.
+// One issued wgmma (common.cuh's wgmma_64x64x16 and wgmma_ss_64xNx16): where its accumulators
+// and A registers live (the issuing thread's stack; no registers: A is named by `a_desc`), its
+// B descriptor and its N. Performed at the wait that covers it, or at its issue in random
+// schedules.
 struct PendingWgmma {
     float* d;
     const unsigned* a;
     unsigned long long desc;
+    unsigned long long a_desc = 0;
+    unsigned n = 64;
 };
 
 struct Fiber {
@@ -190,9 +193,14 @@ struct BlockRun {
     std::array<long, 16> named_owner;
     // The mma fragments each thread offers its warp (a[0..3], b[0..1]).
     std::vector<std::array<unsigned, 6>> mma_slots;
-    // cp.async copies land, and wgmma operations read their operands, when issued (random
-    // schedules) instead of at the wait (in order).
+    // cp.async copies land when issued (random schedules) instead of at the wait (in order);
+    // wgmma operations read their operands when issued too, except in the random schedules
+    // with LATE_WGMMA set (copies early, MMAs late: an MMA still in flight when its operand's
+    // memory is refilled reads the new bytes).
     bool eager_copies = false;
+    bool eager_wgmma = false;
+    // The launch's buffer arguments, [start, end): what a cp.async may copy from.
+    std::vector<std::pair<uintptr_t, uintptr_t>> buffers;
     std::string error;
     AnyFn fn = nullptr;
     void (*invoke)(AnyFn, void**) = nullptr;
@@ -207,6 +215,9 @@ inline thread_local BlockRun* run = nullptr;
 constexpr size_t STACK_BYTES = 128 * 1024;
 constexpr size_t SMEM_GUARD = 64;
 constexpr unsigned char SMEM_CANARY = 0xA5;
+// The bit of a random schedule's seed that asks for wgmma operations performed at their wait
+// (`BlockRun::eager_wgmma`); tests/kernel_host/mod.rs sets it in every second schedule.
+constexpr unsigned long long LATE_WGMMA = 2;
 
 // Fiber stacks of this OS thread, grown when a launch needs more: slot i is a PROT_NONE page
 // then STACK_BYTES of stack. Kept for the thread's life (launches reuse them).
@@ -644,51 +655,69 @@ inline unsigned full_group0(const char* what) {
     return group0;
 }
 
-// B[k][n] (k < 16, n < 64) of a K-major, unswizzled wgmma descriptor: 8-row groups of n `sbo`
-// bytes apart, the two 8-wide halves of k `lbo` bytes apart, 16 bytes per row of a group.
-inline float wgmma_b(unsigned long long desc, unsigned k, unsigned n) {
+// Element [row][k] (k < 16) of a K-major, unswizzled FP16 operand named by a wgmma descriptor:
+// 8-row groups `sbo` bytes apart, the two 8-wide halves of k `lbo` bytes apart, 16 bytes per row
+// of a group (B: row = n; A: row = m).
+inline float wgmma_kmajor(unsigned long long desc, unsigned k, unsigned row) {
     const size_t start = (size_t)(desc & 0x3FFFu) << 4;
     const size_t lbo = (size_t)((desc >> 16) & 0x3FFFu) << 4;
     const size_t sbo = (size_t)((desc >> 32) & 0x3FFFu) << 4;
-    const size_t at = start + (n >> 3) * sbo + (n & 7u) * 16 + (k >> 3) * lbo + (k & 7u) * 2;
+    const size_t at = start + (row >> 3) * sbo + (row & 7u) * 16 + (k >> 3) * lbo + (k & 7u) * 2;
     if (at + 2 > run->dynamic_shared_bytes)
-        fail("a wgmma B operand reaching past the dynamic shared memory");
+        fail("a wgmma operand reaching past the dynamic shared memory");
     unsigned short h;
     memcpy(&h, static_cast<const unsigned char*>(scorecam_dynamic_shared()) + at, 2);
     return scorecam_host_h2f(h);
 }
 
+// The checks every descriptor of a wgmma must pass here.
+inline void check_desc(unsigned long long desc) {
+    if (desc >> 46) fail("a wgmma descriptor with a swizzle or base offset (not emulated)");
+    if (desc & 0xC000C000ull) fail("a wgmma descriptor with reserved bits set");
+}
+
 // Perform the calling thread's wgmma number `i` (every thread of the warpgroup has one at `i`,
-// the same descriptor in all): its 32 accumulators += its rows of A (the A registers of the
-// lanes of its warp, as they are now) times B, in f32, in k order.
+// the same descriptors and N in all): its N / 2 accumulators += its rows of A (the A registers
+// of the lanes of its warp, as they are now, or the descriptor's rows 16w + g and 16w + g + 8
+// for warp w of the group) times B, in f32, in k order.
 inline void wgmma_perform(size_t i) {
     const unsigned tid = run->current;
     const unsigned group0 = tid & ~127u, warp0 = tid & ~31u;
     const PendingWgmma& op = run->fibers[tid].wgmmas[i];
-    if (op.desc >> 46)
-        fail("a wgmma descriptor with a swizzle or base offset (not emulated)");
-    if (op.desc & 0xC000C000ull) fail("a wgmma descriptor with reserved bits set");
+    check_desc(op.desc);
+    if (!op.a) check_desc(op.a_desc);
     for (unsigned j = group0; j < group0 + 128; ++j) {
         const Fiber& f = run->fibers[j];
         if (f.wait == Wait::Done || f.wgmmas.size() <= i)
             fail("a wgmma that not every thread of the warpgroup issued");
-        if (f.wgmmas[i].desc != op.desc)
-            fail("a wgmma whose B descriptor differs between threads of the warpgroup");
+        const PendingWgmma& o = f.wgmmas[i];
+        if (o.desc != op.desc || o.n != op.n || (o.a == nullptr) != (op.a == nullptr) ||
+            (!op.a && o.a_desc != op.a_desc))
+            fail("a wgmma whose descriptors or shape differ between threads of the warpgroup");
     }
     const unsigned lane = tid & 31u;
     const unsigned g = lane >> 2, t = lane & 3u;
     float A[2][16];  // rows g and g + 8 of the warp's 16
-    a_rows(A, g, [&](unsigned l, unsigned r) { return run->fibers[warp0 + l].wgmmas[i].a[r]; });
-    float d[32];
-    for (unsigned nt = 0; nt < 8; ++nt)
+    if (op.a) {
+        a_rows(A, g, [&](unsigned l, unsigned r) { return run->fibers[warp0 + l].wgmmas[i].a[r]; });
+    } else {
+        const unsigned m0 = 16 * ((tid - group0) >> 5) + g;
         for (unsigned row = 0; row < 2; ++row)
-            for (unsigned c = 0; c < 2; ++c) {
-                const unsigned n = 8 * nt + 2 * t + c;
+            for (unsigned k = 0; k < 16; ++k) A[row][k] = wgmma_kmajor(op.a_desc, k, m0 + 8 * row);
+    }
+    std::vector<float> d(op.n / 2);
+    for (unsigned nt = 0; nt < op.n / 8; ++nt)
+        for (unsigned c = 0; c < 2; ++c) {
+            const unsigned n = 8 * nt + 2 * t + c;
+            float B[16];
+            for (unsigned k = 0; k < 16; ++k) B[k] = wgmma_kmajor(op.desc, k, n);
+            for (unsigned row = 0; row < 2; ++row) {
                 float s = op.d[4 * nt + 2 * row + c];
-                for (unsigned k = 0; k < 16; ++k) s += A[row][k] * wgmma_b(op.desc, k, n);
+                for (unsigned k = 0; k < 16; ++k) s += A[row][k] * B[k];
                 d[4 * nt + 2 * row + c] = s;
             }
-    memcpy(op.d, d, sizeof d);
+        }
+    memcpy(op.d, d.data(), d.size() * sizeof(float));
 }
 
 // Perform the calling thread's oldest `count` wgmma operations, the warpgroup in step: all have
@@ -728,7 +757,17 @@ inline void scorecam_host_wgmma_64x64x16(float* d, const unsigned* a, unsigned l
     full_group0("wgmma_64x64x16");
     auto& f = run->fibers[run->current];
     f.wgmmas.push_back(PendingWgmma{d, a, desc});
-    if (run->eager_copies) wgmma_perform_oldest(f.wgmmas.size());
+    if (run->eager_wgmma) wgmma_perform_oldest(f.wgmmas.size());
+}
+// common.cuh's wgmma_ss_64xNx16 (PTX wgmma.mma_async.sync.aligned.m64nNk16.f32.f16.f16, A and
+// B in shared memory): queued as wgmma_64x64x16 is, A named by its descriptor.
+inline void scorecam_host_wgmma_ss(float* d, unsigned long long desc_a, unsigned long long desc_b,
+                                   unsigned n) {
+    using namespace scorecam_host;
+    full_group0("wgmma_ss");
+    auto& f = run->fibers[run->current];
+    f.wgmmas.push_back(PendingWgmma{d, nullptr, desc_b, desc_a, n});
+    if (run->eager_wgmma) wgmma_perform_oldest(f.wgmmas.size());
 }
 inline void scorecam_host_wgmma_commit() {
     using namespace scorecam_host;
@@ -765,6 +804,12 @@ inline void scorecam_host_cp_async16(void* dst, const void* src, bool valid) {
     using namespace scorecam_host;
     if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15u)
         fail("cp_async16 with an address not 16-byte aligned");
+    if (valid) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+        bool inside = false;
+        for (const auto& b : run->buffers) inside = inside || (a >= b.first && a + 16 <= b.second);
+        if (!inside) fail("cp_async16 reading outside every buffer argument");
+    }
     if (run->eager_copies) {
         if (valid) memcpy(dst, src, 16);
         else memset(dst, 0, 16);
@@ -804,8 +849,8 @@ extern const scorecam_host::Kernel scorecam_host_kernels[];
 // success, else 1 with a message in `err` (NUL-terminated, cut at err_len).
 extern "C" __attribute__((visibility("default"))) int scorecam_host_launch(
     const char* name, const unsigned* grid, const unsigned* block,
-    unsigned long long dynamic_shared, void** args, const char* kinds, unsigned long long schedule,
-    char* err, unsigned long long err_len) {
+    unsigned long long dynamic_shared, void** args, const unsigned long long* arg_bytes,
+    const char* kinds, unsigned long long schedule, char* err, unsigned long long err_len) {
     using namespace scorecam_host;
     auto failed = [&](const std::string& msg) {
         if (err_len) {
@@ -843,6 +888,13 @@ extern "C" __attribute__((visibility("default"))) int scorecam_host_launch(
         r.fn = k->fn;
         r.invoke = k->invoke;
         r.args = args;
+        r.eager_wgmma = schedule != 0 && !(schedule & LATE_WGMMA);
+        for (size_t i = 0; kinds[i]; ++i)
+            if (kinds[i] == 'p') {
+                uintptr_t p;
+                memcpy(&p, args[i], sizeof p);
+                r.buffers.emplace_back(p, p + arg_bytes[i]);
+            }
         r.dynamic_shared.assign(dynamic_shared + 2 * SMEM_GUARD, SMEM_CANARY);
         r.dynamic_shared_bytes = dynamic_shared;
         BlockRun* const outer = run;

@@ -6,8 +6,8 @@
 //! detect deadlocks; see its header) into a shared library, loaded once per test process.
 //! Buffers carry 256 guard bytes on both sides, checked after every launch, and inputs passed as
 //! read-only are checked unchanged: a kernel writing just outside a buffer (or outside its
-//! dynamic shared memory) or into its input fails the launch that did it; reads outside are not
-//! seen. Every launch runs in order and then in random schedules of blocks and warps, and must
+//! dynamic shared memory) or into its input fails the launch that did it; of the reads outside,
+//! only `cp.async`'s are seen (its source must lie in a buffer argument). Every launch runs in order and then in random schedules of blocks and warps, and must
 //! give the same bytes each time: a value read across a missing barrier fails it (races with no
 //! barrier at all cannot show, see cuda_host.hpp).
 #![allow(dead_code)] // each test crate uses its own subset
@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 
 use bytemuck::Pod;
 use scorecam_gpu::backend::cuda::kernels::{
-    assemble_source, kernel_names, sources, ConvPoolVariant, KernelArg, KernelLaunch, SMEM_OPT_IN,
-    SMEM_OPT_IN_KERNELS,
+    assemble_source, conv_smem_kernels, kernel_names, sources, KernelArg, KernelLaunch,
+    SMEM_OPT_IN, SMEM_OPT_IN_KERNELS,
 };
 use scorecam_gpu::Error;
 
@@ -55,6 +55,7 @@ type LaunchFn = unsafe extern "C" fn(
     *const u32,
     u64,
     *mut *mut c_void,
+    *const u64,
     *const c_char,
     u64,
     *mut c_char,
@@ -203,7 +204,7 @@ impl KernelHost {
     ///
     /// Errors: an unknown kernel, argument kinds that differ from the kernel's parameters, more
     /// threads per block than its `__launch_bounds__` allow, more dynamic shared memory than the
-    /// GPU gives it (48 KiB; [`SMEM_OPT_IN`] or [`ConvPoolVariant::smem`] for the kernels that
+    /// GPU gives it (48 KiB; [`SMEM_OPT_IN`] or [`conv_smem_kernels`]' size for the kernels that
     /// opt in),
     /// a deadlock or a failed barrier in the kernel, a write outside a buffer or into an
     /// [`Arg::In`] buffer, results that depend on the order (a missing barrier, a race).
@@ -217,8 +218,8 @@ impl KernelHost {
     ) -> Result<(), String> {
         let limit = if SMEM_OPT_IN_KERNELS.contains(&name) {
             SMEM_OPT_IN
-        } else if let Some(v) = ConvPoolVariant::ALL.iter().find(|v| v.kernel() == name) {
-            v.smem()
+        } else if let Some((_, smem)) = conv_smem_kernels().find(|&(k, _)| k == name) {
+            smem
         } else {
             48 * 1024
         };
@@ -253,7 +254,10 @@ impl KernelHost {
                     b.bytes_mut().copy_from_slice(before.next().unwrap());
                 }
             }
-            let seed = twox_hash::XxHash64::oneshot(run, name.as_bytes()) | 1;
+            // Every second schedule performs wgmma at their waits though copies land early
+            // (cuda_host.hpp's LATE_WGMMA bit).
+            let late = if run % 2 == 0 { 2 } else { 0 };
+            let seed = (twox_hash::XxHash64::oneshot(run, name.as_bytes()) & !2) | 1 | late;
             self.launch_once(name, grid, block, dynamic_shared, args, seed)?;
             let mut want = in_order.iter();
             for (i, a) in args.iter().enumerate() {
@@ -282,6 +286,8 @@ impl KernelHost {
         schedule: u64,
     ) -> Result<(), String> {
         let mut slots: Vec<u64> = Vec::with_capacity(args.len());
+        // The bytes of each buffer argument (0 for the others): what cp.async may read.
+        let mut arg_bytes: Vec<u64> = Vec::with_capacity(args.len());
         let mut kinds = String::new();
         let mut inputs = Vec::new();
         for (i, a) in args.iter_mut().enumerate() {
@@ -297,6 +303,11 @@ impl KernelHost {
                 Arg::U64(v) => ('u', *v),
                 Arg::F32(v) => ('f', v.to_bits() as u64),
             };
+            arg_bytes.push(match a {
+                Arg::In(b) => b.bytes().len() as u64,
+                Arg::Out(b) => b.bytes().len() as u64,
+                _ => 0,
+            });
             kinds.push(kind);
             slots.push(bits);
         }
@@ -319,6 +330,7 @@ impl KernelHost {
                 block.as_ptr(),
                 dynamic_shared as u64,
                 ptrs.as_mut_ptr(),
+                arg_bytes.as_ptr(),
                 c_kinds.as_ptr(),
                 schedule,
                 err.as_mut_ptr() as *mut c_char,

@@ -81,7 +81,7 @@ pub fn conv3x3_c64_pool_launch(
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
     let op = variant.kernel();
-    if variant.smem() > limits.conv_pool_smem {
+    if variant.smem() > limits.conv_smem {
         return Err(invalid(
             op,
             format!(
@@ -147,7 +147,7 @@ impl Kernels {
     pub fn conv_pool_variants(&self) -> Vec<ConvPoolVariant> {
         ConvPoolVariant::ALL
             .into_iter()
-            .filter(|v| self.has_mma() && v.smem() <= self.limits.conv_pool_smem)
+            .filter(|v| self.has_mma() && v.smem() <= self.limits.conv_smem)
             .filter(|v| !v.wgmma() || self.has_wgmma())
             .collect()
     }

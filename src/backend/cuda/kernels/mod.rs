@@ -27,6 +27,7 @@
 mod combine;
 mod conv_cin8;
 mod conv_pool;
+mod conv_wg;
 mod elementwise;
 mod fp8;
 mod masks;
@@ -53,6 +54,7 @@ pub use self::conv_cin8::{
 pub use self::conv_pool::{
     conv3x3_c64_pool_launch, ConvPoolVariant, CONV_POOL_C, CONV_POOL_SMEM, CONV_POOL_SMEM_WG2,
 };
+pub use self::conv_wg::{conv3x3_wg_launch, conv3x3_wg_pack_filter, ConvWgBuild, CONV_WG_CIN_STEP};
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
 };
@@ -94,6 +96,8 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_c64_pool_w8",
     "conv3x3_c64_pool_wg",
     "conv3x3_c64_pool_wg2",
+    "conv3x3_wg_n128",
+    "conv3x3_wg_n256",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
@@ -123,6 +127,15 @@ pub const SMEM_DEFAULT: usize = 44 * 1024;
 pub const SMEM_OPT_IN: usize = 96 * 1024;
 /// The kernels that opt into [`SMEM_OPT_IN`]; every other kernel has the 48 KiB default.
 pub const SMEM_OPT_IN_KERNELS: &[&str] = &["masks", "masks_direct"];
+
+/// The big-tile conv kernels and the dynamic shared memory each opts into where the device has
+/// it ([`LaunchLimits::conv_smem`]): every build of the fused conv + pool and of the wgmma conv.
+pub fn conv_smem_kernels() -> impl Iterator<Item = (&'static str, usize)> {
+    ConvPoolVariant::ALL
+        .into_iter()
+        .map(|v| (v.kernel(), v.smem()))
+        .chain(ConvWgBuild::ALL.into_iter().map(|b| (b.kernel(), b.smem())))
+}
 
 // ---------------------------------------------------------------------------------------------
 // Launches as data
@@ -164,9 +177,9 @@ pub struct LaunchLimits {
     pub sm_count: u32,
     /// Dynamic shared memory `masks` / `masks_direct` may use per block, bytes.
     pub masks_smem: usize,
-    /// Dynamic shared memory the fused conv + pool kernels were opted into, bytes (the device's
-    /// opt-in limit; each build needs [`ConvPoolVariant::smem`]).
-    pub conv_pool_smem: usize,
+    /// Dynamic shared memory the big-tile conv kernels were opted into, bytes (the device's
+    /// opt-in limit; each build needs its own: [`ConvPoolVariant::smem`], [`ConvWgBuild::smem`]).
+    pub conv_smem: usize,
     /// The module was built for `sm_90a`, so its `wgmma` kernels run (Hopper only).
     pub wgmma: bool,
 }
@@ -268,16 +281,12 @@ impl Kernels {
         } else {
             SMEM_DEFAULT
         };
-        // The fused conv + pool needs more than any GPU's default: only an opt-in enables it,
-        // for each build its own size where the device has it.
-        let conv_pool_smem = if ConvPoolVariant::ALL
-            .into_iter()
-            .filter(|v| v.smem() <= opt_in)
-            .all(|v| {
-                functions[v.kernel()]
-                    .set_attribute(attr, v.smem() as i32)
-                    .is_ok()
-            }) {
+        // The fused conv + pool and the wgmma conv need more than any GPU's default: only an
+        // opt-in enables them, for each build its own size where the device has it.
+        let conv_smem = if conv_smem_kernels()
+            .filter(|&(_, smem)| smem <= opt_in)
+            .all(|(kernel, smem)| functions[kernel].set_attribute(attr, smem as i32).is_ok())
+        {
             opt_in
         } else {
             0
@@ -289,7 +298,7 @@ impl Kernels {
             limits: LaunchLimits {
                 sm_count,
                 masks_smem,
-                conv_pool_smem,
+                conv_smem,
                 wgmma: arch == "sm_90a",
             },
             arch,
@@ -451,7 +460,7 @@ mod tests {
         let l = LaunchLimits {
             sm_count: 132,
             masks_smem: SMEM_DEFAULT,
-            conv_pool_smem: 232448,
+            conv_smem: 232448,
             wgmma: true,
         };
         let fails = |r: Result<KernelLaunch>, words: &[&str]| match r {
