@@ -822,8 +822,11 @@ def graph_search_lines(eng):
             L.append("")
         dc = b.get("direct_conv")
         if isinstance(dc, dict) and dc.get("check") is not None:
-            L.append("Hand-written first conv in the %s run (%s): device check %s." % (
-                label, dc.get("use"), _short(str(dc.get("check")), 160)))
+            checks = dc.get("checks") if isinstance(dc.get("checks"), dict) else {}
+            L.append("Hand-written convs in the %s run (%s): device check %s (%s)." % (
+                label, dc.get("use"), _short(str(dc.get("check")), 160),
+                ", ".join("%s %s" % (k, _short(str(v), 80)) for k, v in checks.items())
+                or "per shape: not reported"))
             L.append("")
         fp = b.get("fused_pools")
         if isinstance(fp, dict) and fp.get("check") is not None:

@@ -573,10 +573,12 @@ fn graph_api_convolutions_match_cpu() {
     }
 }
 
-/// The hand-written convs, preferred wherever they run: the first conv (kernels/conv_cin8.cu) and
-/// conv1_2 with pool1 in one kernel (kernels/conv_pool.cu). They give the CPU's conv1_1 output
+/// The hand-written convs, preferred wherever they run: the first conv (kernels/conv_cin8.cu),
+/// conv1_2 with pool1 in one kernel (kernels/conv_pool.cu) and, with kernels built for sm_90a
+/// (Hopper), every deeper conv by wgmma (kernels/conv_wg.cu). They give the CPU's conv1_1 output
 /// (pre-ReLU and post-ReLU captures) and logits on a random VGG16 at 224², after passing their
-/// own checks on the device; with them off, no plan names them.
+/// own checks on the device (the wgmma conv's once per layer shape); with them off, no plan
+/// names them.
 fn direct_conv_matches_cpu() {
     let model = Arc::new(Vgg::random_vgg16(5));
     let (s, classes, n) = (model.input_size(), model.num_classes(), 2);
@@ -608,10 +610,37 @@ fn direct_conv_matches_cpu() {
             return;
         }
         assert_eq!(check, "passed", "the device check: {check}");
-        assert!(
-            !hand_written.is_empty() && hand_written.iter().all(|c| c.stage == 0),
-            "{hand_written:?}"
+        // Stage 0 by conv_cin8; on sm_90a every conv from 32·k input to 128·k output channels
+        // by the wgmma conv too (conv2_1 on; conv1_2's 64 outputs are not the kernel's).
+        let wg = arch == "sm_90a";
+        let (mut want_stages, mut want_checks) = (Vec::new(), Vec::new());
+        for (i, f) in model.features.iter().enumerate() {
+            if let FeatureStage::Conv(l) = f {
+                if i == 0 || (wg && l.cin % 32 == 0 && l.cout % 128 == 0) {
+                    want_stages.push(i);
+                    let shape = format!("{}→{}", if i == 0 { 8 } else { l.cin }, l.cout);
+                    if !want_checks.contains(&shape) {
+                        want_checks.push(shape);
+                    }
+                }
+            }
+        }
+        let mut stages: Vec<usize> = hand_written.iter().map(|c| c.stage).collect();
+        stages.sort_unstable();
+        stages.dedup();
+        assert_eq!(stages, want_stages, "{hand_written:?}");
+        let checks = report["direct_conv"]["checks"]
+            .as_object()
+            .expect("per-shape checks");
+        let mut got_checks: Vec<&String> = checks.keys().collect();
+        got_checks.sort();
+        want_checks.sort();
+        assert_eq!(
+            got_checks,
+            want_checks.iter().collect::<Vec<_>>(),
+            "{checks:?}"
         );
+        assert!(checks.values().all(|c| c == "passed"), "{checks:?}");
         // conv1_2 (stage 1, 64 → 64) runs with pool1 where the device gives the kernel its
         // shared memory (sm_80 and sm_90 do); conv2_2 (128 channels) is not the kernel's.
         let fused = &report["fused_pools"];
@@ -659,6 +688,7 @@ fn direct_conv_matches_cpu() {
         .all(|c| !c.algo.starts_with("hand-written")));
     let report = g.report();
     assert!(report["direct_conv"]["check"].is_null());
+    assert_eq!(report["direct_conv"]["checks"], serde_json::json!({}));
     assert!(report["fused_pools"]["check"].is_null());
     assert_eq!(report["fused_pools"]["checks"], serde_json::json!({}));
     assert_eq!(report["fused_pools"]["layers"], serde_json::json!([]));

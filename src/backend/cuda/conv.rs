@@ -8,14 +8,14 @@
 //! buffer too small for the ladder's size) is planned on first use and counted, so `bench`
 //! shows it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::f16;
 
-use super::conv_direct::{self, DirectOut, DirectUse};
+use super::conv_direct::{self, DirectKernel, DirectOut, DirectUse};
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
 use super::cudnn_graph::{config_name, ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
@@ -350,7 +350,7 @@ pub(super) fn plan_all(
     mut arena: TuneArena<'_>,
     ws_limit: usize,
     graph: (GraphUse, usize),
-    (direct, direct_check): (DirectUse, &mut DirectCheck),
+    (direct, direct_check): (DirectUse, &mut DirectChecks),
     kernels: &Kernels,
     mut fp8: Option<Fp8Tuning<'_>>,
     cache: &mut PlanCache,
@@ -573,7 +573,8 @@ pub(super) fn plan_all(
             ),
             (Engine::Direct, _) => (
                 Planned::Direct,
-                conv_direct::NAME.to_string(),
+                DirectKernel::of(layer, kernels)
+                    .map_or_else(|| conv_direct::NAME.to_string(), DirectKernel::name),
                 0,
                 t.direct_ms,
             ),
@@ -635,14 +636,17 @@ pub(super) fn plan_all(
                 f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
             }
             if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
-                f8.direct_e4m3 = Some(if direct_runs(direct, direct_check, dev, kernels, layer)? {
-                    let dims = [key.rows, d.in_h, d.in_w];
-                    let m = f.state.multiplier(next);
-                    let out = DirectOut::E4m3(&m);
-                    Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
-                } else {
-                    None
-                });
+                let writes_e4m3 = DirectKernel::of(layer, kernels).is_some_and(|k| k.writes_e4m3());
+                f8.direct_e4m3 = Some(
+                    if writes_e4m3 && direct_runs(direct, direct_check, dev, kernels, layer)? {
+                        let dims = [key.rows, d.in_h, d.in_w];
+                        let m = f.state.multiplier(next);
+                        let out = DirectOut::E4m3(&m);
+                        Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
+                    } else {
+                        None
+                    },
+                );
                 // A graph plan does not catch up with a hand-written conv that far ahead.
                 if far_ahead(f8.direct_e4m3.flatten(), t.legacy_ms) {
                     f8.fp16_e4m3 = Some(None);
@@ -847,36 +851,45 @@ fn graph_search_order<T>(
     by_time.into_iter().map(|(what, _)| what).collect()
 }
 
-/// The hand-written conv's check on the device: None before any layer it could run, else passed
+/// A hand-written kernel's check on the device: None before any layer it could run, else passed
 /// (`Ok`) or why it was refused. Kept by the backend: the kernel and the device do not change
 /// between prepares.
 pub(super) type DirectCheck = Option<std::result::Result<(), String>>;
 
-/// The fused conv + pool's device checks, once per backend and build (in
-/// [`ConvPoolVariant::ALL`]'s order): a build the device disagrees with leaves the others used.
-#[derive(Debug, Default)]
-pub(super) struct PoolChecks([DirectCheck; ConvPoolVariant::ALL.len()]);
+/// Device checks of hand-written kernels, once per backend and key: a build of the fused conv +
+/// pool, a layer shape (input → output channels) of the hand-written conv. A key the device
+/// disagrees with leaves the others used.
+#[derive(Debug)]
+pub(super) struct Checks<K>(BTreeMap<K, DirectCheck>);
 
-impl PoolChecks {
-    fn of(&mut self, build: ConvPoolVariant) -> &mut DirectCheck {
-        let i = ConvPoolVariant::ALL.iter().position(|&v| v == build);
-        &mut self.0[i.expect("every build is in ALL")]
+impl<K: Ord + Copy> Default for Checks<K> {
+    fn default() -> Self {
+        Checks(BTreeMap::new())
+    }
+}
+
+impl<K: Ord + Copy> Checks<K> {
+    fn of(&mut self, key: K) -> &mut DirectCheck {
+        self.0.entry(key).or_default()
     }
 
-    /// Each checked build's outcome.
-    pub fn outcomes(&self) -> impl Iterator<Item = (ConvPoolVariant, &DirectCheck)> {
-        ConvPoolVariant::ALL.into_iter().zip(&self.0)
+    /// Each checked key's outcome, in key order.
+    pub fn outcomes(&self) -> impl Iterator<Item = (K, &DirectCheck)> {
+        self.0
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(&k, c)| (k, c))
     }
 
-    /// All checked builds together: None when none was checked, Ok when every one passed, else
+    /// All checked keys together: None when none was checked, Ok when every one passed, else
     /// the failures.
     pub fn overall(&self) -> DirectCheck {
         let failed: Vec<String> = self
             .0
-            .iter()
+            .values()
             .filter_map(|c| c.as_ref().and_then(|r| r.clone().err()))
             .collect();
-        match (self.0.iter().any(Option::is_some), failed.is_empty()) {
+        match (self.0.values().any(Option::is_some), failed.is_empty()) {
             (false, _) => None,
             (true, true) => Some(Ok(())),
             (true, false) => Some(Err(failed.join("; "))),
@@ -884,12 +897,17 @@ impl PoolChecks {
     }
 }
 
+/// The fused conv + pool's checks, per build.
+pub(super) type PoolChecks = Checks<ConvPoolVariant>;
+/// The hand-written conv's checks, per layer shape (stored input channels, output channels).
+pub(super) type DirectChecks = Checks<(usize, usize)>;
+
 /// Whether the hand-written conv may run `layer`: not turned off, the layer's shape and the
-/// device its own, and its device check passed. The check runs on the first layer that could use
-/// it, and its outcome (a refusal's reason) is kept in `check`.
+/// device its own, and its device check for layers of that shape passed. The check runs on the
+/// first layer of the shape, and its outcome (a refusal's reason) is kept in `checks`.
 fn direct_runs(
     direct: DirectUse,
-    check: &mut DirectCheck,
+    checks: &mut DirectChecks,
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
@@ -897,9 +915,11 @@ fn direct_runs(
     if direct == DirectUse::Off || !conv_direct::applies(layer, kernels) {
         return Ok(false);
     }
-    checked(check, "cuDNN keeps the layer", || {
-        conv_direct::check_on_device(dev, kernels, layer)
-    })
+    checked(
+        checks.of((layer.cin_s, layer.cout)),
+        "cuDNN keeps the layer",
+        || conv_direct::check_on_device(dev, kernels, layer),
+    )
 }
 
 /// Whether a hand-written kernel's device check passed, running `run` (None: it matched; else

@@ -1,8 +1,10 @@
 //! The hand-written convolution engines beside cuDNN's, on tensor cores: `kernels/conv_cin8.cu`,
-//! a VGG's first conv (8 stored input channels → 64), and `kernels/conv_pool.cu`, a 64 → 64 conv
-//! with the 2×2 max-pool after it in the same kernel (VGG16's conv1_2 + pool1). This file says
-//! which layers they can run, checks them against the CPU on the device before they may be
-//! chosen, and launches them; `conv.rs` times them against cuDNN at prepare and keeps the fastest.
+//! a VGG's first conv (8 stored input channels → 64); `kernels/conv_wg.cu`, the deeper 3×3 convs
+//! (input channels a multiple of 32, output channels of 128) by Hopper's wgmma; and
+//! `kernels/conv_pool.cu`, a 64 → 64 conv with the 2×2 max-pool after it in the same kernel
+//! (VGG16's conv1_2 + pool1). This file says which layers they can run, checks them against the
+//! CPU on the device before they may be chosen, and launches them; `conv.rs` times them against
+//! cuDNN at prepare and keeps the fastest.
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::f16;
@@ -10,14 +12,15 @@ use rayon::prelude::*;
 
 use super::device::{ptr, Dev};
 use super::kernels::{
-    e4m3_from_f32, ConvPoolVariant, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT, CONV_POOL_C,
+    e4m3_from_f32, ConvPoolVariant, ConvWgBuild, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT, CONV_POOL_C,
 };
 use super::weights::DevConv;
 use crate::backend::splitmix64;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// How plans and reports name them.
 pub(super) const NAME: &str = "hand-written conv3x3_cin8 (tensor cores, conv+bias+ReLU)";
+pub(super) const WG_NAME: &str = "hand-written conv3x3_wg (wgmma, conv+bias+ReLU)";
 pub(super) const POOL_NAME: &str =
     "hand-written conv3x3_c64_pool (tensor cores, conv+bias+ReLU+2×2 max-pool)";
 
@@ -45,9 +48,45 @@ impl DirectUse {
     }
 }
 
-/// Whether the hand-written conv can run `layer` on this device.
+/// The hand-written conv that can run a layer on this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DirectKernel {
+    /// `conv3x3_cin8`: 8 stored input channels → 64 (sm_80+).
+    Cin8,
+    /// `conv3x3_wg_n*`: the layer's packed filter's build (sm_90a).
+    Wg(ConvWgBuild),
+}
+
+impl DirectKernel {
+    /// Which one runs `layer` here, if any: its shape, and a device (and for the wgmma conv a
+    /// packed filter) it runs on.
+    pub fn of(layer: &DevConv, kernels: &Kernels) -> Option<DirectKernel> {
+        if layer.cin_s == CONV_CIN8_IN && layer.cout == CONV_CIN8_OUT && kernels.has_mma() {
+            return Some(DirectKernel::Cin8);
+        }
+        let (build, _) = layer.wg_filter.as_ref()?;
+        kernels
+            .runs_conv_wg(*build)
+            .then_some(DirectKernel::Wg(*build))
+    }
+
+    /// How plans name it (the wgmma conv with its build).
+    pub fn name(self) -> String {
+        match self {
+            DirectKernel::Cin8 => NAME.to_string(),
+            DirectKernel::Wg(build) => format!("{WG_NAME} {build:?}"),
+        }
+    }
+
+    /// Whether it can write an E4M3 output (the input of an FP8 conv after it).
+    pub fn writes_e4m3(self) -> bool {
+        self == DirectKernel::Cin8
+    }
+}
+
+/// Whether a hand-written conv can run `layer` on this device.
 pub(super) fn applies(layer: &DevConv, kernels: &Kernels) -> bool {
-    layer.cin_s == CONV_CIN8_IN && layer.cout == CONV_CIN8_OUT && kernels.has_mma()
+    DirectKernel::of(layer, kernels).is_some()
 }
 
 /// Whether the fused conv + pool can run `layer` (its output then pooled 2×2) on this device:
@@ -162,8 +201,8 @@ pub(super) enum DirectOut<'m, 'v> {
     E4m3(&'m CudaView<'v, f32>),
 }
 
-/// `y` `[rows, h, w, 64]` (FP16, or E4M3 in its first bytes) = conv(`x` `[rows, h, w, 8]`) +
-/// bias, as `out` says.
+/// `y` `[rows, h, w, cout]` (FP16, or E4M3 in its first bytes) = conv(`x` `[rows, h, w, cin]`) +
+/// bias, as `out` says, by the layer's hand-written conv ([`DirectKernel::of`]).
 ///
 /// # Safety
 /// `y` is written through a read pointer (as cuDNN's outputs are): nothing else may use it
@@ -178,14 +217,31 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     y: &Y,
 ) -> Result<()> {
     let (s, f, b) = (&dev.stream, &layer.filter, &layer.bias32);
+    let no_kernel = |what: &str| {
+        Error::Invalid(format!(
+            "no hand-written conv {what} {} → {} channels on this device",
+            layer.cin_s, layer.cout
+        ))
+    };
     // SAFETY: the caller's, passed on; an E4M3 output takes the first of y's 2·len bytes.
     unsafe {
-        match out {
-            DirectOut::Half { identity } => kernels.conv3x3_cin8(s, x, f, b, dims, !identity, y),
-            DirectOut::E4m3(m) => {
+        match (DirectKernel::of(layer, kernels), out) {
+            (Some(DirectKernel::Cin8), DirectOut::Half { identity }) => {
+                kernels.conv3x3_cin8(s, x, f, b, dims, !identity, y)
+            }
+            (Some(DirectKernel::Cin8), DirectOut::E4m3(m)) => {
                 let y = (ptr(y, s), 2 * y.len());
                 kernels.conv3x3_cin8_e4m3(s, x, f, b, m, dims, true, y)
             }
+            (Some(DirectKernel::Wg(build)), DirectOut::Half { identity }) => {
+                let (_, packed) = layer.wg_filter.as_ref().ok_or_else(|| no_kernel("for"))?;
+                let chans = [layer.cin_s, layer.cout];
+                kernels.conv3x3_wg(s, build, x, (packed, b), dims, chans, !identity, y, None)
+            }
+            (Some(DirectKernel::Wg(_)), DirectOut::E4m3(_)) => {
+                Err(no_kernel("with an E4M3 output for"))
+            }
+            (None, _) => Err(no_kernel("for")),
         }
     }
 }
@@ -195,15 +251,86 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
 /// SM) runs more than one tile on GPUs of up to 260 SMs.
 const CHECK_DIMS: [usize; 3] = [2, 223, 227];
 
-/// Run the kernel on random input on the device and compare with [`reference_nhwc`] on the
-/// layer's own (downloaded) filter and bias: FP16 out without and with ReLU, E4M3 out. `None`
-/// when it matches; else why not, and the kernel is not used (a device whose tensor cores
-/// disagree with the CPU must not change a map).
+/// Run the layer's hand-written conv on random input on the device and compare with
+/// [`reference_nhwc`] on the layer's own (downloaded) filter and bias. `None` when it matches;
+/// else why not, and the kernel is not used for layers of this shape (a device whose tensor
+/// cores disagree with the CPU must not change a map).
 pub(super) fn check_on_device(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
 ) -> Result<Option<String>> {
+    match DirectKernel::of(layer, kernels) {
+        Some(DirectKernel::Cin8) => check_cin8_on_device(dev, kernels, layer),
+        Some(DirectKernel::Wg(build)) => check_wg_on_device(dev, kernels, layer, build),
+        None => Ok(Some(format!(
+            "no hand-written conv for {} → {} channels on this device",
+            layer.cin_s, layer.cout
+        ))),
+    }
+}
+
+/// Images of the wgmma conv's device check: two of 11×13, 286 pixels, so that each block of
+/// output channels has 3 items of 128 pixels, the last partial, and the first of
+/// [`WG_CHECK_BLOCKS`] blocks goes on from one item to the next in its ring of stages.
+const WG_CHECK_DIMS: [usize; 3] = [2, 11, 13];
+const WG_CHECK_BLOCKS: u32 = 2;
+
+/// The wgmma conv (`build`, the layer's packed filter) against the CPU: FP16 out without ReLU
+/// (on a zeroed output: a build that writes nothing fails), then with it.
+fn check_wg_on_device(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    build: ConvWgBuild,
+) -> Result<Option<String>> {
+    let [n, h, w] = WG_CHECK_DIMS;
+    let (xd, pre_relu) = check_input(dev, layer, WG_CHECK_DIMS, 0xC0DE_0096)?;
+    let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;
+    let relu: Vec<f32> = pre_relu.iter().map(|v| v.max(0.0)).collect();
+    let Some((_, packed)) = layer.wg_filter.as_ref() else {
+        return Ok(Some("the layer has no packed filter".into()));
+    };
+    let chans = [layer.cin_s, layer.cout];
+    for (identity, want) in [(true, &pre_relu), (false, &relu)] {
+        let blocks = Some(WG_CHECK_BLOCKS);
+        let b = &layer.bias32;
+        // SAFETY: `yd` is this function's own buffer, apart from `xd`. A launch the device
+        // refuses only keeps the kernel unused.
+        let launched = unsafe {
+            kernels.conv3x3_wg(
+                &dev.stream,
+                build,
+                &xd,
+                (packed, b),
+                WG_CHECK_DIMS,
+                chans,
+                !identity,
+                &yd,
+                blocks,
+            )
+        };
+        if let Err(e) = launched {
+            return Ok(Some(format!(
+                "the wgmma conv ({build:?}) did not launch on this device: {e}"
+            )));
+        }
+        let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
+        if let Some(why) = first_mismatch(&got, want) {
+            return Ok(Some(format!(
+                "the wgmma conv ({build:?}, {} → {} channels) differs from the CPU on this \
+                 device ({}): {why}",
+                layer.cin_s,
+                layer.cout,
+                if identity { "no ReLU" } else { "ReLU" }
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The first conv's kernel against the CPU: FP16 out without and with ReLU, E4M3 out.
+fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result<Option<String>> {
     let [n, h, w] = CHECK_DIMS;
     let (xd, pre_relu) = check_input(dev, layer, CHECK_DIMS, 0xC0DE)?;
     let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the direct conv check's output")?;

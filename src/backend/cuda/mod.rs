@@ -224,7 +224,7 @@ pub struct CudaBackend {
     /// Whether `prepare` also tries the hand-written convs, and their device checks (the first
     /// conv's, the fused conv + pool's).
     direct_use: DirectUse,
-    direct_check: conv::DirectCheck,
+    direct_check: conv::DirectChecks,
     pool_check: conv::PoolChecks,
     /// Graph-API plan choices remembered between runs, and why the last save failed, if it did.
     plan_cache: PlanCache,
@@ -358,7 +358,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             graph_use,
             direct_use: DirectUse::from_env(),
-            direct_check: None,
+            direct_check: conv::DirectChecks::default(),
             pool_check: conv::PoolChecks::default(),
             plan_cache: PlanCache::open(&device_identity),
             plan_cache_error: None,
@@ -1147,11 +1147,15 @@ impl Backend for CudaBackend {
                 "misses": self.plan_cache.misses,
                 "save_error": self.plan_cache_error,
             },
-            // The hand-written first conv: its use setting and its check on this device, run
-            // once per backend (null: no layer it could run yet).
+            // The hand-written convs (the first conv's; the wgmma conv's on sm_90a): the use
+            // setting and their checks on this device, once per backend and layer shape
+            // ("cin→cout"), and all together (null: no layer they could run yet).
             "direct_conv": {
                 "use": format!("{:?}", self.direct_use).to_lowercase(),
-                "check": check_json(&self.direct_check),
+                "check": check_json(&self.direct_check.overall()),
+                "checks": self.direct_check.outcomes()
+                    .map(|((cin, cout), c)| (format!("{cin}→{cout}"), check_json(c)))
+                    .collect::<serde_json::Map<_, _>>(),
             },
             // 64 → 64 convs tried with their max-pool in the same kernel, at the full mask batch:
             // its time, the conv's and the pool's apart, whether the tuning kept it, and whether
@@ -1160,7 +1164,6 @@ impl Backend for CudaBackend {
             "fused_pools": {
                 "check": check_json(&self.pool_check.overall()),
                 "checks": self.pool_check.outcomes()
-                    .filter(|(_, c)| c.is_some())
                     .map(|(v, c)| (format!("{v:?}"), check_json(c)))
                     .collect::<serde_json::Map<_, _>>(),
                 "layers": p.convs.fused_pools.iter().map(|f| json!({

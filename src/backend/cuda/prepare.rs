@@ -88,7 +88,8 @@ impl CudaBackend {
             .is_some_and(|m| Arc::ptr_eq(&m.model, model))
         {
             self.model = None;
-            self.model = Some(upload_model(&self.dev, model)?);
+            let pack_wg = !self.kernels.conv_wg_builds().is_empty();
+            self.model = Some(upload_model(&self.dev, model, pack_wg)?);
         }
         lap(&mut setup, "weights");
 

@@ -8,6 +8,7 @@ use half::f16;
 
 use super::cudnn::{FilterDesc, TensorDesc};
 use super::device::{dnn_err, Dev};
+use super::kernels::{conv3x3_wg_pack_filter, ConvWgBuild};
 use super::{layout, CPAD};
 use crate::error::{Error, Result};
 use crate::model::{FeatureStage, Vgg, POOLED};
@@ -22,6 +23,9 @@ pub(super) struct DevConv {
     pub bias32: CudaSlice<f32>,
     pub wdesc: FilterDesc,
     pub bdesc: TensorDesc,
+    /// The filter packed for the wgmma conv's build that fits the layer
+    /// ([`conv3x3_wg_pack_filter`]), on devices that run it.
+    pub wg_filter: Option<(ConvWgBuild, CudaSlice<f16>)>,
 }
 
 /// A Linear layer on the device. `weight` `[fout, fin]` f16 (first layer: columns H,W,C).
@@ -42,8 +46,9 @@ pub(super) struct DevModel {
     pub bytes: usize,
 }
 
-/// Upload `model`'s weights in the device layouts.
-pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>) -> Result<DevModel> {
+/// Upload `model`'s weights in the device layouts; with `pack_wg` (a device that runs the wgmma
+/// conv), also each filter that fits it in its packed layout.
+pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>, pack_wg: bool) -> Result<DevModel> {
     let mut convs = Vec::with_capacity(model.features.len());
     let mut bytes = 0;
     let mut cs = CPAD;
@@ -56,6 +61,16 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>) -> Result<DevModel> {
                 let bias = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
                 let bias32 = dev.upload(&l.bias, &format!("{name}.bias (f32)"))?;
                 bytes += filter.num_bytes() + bias.num_bytes() + bias32.num_bytes();
+                let wg_filter = match ConvWgBuild::for_layer(cs, l.cout).filter(|_| pack_wg) {
+                    Some(build) => {
+                        let packed = conv3x3_wg_pack_filter(build, &host, [cs, l.cout])
+                            .expect("for_layer checked the shape");
+                        let d = dev.upload(&packed, &format!("{name}.weight (packed, wgmma)"))?;
+                        bytes += d.num_bytes();
+                        Some((build, d))
+                    }
+                    None => None,
+                };
                 let wdesc = FilterDesc::nhwc_f16(l.cout, cs, 3, 3)
                     .map_err(|e| dnn_err(&format!("{name}: filter descriptor"), e))?;
                 let bdesc = TensorDesc::nhwc_f16(1, l.cout, 1, 1)
@@ -68,6 +83,7 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>) -> Result<DevModel> {
                     bias32,
                     wdesc,
                     bdesc,
+                    wg_filter,
                 }));
                 cs = l.cout;
             }

@@ -22,7 +22,7 @@ pub const CONV_POOL_SMEM_WG2: usize =
 /// warpgroup `wgmma` (sm_90a only, its A fragments loaded once for three taps): one warpgroup
 /// per block (`Wg`), or two on tiles of their own sharing the filter (`Wg2`: one's pool, stores
 /// and halo wait overlap the other's MMAs). Prepare checks and times each the device runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConvPoolVariant {
     W4,
     W8,

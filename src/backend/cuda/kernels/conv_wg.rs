@@ -167,11 +167,16 @@ pub fn conv3x3_wg_launch(
 }
 
 impl Kernels {
-    /// The builds of the wgmma conv this device runs: sm_90a kernels and the shared memory.
+    /// Whether this device runs `build` of the wgmma conv: sm_90a kernels and the shared memory.
+    pub fn runs_conv_wg(&self, build: ConvWgBuild) -> bool {
+        self.has_wgmma() && build.smem() <= self.limits.conv_smem
+    }
+
+    /// The builds of the wgmma conv this device runs.
     pub fn conv_wg_builds(&self) -> Vec<ConvWgBuild> {
         ConvWgBuild::ALL
             .into_iter()
-            .filter(|b| self.has_wgmma() && b.smem() <= self.limits.conv_smem)
+            .filter(|&b| self.runs_conv_wg(b))
             .collect()
     }
 
