@@ -194,6 +194,8 @@ __device__ __forceinline__ void warpgroup_sync(int id) {
 // The shared-memory form wgmma_ss_64xNx16 (N = 128, 256): d[64×N] += A[64×16]·B[16×N] with A
 // also named by a descriptor of the same K-major layout (rows of A in place of n), the calling
 // warpgroup's 64 rows; d has N / 2 registers, d[4j + 0..3] as above for columns 8j...
+// wgmma_ss_e4m3_64xNx32: the same with FP8 E4M3 operands, K = 32 (a core matrix's row of 16
+// bytes holds 16 k), f32 accumulation.
 // Other architectures get a trap (the launcher refuses them first: Kernels::has_wgmma). The CPU
 // emulation (tests/kernel_host) reads the operands at the wait in one run, at the issue in others.
 #ifdef SCORECAM_HOST_EMULATION
@@ -213,6 +215,12 @@ __device__ __forceinline__ void wgmma_ss_64x128x16(float (&d)[64], u64 desc_a, u
 }
 __device__ __forceinline__ void wgmma_ss_64x256x16(float (&d)[128], u64 desc_a, u64 desc_b) {
     scorecam_host_wgmma_ss(d, desc_a, desc_b, 256);
+}
+__device__ __forceinline__ void wgmma_ss_e4m3_64x128x32(float (&d)[64], u64 desc_a, u64 desc_b) {
+    scorecam_host_wgmma_ss(d, desc_a, desc_b, 128, true);
+}
+__device__ __forceinline__ void wgmma_ss_e4m3_64x256x32(float (&d)[128], u64 desc_a, u64 desc_b) {
+    scorecam_host_wgmma_ss(d, desc_a, desc_b, 256, true);
 }
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ u32 smem_desc_addr(const void* p) { return smem_addr(p); }
@@ -303,6 +311,66 @@ __device__ __forceinline__ void wgmma_ss_64x256x16(float (&d)[128], u64 desc_a, 
         : "l"(desc_a), "l"(desc_b), "r"(1)
         : "memory");
 }
+__device__ __forceinline__ void wgmma_ss_e4m3_64x128x32(float (&d)[64], u64 desc_a, u64 desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+        "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+        "%64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+          "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+          "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+          "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+}
+__device__ __forceinline__ void wgmma_ss_e4m3_64x256x32(float (&d)[128], u64 desc_a, u64 desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 {"
+        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+        "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+        "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+        "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+        "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+        "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, "
+        "%128, %129, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+          "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+          "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+          "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]),
+          "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]),
+          "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]),
+          "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),
+          "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+          "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+          "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+          "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+          "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+}
 #else
 __device__ __forceinline__ u32 smem_desc_addr(const void*) { return 0; }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("trap;"); }
@@ -317,6 +385,12 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&)[32], const u32 (&)[4], 
 }
 __device__ __forceinline__ void wgmma_ss_64x128x16(float (&)[64], u64, u64) { asm volatile("trap;"); }
 __device__ __forceinline__ void wgmma_ss_64x256x16(float (&)[128], u64, u64) { asm volatile("trap;"); }
+__device__ __forceinline__ void wgmma_ss_e4m3_64x128x32(float (&)[64], u64, u64) {
+    asm volatile("trap;");
+}
+__device__ __forceinline__ void wgmma_ss_e4m3_64x256x32(float (&)[128], u64, u64) {
+    asm volatile("trap;");
+}
 #endif
 
 // Pins the accumulators' values at this point of the program (an empty asm that reads and writes

@@ -2,6 +2,10 @@
 // implicit GEMM on Hopper's warpgroup MMA (sm_90a `wgmma`, both operands in shared memory), for
 // VGG's deeper layers: FP16 NHWC in and out, f32 accumulation, any cin a multiple of 32 and cout
 // a multiple of the build's N (128 or 256). x [n, h, w, cin], y [n, h, w, cout].
+// conv3x3_wg_e4m3_n128 / _n256: the same on FP8 E4M3 input and filter (cin a multiple of 64;
+// `--precision fp8`), the sums times the layer's descale (sx·sw) before the bias, out FP16 or,
+// given the next FP8 conv's multiplier, E4M3 codes of the output times it. Everything below is
+// in bytes, and a stage is 64 bytes per pixel either way: 32 FP16 channels, or 64 E4M3 ones.
 //
 // Why: cuDNN ran VGG16's conv2_1 … conv5_3 at 62–77 % of the H200's dense FP16 peak (graph API
 // or legacy, `gpu-check-2026-11-29.json`), and they are two thirds of a masked forward. The
@@ -50,22 +54,20 @@ struct CwShape {
     static constexpr int ACC = BN / 2;  // accumulators per thread
 };
 
-// N = 128 and 256: the two wgmma shapes the kernel issues.
-template <int BN>
-__device__ __forceinline__ void cw_wgmma(float (&d)[BN / 2], u64 desc_a, u64 desc_b);
-template <>
-__device__ __forceinline__ void cw_wgmma<128>(float (&d)[64], u64 desc_a, u64 desc_b) {
-    wgmma_ss_64x128x16(d, desc_a, desc_b);
-}
-template <>
-__device__ __forceinline__ void cw_wgmma<256>(float (&d)[128], u64 desc_a, u64 desc_b) {
-    wgmma_ss_64x256x16(d, desc_a, desc_b);
+// One k-step of 32 bytes (16 FP16 or 32 E4M3 k): the wgmma shapes the kernel issues.
+template <int BN, bool E8>
+__device__ __forceinline__ void cw_wgmma(float (&d)[BN / 2], u64 desc_a, u64 desc_b) {
+    if constexpr (E8 && BN == 128) wgmma_ss_e4m3_64x128x32(d, desc_a, desc_b);
+    if constexpr (E8 && BN == 256) wgmma_ss_e4m3_64x256x32(d, desc_a, desc_b);
+    if constexpr (!E8 && BN == 128) wgmma_ss_64x128x16(d, desc_a, desc_b);
+    if constexpr (!E8 && BN == 256) wgmma_ss_64x256x16(d, desc_a, desc_b);
 }
 
-// The work of one launch: items of 128 pixels × BN channels, and the stages of each.
+// The work of one launch: items of 128 pixels × BN channels, and the stages of each; a pixel's
+// input channels are `pix_bytes` bytes.
 struct CwWork {
     i64 pixels, items;
-    int h, w, cin, cout, ntiles, kst;
+    int h, w, cout, ntiles, kst, pix_bytes;
 };
 
 // Queues the copies of the calling block's stages in order, one stage per `issue`, each into the
@@ -73,13 +75,13 @@ struct CwWork {
 // tid / 4 + 64, and B's 16-byte units tid + 256·q.
 template <int BN>
 struct CwLoader {
-    const f16raw* x;
-    const f16raw* wpack;
+    const unsigned char* x;
+    const unsigned char* wpack;
     CwWork wk;
     i64 item;  // the next stage's item (≥ wk.items: no more stages)
     int kk;    // and its stage within the item
     int nt;    // the item's block of output channels
-    // The thread's two A pixels in the item: element offset of the pixel's channels in x, its
+    // The thread's two A pixels in the item: byte offset of the pixel's channels in x, its
     // row and column; row −1: past the last pixel (zeros).
     i64 base[2];
     int row[2], col[2];
@@ -96,7 +98,7 @@ struct CwLoader {
             const int rem = (int)(p - img * hw);
             row[e] = p < wk.pixels ? rem / wk.w : -1;
             col[e] = rem - (rem / wk.w) * wk.w;
-            base[e] = p * wk.cin;
+            base[e] = p * wk.pix_bytes;
         }
     }
 
@@ -110,16 +112,17 @@ struct CwLoader {
             const int r = row[e] + dy, c = col[e] + dx;
             const bool inside = row[e] >= 0 && (unsigned)r < (unsigned)wk.h &&
                                 (unsigned)c < (unsigned)wk.w;
-            const f16raw* src =
-                inside ? x + base[e] + ((i64)dy * wk.w + dx) * wk.cin + 32 * slice + 8 * chunk : x;
+            const unsigned char* src =
+                inside ? x + base[e] + ((i64)dy * wk.w + dx) * wk.pix_bytes + 64 * slice + 16 * chunk
+                       : x;
             cp_async16_l1(stage + chunk * CW_A_PLANE + ((threadIdx.x >> 2) + 64 * e) * 16, src,
                           inside);
         }
-        const f16raw* b = wpack + ((i64)nt * wk.kst + kk) * (BN * 32);
+        const unsigned char* b = wpack + ((i64)nt * wk.kst + kk) * (BN * 64);
 #pragma unroll
         for (int q = 0; q < BN / 64; ++q) {
             const int u = threadIdx.x + 256 * q;
-            cp_async16(stage + CW_A_BYTES + u * 16, b + u * 8, true);
+            cp_async16(stage + CW_A_BYTES + u * 16, b + u * 16, true);
         }
         if (++kk == wk.kst) {
             kk = 0;
@@ -129,33 +132,50 @@ struct CwLoader {
     }
 };
 
+// What an item's epilogue does: the sums times `descale` (1 for FP16 input), + bias, ReLU when
+// `relu`, then FP16, or E4M3 codes of the value times `*mult` when `mult` is given.
+struct CwOut {
+    const float* __restrict__ bias;
+    float descale;
+    const float* mult;
+    int relu;
+    bool y4;  // FP16 pairs as one 32-bit store (y 4-byte aligned)
+    void* y;
+};
+
 // After an item's last stage: the calling thread's rows 16·warp + g and + 8 of its group's 64
-// pixels, columns 8j + 2t, + 1 of the item's BN: + bias, ReLU when `relu`, FP16, into y.
+// pixels, columns 8j + 2t, + 1 of the item's BN, into y as `out` says.
 template <int BN>
 __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWork& wk, i64 item,
-                                         const float* __restrict__ bias, int relu, bool y4,
-                                         f16raw* __restrict__ y) {
+                                         const CwOut& out) {
     const i64 mt = item / wk.ntiles;
     const int nt = (int)(item - mt * wk.ntiles);
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const i64 p0 = mt * CW_BM + 64 * (threadIdx.x >> 7) + 16 * ((threadIdx.x >> 5) & 3) + g;
+    const float m = out.mult ? *out.mult : 1.0f;
 #pragma unroll  // (the accumulators are registers: every index a constant)
     for (int j = 0; j < BN / 8; ++j) {
         const int ch = nt * BN + 8 * j + 2 * t;
-        const float b0 = bias[ch], b1 = bias[ch + 1];
+        const float b0 = out.bias[ch], b1 = out.bias[ch + 1];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const i64 p = p0 + 8 * r;
             if (p >= wk.pixels) continue;
-            float v0 = acc[4 * j + 2 * r] + b0, v1 = acc[4 * j + 2 * r + 1] + b1;
-            if (relu) {
+            float v0 = acc[4 * j + 2 * r] * out.descale + b0;
+            float v1 = acc[4 * j + 2 * r + 1] * out.descale + b1;
+            if (out.relu) {
                 v0 = fmaxf(v0, 0.0f);
                 v1 = fmaxf(v1, 0.0f);
             }
-            f16raw* dst = y + p * wk.cout + ch;
-            if (y4) {
-                *reinterpret_cast<u32*>(dst) = pack2(v0, v1);
+            const i64 at = p * wk.cout + ch;
+            if (out.mult) {
+                unsigned char* dst = static_cast<unsigned char*>(out.y) + at;
+                dst[0] = e4m3_bits(v0 * m);
+                dst[1] = e4m3_bits(v1 * m);
+            } else if (out.y4) {
+                *reinterpret_cast<u32*>(static_cast<f16raw*>(out.y) + at) = pack2(v0, v1);
             } else {
+                f16raw* dst = static_cast<f16raw*>(out.y) + at;
                 dst[0] = f2h(v0);
                 dst[1] = f2h(v1);
             }
@@ -163,12 +183,14 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
     }
 }
 
-template <int BN>
-__device__ __forceinline__ void conv3x3_wg_body(const f16raw* __restrict__ x,
-                                                const f16raw* __restrict__ wpack,
-                                                const float* __restrict__ bias, int n, int h,
-                                                int w, int cin, int cout, int relu,
-                                                f16raw* __restrict__ y) {
+// `E8`: E4M3 input and filter (else FP16). `descale`, `mult`: see CwOut (null: 1, FP16 out).
+template <int BN, bool E8>
+__device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict__ x,
+                                                const unsigned char* __restrict__ wpack,
+                                                const float* __restrict__ bias,
+                                                const float* __restrict__ descale,
+                                                const float* __restrict__ mult, int n, int h,
+                                                int w, int cin, int cout, int relu, void* y) {
     using S = CwShape<BN>;
     extern __shared__ uint4 cw_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(cw_smem);
@@ -179,10 +201,10 @@ __device__ __forceinline__ void conv3x3_wg_body(const f16raw* __restrict__ x,
     wk.pixels = (i64)n * h * w;
     wk.h = h;
     wk.w = w;
-    wk.cin = cin;
     wk.cout = cout;
     wk.ntiles = cout / BN;
-    wk.kst = 9 * (cin >> 5);
+    wk.pix_bytes = E8 ? cin : 2 * cin;
+    wk.kst = 9 * (wk.pix_bytes >> 6);
     wk.items = (wk.pixels + CW_BM - 1) / CW_BM * wk.ntiles;
 
     CwLoader<BN> ld{x, wpack, wk, (i64)blockIdx.x, 0, 0, {0, 0}, {0, 0}, {0, 0}};
@@ -194,7 +216,7 @@ __device__ __forceinline__ void conv3x3_wg_body(const f16raw* __restrict__ x,
         cp_async_commit();
     }
 
-    const bool y4 = is_aligned(y, 4);
+    const CwOut out{bias, descale ? *descale : 1.0f, mult, relu, is_aligned(y, 4), y};
     int slot = 0, fill = S::STAGES - 2;  // ring slots of this stage and of the next copies
     // The item loop outside, the stage loop inside, so that the accumulators are zeroed and read
     // only outside the loop whose back edge carries them in flight (else ptxas waits, C7517).
@@ -214,8 +236,8 @@ __device__ __forceinline__ void conv3x3_wg_body(const f16raw* __restrict__ x,
             const u64 db = wgmma_desc_kmajor(st + CW_A_BYTES, BN * 16, 128);
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < 2; ++ks)  // chunks 2ks, 2ks + 1 (16 channels)
-                cw_wgmma<BN>(acc, da + (u64)((2 * ks * CW_A_PLANE) >> 4),
+            for (int ks = 0; ks < 2; ++ks)  // chunks 2ks, 2ks + 1 (32 bytes of k)
+                cw_wgmma<BN, E8>(acc, da + (u64)((2 * ks * CW_A_PLANE) >> 4),
                              db + (u64)((2 * ks * BN * 16) >> 4));
             wgmma_commit();
             ld.issue(smem + fill * S::STAGE);  // into stage i − 2's slot
@@ -226,7 +248,7 @@ __device__ __forceinline__ void conv3x3_wg_body(const f16raw* __restrict__ x,
         }
         wgmma_wait<0>();
         wgmma_fence_operands(acc);
-        cw_store<BN>(acc, wk, item, bias, relu, y4, y);
+        cw_store<BN>(acc, wk, item, out);
     }
     cp_async_wait_0();  // nothing in flight at exit (only empty groups remain)
 }
@@ -236,12 +258,38 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n128(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                     const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                     int relu, f16raw* __restrict__ y) {
-    conv3x3_wg_body<128>(x, wpack, bias, n, h, w, cin, cout, relu, y);
+    conv3x3_wg_body<128, false>(reinterpret_cast<const unsigned char*>(x),
+                                reinterpret_cast<const unsigned char*>(wpack), bias, nullptr,
+                                nullptr, n, h, w, cin, cout, relu, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n256(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                     const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                     int relu, f16raw* __restrict__ y) {
-    conv3x3_wg_body<256>(x, wpack, bias, n, h, w, cin, cout, relu, y);
+    conv3x3_wg_body<256, false>(reinterpret_cast<const unsigned char*>(x),
+                                reinterpret_cast<const unsigned char*>(wpack), bias, nullptr,
+                                nullptr, n, h, w, cin, cout, relu, y);
+}
+
+// E4M3 in; the layer's descale at descale[0] and, when `e4m3_out`, the next FP8 conv's
+// multiplier at mult[0] (E4M3 out in y's first bytes); else FP16 out.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_e4m3_n128(const unsigned char* __restrict__ x,
+                         const unsigned char* __restrict__ wpack, const float* __restrict__ bias,
+                         const float* __restrict__ descale, const float* __restrict__ mult, int n,
+                         int h, int w, int cin, int cout, int relu, int e4m3_out,
+                         unsigned char* __restrict__ y) {
+    conv3x3_wg_body<128, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n, h, w, cin,
+                               cout, relu, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_e4m3_n256(const unsigned char* __restrict__ x,
+                         const unsigned char* __restrict__ wpack, const float* __restrict__ bias,
+                         const float* __restrict__ descale, const float* __restrict__ mult, int n,
+                         int h, int w, int cin, int cout, int relu, int e4m3_out,
+                         unsigned char* __restrict__ y) {
+    conv3x3_wg_body<256, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n, h, w, cin,
+                               cout, relu, y);
 }

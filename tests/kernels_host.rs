@@ -683,7 +683,7 @@ fn conv3x3_wg_matches_host() {
                 }
             }
         }
-        let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout]).unwrap();
+        let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], false).unwrap();
         let (x_nchw, x) = nchw_and_nhwc([n, cin, h, w], cin, 53 + h as u64);
         let mut want = vec![0f32; n * cout * h * w];
         cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, relu, &mut want);
@@ -727,6 +727,113 @@ fn conv3x3_wg_matches_host() {
     };
     assert!(refused([64, 256], 16 * 256, &small).contains("shared memory"));
     assert!(launch([64, 256], 16 * 256, &LIMITS).is_ok());
+}
+
+/// The E4M3-input builds against an f64 conv of the decoded codes: times the descale, + bias,
+/// ReLU or not, out FP16 (within its rounding) or E4M3 codes of the output times the multiplier
+/// (the same code, or the next one for a sum at a rounding boundary; ≥ 99 % the same, some
+/// saturated): a partial item, items running on in one block's ring, two blocks of output
+/// channels, rows and columns of one pixel.
+fn conv3x3_wg_e4m3_matches_host() {
+    let (descale, multiplier) = (0.02f32, 40.0f32);
+    let mut saturated = 0;
+    for (build, [cin, cout], [n, h, w], blocks, relu, e4m3_out) in [
+        (
+            k::ConvWgBuild::N128,
+            [64usize, 128usize],
+            [1usize, 9usize, 13usize],
+            1u32,
+            true,
+            false,
+        ),
+        (k::ConvWgBuild::N256, [64, 256], [3, 9, 11], 2, false, true),
+        (k::ConvWgBuild::N256, [128, 256], [2, 1, 20], 1, true, true),
+        (k::ConvWgBuild::N128, [64, 256], [2, 20, 1], 3, true, false),
+    ] {
+        let codes = |len: usize, seed: u64, scale: f32| -> Vec<u8> {
+            common::values(len, seed)
+                .iter()
+                .map(|v| e4m3_from_f32(v * scale))
+                .collect()
+        };
+        let x = codes(n * h * w * cin, 61 + cin as u64, 8.0);
+        let filter = codes(cout * 9 * cin, 62 + cout as u64, 4.0); // KRSC
+        let bias = common::values(cout, 63);
+        let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], true).unwrap();
+        let pixels = n * h * w;
+        let mut want = vec![0f32; pixels * cout];
+        for p in 0..pixels {
+            let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
+            for o in 0..cout {
+                let mut sum = 0f64;
+                for t in 0..9 {
+                    let (iy, ix) = (yy + t / 3, xx + t % 3);
+                    if iy < 1 || iy > h || ix < 1 || ix > w {
+                        continue;
+                    }
+                    let src = ((img * h + iy - 1) * w + ix - 1) * cin;
+                    for c in 0..cin {
+                        sum += e4m3_to_f32(x[src + c]) as f64
+                            * e4m3_to_f32(filter[(o * 9 + t) * cin + c]) as f64;
+                    }
+                }
+                let v = (sum * descale as f64) as f32 + bias[o];
+                want[p * cout + o] = if relu { v.max(0.0) } else { v };
+            }
+        }
+        let limits = LaunchLimits {
+            sm_count: blocks,
+            ..LIMITS
+        };
+        let y_len = pixels * cout;
+        let lens = [x.len(), packed.len(), bias.len(), 1, 1, y_len];
+        let launch =
+            k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], relu, e4m3_out, &limits);
+        let bufs = [
+            HostBuf::of(&x),
+            HostBuf::of(&packed),
+            HostBuf::of(&bias),
+            HostBuf::of(&[descale]),
+            HostBuf::of(&[multiplier]),
+        ];
+        let inputs = bufs.iter().collect::<Vec<_>>();
+        let what = format!("{build:?} E4M3 {cin}→{cout} {n}×{h}×{w} on {blocks} relu {relu}");
+        if e4m3_out {
+            let got: Vec<u8> = run_into(launch, &inputs, HostBuf::of(&vec![0xEEu8; y_len]));
+            let mut exact = 0;
+            for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                let w = e4m3_from_f32(r * multiplier);
+                let (gm, wm) = (g & 0x7F, w & 0x7F);
+                let same = g == w || (gm == 0 && wm == 0);
+                let next = g & 0x80 == w & 0x80 && gm.abs_diff(wm) == 1;
+                assert!(same || next, "{what}: element {i}: {g:#04x} vs {w:#04x}");
+                exact += same as usize;
+                saturated += (wm == 0x7E) as usize;
+            }
+            assert!(
+                exact * 100 >= 99 * y_len,
+                "{what}: {exact} of {y_len} exact"
+            );
+        } else {
+            let got: Vec<f16> = run_into(launch, &inputs, HostBuf::of(&vec![f16::NAN; y_len]));
+            assert_close(&to_f32(&got), &want, 2e-3, 2e-3, &what);
+        }
+    }
+    assert!(saturated > 0, "no case saturates the E4M3 output");
+    // Refused: input channels not a multiple of 64, missing scales.
+    let b = k::ConvWgBuild::N256;
+    let launch = |cin: usize, scales: usize| {
+        let lens = [16 * cin, 9 * cin * 256, 256, scales, scales, 16 * 256];
+        k::conv3x3_wg_e4m3_launch(b, lens, [1, 4, 4], [cin, 256], true, false, &LIMITS)
+    };
+    let e = launch(32, 1).unwrap_err().to_string();
+    assert!(
+        e.contains("32 → 256") && e.contains("multiples of 64"),
+        "{e}"
+    );
+    let e = launch(64, 0).unwrap_err().to_string();
+    assert!(e.contains("`descale` has 0"), "{e}");
+    assert!(launch(64, 1).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1365,6 +1472,7 @@ fn main() -> std::process::ExitCode {
         conv3x3_cin8_matches_host,
         conv3x3_c64_pool_matches_host,
         conv3x3_wg_matches_host,
+        conv3x3_wg_e4m3_matches_host,
         maxpool2_matches_host,
         maxpool2_e4m3_matches_host,
         adaptive_avgpool_matches_host,

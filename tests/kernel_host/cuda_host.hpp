@@ -166,6 +166,8 @@ struct PendingWgmma {
     unsigned long long desc;
     unsigned long long a_desc = 0;
     unsigned n = 64;
+    // FP8 E4M3 operands (K = 32), else FP16 (K = 16).
+    bool e4m3 = false;
 };
 
 struct Fiber {
@@ -670,6 +672,27 @@ inline float wgmma_kmajor(unsigned long long desc, unsigned k, unsigned row) {
     return scorecam_host_h2f(h);
 }
 
+// The value of an FP8 E4M3 code (bias 7, no infinities, 0x7F/0xFF NaN).
+inline float e4m3_value(unsigned char b) {
+    const float sign = (b & 0x80u) ? -1.0f : 1.0f;
+    const unsigned e = (b >> 3) & 0xFu, m = b & 7u;
+    if (e == 0xFu && m == 7u) return NAN;
+    if (e == 0) return sign * ldexpf((float)m, -9);
+    return sign * ldexpf((float)(8u + m), (int)e - 10);
+}
+
+// Element [row][k] (k < 32) of a K-major, unswizzled E4M3 operand: as wgmma_kmajor, with 16
+// codes of k per 16-byte row of a core matrix.
+inline float wgmma_kmajor_e4m3(unsigned long long desc, unsigned k, unsigned row) {
+    const size_t start = (size_t)(desc & 0x3FFFu) << 4;
+    const size_t lbo = (size_t)((desc >> 16) & 0x3FFFu) << 4;
+    const size_t sbo = (size_t)((desc >> 32) & 0x3FFFu) << 4;
+    const size_t at = start + (row >> 3) * sbo + (row & 7u) * 16 + (k >> 4) * lbo + (k & 15u);
+    if (at + 1 > run->dynamic_shared_bytes)
+        fail("a wgmma operand reaching past the dynamic shared memory");
+    return e4m3_value(static_cast<const unsigned char*>(scorecam_dynamic_shared())[at]);
+}
+
 // The checks every descriptor of a wgmma must pass here.
 inline void check_desc(unsigned long long desc) {
     if (desc >> 46) fail("a wgmma descriptor with a swizzle or base offset (not emulated)");
@@ -691,29 +714,37 @@ inline void wgmma_perform(size_t i) {
         if (f.wait == Wait::Done || f.wgmmas.size() <= i)
             fail("a wgmma that not every thread of the warpgroup issued");
         const PendingWgmma& o = f.wgmmas[i];
-        if (o.desc != op.desc || o.n != op.n || (o.a == nullptr) != (op.a == nullptr) ||
-            (!op.a && o.a_desc != op.a_desc))
+        if (o.desc != op.desc || o.n != op.n || o.e4m3 != op.e4m3 ||
+            (o.a == nullptr) != (op.a == nullptr) || (!op.a && o.a_desc != op.a_desc))
             fail("a wgmma whose descriptors or shape differ between threads of the warpgroup");
     }
     const unsigned lane = tid & 31u;
     const unsigned g = lane >> 2, t = lane & 3u;
-    float A[2][16];  // rows g and g + 8 of the warp's 16
+    const unsigned K = op.e4m3 ? 32 : 16;
+    const auto element = [&](unsigned long long desc, unsigned k, unsigned row) {
+        return op.e4m3 ? wgmma_kmajor_e4m3(desc, k, row) : wgmma_kmajor(desc, k, row);
+    };
+    float A[2][32];  // rows g and g + 8 of the warp's 16
     if (op.a) {
-        a_rows(A, g, [&](unsigned l, unsigned r) { return run->fibers[warp0 + l].wgmmas[i].a[r]; });
+        float A16[2][16];
+        a_rows(A16, g,
+               [&](unsigned l, unsigned r) { return run->fibers[warp0 + l].wgmmas[i].a[r]; });
+        for (unsigned row = 0; row < 2; ++row)
+            for (unsigned k = 0; k < 16; ++k) A[row][k] = A16[row][k];
     } else {
         const unsigned m0 = 16 * ((tid - group0) >> 5) + g;
         for (unsigned row = 0; row < 2; ++row)
-            for (unsigned k = 0; k < 16; ++k) A[row][k] = wgmma_kmajor(op.a_desc, k, m0 + 8 * row);
+            for (unsigned k = 0; k < K; ++k) A[row][k] = element(op.a_desc, k, m0 + 8 * row);
     }
     std::vector<float> d(op.n / 2);
     for (unsigned nt = 0; nt < op.n / 8; ++nt)
         for (unsigned c = 0; c < 2; ++c) {
             const unsigned n = 8 * nt + 2 * t + c;
-            float B[16];
-            for (unsigned k = 0; k < 16; ++k) B[k] = wgmma_kmajor(op.desc, k, n);
+            float B[32];
+            for (unsigned k = 0; k < K; ++k) B[k] = element(op.desc, k, n);
             for (unsigned row = 0; row < 2; ++row) {
                 float s = op.d[4 * nt + 2 * row + c];
-                for (unsigned k = 0; k < 16; ++k) s += A[row][k] * B[k];
+                for (unsigned k = 0; k < K; ++k) s += A[row][k] * B[k];
                 d[4 * nt + 2 * row + c] = s;
             }
         }
@@ -759,14 +790,15 @@ inline void scorecam_host_wgmma_64x64x16(float* d, const unsigned* a, unsigned l
     f.wgmmas.push_back(PendingWgmma{d, a, desc});
     if (run->eager_wgmma) wgmma_perform_oldest(f.wgmmas.size());
 }
-// common.cuh's wgmma_ss_64xNx16 (PTX wgmma.mma_async.sync.aligned.m64nNk16.f32.f16.f16, A and
-// B in shared memory): queued as wgmma_64x64x16 is, A named by its descriptor.
+// common.cuh's wgmma_ss_64xNx16 and wgmma_ss_e4m3_64xNx32 (PTX wgmma.mma_async.sync.aligned
+// .m64nNk16.f32.f16.f16 and .m64nNk32.f32.e4m3.e4m3, A and B in shared memory): queued as
+// wgmma_64x64x16 is, A named by its descriptor.
 inline void scorecam_host_wgmma_ss(float* d, unsigned long long desc_a, unsigned long long desc_b,
-                                   unsigned n) {
+                                   unsigned n, bool e4m3 = false) {
     using namespace scorecam_host;
     full_group0("wgmma_ss");
     auto& f = run->fibers[run->current];
-    f.wgmmas.push_back(PendingWgmma{d, nullptr, desc_b, desc_a, n});
+    f.wgmmas.push_back(PendingWgmma{d, nullptr, desc_b, desc_a, n, e4m3});
     if (run->eager_wgmma) wgmma_perform_oldest(f.wgmmas.size());
 }
 inline void scorecam_host_wgmma_commit() {

@@ -61,9 +61,10 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>, pack_wg: bool) -> Result
                 let bias = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
                 let bias32 = dev.upload(&l.bias, &format!("{name}.bias (f32)"))?;
                 bytes += filter.num_bytes() + bias.num_bytes() + bias32.num_bytes();
-                let wg_filter = match ConvWgBuild::for_layer(cs, l.cout).filter(|_| pack_wg) {
+                let wg_filter = match ConvWgBuild::for_layer(cs, l.cout, false).filter(|_| pack_wg)
+                {
                     Some(build) => {
-                        let packed = conv3x3_wg_pack_filter(build, &host, [cs, l.cout])
+                        let packed = conv3x3_wg_pack_filter(build, &host, [cs, l.cout], false)
                             .expect("for_layer checked the shape");
                         let d = dev.upload(&packed, &format!("{name}.weight (packed, wgmma)"))?;
                         bytes += d.num_bytes();

@@ -8,8 +8,9 @@ use half::f16;
 use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
 use crate::error::Result;
 
-/// Input channels per pipeline stage (64 bytes of FP16 per pixel): `cin` must be a multiple.
-pub const CONV_WG_CIN_STEP: usize = 32;
+/// Bytes of input channels per pixel and pipeline stage: `cin` × the element's bytes must be a
+/// multiple (32 FP16 or 64 E4M3 channels).
+pub const CONV_WG_STAGE_BYTES: usize = 64;
 /// Output pixels per work item.
 const PIXELS_PER_ITEM: usize = 128;
 /// Bytes of one stage's A operand (the kernel's `CW_A_BYTES`): 4 planes of 128 pixels × 16
@@ -26,12 +27,21 @@ pub enum ConvWgBuild {
 impl ConvWgBuild {
     pub const ALL: [ConvWgBuild; 2] = [ConvWgBuild::N128, ConvWgBuild::N256];
 
-    /// Its kernel's `extern "C"` name.
-    pub fn kernel(self) -> &'static str {
-        match self {
-            ConvWgBuild::N128 => "conv3x3_wg_n128",
-            ConvWgBuild::N256 => "conv3x3_wg_n256",
+    /// Its kernel's `extern "C"` name, for FP16 or (`e4m3`) FP8 E4M3 input.
+    pub fn kernel(self, e4m3: bool) -> &'static str {
+        match (self, e4m3) {
+            (ConvWgBuild::N128, false) => "conv3x3_wg_n128",
+            (ConvWgBuild::N256, false) => "conv3x3_wg_n256",
+            (ConvWgBuild::N128, true) => "conv3x3_wg_e4m3_n128",
+            (ConvWgBuild::N256, true) => "conv3x3_wg_e4m3_n256",
         }
+    }
+
+    /// Every kernel of the builds with its dynamic shared memory (the same for both inputs).
+    pub fn kernels() -> impl Iterator<Item = (&'static str, usize)> {
+        Self::ALL
+            .into_iter()
+            .flat_map(|b| [false, true].map(|e4m3| (b.kernel(e4m3), b.smem())))
     }
 
     /// Output channels per work item.
@@ -52,10 +62,11 @@ impl ConvWgBuild {
         stages * (A_BYTES + 64 * self.n())
     }
 
-    /// The build for a layer: the wider N where `cout` is a multiple of it (each input stage then
-    /// feeds twice the MMAs), else N = 128; None when the layer's shape does not fit the kernel.
-    pub fn for_layer(cin: usize, cout: usize) -> Option<ConvWgBuild> {
-        if cin == 0 || !cin.is_multiple_of(CONV_WG_CIN_STEP) {
+    /// The build for a layer (input `e4m3` or FP16): the wider N where `cout` is a multiple of
+    /// it (each input stage then feeds twice the MMAs), else N = 128; None when the layer's shape
+    /// does not fit the kernel.
+    pub fn for_layer(cin: usize, cout: usize, e4m3: bool) -> Option<ConvWgBuild> {
+        if cin == 0 || !(cin * elem_bytes(e4m3)).is_multiple_of(CONV_WG_STAGE_BYTES) {
             return None;
         }
         [ConvWgBuild::N256, ConvWgBuild::N128]
@@ -64,33 +75,48 @@ impl ConvWgBuild {
     }
 }
 
-/// The filter as the kernel reads it: KRSC `filter` `[cout, 3, 3, cin]` rearranged into blocks
-/// of one stage, `[cout / N][9·cin / 32 stages: slice s of 32 channels, then tap][4 chunks of 8
-/// channels][N output channels][8]`, so that a stage's B operand is one contiguous copy in the
-/// kernel's shared-memory layout. None when the lengths or shapes do not fit `build`. (Generic
-/// over the element so that tests can follow indices through it.)
+/// Bytes of one input channel: FP16 or E4M3.
+fn elem_bytes(e4m3: bool) -> usize {
+    if e4m3 {
+        1
+    } else {
+        2
+    }
+}
+
+/// The filter as the kernel reads it: KRSC `filter` `[cout, 3, 3, cin]` (FP16, or E4M3 codes
+/// with `e4m3`) rearranged into blocks of one stage, `[cout / N][stages: slice s of 64 bytes of
+/// channels, then tap][4 chunks of 16 bytes][N output channels][16 bytes]`, so that a stage's B
+/// operand is one contiguous copy in the kernel's shared-memory layout. None when the lengths or
+/// shapes do not fit `build`. (Generic over the element so that tests can follow indices
+/// through it; `e4m3` says how many bytes the kernel's elements have.)
 pub fn conv3x3_wg_pack_filter<T: Copy>(
     build: ConvWgBuild,
     filter: &[T],
     [cin, cout]: [usize; 2],
+    e4m3: bool,
 ) -> Option<Vec<T>> {
     let bn = build.n();
-    if ConvWgBuild::for_layer(cin, cout).is_none() || cout % bn != 0 {
+    if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % bn != 0 {
         return None;
     }
     if filter.len() != cout * 9 * cin {
         return None;
     }
-    let stages = 9 * cin / CONV_WG_CIN_STEP;
+    let (per_chunk, per_slice) = (
+        16 / elem_bytes(e4m3),
+        CONV_WG_STAGE_BYTES / elem_bytes(e4m3),
+    );
+    let stages = 9 * cin / per_slice;
     let mut packed = Vec::with_capacity(filter.len());
     for nt in 0..cout / bn {
         for stage in 0..stages {
             let (slice, tap) = (stage / 9, stage % 9);
             for chunk in 0..4 {
-                let c0 = slice * CONV_WG_CIN_STEP + 8 * chunk;
+                let c0 = slice * per_slice + per_chunk * chunk;
                 for o in nt * bn..(nt + 1) * bn {
                     let at = (o * 9 + tap) * cin + c0;
-                    packed.extend_from_slice(&filter[at..at + 8]);
+                    packed.extend_from_slice(&filter[at..at + per_chunk]);
                 }
             }
         }
@@ -106,12 +132,48 @@ pub fn conv3x3_wg_pack_filter<T: Copy>(
 pub fn conv3x3_wg_launch(
     build: ConvWgBuild,
     [x_len, wpack_len, bias_len, y_len]: [usize; 4],
+    nhw: [usize; 3],
+    chans: [usize; 2],
+    relu: bool,
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    let (lens, scales) = ([x_len, wpack_len, bias_len, y_len], None);
+    wg_launch(build, lens, scales, nhw, chans, relu, limits)
+}
+
+/// `conv3x3_wg_e4m3_n*`: the same on E4M3 `x` and packed E4M3 filter (bytes), the sums times
+/// `descale[0]` before the bias; out FP16, or with `e4m3_out` E4M3 codes of the output times
+/// `mult[0]` (the next FP8 conv's multiplier) in `y`'s first `len` bytes. Buffers `[x, packed
+/// filter, bias, descale, mult, y]`; `y`'s length in its own elements (bytes when `e4m3_out`,
+/// else FP16).
+pub fn conv3x3_wg_e4m3_launch(
+    build: ConvWgBuild,
+    [x_len, wpack_len, bias_len, descale_len, mult_len, y_len]: [usize; 6],
+    nhw: [usize; 3],
+    chans: [usize; 2],
+    relu: bool,
+    e4m3_out: bool,
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    let op = build.kernel(true);
+    need(op, "descale", descale_len, 1)?;
+    need(op, "mult", mult_len, 1)?;
+    let lens = [x_len, wpack_len, bias_len, y_len];
+    wg_launch(build, lens, Some(e4m3_out), nhw, chans, relu, limits)
+}
+
+/// Both launchers' checks and shape; `e4m3_out` None: FP16 input (and output).
+fn wg_launch(
+    build: ConvWgBuild,
+    [x_len, wpack_len, bias_len, y_len]: [usize; 4],
+    e4m3_out: Option<bool>,
     [n, h, w]: [usize; 3],
     [cin, cout]: [usize; 2],
     relu: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let op = build.kernel();
+    let e4m3 = e4m3_out.is_some();
+    let op = build.kernel(e4m3);
     if build.smem() > limits.conv_smem {
         return Err(invalid(
             op,
@@ -127,11 +189,12 @@ pub fn conv3x3_wg_launch(
             "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
         ));
     }
-    if cin % CONV_WG_CIN_STEP != 0 || cout % build.n() != 0 {
+    let step = CONV_WG_STAGE_BYTES / elem_bytes(e4m3);
+    if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % build.n() != 0 {
         return Err(invalid(
             op,
             format!(
-                "{cin} → {cout} channels; the kernel takes multiples of {CONV_WG_CIN_STEP} → {}",
+                "{cin} → {cout} channels; the kernel takes multiples of {step} → {}",
                 build.n()
             ),
         ));
@@ -146,23 +209,28 @@ pub fn conv3x3_wg_launch(
     let items = pixels.div_ceil(PIXELS_PER_ITEM) * (cout / build.n());
     let grid = items.clamp(1, limits.sm_count.max(1) as usize) as u32;
     use KernelArg::*;
+    let mut args = vec![Read(0), Read(1), Read(2)];
+    if e4m3 {
+        args.extend([Read(3), Read(4)]);
+    }
+    args.extend([
+        I32(n_i),
+        I32(h_i),
+        I32(w_i),
+        I32(cin_i),
+        I32(cout_i),
+        I32(relu as i32),
+    ]);
+    match e4m3_out {
+        Some(out) => args.extend([I32(out as i32), Write(5)]),
+        None => args.push(Write(3)),
+    }
     Ok(KernelLaunch {
         kernel: op,
         grid,
         block: 256,
         shared_mem_bytes: build.smem() as u32,
-        args: vec![
-            Read(0),
-            Read(1),
-            Read(2),
-            I32(n_i),
-            I32(h_i),
-            I32(w_i),
-            I32(cin_i),
-            I32(cout_i),
-            I32(relu as i32),
-            Write(3),
-        ],
+        args,
     })
 }
 
@@ -199,7 +267,7 @@ impl Kernels {
         y: &Y,
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = build.kernel();
+        let op = build.kernel(false);
         let lens = [x.len(), wpack.len(), bias.len(), y.len()];
         let limits = LaunchLimits {
             sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
@@ -229,12 +297,14 @@ mod tests {
     #[test]
     fn builds_fit_vgg_layers_and_the_shared_memory_of_a_hopper_block() {
         use ConvWgBuild::*;
-        assert_eq!(ConvWgBuild::for_layer(64, 128), Some(N128));
-        assert_eq!(ConvWgBuild::for_layer(128, 256), Some(N256));
-        assert_eq!(ConvWgBuild::for_layer(512, 512), Some(N256));
-        assert_eq!(ConvWgBuild::for_layer(8, 64), None);
-        assert_eq!(ConvWgBuild::for_layer(64, 64), None);
-        assert_eq!(ConvWgBuild::for_layer(48, 128), None);
+        assert_eq!(ConvWgBuild::for_layer(64, 128, false), Some(N128));
+        assert_eq!(ConvWgBuild::for_layer(128, 256, false), Some(N256));
+        assert_eq!(ConvWgBuild::for_layer(512, 512, false), Some(N256));
+        assert_eq!(ConvWgBuild::for_layer(8, 64, false), None);
+        assert_eq!(ConvWgBuild::for_layer(64, 64, false), None);
+        assert_eq!(ConvWgBuild::for_layer(48, 128, false), None);
+        assert_eq!(ConvWgBuild::for_layer(64, 256, true), Some(N256));
+        assert_eq!(ConvWgBuild::for_layer(32, 256, true), None);
         assert_eq!((N128.smem(), N256.smem()), (198_144, 197_632));
         assert!(ConvWgBuild::ALL.iter().all(|b| b.smem() <= 232_448));
     }
@@ -245,7 +315,8 @@ mod tests {
     fn the_packed_filter_is_one_block_per_stage() {
         let (cin, cout) = (64usize, 256usize);
         let filter: Vec<usize> = (0..cout * 9 * cin).collect();
-        let packed = conv3x3_wg_pack_filter(ConvWgBuild::N128, &filter, [cin, cout]).unwrap();
+        let packed =
+            conv3x3_wg_pack_filter(ConvWgBuild::N128, &filter, [cin, cout], false).unwrap();
         let mut sorted = packed.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, filter, "a permutation");
@@ -255,7 +326,18 @@ mod tests {
             let want = ((nt * 128 + o) * 9 + s % 9) * cin + 32 * (s / 9) + 8 * c + e;
             assert_eq!(packed[at], want, "{nt} {s} {c} {o} {e}");
         }
-        assert!(conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter[1..], [cin, cout]).is_none());
-        assert!(conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, 128]).is_none());
+        assert!(
+            conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter[1..], [cin, cout], false).is_none()
+        );
+        assert!(conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, 128], false).is_none());
+        // E4M3: 64 channels per stage, 16 per chunk.
+        let packed = conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, cout], true).unwrap();
+        let stages = 9 * cin / 64;
+        for (s, c, o, e) in [(0, 0, 0, 0), (8, 3, 255, 15), (4, 1, 17, 9)] {
+            let at = ((s * 4 + c) * 256 + o) * 16 + e;
+            let want = (o * 9 + s % 9) * cin + 64 * (s / 9) + 16 * c + e;
+            assert_eq!(packed[at], want, "E4M3 {s} {c} {o} {e}");
+        }
+        assert_eq!(stages, 9);
     }
 }

@@ -54,7 +54,10 @@ pub use self::conv_cin8::{
 pub use self::conv_pool::{
     conv3x3_c64_pool_launch, ConvPoolVariant, CONV_POOL_C, CONV_POOL_SMEM, CONV_POOL_SMEM_WG2,
 };
-pub use self::conv_wg::{conv3x3_wg_launch, conv3x3_wg_pack_filter, ConvWgBuild, CONV_WG_CIN_STEP};
+pub use self::conv_wg::{
+    conv3x3_wg_e4m3_launch, conv3x3_wg_launch, conv3x3_wg_pack_filter, ConvWgBuild,
+    CONV_WG_STAGE_BYTES,
+};
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
 };
@@ -98,6 +101,8 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_c64_pool_wg2",
     "conv3x3_wg_n128",
     "conv3x3_wg_n256",
+    "conv3x3_wg_e4m3_n128",
+    "conv3x3_wg_e4m3_n256",
     "amax_abs_f16",
     "fp8_scales",
     "quantize_e4m3",
@@ -134,7 +139,7 @@ pub fn conv_smem_kernels() -> impl Iterator<Item = (&'static str, usize)> {
     ConvPoolVariant::ALL
         .into_iter()
         .map(|v| (v.kernel(), v.smem()))
-        .chain(ConvWgBuild::ALL.into_iter().map(|b| (b.kernel(), b.smem())))
+        .chain(ConvWgBuild::kernels())
 }
 
 // ---------------------------------------------------------------------------------------------
