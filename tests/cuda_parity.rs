@@ -891,7 +891,8 @@ fn fp8_forward_matches_the_cpu_twin() {
         0.25,
         &[(1, "E4M3 between two FP8 convs")],
     );
-    // The same with the first conv's E4M3 output written by the hand-written conv.
+    // The same with the first conv's E4M3 output written by the hand-written conv (and, on
+    // sm_90a, the FP8 convs by the wgmma conv's E4M3 build).
     fp8_twin_case(
         &small,
         (2, 4),
@@ -994,6 +995,27 @@ fn fp8_twin_case(
             "the hand-written conv's E4M3 output was preferred: {:?}",
             g.plan_choices()
         );
+    }
+    // On sm_90a the wgmma conv's E4M3 build runs every FP8 conv it fits (64·k input channels)
+    // when preferred, after its own device check per layer shape.
+    let report = g.report();
+    if direct == DirectUse::Prefer && report["kernels_arch"] == "sm_90a" {
+        let checks = &report["direct_conv"]["checks"];
+        println!("hand-written conv checks: {checks}");
+        assert!(
+            checks.as_object().is_some_and(|c| c
+                .iter()
+                .any(|(k, v)| k.starts_with("E4M3") && v == "passed")),
+            "no E4M3 wgmma conv check passed: {checks}"
+        );
+        for c in g.plan_choices().iter().filter(|c| c.rows == m && c.fp8) {
+            let algo = c.fp8_algo.as_deref().unwrap_or_default();
+            assert!(
+                algo.starts_with("hand-written conv3x3_wg"),
+                "stage {}: FP8 by {algo}, not the preferred wgmma conv",
+                c.stage
+            );
+        }
     }
     for &stage in keep {
         assert!(

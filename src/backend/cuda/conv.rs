@@ -21,7 +21,7 @@ use super::cudnn_graph::{config_name, ConvGraph, GraphForm, GraphPlan, GraphPtrs
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
 use super::forward_plan::{Fp8Forms, StageRoute};
 use super::fp8::Fp8State;
-use super::kernels::{ConvPoolVariant, Kernels};
+use super::kernels::{ConvPoolVariant, ConvWgBuild, Kernels};
 use super::plan_cache::{self, Choice, PlanCache};
 use super::profile::new_event;
 use super::weights::DevConv;
@@ -156,6 +156,8 @@ pub struct PlanChoice {
     /// The hand-written conv's time with an E4M3 output (an FP16 layer before an FP8 one).
     pub direct_e4m3_ms: Option<f32>,
     pub e4m3_out: bool,
+    /// What runs the kept FP8 forms (a graph-API plan or the wgmma conv), when any is kept.
+    pub fp8_algo: Option<String>,
 }
 
 /// Short name of a candidate: `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
@@ -176,9 +178,9 @@ pub(super) struct ConvPlans {
     plans: HashMap<ConvKey, Planned>,
     /// FP8 plans of the keys where FP8 was chosen (used once scales exist), with an FP16 and
     /// with an E4M3 output; FP16 plans with an E4M3 output where they won.
-    fp8: HashMap<ConvKey, Rc<GraphConv>>,
-    fp8_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
-    fp16_e4m3: HashMap<ConvKey, Rc<GraphConv>>,
+    fp8: HashMap<ConvKey, Fp8Engine>,
+    fp8_e4m3: HashMap<ConvKey, Fp8Engine>,
+    fp16_e4m3: HashMap<ConvKey, Fp8Engine>,
     /// Keys whose E4M3 output (an FP16 layer before an FP8 one) the hand-written conv writes.
     direct_e4m3: HashSet<ConvKey>,
     choices: Vec<PlanChoice>,
@@ -321,6 +323,49 @@ struct Fp8Tuned {
     fp16_e4m3: Option<Option<(Rc<GraphConv>, f32)>>,
     /// The same through the hand-written conv: its time.
     direct_e4m3: Option<Option<f32>>,
+    /// FP8 with an FP16 output, FP8 with an E4M3 output, by the wgmma conv: its time.
+    wg_half: Option<Option<f32>>,
+    wg_e4m3: Option<Option<f32>>,
+}
+
+/// How a key's FP8 form (or FP16 form with an E4M3 output) runs: a graph-API plan, or the
+/// wgmma conv's E4M3 build ([`conv_direct::launch_fp8`]).
+#[derive(Clone)]
+pub(super) enum Fp8Engine {
+    Graph(Rc<GraphConv>),
+    Wg,
+}
+
+impl Fp8Engine {
+    /// Workspace bytes it needs.
+    fn ws(&self) -> usize {
+        match self {
+            Fp8Engine::Graph(g) => g.plan.ws,
+            Fp8Engine::Wg => 0,
+        }
+    }
+
+    /// How reports name it.
+    fn name(&self) -> String {
+        match self {
+            Fp8Engine::Graph(g) => format!("graph API {}", config_name(g.plan.origin)),
+            Fp8Engine::Wg => format!("{} E4M3", conv_direct::WG_NAME),
+        }
+    }
+}
+
+/// The faster of a graph-API plan's and the wgmma conv's timings of one form (the hand-written
+/// one wherever it runs, if `prefer_direct`).
+fn fp8_best(
+    graph: Option<(Rc<GraphConv>, f32)>,
+    wg: Option<f32>,
+    prefer_direct: bool,
+) -> Option<(Fp8Engine, f32)> {
+    let graph = graph.map(|(g, ms)| (Fp8Engine::Graph(g), ms));
+    match (graph, wg) {
+        (Some(g), Some(w)) if !prefer_direct && g.1 <= w => Some(g),
+        (g, w) => w.map(|ms| (Fp8Engine::Wg, ms)).or(g),
+    }
 }
 
 /// `--precision fp8`'s share of the planning: the state whose filters and scales the timing
@@ -605,6 +650,7 @@ pub(super) fn plan_all(
         // when it beats it, or always when FP8 is preferred. A form with an E4M3 output is
         // credited with the quantize pass it saves the next conv.
         let prefer_fp8 = fp8.as_ref().is_some_and(|f| f.state.prefer);
+        let prefer_direct = direct == DirectUse::Prefer;
         let wins = |ms_form: f32, saved: f32| prefer_fp8 || ms.is_none_or(|m| ms_form < m + saved);
         let mut saved_ms = 0.0;
         if let (Some((capable, next)), Some(f)) = (fp8_key, fp8.as_mut()) {
@@ -635,6 +681,32 @@ pub(super) fn plan_all(
             if capable && next.is_some() && f8.e4m3.is_none() {
                 f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
             }
+            // The wgmma conv's E4M3 build, where it runs and its device check passed.
+            let wg = match capable {
+                true => fp8_wg_runs(
+                    direct,
+                    direct_check,
+                    dev,
+                    kernels,
+                    layer,
+                    f.state,
+                    key.stage,
+                )?,
+                false => None,
+            };
+            let wg_timing = |e4m3_out: bool, state: &mut Fp8State, arena: &TuneArena<'_>| {
+                let run = Fp8Run {
+                    kernels,
+                    state,
+                    stage: key.stage,
+                    next,
+                };
+                let shape = ([key.rows, d.in_h, d.in_w], input_e4m3, e4m3_out);
+                time_wg_fp8(dev, &timer, layer, run, shape, arena).map(Some)
+            };
+            if let (Some(_), Some(_), None) = (wg, next, f8.wg_e4m3) {
+                f8.wg_e4m3 = Some(wg_timing(true, f.state, &arena)?);
+            }
             if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
                 let writes_e4m3 = DirectKernel::of(layer, kernels).is_some_and(|k| k.writes_e4m3());
                 f8.direct_e4m3 = Some(
@@ -656,7 +728,8 @@ pub(super) fn plan_all(
                 f8.fp16_e4m3 = Some(try_forms(&mut arena, f.state, &[GraphForm::FP16_E4M3_OUT])?);
             }
             let e4m3_form = if capable {
-                f8.e4m3.clone().flatten().map(|p| p.1)
+                let wg = f8.wg_e4m3.flatten();
+                fp8_best(f8.e4m3.clone().flatten(), wg, prefer_direct).map(|p| p.1)
             } else {
                 [
                     f8.fp16_e4m3.clone().flatten().map(|p| p.1),
@@ -671,32 +744,41 @@ pub(super) fn plan_all(
                 saved_ms = quantize_ms(dev, &timer, kernels, f.state, next, n, &arena)?;
             }
             // The FP16-output form where there is no E4M3 one, or it loses.
-            let e4m3_wins = f8
-                .e4m3
-                .clone()
-                .flatten()
+            let e4m3_wins = e4m3_form
                 .filter(|_| next.is_some())
-                .is_some_and(|(_, m)| wins(m, saved_ms));
+                .is_some_and(|m| wins(m, saved_ms));
             if capable && !e4m3_wins && f8.half.is_none() {
                 f8.half = Some(try_forms(&mut arena, f.state, &fp8_forms(false))?);
             }
+            if let (Some(_), false, None) = (wg, e4m3_wins, f8.wg_half) {
+                f8.wg_half = Some(wg_timing(false, f.state, &arena)?);
+            }
             fp8_tuned.insert((shape, input_e4m3), f8.clone());
         }
-        let half = f8.half.clone().flatten().filter(|_| fp8_next.is_some());
-        let e4m3 = f8
-            .e4m3
-            .clone()
-            .flatten()
-            .filter(|_| fp8_next.is_some_and(|n| n.is_some()));
+        let half = fp8_best(
+            f8.half.clone().flatten(),
+            f8.wg_half.flatten(),
+            prefer_direct,
+        )
+        .filter(|_| fp8_next.is_some());
+        let e4m3 = fp8_best(
+            f8.e4m3.clone().flatten(),
+            f8.wg_e4m3.flatten(),
+            prefer_direct,
+        )
+        .filter(|_| fp8_next.is_some_and(|n| n.is_some()));
         let before_fp8 = fp8_key.is_some_and(|(capable, next)| !capable && next.is_some());
-        let fp16_e4m3 = f8.fp16_e4m3.clone().flatten().filter(|_| before_fp8);
+        let fp16_e4m3 = (f8.fp16_e4m3.clone().flatten())
+            .filter(|_| before_fp8)
+            .map(|(g, ms)| (Fp8Engine::Graph(g), ms));
         let direct_e4m3 = f8.direct_e4m3.flatten().filter(|_| before_fp8);
-        type Timed = Option<(Rc<GraphConv>, f32)>;
-        let mut kept = |plans: &mut HashMap<ConvKey, Rc<GraphConv>>, p: &Timed, saved: f32| match p
-        {
-            Some((g, ms_form)) if wins(*ms_form, saved) => {
-                ws_used = ws_used.max(g.plan.ws);
-                plans.insert(key, Rc::clone(g));
+        let mut fp8_algo = None;
+        type Timed = Option<(Fp8Engine, f32)>;
+        let mut kept = |plans: &mut HashMap<ConvKey, Fp8Engine>, p: &Timed, saved: f32| match p {
+            Some((e, ms_form)) if wins(*ms_form, saved) => {
+                ws_used = ws_used.max(e.ws());
+                fp8_algo = Some(e.name());
+                plans.insert(key, e.clone());
                 true
             }
             _ => false,
@@ -712,6 +794,7 @@ pub(super) fn plan_all(
             Some(_) => out.direct_e4m3.insert(key),
             None => kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms),
         };
+        let fp8_algo = (half_kept || e4m3_kept).then_some(fp8_algo).flatten();
         out.choices.push(PlanChoice {
             stage: key.stage,
             rows: key.rows,
@@ -728,6 +811,7 @@ pub(super) fn plan_all(
             e4m3_out_ms: e4m3.as_ref().or(fp16_e4m3.as_ref()).map(|p| p.1),
             direct_e4m3_ms: direct_e4m3,
             e4m3_out: e4m3_kept || fp16_e4m3_kept,
+            fp8_algo,
         });
         out.plans.insert(key, planned);
     }
@@ -759,6 +843,52 @@ pub(super) enum ConvInput<'v, 'a> {
 }
 
 impl Fp8Run<'_> {
+    /// Run the wgmma conv's E4M3 build (the stage's packed FP8 filter) on `input` into `y` (FP16
+    /// or, with `e4m3_out`, E4M3 at the next stage's multiplier); an FP16 input is quantized
+    /// first.
+    ///
+    /// # Safety
+    /// `input` must hold the layer's input and `y` its output at `dims` in their types, apart.
+    unsafe fn execute_wg(
+        &mut self,
+        dev: &Dev,
+        layer: &DevConv,
+        input: ConvInput<'_, '_>,
+        y: u64,
+        dims: [usize; 3],
+        e4m3_out: bool,
+    ) -> Result<()> {
+        let (s, i) = (&dev.stream, self.stage);
+        let x = match input {
+            ConvInput::Half(x) => {
+                self.state.quantize_input(self.kernels, s, i, x)?;
+                ptr(&self.state.x8, s)
+            }
+            ConvInput::E4m3(x) => x,
+        };
+        let st = &*self.state;
+        let Some((build, wpack)) = st.wg_filters[i].as_ref() else {
+            return Err(Error::Invalid(format!(
+                "features stage {i} has no FP8 filter packed for the wgmma conv"
+            )));
+        };
+        let scaled_by = match (e4m3_out, self.next) {
+            (false, _) => i, // (not read)
+            (true, Some(next)) => next,
+            (true, None) => {
+                return Err(Error::Invalid(format!(
+                    "features stage {i}: an E4M3 output with no FP8 conv after it to read it"
+                )))
+            }
+        };
+        let scales = (&st.descale(i), &st.multiplier(scaled_by));
+        let wg = (*build, wpack);
+        // SAFETY: the caller's, passed on; the FP8 input buffer holds the quantized input.
+        unsafe {
+            conv_direct::launch_fp8(dev, self.kernels, layer, wg, dims, scales, (x, e4m3_out, y))
+        }
+    }
+
     /// Run `plan` on `input` into `y` (FP16 or, for an E4M3-output plan, E4M3 at the next
     /// stage's multiplier). An FP8 plan quantizes an FP16 input first; an FP16 plan (with an
     /// E4M3 output) reads FP16 only.
@@ -899,8 +1029,9 @@ impl<K: Ord + Copy> Checks<K> {
 
 /// The fused conv + pool's checks, per build.
 pub(super) type PoolChecks = Checks<ConvPoolVariant>;
-/// The hand-written conv's checks, per layer shape (stored input channels, output channels).
-pub(super) type DirectChecks = Checks<(usize, usize)>;
+/// The hand-written conv's checks, per input type and layer shape (E4M3 input — the wgmma
+/// conv's FP8 build —, stored input channels, output channels).
+pub(super) type DirectChecks = Checks<(bool, usize, usize)>;
 
 /// Whether the hand-written conv may run `layer`: not turned off, the layer's shape and the
 /// device its own, and its device check for layers of that shape passed. The check runs on the
@@ -916,10 +1047,66 @@ fn direct_runs(
         return Ok(false);
     }
     checked(
-        checks.of((layer.cin_s, layer.cout)),
+        checks.of((false, layer.cin_s, layer.cout)),
         "cuDNN keeps the layer",
         || conv_direct::check_on_device(dev, kernels, layer),
     )
+}
+
+/// The wgmma conv's E4M3 build where it may run `layer`'s FP8 forms (feature stage `stage`): not
+/// turned off, the device runs it, the stage has its packed FP8 filter, and its device check
+/// for layers of this shape passed (once per shape, kept in `checks`).
+fn fp8_wg_runs(
+    direct: DirectUse,
+    checks: &mut DirectChecks,
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    state: &Fp8State,
+    stage: usize,
+) -> Result<Option<ConvWgBuild>> {
+    let (Some((build, wpack)), Some(codes)) = (&state.wg_filters[stage], &state.filters[stage])
+    else {
+        return Ok(None);
+    };
+    if direct == DirectUse::Off || !kernels.runs_conv_wg(*build) {
+        return Ok(None);
+    }
+    let key = (true, layer.cin_s, layer.cout);
+    let passed = checked(checks.of(key), "its FP8 forms keep cuDNN's plans", || {
+        conv_direct::check_fp8_on_device(dev, kernels, layer, (*build, wpack), codes)
+    })?;
+    Ok(passed.then_some(*build))
+}
+
+/// Milliseconds of the wgmma conv's E4M3 build on `dims` rows of the arena, FP16 or
+/// (`e4m3_out`) E4M3 out, with the quantize pass of its input unless that arrives E4M3
+/// (`input_e4m3`: then quantized once before), as the graph API's FP8 plans are timed.
+fn time_wg_fp8(
+    dev: &Dev,
+    timer: &EventPair,
+    layer: &DevConv,
+    mut run: Fp8Run<'_>,
+    (dims, input_e4m3, e4m3_out): ([usize; 3], bool, bool),
+    arena: &TuneArena<'_>,
+) -> Result<f32> {
+    let [bx, by] = arena.bufs;
+    let x = bx.slice(..dims.iter().product::<usize>() * layer.cin_s);
+    if input_e4m3 {
+        run.state
+            .quantize_input(run.kernels, &dev.stream, run.stage, &x)?;
+    }
+    let (x8, y) = (ptr(&run.state.x8, &dev.stream), ptr(by, &dev.stream));
+    let op = format!("timing the FP8 wgmma conv (batch {})", dims[0]);
+    time_launch(dev, timer, &op, || {
+        let input = match input_e4m3 {
+            true => ConvInput::E4m3(x8),
+            false => ConvInput::Half(&x),
+        };
+        // SAFETY: the arena's buffers hold ≥ rows rows of the stage's input and output (FP16,
+        // so an E4M3 output fits too), apart; the FP8 input buffer holds ≥ rows rows of it.
+        unsafe { run.execute_wg(dev, layer, input, y, dims, e4m3_out) }
+    })
 }
 
 /// Whether a hand-written kernel's device check passed, running `run` (None: it matched; else
@@ -1601,7 +1788,7 @@ impl ConvRun<'_> {
                 (true, false) => &self.plans.fp8,
                 (false, _) => &self.plans.fp16_e4m3,
             };
-            let (Some(state), Some(g)) = (self.fp8.as_deref_mut(), plans.get(&key)) else {
+            let (Some(state), Some(engine)) = (self.fp8.as_deref_mut(), plans.get(&key)) else {
                 return Err(Error::Invalid(format!(
                     "{}: routed to FP8 or an E4M3 output without such a plan",
                     op()
@@ -1617,10 +1804,20 @@ impl ConvRun<'_> {
             // SAFETY: x holds rows·in_len values and y rows·out_len in the plan's types (the
             // forward plan's spans, checked against the buffers); the workspace was sized at
             // prepare for every chosen plan; FP8 plans exist only for capable stages.
-            return unsafe {
-                run.execute(self.dev, self.dnn, &g.plan, layer, x, y, self.workspace)
-            }?
-            .map_err(|e| dnn_err(&op(), e));
+            return match engine {
+                Fp8Engine::Graph(g) => unsafe {
+                    run.execute(self.dev, self.dnn, &g.plan, layer, x, y, self.workspace)
+                }?
+                .map_err(|e| dnn_err(&op(), e)),
+                Fp8Engine::Wg if route.fp8 => unsafe {
+                    let dims = [key.rows, d.in_h, d.in_w];
+                    run.execute_wg(self.dev, layer, x, y, dims, route.e4m3_out)
+                },
+                Fp8Engine::Wg => Err(Error::Invalid(format!(
+                    "{}: the FP8 wgmma conv routed to an FP16 form",
+                    op()
+                ))),
+            };
         }
         let ConvInput::Half(x) = x else {
             return Err(Error::Invalid(format!(
@@ -1741,6 +1938,7 @@ impl ConvRun<'_> {
                         e4m3_out_ms: None,
                         direct_e4m3_ms: None,
                         e4m3_out: false,
+                        fp8_algo: None,
                     });
                     self.plans.plans.insert(
                         key,

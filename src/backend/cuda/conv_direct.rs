@@ -15,6 +15,7 @@ use super::kernels::{
     e4m3_from_f32, ConvPoolVariant, ConvWgBuild, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT, CONV_POOL_C,
 };
 use super::weights::DevConv;
+use crate::backend::fp8::e4m3_to_f32;
 use crate::backend::splitmix64;
 use crate::error::{Error, Result};
 
@@ -323,6 +324,124 @@ fn check_wg_on_device(
                 layer.cin_s,
                 layer.cout,
                 if identity { "no ReLU" } else { "ReLU" }
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// `y` = ReLU(conv(`x`) · `descale[0]` + bias) by the wgmma conv's E4M3 build on the layer's
+/// packed E4M3 filter `wg`: `x` E4M3 codes `[rows, h, w, cin]` at a device address, `y` FP16 or
+/// (`e4m3_out`) E4M3 codes of the output times `mult[0]`, `[rows, h, w, cout]`, at a device
+/// address.
+///
+/// # Safety
+/// `x` and `y` must be live device allocations holding the layer's input and output at `dims`,
+/// apart; nothing else may use `y` until the launch is done.
+pub(super) unsafe fn launch_fp8(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    (build, wpack): (ConvWgBuild, &CudaSlice<u8>),
+    dims @ [rows, h, w]: [usize; 3],
+    (descale, mult): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    (x, e4m3_out, y): (u64, bool, u64),
+) -> Result<()> {
+    let pixels = rows * h * w;
+    let (x, y) = ((x, pixels * layer.cin_s), (y, pixels * layer.cout));
+    let chans = [layer.cin_s, layer.cout];
+    let (s, b) = (&dev.stream, &layer.bias32);
+    // SAFETY: the caller's, passed on.
+    unsafe {
+        kernels.conv3x3_wg_e4m3(
+            s,
+            build,
+            x,
+            (wpack, b),
+            (descale, mult),
+            dims,
+            chans,
+            (true, e4m3_out),
+            y,
+            None,
+        )
+    }
+}
+
+/// The wgmma conv's E4M3 build against the CPU on the layer's own FP8 filter (`codes`, KRSC,
+/// and packed, `wg`) and bias, on random E4M3 input, at a descale and multiplier of its own:
+/// FP16 out, then E4M3 out (codes of the output times the multiplier, some saturated: the same
+/// code or, at a rounding boundary, the next). `None` when it matches; else why not.
+pub(super) fn check_fp8_on_device(
+    dev: &Dev,
+    kernels: &Kernels,
+    layer: &DevConv,
+    (build, wpack): (ConvWgBuild, &CudaSlice<u8>),
+    codes: &CudaSlice<u8>,
+) -> Result<Option<String>> {
+    let [n, h, w] = WG_CHECK_DIMS;
+    let (cs, cout, pixels) = (layer.cin_s, layer.cout, n * h * w);
+    let x: Vec<u8> = (0..pixels * cs)
+        .map(|i| e4m3_from_f32((splitmix64(0xF8 + i as u64) >> 40) as f32 / (1u64 << 21) as f32))
+        .collect();
+    let xd = dev.upload(&x, "the FP8 wgmma conv check's input")?;
+    let filter = dev.download(codes, codes.len(), "the FP8 conv filter")?;
+    let bias = dev.download(&layer.bias32, cout, "the conv bias")?;
+    let (descale, multiplier) = (1.0f32 / 64.0, 16.0f32);
+    let sd = dev.upload(&[descale, multiplier], "the FP8 wgmma conv check's scales")?;
+    let yd = dev.alloc::<f16>(pixels * cout, "the FP8 wgmma conv check's output")?;
+    let decoded = |v: &[u8]| {
+        v.iter()
+            .map(|&c| f16::from_f32(e4m3_to_f32(c)))
+            .collect::<Vec<_>>()
+    };
+    let sums = reference_nhwc(
+        &decoded(&x),
+        &decoded(&filter),
+        &vec![0.0; cout],
+        [n, h, w],
+        [cs, cout],
+        false,
+    );
+    let want: Vec<f32> = sums
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s * descale + bias[i % cout]).max(0.0))
+        .collect();
+    for e4m3_out in [false, true] {
+        let (d, m) = (sd.slice(0..1), sd.slice(1..2));
+        let (xp, yp) = (ptr(&xd, &dev.stream), ptr(&yd, &dev.stream));
+        // SAFETY: `xd` and `yd` are this function's own buffers, apart, of the check's sizes
+        // (the E4M3 output takes the first half of `yd`'s bytes). A launch the device refuses
+        // only keeps the kernel unused.
+        let launched = unsafe {
+            launch_fp8(
+                dev,
+                kernels,
+                layer,
+                (build, wpack),
+                WG_CHECK_DIMS,
+                (&d, &m),
+                (xp, e4m3_out, yp),
+            )
+        };
+        if let Err(e) = launched {
+            return Ok(Some(format!(
+                "the FP8 wgmma conv ({build:?}) did not launch on this device: {e}"
+            )));
+        }
+        let why = if e4m3_out {
+            let half = dev.download(&yd, yd.len() / 2, "the FP8 wgmma conv check's output")?;
+            first_code_mismatch(bytemuck::cast_slice(&half), &want, multiplier)
+        } else {
+            let got = dev.download(&yd, yd.len(), "the FP8 wgmma conv check's output")?;
+            first_mismatch(&got, &want)
+        };
+        if let Some(why) = why {
+            return Ok(Some(format!(
+                "the FP8 wgmma conv ({build:?}, {cs} → {cout} channels, {} out) differs from the \
+                 CPU on this device: {why}",
+                if e4m3_out { "E4M3" } else { "FP16" }
             )));
         }
     }

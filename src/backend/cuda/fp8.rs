@@ -17,7 +17,9 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use half::f16;
 
 use super::device::Dev;
-use super::kernels::{Kernels, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE};
+use super::kernels::{
+    conv3x3_wg_pack_filter, ConvWgBuild, Kernels, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE,
+};
 use super::layout;
 use super::weights::DevConv;
 use crate::backend::fp8::{capable_stages, weight_scale};
@@ -28,6 +30,9 @@ use crate::model::{FeatureStage, Vgg};
 pub(super) struct Fp8State {
     /// E4M3 filters (KRSC, stored input channels) of the FP8-capable stages, by feature stage.
     pub filters: Vec<Option<CudaSlice<u8>>>,
+    /// The same packed for the wgmma conv's E4M3 build that fits the layer
+    /// ([`conv3x3_wg_pack_filter`]), where the device runs it.
+    pub wg_filters: Vec<Option<(ConvWgBuild, CudaSlice<u8>)>>,
     /// Per feature stage: the filter's scale `sw` (1 where not capable).
     pub w_scale: CudaSlice<f32>,
     /// Per feature stage: the largest |input| of the last base forward (reset by `fp8_scales`).
@@ -44,35 +49,50 @@ pub(super) struct Fp8State {
 }
 
 impl Fp8State {
-    /// Quantize the capable layers' filters and allocate the scales and the input buffer for
-    /// `rows_max` rows of inputs of `in_len(stage)` values. The scales start at multiplier 1 and
-    /// descale `sw` (what the tuning runs with, on inputs in [0, 1)).
+    /// Quantize the capable layers' filters (also packed for the wgmma conv with `pack_wg`, a
+    /// device that runs it) and allocate the scales and the input buffer for `rows_max` rows of
+    /// inputs of `in_len(stage)` values. The scales start at multiplier 1 and descale `sw` (what
+    /// the tuning runs with, on inputs in [0, 1)).
     pub fn new(
         dev: &Dev,
         model: &Vgg,
         convs: &[Option<DevConv>],
         rows_max: usize,
         in_len: impl Fn(usize) -> usize,
-        prefer: bool,
+        (prefer, pack_wg): (bool, bool),
     ) -> Result<Fp8State> {
         let stages = model.features.len();
         let mut filters = Vec::with_capacity(stages);
+        let mut wg_filters = Vec::with_capacity(stages);
         let mut w_scale = vec![1.0f32; stages];
         let mut x8_len = 1;
         let capable = capable_stages(model);
         for (i, stage) in model.features.iter().enumerate() {
-            let filter = match (stage, convs[i].as_ref()) {
+            let (filter, wg) = match (stage, convs[i].as_ref()) {
                 (FeatureStage::Conv(l), Some(c)) if capable[i] => {
                     let sw = weight_scale(&l.weight);
                     w_scale[i] = sw;
                     x8_len = x8_len.max(rows_max * in_len(i));
                     let bits = layout::conv_filter_krsc_e4m3(&l.weight, l.cout, l.cin, c.cin_s, sw);
                     let name = format!("features.{} FP8 filter", l.conv_index);
-                    Some(dev.upload(&bits, &name)?)
+                    let chans = [c.cin_s, c.cout];
+                    let wg = match ConvWgBuild::for_layer(c.cin_s, c.cout, true) {
+                        Some(build) if pack_wg => {
+                            let packed = conv3x3_wg_pack_filter(build, &bits, chans, true)
+                                .expect("for_layer checked the shape");
+                            Some((
+                                build,
+                                dev.upload(&packed, &format!("{name} (packed, wgmma)"))?,
+                            ))
+                        }
+                        _ => None,
+                    };
+                    (Some(dev.upload(&bits, &name)?), wg)
                 }
-                _ => None,
+                _ => (None, None),
             };
             filters.push(filter);
+            wg_filters.push(wg);
         }
         // The layout of `fp8_scales`' output.
         let scales: Vec<f32> = w_scale
@@ -86,6 +106,7 @@ impl Fp8State {
             .collect();
         Ok(Fp8State {
             filters,
+            wg_filters,
             w_scale: dev.upload(&w_scale, "FP8 filter scales")?,
             amax: dev.alloc::<f32>(stages, "FP8 input amax")?,
             scales: dev.upload(&scales, "FP8 scales")?,
@@ -145,10 +166,12 @@ impl Fp8State {
 
     /// Bytes of device memory held.
     pub fn bytes(&self) -> usize {
+        let packed = self.wg_filters.iter().flatten().map(|(_, f)| f.num_bytes());
         self.filters
             .iter()
             .flatten()
             .map(|f| f.num_bytes())
+            .chain(packed)
             .sum::<usize>()
             + self.x8.num_bytes()
     }

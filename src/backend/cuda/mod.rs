@@ -1126,6 +1126,7 @@ impl Backend for CudaBackend {
                     "direct_e4m3_ms": c.direct_e4m3_ms,
                     "fp8": c.fp8,
                     "e4m3_out": c.e4m3_out,
+                    "fp8_algo": c.fp8_algo,
                 })
             })
             .collect();
@@ -1147,14 +1148,17 @@ impl Backend for CudaBackend {
                 "misses": self.plan_cache.misses,
                 "save_error": self.plan_cache_error,
             },
-            // The hand-written convs (the first conv's; the wgmma conv's on sm_90a): the use
-            // setting and their checks on this device, once per backend and layer shape
-            // ("cin→cout"), and all together (null: no layer they could run yet).
+            // The hand-written convs (the first conv's; the wgmma conv's on sm_90a, its E4M3
+            // build's under --precision fp8): the use setting and their checks on this device,
+            // once per backend and layer shape ("cin→cout", "E4M3 cin→cout"), and all together
+            // (null: no layer they could run yet).
             "direct_conv": {
                 "use": format!("{:?}", self.direct_use).to_lowercase(),
                 "check": check_json(&self.direct_check.overall()),
                 "checks": self.direct_check.outcomes()
-                    .map(|((cin, cout), c)| (format!("{cin}→{cout}"), check_json(c)))
+                    .map(|((e4m3, cin, cout), c)| {
+                        (format!("{}{cin}→{cout}", if e4m3 { "E4M3 " } else { "" }), check_json(c))
+                    })
                     .collect::<serde_json::Map<_, _>>(),
             },
             // 64 → 64 convs tried with their max-pool in the same kernel, at the full mask batch:

@@ -194,7 +194,7 @@ impl CudaBackend {
                 &dm.convs,
                 rows_max,
                 |i| dims[i].in_len(),
-                self.prefer_fp8,
+                (self.prefer_fp8, !self.kernels.conv_wg_builds().is_empty()),
             )?),
             Precision::Fp16 => None,
         };

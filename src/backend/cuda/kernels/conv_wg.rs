@@ -290,6 +290,58 @@ impl Kernels {
     }
 }
 
+impl Kernels {
+    /// [`conv3x3_wg_e4m3_launch`] on device addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
+    /// (`e4m3_out`) E4M3 (`y.1` elements of its type), so that the codes may sit in the first
+    /// bytes of an FP16 buffer; on at most `max_blocks` blocks when given. An error without
+    /// sm_90a kernels or the shared memory, or an `x` or packed filter not 16-byte aligned.
+    ///
+    /// # Safety
+    /// `x` and `y` must be live device allocations of at least their lengths, apart; `y` is
+    /// written, and nothing else may use it until the launch is done.
+    pub unsafe fn conv3x3_wg_e4m3<M: DevicePtr<f32>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        build: ConvWgBuild,
+        (x, x_len): (u64, usize),
+        (wpack, bias): (&CudaSlice<u8>, &CudaSlice<f32>),
+        (descale, mult): (&M, &M),
+        nhw: [usize; 3],
+        chans: [usize; 2],
+        (relu, e4m3_out): (bool, bool),
+        (y, y_len): (u64, usize),
+        max_blocks: Option<u32>,
+    ) -> Result<()> {
+        let op = build.kernel(true);
+        let lens = [
+            x_len,
+            wpack.len(),
+            bias.len(),
+            descale.len(),
+            mult.len(),
+            y_len,
+        ];
+        let limits = LaunchLimits {
+            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
+            ..self.limits
+        };
+        let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, relu, e4m3_out, &limits)?;
+        let (f_p, _f) = wpack.device_ptr(stream);
+        for (what, p) in [("x", x), ("the packed filter", f_p)] {
+            if p % 16 != 0 {
+                return Err(invalid(
+                    op,
+                    format!("{what} at {p:#x} is not 16-byte aligned"),
+                ));
+            }
+        }
+        let (b_p, _b) = bias.device_ptr(stream);
+        let (d_p, _d) = descale.device_ptr(stream);
+        let (m_p, _m) = mult.device_ptr(stream);
+        self.run(stream, &launch, &[x, f_p, b_p, d_p, m_p, y])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
