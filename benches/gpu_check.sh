@@ -126,10 +126,14 @@ fp16_rc=$?
 # every figure of the bench. Then the bench runs again without the newest of them, the Hopper
 # wgmma builds (kernels for plain sm_90: the report's `kernels_arch`), and if it fails again with
 # cuDNN only (`direct_conv.use: off`); the benches after it keep the setting that worked.
-# steps.tsv keeps each failed try, their outputs the *_failed* files. Not after a timeout: a
-# second try would not fit either.
+# steps.tsv keeps each failed try, their outputs the *_failed* files. A timeout is retried without
+# the wgmma builds only (a kernel that hangs: the engine stops a hung device check by itself
+# after 20 s, but a hang in a timed launch runs to the limit); a second timeout is not retried.
 fp16_failed() {
   [ "$fp16_rc" != 0 ] && [ "$fp16_rc" != 124 ] && [ "$fp16_rc" != 125 ] && [ "$fp16_rc" != 137 ]
+}
+fp16_timed_out() {
+  [ "$fp16_rc" = 124 ] || [ "$fp16_rc" = 137 ]
 }
 retry_fp16() {  # retry_fp16 STEP VAR VALUE: keep the failed try's files, set VAR, run again
   mv "$out/engine_fp16.json" "$out/engine_fp16_failed_before_$1.json" 2> /dev/null
@@ -139,7 +143,8 @@ retry_fp16() {  # retry_fp16 STEP VAR VALUE: keep the failed try's files, set VA
     "$bin" bench --backend cuda --images 1,8,32 --json
   fp16_rc=$?
 }
-if fp16_failed && [ "${SCORECAM_WGMMA:-on}" != off ] && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
+if { fp16_failed || fp16_timed_out; } && [ "${SCORECAM_WGMMA:-on}" != off ] &&
+  [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
   retry_fp16 engine_fp16_no_wgmma SCORECAM_WGMMA off
 fi
 if fp16_failed && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then

@@ -19,6 +19,10 @@ use crate::backend::fp8::e4m3_to_f32;
 use crate::backend::splitmix64;
 use crate::error::{Error, Result};
 
+/// How long a device check's launch may take before the kernel counts as hung (tiny inputs:
+/// milliseconds when it works).
+const CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// How plans and reports name them.
 pub(super) const NAME: &str = "hand-written conv3x3_cin8 (tensor cores, conv+bias+ReLU)";
 pub(super) const WG_NAME: &str = "hand-written conv3x3_wg (wgmma, conv+bias+ReLU)";
@@ -160,6 +164,7 @@ pub(super) fn check_pool_on_device(
             "the fused conv + pool ({variant:?}) did not launch on this device: {e}"
         )));
     }
+    dev.finish_within("the fused conv + pool's device check", CHECK_LIMIT)?;
     let got = dev.download(&yd, yd.len(), "the fused conv check's output")?;
     if let Some(why) = first_mismatch(&got, &want) {
         return Ok(Some(format!(
@@ -316,6 +321,7 @@ fn check_wg_on_device(
                 "the wgmma conv ({build:?}) did not launch on this device: {e}"
             )));
         }
+        dev.finish_within("the wgmma conv's device check", CHECK_LIMIT)?;
         let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
         if let Some(why) = first_mismatch(&got, want) {
             return Ok(Some(format!(
@@ -430,6 +436,7 @@ pub(super) fn check_fp8_on_device(
                 "the FP8 wgmma conv ({build:?}) did not launch on this device: {e}"
             )));
         }
+        dev.finish_within("the FP8 wgmma conv's device check", CHECK_LIMIT)?;
         let why = if e4m3_out {
             let half = dev.download(&yd, yd.len() / 2, "the FP8 wgmma conv check's output")?;
             first_code_mismatch(bytemuck::cast_slice(&half), &want, multiplier)
@@ -458,6 +465,7 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
         let out = DirectOut::Half { identity };
         // SAFETY: `yd` is this function's own buffer, apart from `xd`.
         unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
+        dev.finish_within("the first conv's device check", CHECK_LIMIT)?;
         let got = dev.download(&yd, yd.len(), "the direct conv check's output")?;
         if let Some(why) = first_mismatch(&got, want) {
             return Ok(Some(format!(
@@ -473,6 +481,7 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     let out = DirectOut::E4m3(&m);
     // SAFETY: as above; the codes fill the first half of `yd`'s bytes.
     unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
+    dev.finish_within("the first conv's device check (E4M3 out)", CHECK_LIMIT)?;
     let half = dev.download(&yd, yd.len() / 2, "the direct conv check's E4M3 output")?;
     let got: &[u8] = bytemuck::cast_slice(&half);
     Ok(first_code_mismatch(got, &relu, multiplier).map(|why| {

@@ -188,6 +188,42 @@ impl Dev {
         Ok(d)
     }
 
+    /// Wait until the work queued on the stream is done, but at most `limit`: the device checks
+    /// of the hand-written kernels, so that one that hangs on a device (a barrier it never
+    /// passes) stops the run with an error naming it, instead of blocking it for good. A hung
+    /// kernel keeps running, and the context cannot be used again: the error is final.
+    pub(super) fn finish_within(&self, what: &str, limit: std::time::Duration) -> Result<()> {
+        let event = self
+            .ctx
+            .new_event(None)
+            .map_err(|e| drv_err(&format!("{what}: cuEventCreate"), e))?;
+        event
+            .record(&self.stream)
+            .map_err(|e| drv_err(&format!("{what}: cuEventRecord"), e))?;
+        let started = std::time::Instant::now();
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) if started.elapsed() < limit => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Ok(false) => {
+                    return Err(Error::Cuda {
+                        op: what.to_string(),
+                        msg: format!(
+                            "not finished after {} s: a hand-written kernel seems hung on this \
+                             device, whose CUDA context cannot be used again; run with \
+                             SCORECAM_WGMMA=off (no Hopper wgmma kernels) or \
+                             SCORECAM_CONV_DIRECT=off (cuDNN only)",
+                            limit.as_secs()
+                        ),
+                    })
+                }
+                Err(e) => return Err(drv_err(what, e)),
+            }
+        }
+    }
+
     /// Copy the first `len` elements of a device buffer to the host (synchronizes).
     pub(super) fn download<T: DeviceRepr + Default + Clone>(
         &self,

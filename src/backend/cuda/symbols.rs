@@ -76,6 +76,8 @@ pub(crate) const DRIVER_SYMBOLS: &[&str] = &[
     "cuEventCreate",
     "cuEventRecord",
     "cuEventSynchronize",
+    // CudaEvent::try_is_complete (Dev::finish_within: the hand-written kernels' device checks).
+    "cuEventQuery",
     "cuEventElapsedTime_v2",
     "cuEventDestroy_v2",
     // CudaStream::alloc_zeros (memset_zeros), memcpy_htod, memcpy_dtoh, memcpy_dtod (same
