@@ -2,7 +2,10 @@
 // implicit GEMM on Hopper's warpgroup MMA (sm_90a `wgmma`, both operands in shared memory), for
 // VGG's deeper layers: FP16 NHWC in and out, f32 accumulation, any cin a multiple of 32 and cout
 // a multiple of the build's N (128 or 256). x [n, h, w, cin], y [n, h, w, cout].
-// conv3x3_wg_e4m3_n128 / _n256: the same on FP8 E4M3 input and filter (cin a multiple of 64;
+// conv3x3_wg_pool_n128 / _n256: the same followed by the 2×2 max-pool (VGG's block ends), only
+// the pooled quarter written, [n, h/2, w/2, cout].
+// conv3x3_wg_e4m3_n128: the same on FP8 E4M3 input and filter (cin a multiple of 64; N = 128
+// only: its partial sums are promoted to f32 registers of their own, 128 more at N = 256;
 // `--precision fp8`), the sums times the layer's descale (sx·sw) before the bias, out FP16 or,
 // given the next FP8 conv's multiplier, E4M3 codes of the output times it. Everything below is
 // in bytes, and a stage is 64 bytes per pixel either way: 32 FP16 channels, or 64 E4M3 ones.
@@ -64,10 +67,18 @@ __device__ __forceinline__ void cw_wgmma(float (&d)[BN / 2], u64 desc_a, u64 des
 }
 
 // The work of one launch: items of 128 pixels × BN channels, and the stages of each; a pixel's
-// input channels are `pix_bytes` bytes.
+// input channels are `pix_bytes` bytes. With `pool`, an item's 128 rows are the 2×2 windows of
+// 32 pooled pixels (`units` counts pooled pixels, ph × pw each image; else pixels): row m of the
+// block, in warp-row w = m / 16, r = m % 16, is window position (r / 8, r % 2) of pooled pixel
+// 4w + (r % 8) / 2, so that a thread's two accumulator rows (g, g + 8) are a window's column and
+// the lane g ^ 1 holds the other column (cw_store pools them by one shuffle).
 struct CwWork {
-    i64 pixels, items;
+    i64 units, items;
     int h, w, cout, ntiles, kst, pix_bytes;
+    bool pool;
+    int ph, pw;
+    // Output units per item.
+    __device__ __forceinline__ int per_item() const { return pool ? CW_BM / 4 : CW_BM; }
 };
 
 // Queues the copies of the calling block's stages in order, one stage per `issue`, each into the
@@ -90,15 +101,27 @@ struct CwLoader {
         if (item >= wk.items) return;
         const i64 mt = item / wk.ntiles;
         nt = (int)(item - mt * wk.ntiles);
-        const i64 hw = (i64)wk.h * wk.w;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const i64 p = mt * CW_BM + (threadIdx.x >> 2) + 64 * e;
-            const i64 img = p / hw;
-            const int rem = (int)(p - img * hw);
-            row[e] = p < wk.pixels ? rem / wk.w : -1;
-            col[e] = rem - (rem / wk.w) * wk.w;
-            base[e] = p * wk.pix_bytes;
+            const int m = (threadIdx.x >> 2) + 64 * e;  // the block's row
+            if (wk.pool) {
+                const int r = m & 15;
+                const i64 q = mt * (CW_BM / 4) + 4 * (m >> 4) + ((r & 7) >> 1);
+                const i64 per_img = (i64)wk.ph * wk.pw;
+                const i64 img = q / per_img;
+                const int rem = (int)(q - img * per_img), py = rem / wk.pw;
+                row[e] = q < wk.units ? 2 * py + (r >> 3) : -1;
+                col[e] = 2 * (rem - py * wk.pw) + (r & 1);
+                base[e] = ((img * wk.h + row[e]) * wk.w + col[e]) * wk.pix_bytes;
+            } else {
+                const i64 hw = (i64)wk.h * wk.w;
+                const i64 p = mt * CW_BM + m;
+                const i64 img = p / hw;
+                const int rem = (int)(p - img * hw);
+                row[e] = p < wk.units ? rem / wk.w : -1;
+                col[e] = rem - (rem / wk.w) * wk.w;
+                base[e] = p * wk.pix_bytes;
+            }
         }
     }
 
@@ -143,8 +166,17 @@ struct CwOut {
     void* y;
 };
 
+// One output value: the sum times the descale, + bias, ReLU when asked.
+__device__ __forceinline__ float cw_value(float sum, float bias, const CwOut& out) {
+    const float v = sum * out.descale + bias;
+    return out.relu ? fmaxf(v, 0.0f) : v;
+}
+
 // After an item's last stage: the calling thread's rows 16·warp + g and + 8 of its group's 64
-// pixels, columns 8j + 2t, + 1 of the item's BN, into y as `out` says.
+// pixels, columns 8j + 2t, + 1 of the item's BN, into y as `out` says. With `wk.pool`, the max
+// of each window first (its rows g, g + 8 here, lane g ^ 1 the other column; max commutes with
+// the positive descale, the bias, ReLU and the rounding, so this equals conv → round → pool),
+// stored by the even g.
 template <int BN>
 __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWork& wk, i64 item,
                                          const CwOut& out) {
@@ -153,6 +185,31 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const i64 p0 = mt * CW_BM + 64 * (threadIdx.x >> 7) + 16 * ((threadIdx.x >> 5) & 3) + g;
     const float m = out.mult ? *out.mult : 1.0f;
+    if (wk.pool) {
+        const i64 q = mt * (CW_BM / 4) + 4 * (threadIdx.x >> 5) + (g >> 1);
+        const bool stores = (g & 1) == 0 && q < wk.units;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            float v[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const float rows = fmaxf(acc[4 * j + c], acc[4 * j + 2 + c]);
+                v[c] = fmaxf(rows, __shfl_xor_sync(0xffffffffu, rows, 4));
+            }
+            const int ch = nt * BN + 8 * j + 2 * t;
+            if (!stores) continue;
+            const float v0 = cw_value(v[0], out.bias[ch], out);
+            const float v1 = cw_value(v[1], out.bias[ch + 1], out);
+            f16raw* dst = static_cast<f16raw*>(out.y) + q * wk.cout + ch;
+            if (out.y4) {
+                *reinterpret_cast<u32*>(dst) = pack2(v0, v1);
+            } else {
+                dst[0] = f2h(v0);
+                dst[1] = f2h(v1);
+            }
+        }
+        return;
+    }
 #pragma unroll  // (the accumulators are registers: every index a constant)
     for (int j = 0; j < BN / 8; ++j) {
         const int ch = nt * BN + 8 * j + 2 * t;
@@ -160,7 +217,7 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const i64 p = p0 + 8 * r;
-            if (p >= wk.pixels) continue;
+            if (p >= wk.units) continue;
             float v0 = acc[4 * j + 2 * r] * out.descale + b0;
             float v1 = acc[4 * j + 2 * r + 1] * out.descale + b1;
             if (out.relu) {
@@ -184,7 +241,9 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
 }
 
 // `E8`: E4M3 input and filter (else FP16). `descale`, `mult`: see CwOut (null: 1, FP16 out).
-template <int BN, bool E8>
+// `POOL`: y is the 2×2 max-pool of the output (FP16, floor: an odd last row or column of the
+// conv is never computed), [n, h/2, w/2, cout].
+template <int BN, bool E8, bool POOL = false>
 __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict__ x,
                                                 const unsigned char* __restrict__ wpack,
                                                 const float* __restrict__ bias,
@@ -198,14 +257,17 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
     const int group = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
 
     CwWork wk;
-    wk.pixels = (i64)n * h * w;
     wk.h = h;
     wk.w = w;
     wk.cout = cout;
     wk.ntiles = cout / BN;
     wk.pix_bytes = E8 ? cin : 2 * cin;
     wk.kst = 9 * (wk.pix_bytes >> 6);
-    wk.items = (wk.pixels + CW_BM - 1) / CW_BM * wk.ntiles;
+    wk.pool = POOL;
+    wk.ph = h >> 1;
+    wk.pw = w >> 1;
+    wk.units = POOL ? (i64)n * wk.ph * wk.pw : (i64)n * h * w;
+    wk.items = (wk.units + wk.per_item() - 1) / wk.per_item() * wk.ntiles;
 
     CwLoader<BN> ld{x, wpack, wk, (i64)blockIdx.x, 0, 0, {0, 0}, {0, 0}, {0, 0}};
     ld.locate();
@@ -218,37 +280,64 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
 
     const CwOut out{bias, descale ? *descale : 1.0f, mult, relu, is_aligned(y, 4), y};
     int slot = 0, fill = S::STAGES - 2;  // ring slots of this stage and of the next copies
-    // The item loop outside, the stage loop inside, so that the accumulators are zeroed and read
-    // only outside the loop whose back edge carries them in flight (else ptxas waits, C7517).
+    // One stage: wait for its copies, issue its wgmma group into `acc`, queue the copies of
+    // stage i + STAGES − 2, leave only this group in flight.
+    const auto stage = [&](float(&acc)[S::ACC]) {
+        cp_async_wait<S::STAGES - 3>();  // this thread's copies of stage `slot`
+        fence_proxy_async();             // visible to the wgmma (async proxy) …
+        __syncthreads();                 // … of every thread; stage i − 2's wgmma are done
+        unsigned char* st = smem + slot * S::STAGE;
+        const u64 da = wgmma_desc_kmajor(st + group * 64 * 16, CW_A_PLANE, 128);
+        const u64 db = wgmma_desc_kmajor(st + CW_A_BYTES, BN * 16, 128);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks)  // chunks 2ks, 2ks + 1 (32 bytes of k)
+            cw_wgmma<BN, E8>(acc, da + (u64)((2 * ks * CW_A_PLANE) >> 4),
+                             db + (u64)((2 * ks * BN * 16) >> 4));
+        wgmma_commit();
+        ld.issue(smem + fill * S::STAGE);  // into stage i − 2's slot
+        cp_async_commit();
+        slot = slot + 1 == S::STAGES ? 0 : slot + 1;
+        fill = fill + 1 == S::STAGES ? 0 : fill + 1;
+        wgmma_wait<1>();  // stage i − 1's group
+    };
+    // The item loop outside, the stage loops inside, so that the accumulators are zeroed and
+    // read only outside the loop whose back edge carries them in flight (else ptxas waits,
+    // C7517).
 #pragma unroll 1
     for (i64 item = blockIdx.x; item < wk.items; item += gridDim.x) {  // block-uniform
         float acc[S::ACC];
 #pragma unroll
         for (int i = 0; i < S::ACC; ++i) acc[i] = 0.0f;
         wgmma_fence_operands(acc);
-#pragma unroll 1
-        for (int kk = 0; kk < wk.kst; ++kk) {
-            cp_async_wait<S::STAGES - 3>();  // this thread's copies of stage `slot`
-            fence_proxy_async();             // visible to the wgmma (async proxy) …
-            __syncthreads();                 // … of every thread; stage i − 2's wgmma are done
-            unsigned char* st = smem + slot * S::STAGE;
-            const u64 da = wgmma_desc_kmajor(st + group * 64 * 16, CW_A_PLANE, 128);
-            const u64 db = wgmma_desc_kmajor(st + CW_A_BYTES, BN * 16, 128);
-            wgmma_fence();
+        if constexpr (E8) {
+            // Hopper's FP8 MMAs keep about 14 bits of their running sum (CUTLASS promotes every
+            // 4 MMAs; DeepSeek-V3's report measured it): after each slice of the channels (9
+            // stages, 18 MMAs, K = 576) the partial sums move into f32 registers of their own.
+            float total[S::ACC];
 #pragma unroll
-            for (int ks = 0; ks < 2; ++ks)  // chunks 2ks, 2ks + 1 (32 bytes of k)
-                cw_wgmma<BN, E8>(acc, da + (u64)((2 * ks * CW_A_PLANE) >> 4),
-                             db + (u64)((2 * ks * BN * 16) >> 4));
-            wgmma_commit();
-            ld.issue(smem + fill * S::STAGE);  // into stage i − 2's slot
-            cp_async_commit();
-            slot = slot + 1 == S::STAGES ? 0 : slot + 1;
-            fill = fill + 1 == S::STAGES ? 0 : fill + 1;
-            wgmma_wait<1>();  // stage i − 1's group
+            for (int i = 0; i < S::ACC; ++i) total[i] = 0.0f;
+#pragma unroll 1
+            for (int s0 = 0; s0 < wk.kst; s0 += 9) {
+#pragma unroll 1
+                for (int tap = 0; tap < 9; ++tap) stage(acc);
+                wgmma_wait<0>();
+                wgmma_fence_operands(acc);
+#pragma unroll
+                for (int i = 0; i < S::ACC; ++i) {
+                    total[i] += acc[i];
+                    acc[i] = 0.0f;
+                }
+                wgmma_fence_operands(acc);
+            }
+            cw_store<BN>(total, wk, item, out);
+        } else {
+#pragma unroll 1
+            for (int kk = 0; kk < wk.kst; ++kk) stage(acc);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc);
+            cw_store<BN>(acc, wk, item, out);
         }
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc);
-        cw_store<BN>(acc, wk, item, out);
     }
     cp_async_wait_0();  // nothing in flight at exit (only empty groups remain)
 }
@@ -272,6 +361,26 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                                 nullptr, n, h, w, cin, cout, relu, y);
 }
 
+// FP16 in; y the 2×2 max-pool of ReLU(conv + bias), [n, h/2, w/2, cout] (VGG's last conv of a
+// block with its pool: the pooled quarter is all that is written).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_pool_n128(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
+                         const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
+                         f16raw* __restrict__ y) {
+    conv3x3_wg_body<128, false, true>(reinterpret_cast<const unsigned char*>(x),
+                                      reinterpret_cast<const unsigned char*>(wpack), bias,
+                                      nullptr, nullptr, n, h, w, cin, cout, 1, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_pool_n256(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
+                         const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
+                         f16raw* __restrict__ y) {
+    conv3x3_wg_body<256, false, true>(reinterpret_cast<const unsigned char*>(x),
+                                      reinterpret_cast<const unsigned char*>(wpack), bias,
+                                      nullptr, nullptr, n, h, w, cin, cout, 1, y);
+}
+
 // E4M3 in; the layer's descale at descale[0] and, when `e4m3_out`, the next FP8 conv's
 // multiplier at mult[0] (E4M3 out in y's first bytes); else FP16 out.
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -281,15 +390,5 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                          int h, int w, int cin, int cout, int relu, int e4m3_out,
                          unsigned char* __restrict__ y) {
     conv3x3_wg_body<128, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n, h, w, cin,
-                               cout, relu, y);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    conv3x3_wg_e4m3_n256(const unsigned char* __restrict__ x,
-                         const unsigned char* __restrict__ wpack, const float* __restrict__ bias,
-                         const float* __restrict__ descale, const float* __restrict__ mult, int n,
-                         int h, int w, int cin, int cout, int relu, int e4m3_out,
-                         unsigned char* __restrict__ y) {
-    conv3x3_wg_body<256, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n, h, w, cin,
                                cout, relu, y);
 }

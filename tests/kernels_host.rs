@@ -573,7 +573,11 @@ fn conv3x3_c64_pool_matches_host() {
             }
         }
     }
-    for variant in k::ConvPoolVariant::ALL {
+    // (The wgmma conv's pooled builds are conv3x3_wg_pool_matches_host's.)
+    let builds = k::ConvPoolVariant::ALL
+        .into_iter()
+        .filter(|v| v.wg_build().is_none());
+    for variant in builds {
         for (n, h, w, misalign) in [
             (1usize, 16usize, 16usize, 0usize),
             (1, 19, 35, 2),
@@ -644,6 +648,9 @@ fn conv3x3_c64_pool_matches_host() {
     let e = refused(k::ConvPoolVariant::Wg, 16 * 64, [1, 8, 8], &no_wgmma);
     assert!(e.contains("sm_90a"), "{e}");
     assert!(launch(v, 16 * 64, [1, 8, 8], &no_wgmma).is_ok());
+    // A wgmma conv's pooled build is not this launcher's.
+    let e = refused(k::ConvPoolVariant::WgPoolN128, 16 * 64, [1, 8, 8], &LIMITS);
+    assert!(e.contains("conv3x3_wg_pool_launch"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,27 +736,108 @@ fn conv3x3_wg_matches_host() {
     assert!(launch([64, 256], 16 * 256, &LIMITS).is_ok());
 }
 
-/// The E4M3-input builds against an f64 conv of the decoded codes: times the descale, + bias,
-/// ReLU or not, out FP16 (within its rounding) or E4M3 codes of the output times the multiplier
-/// (the same code, or the next one for a sum at a rounding boundary; ≥ 99 % the same, some
-/// saturated): a partial item, items running on in one block's ring, two blocks of output
-/// channels, rows and columns of one pixel.
-fn conv3x3_wg_e4m3_matches_host() {
-    let (descale, multiplier) = (0.02f32, 40.0f32);
-    let mut saturated = 0;
-    for (build, [cin, cout], [n, h, w], blocks, relu, e4m3_out) in [
+/// Both builds of the wgmma conv with the 2×2 max-pool against the CPU conv, rounded to FP16,
+/// then pooled: odd sizes whose last conv row and column the pool drops, items of 32 pooled
+/// pixels spanning images and running on in a block's ring, two blocks of output channels, the
+/// smallest input, an output off 4-byte alignment.
+fn conv3x3_wg_pool_matches_host() {
+    for (build, [cin, cout], [n, h, w], blocks, misalign) in [
         (
             k::ConvWgBuild::N128,
+            [64usize, 128usize],
+            [2usize, 9usize, 13usize],
+            1u32,
+            0usize,
+        ),
+        (k::ConvWgBuild::N256, [32, 256], [3, 10, 7], 2, 2),
+        (k::ConvWgBuild::N128, [32, 256], [2, 2, 3], 1, 0),
+    ] {
+        let weight: Vec<f32> = common::values(cout * cin * 9, 71 + cin as u64)
+            .iter()
+            .map(|v| f16::from_f32(v / 8.0).to_f32())
+            .collect();
+        let bias = common::values(cout, 72);
+        let mut filter = vec![f16::ZERO; cout * 9 * cin];
+        for o in 0..cout {
+            for i in 0..cin {
+                for t in 0..9 {
+                    filter[(o * 9 + t) * cin + i] = f16::from_f32(weight[(o * cin + i) * 9 + t]);
+                }
+            }
+        }
+        let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], false).unwrap();
+        let (x_nchw, x) = nchw_and_nhwc([n, cin, h, w], cin, 73 + h as u64);
+        let mut conv = vec![0f32; n * cout * h * w];
+        cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, true, &mut conv);
+        let (ph, pw) = (h / 2, w / 2);
+        let mut want = vec![0f32; n * cout * ph * pw];
+        for i in 0..n {
+            for ch in 0..cout {
+                let plane = &conv[(i * cout + ch) * h * w..][..h * w];
+                let v = |y: usize, x: usize| f16::from_f32(plane[y * w + x]).to_f32();
+                for py in 0..ph {
+                    for px in 0..pw {
+                        want[((i * cout + ch) * ph + py) * pw + px] = v(2 * py, 2 * px)
+                            .max(v(2 * py, 2 * px + 1))
+                            .max(v(2 * py + 1, 2 * px))
+                            .max(v(2 * py + 1, 2 * px + 1));
+                    }
+                }
+            }
+        }
+        let limits = LaunchLimits {
+            sm_count: blocks,
+            ..LIMITS
+        };
+        let y_len = n * ph * pw * cout;
+        let lens = [x.len(), packed.len(), bias.len(), y_len];
+        let launch = k::conv3x3_wg_pool_launch(build, lens, [n, h, w], [cin, cout], &limits);
+        let bufs = [HostBuf::of(&x), HostBuf::of(&packed), HostBuf::of(&bias)];
+        let out = HostBuf::misaligned(&vec![f16::NAN; y_len], misalign);
+        let got: Vec<f16> = run_into(launch, &bufs.iter().collect::<Vec<_>>(), out);
+        let got = nhwc_f16_to_nchw(&got, n, cout, ph, pw, cout);
+        let what = format!("{build:?} pool {cin}→{cout} {n}×{h}×{w} on {blocks} +{misalign}");
+        assert_close(&got, &want, 2e-3, 2e-3, &what);
+    }
+    // Refused: no 2×2 window, a short output.
+    let b = k::ConvWgBuild::N128;
+    let launch = |nhw: [usize; 3], y: usize| {
+        let x = nhw.iter().product::<usize>() * 64;
+        k::conv3x3_wg_pool_launch(b, [x, 9 * 64 * 128, 128, y], nhw, [64, 128], &LIMITS)
+    };
+    let e = launch([1, 1, 8], 8 * 128).unwrap_err().to_string();
+    assert!(e.contains("1×8"), "{e}");
+    let e = launch([1, 4, 4], 3 * 128).unwrap_err().to_string();
+    assert!(e.contains("`y` has 384"), "{e}");
+    assert!(launch([1, 4, 4], 4 * 128).is_ok());
+}
+
+/// The E4M3-input build against an f64 conv of the decoded codes: times the descale, + bias,
+/// ReLU or not, out FP16 (within its rounding and the FP8 accumulation the device check allows,
+/// 2⁻¹⁰ of Σ|x·w|: the emulation keeps 14 bits of each MMA's running sum, as Hopper does) or
+/// E4M3 codes of the output times the multiplier (the same code, or the next one for a sum at a
+/// rounding boundary, or within that slack; ≥ 98 % the same, some saturated): a partial item,
+/// items running on in one block's ring, two blocks of output channels, rows and columns of one
+/// pixel, 8 promotions of the partial sums per item. (A kernel that never promotes stays within
+/// that slack here: the slack is the device's, made for sums that cancel.)
+fn conv3x3_wg_e4m3_matches_host() {
+    let (descale, multiplier) = (0.02f32, 40.0f32);
+    let fp8_accumulation = 1.0 / 1024.0; // conv_direct.rs's FP8_ACCUMULATION
+    let mut saturated = 0;
+    for ([cin, cout], [n, h, w], blocks, relu, e4m3_out) in [
+        (
             [64usize, 128usize],
             [1usize, 9usize, 13usize],
             1u32,
             true,
             false,
         ),
-        (k::ConvWgBuild::N256, [64, 256], [3, 9, 11], 2, false, true),
-        (k::ConvWgBuild::N256, [128, 256], [2, 1, 20], 1, true, true),
-        (k::ConvWgBuild::N128, [64, 256], [2, 20, 1], 3, true, false),
+        ([64, 256], [3, 9, 11], 2, false, true),
+        ([128, 128], [2, 1, 20], 1, true, true),
+        ([64, 256], [2, 20, 1], 3, true, false),
+        ([512, 128], [1, 4, 5], 1, false, false),
     ] {
+        let build = k::ConvWgBuild::E4M3;
         let codes = |len: usize, seed: u64, scale: f32| -> Vec<u8> {
             common::values(len, seed)
                 .iter()
@@ -761,11 +849,11 @@ fn conv3x3_wg_e4m3_matches_host() {
         let bias = common::values(cout, 63);
         let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], true).unwrap();
         let pixels = n * h * w;
-        let mut want = vec![0f32; pixels * cout];
+        let (mut want, mut slack) = (vec![0f32; pixels * cout], vec![0f32; pixels * cout]);
         for p in 0..pixels {
             let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
             for o in 0..cout {
-                let mut sum = 0f64;
+                let (mut sum, mut magnitude) = (0f64, 0f64);
                 for t in 0..9 {
                     let (iy, ix) = (yy + t / 3, xx + t % 3);
                     if iy < 1 || iy > h || ix < 1 || ix > w {
@@ -773,12 +861,15 @@ fn conv3x3_wg_e4m3_matches_host() {
                     }
                     let src = ((img * h + iy - 1) * w + ix - 1) * cin;
                     for c in 0..cin {
-                        sum += e4m3_to_f32(x[src + c]) as f64
+                        let xw = e4m3_to_f32(x[src + c]) as f64
                             * e4m3_to_f32(filter[(o * 9 + t) * cin + c]) as f64;
+                        sum += xw;
+                        magnitude += xw.abs();
                     }
                 }
                 let v = (sum * descale as f64) as f32 + bias[o];
                 want[p * cout + o] = if relu { v.max(0.0) } else { v };
+                slack[p * cout + o] = (magnitude * (descale * fp8_accumulation) as f64) as f32;
             }
         }
         let limits = LaunchLimits {
@@ -788,7 +879,7 @@ fn conv3x3_wg_e4m3_matches_host() {
         let y_len = pixels * cout;
         let lens = [x.len(), packed.len(), bias.len(), 1, 1, y_len];
         let launch =
-            k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], relu, e4m3_out, &limits);
+            k::conv3x3_wg_e4m3_launch(lens, [n, h, w], [cin, cout], relu, e4m3_out, &limits);
         let bufs = [
             HostBuf::of(&x),
             HostBuf::of(&packed),
@@ -797,7 +888,7 @@ fn conv3x3_wg_e4m3_matches_host() {
             HostBuf::of(&[multiplier]),
         ];
         let inputs = bufs.iter().collect::<Vec<_>>();
-        let what = format!("{build:?} E4M3 {cin}→{cout} {n}×{h}×{w} on {blocks} relu {relu}");
+        let what = format!("E4M3 {cin}→{cout} {n}×{h}×{w} on {blocks} relu {relu}");
         if e4m3_out {
             let got: Vec<u8> = run_into(launch, &inputs, HostBuf::of(&vec![0xEEu8; y_len]));
             let mut exact = 0;
@@ -806,34 +897,45 @@ fn conv3x3_wg_e4m3_matches_host() {
                 let (gm, wm) = (g & 0x7F, w & 0x7F);
                 let same = g == w || (gm == 0 && wm == 0);
                 let next = g & 0x80 == w & 0x80 && gm.abs_diff(wm) == 1;
-                assert!(same || next, "{what}: element {i}: {g:#04x} vs {w:#04x}");
+                // A sum that cancels to near zero: its code within the accumulation's slack.
+                let near = (e4m3_to_f32(g) / multiplier - r).abs() <= slack[i];
+                assert!(
+                    same || next || near,
+                    "{what}: element {i}: {g:#04x} vs {w:#04x} (slack {})",
+                    slack[i]
+                );
                 exact += same as usize;
                 saturated += (wm == 0x7E) as usize;
             }
             assert!(
-                exact * 100 >= 99 * y_len,
+                exact * 100 >= 98 * y_len,
                 "{what}: {exact} of {y_len} exact"
             );
         } else {
             let got: Vec<f16> = run_into(launch, &inputs, HostBuf::of(&vec![f16::NAN; y_len]));
-            assert_close(&to_f32(&got), &want, 2e-3, 2e-3, &what);
+            for (i, ((g, &r), &s)) in got.iter().zip(&want).zip(&slack).enumerate() {
+                let g = g.to_f32();
+                let ok = (g - r).abs() <= 2e-3 + 2e-3 * r.abs() + s;
+                assert!(ok, "{what}: element {i}: got {g}, want {r} (slack {s})");
+            }
         }
     }
     assert!(saturated > 0, "no case saturates the E4M3 output");
-    // Refused: input channels not a multiple of 64, missing scales.
-    let b = k::ConvWgBuild::N256;
-    let launch = |cin: usize, scales: usize| {
-        let lens = [16 * cin, 9 * cin * 256, 256, scales, scales, 16 * 256];
-        k::conv3x3_wg_e4m3_launch(b, lens, [1, 4, 4], [cin, 256], true, false, &LIMITS)
+    // Refused: input channels not a multiple of 64, missing scales, outputs not of 128.
+    let launch = |cin: usize, cout: usize, scales: usize| {
+        let lens = [16 * cin, 9 * cin * cout, cout, scales, scales, 16 * cout];
+        k::conv3x3_wg_e4m3_launch(lens, [1, 4, 4], [cin, cout], true, false, &LIMITS)
     };
-    let e = launch(32, 1).unwrap_err().to_string();
+    let e = launch(32, 256, 1).unwrap_err().to_string();
     assert!(
         e.contains("32 → 256") && e.contains("multiples of 64"),
         "{e}"
     );
-    let e = launch(64, 0).unwrap_err().to_string();
+    let e = launch(64, 64, 1).unwrap_err().to_string();
+    assert!(e.contains("64 → 64"), "{e}");
+    let e = launch(64, 256, 0).unwrap_err().to_string();
     assert!(e.contains("`descale` has 0"), "{e}");
-    assert!(launch(64, 1).is_ok());
+    assert!(launch(64, 256, 1).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1473,6 +1575,7 @@ fn main() -> std::process::ExitCode {
         conv3x3_c64_pool_matches_host,
         conv3x3_wg_matches_host,
         conv3x3_wg_e4m3_matches_host,
+        conv3x3_wg_pool_matches_host,
         maxpool2_matches_host,
         maxpool2_e4m3_matches_host,
         adaptive_avgpool_matches_host,

@@ -126,7 +126,8 @@ fn compiles_all_kernels_for_sm_90() {
 
 /// Hopper's own target: the wgmma builds are real only there (all 144 of each fused conv + pool
 /// build's unrolled warpgroup MMAs per tile; the wgmma conv's two shared-memory MMAs per stage,
-/// N = 128 and 256, FP16 and E4M3), and a trap for plain sm_90 (whose launcher refuses them).
+/// N = 128 and 256, pooled or not, and the E4M3 build's at N = 128), and a trap for plain sm_90
+/// (whose launcher refuses them).
 fn compiles_wgmma_for_sm_90a_only() {
     check("sm_90a", true);
     let wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16";
@@ -138,13 +139,12 @@ fn compiles_wgmma_for_sm_90a_only() {
     assert_eq!(a.matches(wgmma).count(), 2 * 144, "compute_90a: wg and wg2");
     for n in [128, 256] {
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16");
-        assert_eq!(a.matches(&ss).count(), 2, "compute_90a: conv3x3_wg_n{n}");
+        let what = format!("compute_90a: conv3x3_wg_n{n} and conv3x3_wg_pool_n{n}");
+        assert_eq!(a.matches(&ss).count(), 2 * 2, "{what}");
         let e8 = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
-        assert_eq!(
-            a.matches(&e8).count(),
-            2,
-            "compute_90a: conv3x3_wg_e4m3_n{n}"
-        );
+        let want = if n == 128 { 2 } else { 0 };
+        let what = format!("compute_90a: conv3x3_wg_e4m3_n{n}");
+        assert_eq!(a.matches(&e8).count(), want, "{what}");
     }
     assert!(
         a.contains("cp.async.ca.shared.global"),

@@ -693,6 +693,19 @@ inline float wgmma_kmajor_e4m3(unsigned long long desc, unsigned k, unsigned row
     return e4m3_value(static_cast<const unsigned char*>(scorecam_dynamic_shared())[at]);
 }
 
+// Hopper's FP8 MMAs keep about 14 significant bits of their running sum (DeepSeek-V3's report
+// measured it on H800; CUTLASS's FP8 GEMM promotes its sums to f32 every 4 MMAs). Modeled as
+// the sum after each MMA truncated toward zero to 14 bits, so that a kernel that never promotes
+// drifts here as on the GPU.
+inline float fp8_accumulate(float acc, double dot) {
+    float s = (float)((double)acc + dot);
+    uint32_t bits;
+    memcpy(&bits, &s, 4);
+    bits &= ~((1u << 10) - 1u);
+    memcpy(&s, &bits, 4);
+    return s;
+}
+
 // The checks every descriptor of a wgmma must pass here.
 inline void check_desc(unsigned long long desc) {
     if (desc >> 46) fail("a wgmma descriptor with a swizzle or base offset (not emulated)");
@@ -744,6 +757,12 @@ inline void wgmma_perform(size_t i) {
             for (unsigned k = 0; k < K; ++k) B[k] = element(op.desc, k, n);
             for (unsigned row = 0; row < 2; ++row) {
                 float s = op.d[4 * nt + 2 * row + c];
+                if (op.e4m3) {
+                    double dot = 0.0;
+                    for (unsigned k = 0; k < K; ++k) dot += (double)A[row][k] * B[k];
+                    d[4 * nt + 2 * row + c] = fp8_accumulate(s, dot);
+                    continue;
+                }
                 for (unsigned k = 0; k < K; ++k) s += A[row][k] * B[k];
                 d[4 * nt + 2 * row + c] = s;
             }

@@ -682,8 +682,8 @@ pub(super) fn plan_all(
                 f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
             }
             // The wgmma conv's E4M3 build, where it runs and its device check passed.
-            let wg = match capable {
-                true => fp8_wg_runs(
+            let wg = capable
+                && fp8_wg_runs(
                     direct,
                     direct_check,
                     dev,
@@ -691,9 +691,7 @@ pub(super) fn plan_all(
                     layer,
                     f.state,
                     key.stage,
-                )?,
-                false => None,
-            };
+                )?;
             let wg_timing = |e4m3_out: bool, state: &mut Fp8State, arena: &TuneArena<'_>| {
                 let run = Fp8Run {
                     kernels,
@@ -704,7 +702,7 @@ pub(super) fn plan_all(
                 let shape = ([key.rows, d.in_h, d.in_w], input_e4m3, e4m3_out);
                 time_wg_fp8(dev, &timer, layer, run, shape, arena).map(Some)
             };
-            if let (Some(_), Some(_), None) = (wg, next, f8.wg_e4m3) {
+            if let (true, Some(_), None) = (wg, next, f8.wg_e4m3) {
                 f8.wg_e4m3 = Some(wg_timing(true, f.state, &arena)?);
             }
             if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
@@ -750,7 +748,7 @@ pub(super) fn plan_all(
             if capable && !e4m3_wins && f8.half.is_none() {
                 f8.half = Some(try_forms(&mut arena, f.state, &fp8_forms(false))?);
             }
-            if let (Some(_), false, None) = (wg, e4m3_wins, f8.wg_half) {
+            if let (true, false, None) = (wg, e4m3_wins, f8.wg_half) {
                 f8.wg_half = Some(wg_timing(false, f.state, &arena)?);
             }
             fp8_tuned.insert((shape, input_e4m3), f8.clone());
@@ -867,7 +865,7 @@ impl Fp8Run<'_> {
             ConvInput::E4m3(x) => x,
         };
         let st = &*self.state;
-        let Some((build, wpack)) = st.wg_filters[i].as_ref() else {
+        let Some(wpack) = st.wg_filters[i].as_ref() else {
             return Err(Error::Invalid(format!(
                 "features stage {i} has no FP8 filter packed for the wgmma conv"
             )));
@@ -882,10 +880,10 @@ impl Fp8Run<'_> {
             }
         };
         let scales = (&st.descale(i), &st.multiplier(scaled_by));
-        let wg = (*build, wpack);
         // SAFETY: the caller's, passed on; the FP8 input buffer holds the quantized input.
         unsafe {
-            conv_direct::launch_fp8(dev, self.kernels, layer, wg, dims, scales, (x, e4m3_out, y))
+            let io = (x, e4m3_out, y);
+            conv_direct::launch_fp8(dev, self.kernels, layer, wpack, dims, scales, io)
         }
     }
 
@@ -1053,7 +1051,7 @@ fn direct_runs(
     )
 }
 
-/// The wgmma conv's E4M3 build where it may run `layer`'s FP8 forms (feature stage `stage`): not
+/// Whether the wgmma conv's E4M3 build may run `layer`'s FP8 forms (feature stage `stage`): not
 /// turned off, the device runs it, the stage has its packed FP8 filter, and its device check
 /// for layers of this shape passed (once per shape, kept in `checks`).
 fn fp8_wg_runs(
@@ -1064,19 +1062,17 @@ fn fp8_wg_runs(
     layer: &DevConv,
     state: &Fp8State,
     stage: usize,
-) -> Result<Option<ConvWgBuild>> {
-    let (Some((build, wpack)), Some(codes)) = (&state.wg_filters[stage], &state.filters[stage])
-    else {
-        return Ok(None);
+) -> Result<bool> {
+    let (Some(wpack), Some(codes)) = (&state.wg_filters[stage], &state.filters[stage]) else {
+        return Ok(false);
     };
-    if direct == DirectUse::Off || !kernels.runs_conv_wg(*build) {
-        return Ok(None);
+    if direct == DirectUse::Off || !kernels.runs_conv_wg(ConvWgBuild::E4M3) {
+        return Ok(false);
     }
     let key = (true, layer.cin_s, layer.cout);
-    let passed = checked(checks.of(key), "its FP8 forms keep cuDNN's plans", || {
-        conv_direct::check_fp8_on_device(dev, kernels, layer, (*build, wpack), codes)
-    })?;
-    Ok(passed.then_some(*build))
+    checked(checks.of(key), "its FP8 forms keep cuDNN's plans", || {
+        conv_direct::check_fp8_on_device(dev, kernels, layer, wpack, codes)
+    })
 }
 
 /// Milliseconds of the wgmma conv's E4M3 build on `dims` rows of the arena, FP16 or
@@ -1217,7 +1213,7 @@ pub(super) fn plan_fused_pools(
         };
         // The builds that passed their check (each one's runs on the first such layer).
         let mut builds = Vec::new();
-        for build in kernels.conv_pool_variants() {
+        for build in conv_direct::pool_builds(layer, kernels) {
             let fallback = format!("the {build:?} build is not used");
             if checked(checks.of(build), &fallback, || {
                 conv_direct::check_pool_on_device(dev, kernels, layer, build)

@@ -30,9 +30,9 @@ use crate::model::{FeatureStage, Vgg};
 pub(super) struct Fp8State {
     /// E4M3 filters (KRSC, stored input channels) of the FP8-capable stages, by feature stage.
     pub filters: Vec<Option<CudaSlice<u8>>>,
-    /// The same packed for the wgmma conv's E4M3 build that fits the layer
-    /// ([`conv3x3_wg_pack_filter`]), where the device runs it.
-    pub wg_filters: Vec<Option<(ConvWgBuild, CudaSlice<u8>)>>,
+    /// The same packed for the wgmma conv's E4M3 build ([`ConvWgBuild::E4M3`],
+    /// [`conv3x3_wg_pack_filter`]) where it fits the layer and the device runs it.
+    pub wg_filters: Vec<Option<CudaSlice<u8>>>,
     /// Per feature stage: the filter's scale `sw` (1 where not capable).
     pub w_scale: CudaSlice<f32>,
     /// Per feature stage: the largest |input| of the last base forward (reset by `fp8_scales`).
@@ -80,10 +80,7 @@ impl Fp8State {
                         Some(build) if pack_wg => {
                             let packed = conv3x3_wg_pack_filter(build, &bits, chans, true)
                                 .expect("for_layer checked the shape");
-                            Some((
-                                build,
-                                dev.upload(&packed, &format!("{name} (packed, wgmma)"))?,
-                            ))
+                            Some(dev.upload(&packed, &format!("{name} (packed, wgmma)"))?)
                         }
                         _ => None,
                     };
@@ -166,7 +163,7 @@ impl Fp8State {
 
     /// Bytes of device memory held.
     pub fn bytes(&self) -> usize {
-        let packed = self.wg_filters.iter().flatten().map(|(_, f)| f.num_bytes());
+        let packed = self.wg_filters.iter().flatten().map(|f| f.num_bytes());
         self.filters
             .iter()
             .flatten()

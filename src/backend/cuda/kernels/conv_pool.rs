@@ -5,7 +5,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::f16;
 
-use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
+use super::{
+    invalid, need, nhwc_args, prod, ConvWgBuild, KernelArg, KernelLaunch, Kernels, LaunchLimits,
+};
 use crate::error::Result;
 
 /// Input and output channels the kernels are written for.
@@ -17,25 +19,32 @@ pub const CONV_POOL_SMEM: usize = 36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 64 * 36
 pub const CONV_POOL_SMEM_WG2: usize =
     36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 2 * 64 * 36 * 4 + 64 * 4;
 
-/// The builds of the fused conv + pool, by `mma.sync` (sm_80+): 4 warps of 4 conv rows (more
-/// work per shared-memory byte) or 8 warps of 2 (more warps to hide latency); and by Hopper's
-/// warpgroup `wgmma` (sm_90a only, its A fragments loaded once for three taps): one warpgroup
-/// per block (`Wg`), or two on tiles of their own sharing the filter (`Wg2`: one's pool, stores
-/// and halo wait overlap the other's MMAs). Prepare checks and times each the device runs.
+/// The builds of a conv fused with the 2×2 max-pool after it. For 64 → 64 channels
+/// (`kernels/conv_pool.cu`), by `mma.sync` (sm_80+): 4 warps of 4 conv rows (more work per
+/// shared-memory byte) or 8 warps of 2 (more warps to hide latency); and by Hopper's warpgroup
+/// `wgmma` (sm_90a only, its A fragments loaded once for three taps): one warpgroup per block
+/// (`Wg`), or two on tiles of their own sharing the filter (`Wg2`: one's pool, stores and halo
+/// wait overlap the other's MMAs). For the deeper layers, the wgmma conv's pooled kernels
+/// (`kernels/conv_wg.cu`, sm_90a, the layer's own build: `WgPoolN128`, `WgPoolN256`). Prepare
+/// checks and times each the device runs for the layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConvPoolVariant {
     W4,
     W8,
     Wg,
     Wg2,
+    WgPoolN128,
+    WgPoolN256,
 }
 
 impl ConvPoolVariant {
-    pub const ALL: [ConvPoolVariant; 4] = [
+    pub const ALL: [ConvPoolVariant; 6] = [
         ConvPoolVariant::W4,
         ConvPoolVariant::W8,
         ConvPoolVariant::Wg,
         ConvPoolVariant::Wg2,
+        ConvPoolVariant::WgPoolN128,
+        ConvPoolVariant::WgPoolN256,
     ];
 
     /// Its kernel's `extern "C"` name.
@@ -45,18 +54,38 @@ impl ConvPoolVariant {
             ConvPoolVariant::W8 => "conv3x3_c64_pool_w8",
             ConvPoolVariant::Wg => "conv3x3_c64_pool_wg",
             ConvPoolVariant::Wg2 => "conv3x3_c64_pool_wg2",
+            ConvPoolVariant::WgPoolN128 => ConvWgBuild::N128.pool_kernel(),
+            ConvPoolVariant::WgPoolN256 => ConvWgBuild::N256.pool_kernel(),
+        }
+    }
+
+    /// The wgmma conv's build of a pooled kernel of `kernels/conv_wg.cu` (None: a 64 → 64 one).
+    pub fn wg_build(self) -> Option<ConvWgBuild> {
+        match self {
+            ConvPoolVariant::WgPoolN128 => Some(ConvWgBuild::N128),
+            ConvPoolVariant::WgPoolN256 => Some(ConvWgBuild::N256),
+            _ => None,
+        }
+    }
+
+    /// The pooled build of the wgmma conv's `build`.
+    pub fn of_wg(build: ConvWgBuild) -> ConvPoolVariant {
+        match build {
+            ConvWgBuild::N128 => ConvPoolVariant::WgPoolN128,
+            ConvWgBuild::N256 => ConvPoolVariant::WgPoolN256,
         }
     }
 
     /// Whether it needs `wgmma` (a module built for sm_90a).
     pub fn wgmma(self) -> bool {
-        matches!(self, ConvPoolVariant::Wg | ConvPoolVariant::Wg2)
+        !matches!(self, ConvPoolVariant::W4 | ConvPoolVariant::W8)
     }
 
     /// Its dynamic shared memory per block, bytes.
     pub fn smem(self) -> usize {
-        match self {
-            ConvPoolVariant::Wg2 => CONV_POOL_SMEM_WG2,
+        match (self, self.wg_build()) {
+            (_, Some(build)) => build.smem(),
+            (ConvPoolVariant::Wg2, _) => CONV_POOL_SMEM_WG2,
             _ => CONV_POOL_SMEM,
         }
     }
@@ -64,7 +93,7 @@ impl ConvPoolVariant {
     fn warps(self) -> u32 {
         match self {
             ConvPoolVariant::W4 | ConvPoolVariant::Wg => 4,
-            ConvPoolVariant::W8 | ConvPoolVariant::Wg2 => 8,
+            _ => 8,
         }
     }
 }
@@ -81,6 +110,13 @@ pub fn conv3x3_c64_pool_launch(
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
     let op = variant.kernel();
+    if variant.wg_build().is_some() {
+        return Err(invalid(
+            op,
+            "a wgmma conv's pooled build, not conv3x3_c64_pool's: see conv3x3_wg_pool_launch"
+                .into(),
+        ));
+    }
     if variant.smem() > limits.conv_smem {
         return Err(invalid(
             op,
@@ -142,11 +178,13 @@ impl Kernels {
         self.limits.wgmma
     }
 
-    /// The builds of the fused conv + pool this device runs, in [`ConvPoolVariant::ALL`]'s order:
-    /// its `mma` (sm_80+), the shared memory it gave each, `wgmma` for those that need it.
+    /// The builds of the 64 → 64 fused conv + pool this device runs, in
+    /// [`ConvPoolVariant::ALL`]'s order: its `mma` (sm_80+), the shared memory it gave each,
+    /// `wgmma` for those that need it.
     pub fn conv_pool_variants(&self) -> Vec<ConvPoolVariant> {
         ConvPoolVariant::ALL
             .into_iter()
+            .filter(|v| v.wg_build().is_none())
             .filter(|v| self.has_mma() && v.smem() <= self.limits.conv_smem)
             .filter(|v| !v.wgmma() || self.has_wgmma())
             .collect()

@@ -8,6 +8,9 @@ use half::f16;
 use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
 use crate::error::Result;
 
+/// The E4M3-input kernel ([`ConvWgBuild::E4M3`]).
+pub const CONV_WG_E4M3_KERNEL: &str = "conv3x3_wg_e4m3_n128";
+
 /// Bytes of input channels per pixel and pipeline stage: `cin` × the element's bytes must be a
 /// multiple (32 FP16 or 64 E4M3 channels).
 pub const CONV_WG_STAGE_BYTES: usize = 64;
@@ -27,21 +30,33 @@ pub enum ConvWgBuild {
 impl ConvWgBuild {
     pub const ALL: [ConvWgBuild; 2] = [ConvWgBuild::N128, ConvWgBuild::N256];
 
-    /// Its kernel's `extern "C"` name, for FP16 or (`e4m3`) FP8 E4M3 input.
-    pub fn kernel(self, e4m3: bool) -> &'static str {
-        match (self, e4m3) {
-            (ConvWgBuild::N128, false) => "conv3x3_wg_n128",
-            (ConvWgBuild::N256, false) => "conv3x3_wg_n256",
-            (ConvWgBuild::N128, true) => "conv3x3_wg_e4m3_n128",
-            (ConvWgBuild::N256, true) => "conv3x3_wg_e4m3_n256",
+    /// The only build of the E4M3-input kernel (its partial sums are promoted to f32 registers
+    /// of their own: at N = 256 that would be 128 more).
+    pub const E4M3: ConvWgBuild = ConvWgBuild::N128;
+
+    /// Its kernel's `extern "C"` name (FP16 input).
+    pub fn kernel(self) -> &'static str {
+        match self {
+            ConvWgBuild::N128 => "conv3x3_wg_n128",
+            ConvWgBuild::N256 => "conv3x3_wg_n256",
         }
     }
 
-    /// Every kernel of the builds with its dynamic shared memory (the same for both inputs).
+    /// Its kernel with the 2×2 max-pool after the conv (FP16).
+    pub fn pool_kernel(self) -> &'static str {
+        match self {
+            ConvWgBuild::N128 => "conv3x3_wg_pool_n128",
+            ConvWgBuild::N256 => "conv3x3_wg_pool_n256",
+        }
+    }
+
+    /// Every conv kernel of the builds with its dynamic shared memory (the pooled ones are
+    /// [`ConvPoolVariant`]'s).
     pub fn kernels() -> impl Iterator<Item = (&'static str, usize)> {
         Self::ALL
             .into_iter()
-            .flat_map(|b| [false, true].map(|e4m3| (b.kernel(e4m3), b.smem())))
+            .map(|b| (b.kernel(), b.smem()))
+            .chain([(CONV_WG_E4M3_KERNEL, Self::E4M3.smem())])
     }
 
     /// Output channels per work item.
@@ -62,15 +77,20 @@ impl ConvWgBuild {
         stages * (A_BYTES + 64 * self.n())
     }
 
-    /// The build for a layer (input `e4m3` or FP16): the wider N where `cout` is a multiple of
-    /// it (each input stage then feeds twice the MMAs), else N = 128; None when the layer's shape
-    /// does not fit the kernel.
+    /// The build for a layer (input `e4m3` or FP16): for FP16 the wider N where `cout` is a
+    /// multiple of it (each input stage then feeds twice the MMAs), else N = 128; for E4M3
+    /// [`Self::E4M3`]. None when the layer's shape does not fit the kernel.
     pub fn for_layer(cin: usize, cout: usize, e4m3: bool) -> Option<ConvWgBuild> {
         if cin == 0 || !(cin * elem_bytes(e4m3)).is_multiple_of(CONV_WG_STAGE_BYTES) {
             return None;
         }
-        [ConvWgBuild::N256, ConvWgBuild::N128]
-            .into_iter()
+        let builds: &[ConvWgBuild] = match e4m3 {
+            true => &[Self::E4M3],
+            false => &[ConvWgBuild::N256, ConvWgBuild::N128],
+        };
+        builds
+            .iter()
+            .copied()
             .find(|b| cout > 0 && cout.is_multiple_of(b.n()))
     }
 }
@@ -100,7 +120,7 @@ pub fn conv3x3_wg_pack_filter<T: Copy>(
     if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % bn != 0 {
         return None;
     }
-    if filter.len() != cout * 9 * cin {
+    if (e4m3 && build != ConvWgBuild::E4M3) || filter.len() != cout * 9 * cin {
         return None;
     }
     let (per_chunk, per_slice) = (
@@ -137,17 +157,17 @@ pub fn conv3x3_wg_launch(
     relu: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let (lens, scales) = ([x_len, wpack_len, bias_len, y_len], None);
-    wg_launch(build, lens, scales, nhw, chans, relu, limits)
+    let lens = [x_len, wpack_len, bias_len, y_len];
+    wg_launch(build, lens, Kind::Half, nhw, chans, relu, limits)
 }
 
-/// `conv3x3_wg_e4m3_n*`: the same on E4M3 `x` and packed E4M3 filter (bytes), the sums times
+/// `conv3x3_wg_e4m3_n128`: the same on E4M3 `x` and the filter packed for
+/// [`ConvWgBuild::E4M3`] (bytes), the sums promoted to f32 after every 64 input channels, times
 /// `descale[0]` before the bias; out FP16, or with `e4m3_out` E4M3 codes of the output times
 /// `mult[0]` (the next FP8 conv's multiplier) in `y`'s first `len` bytes. Buffers `[x, packed
 /// filter, bias, descale, mult, y]`; `y`'s length in its own elements (bytes when `e4m3_out`,
 /// else FP16).
 pub fn conv3x3_wg_e4m3_launch(
-    build: ConvWgBuild,
     [x_len, wpack_len, bias_len, descale_len, mult_len, y_len]: [usize; 6],
     nhw: [usize; 3],
     chans: [usize; 2],
@@ -155,25 +175,75 @@ pub fn conv3x3_wg_e4m3_launch(
     e4m3_out: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let op = build.kernel(true);
+    let op = CONV_WG_E4M3_KERNEL;
     need(op, "descale", descale_len, 1)?;
     need(op, "mult", mult_len, 1)?;
     let lens = [x_len, wpack_len, bias_len, y_len];
-    wg_launch(build, lens, Some(e4m3_out), nhw, chans, relu, limits)
+    let kind = Kind::E4m3 { out_e4m3: e4m3_out };
+    wg_launch(ConvWgBuild::E4M3, lens, kind, nhw, chans, relu, limits)
 }
 
-/// Both launchers' checks and shape; `e4m3_out` None: FP16 input (and output).
+/// `conv3x3_wg_pool_n*`: `y` `[n, h/2, w/2, cout]` = MaxPool2d(2, 2)(ReLU(conv 3×3 of `x`
+/// `[n, h, w, cin]` + bias)), FP16 (floor: an odd last row or column of the conv is never
+/// computed); items of 32 pooled pixels. Buffers as [`conv3x3_wg_launch`]'s.
+pub fn conv3x3_wg_pool_launch(
+    build: ConvWgBuild,
+    [x_len, wpack_len, bias_len, y_len]: [usize; 4],
+    [n, h, w]: [usize; 3],
+    [cin, cout]: [usize; 2],
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    let op = build.pool_kernel();
+    if h < 2 || w < 2 {
+        return Err(invalid(
+            op,
+            format!("a {h}×{w} input has no 2×2 pooling window"),
+        ));
+    }
+    let lens = [x_len, wpack_len, bias_len, usize::MAX];
+    let mut launch = wg_launch(
+        build,
+        lens,
+        Kind::Pool,
+        [n, h, w],
+        [cin, cout],
+        true,
+        limits,
+    )?;
+    let pooled = prod(op, &[n, h / 2, w / 2])?;
+    need(op, "y", y_len, prod(op, &[pooled, cout])?)?;
+    let items = pooled.div_ceil(PIXELS_PER_ITEM / 4) * (cout / build.n());
+    launch.grid = items.clamp(1, limits.sm_count.max(1) as usize) as u32;
+    Ok(launch)
+}
+
+/// Which of the wgmma conv's kernels a launch is.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// FP16 in and out.
+    Half,
+    /// E4M3 in; out E4M3 when true, else FP16.
+    E4m3 { out_e4m3: bool },
+    /// FP16 in, the 2×2 max-pool out.
+    Pool,
+}
+
+/// The launchers' shared checks and shape (`y_len` `usize::MAX`: checked by the caller).
 fn wg_launch(
     build: ConvWgBuild,
     [x_len, wpack_len, bias_len, y_len]: [usize; 4],
-    e4m3_out: Option<bool>,
+    kind: Kind,
     [n, h, w]: [usize; 3],
     [cin, cout]: [usize; 2],
     relu: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let e4m3 = e4m3_out.is_some();
-    let op = build.kernel(e4m3);
+    let e4m3 = matches!(kind, Kind::E4m3 { .. });
+    let op = match kind {
+        Kind::Pool => build.pool_kernel(),
+        Kind::E4m3 { .. } => CONV_WG_E4M3_KERNEL,
+        Kind::Half => build.kernel(),
+    };
     if build.smem() > limits.conv_smem {
         return Err(invalid(
             op,
@@ -213,17 +283,11 @@ fn wg_launch(
     if e4m3 {
         args.extend([Read(3), Read(4)]);
     }
-    args.extend([
-        I32(n_i),
-        I32(h_i),
-        I32(w_i),
-        I32(cin_i),
-        I32(cout_i),
-        I32(relu as i32),
-    ]);
-    match e4m3_out {
-        Some(out) => args.extend([I32(out as i32), Write(5)]),
-        None => args.push(Write(3)),
+    args.extend([I32(n_i), I32(h_i), I32(w_i), I32(cin_i), I32(cout_i)]);
+    match kind {
+        Kind::Half => args.extend([I32(relu as i32), Write(3)]),
+        Kind::E4m3 { out_e4m3 } => args.extend([I32(relu as i32), I32(out_e4m3 as i32), Write(5)]),
+        Kind::Pool => args.push(Write(3)),
     }
     Ok(KernelLaunch {
         kernel: op,
@@ -232,6 +296,18 @@ fn wg_launch(
         shared_mem_bytes: build.smem() as u32,
         args,
     })
+}
+
+/// The kernels copy `x` and the packed filter in 16-byte chunks: both device addresses must be
+/// 16-byte aligned.
+fn aligned16(op: &str, ptrs: [(&str, u64); 2]) -> Result<()> {
+    match ptrs.iter().find(|(_, p)| p % 16 != 0) {
+        Some((what, p)) => Err(invalid(
+            op,
+            format!("{what} at {p:#x} is not 16-byte aligned"),
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Kernels {
@@ -267,7 +343,7 @@ impl Kernels {
         y: &Y,
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = build.kernel(false);
+        let op = build.kernel();
         let lens = [x.len(), wpack.len(), bias.len(), y.len()];
         let limits = LaunchLimits {
             sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
@@ -276,14 +352,7 @@ impl Kernels {
         let launch = conv3x3_wg_launch(build, lens, nhw, [cin, cout], relu, &limits)?;
         let (x_p, _x) = x.device_ptr(stream);
         let (f_p, _f) = wpack.device_ptr(stream);
-        for (what, p) in [("x", x_p), ("the packed filter", f_p)] {
-            if p % 16 != 0 {
-                return Err(invalid(
-                    op,
-                    format!("{what} at {p:#x} is not 16-byte aligned"),
-                ));
-            }
-        }
+        aligned16(op, [("x", x_p), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
         let (y_p, _y) = y.device_ptr(stream);
         self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
@@ -291,6 +360,36 @@ impl Kernels {
 }
 
 impl Kernels {
+    /// [`conv3x3_wg_pool_launch`]; errors as [`Kernels::conv3x3_wg`]'s.
+    ///
+    /// # Safety
+    /// As [`Kernels::conv3x3_wg`].
+    pub unsafe fn conv3x3_wg_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        build: ConvWgBuild,
+        x: &X,
+        (wpack, bias): (&CudaSlice<f16>, &CudaSlice<f32>),
+        nhw: [usize; 3],
+        chans: [usize; 2],
+        y: &Y,
+        max_blocks: Option<u32>,
+    ) -> Result<()> {
+        let op = build.pool_kernel();
+        let lens = [x.len(), wpack.len(), bias.len(), y.len()];
+        let limits = LaunchLimits {
+            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
+            ..self.limits
+        };
+        let launch = conv3x3_wg_pool_launch(build, lens, nhw, chans, &limits)?;
+        let (x_p, _x) = x.device_ptr(stream);
+        let (f_p, _f) = wpack.device_ptr(stream);
+        aligned16(op, [("x", x_p), ("the packed filter", f_p)])?;
+        let (b_p, _b) = bias.device_ptr(stream);
+        let (y_p, _y) = y.device_ptr(stream);
+        self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
+    }
+
     /// [`conv3x3_wg_e4m3_launch`] on device addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
     /// (`e4m3_out`) E4M3 (`y.1` elements of its type), so that the codes may sit in the first
     /// bytes of an FP16 buffer; on at most `max_blocks` blocks when given. An error without
@@ -302,7 +401,6 @@ impl Kernels {
     pub unsafe fn conv3x3_wg_e4m3<M: DevicePtr<f32>>(
         &self,
         stream: &Arc<CudaStream>,
-        build: ConvWgBuild,
         (x, x_len): (u64, usize),
         (wpack, bias): (&CudaSlice<u8>, &CudaSlice<f32>),
         (descale, mult): (&M, &M),
@@ -312,7 +410,7 @@ impl Kernels {
         (y, y_len): (u64, usize),
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = build.kernel(true);
+        let op = CONV_WG_E4M3_KERNEL;
         let lens = [
             x_len,
             wpack.len(),
@@ -325,16 +423,9 @@ impl Kernels {
             sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
             ..self.limits
         };
-        let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, relu, e4m3_out, &limits)?;
+        let launch = conv3x3_wg_e4m3_launch(lens, nhw, chans, relu, e4m3_out, &limits)?;
         let (f_p, _f) = wpack.device_ptr(stream);
-        for (what, p) in [("x", x), ("the packed filter", f_p)] {
-            if p % 16 != 0 {
-                return Err(invalid(
-                    op,
-                    format!("{what} at {p:#x} is not 16-byte aligned"),
-                ));
-            }
-        }
+        aligned16(op, [("x", x), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
         let (d_p, _d) = descale.device_ptr(stream);
         let (m_p, _m) = mult.device_ptr(stream);
@@ -355,7 +446,12 @@ mod tests {
         assert_eq!(ConvWgBuild::for_layer(8, 64, false), None);
         assert_eq!(ConvWgBuild::for_layer(64, 64, false), None);
         assert_eq!(ConvWgBuild::for_layer(48, 128, false), None);
-        assert_eq!(ConvWgBuild::for_layer(64, 256, true), Some(N256));
+        assert_eq!(
+            ConvWgBuild::for_layer(64, 256, true),
+            Some(ConvWgBuild::E4M3)
+        );
+        assert_eq!(ConvWgBuild::E4M3, N128);
+        assert_eq!(ConvWgBuild::for_layer(64, 64, true), None);
         assert_eq!(ConvWgBuild::for_layer(32, 256, true), None);
         assert_eq!((N128.smem(), N256.smem()), (198_144, 197_632));
         assert!(ConvWgBuild::ALL.iter().all(|b| b.smem() <= 232_448));
@@ -382,14 +478,14 @@ mod tests {
             conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter[1..], [cin, cout], false).is_none()
         );
         assert!(conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, 128], false).is_none());
-        // E4M3: 64 channels per stage, 16 per chunk.
-        let packed = conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, cout], true).unwrap();
+        // E4M3: 64 channels per stage, 16 per chunk; N = 128 only.
+        let packed = conv3x3_wg_pack_filter(ConvWgBuild::E4M3, &filter, [cin, cout], true).unwrap();
         let stages = 9 * cin / 64;
-        for (s, c, o, e) in [(0, 0, 0, 0), (8, 3, 255, 15), (4, 1, 17, 9)] {
-            let at = ((s * 4 + c) * 256 + o) * 16 + e;
-            let want = (o * 9 + s % 9) * cin + 64 * (s / 9) + 16 * c + e;
-            assert_eq!(packed[at], want, "E4M3 {s} {c} {o} {e}");
+        for (nt, s, c, o, e) in [(0, 0, 0, 0, 0), (1, 8, 3, 127, 15), (0, 4, 1, 17, 9)] {
+            let at = (((nt * stages + s) * 4 + c) * 128 + o) * 16 + e;
+            let want = ((nt * 128 + o) * 9 + s % 9) * cin + 64 * (s / 9) + 16 * c + e;
+            assert_eq!(packed[at], want, "E4M3 {nt} {s} {c} {o} {e}");
         }
-        assert_eq!(stages, 9);
+        assert!(conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, cout], true).is_none());
     }
 }
