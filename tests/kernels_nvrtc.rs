@@ -8,7 +8,7 @@
 mod common;
 
 use scorecam_gpu::backend::cuda::kernels::{
-    compile_cached, compile_for_arch, is_cubin, kernel_names, nvrtc_version,
+    compile_cached, compile_for_arch, is_cubin, kernel_names, nvrtc_version, ptxas_report,
 };
 use scorecam_gpu::Error;
 
@@ -156,6 +156,39 @@ fn compiles_wgmma_for_sm_90a_only() {
     assert!(!ptx("compute_90").contains("wgmma"), "compute_90 has wgmma");
 }
 
+/// ptxas's own report for sm_90a: no tensor-core conv spills a register, and ptxas adds no
+/// performance note of its own (C75xx: wgmma serialized, or a wait it had to inject), which
+/// would leave the results right and the speed halved with nothing else to show it.
+fn tensor_core_convs_compile_clean_for_sm_90a() {
+    let log = ptxas_report("sm_90a").unwrap_or_else(|e| panic!("{e}"));
+    let notes: Vec<&str> = log.lines().filter(|l| l.contains("(C75")).collect();
+    assert!(notes.is_empty(), "ptxas notes:\n{}", notes.join("\n"));
+    let lines: Vec<&str> = log.lines().collect();
+    let mut convs = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = line.split("Function properties for ").nth(1) else {
+            continue;
+        };
+        let name = name.trim();
+        if !name.starts_with("conv3x3_") {
+            continue;
+        }
+        convs += 1;
+        let props = lines.get(i + 1).copied().unwrap_or_default();
+        let regs = lines.get(i + 2).copied().unwrap_or_default();
+        println!("{name}: {} | {}", props.trim(), regs.trim());
+        assert!(
+            props.contains(" 0 bytes spill stores"),
+            "{name} spills: {props}"
+        );
+    }
+    let want = kernel_names()
+        .iter()
+        .filter(|n| n.starts_with("conv3x3_"))
+        .count();
+    assert_eq!(convs, want, "tensor-core convs in the report:\n{log}");
+}
+
 fn compiles_all_kernels_to_ptx_for_compute_80() {
     check("compute_80", false);
 }
@@ -248,6 +281,11 @@ fn main() -> std::process::ExitCode {
             "compiles_wgmma_for_sm_90a_only",
             &[Nvrtc],
             compiles_wgmma_for_sm_90a_only,
+        ),
+        t(
+            "tensor_core_convs_compile_clean_for_sm_90a",
+            &[Nvrtc],
+            tensor_core_convs_compile_clean_for_sm_90a,
         ),
         t(
             "compiles_all_kernels_to_ptx_for_compute_80",

@@ -68,7 +68,7 @@ pub use self::fp8::{
 pub use self::masks::{masks_launch, MaskVariant, MasksShape};
 pub use self::nvrtc::{
     assemble_source, compile_cached, compile_for_arch, disk_cache_dir, is_cubin, nvrtc_available,
-    nvrtc_version, user_cache_dir,
+    nvrtc_version, ptxas_report, user_cache_dir,
 };
 pub use self::pool::{adaptive_avgpool_launch, maxpool2_e4m3_launch, maxpool2_launch};
 pub use self::preprocess::preprocess_launch;

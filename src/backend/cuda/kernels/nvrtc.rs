@@ -259,9 +259,26 @@ impl Drop for Program {
     }
 }
 
+/// What ptxas says about every kernel compiled for `arch` (a real architecture, e.g. `sm_90a`):
+/// NVRTC's log of a compile with `--ptxas-options=-v` (registers, spills, and ptxas's own
+/// performance notes such as wgmma serialized, C7510–C7520), for tests that keep the tensor-core
+/// kernels free of them; the engine's compiles leave the log unread.
+pub fn ptxas_report(arch: &str) -> Result<String> {
+    Ok(compile_program_with(arch, true, &["--ptxas-options=-v"])?.1)
+}
+
 /// One NVRTC compile of all kernels for `arch`. `Ok(None)` when `cubin` was asked but NVRTC
 /// produced none (e.g. a virtual arch). Returns PTX without its trailing NUL.
 fn compile_program(arch: &str, cubin: bool) -> Result<Option<Vec<u8>>> {
+    Ok(compile_program_with(arch, cubin, &[])?.0)
+}
+
+/// [`compile_program`] with `extra` options, and NVRTC's log of the compile.
+fn compile_program_with(
+    arch: &str,
+    cubin: bool,
+    extra: &[&str],
+) -> Result<(Option<Vec<u8>>, String)> {
     let source = assemble_source(sources()).map_err(Error::CudaUnavailable)?;
     let src = CString::new(source)
         .map_err(|_| Error::CudaUnavailable("kernel sources contain a NUL byte".into()))?;
@@ -274,6 +291,7 @@ fn compile_program(arch: &str, cubin: bool) -> Result<Option<Vec<u8>>> {
     for dir in include_dirs() {
         options.push(format!("--include-path={}", dir.display()));
     }
+    options.extend(extra.iter().map(|o| o.to_string()));
     if let Err(e) = unsafe { nvrtc_result::compile_program(prog.0, &options) } {
         let log = program_log(&prog);
         return Err(Error::CudaUnavailable(format!(
@@ -283,18 +301,23 @@ fn compile_program(arch: &str, cubin: bool) -> Result<Option<Vec<u8>>> {
                 .unwrap_or_default()
         )));
     }
+    let log = if extra.is_empty() {
+        String::new()
+    } else {
+        program_log(&prog)
+    };
     if cubin {
         let mut size = 0usize;
         let r = unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog.0, &mut size) };
         if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-            return Ok(None);
+            return Ok((None, log));
         }
         let mut buf = vec![0u8; size];
         let r = unsafe { nvrtc_sys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast()) };
         if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-            return Ok(None);
+            return Ok((None, log));
         }
-        return Ok(Some(buf));
+        return Ok((Some(buf), log));
     }
     let ptx = unsafe { nvrtc_result::get_ptx(prog.0) }
         .map_err(|e| Error::CudaUnavailable(format!("nvrtcGetPTX for {arch}: {e}")))?;
@@ -302,7 +325,7 @@ fn compile_program(arch: &str, cubin: bool) -> Result<Option<Vec<u8>>> {
     while bytes.last() == Some(&0) {
         bytes.pop();
     }
-    Ok((!bytes.is_empty()).then_some(bytes))
+    Ok(((!bytes.is_empty()).then_some(bytes), log))
 }
 
 fn program_log(prog: &Program) -> String {
