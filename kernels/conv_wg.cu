@@ -60,8 +60,8 @@ struct CwShape {
 // One k-step of 32 bytes (16 FP16 or 32 E4M3 k): the wgmma shapes the kernel issues.
 template <int BN, bool E8>
 __device__ __forceinline__ void cw_wgmma(float (&d)[BN / 2], u64 desc_a, u64 desc_b) {
-    if constexpr (E8 && BN == 128) wgmma_ss_e4m3_64x128x32(d, desc_a, desc_b);
-    if constexpr (E8 && BN == 256) wgmma_ss_e4m3_64x256x32(d, desc_a, desc_b);
+    static_assert(!E8 || BN == 128, "the E4M3 build is N = 128 only");
+    if constexpr (E8) wgmma_ss_e4m3_64x128x32(d, desc_a, desc_b);
     if constexpr (!E8 && BN == 128) wgmma_ss_64x128x16(d, desc_a, desc_b);
     if constexpr (!E8 && BN == 256) wgmma_ss_64x256x16(d, desc_a, desc_b);
 }

@@ -61,6 +61,41 @@ fn nchw_and_nhwc([n, c, h, w]: [usize; 4], cs: usize, seed: u64) -> (Vec<f32>, V
     (nchw, nhwc)
 }
 
+/// Random conv weights `[cout, cin, 3, 3]` from `seed`, each FP16-exact (values × `scale`), and
+/// the same as the kernels' KRSC FP16 filter `[cout, 3, 3, cs]`, stored channels cin.. zero (what
+/// the backend uploads).
+fn conv_weights([cout, cin, cs]: [usize; 3], scale: f32, seed: u64) -> (Vec<f32>, Vec<f16>) {
+    let weight: Vec<f32> = common::values(cout * cin * 9, seed)
+        .iter()
+        .map(|v| f16::from_f32(v * scale).to_f32())
+        .collect();
+    let mut filter = vec![f16::ZERO; cout * 9 * cs];
+    for o in 0..cout {
+        for c in 0..cin {
+            for t in 0..9 {
+                filter[(o * 9 + t) * cs + c] = f16::from_f32(weight[(o * cin + c) * 9 + t]);
+            }
+        }
+    }
+    (weight, filter)
+}
+
+/// MaxPool2d(2, 2) (floor) of NCHW `conv` `[n, c, h, w]` rounded to FP16 first: what the unfused
+/// path (a conv's FP16 output, then the pool) gives.
+fn pool2_of_fp16(conv: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let (ph, pw) = (h / 2, w / 2);
+    let mut pooled = vec![0f32; n * c * ph * pw];
+    for (p, out) in pooled.iter_mut().enumerate() {
+        let (plane, py, px) = (p / (ph * pw), (p / pw) % ph, p % pw);
+        let v = |y: usize, x: usize| f16::from_f32(conv[(plane * h + y) * w + x]).to_f32();
+        *out = v(2 * py, 2 * px)
+            .max(v(2 * py, 2 * px + 1))
+            .max(v(2 * py + 1, 2 * px))
+            .max(v(2 * py + 1, 2 * px + 1));
+    }
+    pooled
+}
+
 /// Every 16-bit pattern as an FP16.
 fn every_f16() -> Vec<f16> {
     (0..=u16::MAX).map(f16::from_bits).collect()
@@ -452,20 +487,8 @@ fn fill_uniform_f16_matches_host() {
 /// buffers off alignment (the 16-bit loads and the element-wise stores).
 fn conv3x3_cin8_matches_host() {
     let (cin, cout, cs) = (3usize, k::CONV_CIN8_OUT, k::CONV_CIN8_IN);
-    let weight: Vec<f32> = common::values(cout * cin * 9, 31)
-        .iter()
-        .map(|v| f16::from_f32(0.5 * v).to_f32())
-        .collect();
+    let (weight, filter) = conv_weights([cout, cin, cs], 0.5, 31);
     let bias = common::values(cout, 32);
-    // KRSC [cout, 3, 3, cs], channels cin.. zero (what the backend uploads).
-    let mut filter = vec![f16::ZERO; cout * 9 * cs];
-    for o in 0..cout {
-        for c in 0..cin {
-            for t in 0..9 {
-                filter[(o * 9 + t) * cs + c] = f16::from_f32(weight[(o * cin + c) * 9 + t]);
-            }
-        }
-    }
     let mut saturated = 0;
     for (n, h, w, relu, misalign) in [
         (2usize, 5usize, 7usize, true, 0usize),
@@ -559,20 +582,8 @@ fn conv3x3_cin8_matches_host() {
 /// the smallest input; an unaligned filter and output.
 fn conv3x3_c64_pool_matches_host() {
     let c = k::CONV_POOL_C;
-    let weight: Vec<f32> = common::values(c * c * 9, 41)
-        .iter()
-        .map(|v| f16::from_f32(v / 8.0).to_f32())
-        .collect();
+    let (weight, filter) = conv_weights([c, c, c], 1.0 / 8.0, 41);
     let bias = common::values(c, 42);
-    // KRSC [c, 3, 3, c].
-    let mut filter = vec![f16::ZERO; c * 9 * c];
-    for o in 0..c {
-        for i in 0..c {
-            for t in 0..9 {
-                filter[(o * 9 + t) * c + i] = f16::from_f32(weight[(o * c + i) * 9 + t]);
-            }
-        }
-    }
     // (The wgmma conv's pooled builds are conv3x3_wg_pool_matches_host's.)
     let builds = k::ConvPoolVariant::ALL
         .into_iter()
@@ -587,23 +598,8 @@ fn conv3x3_c64_pool_matches_host() {
             let (x_nchw, x) = nchw_and_nhwc([n, c, h, w], c, 43 + h as u64);
             let mut conv = vec![0f32; n * c * h * w];
             cpu::conv3x3_into(&x_nchw, n, c, h, w, &weight, &bias, c, true, &mut conv);
-            // The unfused path's values: the conv's FP16 output, then the pool.
             let (ph, pw) = (h / 2, w / 2);
-            let mut want = vec![0f32; n * c * ph * pw];
-            for i in 0..n {
-                for ch in 0..c {
-                    let plane = &conv[(i * c + ch) * h * w..][..h * w];
-                    for py in 0..ph {
-                        for px in 0..pw {
-                            let v = |y: usize, x: usize| f16::from_f32(plane[y * w + x]).to_f32();
-                            want[((i * c + ch) * ph + py) * pw + px] = v(2 * py, 2 * px)
-                                .max(v(2 * py, 2 * px + 1))
-                                .max(v(2 * py + 1, 2 * px))
-                                .max(v(2 * py + 1, 2 * px + 1));
-                        }
-                    }
-                }
-            }
+            let want = pool2_of_fp16(&conv, [n, c, h, w]);
             let y_len = n * ph * pw * c;
             let launch = k::conv3x3_c64_pool_launch(
                 variant,
@@ -676,20 +672,8 @@ fn conv3x3_wg_matches_host() {
         (k::ConvWgBuild::N256, [64, 256], [3, 1, 20], 2, true, 0),
         (k::ConvWgBuild::N128, [32, 128], [2, 20, 1], 1, false, 2),
     ] {
-        let weight: Vec<f32> = common::values(cout * cin * 9, 51 + cin as u64)
-            .iter()
-            .map(|v| f16::from_f32(v / 8.0).to_f32())
-            .collect();
+        let (weight, filter) = conv_weights([cout, cin, cin], 1.0 / 8.0, 51 + cin as u64);
         let bias = common::values(cout, 52);
-        // KRSC [cout, 3, 3, cin], then packed for the build.
-        let mut filter = vec![f16::ZERO; cout * 9 * cin];
-        for o in 0..cout {
-            for i in 0..cin {
-                for t in 0..9 {
-                    filter[(o * 9 + t) * cin + i] = f16::from_f32(weight[(o * cin + i) * 9 + t]);
-                }
-            }
-        }
         let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], false).unwrap();
         let (x_nchw, x) = nchw_and_nhwc([n, cin, h, w], cin, 53 + h as u64);
         let mut want = vec![0f32; n * cout * h * w];
@@ -752,39 +736,14 @@ fn conv3x3_wg_pool_matches_host() {
         (k::ConvWgBuild::N256, [32, 256], [3, 10, 7], 2, 2),
         (k::ConvWgBuild::N128, [32, 256], [2, 2, 3], 1, 0),
     ] {
-        let weight: Vec<f32> = common::values(cout * cin * 9, 71 + cin as u64)
-            .iter()
-            .map(|v| f16::from_f32(v / 8.0).to_f32())
-            .collect();
+        let (weight, filter) = conv_weights([cout, cin, cin], 1.0 / 8.0, 71 + cin as u64);
         let bias = common::values(cout, 72);
-        let mut filter = vec![f16::ZERO; cout * 9 * cin];
-        for o in 0..cout {
-            for i in 0..cin {
-                for t in 0..9 {
-                    filter[(o * 9 + t) * cin + i] = f16::from_f32(weight[(o * cin + i) * 9 + t]);
-                }
-            }
-        }
         let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], false).unwrap();
         let (x_nchw, x) = nchw_and_nhwc([n, cin, h, w], cin, 73 + h as u64);
         let mut conv = vec![0f32; n * cout * h * w];
         cpu::conv3x3_into(&x_nchw, n, cin, h, w, &weight, &bias, cout, true, &mut conv);
         let (ph, pw) = (h / 2, w / 2);
-        let mut want = vec![0f32; n * cout * ph * pw];
-        for i in 0..n {
-            for ch in 0..cout {
-                let plane = &conv[(i * cout + ch) * h * w..][..h * w];
-                let v = |y: usize, x: usize| f16::from_f32(plane[y * w + x]).to_f32();
-                for py in 0..ph {
-                    for px in 0..pw {
-                        want[((i * cout + ch) * ph + py) * pw + px] = v(2 * py, 2 * px)
-                            .max(v(2 * py, 2 * px + 1))
-                            .max(v(2 * py + 1, 2 * px))
-                            .max(v(2 * py + 1, 2 * px + 1));
-                    }
-                }
-            }
-        }
+        let want = pool2_of_fp16(&conv, [n, cout, h, w]);
         let limits = LaunchLimits {
             sm_count: blocks,
             ..LIMITS

@@ -211,11 +211,7 @@ impl Kernels {
         let op = variant.kernel();
         self.need_mma(op)?;
         let lens = [x.len(), filter.len(), bias.len(), y.len()];
-        let limits = LaunchLimits {
-            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
-            ..self.limits
-        };
-        let launch = conv3x3_c64_pool_launch(variant, lens, nhw, &limits)?;
+        let launch = conv3x3_c64_pool_launch(variant, lens, nhw, &self.limits_on(max_blocks))?;
         let (x_p, _x) = x.device_ptr(stream);
         if x_p % 16 != 0 {
             return Err(invalid(

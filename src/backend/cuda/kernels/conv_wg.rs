@@ -343,23 +343,37 @@ impl Kernels {
         y: &Y,
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = build.kernel();
-        let lens = [x.len(), wpack.len(), bias.len(), y.len()];
-        let limits = LaunchLimits {
-            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
-            ..self.limits
+        let launch = |lens, limits: &LaunchLimits| {
+            conv3x3_wg_launch(build, lens, nhw, [cin, cout], relu, limits)
         };
-        let launch = conv3x3_wg_launch(build, lens, nhw, [cin, cout], relu, &limits)?;
+        // SAFETY: the caller's, passed on.
+        unsafe { self.run_wg(stream, launch, x, (wpack, bias), y, max_blocks) }
+    }
+
+    /// The FP16 builds' shared half: `launch` from the buffers' lengths and the limits (on at
+    /// most `max_blocks` blocks), the alignment checks, the push.
+    ///
+    /// # Safety
+    /// As [`Kernels::conv3x3_wg`].
+    unsafe fn run_wg<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        launch: impl FnOnce([usize; 4], &LaunchLimits) -> Result<KernelLaunch>,
+        x: &X,
+        (wpack, bias): (&CudaSlice<f16>, &CudaSlice<f32>),
+        y: &Y,
+        max_blocks: Option<u32>,
+    ) -> Result<()> {
+        let lens = [x.len(), wpack.len(), bias.len(), y.len()];
+        let launch = launch(lens, &self.limits_on(max_blocks))?;
         let (x_p, _x) = x.device_ptr(stream);
         let (f_p, _f) = wpack.device_ptr(stream);
-        aligned16(op, [("x", x_p), ("the packed filter", f_p)])?;
+        aligned16(launch.kernel, [("x", x_p), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
         let (y_p, _y) = y.device_ptr(stream);
         self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
     }
-}
 
-impl Kernels {
     /// [`conv3x3_wg_pool_launch`]; errors as [`Kernels::conv3x3_wg`]'s.
     ///
     /// # Safety
@@ -375,22 +389,14 @@ impl Kernels {
         y: &Y,
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = build.pool_kernel();
-        let lens = [x.len(), wpack.len(), bias.len(), y.len()];
-        let limits = LaunchLimits {
-            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
-            ..self.limits
-        };
-        let launch = conv3x3_wg_pool_launch(build, lens, nhw, chans, &limits)?;
-        let (x_p, _x) = x.device_ptr(stream);
-        let (f_p, _f) = wpack.device_ptr(stream);
-        aligned16(op, [("x", x_p), ("the packed filter", f_p)])?;
-        let (b_p, _b) = bias.device_ptr(stream);
-        let (y_p, _y) = y.device_ptr(stream);
-        self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
+        let launch =
+            |lens, limits: &LaunchLimits| conv3x3_wg_pool_launch(build, lens, nhw, chans, limits);
+        // SAFETY: the caller's, passed on.
+        unsafe { self.run_wg(stream, launch, x, (wpack, bias), y, max_blocks) }
     }
 
-    /// [`conv3x3_wg_e4m3_launch`] on device addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
+    /// [`conv3x3_wg_e4m3_launch`] (the filter packed for [`ConvWgBuild::E4M3`]) on device
+    /// addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
     /// (`e4m3_out`) E4M3 (`y.1` elements of its type), so that the codes may sit in the first
     /// bytes of an FP16 buffer; on at most `max_blocks` blocks when given. An error without
     /// sm_90a kernels or the shared memory, or an `x` or packed filter not 16-byte aligned.
@@ -419,10 +425,7 @@ impl Kernels {
             mult.len(),
             y_len,
         ];
-        let limits = LaunchLimits {
-            sm_count: max_blocks.map_or(self.limits.sm_count, |b| b.min(self.limits.sm_count)),
-            ..self.limits
-        };
+        let limits = self.limits_on(max_blocks);
         let launch = conv3x3_wg_e4m3_launch(lens, nhw, chans, relu, e4m3_out, &limits)?;
         let (f_p, _f) = wpack.device_ptr(stream);
         aligned16(op, [("x", x), ("the packed filter", f_p)])?;

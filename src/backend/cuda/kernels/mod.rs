@@ -313,6 +313,16 @@ impl Kernels {
         })
     }
 
+    /// The launch limits with the grid kept to `max_blocks` blocks when given (the device checks
+    /// of the persistent kernels make each block go round several tiles).
+    fn limits_on(&self, max_blocks: Option<u32>) -> LaunchLimits {
+        let sm_count = self.limits.sm_count;
+        LaunchLimits {
+            sm_count: max_blocks.map_or(sm_count, |b| b.min(sm_count)),
+            ..self.limits
+        }
+    }
+
     /// The architecture the kernels were compiled for (`sm_90`; `compute_XY` if PTX).
     pub fn arch(&self) -> &str {
         &self.arch
