@@ -36,10 +36,11 @@
 // Every thread copies (cp.async) and every warpgroup computes. At stage i: wait for stage i's
 // copies (issued STAGES − 2 stages earlier), fence them to the async proxy, one block barrier
 // (also: every warpgroup has finished stage i − 2's wgmma, whose buffer the copies issued next
-// refill), issue stage i's wgmma group (2 k-steps of 16), then queue the copies of stage
+// refill), issue stage i's wgmma group (2 k-steps of 32 bytes), then queue the copies of stage
 // i + STAGES − 2, then wait until only stage i's group is in flight. So one group always runs on
 // the tensor cores while the next is prepared, and copies STAGES − 2 stages ahead are in flight.
-// After an item's last stage: wait for all, + bias, ReLU, FP16, stores from the accumulators.
+// After an item's last stage: wait for all, + bias, ReLU, FP16 (or the pool, or E4M3), stores
+// from the accumulators.
 #include "common.cuh"
 
 #define CW_BM 128
