@@ -244,7 +244,10 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
 // `E8`: E4M3 input and filter (else FP16). `descale`, `mult`: see CwOut (null: 1, FP16 out).
 // `POOL`: y is the 2×2 max-pool of the output (FP16, floor: an odd last row or column of the
 // conv is never computed), [n, h/2, w/2, cout].
-template <int BN, bool E8, bool POOL = false>
+// `PAIR` (FP16, an even number of stages per item): stages two at a time, so that the wait, the
+// proxy fence and the block barrier come once per 4 MMAs instead of 2; the copies then run
+// STAGES − 4 stages ahead instead of STAGES − 2. The tuning times both and keeps the faster.
+template <int BN, bool E8, bool POOL = false, bool PAIR = false>
 __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict__ x,
                                                 const unsigned char* __restrict__ wpack,
                                                 const float* __restrict__ bias,
@@ -252,6 +255,8 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
                                                 const float* __restrict__ mult, int n, int h,
                                                 int w, int cin, int cout, int relu, void* y) {
     using S = CwShape<BN>;
+    static_assert(!(E8 && PAIR), "the E4M3 build promotes every 9 stages: no pairs");
+    constexpr int AHEAD = PAIR ? S::STAGES - 4 : S::STAGES - 2;  // stages the copies run ahead
     extern __shared__ uint4 cw_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(cw_smem);
     // The group through a shuffle: the compiler then knows it uniform in the warp (ptxas C7519).
@@ -272,35 +277,43 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
 
     CwLoader<BN> ld{x, wpack, wk, (i64)blockIdx.x, 0, 0, {0, 0}, {0, 0}, {0, 0}};
     ld.locate();
-    // The first STAGES − 2 stages (an empty group for each stage past the block's last).
+    // The first AHEAD stages (an empty group for each stage past the block's last).
 #pragma unroll 1
-    for (int s = 0; s < S::STAGES - 2; ++s) {
+    for (int s = 0; s < AHEAD; ++s) {
         ld.issue(smem + s * S::STAGE);
         cp_async_commit();
     }
 
     const CwOut out{bias, descale ? *descale : 1.0f, mult, relu, is_aligned(y, 4), y};
-    int slot = 0, fill = S::STAGES - 2;  // ring slots of this stage and of the next copies
-    // One stage: wait for its copies, issue its wgmma group into `acc`, queue the copies of
-    // stage i + STAGES − 2, leave only this group in flight.
+    int slot = 0, fill = AHEAD;  // ring slots of this stage and of the next copies
+    constexpr int PER = PAIR ? 2 : 1;  // stages per step
+    // One step (PER stages): wait for their copies, issue their wgmma as one group into `acc`,
+    // queue the copies of the stages AHEAD on (into the slots the step before last read), leave
+    // only this group in flight. Copies are committed one group per stage either way.
     const auto stage = [&](float(&acc)[S::ACC]) {
-        cp_async_wait<S::STAGES - 3>();  // this thread's copies of stage `slot`
-        fence_proxy_async();             // visible to the wgmma (async proxy) …
-        __syncthreads();                 // … of every thread; stage i − 2's wgmma are done
-        unsigned char* st = smem + slot * S::STAGE;
-        const u64 da = wgmma_desc_kmajor(st + group * 64 * 16, CW_A_PLANE, 128);
-        const u64 db = wgmma_desc_kmajor(st + CW_A_BYTES, BN * 16, 128);
+        cp_async_wait<AHEAD - PER>();  // this thread's copies of this step's stages
+        fence_proxy_async();           // visible to the wgmma (async proxy) …
+        __syncthreads();               // … of every thread; the step before last's wgmma are done
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks)  // chunks 2ks, 2ks + 1 (32 bytes of k)
-            cw_wgmma<BN, E8>(acc, da + (u64)((2 * ks * CW_A_PLANE) >> 4),
-                             db + (u64)((2 * ks * BN * 16) >> 4));
+        for (int p = 0; p < PER; ++p) {
+            unsigned char* st = smem + slot * S::STAGE;
+            const u64 da = wgmma_desc_kmajor(st + group * 64 * 16, CW_A_PLANE, 128);
+            const u64 db = wgmma_desc_kmajor(st + CW_A_BYTES, BN * 16, 128);
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks)  // chunks 2ks, 2ks + 1 (32 bytes of k)
+                cw_wgmma<BN, E8>(acc, da + (u64)((2 * ks * CW_A_PLANE) >> 4),
+                                 db + (u64)((2 * ks * BN * 16) >> 4));
+            slot = slot + 1 == S::STAGES ? 0 : slot + 1;
+        }
         wgmma_commit();
-        ld.issue(smem + fill * S::STAGE);  // into stage i − 2's slot
-        cp_async_commit();
-        slot = slot + 1 == S::STAGES ? 0 : slot + 1;
-        fill = fill + 1 == S::STAGES ? 0 : fill + 1;
-        wgmma_wait<1>();  // stage i − 1's group
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            ld.issue(smem + fill * S::STAGE);
+            cp_async_commit();
+            fill = fill + 1 == S::STAGES ? 0 : fill + 1;
+        }
+        wgmma_wait<1>();  // the step before's group
     };
     // The item loop outside, the stage loops inside, so that the accumulators are zeroed and
     // read only outside the loop whose back edge carries them in flight (else ptxas waits,
@@ -334,7 +347,7 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
             cw_store<BN>(total, wk, item, out);
         } else {
 #pragma unroll 1
-            for (int kk = 0; kk < wk.kst; ++kk) stage(acc);
+            for (int kk = 0; kk < wk.kst; kk += PER) stage(acc);
             wgmma_wait<0>();
             wgmma_fence_operands(acc);
             cw_store<BN>(acc, wk, item, out);
@@ -380,6 +393,43 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_body<256, false, true>(reinterpret_cast<const unsigned char*>(x),
                                       reinterpret_cast<const unsigned char*>(wpack), bias,
                                       nullptr, nullptr, n, h, w, cin, cout, 1, y);
+}
+
+// The paired builds (`PAIR`): the same arguments; cin a multiple of 64.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_n128_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
+                         const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
+                         int relu, f16raw* __restrict__ y) {
+    conv3x3_wg_body<128, false, false, true>(reinterpret_cast<const unsigned char*>(x),
+                                             reinterpret_cast<const unsigned char*>(wpack),
+                                             bias, nullptr, nullptr, n, h, w, cin, cout, relu, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_n256_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
+                         const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
+                         int relu, f16raw* __restrict__ y) {
+    conv3x3_wg_body<256, false, false, true>(reinterpret_cast<const unsigned char*>(x),
+                                             reinterpret_cast<const unsigned char*>(wpack),
+                                             bias, nullptr, nullptr, n, h, w, cin, cout, relu, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_pool_n128_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
+                              const float* __restrict__ bias, int n, int h, int w, int cin,
+                              int cout, f16raw* __restrict__ y) {
+    conv3x3_wg_body<128, false, true, true>(reinterpret_cast<const unsigned char*>(x),
+                                            reinterpret_cast<const unsigned char*>(wpack), bias,
+                                            nullptr, nullptr, n, h, w, cin, cout, 1, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_pool_n256_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
+                              const float* __restrict__ bias, int n, int h, int w, int cin,
+                              int cout, f16raw* __restrict__ y) {
+    conv3x3_wg_body<256, false, true, true>(reinterpret_cast<const unsigned char*>(x),
+                                            reinterpret_cast<const unsigned char*>(wpack), bias,
+                                            nullptr, nullptr, n, h, w, cin, cout, 1, y);
 }
 
 // E4M3 in; the layer's descale at descale[0] and, when `e4m3_out`, the next FP8 conv's

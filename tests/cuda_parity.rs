@@ -651,7 +651,13 @@ fn direct_conv_matches_cpu() {
         let checks = fused["checks"].as_object().expect("per-build checks");
         let mut want = vec!["W4", "W8"];
         if wg {
-            want.extend(["Wg", "Wg2", "WgPoolN128", "WgPoolN256"]);
+            let pooled = [
+                "WgPoolN128",
+                "WgPoolN128Pair",
+                "WgPoolN256",
+                "WgPoolN256Pair",
+            ];
+            want.extend(["Wg", "Wg2"].into_iter().chain(pooled));
         }
         assert_eq!(checks.keys().collect::<Vec<_>>(), want, "{fused}");
         assert!(checks.values().all(|c| c == "passed"), "{fused}");

@@ -671,6 +671,17 @@ fn conv3x3_wg_matches_host() {
         (k::ConvWgBuild::N256, [32, 256], [3, 9, 11], 2, false, 2),
         (k::ConvWgBuild::N256, [64, 256], [3, 1, 20], 2, true, 0),
         (k::ConvWgBuild::N128, [32, 128], [2, 20, 1], 1, false, 2),
+        // The paired builds (64·k input channels): stages two at a time.
+        (k::ConvWgBuild::N128Pair, [64, 128], [2, 7, 10], 1, true, 0),
+        (
+            k::ConvWgBuild::N256Pair,
+            [128, 256],
+            [3, 9, 11],
+            2,
+            false,
+            2,
+        ),
+        (k::ConvWgBuild::N128Pair, [64, 256], [3, 1, 20], 3, true, 0),
     ] {
         let (weight, filter) = conv_weights([cout, cin, cin], 1.0 / 8.0, 51 + cin as u64);
         let bias = common::values(cout, 52);
@@ -705,6 +716,14 @@ fn conv3x3_wg_matches_host() {
     assert!(e.contains("64 → 128"), "{e}");
     let e = refused([48, 256], 16 * 256, &LIMITS);
     assert!(e.contains("48 → 256"), "{e}");
+    // A paired build with an odd number of stages per item (32 input channels: 9).
+    let pair = |c: [usize; 2]| {
+        let lens = [16 * c[0], 9 * c[0] * c[1], c[1], 16 * c[1]];
+        k::conv3x3_wg_launch(k::ConvWgBuild::N256Pair, lens, [1, 4, 4], c, true, &LIMITS)
+    };
+    let e = pair([32, 256]).unwrap_err().to_string();
+    assert!(e.contains("multiples of 64"), "{e}");
+    assert!(pair([64, 256]).is_ok());
     let e = refused([64, 256], 15 * 256, &LIMITS);
     assert!(e.contains("`y` has 3840"), "{e}");
     let no_wgmma = LaunchLimits {
@@ -735,6 +754,8 @@ fn conv3x3_wg_pool_matches_host() {
         ),
         (k::ConvWgBuild::N256, [32, 256], [3, 10, 7], 2, 2),
         (k::ConvWgBuild::N128, [32, 256], [2, 2, 3], 1, 0),
+        (k::ConvWgBuild::N256Pair, [64, 256], [3, 10, 7], 2, 2),
+        (k::ConvWgBuild::N128Pair, [128, 128], [2, 9, 13], 1, 0),
     ] {
         let (weight, filter) = conv_weights([cout, cin, cin], 1.0 / 8.0, 71 + cin as u64);
         let bias = common::values(cout, 72);

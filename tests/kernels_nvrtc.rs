@@ -139,8 +139,9 @@ fn compiles_wgmma_for_sm_90a_only() {
     assert_eq!(a.matches(wgmma).count(), 2 * 144, "compute_90a: wg and wg2");
     for n in [128, 256] {
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16");
-        let what = format!("compute_90a: conv3x3_wg_n{n} and conv3x3_wg_pool_n{n}");
-        assert_eq!(a.matches(&ss).count(), 2 * 2, "{what}");
+        // 2 per stage in conv3x3_wg_n{n} and _pool_n{n}, 4 per step of two in their _pair builds
+        let what = format!("compute_90a: conv3x3_wg_n{n}, _pool_n{n}, and their pair builds");
+        assert_eq!(a.matches(&ss).count(), 2 * 2 + 2 * 4, "{what}");
         let e8 = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
         let want = if n == 128 { 2 } else { 0 };
         let what = format!("compute_90a: conv3x3_wg_e4m3_n{n}");

@@ -236,8 +236,8 @@ pub(super) enum Planned {
     Legacy(ConvPlan),
     /// A graph-API execution plan (conv + bias + ReLU in one), shared by layers of one shape.
     Graph(Rc<GraphConv>),
-    /// The hand-written conv ([`super::conv_direct`]).
-    Direct,
+    /// The hand-written conv ([`super::conv_direct`]), in the build the tuning kept.
+    Direct(DirectKernel),
 }
 
 /// Which engine runs a (layer, batch size).
@@ -308,6 +308,8 @@ struct Tuned {
     legacy_ms: Option<f32>,
     timed: usize,
     graph: Option<(Rc<GraphConv>, f32, String)>,
+    /// The fastest hand-written build of the layer's ([`DirectKernel::candidates`]) and its time.
+    direct: Option<DirectKernel>,
     direct_ms: Option<f32>,
 }
 
@@ -493,15 +495,21 @@ pub(super) fn plan_all(
             &arena,
             &op,
         )?;
-        let direct_ms = if direct_runs(direct, direct_check, dev, kernels, layer)? {
+        // The hand-written conv where it runs: each of its builds timed, the fastest kept.
+        let mut fastest: Option<(DirectKernel, f32)> = None;
+        let runs = direct_runs(direct, direct_check, dev, kernels, layer)?;
+        let kind = DirectKernel::of(layer, kernels).filter(|_| runs);
+        for candidate in kind.map(|k| k.candidates(layer)).unwrap_or_default() {
             let dims = [key.rows, d.in_h, d.in_w];
             let out = DirectOut::Half {
                 identity: key.identity,
             };
-            Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
-        } else {
-            None
-        };
+            let ms = time_direct(dev, &timer, (kernels, candidate), layer, dims, out, &arena)?;
+            if fastest.is_none_or(|(_, best)| ms < best) {
+                fastest = Some((candidate, ms));
+            }
+        }
+        let (direct_kind, direct_ms) = (fastest.map(|f| f.0), fastest.map(|f| f.1));
         tuned.insert(
             shape,
             Tuned {
@@ -509,6 +517,7 @@ pub(super) fn plan_all(
                 legacy_ms,
                 timed,
                 graph: None,
+                direct: direct_kind,
                 direct_ms,
             },
         );
@@ -616,13 +625,15 @@ pub(super) fn plan_all(
                 g.plan.ws,
                 Some(*ms),
             ),
-            (Engine::Direct, _) => (
-                Planned::Direct,
-                DirectKernel::of(layer, kernels)
-                    .map_or_else(|| conv_direct::NAME.to_string(), DirectKernel::name),
-                0,
-                t.direct_ms,
-            ),
+            (Engine::Direct, _) => match t.direct {
+                Some(kind) => (Planned::Direct(kind), kind.name(), 0, t.direct_ms),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "conv stage {}: the hand-written conv chosen without a timed build",
+                        key.stage
+                    )))
+                }
+            },
             _ => {
                 // The legacy API's descriptors, made for the plans that use them only.
                 let (_, (x, y, conv)) = key_descriptors(layer, d, key)?;
@@ -706,17 +717,17 @@ pub(super) fn plan_all(
                 f8.wg_e4m3 = Some(wg_timing(true, f.state, &arena)?);
             }
             if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
-                let writes_e4m3 = DirectKernel::of(layer, kernels).is_some_and(|k| k.writes_e4m3());
-                f8.direct_e4m3 = Some(
-                    if writes_e4m3 && direct_runs(direct, direct_check, dev, kernels, layer)? {
+                let e4m3_kind = DirectKernel::of(layer, kernels).filter(|k| k.writes_e4m3());
+                f8.direct_e4m3 = Some(match e4m3_kind {
+                    Some(kind) if direct_runs(direct, direct_check, dev, kernels, layer)? => {
                         let dims = [key.rows, d.in_h, d.in_w];
                         let m = f.state.multiplier(next);
                         let out = DirectOut::E4m3(&m);
-                        Some(time_direct(dev, &timer, kernels, layer, dims, out, &arena)?)
-                    } else {
-                        None
-                    },
-                );
+                        let with = (kernels, kind);
+                        Some(time_direct(dev, &timer, with, layer, dims, out, &arena)?)
+                    }
+                    _ => None,
+                });
                 // A graph plan does not catch up with a hand-written conv that far ahead.
                 if far_ahead(f8.direct_e4m3.flatten(), t.legacy_ms) {
                     f8.fp16_e4m3 = Some(None);
@@ -1132,18 +1143,18 @@ fn checked(
 fn time_direct(
     dev: &Dev,
     timer: &EventPair,
-    kernels: &Kernels,
+    (kernels, kind): (&Kernels, DirectKernel),
     layer: &DevConv,
     dims: [usize; 3],
     out: DirectOut<'_, '_>,
     arena: &TuneArena<'_>,
 ) -> Result<f32> {
     let [bx, by] = arena.bufs;
-    let op = format!("timing the hand-written conv (batch {})", dims[0]);
+    let op = format!("timing the hand-written conv {kind:?} (batch {})", dims[0]);
     time_launch(dev, timer, &op, || {
         // SAFETY: the arena's buffers are apart and hold ≥ rows rows of every stage's input and
         // output; nothing else runs on them during the tuning.
-        unsafe { conv_direct::launch(dev, kernels, layer, dims, out, bx, by) }
+        unsafe { conv_direct::launch(dev, kernels, layer, kind, dims, out, (bx, by)) }
     })
 }
 
@@ -1764,6 +1775,8 @@ impl ConvRun<'_> {
             };
             let dims = [key.rows, d.in_h, d.in_w];
             let m = state.multiplier(next);
+            // Only the first conv's kernel writes E4M3 (direct_e4m3 holds its keys only).
+            let kind = DirectKernel::Cin8;
             // SAFETY: x holds rows·in_len FP16 values and y rows·out_len bytes (the forward
             // plan's spans, checked against the buffers), apart from each other.
             return unsafe {
@@ -1771,10 +1784,10 @@ impl ConvRun<'_> {
                     self.dev,
                     self.kernels,
                     layer,
+                    kind,
                     dims,
                     DirectOut::E4m3(&m),
-                    *x,
-                    &*y,
+                    (*x, &*y),
                 )
             };
         }
@@ -1853,13 +1866,14 @@ impl ConvRun<'_> {
                 // workspace sized for them at prepare.
                 unsafe { g.plan.execute(self.dnn, p.into()) }.map_err(|e| dnn_err(&op(), e))?;
             }
-            Planned::Direct => {
+            Planned::Direct(kind) => {
                 let dims = [key.rows, d.in_h, d.in_w];
                 // SAFETY: as above; y is this layer's output span, apart from x.
                 let out = DirectOut::Half {
                     identity: key.identity,
                 };
-                unsafe { conv_direct::launch(self.dev, self.kernels, layer, dims, out, x, &*y) }?;
+                let (dev, kernels) = (self.dev, self.kernels);
+                unsafe { conv_direct::launch(dev, kernels, layer, *kind, dims, out, (x, &*y)) }?;
             }
         }
         Ok(())

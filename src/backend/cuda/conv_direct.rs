@@ -87,6 +87,19 @@ impl DirectKernel {
     pub fn writes_e4m3(self) -> bool {
         self == DirectKernel::Cin8
     }
+
+    /// The builds the tuning times for `layer` (its kernel from [`Self::of`]): the wgmma conv
+    /// also in its paired build where the layer allows.
+    pub fn candidates(self, layer: &DevConv) -> Vec<DirectKernel> {
+        match self {
+            DirectKernel::Wg(build) => build
+                .with_pair(layer.cin_s)
+                .into_iter()
+                .map(DirectKernel::Wg)
+                .collect(),
+            other => vec![other],
+        }
+    }
 }
 
 /// Whether a hand-written conv can run `layer` on this device.
@@ -107,7 +120,11 @@ pub(super) fn pool_builds(layer: &DevConv, kernels: &Kernels) -> Vec<ConvPoolVar
         return kernels.conv_pool_variants();
     }
     match DirectKernel::of(layer, kernels) {
-        Some(DirectKernel::Wg(build)) => vec![ConvPoolVariant::of_wg(build)],
+        Some(DirectKernel::Wg(build)) => build
+            .with_pair(layer.cin_s)
+            .into_iter()
+            .map(ConvPoolVariant::of_wg)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -131,7 +148,7 @@ pub(super) unsafe fn launch_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
         // SAFETY: the caller's, passed on.
         return unsafe { kernels.conv3x3_c64_pool(s, variant, x, f, b, dims, y, max_blocks) };
     };
-    let Some((_, packed)) = layer.wg_filter.as_ref().filter(|(b, _)| *b == build) else {
+    let Some((_, packed)) = layer.wg_filter.as_ref().filter(|(b, _)| b.n() == build.n()) else {
         return Err(Error::Invalid(format!(
             "{variant:?}: the layer ({} → {} channels) has no filter packed for it",
             layer.cin_s, layer.cout
@@ -236,7 +253,8 @@ pub(super) enum DirectOut<'m, 'v> {
 }
 
 /// `y` `[rows, h, w, cout]` (FP16, or E4M3 in its first bytes) = conv(`x` `[rows, h, w, cin]`) +
-/// bias, as `out` says, by the layer's hand-written conv ([`DirectKernel::of`]).
+/// bias, as `out` says, by the hand-written conv `kind` (one of [`DirectKernel::candidates`] of
+/// the layer's).
 ///
 /// # Safety
 /// `y` is written through a read pointer (as cuDNN's outputs are): nothing else may use it
@@ -245,10 +263,10 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
+    kind: DirectKernel,
     dims: [usize; 3],
     out: DirectOut<'_, '_>,
-    x: &X,
-    y: &Y,
+    (x, y): (&X, &Y),
 ) -> Result<()> {
     let (s, f, b) = (&dev.stream, &layer.filter, &layer.bias32);
     let no_kernel = |what: &str| {
@@ -259,23 +277,25 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     };
     // SAFETY: the caller's, passed on; an E4M3 output takes the first of y's 2·len bytes.
     unsafe {
-        match (DirectKernel::of(layer, kernels), out) {
-            (Some(DirectKernel::Cin8), DirectOut::Half { identity }) => {
+        match (kind, out) {
+            (DirectKernel::Cin8, DirectOut::Half { identity }) => {
                 kernels.conv3x3_cin8(s, x, f, b, dims, !identity, y)
             }
-            (Some(DirectKernel::Cin8), DirectOut::E4m3(m)) => {
+            (DirectKernel::Cin8, DirectOut::E4m3(m)) => {
                 let y = (ptr(y, s), 2 * y.len());
                 kernels.conv3x3_cin8_e4m3(s, x, f, b, m, dims, true, y)
             }
-            (Some(DirectKernel::Wg(build)), DirectOut::Half { identity }) => {
-                let (_, packed) = layer.wg_filter.as_ref().ok_or_else(|| no_kernel("for"))?;
+            (DirectKernel::Wg(build), DirectOut::Half { identity }) => {
+                let packed = layer
+                    .wg_filter
+                    .as_ref()
+                    .filter(|(packed_for, _)| packed_for.n() == build.n())
+                    .map(|(_, packed)| packed)
+                    .ok_or_else(|| no_kernel("packed for"))?;
                 let chans = [layer.cin_s, layer.cout];
                 kernels.conv3x3_wg(s, build, x, (packed, b), dims, chans, !identity, y, None)
             }
-            (Some(DirectKernel::Wg(_)), DirectOut::E4m3(_)) => {
-                Err(no_kernel("with an E4M3 output for"))
-            }
-            (None, _) => Err(no_kernel("for")),
+            (DirectKernel::Wg(_), DirectOut::E4m3(_)) => Err(no_kernel("with an E4M3 output for")),
         }
     }
 }
@@ -320,45 +340,52 @@ fn check_wg_on_device(
 ) -> Result<Option<String>> {
     let [n, h, w] = WG_CHECK_DIMS;
     let (xd, pre_relu) = check_input(dev, layer, WG_CHECK_DIMS, 0xC0DE_0096)?;
-    let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;
     let relu: Vec<f32> = pre_relu.iter().map(|v| v.max(0.0)).collect();
     let Some((_, packed)) = layer.wg_filter.as_ref() else {
         return Ok(Some("the layer has no packed filter".into()));
     };
-    let chans = [layer.cin_s, layer.cout];
-    for (identity, want) in [(true, &pre_relu), (false, &relu)] {
-        let blocks = Some(WG_CHECK_BLOCKS);
-        let b = &layer.bias32;
-        // SAFETY: `yd` is this function's own buffer, apart from `xd`. A launch the device
-        // refuses only keeps the kernel unused.
-        let launched = unsafe {
-            kernels.conv3x3_wg(
-                &dev.stream,
-                build,
-                &xd,
-                (packed, b),
-                WG_CHECK_DIMS,
-                chans,
-                !identity,
-                &yd,
-                blocks,
-            )
-        };
-        if let Err(e) = launched {
-            return Ok(Some(format!(
-                "the wgmma conv ({build:?}) did not launch on this device: {e}"
-            )));
-        }
-        dev.finish_within("the wgmma conv's device check", CHECK_LIMIT)?;
-        let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
-        if let Some(why) = first_mismatch(&got, want) {
-            return Ok(Some(format!(
-                "the wgmma conv ({build:?}, {} → {} channels) differs from the CPU on this \
-                 device ({}): {why}",
-                layer.cin_s,
-                layer.cout,
-                if identity { "no ReLU" } else { "ReLU" }
-            )));
+    let (chans, b, blocks) = (
+        [layer.cin_s, layer.cout],
+        &layer.bias32,
+        Some(WG_CHECK_BLOCKS),
+    );
+    // Each build the tuning may time (the paired one too), each on a zeroed output of its own.
+    for build in build.with_pair(layer.cin_s) {
+        let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;
+        for (identity, want) in [(true, &pre_relu), (false, &relu)] {
+            let relu = !identity;
+            // SAFETY: `yd` is this function's own buffer, apart from `xd`. A launch the device
+            // refuses only keeps the kernel unused.
+            let launched = unsafe {
+                let s = &dev.stream;
+                kernels.conv3x3_wg(
+                    s,
+                    build,
+                    &xd,
+                    (packed, b),
+                    WG_CHECK_DIMS,
+                    chans,
+                    relu,
+                    &yd,
+                    blocks,
+                )
+            };
+            if let Err(e) = launched {
+                return Ok(Some(format!(
+                    "the wgmma conv ({build:?}) did not launch on this device: {e}"
+                )));
+            }
+            dev.finish_within("the wgmma conv's device check", CHECK_LIMIT)?;
+            let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
+            if let Some(why) = first_mismatch(&got, want) {
+                return Ok(Some(format!(
+                    "the wgmma conv ({build:?}, {} → {} channels) differs from the CPU on this \
+                     device ({}): {why}",
+                    layer.cin_s,
+                    layer.cout,
+                    if identity { "no ReLU" } else { "ReLU" }
+                )));
+            }
         }
     }
     Ok(None)
@@ -486,7 +513,17 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     for (identity, want) in [(true, &pre_relu), (false, &relu)] {
         let out = DirectOut::Half { identity };
         // SAFETY: `yd` is this function's own buffer, apart from `xd`.
-        unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
+        unsafe {
+            launch(
+                dev,
+                kernels,
+                layer,
+                DirectKernel::Cin8,
+                CHECK_DIMS,
+                out,
+                (&xd, &yd),
+            )
+        }?;
         dev.finish_within("the first conv's device check", CHECK_LIMIT)?;
         let got = dev.download(&yd, yd.len(), "the direct conv check's output")?;
         if let Some(why) = first_mismatch(&got, want) {
@@ -502,7 +539,17 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     let m = md.as_view();
     let out = DirectOut::E4m3(&m);
     // SAFETY: as above; the codes fill the first half of `yd`'s bytes.
-    unsafe { launch(dev, kernels, layer, CHECK_DIMS, out, &xd, &yd) }?;
+    unsafe {
+        launch(
+            dev,
+            kernels,
+            layer,
+            DirectKernel::Cin8,
+            CHECK_DIMS,
+            out,
+            (&xd, &yd),
+        )
+    }?;
     dev.finish_within("the first conv's device check (E4M3 out)", CHECK_LIMIT)?;
     let half = dev.download(&yd, yd.len() / 2, "the direct conv check's E4M3 output")?;
     let got: &[u8] = bytemuck::cast_slice(&half);

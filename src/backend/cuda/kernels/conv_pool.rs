@@ -35,16 +35,20 @@ pub enum ConvPoolVariant {
     Wg2,
     WgPoolN128,
     WgPoolN256,
+    WgPoolN128Pair,
+    WgPoolN256Pair,
 }
 
 impl ConvPoolVariant {
-    pub const ALL: [ConvPoolVariant; 6] = [
+    pub const ALL: [ConvPoolVariant; 8] = [
         ConvPoolVariant::W4,
         ConvPoolVariant::W8,
         ConvPoolVariant::Wg,
         ConvPoolVariant::Wg2,
         ConvPoolVariant::WgPoolN128,
         ConvPoolVariant::WgPoolN256,
+        ConvPoolVariant::WgPoolN128Pair,
+        ConvPoolVariant::WgPoolN256Pair,
     ];
 
     /// Its kernel's `extern "C"` name.
@@ -56,6 +60,8 @@ impl ConvPoolVariant {
             ConvPoolVariant::Wg2 => "conv3x3_c64_pool_wg2",
             ConvPoolVariant::WgPoolN128 => ConvWgBuild::N128.pool_kernel(),
             ConvPoolVariant::WgPoolN256 => ConvWgBuild::N256.pool_kernel(),
+            ConvPoolVariant::WgPoolN128Pair => ConvWgBuild::N128Pair.pool_kernel(),
+            ConvPoolVariant::WgPoolN256Pair => ConvWgBuild::N256Pair.pool_kernel(),
         }
     }
 
@@ -64,6 +70,8 @@ impl ConvPoolVariant {
         match self {
             ConvPoolVariant::WgPoolN128 => Some(ConvWgBuild::N128),
             ConvPoolVariant::WgPoolN256 => Some(ConvWgBuild::N256),
+            ConvPoolVariant::WgPoolN128Pair => Some(ConvWgBuild::N128Pair),
+            ConvPoolVariant::WgPoolN256Pair => Some(ConvWgBuild::N256Pair),
             _ => None,
         }
     }
@@ -73,6 +81,8 @@ impl ConvPoolVariant {
         match build {
             ConvWgBuild::N128 => ConvPoolVariant::WgPoolN128,
             ConvWgBuild::N256 => ConvPoolVariant::WgPoolN256,
+            ConvWgBuild::N128Pair => ConvPoolVariant::WgPoolN128Pair,
+            ConvWgBuild::N256Pair => ConvPoolVariant::WgPoolN256Pair,
         }
     }
 

@@ -20,15 +20,47 @@ const PIXELS_PER_ITEM: usize = 128;
 /// bytes, 2080 bytes apart.
 const A_BYTES: usize = 4 * 2080;
 
-/// The two builds: N = 128 or 256 output channels per work item (a multiple of it is needed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The builds: N = 128 or 256 output channels per work item (a multiple of it is needed), one
+/// stage per step or (`…Pair`, FP16 with input channels a multiple of 64) two: the wait, the
+/// proxy fence and the block barrier once per 4 MMAs instead of 2, the copies 2 stages less far
+/// ahead. Both are timed; the same packed filter serves both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConvWgBuild {
     N128,
     N256,
+    N128Pair,
+    N256Pair,
 }
 
 impl ConvWgBuild {
-    pub const ALL: [ConvWgBuild; 2] = [ConvWgBuild::N128, ConvWgBuild::N256];
+    pub const ALL: [ConvWgBuild; 4] = [
+        ConvWgBuild::N128,
+        ConvWgBuild::N256,
+        ConvWgBuild::N128Pair,
+        ConvWgBuild::N256Pair,
+    ];
+
+    /// Whether it takes stages two at a time.
+    pub fn pair(self) -> bool {
+        matches!(self, ConvWgBuild::N128Pair | ConvWgBuild::N256Pair)
+    }
+
+    /// The builds that may run a layer of `cin` FP16 input channels that `self` (a build of
+    /// [`Self::for_layer`]) fits: itself, and its paired twin where each item's stages are even
+    /// in number (`cin` a multiple of 64).
+    pub fn with_pair(self, cin: usize) -> Vec<ConvWgBuild> {
+        let twin = match self {
+            ConvWgBuild::N128 => ConvWgBuild::N128Pair,
+            ConvWgBuild::N256 => ConvWgBuild::N256Pair,
+            paired => paired,
+        };
+        let even = (2 * cin).is_multiple_of(2 * CONV_WG_STAGE_BYTES);
+        if twin != self && even {
+            vec![self, twin]
+        } else {
+            vec![self]
+        }
+    }
 
     /// The only build of the E4M3-input kernel (its partial sums are promoted to f32 registers
     /// of their own: at N = 256 that would be 128 more).
@@ -39,6 +71,8 @@ impl ConvWgBuild {
         match self {
             ConvWgBuild::N128 => "conv3x3_wg_n128",
             ConvWgBuild::N256 => "conv3x3_wg_n256",
+            ConvWgBuild::N128Pair => "conv3x3_wg_n128_pair",
+            ConvWgBuild::N256Pair => "conv3x3_wg_n256_pair",
         }
     }
 
@@ -47,6 +81,8 @@ impl ConvWgBuild {
         match self {
             ConvWgBuild::N128 => "conv3x3_wg_pool_n128",
             ConvWgBuild::N256 => "conv3x3_wg_pool_n256",
+            ConvWgBuild::N128Pair => "conv3x3_wg_pool_n128_pair",
+            ConvWgBuild::N256Pair => "conv3x3_wg_pool_n256_pair",
         }
     }
 
@@ -62,18 +98,15 @@ impl ConvWgBuild {
     /// Output channels per work item.
     pub fn n(self) -> usize {
         match self {
-            ConvWgBuild::N128 => 128,
-            ConvWgBuild::N256 => 256,
+            ConvWgBuild::N128 | ConvWgBuild::N128Pair => 128,
+            ConvWgBuild::N256 | ConvWgBuild::N256Pair => 256,
         }
     }
 
     /// Its dynamic shared memory per block, bytes (the kernel's `CwShape::SMEM`): a ring of 12
     /// or 8 stages.
     pub fn smem(self) -> usize {
-        let stages = match self {
-            ConvWgBuild::N128 => 12,
-            ConvWgBuild::N256 => 8,
-        };
+        let stages = if self.n() == 128 { 12 } else { 8 };
         stages * (A_BYTES + 64 * self.n())
     }
 
@@ -259,8 +292,9 @@ fn wg_launch(
             "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
         ));
     }
-    let step = CONV_WG_STAGE_BYTES / elem_bytes(e4m3);
-    if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % build.n() != 0 {
+    let step = CONV_WG_STAGE_BYTES / elem_bytes(e4m3) * if build.pair() { 2 } else { 1 };
+    let fits = ConvWgBuild::for_layer(cin, cout, e4m3).is_some() && cin.is_multiple_of(step);
+    if !fits || cout % build.n() != 0 || (e4m3 && build.pair()) {
         return Err(invalid(
             op,
             format!(
@@ -457,6 +491,10 @@ mod tests {
         assert_eq!(ConvWgBuild::for_layer(64, 64, true), None);
         assert_eq!(ConvWgBuild::for_layer(32, 256, true), None);
         assert_eq!((N128.smem(), N256.smem()), (198_144, 197_632));
+        assert_eq!((N128Pair.smem(), N256Pair.n()), (N128.smem(), 256));
+        assert_eq!(N256.with_pair(64), [N256, N256Pair]);
+        assert_eq!(N128.with_pair(32), [N128]);
+        assert_eq!(N128Pair.with_pair(64), [N128Pair]);
         assert!(ConvWgBuild::ALL.iter().all(|b| b.smem() <= 232_448));
     }
 
