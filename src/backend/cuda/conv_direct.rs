@@ -510,9 +510,9 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     let (xd, pre_relu) = check_input(dev, layer, CHECK_DIMS, 0xC0DE)?;
     let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the direct conv check's output")?;
     let relu: Vec<f32> = pre_relu.iter().map(|v| v.max(0.0)).collect();
-    for (identity, want) in [(true, &pre_relu), (false, &relu)] {
-        let out = DirectOut::Half { identity };
-        // SAFETY: `yd` is this function's own buffer, apart from `xd`.
+    let run = |out: DirectOut<'_, '_>, what: &str| {
+        // SAFETY: `yd` is this function's own buffer, apart from `xd` (an E4M3 output fills the
+        // first half of its bytes).
         unsafe {
             launch(
                 dev,
@@ -524,7 +524,13 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
                 (&xd, &yd),
             )
         }?;
-        dev.finish_within("the first conv's device check", CHECK_LIMIT)?;
+        dev.finish_within(what, CHECK_LIMIT)
+    };
+    for (identity, want) in [(true, &pre_relu), (false, &relu)] {
+        run(
+            DirectOut::Half { identity },
+            "the first conv's device check",
+        )?;
         let got = dev.download(&yd, yd.len(), "the direct conv check's output")?;
         if let Some(why) = first_mismatch(&got, want) {
             return Ok(Some(format!(
@@ -537,20 +543,10 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     let multiplier = 300.0f32;
     let md = dev.upload(&[multiplier], "the direct conv check's multiplier")?;
     let m = md.as_view();
-    let out = DirectOut::E4m3(&m);
-    // SAFETY: as above; the codes fill the first half of `yd`'s bytes.
-    unsafe {
-        launch(
-            dev,
-            kernels,
-            layer,
-            DirectKernel::Cin8,
-            CHECK_DIMS,
-            out,
-            (&xd, &yd),
-        )
-    }?;
-    dev.finish_within("the first conv's device check (E4M3 out)", CHECK_LIMIT)?;
+    run(
+        DirectOut::E4m3(&m),
+        "the first conv's device check (E4M3 out)",
+    )?;
     let half = dev.download(&yd, yd.len() / 2, "the direct conv check's E4M3 output")?;
     let got: &[u8] = bytemuck::cast_slice(&half);
     Ok(first_code_mismatch(got, &relu, multiplier).map(|why| {
