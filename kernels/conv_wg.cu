@@ -157,11 +157,12 @@ struct CwLoader {
 };
 
 // What an item's epilogue does: the sums times `descale` (1 for FP16 input), + bias, ReLU when
-// `relu`, then FP16, or E4M3 codes of the value times `*mult` when `mult` is given.
+// `relu`, then FP16, or (`e4m3`) E4M3 codes of the value times `mult`.
 struct CwOut {
     const float* __restrict__ bias;
     float descale;
-    const float* mult;
+    bool e4m3;
+    float mult;
     int relu;
     bool y4;  // FP16 pairs as one 32-bit store (y 4-byte aligned)
     void* y;
@@ -171,6 +172,21 @@ struct CwOut {
 __device__ __forceinline__ float cw_value(float sum, float bias, const CwOut& out) {
     const float v = sum * out.descale + bias;
     return out.relu ? fmaxf(v, 0.0f) : v;
+}
+
+// The output values of channels c and c + 1 at element `at` of y, as `out` says.
+__device__ __forceinline__ void cw_put(const CwOut& out, i64 at, float v0, float v1) {
+    if (out.e4m3) {
+        unsigned char* dst = static_cast<unsigned char*>(out.y) + at;
+        dst[0] = e4m3_bits(v0 * out.mult);
+        dst[1] = e4m3_bits(v1 * out.mult);
+    } else if (out.y4) {
+        *reinterpret_cast<u32*>(static_cast<f16raw*>(out.y) + at) = pack2(v0, v1);
+    } else {
+        f16raw* dst = static_cast<f16raw*>(out.y) + at;
+        dst[0] = f2h(v0);
+        dst[1] = f2h(v1);
+    }
 }
 
 // After an item's last stage: the calling thread's rows 16·warp + g and + 8 of its group's 64
@@ -185,7 +201,6 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
     const int nt = (int)(item - mt * wk.ntiles);
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const i64 p0 = mt * CW_BM + 64 * (threadIdx.x >> 7) + 16 * ((threadIdx.x >> 5) & 3) + g;
-    const float m = out.mult ? *out.mult : 1.0f;
     if (wk.pool) {
         const i64 q = mt * (CW_BM / 4) + 4 * (threadIdx.x >> 5) + (g >> 1);
         const bool stores = (g & 1) == 0 && q < wk.units;
@@ -200,14 +215,7 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
             const int ch = nt * BN + 8 * j + 2 * t;
             if (!stores) continue;
             const float v0 = cw_value(v[0], out.bias[ch], out);
-            const float v1 = cw_value(v[1], out.bias[ch + 1], out);
-            f16raw* dst = static_cast<f16raw*>(out.y) + q * wk.cout + ch;
-            if (out.y4) {
-                *reinterpret_cast<u32*>(dst) = pack2(v0, v1);
-            } else {
-                dst[0] = f2h(v0);
-                dst[1] = f2h(v1);
-            }
+            cw_put(out, q * wk.cout + ch, v0, cw_value(v[1], out.bias[ch + 1], out));
         }
         return;
     }
@@ -219,24 +227,8 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
         for (int r = 0; r < 2; ++r) {
             const i64 p = p0 + 8 * r;
             if (p >= wk.units) continue;
-            float v0 = acc[4 * j + 2 * r] * out.descale + b0;
-            float v1 = acc[4 * j + 2 * r + 1] * out.descale + b1;
-            if (out.relu) {
-                v0 = fmaxf(v0, 0.0f);
-                v1 = fmaxf(v1, 0.0f);
-            }
-            const i64 at = p * wk.cout + ch;
-            if (out.mult) {
-                unsigned char* dst = static_cast<unsigned char*>(out.y) + at;
-                dst[0] = e4m3_bits(v0 * m);
-                dst[1] = e4m3_bits(v1 * m);
-            } else if (out.y4) {
-                *reinterpret_cast<u32*>(static_cast<f16raw*>(out.y) + at) = pack2(v0, v1);
-            } else {
-                f16raw* dst = static_cast<f16raw*>(out.y) + at;
-                dst[0] = f2h(v0);
-                dst[1] = f2h(v1);
-            }
+            const float v0 = cw_value(acc[4 * j + 2 * r], b0, out);
+            cw_put(out, p * wk.cout + ch, v0, cw_value(acc[4 * j + 2 * r + 1], b1, out));
         }
     }
 }
@@ -284,7 +276,8 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
         cp_async_commit();
     }
 
-    const CwOut out{bias, descale ? *descale : 1.0f, mult, relu, is_aligned(y, 4), y};
+    const CwOut out{bias, descale ? *descale : 1.0f, mult != nullptr, mult ? *mult : 1.0f,
+                    relu, is_aligned(y, 4), y};
     int slot = 0, fill = AHEAD;  // ring slots of this stage and of the next copies
     constexpr int PER = PAIR ? 2 : 1;  // stages per step
     // One step (PER stages): wait for their copies, issue their wgmma as one group into `acc`,
@@ -356,23 +349,29 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
     cp_async_wait_0();  // nothing in flight at exit (only empty groups remain)
 }
 
+// The FP16 builds' entry: FP16 in and out, no descale.
+template <int BN, bool POOL, bool PAIR>
+__device__ __forceinline__ void conv3x3_wg_f16(const f16raw* x, const f16raw* wpack,
+                                               const float* bias, int n, int h, int w, int cin,
+                                               int cout, int relu, f16raw* y) {
+    conv3x3_wg_body<BN, false, POOL, PAIR>(reinterpret_cast<const unsigned char*>(x),
+                                           reinterpret_cast<const unsigned char*>(wpack), bias,
+                                           nullptr, nullptr, n, h, w, cin, cout, relu, y);
+}
+
 // sm_90a only (wgmma): elsewhere they trap, and the launcher refuses them first.
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n128(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                     const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                     int relu, f16raw* __restrict__ y) {
-    conv3x3_wg_body<128, false>(reinterpret_cast<const unsigned char*>(x),
-                                reinterpret_cast<const unsigned char*>(wpack), bias, nullptr,
-                                nullptr, n, h, w, cin, cout, relu, y);
+    conv3x3_wg_f16<128, false, false>(x, wpack, bias, n, h, w, cin, cout, relu, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n256(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                     const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                     int relu, f16raw* __restrict__ y) {
-    conv3x3_wg_body<256, false>(reinterpret_cast<const unsigned char*>(x),
-                                reinterpret_cast<const unsigned char*>(wpack), bias, nullptr,
-                                nullptr, n, h, w, cin, cout, relu, y);
+    conv3x3_wg_f16<256, false, false>(x, wpack, bias, n, h, w, cin, cout, relu, y);
 }
 
 // FP16 in; y the 2×2 max-pool of ReLU(conv + bias), [n, h/2, w/2, cout] (VGG's last conv of a
@@ -381,18 +380,14 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_pool_n128(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                          const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                          f16raw* __restrict__ y) {
-    conv3x3_wg_body<128, false, true>(reinterpret_cast<const unsigned char*>(x),
-                                      reinterpret_cast<const unsigned char*>(wpack), bias,
-                                      nullptr, nullptr, n, h, w, cin, cout, 1, y);
+    conv3x3_wg_f16<128, true, false>(x, wpack, bias, n, h, w, cin, cout, 1, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_pool_n256(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                          const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                          f16raw* __restrict__ y) {
-    conv3x3_wg_body<256, false, true>(reinterpret_cast<const unsigned char*>(x),
-                                      reinterpret_cast<const unsigned char*>(wpack), bias,
-                                      nullptr, nullptr, n, h, w, cin, cout, 1, y);
+    conv3x3_wg_f16<256, true, false>(x, wpack, bias, n, h, w, cin, cout, 1, y);
 }
 
 // The paired builds (`PAIR`): the same arguments; cin a multiple of 64.
@@ -400,36 +395,28 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n128_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                          const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                          int relu, f16raw* __restrict__ y) {
-    conv3x3_wg_body<128, false, false, true>(reinterpret_cast<const unsigned char*>(x),
-                                             reinterpret_cast<const unsigned char*>(wpack),
-                                             bias, nullptr, nullptr, n, h, w, cin, cout, relu, y);
+    conv3x3_wg_f16<128, false, true>(x, wpack, bias, n, h, w, cin, cout, relu, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n256_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                          const float* __restrict__ bias, int n, int h, int w, int cin, int cout,
                          int relu, f16raw* __restrict__ y) {
-    conv3x3_wg_body<256, false, false, true>(reinterpret_cast<const unsigned char*>(x),
-                                             reinterpret_cast<const unsigned char*>(wpack),
-                                             bias, nullptr, nullptr, n, h, w, cin, cout, relu, y);
+    conv3x3_wg_f16<256, false, true>(x, wpack, bias, n, h, w, cin, cout, relu, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_pool_n128_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                               const float* __restrict__ bias, int n, int h, int w, int cin,
                               int cout, f16raw* __restrict__ y) {
-    conv3x3_wg_body<128, false, true, true>(reinterpret_cast<const unsigned char*>(x),
-                                            reinterpret_cast<const unsigned char*>(wpack), bias,
-                                            nullptr, nullptr, n, h, w, cin, cout, 1, y);
+    conv3x3_wg_f16<128, true, true>(x, wpack, bias, n, h, w, cin, cout, 1, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_pool_n256_pair(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
                               const float* __restrict__ bias, int n, int h, int w, int cin,
                               int cout, f16raw* __restrict__ y) {
-    conv3x3_wg_body<256, false, true, true>(reinterpret_cast<const unsigned char*>(x),
-                                            reinterpret_cast<const unsigned char*>(wpack), bias,
-                                            nullptr, nullptr, n, h, w, cin, cout, 1, y);
+    conv3x3_wg_f16<256, true, true>(x, wpack, bias, n, h, w, cin, cout, 1, y);
 }
 
 // E4M3 in; the layer's descale at descale[0] and, when `e4m3_out`, the next FP8 conv's
