@@ -226,15 +226,8 @@ pub fn conv3x3_wg_pool_launch(
     [cin, cout]: [usize; 2],
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let op = build.pool_kernel();
-    if h < 2 || w < 2 {
-        return Err(invalid(
-            op,
-            format!("a {h}×{w} input has no 2×2 pooling window"),
-        ));
-    }
-    let lens = [x_len, wpack_len, bias_len, usize::MAX];
-    let mut launch = wg_launch(
+    let lens = [x_len, wpack_len, bias_len, y_len];
+    wg_launch(
         build,
         lens,
         Kind::Pool,
@@ -242,12 +235,7 @@ pub fn conv3x3_wg_pool_launch(
         [cin, cout],
         true,
         limits,
-    )?;
-    let pooled = prod(op, &[n, h / 2, w / 2])?;
-    need(op, "y", y_len, prod(op, &[pooled, cout])?)?;
-    let items = pooled.div_ceil(PIXELS_PER_ITEM / 4) * (cout / build.n());
-    launch.grid = items.clamp(1, limits.sm_count.max(1) as usize) as u32;
-    Ok(launch)
+    )
 }
 
 /// Which of the wgmma conv's kernels a launch is.
@@ -261,7 +249,8 @@ enum Kind {
     Pool,
 }
 
-/// The launchers' shared checks and shape (`y_len` `usize::MAX`: checked by the caller).
+/// The launchers' shared checks and shape: items of 128 pixels, or of 32 pooled pixels (the
+/// windows of 128), × N channels.
 fn wg_launch(
     build: ConvWgBuild,
     [x_len, wpack_len, bias_len, y_len]: [usize; 4],
@@ -277,6 +266,13 @@ fn wg_launch(
         Kind::E4m3 { .. } => CONV_WG_E4M3_KERNEL,
         Kind::Half => build.kernel(),
     };
+    let pool = kind == Kind::Pool;
+    if pool && (h < 2 || w < 2) {
+        return Err(invalid(
+            op,
+            format!("a {h}×{w} input has no 2×2 pooling window"),
+        ));
+    }
     if build.smem() > limits.conv_smem {
         return Err(invalid(
             op,
@@ -309,8 +305,13 @@ fn wg_launch(
     need(op, "x", x_len, prod(op, &[pixels, cin])?)?;
     need(op, "filter", wpack_len, cout * 9 * cin)?;
     need(op, "bias", bias_len, cout)?;
-    need(op, "y", y_len, prod(op, &[pixels, cout])?)?;
-    let items = pixels.div_ceil(PIXELS_PER_ITEM) * (cout / build.n());
+    // Output pixels, and per item.
+    let (units, per_item) = match pool {
+        true => (prod(op, &[n, h / 2, w / 2])?, PIXELS_PER_ITEM / 4),
+        false => (pixels, PIXELS_PER_ITEM),
+    };
+    need(op, "y", y_len, prod(op, &[units, cout])?)?;
+    let items = units.div_ceil(per_item) * (cout / build.n());
     let grid = items.clamp(1, limits.sm_count.max(1) as usize) as u32;
     use KernelArg::*;
     let mut args = vec![Read(0), Read(1), Read(2)];
