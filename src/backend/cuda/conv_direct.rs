@@ -148,12 +148,7 @@ pub(super) unsafe fn launch_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
         // SAFETY: the caller's, passed on.
         return unsafe { kernels.conv3x3_c64_pool(s, variant, x, f, b, dims, y, max_blocks) };
     };
-    let Some((_, packed)) = layer.wg_filter.as_ref().filter(|(b, _)| b.n() == build.n()) else {
-        return Err(Error::Invalid(format!(
-            "{variant:?}: the layer ({} → {} channels) has no filter packed for it",
-            layer.cin_s, layer.cout
-        )));
-    };
+    let packed = layer.wg_packed(build)?;
     let chans = [layer.cin_s, layer.cout];
     // SAFETY: the caller's, passed on.
     unsafe { kernels.conv3x3_wg_pool(s, build, x, (packed, b), dims, chans, y, max_blocks) }
@@ -269,12 +264,6 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     (x, y): (&X, &Y),
 ) -> Result<()> {
     let (s, f, b) = (&dev.stream, &layer.filter, &layer.bias32);
-    let no_kernel = |what: &str| {
-        Error::Invalid(format!(
-            "no hand-written conv {what} {} → {} channels on this device",
-            layer.cin_s, layer.cout
-        ))
-    };
     // SAFETY: the caller's, passed on; an E4M3 output takes the first of y's 2·len bytes.
     unsafe {
         match (kind, out) {
@@ -286,16 +275,14 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
                 kernels.conv3x3_cin8_e4m3(s, x, f, b, m, dims, true, y)
             }
             (DirectKernel::Wg(build), DirectOut::Half { identity }) => {
-                let packed = layer
-                    .wg_filter
-                    .as_ref()
-                    .filter(|(packed_for, _)| packed_for.n() == build.n())
-                    .map(|(_, packed)| packed)
-                    .ok_or_else(|| no_kernel("packed for"))?;
+                let packed = layer.wg_packed(build)?;
                 let chans = [layer.cin_s, layer.cout];
                 kernels.conv3x3_wg(s, build, x, (packed, b), dims, chans, !identity, y, None)
             }
-            (DirectKernel::Wg(_), DirectOut::E4m3(_)) => Err(no_kernel("with an E4M3 output for")),
+            (DirectKernel::Wg(_), DirectOut::E4m3(_)) => Err(Error::Invalid(format!(
+                "no hand-written conv with an E4M3 output for {} → {} channels on this device",
+                layer.cin_s, layer.cout
+            ))),
         }
     }
 }
@@ -341,8 +328,9 @@ fn check_wg_on_device(
     let [n, h, w] = WG_CHECK_DIMS;
     let (xd, pre_relu) = check_input(dev, layer, WG_CHECK_DIMS, 0xC0DE_0096)?;
     let relu: Vec<f32> = pre_relu.iter().map(|v| v.max(0.0)).collect();
-    let Some((_, packed)) = layer.wg_filter.as_ref() else {
-        return Ok(Some("the layer has no packed filter".into()));
+    let packed = match layer.wg_packed(build) {
+        Ok(packed) => packed,
+        Err(e) => return Ok(Some(e.to_string())),
     };
     let (chans, b, blocks) = (
         [layer.cin_s, layer.cout],

@@ -17,10 +17,9 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use half::f16;
 
 use super::device::Dev;
-use super::kernels::{
-    conv3x3_wg_pack_filter, ConvWgBuild, Kernels, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE,
-};
+use super::kernels::{Kernels, DESCALE_AT, MULTIPLIER_AT, SCALE_STRIDE};
 use super::layout;
+use super::weights::upload_wg_packed;
 use super::weights::DevConv;
 use crate::backend::fp8::{capable_stages, weight_scale};
 use crate::error::{Error, Result};
@@ -75,15 +74,11 @@ impl Fp8State {
                     x8_len = x8_len.max(rows_max * in_len(i));
                     let bits = layout::conv_filter_krsc_e4m3(&l.weight, l.cout, l.cin, c.cin_s, sw);
                     let name = format!("features.{} FP8 filter", l.conv_index);
-                    let chans = [c.cin_s, c.cout];
-                    let wg = match ConvWgBuild::for_layer(c.cin_s, c.cout, true) {
-                        Some(build) if pack_wg => {
-                            let packed = conv3x3_wg_pack_filter(build, &bits, chans, true)
-                                .expect("for_layer checked the shape");
-                            Some(dev.upload(&packed, &format!("{name} (packed, wgmma)"))?)
-                        }
-                        _ => None,
-                    };
+                    let wg = match pack_wg {
+                        true => upload_wg_packed(dev, &bits, [c.cin_s, c.cout], true, &name)?,
+                        false => None,
+                    }
+                    .map(|(_, packed)| packed);
                     (Some(dev.upload(&bits, &name)?), wg)
                 }
                 _ => (None, None),

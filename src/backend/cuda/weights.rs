@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 
 use super::cudnn::{FilterDesc, TensorDesc};
@@ -26,6 +26,42 @@ pub(super) struct DevConv {
     /// The filter packed for the wgmma conv's build that fits the layer
     /// ([`conv3x3_wg_pack_filter`]), on devices that run it.
     pub wg_filter: Option<(ConvWgBuild, CudaSlice<f16>)>,
+}
+
+impl DevConv {
+    /// The filter packed for the wgmma conv's `build` (the packing depends on its N only), or
+    /// an error naming the layer when it has none.
+    pub fn wg_packed(&self, build: ConvWgBuild) -> Result<&CudaSlice<f16>> {
+        match &self.wg_filter {
+            Some((packed_for, packed)) if packed_for.n() == build.n() => Ok(packed),
+            _ => Err(Error::Invalid(format!(
+                "the {} → {} channel conv has no filter packed for the wgmma conv's {build:?}",
+                self.cin_s, self.cout
+            ))),
+        }
+    }
+}
+
+/// The KRSC filter `host` (FP16, or E4M3 codes with `e4m3`) of a `[cin, cout]` layer packed for
+/// the wgmma conv's build that fits it ([`conv3x3_wg_pack_filter`]) and uploaded as `name`; None
+/// where no build fits.
+pub(super) fn upload_wg_packed<T: DeviceRepr + ValidAsZeroBits + Copy>(
+    dev: &Dev,
+    host: &[T],
+    [cin, cout]: [usize; 2],
+    e4m3: bool,
+    name: &str,
+) -> Result<Option<(ConvWgBuild, CudaSlice<T>)>> {
+    let Some(build) = ConvWgBuild::for_layer(cin, cout, e4m3) else {
+        return Ok(None);
+    };
+    match conv3x3_wg_pack_filter(build, host, [cin, cout], e4m3) {
+        Some(packed) => Ok(Some((
+            build,
+            dev.upload(&packed, &format!("{name} (packed, wgmma)"))?,
+        ))),
+        None => Ok(None),
+    }
 }
 
 /// A Linear layer on the device. `weight` `[fout, fin]` f16 (first layer: columns H,W,C).
@@ -61,17 +97,17 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>, pack_wg: bool) -> Result
                 let bias = dev.upload(&layout::to_f16(&l.bias), &format!("{name}.bias"))?;
                 let bias32 = dev.upload(&l.bias, &format!("{name}.bias (f32)"))?;
                 bytes += filter.num_bytes() + bias.num_bytes() + bias32.num_bytes();
-                let wg_filter = match ConvWgBuild::for_layer(cs, l.cout, false).filter(|_| pack_wg)
-                {
-                    Some(build) => {
-                        let packed = conv3x3_wg_pack_filter(build, &host, [cs, l.cout], false)
-                            .expect("for_layer checked the shape");
-                        let d = dev.upload(&packed, &format!("{name}.weight (packed, wgmma)"))?;
-                        bytes += d.num_bytes();
-                        Some((build, d))
-                    }
-                    None => None,
+                let wg_filter = match pack_wg {
+                    true => upload_wg_packed(
+                        dev,
+                        &host,
+                        [cs, l.cout],
+                        false,
+                        &format!("{name}.weight"),
+                    )?,
+                    false => None,
                 };
+                bytes += wg_filter.as_ref().map_or(0, |(_, d)| d.num_bytes());
                 let wdesc = FilterDesc::nhwc_f16(l.cout, cs, 3, 3)
                     .map_err(|e| dnn_err(&format!("{name}: filter descriptor"), e))?;
                 let bdesc = TensorDesc::nhwc_f16(1, l.cout, 1, 1)
