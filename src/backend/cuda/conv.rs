@@ -852,6 +852,29 @@ pub(super) enum ConvInput<'v, 'a> {
 }
 
 impl Fp8Run<'_> {
+    /// The device address of the stage's E4M3 input: an FP16 `input` quantized into the FP8
+    /// input buffer at the stage's multiplier, or the codes as they came.
+    fn e4m3_input(&mut self, dev: &Dev, input: ConvInput<'_, '_>) -> Result<u64> {
+        match input {
+            ConvInput::Half(x) => {
+                let s = &dev.stream;
+                self.state.quantize_input(self.kernels, s, self.stage, x)?;
+                Ok(ptr(&self.state.x8, s))
+            }
+            ConvInput::E4m3(x) => Ok(x),
+        }
+    }
+
+    /// The stage whose multiplier an E4M3 output is scaled by: the next FP8 conv's.
+    fn out_scale_stage(&self) -> Result<usize> {
+        self.next.ok_or_else(|| {
+            Error::Invalid(format!(
+                "features stage {}: an E4M3 output with no FP8 conv after it to read it",
+                self.stage
+            ))
+        })
+    }
+
     /// Run the wgmma conv's E4M3 build (the stage's packed FP8 filter) on `input` into `y` (FP16
     /// or, with `e4m3_out`, E4M3 at the next stage's multiplier); an FP16 input is quantized
     /// first.
@@ -867,28 +890,15 @@ impl Fp8Run<'_> {
         dims: [usize; 3],
         e4m3_out: bool,
     ) -> Result<()> {
-        let (s, i) = (&dev.stream, self.stage);
-        let x = match input {
-            ConvInput::Half(x) => {
-                self.state.quantize_input(self.kernels, s, i, x)?;
-                ptr(&self.state.x8, s)
-            }
-            ConvInput::E4m3(x) => x,
-        };
+        let i = self.stage;
+        let x = self.e4m3_input(dev, input)?;
+        // (The multiplier is not read without an E4M3 output.)
+        let scaled_by = if e4m3_out { self.out_scale_stage()? } else { i };
         let st = &*self.state;
         let Some(wpack) = st.wg_filters[i].as_ref() else {
             return Err(Error::Invalid(format!(
                 "features stage {i} has no FP8 filter packed for the wgmma conv"
             )));
-        };
-        let scaled_by = match (e4m3_out, self.next) {
-            (false, _) => i, // (not read)
-            (true, Some(next)) => next,
-            (true, None) => {
-                return Err(Error::Invalid(format!(
-                    "features stage {i}: an E4M3 output with no FP8 conv after it to read it"
-                )))
-            }
         };
         let scales = (&st.descale(i), &st.multiplier(scaled_by));
         // SAFETY: the caller's, passed on; the FP8 input buffer holds the quantized input.
@@ -920,12 +930,8 @@ impl Fp8Run<'_> {
         let i = self.stage;
         let fp8 = plan.form.fp8;
         let x = match input {
-            ConvInput::Half(x) if fp8 => {
-                self.state.quantize_input(self.kernels, s, i, x)?;
-                ptr(&self.state.x8, s)
-            }
+            input if fp8 => self.e4m3_input(dev, input)?,
             ConvInput::Half(x) => ptr(x, s),
-            ConvInput::E4m3(x) if fp8 => x,
             ConvInput::E4m3(_) => {
                 return Err(Error::Invalid(format!(
                     "features stage {i}: an FP16 plan given E4M3 input"
@@ -942,14 +948,9 @@ impl Fp8Run<'_> {
             }
             (false, _) => ptr(&layer.filter, s),
         };
-        let scale_y = match (plan.form.e4m3_out, self.next) {
-            (false, _) => 0,
-            (true, Some(next)) => ptr(&st.multiplier(next), s),
-            (true, None) => {
-                return Err(Error::Invalid(format!(
-                    "features stage {i}: an E4M3 output with no FP8 conv after it to read it"
-                )))
-            }
+        let scale_y = match plan.form.e4m3_out {
+            true => ptr(&st.multiplier(self.out_scale_stage()?), s),
+            false => 0,
         };
         let p = GraphPtrs {
             x,
