@@ -88,7 +88,7 @@ impl CudaBackend {
             .is_some_and(|m| Arc::ptr_eq(&m.model, model))
         {
             self.model = None;
-            let pack_wg = !self.kernels.conv_wg_builds().is_empty();
+            let pack_wg = self.kernels.has_conv_wg();
             self.model = Some(upload_model(&self.dev, model, pack_wg)?);
         }
         lap(&mut setup, "weights");
@@ -194,7 +194,7 @@ impl CudaBackend {
                 &dm.convs,
                 rows_max,
                 |i| dims[i].in_len(),
-                (self.prefer_fp8, !self.kernels.conv_wg_builds().is_empty()),
+                (self.prefer_fp8, self.kernels.has_conv_wg()),
             )?),
             Precision::Fp16 => None,
         };

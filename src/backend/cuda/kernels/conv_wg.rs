@@ -351,12 +351,9 @@ impl Kernels {
         self.has_wgmma() && build.smem() <= self.limits.conv_smem
     }
 
-    /// The builds of the wgmma conv this device runs.
-    pub fn conv_wg_builds(&self) -> Vec<ConvWgBuild> {
-        ConvWgBuild::ALL
-            .into_iter()
-            .filter(|&b| self.runs_conv_wg(b))
-            .collect()
+    /// Whether this device runs any build of the wgmma conv (its filters are then packed).
+    pub fn has_conv_wg(&self) -> bool {
+        ConvWgBuild::ALL.into_iter().any(|b| self.runs_conv_wg(b))
     }
 
     /// [`conv3x3_wg_launch`], on at most `max_blocks` blocks when given (the device check makes
