@@ -301,11 +301,7 @@ fn compile_program_with(
                 .unwrap_or_default()
         )));
     }
-    let log = if extra.is_empty() {
-        String::new()
-    } else {
-        program_log(&prog)
-    };
+    let log = program_log(&prog);
     if cubin {
         let mut size = 0usize;
         let r = unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog.0, &mut size) };
