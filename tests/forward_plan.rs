@@ -942,7 +942,7 @@ fn masked_forward(
     forms: &[Option<Fp8Forms>],
     sub: Option<usize>,
 ) {
-    let routes = plan::route(forms);
+    let routes = plan::route_preferring(forms, &net.capable);
     let end = net.prefix_end();
     let prefix = sub.map(|rows| Prefix { end, rows });
     let p = plan::features(&net.shape(), MASK_ROWS, prefix, Some(&routes), None).unwrap();
@@ -1075,7 +1075,7 @@ fn e4m3_activations_cross_blocks_1_2() {
         ..Fp8Forms::default()
     };
     let forms = net_forms(&net, [fp16_e4m3, BOTH, BOTH, BOTH, BOTH, BOTH]);
-    let routes = plan::route(&forms);
+    let routes = plan::route_preferring(&forms, &net.capable);
     assert!(routes[..8].iter().all(|r| r.e4m3_out), "{routes:?}");
     for sub in [None, Some(1), Some(2), Some(4)] {
         masked_forward(&net, &mut dev, &scales, &forms, sub);
@@ -1093,7 +1093,7 @@ fn fp16_convs_read_e4m3_dequantized() {
     };
     let fp16 = Fp8Forms::default();
     let forms = net_forms(&net, [fp16, e4m3_only, fp16, e4m3_only, fp16, BOTH]);
-    let routes = plan::route(&forms);
+    let routes = plan::route_preferring(&forms, &net.capable);
     assert!(
         routes[3].dequantizes() && routes[6].dequantizes(),
         "{routes:?}"
@@ -1114,7 +1114,7 @@ fn prefix_plans_match_the_reference() {
         ..Fp8Forms::default()
     };
     let e4m3 = net_forms(&net, [fp16_e4m3, BOTH, BOTH, BOTH, BOTH, BOTH]);
-    for routes in [None, Some(plan::route(&e4m3))] {
+    for routes in [None, Some(plan::route_preferring(&e4m3, &net.capable))] {
         for sub in [None, Some(1), Some(2), Some(4)] {
             let p = plan::prefix(&net.shape(), MASK_ROWS, end, sub, routes.as_deref()).unwrap();
             let x = input(MASK_ROWS, 7, MASK_ROWS);
@@ -1199,7 +1199,7 @@ fn fused_pools_match_the_reference() {
             Fp8Forms::default(),
         ],
     );
-    let fp8_routes = plan::route(&fp8);
+    let fp8_routes = plan::route_preferring(&fp8, &net.capable);
     assert!(
         fp8_routes[4].fp8 && !fp8_routes[4].e4m3_out,
         "stage 4 runs FP8"
@@ -1278,7 +1278,7 @@ fn plans_refuse_what_cannot_run() {
     let net = Net::new();
     let shape = net.shape();
     let forms = net_forms(&net, [Fp8Forms::default(), BOTH, BOTH, BOTH, BOTH, BOTH]);
-    let routes = plan::route(&forms);
+    let routes = plan::route_preferring(&forms, &net.capable);
     // Blocks 1–2 cut after conv stage 4, which writes E4M3 for stage 6.
     let at_conv = Prefix { end: 5, rows: 2 };
     let e = plan::features(&shape, MASK_ROWS, Some(at_conv), Some(&routes), None).unwrap_err();

@@ -19,7 +19,7 @@ use super::conv_direct::{self, DirectKernel, DirectOut, DirectUse};
 use super::cudnn::{self, ActDesc, Candidate, ConvDesc, ConvPlan, ConvPtrs, TensorDesc};
 use super::cudnn_graph::{config_name, ConvGraph, GraphForm, GraphPlan, GraphPtrs, PlanSearch};
 use super::device::{dnn_err, drv_err, gpu_oom, ptr, verbose, Dev};
-use super::forward_plan::{Fp8Forms, StageRoute};
+use super::forward_plan::{ConvCosts, Fp8Forms, StageCosts, StageDims, StageRoute};
 use super::fp8::Fp8State;
 use super::kernels::{ConvPoolVariant, ConvWgBuild, Kernels};
 use super::plan_cache::{self, Choice, PlanCache};
@@ -145,8 +145,8 @@ pub struct PlanChoice {
     pub graph_ms: Option<f32>,
     /// The hand-written conv's time, where it runs ([`super::conv_direct`]).
     pub direct_ms: Option<f32>,
-    /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output, and whether the
-    /// masked forwards may run FP8 here.
+    /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output (its input already
+    /// E4M3), and whether the key has FP8 plans a masked forward's route may run.
     pub fp8_ms: Option<f32>,
     pub fp8: bool,
     /// The fastest plan with an E4M3 output (the next conv's input quantized here: an FP8 conv,
@@ -156,6 +156,9 @@ pub struct PlanChoice {
     /// The hand-written conv's time with an E4M3 output (an FP16 layer before an FP8 one).
     pub direct_e4m3_ms: Option<f32>,
     pub e4m3_out: bool,
+    /// An FP8 layer's input conversion passes, FP16 → E4M3 and E4M3 → FP16 (ms), what the
+    /// route weighs against keeping a conv FP16 or its output E4M3.
+    pub convert_ms: Option<[f32; 2]>,
     /// What runs the kept FP8 forms (a graph-API plan or the wgmma conv), when any is kept.
     pub fp8_algo: Option<String>,
 }
@@ -197,6 +200,12 @@ pub(super) struct ConvPlans {
     pub pass_s: [(&'static str, f64); 3],
     /// The convs tried with their max-pool fused ([`plan_fused_pools`]), kept or not.
     pub fused_pools: Vec<FusedPool>,
+    /// `--precision fp8`, per masked-forward key: what each way of running it costs (ms), the
+    /// input of [`forward_plan::route`].
+    fp8_costs: HashMap<ConvKey, ConvCosts>,
+    /// `--precision fp8`, per (pool stage, rows): the max-pool's ms on FP16 values and on E4M3
+    /// codes ([`time_fp8_passes`]).
+    pool_ms: HashMap<(usize, usize), [f32; 2]>,
 }
 
 impl ConvPlans {
@@ -211,6 +220,27 @@ impl ConvPlans {
             .iter()
             .find(|f| f.stage == stage && f.kept)
             .map(|f| f.variant)
+    }
+
+    /// What running feature stage `stage` at `rows` rows each way costs a forward (ms): a conv's
+    /// forms as timed (the fused conv + pool's saving included, scaled from the batch it was
+    /// timed at), a pool's two formats. None where the tuning left it untimed.
+    pub fn route_costs(&self, stage: usize, rows: usize, conv: bool) -> Option<StageCosts> {
+        if !conv {
+            let [f16, e4m3] = *self.pool_ms.get(&(stage, rows))?;
+            return Some(StageCosts::Pool { f16, e4m3 });
+        }
+        let key = ConvKey {
+            stage,
+            rows,
+            identity: false,
+        };
+        let mut costs = *self.fp8_costs.get(&key)?;
+        if let Some(f) = self.fused_pools.iter().find(|f| f.stage == stage && f.kept) {
+            let saves = (f.conv_ms + f.pool_ms - f.ms).max(0.0);
+            costs.fused_pool_saves = saves * rows as f32 / f.rows as f32;
+        }
+        Some(StageCosts::Conv(costs))
     }
 
     /// The FP8 plans of `key` a forward may run.
@@ -594,21 +624,9 @@ pub(super) fn plan_all(
             .filter(|f| !f.keep_fp16.contains(&key.stage))
             .map(|f| (f.state.filters[key.stage].is_some(), f.next_fp8[key.stage]));
         let fp8_next = fp8_key.filter(|k| k.0).map(|k| k.1);
-        // Its input arrives E4M3 where the conv before it (same rows, planned already: keys run
-        // by stage within a size) keeps an E4M3-output plan; then it is timed without the
-        // quantize pass.
-        let prev = (0..key.stage).rev().find(|&i| convs[i].is_some());
-        let input_e4m3 = fp8_next.is_some()
-            && prev.is_some_and(|p| {
-                let k = ConvKey {
-                    stage: p,
-                    rows: key.rows,
-                    identity: false,
-                };
-                out.fp8_e4m3.contains_key(&k)
-                    || out.fp16_e4m3.contains_key(&k)
-                    || out.direct_e4m3.contains(&k)
-            });
+        // A capable layer's FP8 forms are timed on an input already E4M3 (its quantize pass,
+        // where the route needs one, is timed apart); an FP16 layer's on its FP16 input.
+        let input_e4m3 = fp8_next.is_some();
         let mut f8 = fp8_tuned
             .get(&(shape, input_e4m3))
             .cloned()
@@ -657,13 +675,11 @@ pub(super) fn plan_all(
                 t.direct_ms
             );
         }
-        // Each FP8 form joins the FP16 plan (kept for base forwards and before any scales exist)
-        // when it beats it, or always when FP8 is preferred. A form with an E4M3 output is
-        // credited with the quantize pass it saves the next conv.
-        let prefer_fp8 = fp8.as_ref().is_some_and(|f| f.state.prefer);
+        // Every FP8 form that has a plan joins the FP16 plan (kept for base forwards and before
+        // any scales exist), with its time: which ones a forward runs is the route's choice, the
+        // least time over the whole forward, conversion passes and pools counted
+        // ([`forward_plan::route`], from [`ConvPlans::route_costs`]).
         let prefer_direct = direct == DirectUse::Prefer;
-        let wins = |ms_form: f32, saved: f32| prefer_fp8 || ms.is_none_or(|m| ms_form < m + saved);
-        let mut saved_ms = 0.0;
         if let (Some((capable, next)), Some(f)) = (fp8_key, fp8.as_mut()) {
             // Forms in order until one offers a plan.
             let mut try_forms =
@@ -736,30 +752,10 @@ pub(super) fn plan_all(
             if !capable && next.is_some() && f8.fp16_e4m3.is_none() {
                 f8.fp16_e4m3 = Some(try_forms(&mut arena, f.state, &[GraphForm::FP16_E4M3_OUT])?);
             }
-            let e4m3_form = if capable {
-                let wg = f8.wg_e4m3.flatten();
-                fp8_best(f8.e4m3.clone().flatten(), wg, prefer_direct).map(|p| p.1)
-            } else {
-                [
-                    f8.fp16_e4m3.clone().flatten().map(|p| p.1),
-                    f8.direct_e4m3.flatten(),
-                ]
-                .into_iter()
-                .flatten()
-                .reduce(f32::min)
-            };
-            if let (Some(_), Some(next)) = (e4m3_form, next) {
-                let n = key.rows * dims[next].in_len();
-                saved_ms = quantize_ms(dev, &timer, kernels, f.state, next, n, &arena)?;
-            }
-            // The FP16-output form where there is no E4M3 one, or it loses.
-            let e4m3_wins = e4m3_form
-                .filter(|_| next.is_some())
-                .is_some_and(|m| wins(m, saved_ms));
-            if capable && !e4m3_wins && f8.half.is_none() {
+            if capable && f8.half.is_none() {
                 f8.half = Some(try_forms(&mut arena, f.state, &fp8_forms(false))?);
             }
-            if let (true, false, None) = (wg, e4m3_wins, f8.wg_half) {
+            if let (true, None) = (wg, f8.wg_half) {
                 f8.wg_half = Some(wg_timing(false, f.state, &arena)?);
             }
             fp8_tuned.insert((shape, input_e4m3), f8.clone());
@@ -783,27 +779,46 @@ pub(super) fn plan_all(
         let direct_e4m3 = f8.direct_e4m3.flatten().filter(|_| before_fp8);
         let mut fp8_algo = None;
         type Timed = Option<(Fp8Engine, f32)>;
-        let mut kept = |plans: &mut HashMap<ConvKey, Fp8Engine>, p: &Timed, saved: f32| match p {
-            Some((e, ms_form)) if wins(*ms_form, saved) => {
+        let mut kept = |plans: &mut HashMap<ConvKey, Fp8Engine>, p: &Timed| match p {
+            Some((e, _)) => {
                 ws_used = ws_used.max(e.ws());
                 fp8_algo = Some(e.name());
                 plans.insert(key, e.clone());
                 true
             }
-            _ => false,
+            None => false,
         };
-        let half_kept = kept(&mut out.fp8, &half, 0.0);
-        let e4m3_kept = kept(&mut out.fp8_e4m3, &e4m3, saved_ms);
+        let half_kept = kept(&mut out.fp8, &half);
+        let e4m3_kept = kept(&mut out.fp8_e4m3, &e4m3);
         // An FP16 layer's E4M3 output: the faster of the graph API's and the hand-written conv's
         // (the hand-written one wherever it runs, if preferred) competes.
         let direct_first = direct_e4m3.is_some_and(|d| {
             direct == DirectUse::Prefer || fp16_e4m3.as_ref().is_none_or(|g| d < g.1)
         });
-        let fp16_e4m3_kept = match direct_e4m3.filter(|&d| direct_first && wins(d, saved_ms)) {
-            Some(_) => out.direct_e4m3.insert(key),
-            None => kept(&mut out.fp16_e4m3, &fp16_e4m3, saved_ms),
+        let fp16_e4m3_ms = match direct_e4m3.filter(|_| direct_first) {
+            Some(d) => {
+                out.direct_e4m3.insert(key);
+                Some(d)
+            }
+            None => kept(&mut out.fp16_e4m3, &fp16_e4m3)
+                .then(|| fp16_e4m3.as_ref().map(|p| p.1))
+                .flatten(),
         };
         let fp8_algo = (half_kept || e4m3_kept).then_some(fp8_algo).flatten();
+        // What the route weighs (the conversion passes are timed after: [`time_fp8_passes`]).
+        // Every masked-forward key at an FP8 batch size, FP16-only where it has no FP8 forms.
+        let fp8_rows = fp8.as_ref().is_some_and(|f| f.rows.contains(&key.rows));
+        if let (true, false, Some(fp16)) = (fp8_rows, key.identity, ms) {
+            let costs = ConvCosts {
+                fp16,
+                fp16_e4m3_out: fp16_e4m3_ms,
+                fp8: half.as_ref().map(|p| p.1),
+                fp8_e4m3_out: e4m3.as_ref().map(|p| p.1),
+                convert: None,
+                fused_pool_saves: 0.0,
+            };
+            out.fp8_costs.insert(key, costs);
+        }
         out.choices.push(PlanChoice {
             stage: key.stage,
             rows: key.rows,
@@ -819,7 +834,8 @@ pub(super) fn plan_all(
             fp8: half_kept || e4m3_kept,
             e4m3_out_ms: e4m3.as_ref().or(fp16_e4m3.as_ref()).map(|p| p.1),
             direct_e4m3_ms: direct_e4m3,
-            e4m3_out: e4m3_kept || fp16_e4m3_kept,
+            e4m3_out: e4m3_kept || fp16_e4m3_ms.is_some(),
+            convert_ms: None,
             fp8_algo,
         });
         out.plans.insert(key, planned);
@@ -1177,6 +1193,8 @@ pub(super) fn time_launch(
 #[derive(Clone, Debug)]
 pub(super) struct FusedPool {
     pub stage: usize,
+    /// The batch it was timed at.
+    pub rows: usize,
     /// The fastest build and its time, and each timed build's time (the builds the device runs
     /// and passed its check, in [`ConvPoolVariant::ALL`]'s order).
     pub variant: ConvPoolVariant,
@@ -1266,6 +1284,7 @@ pub(super) fn plan_fused_pools(
         }
         plans.fused_pools.push(FusedPool {
             stage,
+            rows,
             variant,
             ms,
             builds_ms,
@@ -1292,22 +1311,78 @@ fn fused_choice(
     (variant, ms, prefer || ms < apart_ms)
 }
 
-/// Milliseconds of the quantize pass of `n` values of stage `stage`'s input (median of
-/// [`TIMED_RUNS`], on the arena's first buffer: the tuning's random input, which the timed
-/// convolutions only read): what an E4M3 output of the layer before saves.
-fn quantize_ms(
+/// After [`plan_all`], under `--precision fp8`: the passes a route weighs besides the convs, timed
+/// at every masked-forward batch size `rows` on the arena `bufs` (random data) — each FP8
+/// layer's input quantized (FP16 → E4M3) and dequantized (E4M3 → FP16), each max-pool on FP16
+/// values and on E4M3 codes — into the keys' route costs (and their plan choices, for the
+/// report) and `plans.pool_ms`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn time_fp8_passes(
     dev: &Dev,
-    timer: &EventPair,
     kernels: &Kernels,
+    convs: &[Option<DevConv>],
+    dims: &[StageDims],
+    rows: &[usize],
     state: &mut Fp8State,
-    stage: usize,
-    n: usize,
-    arena: &TuneArena<'_>,
-) -> Result<f32> {
-    let x = arena.bufs[0].slice(..n);
-    time_launch(dev, timer, "timing the FP8 quantize pass", || {
-        state.quantize_input(kernels, &dev.stream, stage, &x)
-    })
+    bufs: &mut [CudaSlice<f16>; 2],
+    plans: &mut ConvPlans,
+) -> Result<()> {
+    let timer = EventPair::new(dev)?;
+    for &r in rows {
+        for (stage, d) in dims.iter().enumerate() {
+            let [bx, by] = &mut *bufs;
+            if convs[stage].is_none() {
+                // The pool's input is the conv's output before it: the arena holds it either way.
+                let (n, m) = (r * d.in_len(), r * d.out_len());
+                let op = format!("timing the max-pool of stage {stage} (batch {r})");
+                let f16_ms = time_launch(dev, &timer, &op, || {
+                    let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
+                    kernels.maxpool2(&dev.stream, &x, r, d.in_h, d.in_w, d.in_c, &mut y)
+                })?;
+                let e4m3_ms = time_launch(dev, &timer, &op, || {
+                    let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
+                    // SAFETY: the first n (m) bytes of buffers of n (m) FP16 values; any byte is
+                    // a valid u8.
+                    let (x, mut y) = unsafe { (x.transmute::<u8>(n), y.transmute_mut::<u8>(m)) };
+                    let (Some(x), Some(y)) = (x, y.as_mut()) else {
+                        return Err(Error::Invalid(format!("{op}: the arena is too small")));
+                    };
+                    kernels.maxpool2_e4m3(&dev.stream, &x, r, d.in_h, d.in_w, d.in_c, y)
+                })?;
+                plans.pool_ms.insert((stage, r), [f16_ms, e4m3_ms]);
+                continue;
+            }
+            let key = ConvKey {
+                stage,
+                rows: r,
+                identity: false,
+            };
+            if state.filters[stage].is_none() || !plans.fp8_costs.contains_key(&key) {
+                continue;
+            }
+            let n = r * d.in_len();
+            let op = format!("timing the FP8 conversion passes of stage {stage} (batch {r})");
+            let quantize = time_launch(dev, &timer, &op, || {
+                state.quantize_input(kernels, &dev.stream, stage, &bx.slice(..n))
+            })?;
+            let dequantize = time_launch(dev, &timer, &op, || {
+                let codes = state.x8.slice(..n);
+                let mut y = by.slice_mut(..n);
+                let m = state.multiplier(stage);
+                kernels.dequantize_e4m3(&dev.stream, &codes, n, &m, &mut y)
+            })?;
+            let convert = [quantize, dequantize];
+            if let Some(c) = plans.fp8_costs.get_mut(&key) {
+                c.convert = Some(convert);
+            }
+            for c in plans.choices.iter_mut() {
+                if (c.stage, c.rows, c.identity) == (stage, r, false) {
+                    c.convert_ms = Some(convert);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Build the graph of `rows` rows of `layer` (stage geometry `d`) in `form` — conv+bias+ReLU in
@@ -1949,6 +2024,7 @@ impl ConvRun<'_> {
                         e4m3_out_ms: None,
                         direct_e4m3_ms: None,
                         e4m3_out: false,
+                        convert_ms: None,
                         fp8_algo: None,
                     });
                     self.plans.plans.insert(

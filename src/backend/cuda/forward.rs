@@ -17,7 +17,8 @@ use super::conv_direct;
 use super::cudnn::{self, ActDesc};
 use super::device::{blas_err, drv_err, ptr, verbose, Dev};
 use super::forward_plan::{
-    self, Buf, CaptureAt, FeaturePlan, Format, PlanShape, Prefix, Span, StageRoute, Step,
+    self, Buf, CaptureAt, ConvCosts, FeaturePlan, Format, PlanShape, Prefix, Span, StageCosts,
+    StageRoute, Step,
 };
 use super::kernels::Kernels;
 use super::profile::LayerEvents;
@@ -623,34 +624,75 @@ impl Prepared {
     }
 
     /// The route of a masked forward of `rows` rows under `--precision fp8` once scales exist
-    /// (None: every stage FP16): which convs run FP8 and where activations stay E4M3, from the
-    /// FP8 plans of the keys this forward runs (blocks 1–2 at the `prefix` sub-batch size).
+    /// (None: every stage FP16): which convs run FP8 and where activations stay E4M3 — the one
+    /// that costs least in all by the tuning's timings ([`forward_plan::route`]), or FP8 wherever
+    /// a plan exists when FP8 is preferred — and its cost (ms, with that of every stage run
+    /// FP16 beside it; None when preferred or a stage went untimed).
+    pub(super) fn fp8_routes_costed(
+        &self,
+        model: &Vgg,
+        rows: usize,
+        prefix: Option<Prefix>,
+    ) -> Option<(Vec<StageRoute>, Option<[f32; 2]>)> {
+        let f = self.fp8.as_ref().filter(|f| f.ready)?;
+        // Blocks 1–2 run at the sub-batch size, rows / sub times.
+        let at = |stage: usize| match prefix {
+            Some(p) if stage < p.end => (p.rows, (rows / p.rows) as f32),
+            _ => (rows, 1.0),
+        };
+        let capable: Vec<bool> = f.filters.iter().map(Option::is_some).collect();
+        let is_conv = |stage: usize| matches!(model.features[stage], FeatureStage::Conv(_));
+        let n = model.features.len();
+        if f.prefer {
+            let forms: Vec<_> = (0..n)
+                .map(|stage| {
+                    is_conv(stage).then(|| {
+                        let (rows, _) = at(stage);
+                        self.convs.fp8_forms(ConvKey {
+                            stage,
+                            rows,
+                            identity: false,
+                        })
+                    })
+                })
+                .collect();
+            return Some((forward_plan::route_preferring(&forms, &capable), None));
+        }
+        // A stage the tuning left untimed (a plan made on first use, a sub-batch off the
+        // ladder) runs FP16, its input never E4M3.
+        let mut complete = true;
+        let costs: Vec<StageCosts> = (0..n)
+            .map(|stage| {
+                let (rows, times) = at(stage);
+                match self.convs.route_costs(stage, rows, is_conv(stage)) {
+                    Some(c) => c.times(times),
+                    None => {
+                        complete = false;
+                        match is_conv(stage) {
+                            true => StageCosts::Conv(ConvCosts::default()),
+                            false => StageCosts::Pool {
+                                f16: 0.0,
+                                e4m3: 0.0,
+                            },
+                        }
+                    }
+                }
+            })
+            .collect();
+        let (routes, ms) = forward_plan::route(&costs);
+        Some((
+            routes,
+            complete.then(|| [ms, forward_plan::fp16_cost(&costs)]),
+        ))
+    }
+
+    /// [`Prepared::fp8_routes_costed`]'s routes.
     pub(super) fn fp8_routes(
         &self,
         model: &Vgg,
         rows: usize,
         prefix: Option<Prefix>,
     ) -> Option<Vec<StageRoute>> {
-        self.fp8.as_ref().filter(|f| f.ready)?;
-        let forms: Vec<_> = model
-            .features
-            .iter()
-            .enumerate()
-            .map(|(stage, f)| {
-                if !matches!(f, FeatureStage::Conv(_)) {
-                    return None;
-                }
-                let rows = match prefix {
-                    Some(p) if stage < p.end => p.rows,
-                    _ => rows,
-                };
-                Some(self.convs.fp8_forms(ConvKey {
-                    stage,
-                    rows,
-                    identity: false,
-                }))
-            })
-            .collect();
-        Some(forward_plan::route(&forms))
+        self.fp8_routes_costed(model, rows, prefix).map(|r| r.0)
     }
 }

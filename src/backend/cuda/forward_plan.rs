@@ -125,39 +125,190 @@ pub struct Fp8Forms {
     pub fp16_e4m3_out: bool,
 }
 
-/// The route of one forward's feature stages, from the FP8 plans each conv key has (`None`:
-/// a pool). A conv with an FP8 plan runs FP8. It writes E4M3 (its E4M3-output form, which
-/// exists only where the next conv may run FP8) when the next conv runs FP8, or when it has no
-/// FP16-output form; a next conv that then runs FP16 reads its input dequantized (it sees the
-/// E4M3-rounded values an FP8 conv would). An FP16 conv with an E4M3-output plan writes E4M3
-/// when the next conv runs FP8. The last conv's output, which the head reads, stays FP16.
-pub fn route(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
-    let n = forms.len();
-    let mut routes = vec![StageRoute::default(); n];
-    // Backwards: the next conv and whether it runs FP8.
-    let mut next: Option<(usize, bool)> = None;
-    for i in (0..n).rev() {
-        let Some(f) = forms[i] else { continue };
-        let r = &mut routes[i];
-        r.conv = true;
-        r.next = next.map(|(j, _)| j);
-        let next_fp8 = next.is_some_and(|(_, fp8)| fp8);
-        r.e4m3_out = f.e4m3_out && next.is_some() && (next_fp8 || !f.half_out);
-        r.fp8 = f.half_out || r.e4m3_out;
-        // An FP16 conv's E4M3 output.
-        r.e4m3_out |= !r.fp8 && f.fp16_e4m3_out && next_fp8;
-        next = Some((i, r.fp8));
-    }
-    // Forwards: the format each stage reads; pools pass theirs on.
-    let mut e4m3 = false;
-    for (i, r) in routes.iter_mut().enumerate() {
-        r.e4m3_in = e4m3;
-        if forms[i].is_none() {
-            r.e4m3_out = e4m3;
+impl Fp8Forms {
+    /// Costs that make [`route`] run FP8 wherever a form exists, then keep activations E4M3
+    /// between FP8 convs (FP8 preferred, and tests of the routes): an FP8 conv costs nothing, an
+    /// FP16 conv 3, a conversion pass 1 (so an FP8 conv beats an FP16 one even with a pass on
+    /// each side, and writing E4M3 beats a quantize pass). `capable`: the conv has FP8 filters
+    /// (its input is measured, so it may arrive E4M3).
+    pub fn preferred_costs(self, capable: bool) -> ConvCosts {
+        let free = |has: bool| has.then_some(0.0);
+        ConvCosts {
+            fp16: 3.0,
+            fp16_e4m3_out: self.fp16_e4m3_out.then_some(3.0),
+            fp8: free(self.half_out),
+            fp8_e4m3_out: free(self.e4m3_out),
+            convert: capable.then_some([1.0, 1.0]),
+            fused_pool_saves: 0.0,
         }
-        e4m3 = r.e4m3_out;
     }
-    routes
+}
+
+/// What each way of running one conv stage costs a forward, in milliseconds as the tuning timed
+/// them (any unit that adds up will do). `None`: no such plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ConvCosts {
+    /// FP16 in and out (always possible).
+    pub fp16: f32,
+    /// FP16 conv, E4M3 out at the next conv's multiplier.
+    pub fp16_e4m3_out: Option<f32>,
+    /// FP8 conv (E4M3 in, already quantized), FP16 out.
+    pub fp8: Option<f32>,
+    /// FP8 conv, E4M3 out.
+    pub fp8_e4m3_out: Option<f32>,
+    /// The passes that convert its input: FP16 → E4M3 before an FP8 run, E4M3 → FP16 before
+    /// an FP16 one. None where the input can never be E4M3 (no FP8 filters: no measured scale).
+    pub convert: Option<[f32; 2]>,
+    /// What running it with the max-pool after it as one kernel saves (FP16 in and out, where
+    /// that kernel was kept).
+    pub fused_pool_saves: f32,
+}
+
+/// What running one feature stage costs in each way (see [`route`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StageCosts {
+    Conv(ConvCosts),
+    /// A 2×2 max-pool on FP16 values, on E4M3 codes.
+    Pool {
+        f16: f32,
+        e4m3: f32,
+    },
+}
+
+impl StageCosts {
+    /// The costs of running it `k` times (a stage of blocks 1–2 run in sub-batches).
+    pub fn times(self, k: f32) -> StageCosts {
+        let x = |v: Option<f32>| v.map(|v| v * k);
+        match self {
+            StageCosts::Pool { f16, e4m3 } => StageCosts::Pool {
+                f16: f16 * k,
+                e4m3: e4m3 * k,
+            },
+            StageCosts::Conv(c) => StageCosts::Conv(ConvCosts {
+                fp16: c.fp16 * k,
+                fp16_e4m3_out: x(c.fp16_e4m3_out),
+                fp8: x(c.fp8),
+                fp8_e4m3_out: x(c.fp8_e4m3_out),
+                convert: c.convert.map(|[q, d]| [q * k, d * k]),
+                fused_pool_saves: c.fused_pool_saves * k,
+            }),
+        }
+    }
+}
+
+/// What every stage run FP16 costs (the fused conv + pool's savings counted): the route
+/// [`route`] never does worse than.
+pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
+    stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            StageCosts::Pool { f16, .. } => *f16,
+            StageCosts::Conv(c) => {
+                let pooled = matches!(stages.get(i + 1), Some(StageCosts::Pool { .. }));
+                c.fp16 - if pooled { c.fused_pool_saves } else { 0.0 }
+            }
+        })
+        .sum()
+}
+
+/// The route of one forward's feature stages that costs least in all, by dynamic programming
+/// over the two formats an activation can have between stages (FP16, or E4M3 at the next conv's
+/// multiplier). Each conv runs FP16 or FP8 and writes either format where it has such a plan;
+/// an input in the other format costs its conversion pass; a pool keeps its input's format at
+/// that format's cost; an FP16 conv + pool on FP16 may save the fused kernel's time. An E4M3
+/// activation only enters a conv that has FP8 filters (its scale is measured), and the features
+/// end FP16 (the head reads them). Returns the routes and their total cost; ties keep FP16.
+pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
+    const F16: usize = 0;
+    const E4M3: usize = 1;
+    // A choice at one stage: (format in, format out, runs FP8).
+    type Choice = (usize, usize, bool);
+    let n = stages.len();
+    // best[b][format]: the least cost to reach boundary b (before stage b) in that format, and
+    // the choice at stage b − 1 that got there.
+    let mut best: Vec<[Option<(f32, Choice)>; 2]> = vec![[None, None]; n + 1];
+    best[0][F16] = Some((0.0, (F16, F16, false)));
+    for (i, stage) in stages.iter().enumerate() {
+        for fin in [F16, E4M3] {
+            let Some((at, _)) = best[i][fin] else {
+                continue;
+            };
+            let mut offer = |fout: usize, fp8: bool, cost: f32| {
+                let total = at + cost;
+                let slot = &mut best[i + 1][fout];
+                if slot.is_none_or(|(c, _)| total < c) {
+                    *slot = Some((total, (fin, fout, fp8)));
+                }
+            };
+            match *stage {
+                StageCosts::Pool { f16, e4m3 } => offer(fin, false, [f16, e4m3][fin]),
+                StageCosts::Conv(c) => {
+                    if fin == E4M3 && c.convert.is_none() {
+                        continue;
+                    }
+                    let [quantize, dequantize] = c.convert.unwrap_or([0.0; 2]);
+                    let into_fp16 = if fin == E4M3 { dequantize } else { 0.0 };
+                    let into_fp8 = if fin == F16 { quantize } else { 0.0 };
+                    let pooled_next = matches!(stages.get(i + 1), Some(StageCosts::Pool { .. }));
+                    let fused = if fin == F16 && pooled_next {
+                        c.fused_pool_saves
+                    } else {
+                        0.0
+                    };
+                    offer(F16, false, into_fp16 + c.fp16 - fused);
+                    if let Some(ms) = c.fp16_e4m3_out {
+                        offer(E4M3, false, into_fp16 + ms);
+                    }
+                    if let Some(ms) = c.fp8 {
+                        offer(F16, true, into_fp8 + ms);
+                    }
+                    if let Some(ms) = c.fp8_e4m3_out {
+                        offer(E4M3, true, into_fp8 + ms);
+                    }
+                }
+            }
+        }
+    }
+    // Back from the FP16 end.
+    let mut routes = vec![StageRoute::default(); n];
+    let total = best[n][F16].map_or(0.0, |(c, _)| c);
+    let mut format = F16;
+    for i in (0..n).rev() {
+        let (_, (fin, fout, fp8)) = best[i + 1][format].expect("a reached state has a choice");
+        let r = &mut routes[i];
+        r.conv = matches!(stages[i], StageCosts::Conv(_));
+        r.fp8 = fp8;
+        r.e4m3_in = fin == E4M3;
+        r.e4m3_out = fout == E4M3;
+        format = fin;
+    }
+    // The next conv of each conv: the multiplier its E4M3 output is at.
+    let mut next = None;
+    for (i, r) in routes.iter_mut().enumerate().rev() {
+        if r.conv {
+            r.next = next;
+            next = Some(i);
+        }
+    }
+    (routes, total)
+}
+
+/// [`route`] with every conv's [`Fp8Forms::preferred_costs`] (pools cost nothing): FP8
+/// wherever a plan exists. `capable`: per stage, the conv has FP8 filters.
+pub fn route_preferring(forms: &[Option<Fp8Forms>], capable: &[bool]) -> Vec<StageRoute> {
+    let stages: Vec<StageCosts> = forms
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match f {
+            Some(f) => StageCosts::Conv(f.preferred_costs(capable.get(i) == Some(&true))),
+            None => StageCosts::Pool {
+                f16: 0.0,
+                e4m3: 0.0,
+            },
+        })
+        .collect();
+    route(&stages).0
 }
 
 /// Whether stages `stage` and `stage + 1` both run FP16 under `routes` (None: every stage does):
@@ -621,6 +772,244 @@ mod tests {
     const FP16_E4M3: Option<Fp8Forms> = forms(false, false, true);
     const POOL: Option<Fp8Forms> = None;
 
+    fn conv(
+        fp16: f32,
+        fp8: Option<f32>,
+        fp8_e4m3_out: Option<f32>,
+        convert: [f32; 2],
+    ) -> StageCosts {
+        StageCosts::Conv(ConvCosts {
+            fp16,
+            fp16_e4m3_out: None,
+            fp8,
+            fp8_e4m3_out,
+            convert: Some(convert),
+            fused_pool_saves: 0.0,
+        })
+    }
+
+    const fn pool(f16: f32, e4m3: f32) -> StageCosts {
+        StageCosts::Pool { f16, e4m3 }
+    }
+
+    /// The cost of `routes` over `stages` counted stage by stage, or None where the routes are
+    /// not a valid forward (a plan missing, E4M3 into a conv without FP8 filters, formats that
+    /// do not chain, the features ending E4M3): the check of [`route`]'s search.
+    fn cost_of(stages: &[StageCosts], routes: &[StageRoute]) -> Option<f32> {
+        let mut e4m3 = false;
+        let mut total = 0.0;
+        for (i, (s, r)) in stages.iter().zip(routes).enumerate() {
+            if r.e4m3_in != e4m3 {
+                return None;
+            }
+            total += match *s {
+                StageCosts::Pool { f16, e4m3: e } => {
+                    if r.fp8 || r.e4m3_out != r.e4m3_in {
+                        return None;
+                    }
+                    if e4m3 {
+                        e
+                    } else {
+                        f16
+                    }
+                }
+                StageCosts::Conv(c) => {
+                    let [q, d] = match (c.convert, e4m3) {
+                        (None, true) => return None,
+                        (convert, _) => convert.unwrap_or([0.0; 2]),
+                    };
+                    let form = match (r.fp8, r.e4m3_out) {
+                        (false, false) => Some(c.fp16),
+                        (false, true) => c.fp16_e4m3_out,
+                        (true, false) => c.fp8,
+                        (true, true) => c.fp8_e4m3_out,
+                    }?;
+                    let convert = match (r.fp8, e4m3) {
+                        (true, false) => q,
+                        (false, true) => d,
+                        _ => 0.0,
+                    };
+                    let fused = !r.fp8 && !e4m3 && !r.e4m3_out;
+                    let pooled = matches!(stages.get(i + 1), Some(StageCosts::Pool { .. }));
+                    form + convert
+                        - if fused && pooled {
+                            c.fused_pool_saves
+                        } else {
+                            0.0
+                        }
+                }
+            };
+            e4m3 = r.e4m3_out;
+        }
+        (!e4m3).then_some(total)
+    }
+
+    /// Every route over `stages`: each conv one of its four ways, pools passing formats on.
+    fn every_route(stages: &[StageCosts]) -> Vec<Vec<StageRoute>> {
+        let mut all = vec![Vec::new()];
+        for s in stages {
+            let mut next = Vec::new();
+            for r in &all {
+                let e4m3_in = r.last().is_some_and(|x: &StageRoute| x.e4m3_out);
+                let ways: &[(bool, bool)] = match s {
+                    StageCosts::Pool { .. } => &[(false, e4m3_in)],
+                    StageCosts::Conv(_) => {
+                        &[(false, false), (false, true), (true, false), (true, true)]
+                    }
+                };
+                for &(fp8, e4m3_out) in ways {
+                    let mut r = r.clone();
+                    r.push(StageRoute {
+                        conv: matches!(s, StageCosts::Conv(_)),
+                        fp8,
+                        e4m3_in,
+                        e4m3_out,
+                        next: None,
+                    });
+                    next.push(r);
+                }
+            }
+            all = next;
+        }
+        all
+    }
+
+    #[test]
+    fn the_route_runs_fp8_only_where_it_pays_over_the_whole_forward() {
+        // The H200 run's timings at 256 rows (gpu-check-2026-11-29.json): conv1_1 writing E4M3
+        // took 2.88 ms against 1.69 FP16; conv2_1 ran FP8 in 1.17 ms against 0.74 FP16; the
+        // conversions are bandwidth estimates. The old rule (each form against the FP16 plan
+        // plus the quantize pass it saves) ran both FP8; the whole forward's sum does not.
+        let conv1_1 = StageCosts::Conv(ConvCosts {
+            fp16: 1.69,
+            fp16_e4m3_out: Some(2.88),
+            ..ConvCosts::default()
+        });
+        let stages = [
+            conv1_1,
+            conv(1.96, Some(1.86), Some(1.86), [0.7, 0.5]),
+            pool(0.49, 0.38),
+            conv(0.74, Some(1.18), Some(1.17), [0.17, 0.12]),
+            conv(1.34, Some(1.18), Some(1.19), [0.35, 0.25]),
+            pool(0.25, 0.2),
+        ];
+        let (r, ms) = route(&stages);
+        // conv1_1: FP16 out, a quantize pass is cheaper than its E4M3 plan; conv1_2: FP8 saves
+        // 0.1 ms, its input's quantize pass costs 0.7; conv2_1: FP8 is slower; conv2_2: FP8
+        // (1.18 + 0.35 quantize) does not beat 1.34 either…
+        assert!(r.iter().all(|s| !s.fp8 && !s.e4m3_out), "{r:?}");
+        assert!((ms - fp16_cost(&stages)).abs() < 1e-4, "{ms}");
+        // … until FP8 is faster by more than the quantize pass.
+        let mut cheaper = stages;
+        cheaper[4] = conv(1.34, Some(0.9), Some(0.9), [0.35, 0.25]);
+        let (r, ms) = route(&cheaper);
+        assert!(r[4].fp8 && !r[4].e4m3_in && !r[4].e4m3_out, "{r:?}");
+        assert!((ms - (fp16_cost(&cheaper) - 1.34 + 0.9 + 0.35)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn activations_stay_e4m3_where_the_conversions_cost_more_than_they_save() {
+        // The third conv alone is slower in FP8 (1.0 + 0.1 quantize against 0.9), but running
+        // it FP8 with an E4M3 output spares the fourth's quantize pass (0.3).
+        let stages = [
+            conv(1.0, Some(1.0), Some(1.0), [0.4, 0.3]),
+            pool(0.2, 0.15),
+            conv(0.9, Some(1.0), Some(1.0), [0.1, 0.1]),
+            conv(2.0, Some(1.0), Some(1.0), [0.3, 0.3]),
+        ];
+        let (r, _) = route(&stages);
+        let runs: Vec<(bool, bool, bool)> =
+            r.iter().map(|s| (s.fp8, s.e4m3_in, s.e4m3_out)).collect();
+        assert_eq!(
+            runs,
+            [
+                (false, false, false),
+                (false, false, false),
+                (true, false, true), // quantizes (0.1), writes E4M3 for the next
+                (true, true, false),
+            ]
+        );
+        assert_eq!(r[2].next, Some(3));
+    }
+
+    #[test]
+    fn a_kept_fused_pool_keeps_its_conv_fp16() {
+        let mut stages = [
+            conv(1.0, Some(0.8), Some(0.8), [0.1, 0.1]),
+            pool(0.5, 0.4),
+            conv(1.0, Some(1.0), None, [0.1, 0.1]),
+        ];
+        assert!(route(&stages).0[0].fp8);
+        // The fused kernel saves more than FP8 does.
+        if let StageCosts::Conv(c) = &mut stages[0] {
+            c.fused_pool_saves = 0.45;
+        }
+        let (r, ms) = route(&stages);
+        assert!(!r[0].fp8 && !r[0].e4m3_out, "{r:?}");
+        assert!((ms - (1.0 + 0.5 - 0.45 + 1.0)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_route_is_the_cheapest_valid_one() {
+        // Random stage lists and costs, some forms missing, some convs without FP8 filters:
+        // the search's route is valid, costs what it says, and no route costs less.
+        struct Lcg(u64);
+        impl Lcg {
+            fn below(&mut self, n: u32) -> u32 {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (self.0 >> 33) as u32 % n
+            }
+            fn ms(&mut self) -> f32 {
+                0.1 + self.below(1000) as f32 / 500.0
+            }
+            /// A time, or none with probability p / 4.
+            fn maybe(&mut self, p: u32) -> Option<f32> {
+                (self.below(4) >= p).then(|| self.ms())
+            }
+        }
+        let mut g = Lcg(0x5EED);
+        for case in 0..400 {
+            let n = 1 + g.below(7) as usize;
+            let stages: Vec<StageCosts> = (0..n)
+                .map(|i| {
+                    if i > 0 && g.below(3) == 0 {
+                        return pool(g.ms(), g.ms());
+                    }
+                    let capable = g.below(4) != 0;
+                    StageCosts::Conv(ConvCosts {
+                        fp16: g.ms(),
+                        fp16_e4m3_out: g.maybe(2),
+                        fp8: g.maybe(1).filter(|_| capable),
+                        fp8_e4m3_out: g.maybe(1).filter(|_| capable),
+                        convert: capable.then(|| [g.ms() / 4.0, g.ms() / 4.0]),
+                        fused_pool_saves: if g.below(3) == 0 { g.ms() / 4.0 } else { 0.0 },
+                    })
+                })
+                .collect();
+            let (r, ms) = route(&stages);
+            let got = cost_of(&stages, &r).unwrap_or_else(|| panic!("case {case}: invalid {r:?}"));
+            assert!((got - ms).abs() < 1e-3, "case {case}: {got} against {ms}");
+            assert!(ms <= fp16_cost(&stages) + 1e-4, "case {case}");
+            for other in every_route(&stages) {
+                if let Some(c) = cost_of(&stages, &other) {
+                    assert!(ms <= c + 1e-3, "case {case}: {other:?} costs {c} < {ms}");
+                }
+            }
+            for (i, s) in r.iter().enumerate() {
+                let next_conv = (i + 1..n).find(|&j| r[j].conv);
+                assert_eq!(s.next, if s.conv { next_conv } else { None }, "case {case}");
+            }
+        }
+    }
+
+    /// The preferring route with every conv capable.
+    fn preferring(forms: &[Option<Fp8Forms>]) -> Vec<StageRoute> {
+        route_preferring(forms, &vec![true; forms.len()])
+    }
+
     fn summary(r: &[StageRoute]) -> Vec<(bool, bool, bool)> {
         r.iter().map(|s| (s.fp8, s.e4m3_in, s.e4m3_out)).collect()
     }
@@ -628,7 +1017,7 @@ mod tests {
     #[test]
     fn activations_stay_e4m3_between_fp8_convs_and_through_pools() {
         // conv(FP16) conv pool conv conv pool → head
-        let r = route(&[FP16, BOTH, POOL, BOTH, BOTH, POOL]);
+        let r = preferring(&[FP16, BOTH, POOL, BOTH, BOTH, POOL]);
         assert_eq!(
             summary(&r),
             [
@@ -649,7 +1038,7 @@ mod tests {
     #[test]
     fn an_fp16_conv_writes_e4m3_only_for_an_fp8_conv() {
         // conv(FP16, E4M3 out) conv pool conv: the first conv quantizes for the second.
-        let r = route(&[FP16_E4M3, BOTH, POOL, HALF]);
+        let r = preferring(&[FP16_E4M3, BOTH, POOL, HALF]);
         assert_eq!(
             summary(&r),
             [
@@ -661,7 +1050,7 @@ mod tests {
         );
         assert!(r.iter().all(|s| !s.dequantizes()));
         // Before an FP16 conv it writes FP16.
-        let r = route(&[FP16_E4M3, FP16, HALF]);
+        let r = preferring(&[FP16_E4M3, FP16, HALF]);
         assert_eq!(
             summary(&r),
             [
@@ -676,7 +1065,7 @@ mod tests {
     fn an_fp16_conv_after_an_e4m3_only_conv_reads_its_input_dequantized() {
         // The last conv has no FP8 plan here (say cuDNN refused its FP16-output form): the conv
         // before still runs FP8, writing E4M3, and the last one dequantizes its input.
-        let r = route(&[BOTH, E4M3, FP16]);
+        let r = preferring(&[BOTH, E4M3, FP16]);
         assert_eq!(
             summary(&r),
             [
@@ -687,7 +1076,7 @@ mod tests {
         );
         assert!(r[2].dequantizes() && !r[1].dequantizes());
         // With both forms it writes FP16 for an FP16 next conv instead (no dequantize pass).
-        let r = route(&[BOTH, POOL, BOTH, FP16]);
+        let r = preferring(&[BOTH, POOL, BOTH, FP16]);
         assert_eq!(
             summary(&r),
             [
@@ -698,7 +1087,7 @@ mod tests {
             ]
         );
         // An E4M3-only last conv has no reader: it runs FP16 (its plan exists only with a next).
-        let r = route(&[BOTH, E4M3]);
+        let r = preferring(&[BOTH, E4M3]);
         assert_eq!(summary(&r), [(true, false, false), (false, false, false)]);
         // Every E4M3 output has a conv reading it, every conv reading E4M3 runs FP8 or
         // dequantizes, and the head reads FP16.
@@ -709,7 +1098,7 @@ mod tests {
             vec![E4M3, FP16, E4M3, POOL, HALF, E4M3, E4M3, FP16, POOL],
             vec![FP16_E4M3, E4M3, FP16_E4M3, POOL, E4M3, FP16_E4M3, HALF],
         ] {
-            let r = route(&forms);
+            let r = preferring(&forms);
             for (i, s) in r.iter().enumerate() {
                 assert_eq!(s.conv, forms[i].is_some());
                 if s.dequantizes() {

@@ -6,10 +6,11 @@
 //! kernel turns the amaxes into the multipliers and descales the masked forwards read from
 //! device memory (so captured CUDA graphs stay valid).
 //!
-//! Between two FP8 convs the activations stay E4M3 where cuDNN offers the E4M3-output form
-//! ([`route`](super::forward_plan::route)): the first conv quantizes its own output at the second's multiplier, the max-pool
-//! between works on the codes, and no quantize pass runs. Elsewhere an FP8 conv's FP16 input is
-//! quantized by a kernel into [`Fp8State::x8`] first.
+//! Which convs run FP8, and where activations stay E4M3 between them, is the cheapest route by
+//! the tuning's timings ([`route`](super::forward_plan::route)): an E4M3 output is written at
+//! the next conv's multiplier, the max-pool between works on the codes, and no quantize pass
+//! runs. Elsewhere an FP8 conv's FP16 input is quantized by a kernel into [`Fp8State::x8`]
+//! first.
 
 use std::sync::Arc;
 

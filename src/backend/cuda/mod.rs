@@ -1104,7 +1104,10 @@ impl Backend for CudaBackend {
         let Some(p) = self.prep.as_ref() else {
             return serde_json::Value::Null;
         };
-        let routes = self.masked_routes(p.plan.max_masks);
+        let rows = p.plan.max_masks;
+        let costed = (self.model.as_ref())
+            .and_then(|m| p.fp8_routes_costed(&m.model, rows, p.prefix_for(rows)));
+        let routes = costed.as_ref().map(|c| c.0.clone());
         let plans: Vec<serde_json::Value> = p
             .convs
             .choices()
@@ -1126,6 +1129,7 @@ impl Backend for CudaBackend {
                     "direct_e4m3_ms": c.direct_e4m3_ms,
                     "fp8": c.fp8,
                     "e4m3_out": c.e4m3_out,
+                    "convert_ms": c.convert_ms,
                     "fp8_algo": c.fp8_algo,
                 })
             })
@@ -1139,6 +1143,12 @@ impl Backend for CudaBackend {
             // How a full mask batch's forward runs under `--precision fp8` (null before a base
             // forward, or in FP16).
             "fp8_route": routes.as_deref().map(Fp8Route::of),
+            // What the tuning's timings sum to for that forward's features: the route's and
+            // every stage FP16 (null when FP8 is preferred or a stage went untimed).
+            "fp8_route_cost_ms": costed.and_then(|c| c.1).map(|[route, fp16]| json!({
+                "route": route,
+                "all_fp16": fp16,
+            })),
             "graph_api_skipped_over_budget": p.convs.graph_skipped,
             "graph_api_left_to_hand_written_conv": p.convs.graph_left_to_direct,
             // Graph-API plan choices remembered between runs (see plan_cache.rs).

@@ -245,6 +245,19 @@ impl CudaBackend {
             &mut convs,
         )?;
         lap(&mut setup, "fused conv + pool timing");
+        if let Some(state) = fp8.as_mut() {
+            conv::time_fp8_passes(
+                dev,
+                &self.kernels,
+                &dm.convs,
+                &dims,
+                masks.sizes(),
+                state,
+                &mut bufs,
+                &mut convs,
+            )?;
+            lap(&mut setup, "FP8 conversion and pool timing");
+        }
         // A cache that cannot be written costs the next run its plan search, nothing more.
         self.plan_cache_error = self.plan_cache.save().err();
         if let (Some(e), true) = (&self.plan_cache_error, verbose()) {
