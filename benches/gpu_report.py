@@ -522,6 +522,10 @@ def assess_targets(r):
                 "stages_ms_per_image": e.get("stages_ms_per_image"),
                 "layers": where_time_goes(e, pk),
             }
+            b = e.get("backend")
+            cost = b.get("fp8_route_cost_ms") if isinstance(b, dict) else None
+            if prec == "fp8" and isinstance(cost, dict):
+                out["where_time_goes_fp8"]["route_cost_ms"] = cost
     return out
 
 
@@ -786,6 +790,11 @@ def target_lines(tg):
         L.append("")
         L.append("%s misses its speed target; the largest layers of one mask batch's forward: %s." % (
             prec.upper(), "; ".join(parts) or "(no per-layer figures)"))
+        cost = w.get("route_cost_ms")
+        if isinstance(cost, dict) and _float(cost.get("route")) and _float(cost.get("all_fp16")):
+            L.append("")
+            L.append("The FP8 route's features, as the set-up timings sum them for one mask batch: "
+                     "%.3f ms, against %.3f ms all FP16." % (_float(cost["route"]), _float(cost["all_fp16"])))
     return L
 
 
