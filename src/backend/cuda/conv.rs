@@ -752,7 +752,11 @@ pub(super) fn plan_all(
             if !capable && next.is_some() && f8.fp16_e4m3.is_none() {
                 f8.fp16_e4m3 = Some(try_forms(&mut arena, f.state, &[GraphForm::FP16_E4M3_OUT])?);
             }
-            if capable && f8.half.is_none() {
+            // The graph API's FP16-output form only where there is no E4M3 one (no next conv
+            // that may run FP8, or no plan): elsewhere it would spare a route only the
+            // dequantize pass of an FP16 next conv, not worth the search time it takes from
+            // the other layers' FP8 plans (the budget ran out in the H200 run).
+            if capable && f8.half.is_none() && f8.e4m3.as_ref().is_none_or(Option::is_none) {
                 f8.half = Some(try_forms(&mut arena, f.state, &fp8_forms(false))?);
             }
             if let (true, None) = (wg, f8.wg_half) {
