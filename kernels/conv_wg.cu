@@ -4,8 +4,8 @@
 // a multiple of the build's N (128 or 256). x [n, h, w, cin], y [n, h, w, cout].
 // conv3x3_wg_pool_n128 / _n256: the same followed by the 2×2 max-pool (VGG's block ends), only
 // the pooled quarter written, [n, h/2, w/2, cout].
-// conv3x3_wg_e4m3_n128: the same on FP8 E4M3 input and filter (cin a multiple of 64; N = 128
-// only: its partial sums are promoted to f32 registers of their own, 128 more at N = 256;
+// conv3x3_wg_e4m3_n128 (and _pair): the same on FP8 E4M3 input and filter (cin a multiple of 64;
+// N = 128 only: its partial sums are promoted to f32 registers of their own, 128 more at N = 256;
 // `--precision fp8`), the sums times the layer's descale (sx·sw) before the bias, out FP16 or,
 // given the next FP8 conv's multiplier, E4M3 codes of the output times it. Everything below is
 // in bytes, and a stage is 64 bytes per pixel either way: 32 FP16 channels, or 64 E4M3 ones.
@@ -233,12 +233,20 @@ __device__ __forceinline__ void cw_store(const float (&acc)[BN / 2], const CwWor
     }
 }
 
+// A step of P stages (a type, so that the stage lambda's waits take it as a constant).
+template <int P>
+struct CwSteps {
+    static constexpr int value = P;
+};
+
 // `E8`: E4M3 input and filter (else FP16). `descale`, `mult`: see CwOut (null: 1, FP16 out).
 // `POOL`: y is the 2×2 max-pool of the output (FP16, floor: an odd last row or column of the
 // conv is never computed), [n, h/2, w/2, cout].
-// `PAIR` (FP16, an even number of stages per item): stages two at a time, so that the wait, the
-// proxy fence and the block barrier come once per 4 MMAs instead of 2; the copies then run
-// STAGES − 4 stages ahead instead of STAGES − 2. The tuning times both and keeps the faster.
+// `PAIR`: stages two at a time, so that the wait, the proxy fence and the block barrier come once
+// per 4 MMAs instead of 2; the copies then run STAGES − 4 stages ahead instead of STAGES − 2.
+// FP16: an even number of stages per item. E4M3: each slice's 9 stages as 4 pairs and a single
+// one, so that the partial sums are still promoted after every 9. The tuning times both builds
+// and keeps the faster.
 template <int BN, bool E8, bool POOL = false, bool PAIR = false>
 __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict__ x,
                                                 const unsigned char* __restrict__ wpack,
@@ -247,7 +255,6 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
                                                 const float* __restrict__ mult, int n, int h,
                                                 int w, int cin, int cout, int relu, void* y) {
     using S = CwShape<BN>;
-    static_assert(!(E8 && PAIR), "the E4M3 build promotes every 9 stages: no pairs");
     constexpr int AHEAD = PAIR ? S::STAGES - 4 : S::STAGES - 2;  // stages the copies run ahead
     extern __shared__ uint4 cw_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(cw_smem);
@@ -280,16 +287,20 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
                     relu, is_aligned(y, 4), y};
     int slot = 0, fill = AHEAD;  // ring slots of this stage and of the next copies
     constexpr int PER = PAIR ? 2 : 1;  // stages per step
-    // One step (PER stages): wait for their copies, issue their wgmma as one group into `acc`,
-    // queue the copies of the stages AHEAD on (into the slots the step before last read), leave
-    // only this group in flight. Copies are committed one group per stage either way.
-    const auto stage = [&](float(&acc)[S::ACC]) {
-        cp_async_wait<AHEAD - PER>();  // this thread's copies of this step's stages
+    // One step (`steps` a CwSteps<P>: P stages, PER but for the E4M3 pair's single ones): wait
+    // for their copies, issue their wgmma as one group into `acc`, queue the copies of the
+    // stages AHEAD on (into the slots STAGES − AHEAD stages back, which neither this step's
+    // group nor the one before reads: two steps take at most STAGES − AHEAD stages), leave only
+    // this group in flight.
+    // Copies are committed one group per stage either way.
+    const auto stage = [&](auto steps, float(&acc)[S::ACC]) {
+        constexpr int P = decltype(steps)::value;
+        cp_async_wait<AHEAD - P>();  // this thread's copies of this step's stages
         fence_proxy_async();           // visible to the wgmma (async proxy) …
         __syncthreads();               // … of every thread; the step before last's wgmma are done
         wgmma_fence();
 #pragma unroll
-        for (int p = 0; p < PER; ++p) {
+        for (int p = 0; p < P; ++p) {
             unsigned char* st = smem + slot * S::STAGE;
             const u64 da = wgmma_desc_kmajor(st + group * 64 * 16, CW_A_PLANE, 128);
             const u64 db = wgmma_desc_kmajor(st + CW_A_BYTES, BN * 16, 128);
@@ -301,7 +312,7 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
         }
         wgmma_commit();
 #pragma unroll
-        for (int p = 0; p < PER; ++p) {
+        for (int p = 0; p < P; ++p) {
             ld.issue(smem + fill * S::STAGE);
             cp_async_commit();
             fill = fill + 1 == S::STAGES ? 0 : fill + 1;
@@ -326,8 +337,14 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
             for (int i = 0; i < S::ACC; ++i) total[i] = 0.0f;
 #pragma unroll 1
             for (int s0 = 0; s0 < wk.kst; s0 += 9) {
+                if constexpr (PAIR) {
 #pragma unroll 1
-                for (int tap = 0; tap < 9; ++tap) stage(acc);
+                    for (int step = 0; step < 4; ++step) stage(CwSteps<2>{}, acc);
+                    stage(CwSteps<1>{}, acc);
+                } else {
+#pragma unroll 1
+                    for (int tap = 0; tap < 9; ++tap) stage(CwSteps<1>{}, acc);
+                }
                 wgmma_wait<0>();
                 wgmma_fence_operands(acc);
 #pragma unroll
@@ -340,7 +357,7 @@ __device__ __forceinline__ void conv3x3_wg_body(const unsigned char* __restrict_
             cw_store<BN>(total, wk, item, out);
         } else {
 #pragma unroll 1
-            for (int kk = 0; kk < wk.kst; kk += PER) stage(acc);
+            for (int kk = 0; kk < wk.kst; kk += PER) stage(CwSteps<PER>{}, acc);
             wgmma_wait<0>();
             wgmma_fence_operands(acc);
             cw_store<BN>(acc, wk, item, out);
@@ -427,6 +444,16 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                          const float* __restrict__ descale, const float* __restrict__ mult, int n,
                          int h, int w, int cin, int cout, int relu, int e4m3_out,
                          unsigned char* __restrict__ y) {
-    conv3x3_wg_body<128, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n, h, w, cin,
-                               cout, relu, y);
+    conv3x3_wg_body<128, true, false, false>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
+                                             n, h, w, cin, cout, relu, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_e4m3_n128_pair(const unsigned char* __restrict__ x,
+                              const unsigned char* __restrict__ wpack,
+                              const float* __restrict__ bias, const float* __restrict__ descale,
+                              const float* __restrict__ mult, int n, int h, int w, int cin,
+                              int cout, int relu, int e4m3_out, unsigned char* __restrict__ y) {
+    conv3x3_wg_body<128, true, false, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
+                                            n, h, w, cin, cout, relu, y);
 }

@@ -804,7 +804,7 @@ fn conv3x3_wg_e4m3_matches_host() {
     let (descale, multiplier) = (0.02f32, 40.0f32);
     let fp8_accumulation = 1.0 / 1024.0; // conv_direct.rs's FP8_ACCUMULATION
     let mut saturated = 0;
-    for ([cin, cout], [n, h, w], blocks, relu, e4m3_out) in [
+    let cases = [
         (
             [64usize, 128usize],
             [1usize, 9usize, 13usize],
@@ -816,8 +816,13 @@ fn conv3x3_wg_e4m3_matches_host() {
         ([128, 128], [2, 1, 20], 1, true, true),
         ([64, 256], [2, 20, 1], 3, true, false),
         ([512, 128], [1, 4, 5], 1, false, false),
-    ] {
-        let build = k::ConvWgBuild::E4M3;
+    ];
+    // Each case in each build: one stage per step, and the pair (4 pairs and a single stage
+    // per slice of 64 channels).
+    let builds = cases
+        .into_iter()
+        .flat_map(|case| k::ConvWgBuild::E4M3.map(|build| (build, case)));
+    for (build, ([cin, cout], [n, h, w], blocks, relu, e4m3_out)) in builds {
         let codes = |len: usize, seed: u64, scale: f32| -> Vec<u8> {
             common::values(len, seed)
                 .iter()
@@ -859,7 +864,7 @@ fn conv3x3_wg_e4m3_matches_host() {
         let y_len = pixels * cout;
         let lens = [x.len(), packed.len(), bias.len(), 1, 1, y_len];
         let launch =
-            k::conv3x3_wg_e4m3_launch(lens, [n, h, w], [cin, cout], relu, e4m3_out, &limits);
+            k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], relu, e4m3_out, &limits);
         let bufs = [
             HostBuf::of(&x),
             HostBuf::of(&packed),
@@ -868,7 +873,7 @@ fn conv3x3_wg_e4m3_matches_host() {
             HostBuf::of(&[multiplier]),
         ];
         let inputs = bufs.iter().collect::<Vec<_>>();
-        let what = format!("E4M3 {cin}→{cout} {n}×{h}×{w} on {blocks} relu {relu}");
+        let what = format!("E4M3 {build:?} {cin}→{cout} {n}×{h}×{w} on {blocks} relu {relu}");
         if e4m3_out {
             let got: Vec<u8> = run_into(launch, &inputs, HostBuf::of(&vec![0xEEu8; y_len]));
             let mut exact = 0;
@@ -904,7 +909,8 @@ fn conv3x3_wg_e4m3_matches_host() {
     // Refused: input channels not a multiple of 64, missing scales, outputs not of 128.
     let launch = |cin: usize, cout: usize, scales: usize| {
         let lens = [16 * cin, 9 * cin * cout, cout, scales, scales, 16 * cout];
-        k::conv3x3_wg_e4m3_launch(lens, [1, 4, 4], [cin, cout], true, false, &LIMITS)
+        let build = k::ConvWgBuild::E4M3[0];
+        k::conv3x3_wg_e4m3_launch(build, lens, [1, 4, 4], [cin, cout], true, false, &LIMITS)
     };
     let e = launch(32, 256, 1).unwrap_err().to_string();
     assert!(
@@ -916,6 +922,12 @@ fn conv3x3_wg_e4m3_matches_host() {
     let e = launch(64, 256, 0).unwrap_err().to_string();
     assert!(e.contains("`descale` has 0"), "{e}");
     assert!(launch(64, 256, 1).is_ok());
+    let lens = [16 * 64, 9 * 64 * 256, 256, 1, 1, 16 * 256];
+    let n256 = k::ConvWgBuild::N256;
+    let e = k::conv3x3_wg_e4m3_launch(n256, lens, [1, 4, 4], [64, 256], true, false, &LIMITS)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no E4M3 build N256"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -356,16 +356,17 @@ struct Fp8Tuned {
     /// The same through the hand-written conv: its time.
     direct_e4m3: Option<Option<f32>>,
     /// FP8 with an FP16 output, FP8 with an E4M3 output, by the wgmma conv: its time.
-    wg_half: Option<Option<f32>>,
-    wg_e4m3: Option<Option<f32>>,
+    wg_half: Option<Option<(ConvWgBuild, f32)>>,
+    wg_e4m3: Option<Option<(ConvWgBuild, f32)>>,
 }
 
 /// How a key's FP8 form (or FP16 form with an E4M3 output) runs: a graph-API plan, or the
-/// wgmma conv's E4M3 build ([`conv_direct::launch_fp8`]).
+/// wgmma conv's E4M3 builds ([`conv_direct::launch_fp8`]).
 #[derive(Clone)]
 pub(super) enum Fp8Engine {
     Graph(Rc<GraphConv>),
-    Wg,
+    /// The build the tuning timed fastest.
+    Wg(ConvWgBuild),
 }
 
 impl Fp8Engine {
@@ -373,7 +374,7 @@ impl Fp8Engine {
     fn ws(&self) -> usize {
         match self {
             Fp8Engine::Graph(g) => g.plan.ws,
-            Fp8Engine::Wg => 0,
+            Fp8Engine::Wg(_) => 0,
         }
     }
 
@@ -381,7 +382,7 @@ impl Fp8Engine {
     fn name(&self) -> String {
         match self {
             Fp8Engine::Graph(g) => format!("graph API {}", config_name(g.plan.origin)),
-            Fp8Engine::Wg => format!("{} E4M3", conv_direct::WG_NAME),
+            Fp8Engine::Wg(build) => format!("{} E4M3 {build:?}", conv_direct::WG_NAME),
         }
     }
 }
@@ -390,13 +391,13 @@ impl Fp8Engine {
 /// one wherever it runs, if `prefer_direct`).
 fn fp8_best(
     graph: Option<(Rc<GraphConv>, f32)>,
-    wg: Option<f32>,
+    wg: Option<(ConvWgBuild, f32)>,
     prefer_direct: bool,
 ) -> Option<(Fp8Engine, f32)> {
     let graph = graph.map(|(g, ms)| (Fp8Engine::Graph(g), ms));
     match (graph, wg) {
-        (Some(g), Some(w)) if !prefer_direct && g.1 <= w => Some(g),
-        (g, w) => w.map(|ms| (Fp8Engine::Wg, ms)).or(g),
+        (Some(g), Some(w)) if !prefer_direct && g.1 <= w.1 => Some(g),
+        (g, w) => w.map(|(build, ms)| (Fp8Engine::Wg(build), ms)).or(g),
     }
 }
 
@@ -727,7 +728,7 @@ pub(super) fn plan_all(
                     next,
                 };
                 let shape = ([key.rows, d.in_h, d.in_w], input_e4m3, e4m3_out);
-                time_wg_fp8(dev, &timer, layer, run, shape, arena).map(Some)
+                time_wg_fp8(dev, &timer, (kernels, layer), run, shape, arena)
             };
             if let (true, Some(_), None) = (wg, next, f8.wg_e4m3) {
                 f8.wg_e4m3 = Some(wg_timing(true, f.state, &arena)?);
@@ -895,7 +896,7 @@ impl Fp8Run<'_> {
         })
     }
 
-    /// Run the wgmma conv's E4M3 build (the stage's packed FP8 filter) on `input` into `y` (FP16
+    /// Run the wgmma conv's E4M3 `build` (the stage's packed FP8 filter) on `input` into `y` (FP16
     /// or, with `e4m3_out`, E4M3 at the next stage's multiplier); an FP16 input is quantized
     /// first.
     ///
@@ -904,7 +905,7 @@ impl Fp8Run<'_> {
     unsafe fn execute_wg(
         &mut self,
         dev: &Dev,
-        layer: &DevConv,
+        (build, layer): (ConvWgBuild, &DevConv),
         input: ConvInput<'_, '_>,
         y: u64,
         dims: [usize; 3],
@@ -924,7 +925,7 @@ impl Fp8Run<'_> {
         // SAFETY: the caller's, passed on; the FP8 input buffer holds the quantized input.
         unsafe {
             let io = (x, e4m3_out, y);
-            conv_direct::launch_fp8(dev, self.kernels, layer, wpack, dims, scales, io)
+            conv_direct::launch_fp8(dev, self.kernels, layer, (build, wpack), dims, scales, io)
         }
     }
 
@@ -1098,7 +1099,7 @@ fn fp8_wg_runs(
     let (Some(wpack), Some(codes)) = (&state.wg_filters[stage], &state.filters[stage]) else {
         return Ok(false);
     };
-    if direct == DirectUse::Off || !kernels.runs_conv_wg(ConvWgBuild::E4M3) {
+    if direct == DirectUse::Off || !kernels.runs_conv_wg(ConvWgBuild::E4M3[0]) {
         return Ok(false);
     }
     let key = (true, layer.cin_s, layer.cout);
@@ -1107,17 +1108,18 @@ fn fp8_wg_runs(
     })
 }
 
-/// Milliseconds of the wgmma conv's E4M3 build on `dims` rows of the arena, FP16 or
-/// (`e4m3_out`) E4M3 out, with the quantize pass of its input unless that arrives E4M3
-/// (`input_e4m3`: then quantized once before), as the graph API's FP8 plans are timed.
+/// The fastest of the wgmma conv's E4M3 builds that this device runs ([`ConvWgBuild::E4M3`])
+/// and its milliseconds, on `dims` rows of the arena, FP16 or (`e4m3_out`) E4M3 out, with the
+/// quantize pass of its input unless that arrives E4M3 (`input_e4m3`: then quantized once
+/// before), as the graph API's FP8 plans are timed. None: no build runs here.
 fn time_wg_fp8(
     dev: &Dev,
     timer: &EventPair,
-    layer: &DevConv,
+    (kernels, layer): (&Kernels, &DevConv),
     mut run: Fp8Run<'_>,
     (dims, input_e4m3, e4m3_out): ([usize; 3], bool, bool),
     arena: &TuneArena<'_>,
-) -> Result<f32> {
+) -> Result<Option<(ConvWgBuild, f32)>> {
     let [bx, by] = arena.bufs;
     let x = bx.slice(..dims.iter().product::<usize>() * layer.cin_s);
     if input_e4m3 {
@@ -1125,16 +1127,27 @@ fn time_wg_fp8(
             .quantize_input(run.kernels, &dev.stream, run.stage, &x)?;
     }
     let (x8, y) = (ptr(&run.state.x8, &dev.stream), ptr(by, &dev.stream));
-    let op = format!("timing the FP8 wgmma conv (batch {})", dims[0]);
-    time_launch(dev, timer, &op, || {
-        let input = match input_e4m3 {
-            true => ConvInput::E4m3(x8),
-            false => ConvInput::Half(&x),
-        };
-        // SAFETY: the arena's buffers hold ≥ rows rows of the stage's input and output (FP16,
-        // so an E4M3 output fits too), apart; the FP8 input buffer holds ≥ rows rows of it.
-        unsafe { run.execute_wg(dev, layer, input, y, dims, e4m3_out) }
-    })
+    let mut best: Option<(ConvWgBuild, f32)> = None;
+    for build in ConvWgBuild::E4M3
+        .into_iter()
+        .filter(|&b| kernels.runs_conv_wg(b))
+    {
+        let op = format!("timing the FP8 wgmma conv {build:?} (batch {})", dims[0]);
+        let ms = time_launch(dev, timer, &op, || {
+            let input = match input_e4m3 {
+                true => ConvInput::E4m3(x8),
+                false => ConvInput::Half(&x),
+            };
+            // SAFETY: the arena's buffers hold ≥ rows rows of the stage's input and output
+            // (FP16, so an E4M3 output fits too), apart; the FP8 input buffer holds ≥ rows rows
+            // of it.
+            unsafe { run.execute_wg(dev, (build, layer), input, y, dims, e4m3_out) }
+        })?;
+        if best.is_none_or(|b| ms < b.1) {
+            best = Some((build, ms));
+        }
+    }
+    Ok(best)
 }
 
 /// Whether a hand-written kernel's device check passed, running `run` (None: it matched; else
@@ -1898,11 +1911,11 @@ impl ConvRun<'_> {
                     run.execute(self.dev, self.dnn, &g.plan, layer, x, y, self.workspace)
                 }?
                 .map_err(|e| dnn_err(&op(), e)),
-                Fp8Engine::Wg if route.fp8 => unsafe {
+                Fp8Engine::Wg(build) if route.fp8 => unsafe {
                     let dims = [key.rows, d.in_h, d.in_w];
-                    run.execute_wg(self.dev, layer, x, y, dims, route.e4m3_out)
+                    run.execute_wg(self.dev, (*build, layer), x, y, dims, route.e4m3_out)
                 },
-                Fp8Engine::Wg => Err(Error::Invalid(format!(
+                Fp8Engine::Wg(_) => Err(Error::Invalid(format!(
                     "{}: the FP8 wgmma conv routed to an FP16 form",
                     op()
                 ))),

@@ -379,8 +379,8 @@ fn check_wg_on_device(
     Ok(None)
 }
 
-/// `y` = ReLU(conv(`x`) · `descale[0]` + bias) by the wgmma conv's E4M3 build on the layer's
-/// E4M3 filter packed for it (`wpack`): `x` E4M3 codes `[rows, h, w, cin]` at a device address,
+/// `y` = ReLU(conv(`x`) · `descale[0]` + bias) by the wgmma conv's E4M3 `build` (one of
+/// [`ConvWgBuild::E4M3`]) on the layer's E4M3 filter packed for it (`wpack`): `x` E4M3 codes `[rows, h, w, cin]` at a device address,
 /// `y` FP16 or (`e4m3_out`) E4M3 codes of the output times `mult[0]`, `[rows, h, w, cout]`, at a
 /// device address.
 ///
@@ -391,7 +391,7 @@ pub(super) unsafe fn launch_fp8(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
-    wpack: &CudaSlice<u8>,
+    (build, wpack): (ConvWgBuild, &CudaSlice<u8>),
     dims @ [rows, h, w]: [usize; 3],
     (descale, mult): (&CudaView<'_, f32>, &CudaView<'_, f32>),
     (x, e4m3_out, y): (u64, bool, u64),
@@ -402,7 +402,10 @@ pub(super) unsafe fn launch_fp8(
     let (s, b) = (&dev.stream, &layer.bias32);
     let how = (true, e4m3_out);
     // SAFETY: the caller's, passed on.
-    unsafe { kernels.conv3x3_wg_e4m3(s, x, (wpack, b), (descale, mult), dims, chans, how, y, None) }
+    unsafe {
+        let scales = (descale, mult);
+        kernels.conv3x3_wg_e4m3(s, build, x, (wpack, b), scales, dims, chans, how, y, None)
+    }
 }
 
 /// The FP8 accumulation the device check allows beyond FP16 rounding, as a fraction of the sum
@@ -411,11 +414,11 @@ pub(super) unsafe fn launch_fp8(
 /// goes; 2⁻¹⁰ covers that with room.
 const FP8_ACCUMULATION: f32 = 1.0 / 1024.0;
 
-/// The wgmma conv's E4M3 build against the CPU on the layer's own FP8 filter (`codes`, KRSC,
-/// and packed, `wpack`) and bias, on random E4M3 input, at a descale and multiplier of its own:
-/// FP16 out (within FP16 rounding and [`FP8_ACCUMULATION`]), then E4M3 out (codes of the output
-/// times the multiplier, some saturated: the same code or, at a rounding boundary, the next).
-/// `None` when it matches; else why not.
+/// The wgmma conv's E4M3 builds (each the device runs) against the CPU on the layer's own FP8
+/// filter (`codes`, KRSC, and packed, `wpack`) and bias, on random E4M3 input, at a descale and
+/// multiplier of its own: FP16 out (within FP16 rounding and [`FP8_ACCUMULATION`]), then E4M3
+/// out (codes of the output times the multiplier, some saturated: the same code or, at a
+/// rounding boundary, the next). `None` when every build matches; else why not.
 pub(super) fn check_fp8_on_device(
     dev: &Dev,
     kernels: &Kernels,
@@ -433,7 +436,6 @@ pub(super) fn check_fp8_on_device(
     let bias = dev.download(&layer.bias32, cout, "the conv bias")?;
     let (descale, multiplier) = (1.0f32 / 64.0, 16.0f32);
     let sd = dev.upload(&[descale, multiplier], "the FP8 wgmma conv check's scales")?;
-    let yd = dev.alloc::<f16>(pixels * cout, "the FP8 wgmma conv check's output")?;
     // E4M3 values are exact in FP16: the f64 reference of the codes, and of their magnitudes.
     let decoded = |v: &[u8], abs: bool| {
         v.iter()
@@ -458,7 +460,12 @@ pub(super) fn check_fp8_on_device(
         .map(|(i, &s)| (s * descale + bias[i % cout]).max(0.0))
         .collect();
     let slack = |i: usize| FP8_ACCUMULATION * descale * magnitudes[i];
-    for e4m3_out in [false, true] {
+    let builds = ConvWgBuild::E4M3
+        .into_iter()
+        .filter(|&b| kernels.runs_conv_wg(b));
+    for (build, e4m3_out) in builds.flat_map(|b| [(b, false), (b, true)]) {
+        // A zeroed output of its own each time: a build that writes nothing fails.
+        let yd = dev.alloc::<f16>(pixels * cout, "the FP8 wgmma conv check's output")?;
         let (d, m) = (sd.slice(0..1), sd.slice(1..2));
         let (xp, yp) = (ptr(&xd, &dev.stream), ptr(&yd, &dev.stream));
         // SAFETY: `xd` and `yd` are this function's own buffers, apart, of the check's sizes
@@ -466,7 +473,15 @@ pub(super) fn check_fp8_on_device(
         // only keeps the kernel unused.
         let launched = unsafe {
             let io = (xp, e4m3_out, yp);
-            launch_fp8(dev, kernels, layer, wpack, WG_CHECK_DIMS, (&d, &m), io)
+            launch_fp8(
+                dev,
+                kernels,
+                layer,
+                (build, wpack),
+                WG_CHECK_DIMS,
+                (&d, &m),
+                io,
+            )
         };
         if let Err(e) = launched {
             return Ok(Some(format!(
@@ -483,8 +498,8 @@ pub(super) fn check_fp8_on_device(
         };
         if let Some(why) = why {
             return Ok(Some(format!(
-                "the FP8 wgmma conv ({cs} → {cout} channels, {} out) differs from the CPU on \
-                 this device: {why}",
+                "the FP8 wgmma conv ({build:?}, {cs} → {cout} channels, {} out) differs from the \
+                 CPU on this device: {why}",
                 if e4m3_out { "E4M3" } else { "FP16" }
             )));
         }

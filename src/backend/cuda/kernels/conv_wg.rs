@@ -8,9 +8,6 @@ use half::f16;
 use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
 use crate::error::Result;
 
-/// The E4M3-input kernel ([`ConvWgBuild::E4M3`]).
-pub const CONV_WG_E4M3_KERNEL: &str = "conv3x3_wg_e4m3_n128";
-
 /// Bytes of input channels per pixel and pipeline stage: `cin` × the element's bytes must be a
 /// multiple (32 FP16 or 64 E4M3 channels).
 pub const CONV_WG_STAGE_BYTES: usize = 64;
@@ -21,9 +18,10 @@ const PIXELS_PER_ITEM: usize = 128;
 const A_BYTES: usize = 4 * 2080;
 
 /// The builds: N = 128 or 256 output channels per work item (a multiple of it is needed), one
-/// stage per step or (`…Pair`, FP16 with input channels a multiple of 64) two: the wait, the
-/// proxy fence and the block barrier once per 4 MMAs instead of 2, the copies 2 stages less far
-/// ahead. Both are timed; the same packed filter serves both.
+/// stage per step or (`…Pair`) two: the wait, the proxy fence and the block barrier once per 4
+/// MMAs instead of 2, the copies 2 stages less far ahead (FP16: input channels a multiple of 64;
+/// E4M3: each slice's 9 stages as 4 pairs and one). Both are timed; the same packed filter
+/// serves both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConvWgBuild {
     N128,
@@ -62,9 +60,19 @@ impl ConvWgBuild {
         }
     }
 
-    /// The only build of the E4M3-input kernel (its partial sums are promoted to f32 registers
-    /// of their own: at N = 256 that would be 128 more).
-    pub const E4M3: ConvWgBuild = ConvWgBuild::N128;
+    /// The E4M3-input kernel's builds, N = 128 only (its partial sums are promoted to f32
+    /// registers of their own: at N = 256 that would be 128 more); one packed filter serves
+    /// both.
+    pub const E4M3: [ConvWgBuild; 2] = [ConvWgBuild::N128, ConvWgBuild::N128Pair];
+
+    /// Its E4M3-input kernel's `extern "C"` name (None: no such build).
+    pub fn e4m3_kernel(self) -> Option<&'static str> {
+        match self {
+            ConvWgBuild::N128 => Some("conv3x3_wg_e4m3_n128"),
+            ConvWgBuild::N128Pair => Some("conv3x3_wg_e4m3_n128_pair"),
+            _ => None,
+        }
+    }
 
     /// Its kernel's `extern "C"` name (FP16 input).
     pub fn kernel(self) -> &'static str {
@@ -89,10 +97,11 @@ impl ConvWgBuild {
     /// Every conv kernel of the builds with its dynamic shared memory (the pooled ones are
     /// [`ConvPoolVariant`]'s).
     pub fn kernels() -> impl Iterator<Item = (&'static str, usize)> {
-        Self::ALL
-            .into_iter()
-            .map(|b| (b.kernel(), b.smem()))
-            .chain([(CONV_WG_E4M3_KERNEL, Self::E4M3.smem())])
+        Self::ALL.into_iter().map(|b| (b.kernel(), b.smem())).chain(
+            Self::E4M3
+                .into_iter()
+                .filter_map(|b| Some((b.e4m3_kernel()?, b.smem()))),
+        )
     }
 
     /// Output channels per work item.
@@ -111,14 +120,15 @@ impl ConvWgBuild {
     }
 
     /// The build for a layer (input `e4m3` or FP16): for FP16 the wider N where `cout` is a
-    /// multiple of it (each input stage then feeds twice the MMAs), else N = 128; for E4M3
-    /// [`Self::E4M3`]. None when the layer's shape does not fit the kernel.
+    /// multiple of it (each input stage then feeds twice the MMAs), else N = 128; for E4M3 the
+    /// first of [`Self::E4M3`] (its pair fits wherever it does). None when the layer's shape
+    /// does not fit the kernel.
     pub fn for_layer(cin: usize, cout: usize, e4m3: bool) -> Option<ConvWgBuild> {
         if cin == 0 || !(cin * elem_bytes(e4m3)).is_multiple_of(CONV_WG_STAGE_BYTES) {
             return None;
         }
         let builds: &[ConvWgBuild] = match e4m3 {
-            true => &[Self::E4M3],
+            true => &Self::E4M3[..1],
             false => &[ConvWgBuild::N256, ConvWgBuild::N128],
         };
         builds
@@ -153,7 +163,7 @@ pub fn conv3x3_wg_pack_filter<T: Copy>(
     if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % bn != 0 {
         return None;
     }
-    if (e4m3 && build != ConvWgBuild::E4M3) || filter.len() != cout * 9 * cin {
+    if (e4m3 && build.e4m3_kernel().is_none()) || filter.len() != cout * 9 * cin {
         return None;
     }
     let (per_chunk, per_slice) = (
@@ -194,13 +204,14 @@ pub fn conv3x3_wg_launch(
     wg_launch(build, lens, Kind::Half, nhw, chans, relu, limits)
 }
 
-/// `conv3x3_wg_e4m3_n128`: the same on E4M3 `x` and the filter packed for
-/// [`ConvWgBuild::E4M3`] (bytes), the sums promoted to f32 after every 64 input channels, times
+/// `conv3x3_wg_e4m3_n128` (`build` one of [`ConvWgBuild::E4M3`]): the same on E4M3 `x` and the
+/// filter packed for it (bytes), the sums promoted to f32 after every 64 input channels, times
 /// `descale[0]` before the bias; out FP16, or with `e4m3_out` E4M3 codes of the output times
 /// `mult[0]` (the next FP8 conv's multiplier) in `y`'s first `len` bytes. Buffers `[x, packed
 /// filter, bias, descale, mult, y]`; `y`'s length in its own elements (bytes when `e4m3_out`,
 /// else FP16).
 pub fn conv3x3_wg_e4m3_launch(
+    build: ConvWgBuild,
     [x_len, wpack_len, bias_len, descale_len, mult_len, y_len]: [usize; 6],
     nhw: [usize; 3],
     chans: [usize; 2],
@@ -208,12 +219,12 @@ pub fn conv3x3_wg_e4m3_launch(
     e4m3_out: bool,
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let op = CONV_WG_E4M3_KERNEL;
+    let op = e4m3_kernel(build)?;
     need(op, "descale", descale_len, 1)?;
     need(op, "mult", mult_len, 1)?;
     let lens = [x_len, wpack_len, bias_len, y_len];
     let kind = Kind::E4m3 { out_e4m3: e4m3_out };
-    wg_launch(ConvWgBuild::E4M3, lens, kind, nhw, chans, relu, limits)
+    wg_launch(build, lens, kind, nhw, chans, relu, limits)
 }
 
 /// `conv3x3_wg_pool_n*`: `y` `[n, h/2, w/2, cout]` = MaxPool2d(2, 2)(ReLU(conv 3×3 of `x`
@@ -236,6 +247,16 @@ pub fn conv3x3_wg_pool_launch(
         true,
         limits,
     )
+}
+
+/// `build`'s E4M3 kernel, or an error naming the build that has none.
+fn e4m3_kernel(build: ConvWgBuild) -> Result<&'static str> {
+    build.e4m3_kernel().ok_or_else(|| {
+        invalid(
+            "conv3x3_wg_e4m3",
+            format!("no E4M3 build {build:?} (N = 128 only)"),
+        )
+    })
 }
 
 /// Which of the wgmma conv's kernels a launch is.
@@ -263,7 +284,7 @@ fn wg_launch(
     let e4m3 = matches!(kind, Kind::E4m3 { .. });
     let op = match kind {
         Kind::Pool => build.pool_kernel(),
-        Kind::E4m3 { .. } => CONV_WG_E4M3_KERNEL,
+        Kind::E4m3 { .. } => e4m3_kernel(build)?,
         Kind::Half => build.kernel(),
     };
     let pool = kind == Kind::Pool;
@@ -288,9 +309,11 @@ fn wg_launch(
             "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
         ));
     }
-    let step = CONV_WG_STAGE_BYTES / elem_bytes(e4m3) * if build.pair() { 2 } else { 1 };
+    // (The E4M3 pair takes a slice's 9 stages as 4 pairs and one: any slice count.)
+    let paired = build.pair() && !e4m3;
+    let step = CONV_WG_STAGE_BYTES / elem_bytes(e4m3) * if paired { 2 } else { 1 };
     let fits = ConvWgBuild::for_layer(cin, cout, e4m3).is_some() && cin.is_multiple_of(step);
-    if !fits || cout % build.n() != 0 || (e4m3 && build.pair()) {
+    if !fits || cout % build.n() != 0 {
         return Err(invalid(
             op,
             format!(
@@ -427,8 +450,8 @@ impl Kernels {
         unsafe { self.run_wg(stream, launch, x, (wpack, bias), y, max_blocks) }
     }
 
-    /// [`conv3x3_wg_e4m3_launch`] (the filter packed for [`ConvWgBuild::E4M3`]) on device
-    /// addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
+    /// [`conv3x3_wg_e4m3_launch`] of `build` (one of [`ConvWgBuild::E4M3`], the filter packed
+    /// for it) on device addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
     /// (`e4m3_out`) E4M3 (`y.1` elements of its type), so that the codes may sit in the first
     /// bytes of an FP16 buffer; on at most `max_blocks` blocks when given. An error without
     /// sm_90a kernels or the shared memory, or an `x` or packed filter not 16-byte aligned.
@@ -439,6 +462,7 @@ impl Kernels {
     pub unsafe fn conv3x3_wg_e4m3<M: DevicePtr<f32>>(
         &self,
         stream: &Arc<CudaStream>,
+        build: ConvWgBuild,
         (x, x_len): (u64, usize),
         (wpack, bias): (&CudaSlice<u8>, &CudaSlice<f32>),
         (descale, mult): (&M, &M),
@@ -448,7 +472,7 @@ impl Kernels {
         (y, y_len): (u64, usize),
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = CONV_WG_E4M3_KERNEL;
+        let op = e4m3_kernel(build)?;
         let lens = [
             x_len,
             wpack.len(),
@@ -458,7 +482,7 @@ impl Kernels {
             y_len,
         ];
         let limits = self.limits_on(max_blocks);
-        let launch = conv3x3_wg_e4m3_launch(lens, nhw, chans, relu, e4m3_out, &limits)?;
+        let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, relu, e4m3_out, &limits)?;
         let (f_p, _f) = wpack.device_ptr(stream);
         aligned16(op, [("x", x), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
@@ -481,11 +505,9 @@ mod tests {
         assert_eq!(ConvWgBuild::for_layer(8, 64, false), None);
         assert_eq!(ConvWgBuild::for_layer(64, 64, false), None);
         assert_eq!(ConvWgBuild::for_layer(48, 128, false), None);
-        assert_eq!(
-            ConvWgBuild::for_layer(64, 256, true),
-            Some(ConvWgBuild::E4M3)
-        );
-        assert_eq!(ConvWgBuild::E4M3, N128);
+        assert_eq!(ConvWgBuild::for_layer(64, 256, true), Some(N128));
+        assert_eq!(ConvWgBuild::E4M3, [N128, N128Pair]);
+        assert!(N256.e4m3_kernel().is_none() && N256Pair.e4m3_kernel().is_none());
         assert_eq!(ConvWgBuild::for_layer(64, 64, true), None);
         assert_eq!(ConvWgBuild::for_layer(32, 256, true), None);
         assert_eq!((N128.smem(), N256.smem()), (198_144, 197_632));
@@ -518,7 +540,10 @@ mod tests {
         );
         assert!(conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, 128], false).is_none());
         // E4M3: 64 channels per stage, 16 per chunk; N = 128 only.
-        let packed = conv3x3_wg_pack_filter(ConvWgBuild::E4M3, &filter, [cin, cout], true).unwrap();
+        let packed = conv3x3_wg_pack_filter(ConvWgBuild::N128, &filter, [cin, cout], true).unwrap();
+        let pair =
+            conv3x3_wg_pack_filter(ConvWgBuild::N128Pair, &filter, [cin, cout], true).unwrap();
+        assert_eq!(pair, packed, "one packed filter for both E4M3 builds");
         let stages = 9 * cin / 64;
         for (nt, s, c, o, e) in [(0, 0, 0, 0, 0), (1, 8, 3, 127, 15), (0, 4, 1, 17, 9)] {
             let at = (((nt * stages + s) * 4 + c) * 128 + o) * 16 + e;

@@ -56,7 +56,7 @@ pub use self::conv_pool::{
 };
 pub use self::conv_wg::{
     conv3x3_wg_e4m3_launch, conv3x3_wg_launch, conv3x3_wg_pack_filter, conv3x3_wg_pool_launch,
-    ConvWgBuild, CONV_WG_E4M3_KERNEL, CONV_WG_STAGE_BYTES,
+    ConvWgBuild, CONV_WG_STAGE_BYTES,
 };
 pub use self::elementwise::{
     bias_act_f16_launch, bias_f32_launch, fill_uniform_f16_launch, relu_f16_launch,
@@ -102,6 +102,7 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_wg_n128",
     "conv3x3_wg_n256",
     "conv3x3_wg_e4m3_n128",
+    "conv3x3_wg_e4m3_n128_pair",
     "conv3x3_wg_pool_n128",
     "conv3x3_wg_pool_n256",
     "conv3x3_wg_n128_pair",
