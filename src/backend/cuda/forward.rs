@@ -17,8 +17,7 @@ use super::conv_direct;
 use super::cudnn::{self, ActDesc};
 use super::device::{blas_err, drv_err, ptr, verbose, Dev};
 use super::forward_plan::{
-    self, Buf, CaptureAt, ConvCosts, FeaturePlan, Format, PlanShape, Prefix, Span, StageCosts,
-    StageRoute, Step,
+    self, Buf, CaptureAt, FeaturePlan, Format, PlanShape, Prefix, Span, StageRoute, Step,
 };
 use super::kernels::Kernels;
 use super::profile::LayerEvents;
@@ -635,11 +634,6 @@ impl Prepared {
         prefix: Option<Prefix>,
     ) -> Option<(Vec<StageRoute>, Option<[f32; 2]>)> {
         let f = self.fp8.as_ref().filter(|f| f.ready)?;
-        // Blocks 1–2 run at the sub-batch size, rows / sub times.
-        let at = |stage: usize| match prefix {
-            Some(p) if stage < p.end => (p.rows, (rows / p.rows) as f32),
-            _ => (rows, 1.0),
-        };
         let capable: Vec<bool> = f.filters.iter().map(Option::is_some).collect();
         let is_conv = |stage: usize| matches!(model.features[stage], FeatureStage::Conv(_));
         let n = model.features.len();
@@ -647,7 +641,7 @@ impl Prepared {
             let forms: Vec<_> = (0..n)
                 .map(|stage| {
                     is_conv(stage).then(|| {
-                        let (rows, _) = at(stage);
+                        let (rows, _) = forward_plan::stage_runs(prefix, stage, rows);
                         self.convs.fp8_forms(ConvKey {
                             stage,
                             rows,
@@ -658,27 +652,11 @@ impl Prepared {
                 .collect();
             return Some((forward_plan::route_preferring(&forms, &capable), None));
         }
-        // A stage the tuning left untimed (a plan made on first use, a sub-batch off the
-        // ladder) runs FP16, its input never E4M3.
-        let mut complete = true;
-        let costs: Vec<StageCosts> = (0..n)
-            .map(|stage| {
-                let (rows, times) = at(stage);
-                match self.convs.route_costs(stage, rows, is_conv(stage)) {
-                    Some(c) => c.times(times),
-                    None => {
-                        complete = false;
-                        match is_conv(stage) {
-                            true => StageCosts::Conv(ConvCosts::default()),
-                            false => StageCosts::Pool {
-                                f16: 0.0,
-                                e4m3: 0.0,
-                            },
-                        }
-                    }
-                }
-            })
-            .collect();
+        let is_conv: Vec<bool> = (0..n).map(is_conv).collect();
+        let (costs, complete) =
+            forward_plan::forward_costs(&is_conv, rows, prefix, |stage, rows| {
+                self.convs.route_costs(stage, rows, is_conv[stage])
+            });
         let (routes, ms) = forward_plan::route(&costs);
         Some((
             routes,

@@ -294,6 +294,47 @@ pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
     (routes, total)
 }
 
+/// The rows stage `stage` of a forward of `rows` rows runs at, and how many times: blocks 1–2
+/// (before `prefix.end`) in sub-batches of `prefix.rows`, where the prefix applies.
+pub fn stage_runs(prefix: Option<Prefix>, stage: usize, rows: usize) -> (usize, usize) {
+    match prefix {
+        Some(p) if stage < p.end && p.rows > 0 => (p.rows, rows / p.rows),
+        _ => (rows, 1),
+    }
+}
+
+/// The stage costs of a forward of `rows` rows (blocks 1–2 in sub-batches of `prefix.rows`,
+/// where it applies: their costs at that size, times rows / sub-batch), from `timed(stage, rows)`
+/// (None: untimed). An untimed stage runs FP16 and its input never arrives E4M3; the flag says
+/// whether every stage was timed (else the total is not the forward's).
+pub fn forward_costs(
+    is_conv: &[bool],
+    rows: usize,
+    prefix: Option<Prefix>,
+    timed: impl Fn(usize, usize) -> Option<StageCosts>,
+) -> (Vec<StageCosts>, bool) {
+    let mut complete = true;
+    let costs = (0..is_conv.len())
+        .map(|stage| {
+            let (rows, times) = stage_runs(prefix, stage, rows);
+            match timed(stage, rows) {
+                Some(c) => c.times(times as f32),
+                None => {
+                    complete = false;
+                    match is_conv[stage] {
+                        true => StageCosts::Conv(ConvCosts::default()),
+                        false => StageCosts::Pool {
+                            f16: 0.0,
+                            e4m3: 0.0,
+                        },
+                    }
+                }
+            }
+        })
+        .collect();
+    (costs, complete)
+}
+
 /// [`route`] with every conv's [`Fp8Forms::preferred_costs`] (pools cost nothing): FP8
 /// wherever a plan exists. `capable`: per stage, the conv has FP8 filters.
 pub fn route_preferring(forms: &[Option<Fp8Forms>], capable: &[bool]) -> Vec<StageRoute> {
@@ -1003,6 +1044,44 @@ mod tests {
                 assert_eq!(s.next, if s.conv { next_conv } else { None }, "case {case}");
             }
         }
+    }
+
+    #[test]
+    fn blocks_1_2_in_sub_batches_cost_their_runs_and_untimed_stages_run_fp16() {
+        // conv pool | conv conv pool: blocks 1–2 end at stage 2, run in sub-batches of 64 of
+        // 256 rows (4 runs); stage 3 untimed.
+        let is_conv = [true, false, true, true, false];
+        let prefix = Some(Prefix { end: 2, rows: 64 });
+        let timed = |stage: usize, rows: usize| match (stage, rows) {
+            (0, 64) => Some(conv(1.0, Some(0.5), Some(0.25), [0.1, 0.2])),
+            (1, 64) => Some(pool(0.5, 0.25)),
+            (2, 256) => Some(conv(2.0, Some(4.0), Some(4.0), [0.5, 0.5])),
+            (4, 256) => Some(pool(1.0, 0.5)),
+            _ => None,
+        };
+        let (costs, complete) = forward_costs(&is_conv, 256, prefix, timed);
+        assert!(!complete);
+        assert_eq!(costs[0], conv(4.0, Some(2.0), Some(1.0), [0.4, 0.8]));
+        assert_eq!(costs[1], pool(2.0, 1.0));
+        assert_eq!(costs[2], conv(2.0, Some(4.0), Some(4.0), [0.5, 0.5]));
+        assert_eq!(costs[3], StageCosts::Conv(ConvCosts::default()));
+        // Stage 2 cannot write E4M3 for the untimed stage 3, which runs FP16.
+        let (r, _) = route(&costs);
+        assert!(!r[2].e4m3_out && !r[3].fp8 && !r[3].e4m3_in, "{r:?}");
+        // Stage 0: FP8 with an E4M3 output (0.4 + 1.0), the pool on codes (1.0), stage 2
+        // dequantizing (0.5 + 2.0): 4.9, against 6.4 through FP8's FP16 output, 8 all FP16.
+        assert!(r[0].fp8 && r[0].e4m3_out && r[2].dequantizes(), "{r:?}");
+        // Whole, with every stage timed: the sums are the stages' own.
+        let timed_all = |stage: usize, _| {
+            Some(if is_conv[stage] {
+                conv(1.0, None, None, [0.0; 2])
+            } else {
+                pool(1.0, 1.0)
+            })
+        };
+        let (costs, complete) = forward_costs(&is_conv, 256, None, timed_all);
+        assert!(complete);
+        assert_eq!(fp16_cost(&costs), 5.0);
     }
 
     /// The preferring route with every conv capable.
