@@ -200,7 +200,7 @@ __device__ __forceinline__ void warpgroup_sync(int id) {
 // emulation (tests/kernel_host) reads the operands at the wait in one run, at the issue in others.
 #ifdef SCORECAM_HOST_EMULATION
 __device__ __forceinline__ u32 smem_desc_addr(const void* p) { return scorecam_host_smem_offset(p); }
-__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void fence_proxy_async() { scorecam_host_fence_proxy_async(); }
 __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() { scorecam_host_wgmma_commit(); }
 template <int N>

@@ -260,6 +260,38 @@ fn emulation_reports_a_race() {
     assert!(e.contains("a missing barrier or a race"), "{e}");
 }
 
+/// cp.async writes through the generic proxy and wgmma reads through the async proxy: a wgmma
+/// reading copies that no fence.proxy.async made visible fails; with the fence it computes.
+fn emulation_requires_the_proxy_fence_before_wgmma() {
+    // Small integers: every product and sum exact in f32.
+    let a: Vec<f16> = (0..64 * 16)
+        .map(|i| f16::from_f32((i % 5) as f32 - 2.0))
+        .collect();
+    let b: Vec<f16> = (0..128 * 16)
+        .map(|i| f16::from_f32((i % 7) as f32 - 3.0))
+        .collect();
+    let (ab, bb) = (HostBuf::of(&a), HostBuf::of(&b));
+    let smem = 2048 + 4096;
+    let mut out = HostBuf::zeroed::<f32>(128 * 64);
+    let mut args = [Arg::In(&ab), Arg::In(&bb), Arg::I32(1), Arg::Out(&mut out)];
+    host()
+        .launch1("host_selftest_wgmma_fence", 1, 128, smem, &mut args)
+        .unwrap();
+    // The 128 threads' accumulators cover D = A·Bᵀ once: their sum is Σ_k (Σ_m A)(Σ_n B).
+    let col = |v: &[f16], rows: usize, k: usize| -> f32 {
+        (0..rows).map(|r| v[16 * r + k].to_f32()).sum()
+    };
+    let want: f32 = (0..16).map(|k| col(&a, 64, k) * col(&b, 128, k)).sum();
+    let got: f32 = out.read::<f32>().iter().sum();
+    assert_eq!(got, want);
+    let mut out = HostBuf::zeroed::<f32>(128 * 64);
+    let mut args = [Arg::In(&ab), Arg::In(&bb), Arg::I32(0), Arg::Out(&mut out)];
+    let e = host()
+        .launch1("host_selftest_wgmma_fence", 1, 128, smem, &mut args)
+        .unwrap_err();
+    assert!(e.contains("no fence.proxy.async"), "{e}");
+}
+
 fn emulation_reports_a_deadlock() {
     let mut out = HostBuf::zeroed::<f32>(64);
     let e = host()
@@ -1555,6 +1587,7 @@ fn main() -> std::process::ExitCode {
         emulation_catches_unwritten_and_overflowing_shared_memory,
         emulation_lets_exited_lanes_go,
         emulation_reports_a_race,
+        emulation_requires_the_proxy_fence_before_wgmma,
         emulation_reports_a_deadlock,
         emulation_catches_writes_outside_buffers,
         emulation_checks_names_and_argument_kinds,

@@ -20,7 +20,10 @@
 // runs at a time per OS thread), dynamic shared memory a per-block buffer with guard bytes on
 // both sides (a write outside it fails the launch). Both are filled before every block with
 // 0xFF bytes (schedule 0) or random bytes (other schedules), so a read before a write differs
-// between schedules even where a NaN would vanish in fminf/fmaxf.
+// between schedules even where a NaN would vanish in fminf/fmaxf. Bytes a cp.async wrote are
+// visible to wgmma (the async proxy) only after the copying thread's fence.proxy.async that
+// follows the copy's landing: a wgmma reading others fails the launch. (Ordinary stores are not
+// tracked: a missing fence after them does not show.)
 // Numbers: the FP16 conversions are _Float16's (round to nearest even, like cvt.rn.f16.f32),
 // with NaNs made canonical both ways (0x7FFFFFFF, 0x7FFF) as cuda_fp16.hpp's host fallbacks,
 // written to match the device, do. Floating-point contraction is off, so results can differ from
@@ -179,6 +182,9 @@ struct Fiber {
     // Its issued wgmma operations, oldest first, and where each committed group ends in them.
     std::vector<PendingWgmma> wgmmas;
     std::vector<size_t> wgmma_group_ends;
+    // The 16-byte chunks of dynamic shared memory its copies wrote since its last
+    // fence.proxy.async (see BlockRun::unfenced).
+    std::vector<size_t> unfenced;
 };
 
 using AnyFn = void (*)();
@@ -210,6 +216,11 @@ struct BlockRun {
     // Dynamic shared memory: SMEM_GUARD bytes, the block's bytes, SMEM_GUARD bytes.
     std::vector<unsigned char> dynamic_shared;
     size_t dynamic_shared_bytes = 0;
+    // Per 16-byte chunk of dynamic shared memory: 0, or 1 + the thread whose cp.async wrote it
+    // and which has not executed fence.proxy.async since. cp.async writes through the generic
+    // proxy and wgmma reads through the async proxy: a wgmma reading such a chunk would read
+    // what it held before on a GPU (PTX ISA, memory consistency: proxies), so it fails here.
+    std::vector<unsigned> unfenced;
 };
 
 inline thread_local BlockRun* run = nullptr;
@@ -441,8 +452,10 @@ inline bool run_block(BlockRun& r, unsigned long long& schedule) {
     r.named_owner.fill(-1);
     poison(r.dynamic_shared.data() + SMEM_GUARD, r.dynamic_shared_bytes, schedule);
     for (const auto& e : static_shared) poison(e.first, e.second, schedule);
+    r.unfenced.assign((r.dynamic_shared_bytes + 15) / 16, 0);
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = r.fibers[i];
+        f.unfenced.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = StackArea::stack(r.stacks, i);
         f.ctx.uc_stack.ss_size = STACK_BYTES;
@@ -657,6 +670,16 @@ inline unsigned full_group0(const char* what) {
     return group0;
 }
 
+// A wgmma reads byte `at` of dynamic shared memory: it must not hold a copy's bytes that the
+// copying thread has not fenced to the async proxy (see BlockRun::unfenced).
+inline void check_async_visible(size_t at) {
+    const unsigned writer = run->unfenced[at >> 4];
+    if (writer)
+        fail("a wgmma reading shared memory (byte " + std::to_string(at) + ") that thread " +
+             std::to_string(writer - 1) +
+             " wrote by cp.async with no fence.proxy.async after the copy landed");
+}
+
 // Element [row][k] (k < 16) of a K-major, unswizzled FP16 operand named by a wgmma descriptor:
 // 8-row groups `sbo` bytes apart, the two 8-wide halves of k `lbo` bytes apart, 16 bytes per row
 // of a group (B: row = n; A: row = m).
@@ -667,6 +690,7 @@ inline float wgmma_kmajor(unsigned long long desc, unsigned k, unsigned row) {
     const size_t at = start + (row >> 3) * sbo + (row & 7u) * 16 + (k >> 3) * lbo + (k & 7u) * 2;
     if (at + 2 > run->dynamic_shared_bytes)
         fail("a wgmma operand reaching past the dynamic shared memory");
+    check_async_visible(at);
     unsigned short h;
     memcpy(&h, static_cast<const unsigned char*>(scorecam_dynamic_shared()) + at, 2);
     return scorecam_host_h2f(h);
@@ -690,6 +714,7 @@ inline float wgmma_kmajor_e4m3(unsigned long long desc, unsigned k, unsigned row
     const size_t at = start + (row >> 3) * sbo + (row & 7u) * 16 + (k >> 4) * lbo + (k & 15u);
     if (at + 1 > run->dynamic_shared_bytes)
         fail("a wgmma operand reaching past the dynamic shared memory");
+    check_async_visible(at);
     return e4m3_value(static_cast<const unsigned char*>(scorecam_dynamic_shared())[at]);
 }
 
@@ -842,6 +867,36 @@ inline void scorecam_host_wgmma_wait(size_t keep) {
     wgmma_perform_oldest(count);
 }
 
+namespace scorecam_host {
+
+// Land the calling thread's copy `c`; bytes of dynamic shared memory it writes are marked
+// unfenced by it (BlockRun::unfenced).
+inline void land_copy(const PendingCopy& c) {
+    if (c.valid) memcpy(c.dst, c.src, 16);
+    else memset(c.dst, 0, 16);
+    const auto* b = static_cast<const unsigned char*>(c.dst);
+    const auto* base = static_cast<const unsigned char*>(scorecam_dynamic_shared());
+    if (b < base || b >= base + run->dynamic_shared_bytes) return;
+    const size_t at = (size_t)(b - base);
+    auto& mine = run->fibers[run->current].unfenced;
+    for (size_t chunk = at >> 4; chunk <= (at + 15) >> 4 && chunk < run->unfenced.size(); ++chunk) {
+        run->unfenced[chunk] = run->current + 1;
+        mine.push_back(chunk);
+    }
+}
+
+}  // namespace scorecam_host
+
+// common.cuh's fence_proxy_async (PTX fence.proxy.async.shared::cta): the calling thread's
+// landed copies become visible to wgmma. (A copy still in flight is not covered.)
+inline void scorecam_host_fence_proxy_async() {
+    using namespace scorecam_host;
+    auto& mine = run->fibers[run->current].unfenced;
+    for (const size_t chunk : mine)
+        if (run->unfenced[chunk] == run->current + 1) run->unfenced[chunk] = 0;
+    mine.clear();
+}
+
 // common.cuh's cp.async helpers. A GPU lands a copy (16 bytes, or 16 zeros when not `valid`)
 // at any time between its issue and the wait that covers it; the emulation takes both ends, so
 // that results differ between schedules where a kernel relies on either:
@@ -862,8 +917,7 @@ inline void scorecam_host_cp_async16(void* dst, const void* src, bool valid) {
         if (!inside) fail("cp_async16 reading outside every buffer argument");
     }
     if (run->eager_copies) {
-        if (valid) memcpy(dst, src, 16);
-        else memset(dst, 0, 16);
+        land_copy(PendingCopy{dst, src, valid});
         return;
     }
     run->fibers[run->current].copies.push_back(PendingCopy{dst, src, valid});
@@ -878,11 +932,7 @@ inline void scorecam_host_cp_async_wait(size_t keep) {
     if (f.group_ends.size() <= keep) return;
     const size_t groups = f.group_ends.size() - keep;
     const size_t done = f.group_ends[groups - 1];
-    for (size_t i = 0; i < done; ++i) {
-        const auto& c = f.copies[i];
-        if (c.valid) memcpy(c.dst, c.src, 16);
-        else memset(c.dst, 0, 16);
-    }
+    for (size_t i = 0; i < done; ++i) scorecam_host::land_copy(f.copies[i]);
     f.copies.erase(f.copies.begin(), f.copies.begin() + (ptrdiff_t)done);
     f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + (ptrdiff_t)groups);
     for (auto& e : f.group_ends) e -= done;

@@ -77,3 +77,33 @@ extern "C" __global__ void host_selftest_write_input(const float* __restrict__ x
 extern "C" __global__ void __launch_bounds__(64) host_selftest_bounded(float* __restrict__ out) {
     out[threadIdx.x] = 1.0f;
 }
+
+// One warpgroup: A (64 rows × 16 k) and B (128 rows n × 16 k), FP16 row-major, copied by
+// cp.async into shared memory as K-major operands, [k half][row][8 values] (LBO = rows × 16,
+// SBO = 128), then out[64·t + i] = thread t's accumulators of one wgmma_ss_64x128x16. With
+// `fence` 0 the copies are never fenced to the async proxy, which the emulation must refuse.
+extern "C" __global__ void host_selftest_wgmma_fence(const f16raw* __restrict__ a,
+                                                    const f16raw* __restrict__ b, int fence,
+                                                    float* __restrict__ out) {
+    extern __shared__ uint4 s_wgmma[];
+    unsigned char* sm = reinterpret_cast<unsigned char*>(s_wgmma);
+    for (int c = threadIdx.x; c < 384; c += 128) {  // A's 128 chunks of 16 bytes, then B's 256
+        const bool is_a = c < 128;
+        const int rows = is_a ? 64 : 128, cc = is_a ? c : c - 128;
+        const int half = cc / rows, row = cc % rows;
+        const f16raw* src = (is_a ? a : b) + 16 * row + 8 * half;
+        cp_async16(sm + (is_a ? 0 : 2048) + half * rows * 16 + row * 16, src, true);
+    }
+    cp_async_commit();
+    cp_async_wait_0();
+    if (fence) fence_proxy_async();
+    __syncthreads();
+    float acc[64];
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    wgmma_fence();
+    wgmma_ss_64x128x16(acc, wgmma_desc_kmajor(sm, 64 * 16, 128),
+                       wgmma_desc_kmajor(sm + 2048, 128 * 16, 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    for (int i = 0; i < 64; ++i) out[64 * threadIdx.x + i] = acc[i];
+}
