@@ -830,8 +830,10 @@ fn conv3x3_wg_pool_matches_host() {
 /// E4M3 codes of the output times the multiplier (the same code, or the next one for a sum at a
 /// rounding boundary, or within that slack; ≥ 98 % the same, some saturated): a partial item,
 /// items running on in one block's ring, two blocks of output channels, rows and columns of one
-/// pixel, 8 promotions of the partial sums per item. (A kernel that never promotes stays within
-/// that slack here: the slack is the device's, made for sums that cancel.)
+/// pixel, 8 promotions of the partial sums per item; each case in both E4M3 builds. Besides, the
+/// output must equal, bit for bit, the emulation's own accumulation model followed in the
+/// kernel's order (promotion after every 64 channels): the device's slack, made for sums that
+/// cancel, would let a kernel that never promotes pass.
 fn conv3x3_wg_e4m3_matches_host() {
     let (descale, multiplier) = (0.02f32, 40.0f32);
     let fp8_accumulation = 1.0 / 1024.0; // conv_direct.rs's FP8_ACCUMULATION
@@ -867,6 +869,38 @@ fn conv3x3_wg_e4m3_matches_host() {
         let packed = k::conv3x3_wg_pack_filter(build, &filter, [cin, cout], true).unwrap();
         let pixels = n * h * w;
         let (mut want, mut slack) = (vec![0f32; pixels * cout], vec![0f32; pixels * cout]);
+        // The emulation's own FP8 accumulation in the kernel's order: per slice of 64 channels,
+        // its 9 taps, each 2 MMAs of 32 channels (exact dot products), the running sum cut to
+        // 14 bits after each MMA (cuda_host.hpp's fp8_accumulate), the slice's sum then added
+        // in f32. The kernel must give exactly this (a promotion missed or moved shows).
+        let modelled = |p: usize, o: usize| -> f32 {
+            let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
+            let mut total = 0f32;
+            for slice in 0..cin / 64 {
+                let mut acc = 0f32;
+                for t in 0..9 {
+                    let (iy, ix) = (yy + t / 3, xx + t % 3);
+                    let inside = iy >= 1 && iy <= h && ix >= 1 && ix <= w;
+                    for half in 0..2 {
+                        let mut dot = 0f64;
+                        for c in (64 * slice + 32 * half..).take(32).filter(|_| inside) {
+                            let src = ((img * h + iy - 1) * w + ix - 1) * cin;
+                            dot += e4m3_to_f32(x[src + c]) as f64
+                                * e4m3_to_f32(filter[(o * 9 + t) * cin + c]) as f64;
+                        }
+                        let s = (acc as f64 + dot) as f32;
+                        acc = f32::from_bits(s.to_bits() & !((1u32 << 10) - 1));
+                    }
+                }
+                total += acc;
+            }
+            let v = total * descale + bias[o];
+            if relu {
+                v.max(0.0)
+            } else {
+                v
+            }
+        };
         for p in 0..pixels {
             let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
             for o in 0..cout {
@@ -910,6 +944,8 @@ fn conv3x3_wg_e4m3_matches_host() {
             let got: Vec<u8> = run_into(launch, &inputs, HostBuf::of(&vec![0xEEu8; y_len]));
             let mut exact = 0;
             for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                let m = e4m3_from_f32(modelled(i / cout, i % cout) * multiplier);
+                assert_eq!(g, m, "{what}: element {i}: {g:#04x}, modelled {m:#04x}");
                 let w = e4m3_from_f32(r * multiplier);
                 let (gm, wm) = (g & 0x7F, w & 0x7F);
                 let same = g == w || (gm == 0 && wm == 0);
@@ -931,6 +967,12 @@ fn conv3x3_wg_e4m3_matches_host() {
         } else {
             let got: Vec<f16> = run_into(launch, &inputs, HostBuf::of(&vec![f16::NAN; y_len]));
             for (i, ((g, &r), &s)) in got.iter().zip(&want).zip(&slack).enumerate() {
+                let m = f16::from_f32(modelled(i / cout, i % cout));
+                assert_eq!(
+                    g.to_bits(),
+                    m.to_bits(),
+                    "{what}: element {i}: got {g}, modelled {m}"
+                );
                 let g = g.to_f32();
                 let ok = (g - r).abs() <= 2e-3 + 2e-3 * r.abs() + s;
                 assert!(ok, "{what}: element {i}: got {g}, want {r} (slack {s})");
