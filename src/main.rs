@@ -899,6 +899,21 @@ fn print_bench_table(r: &serde_json::Value) {
             f["images"], c["min"], c["median"], c["max"], c["at_least_0_99"]
         );
     }
+    if let Some(route) = r["backend"]["fp8_route"].as_object() {
+        let list = |k: &str| route[k].as_array().map_or(0, Vec::len);
+        let cost = &r["backend"]["fp8_route_cost_ms"];
+        println!(
+            "FP8 route of a mask batch: {} convs FP8, {} stages writing E4M3{}",
+            list("fp8"),
+            list("e4m3_out"),
+            match (cost["route"].as_f64(), cost["all_fp16"].as_f64()) {
+                (Some(a), Some(b)) => format!(
+                    "; the set-up's timings sum its features to {a:.3} ms, all FP16 {b:.3} ms"
+                ),
+                _ => String::new(),
+            }
+        );
+    }
     if let Some(layers) = r["layers"].as_array() {
         println!(
             "per layer, one forward of {} masked inputs:",
