@@ -165,6 +165,7 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                     "fp8_ms",
                     "e4m3_out_ms",
                     "fp8_algo",
+                    "fp8_half_algo",
                 ] {
                     if !p[key].is_null() {
                         v[key] = p[key].clone();
@@ -191,10 +192,15 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 };
                 if matches!(c.kind, LayerKind::Conv | LayerKind::MaxPool) {
                     v["runs_fp8"] = json!(has("fp8", i));
-                    // What ran it: the FP8 form's engine, not the FP16 plan's.
-                    if has("fp8", i) && !v["fp8_algo"].is_null() {
+                    // What ran it: the FP8 form's engine (of the output the route wrote), not the
+                    // FP16 plan's.
+                    let form = match has("e4m3_out", i) || v["fp8_half_algo"].is_null() {
+                        true => v["fp8_algo"].clone(),
+                        false => v["fp8_half_algo"].clone(),
+                    };
+                    if has("fp8", i) && !form.is_null() {
                         v["fp16_algo"] = v["algo"].clone();
-                        v["algo"] = v["fp8_algo"].clone();
+                        v["algo"] = form;
                     }
                     v["e4m3_in"] = json!(i > 0 && has("e4m3_out", i - 1));
                     v["e4m3_out"] = json!(has("e4m3_out", i));

@@ -23,7 +23,8 @@
 // between schedules even where a NaN would vanish in fminf/fmaxf. Bytes a cp.async wrote are
 // visible to wgmma (the async proxy) only after the copying thread's fence.proxy.async that
 // follows the copy's landing: a wgmma reading others fails the launch. (Ordinary stores are not
-// tracked: a missing fence after them does not show.)
+// tracked: a missing fence after them does not show, and one over a copy's unfenced bytes does
+// not clear their mark.)
 // Numbers: the FP16 conversions are _Float16's (round to nearest even, like cvt.rn.f16.f32),
 // with NaNs made canonical both ways (0x7FFFFFFF, 0x7FFF) as cuda_fp16.hpp's host fallbacks,
 // written to match the device, do. Floating-point contraction is off, so results can differ from
@@ -880,6 +881,8 @@ inline void land_copy(const PendingCopy& c) {
     const size_t at = (size_t)(b - base);
     auto& mine = run->fibers[run->current].unfenced;
     for (size_t chunk = at >> 4; chunk <= (at + 15) >> 4 && chunk < run->unfenced.size(); ++chunk) {
+        // (Listed once while marked: a kernel that never fences keeps a bounded list.)
+        if (run->unfenced[chunk] == run->current + 1) continue;
         run->unfenced[chunk] = run->current + 1;
         mine.push_back(chunk);
     }

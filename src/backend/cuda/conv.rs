@@ -159,8 +159,10 @@ pub struct PlanChoice {
     /// An FP8 layer's input conversion passes, FP16 → E4M3 and E4M3 → FP16 (ms), what the
     /// route weighs against keeping a conv FP16 or its output E4M3.
     pub convert_ms: Option<[f32; 2]>,
-    /// What runs the kept FP8 forms (a graph-API plan or the wgmma conv), when any is kept.
+    /// What runs the kept FP8 forms (a graph-API plan or the wgmma conv), when any is kept:
+    /// the E4M3-output form's engine where it has one; the FP16-output form's apart.
     pub fp8_algo: Option<String>,
+    pub fp8_half_algo: Option<String>,
 }
 
 /// Short name of a candidate: `IMPLICIT_PRECOMP_GEMM/TENSOR_OP_MATH fused`.
@@ -237,7 +239,8 @@ impl ConvPlans {
         };
         let mut costs = *self.fp8_costs.get(&key)?;
         if let Some(f) = self.fused_pools.iter().find(|f| f.stage == stage && f.kept) {
-            let saves = (f.conv_ms + f.pool_ms - f.ms).max(0.0);
+            // (Negative where the fused kernel is kept though slower: preferred, in tests.)
+            let saves = f.conv_ms + f.pool_ms - f.ms;
             costs.fused_pool_saves = saves * rows as f32 / f.rows as f32;
         }
         Some(StageCosts::Conv(costs))
@@ -754,10 +757,12 @@ pub(super) fn plan_all(
                 f8.fp16_e4m3 = Some(try_forms(&mut arena, f.state, &[GraphForm::FP16_E4M3_OUT])?);
             }
             // The graph API's FP16-output form only where there is no E4M3 one (no next conv
-            // that may run FP8, or no plan): elsewhere it would spare a route only the
-            // dequantize pass of an FP16 next conv, not worth the search time it takes from
-            // the other layers' FP8 plans (the budget ran out in the H200 run).
-            if capable && f8.half.is_none() && f8.e4m3.as_ref().is_none_or(Option::is_none) {
+            // that may run FP8, or no plan; the shape's E4M3 plan, tried for another layer,
+            // does not serve a last conv): elsewhere it would spare a route only the dequantize
+            // pass of an FP16 next conv, not worth the search time it takes from the other
+            // layers' FP8 plans (the budget ran out in the H200 run).
+            let no_e4m3 = next.is_none() || f8.e4m3.as_ref().is_none_or(Option::is_none);
+            if capable && f8.half.is_none() && no_e4m3 {
                 f8.half = Some(try_forms(&mut arena, f.state, &fp8_forms(false))?);
             }
             if let (true, None) = (wg, f8.wg_half) {
@@ -782,12 +787,10 @@ pub(super) fn plan_all(
             .filter(|_| before_fp8)
             .map(|(g, ms)| (Fp8Engine::Graph(g), ms));
         let direct_e4m3 = f8.direct_e4m3.flatten().filter(|_| before_fp8);
-        let mut fp8_algo = None;
         type Timed = Option<(Fp8Engine, f32)>;
         let mut kept = |plans: &mut HashMap<ConvKey, Fp8Engine>, p: &Timed| match p {
             Some((e, _)) => {
                 ws_used = ws_used.max(e.ws());
-                fp8_algo = Some(e.name());
                 plans.insert(key, e.clone());
                 true
             }
@@ -809,7 +812,9 @@ pub(super) fn plan_all(
                 .then(|| fp16_e4m3.as_ref().map(|p| p.1))
                 .flatten(),
         };
-        let fp8_algo = (half_kept || e4m3_kept).then_some(fp8_algo).flatten();
+        // The engines of the FP8 forms, for the report: the E4M3-output one's first.
+        let half_algo = half.as_ref().map(|p| p.0.name());
+        let fp8_algo = (e4m3.as_ref().map(|p| p.0.name())).or_else(|| half_algo.clone());
         // What the route weighs (the conversion passes are timed after: [`time_fp8_passes`]).
         // Every masked-forward key at an FP8 batch size, FP16-only where it has no FP8 forms.
         let fp8_rows = fp8.as_ref().is_some_and(|f| f.rows.contains(&key.rows));
@@ -842,6 +847,7 @@ pub(super) fn plan_all(
             e4m3_out: e4m3_kept || fp16_e4m3_ms.is_some(),
             convert_ms: None,
             fp8_algo,
+            fp8_half_algo: half_algo,
         });
         out.plans.insert(key, planned);
     }
@@ -2043,6 +2049,7 @@ impl ConvRun<'_> {
                         e4m3_out: false,
                         convert_ms: None,
                         fp8_algo: None,
+                        fp8_half_algo: None,
                     });
                     self.plans.plans.insert(
                         key,

@@ -485,7 +485,7 @@ pub(super) fn check_fp8_on_device(
         };
         if let Err(e) = launched {
             return Ok(Some(format!(
-                "the FP8 wgmma conv did not launch on this device: {e}"
+                "the FP8 wgmma conv ({build:?}) did not launch on this device: {e}"
             )));
         }
         dev.finish_within("the FP8 wgmma conv's device check", CHECK_LIMIT)?;

@@ -217,8 +217,10 @@ pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
 /// multiplier). Each conv runs FP16 or FP8 and writes either format where it has such a plan;
 /// an input in the other format costs its conversion pass; a pool keeps its input's format at
 /// that format's cost; an FP16 conv + pool on FP16 may save the fused kernel's time. An E4M3
-/// activation only enters a conv that has FP8 filters (its scale is measured), and the features
-/// end FP16 (the head reads them). Returns the routes and their total cost; ties keep FP16.
+/// activation only enters a conv that has FP8 filters (its scale is measured), an FP8 conv has
+/// them too, and the features end FP16 (the head reads them). Returns the routes and their total
+/// cost; of equal costs into one state, the first offered stays (FP16 input first, then the
+/// FP16 conv before the FP8 ones).
 pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
     const F16: usize = 0;
     const E4M3: usize = 1;
@@ -260,10 +262,11 @@ pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
                     if let Some(ms) = c.fp16_e4m3_out {
                         offer(E4M3, false, into_fp16 + ms);
                     }
-                    if let Some(ms) = c.fp8 {
+                    // (FP8 quantizes its input at its own scale: only with FP8 filters.)
+                    if let (Some(ms), true) = (c.fp8, c.convert.is_some()) {
                         offer(F16, true, into_fp8 + ms);
                     }
-                    if let Some(ms) = c.fp8_e4m3_out {
+                    if let (Some(ms), true) = (c.fp8_e4m3_out, c.convert.is_some()) {
                         offer(E4M3, true, into_fp8 + ms);
                     }
                 }
@@ -855,7 +858,7 @@ mod tests {
                     }
                 }
                 StageCosts::Conv(c) => {
-                    let [q, d] = match (c.convert, e4m3) {
+                    let [q, d] = match (c.convert, e4m3 || r.fp8) {
                         (None, true) => return None,
                         (convert, _) => convert.unwrap_or([0.0; 2]),
                     };

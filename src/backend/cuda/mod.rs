@@ -1131,6 +1131,7 @@ impl Backend for CudaBackend {
                     "e4m3_out": c.e4m3_out,
                     "convert_ms": c.convert_ms,
                     "fp8_algo": c.fp8_algo,
+                    "fp8_half_algo": c.fp8_half_algo,
                 })
             })
             .collect();
