@@ -21,6 +21,7 @@ use common::{
     check_cam, check_tol, corr, fixture_model, fixture_rgb, manifest, npy, values, CamTolerances,
 };
 use scorecam_gpu::backend::cpu::{CpuBackend, CpuBuf};
+use scorecam_gpu::backend::cuda::kernels::ConvWgBuild;
 use scorecam_gpu::backend::cuda::{CudaBackend, DirectUse};
 use scorecam_gpu::backend::{Backend, MaskItem, MaskStyle, Noise, Plan, Semantics, Stage};
 use scorecam_gpu::cam::{CamOptions, Explainer, Explanation, Targets};
@@ -577,7 +578,7 @@ fn graph_api_convolutions_match_cpu() {
 /// conv1_2 with pool1 in one kernel (kernels/conv_pool.cu) and, with kernels built for sm_90a
 /// (Hopper), every deeper conv by wgmma (kernels/conv_wg.cu). They give the CPU's conv1_1 output
 /// (pre-ReLU and post-ReLU captures) and logits on a random VGG16 at 224², after passing their
-/// own checks on the device (the wgmma conv's once per layer shape); with them off, no plan
+/// own checks on the device (the wgmma conv's once per layer shape and build); with them off, no plan
 /// names them.
 fn direct_conv_matches_cpu() {
     let model = Arc::new(Vgg::random_vgg16(5));
@@ -618,9 +619,20 @@ fn direct_conv_matches_cpu() {
             if let FeatureStage::Conv(l) = f {
                 if i == 0 || (wg && l.cin % 32 == 0 && l.cout % 128 == 0) {
                     want_stages.push(i);
-                    let shape = format!("{}→{}", if i == 0 { 8 } else { l.cin }, l.cout);
-                    if !want_checks.contains(&shape) {
-                        want_checks.push(shape);
+                    // One check per shape and build: the wgmma conv's single and paired builds.
+                    let checks = match i {
+                        0 => vec![format!("8→{}", l.cout)],
+                        _ => ConvWgBuild::for_layer(l.cin, l.cout, false)
+                            .expect("a wgmma shape")
+                            .with_pair(l.cin)
+                            .into_iter()
+                            .map(|b| format!("{}→{} {b:?}", l.cin, l.cout))
+                            .collect(),
+                    };
+                    for check in checks {
+                        if !want_checks.contains(&check) {
+                            want_checks.push(check);
+                        }
                     }
                 }
             }
@@ -631,7 +643,7 @@ fn direct_conv_matches_cpu() {
         assert_eq!(stages, want_stages, "{hand_written:?}");
         let checks = report["direct_conv"]["checks"]
             .as_object()
-            .expect("per-shape checks");
+            .expect("per-shape and build checks");
         let mut got_checks: Vec<&String> = checks.keys().collect();
         got_checks.sort();
         want_checks.sort();

@@ -531,9 +531,7 @@ pub(super) fn plan_all(
         )?;
         // The hand-written conv where it runs: each of its builds timed, the fastest kept.
         let mut fastest: Option<(DirectKernel, f32)> = None;
-        let runs = direct_runs(direct, direct_check, dev, kernels, layer)?;
-        let kind = DirectKernel::of(layer, kernels).filter(|_| runs);
-        for candidate in kind.map(|k| k.candidates(layer)).unwrap_or_default() {
+        for candidate in direct_builds(direct, direct_check, dev, kernels, layer)? {
             let dims = [key.rows, d.in_h, d.in_w];
             let out = DirectOut::Half {
                 identity: key.identity,
@@ -712,9 +710,9 @@ pub(super) fn plan_all(
             if capable && next.is_some() && f8.e4m3.is_none() {
                 f8.e4m3 = Some(try_forms(&mut arena, f.state, &fp8_forms(true))?);
             }
-            // The wgmma conv's E4M3 build, where it runs and its device check passed.
-            let wg = capable
-                && fp8_wg_runs(
+            // The wgmma conv's E4M3 builds that run here and passed their device checks.
+            let wg_builds = match capable {
+                true => fp8_wg_builds(
                     direct,
                     direct_check,
                     dev,
@@ -722,7 +720,10 @@ pub(super) fn plan_all(
                     layer,
                     f.state,
                     key.stage,
-                )?;
+                )?,
+                false => Vec::new(),
+            };
+            let wg = !wg_builds.is_empty();
             let wg_timing = |e4m3_out: bool, state: &mut Fp8State, arena: &TuneArena<'_>| {
                 let run = Fp8Run {
                     kernels,
@@ -731,7 +732,7 @@ pub(super) fn plan_all(
                     next,
                 };
                 let shape = ([key.rows, d.in_h, d.in_w], input_e4m3, e4m3_out);
-                time_wg_fp8(dev, &timer, (kernels, layer), run, shape, arena)
+                time_wg_fp8(dev, &timer, (&wg_builds, layer), run, shape, arena)
             };
             if let (true, Some(_), None) = (wg, next, f8.wg_e4m3) {
                 f8.wg_e4m3 = Some(wg_timing(true, f.state, &arena)?);
@@ -739,7 +740,10 @@ pub(super) fn plan_all(
             if let (false, Some(next), None) = (capable, next, f8.direct_e4m3) {
                 let e4m3_kind = DirectKernel::of(layer, kernels).filter(|k| k.writes_e4m3());
                 f8.direct_e4m3 = Some(match e4m3_kind {
-                    Some(kind) if direct_runs(direct, direct_check, dev, kernels, layer)? => {
+                    Some(kind)
+                        if direct_builds(direct, direct_check, dev, kernels, layer)?
+                            .contains(&kind) =>
+                    {
                         let dims = [key.rows, d.in_h, d.in_w];
                         let m = f.state.multiplier(next);
                         let out = DirectOut::E4m3(&m);
@@ -1066,34 +1070,41 @@ impl<K: Ord + Copy> Checks<K> {
 
 /// The fused conv + pool's checks, per build.
 pub(super) type PoolChecks = Checks<ConvPoolVariant>;
-/// The hand-written conv's checks, per input type and layer shape (E4M3 input — the wgmma
-/// conv's FP8 build —, stored input channels, output channels).
-pub(super) type DirectChecks = Checks<(bool, usize, usize)>;
+/// The hand-written conv's checks, per input type, layer shape and build (E4M3 input — the
+/// wgmma conv's FP8 builds —, stored input channels, output channels, the wgmma build or None
+/// for the first conv's kernel): a build the device disagrees with leaves the others used.
+pub(super) type DirectChecks = Checks<(bool, usize, usize, Option<ConvWgBuild>)>;
 
-/// Whether the hand-written conv may run `layer`: not turned off, the layer's shape and the
-/// device its own, and its device check for layers of that shape passed. The check runs on the
-/// first layer of the shape, and its outcome (a refusal's reason) is kept in `checks`.
-fn direct_runs(
+/// The hand-written conv's builds that may run `layer` ([`DirectKernel::candidates`]): not
+/// turned off, the layer's shape and the device their own, and each one's device check for
+/// layers of that shape passed. A check runs on the first layer of the shape, and its outcome
+/// (a refusal's reason) is kept in `checks`.
+fn direct_builds(
     direct: DirectUse,
     checks: &mut DirectChecks,
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
-) -> Result<bool> {
-    if direct == DirectUse::Off || !conv_direct::applies(layer, kernels) {
-        return Ok(false);
+) -> Result<Vec<DirectKernel>> {
+    let kind = DirectKernel::of(layer, kernels).filter(|_| direct != DirectUse::Off);
+    let mut passed = Vec::new();
+    for candidate in kind.map(|k| k.candidates(layer)).unwrap_or_default() {
+        let key = (false, layer.cin_s, layer.cout, candidate.build());
+        let fallback = format!("{} is not used", candidate.name());
+        if checked(checks.of(key), &fallback, || {
+            conv_direct::check_on_device(dev, kernels, layer, candidate)
+        })? {
+            passed.push(candidate);
+        }
     }
-    checked(
-        checks.of((false, layer.cin_s, layer.cout)),
-        "cuDNN keeps the layer",
-        || conv_direct::check_on_device(dev, kernels, layer),
-    )
+    Ok(passed)
 }
 
-/// Whether the wgmma conv's E4M3 build may run `layer`'s FP8 forms (feature stage `stage`): not
-/// turned off, the device runs it, the stage has its packed FP8 filter, and its device check
-/// for layers of this shape passed (once per shape, kept in `checks`).
-fn fp8_wg_runs(
+/// The wgmma conv's E4M3 builds ([`ConvWgBuild::E4M3`]) that may run `layer`'s FP8 forms
+/// (feature stage `stage`): not turned off, the device runs them, the stage has its packed FP8
+/// filter, and each one's device check for layers of this shape passed (once per shape and
+/// build, kept in `checks`).
+fn fp8_wg_builds(
     direct: DirectUse,
     checks: &mut DirectChecks,
     dev: &Dev,
@@ -1101,27 +1112,34 @@ fn fp8_wg_runs(
     layer: &DevConv,
     state: &Fp8State,
     stage: usize,
-) -> Result<bool> {
+) -> Result<Vec<ConvWgBuild>> {
     let (Some(wpack), Some(codes)) = (&state.wg_filters[stage], &state.filters[stage]) else {
-        return Ok(false);
+        return Ok(Vec::new());
     };
-    if direct == DirectUse::Off || !kernels.runs_conv_wg(ConvWgBuild::E4M3[0]) {
-        return Ok(false);
+    let mut passed = Vec::new();
+    let runs = ConvWgBuild::E4M3
+        .into_iter()
+        .filter(|&b| kernels.runs_conv_wg(b));
+    for build in runs.filter(|_| direct != DirectUse::Off) {
+        let key = (true, layer.cin_s, layer.cout, Some(build));
+        let fallback = format!("the FP8 wgmma conv {build:?} is not used");
+        if checked(checks.of(key), &fallback, || {
+            conv_direct::check_fp8_on_device(dev, kernels, layer, (build, wpack), codes)
+        })? {
+            passed.push(build);
+        }
     }
-    let key = (true, layer.cin_s, layer.cout);
-    checked(checks.of(key), "its FP8 forms keep cuDNN's plans", || {
-        conv_direct::check_fp8_on_device(dev, kernels, layer, wpack, codes)
-    })
+    Ok(passed)
 }
 
-/// The fastest of the wgmma conv's E4M3 builds that this device runs ([`ConvWgBuild::E4M3`])
-/// and its milliseconds, on `dims` rows of the arena, FP16 or (`e4m3_out`) E4M3 out, with the
+/// The fastest of the wgmma conv's E4M3 `builds` (those that passed their checks) and its
+/// milliseconds, on `dims` rows of the arena, FP16 or (`e4m3_out`) E4M3 out, with the
 /// quantize pass of its input unless that arrives E4M3 (`input_e4m3`: then quantized once
-/// before), as the graph API's FP8 plans are timed. None: no build runs here.
+/// before), as the graph API's FP8 plans are timed. None: no builds.
 fn time_wg_fp8(
     dev: &Dev,
     timer: &EventPair,
-    (kernels, layer): (&Kernels, &DevConv),
+    (builds, layer): (&[ConvWgBuild], &DevConv),
     mut run: Fp8Run<'_>,
     (dims, input_e4m3, e4m3_out): ([usize; 3], bool, bool),
     arena: &TuneArena<'_>,
@@ -1134,10 +1152,7 @@ fn time_wg_fp8(
     }
     let (x8, y) = (ptr(&run.state.x8, &dev.stream), ptr(by, &dev.stream));
     let mut best: Option<(ConvWgBuild, f32)> = None;
-    for build in ConvWgBuild::E4M3
-        .into_iter()
-        .filter(|&b| kernels.runs_conv_wg(b))
-    {
+    for &build in builds {
         let op = format!("timing the FP8 wgmma conv {build:?} (batch {})", dims[0]);
         let ms = time_launch(dev, timer, &op, || {
             let input = match input_e4m3 {

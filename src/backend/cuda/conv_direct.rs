@@ -83,6 +83,14 @@ impl DirectKernel {
         }
     }
 
+    /// Its wgmma build (None: the first conv's kernel).
+    pub fn build(self) -> Option<ConvWgBuild> {
+        match self {
+            DirectKernel::Cin8 => None,
+            DirectKernel::Wg(build) => Some(build),
+        }
+    }
+
     /// Whether it can write an E4M3 output (the input of an FP8 conv after it).
     pub fn writes_e4m3(self) -> bool {
         self == DirectKernel::Cin8
@@ -100,11 +108,6 @@ impl DirectKernel {
             other => vec![other],
         }
     }
-}
-
-/// Whether a hand-written conv can run `layer` on this device.
-pub(super) fn applies(layer: &DevConv, kernels: &Kernels) -> bool {
-    DirectKernel::of(layer, kernels).is_some()
 }
 
 /// Whether the fused conv + pool can run `layer` (its output then pooled 2×2) on this device:
@@ -292,22 +295,19 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
 /// SM) runs more than one tile on GPUs of up to 260 SMs.
 const CHECK_DIMS: [usize; 3] = [2, 223, 227];
 
-/// Run the layer's hand-written conv on random input on the device and compare with
-/// [`reference_nhwc`] on the layer's own (downloaded) filter and bias. `None` when it matches;
-/// else why not, and the kernel is not used for layers of this shape (a device whose tensor
-/// cores disagree with the CPU must not change a map).
+/// Run `kind` (one of the layer's [`DirectKernel::candidates`]) on random input on the device
+/// and compare with [`reference_nhwc`] on the layer's own (downloaded) filter and bias. `None`
+/// when it matches; else why not, and that build is not used for layers of this shape (a device
+/// whose tensor cores disagree with the CPU must not change a map).
 pub(super) fn check_on_device(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
+    kind: DirectKernel,
 ) -> Result<Option<String>> {
-    match DirectKernel::of(layer, kernels) {
-        Some(DirectKernel::Cin8) => check_cin8_on_device(dev, kernels, layer),
-        Some(DirectKernel::Wg(build)) => check_wg_on_device(dev, kernels, layer, build),
-        None => Ok(Some(format!(
-            "no hand-written conv for {} → {} channels on this device",
-            layer.cin_s, layer.cout
-        ))),
+    match kind {
+        DirectKernel::Cin8 => check_cin8_on_device(dev, kernels, layer),
+        DirectKernel::Wg(build) => check_wg_on_device(dev, kernels, layer, build),
     }
 }
 
@@ -337,8 +337,8 @@ fn check_wg_on_device(
         &layer.bias32,
         Some(WG_CHECK_BLOCKS),
     );
-    // Each build the tuning may time (the paired one too), each on a zeroed output of its own.
-    for build in build.with_pair(layer.cin_s) {
+    // On a zeroed output: a build that writes nothing fails.
+    {
         let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;
         for (identity, want) in [(true, &pre_relu), (false, &relu)] {
             let relu = !identity;
@@ -414,16 +414,16 @@ pub(super) unsafe fn launch_fp8(
 /// goes; 2⁻¹⁰ covers that with room.
 const FP8_ACCUMULATION: f32 = 1.0 / 1024.0;
 
-/// The wgmma conv's E4M3 builds (each the device runs) against the CPU on the layer's own FP8
-/// filter (`codes`, KRSC, and packed, `wpack`) and bias, on random E4M3 input, at a descale and
-/// multiplier of its own: FP16 out (within FP16 rounding and [`FP8_ACCUMULATION`]), then E4M3
-/// out (codes of the output times the multiplier, some saturated: the same code or, at a
-/// rounding boundary, the next). `None` when every build matches; else why not.
+/// The wgmma conv's E4M3 `build` against the CPU on the layer's own FP8 filter (`codes`, KRSC,
+/// and packed, `wpack`) and bias, on random E4M3 input, at a descale and multiplier of its own:
+/// FP16 out (within FP16 rounding and [`FP8_ACCUMULATION`]), then E4M3 out (codes of the output
+/// times the multiplier, some saturated: the same code or, at a rounding boundary, the next).
+/// `None` when it matches; else why not.
 pub(super) fn check_fp8_on_device(
     dev: &Dev,
     kernels: &Kernels,
     layer: &DevConv,
-    wpack: &CudaSlice<u8>,
+    (build, wpack): (ConvWgBuild, &CudaSlice<u8>),
     codes: &CudaSlice<u8>,
 ) -> Result<Option<String>> {
     let [n, h, w] = WG_CHECK_DIMS;
@@ -460,10 +460,7 @@ pub(super) fn check_fp8_on_device(
         .map(|(i, &s)| (s * descale + bias[i % cout]).max(0.0))
         .collect();
     let slack = |i: usize| FP8_ACCUMULATION * descale * magnitudes[i];
-    let builds = ConvWgBuild::E4M3
-        .into_iter()
-        .filter(|&b| kernels.runs_conv_wg(b));
-    for (build, e4m3_out) in builds.flat_map(|b| [(b, false), (b, true)]) {
+    for e4m3_out in [false, true] {
         // A zeroed output of its own each time: a build that writes nothing fails.
         let yd = dev.alloc::<f16>(pixels * cout, "the FP8 wgmma conv check's output")?;
         let (d, m) = (sd.slice(0..1), sd.slice(1..2));

@@ -1160,15 +1160,17 @@ impl Backend for CudaBackend {
                 "save_error": self.plan_cache_error,
             },
             // The hand-written convs (the first conv's; the wgmma conv's on sm_90a, its E4M3
-            // build's under --precision fp8): the use setting and their checks on this device,
-            // once per backend and layer shape ("cin→cout", "E4M3 cin→cout"), and all together
-            // (null: no layer they could run yet).
+            // builds' under --precision fp8): the use setting and their checks on this device,
+            // once per backend, layer shape and build ("8→64", "cin→cout N256Pair", "E4M3
+            // cin→cout N128"), and all together (null: no layer they could run yet).
             "direct_conv": {
                 "use": format!("{:?}", self.direct_use).to_lowercase(),
                 "check": check_json(&self.direct_check.overall()),
                 "checks": self.direct_check.outcomes()
-                    .map(|((e4m3, cin, cout), c)| {
-                        (format!("{}{cin}→{cout}", if e4m3 { "E4M3 " } else { "" }), check_json(c))
+                    .map(|((e4m3, cin, cout, build), c)| {
+                        let e4m3 = if e4m3 { "E4M3 " } else { "" };
+                        let build = build.map(|b| format!(" {b:?}")).unwrap_or_default();
+                        (format!("{e4m3}{cin}→{cout}{build}"), check_json(c))
                     })
                     .collect::<serde_json::Map<_, _>>(),
             },
