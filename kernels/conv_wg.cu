@@ -7,8 +7,10 @@
 // conv3x3_wg_e4m3_n128 (and _pair): the same on FP8 E4M3 input and filter (cin a multiple of 64;
 // N = 128 only: its partial sums are promoted to f32 registers of their own, 128 more at N = 256;
 // `--precision fp8`), the sums times the layer's descale (sx·sw) before the bias, out FP16 or,
-// given the next FP8 conv's multiplier, E4M3 codes of the output times it. Everything below is
-// in bytes, and a stage is 64 bytes per pixel either way: 32 FP16 channels, or 64 E4M3 ones.
+// given the next FP8 conv's multiplier, E4M3 codes of the output times it.
+// conv3x3_wg_e4m3_pool_n128 (and _pair): that, pooled (a block's last conv when it runs FP8).
+// Everything below is in bytes, and a stage is 64 bytes per pixel either way: 32 FP16
+// channels, or 64 E4M3 ones.
 //
 // Why: cuDNN ran VGG16's conv2_1 … conv5_3 at 62–77 % of the H200's dense FP16 peak (graph API
 // or legacy, `gpu-check-2026-11-29.json`), and they are two thirds of a masked forward. The
@@ -240,8 +242,8 @@ struct CwSteps {
 };
 
 // `E8`: E4M3 input and filter (else FP16). `descale`, `mult`: see CwOut (null: 1, FP16 out).
-// `POOL`: y is the 2×2 max-pool of the output (FP16, floor: an odd last row or column of the
-// conv is never computed), [n, h/2, w/2, cout].
+// `POOL`: y is the 2×2 max-pool of the output (FP16, or E4M3 with `mult`; floor: an odd last row
+// or column of the conv is never computed), [n, h/2, w/2, cout].
 // `PAIR`: stages two at a time, so that the wait, the proxy fence and the block barrier come once
 // per 4 MMAs instead of 2; the copies then run STAGES − 4 stages ahead instead of STAGES − 2.
 // FP16: an even number of stages per item. E4M3: each slice's 9 stages as 4 pairs and a single
@@ -456,4 +458,27 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                               int cout, int relu, int e4m3_out, unsigned char* __restrict__ y) {
     conv3x3_wg_body<128, true, false, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
                                             n, h, w, cin, cout, relu, y);
+}
+
+// E4M3 in, the conv's 2×2 max-pool out (ReLU always; `--precision fp8`, a block's last conv when
+// both run FP8): y [n, h/2, w/2, cout], FP16 or, when `e4m3_out`, E4M3 codes at mult[0].
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_e4m3_pool_n128(const unsigned char* __restrict__ x,
+                              const unsigned char* __restrict__ wpack,
+                              const float* __restrict__ bias, const float* __restrict__ descale,
+                              const float* __restrict__ mult, int n, int h, int w, int cin,
+                              int cout, int e4m3_out, unsigned char* __restrict__ y) {
+    conv3x3_wg_body<128, true, true, false>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
+                                            n, h, w, cin, cout, 1, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_wg_e4m3_pool_n128_pair(const unsigned char* __restrict__ x,
+                                   const unsigned char* __restrict__ wpack,
+                                   const float* __restrict__ bias,
+                                   const float* __restrict__ descale,
+                                   const float* __restrict__ mult, int n, int h, int w, int cin,
+                                   int cout, int e4m3_out, unsigned char* __restrict__ y) {
+    conv3x3_wg_body<128, true, true, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n,
+                                           h, w, cin, cout, 1, y);
 }

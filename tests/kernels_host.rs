@@ -830,7 +830,8 @@ fn conv3x3_wg_pool_matches_host() {
 /// E4M3 codes of the output times the multiplier (the same code, or the next one for a sum at a
 /// rounding boundary, or within that slack; ≥ 98 % the same, some saturated): a partial item,
 /// items running on in one block's ring, two blocks of output channels, rows and columns of one
-/// pixel, 8 promotions of the partial sums per item; each case in both E4M3 builds. Besides, the
+/// pixel, 8 promotions of the partial sums per item; each case in both E4M3 builds, and pooled
+/// (ReLU) where it has a 2×2 window. Besides, the
 /// output must equal, bit for bit, the emulation's own accumulation model followed in the
 /// kernel's order (promotion after every 64 channels): the device's slack, made for sums that
 /// cancel, would let a kernel that never promotes pass.
@@ -894,13 +895,9 @@ fn conv3x3_wg_e4m3_matches_host() {
                 }
                 total += acc;
             }
-            let v = total * descale + bias[o];
-            if relu {
-                v.max(0.0)
-            } else {
-                v
-            }
+            total * descale + bias[o]
         };
+        let relu_if = |v: f32, relu: bool| if relu { v.max(0.0) } else { v };
         for p in 0..pixels {
             let (img, yy, xx) = (p / (h * w), (p / w) % h, p % w);
             for o in 0..cout {
@@ -929,8 +926,8 @@ fn conv3x3_wg_e4m3_matches_host() {
         };
         let y_len = pixels * cout;
         let lens = [x.len(), packed.len(), bias.len(), 1, 1, y_len];
-        let launch =
-            k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], relu, e4m3_out, &limits);
+        let how = (relu, e4m3_out, false);
+        let launch = k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], how, &limits);
         let bufs = [
             HostBuf::of(&x),
             HostBuf::of(&packed),
@@ -944,7 +941,7 @@ fn conv3x3_wg_e4m3_matches_host() {
             let got: Vec<u8> = run_into(launch, &inputs, HostBuf::of(&vec![0xEEu8; y_len]));
             let mut exact = 0;
             for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
-                let m = e4m3_from_f32(modelled(i / cout, i % cout) * multiplier);
+                let m = e4m3_from_f32(relu_if(modelled(i / cout, i % cout), relu) * multiplier);
                 assert_eq!(g, m, "{what}: element {i}: {g:#04x}, modelled {m:#04x}");
                 let w = e4m3_from_f32(r * multiplier);
                 let (gm, wm) = (g & 0x7F, w & 0x7F);
@@ -967,7 +964,7 @@ fn conv3x3_wg_e4m3_matches_host() {
         } else {
             let got: Vec<f16> = run_into(launch, &inputs, HostBuf::of(&vec![f16::NAN; y_len]));
             for (i, ((g, &r), &s)) in got.iter().zip(&want).zip(&slack).enumerate() {
-                let m = f16::from_f32(modelled(i / cout, i % cout));
+                let m = f16::from_f32(relu_if(modelled(i / cout, i % cout), relu));
                 assert_eq!(
                     g.to_bits(),
                     m.to_bits(),
@@ -978,13 +975,55 @@ fn conv3x3_wg_e4m3_matches_host() {
                 assert!(ok, "{what}: element {i}: got {g}, want {r} (slack {s})");
             }
         }
+        // The pooled build (ReLU): the modelled outputs' 2×2 max, in the case's output type
+        // (max commutes with the rounding, so it equals pooling the rounded values).
+        if h < 2 || w < 2 {
+            continue;
+        }
+        let (ph, pw) = (h / 2, w / 2);
+        let pooled: Vec<f32> = (0..n * ph * pw * cout)
+            .map(|i| {
+                let (q, o) = (i / cout, i % cout);
+                let (img, py, px) = (q / (ph * pw), (q / pw) % ph, q % pw);
+                [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .iter()
+                    .map(|&(dy, dx)| {
+                        let p = (img * h + 2 * py + dy) * w + 2 * px + dx;
+                        relu_if(modelled(p, o), true)
+                    })
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect();
+        let lens = [x.len(), packed.len(), bias.len(), 1, 1, pooled.len()];
+        let how = (true, e4m3_out, true);
+        let launch = k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], how, &limits);
+        let what = format!("{what}, pooled");
+        if e4m3_out {
+            let got: Vec<u8> = run_into(launch, &inputs, HostBuf::of(&vec![0xEEu8; pooled.len()]));
+            for (i, (&g, &v)) in got.iter().zip(&pooled).enumerate() {
+                let m = e4m3_from_f32(v * multiplier);
+                assert_eq!(g, m, "{what}: element {i}: {g:#04x}, modelled {m:#04x}");
+            }
+        } else {
+            let out = HostBuf::of(&vec![f16::NAN; pooled.len()]);
+            let got: Vec<f16> = run_into(launch, &inputs, out);
+            for (i, (g, &v)) in got.iter().zip(&pooled).enumerate() {
+                let m = f16::from_f32(v);
+                assert_eq!(
+                    g.to_bits(),
+                    m.to_bits(),
+                    "{what}: element {i}: got {g}, modelled {m}"
+                );
+            }
+        }
     }
     assert!(saturated > 0, "no case saturates the E4M3 output");
     // Refused: input channels not a multiple of 64, missing scales, outputs not of 128.
     let launch = |cin: usize, cout: usize, scales: usize| {
         let lens = [16 * cin, 9 * cin * cout, cout, scales, scales, 16 * cout];
         let build = k::ConvWgBuild::E4M3[0];
-        k::conv3x3_wg_e4m3_launch(build, lens, [1, 4, 4], [cin, cout], true, false, &LIMITS)
+        let how = (true, false, false);
+        k::conv3x3_wg_e4m3_launch(build, lens, [1, 4, 4], [cin, cout], how, &LIMITS)
     };
     let e = launch(32, 256, 1).unwrap_err().to_string();
     assert!(
@@ -998,10 +1037,37 @@ fn conv3x3_wg_e4m3_matches_host() {
     assert!(launch(64, 256, 1).is_ok());
     let lens = [16 * 64, 9 * 64 * 256, 256, 1, 1, 16 * 256];
     let n256 = k::ConvWgBuild::N256;
-    let e = k::conv3x3_wg_e4m3_launch(n256, lens, [1, 4, 4], [64, 256], true, false, &LIMITS)
+    let how = (true, false, false);
+    let e = k::conv3x3_wg_e4m3_launch(n256, lens, [1, 4, 4], [64, 256], how, &LIMITS)
         .unwrap_err()
         .to_string();
     assert!(e.contains("no E4M3 build N256"), "{e}");
+    // The pooled build: ReLU only, a 2×2 window at least.
+    let n128 = k::ConvWgBuild::N128;
+    let lens = [16 * 64, 9 * 64 * 256, 256, 1, 1, 4 * 256];
+    let e = k::conv3x3_wg_e4m3_launch(
+        n128,
+        lens,
+        [1, 4, 4],
+        [64, 256],
+        (false, false, true),
+        &LIMITS,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("applies ReLU"), "{e}");
+    let lens = [8 * 64, 9 * 64 * 256, 256, 1, 1, 4 * 256];
+    let e = k::conv3x3_wg_e4m3_launch(
+        n128,
+        lens,
+        [1, 1, 8],
+        [64, 256],
+        (true, false, true),
+        &LIMITS,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no 2×2 pooling window"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -907,8 +907,8 @@ impl Fp8Run<'_> {
     }
 
     /// Run the wgmma conv's E4M3 `build` (the stage's packed FP8 filter) on `input` into `y` (FP16
-    /// or, with `e4m3_out`, E4M3 at the next stage's multiplier); an FP16 input is quantized
-    /// first.
+    /// or, with `e4m3_out`, E4M3 at the next stage's multiplier; with `pool`, its 2×2 max-pool);
+    /// an FP16 input is quantized first.
     ///
     /// # Safety
     /// `input` must hold the layer's input and `y` its output at `dims` in their types, apart.
@@ -919,7 +919,7 @@ impl Fp8Run<'_> {
         input: ConvInput<'_, '_>,
         y: u64,
         dims: [usize; 3],
-        e4m3_out: bool,
+        (e4m3_out, pool): (bool, bool),
     ) -> Result<()> {
         let i = self.stage;
         let x = self.e4m3_input(dev, input)?;
@@ -934,7 +934,7 @@ impl Fp8Run<'_> {
         let scales = (&st.descale(i), &st.multiplier(scaled_by));
         // SAFETY: the caller's, passed on; the FP8 input buffer holds the quantized input.
         unsafe {
-            let io = (x, e4m3_out, y);
+            let io = (x, (e4m3_out, pool), y);
             conv_direct::launch_fp8(dev, self.kernels, layer, (build, wpack), dims, scales, io)
         }
     }
@@ -1162,7 +1162,7 @@ fn time_wg_fp8(
             // SAFETY: the arena's buffers hold ≥ rows rows of the stage's input and output
             // (FP16, so an E4M3 output fits too), apart; the FP8 input buffer holds ≥ rows rows
             // of it.
-            unsafe { run.execute_wg(dev, (build, layer), input, y, dims, e4m3_out) }
+            unsafe { run.execute_wg(dev, (build, layer), input, y, dims, (e4m3_out, false)) }
         })?;
         if best.is_none_or(|b| ms < b.1) {
             best = Some((build, ms));
@@ -1934,7 +1934,8 @@ impl ConvRun<'_> {
                 .map_err(|e| dnn_err(&op(), e)),
                 Fp8Engine::Wg(build) if route.fp8 => unsafe {
                     let dims = [key.rows, d.in_h, d.in_w];
-                    run.execute_wg(self.dev, (*build, layer), x, y, dims, route.e4m3_out)
+                    let out = (route.e4m3_out, false);
+                    run.execute_wg(self.dev, (*build, layer), x, y, dims, out)
                 },
                 Fp8Engine::Wg(_) => Err(Error::Invalid(format!(
                     "{}: the FP8 wgmma conv routed to an FP16 form",

@@ -182,22 +182,13 @@ pub(super) fn check_pool_on_device(
     };
     let c = layer.cout;
     let (xd, conv) = check_input(dev, layer, dims, 0xC0DE_F00D)?;
-    let (ph, pw) = (h / 2, w / 2);
-    let yd = dev.alloc::<f16>(n * ph * pw * c, "the fused conv check's output")?;
+    let yd = dev.alloc::<f16>(n * (h / 2) * (w / 2) * c, "the fused conv check's output")?;
     // The unfused path's values: the conv's FP16 output after its ReLU, then the pool.
-    let at = |i: usize, y: usize, xx: usize, o: usize| {
-        f16::from_f32(conv[((i * h + y) * w + xx) * c + o].max(0.0)).to_f32()
-    };
-    let mut want = vec![0f32; n * ph * pw * c];
-    for (p, out) in want.chunks_mut(c).enumerate() {
-        let (i, py, px) = (p / (ph * pw), (p / pw) % ph, p % pw);
-        for (o, v) in out.iter_mut().enumerate() {
-            *v = [(0, 0), (0, 1), (1, 0), (1, 1)]
-                .iter()
-                .map(|&(dy, dx)| at(i, 2 * py + dy, 2 * px + dx, o))
-                .fold(f32::NEG_INFINITY, f32::max);
-        }
-    }
+    let rounded: Vec<f32> = conv
+        .iter()
+        .map(|v| f16::from_f32(v.max(0.0)).to_f32())
+        .collect();
+    let want = pool2_max(&rounded, [n, h, w, c]);
     // SAFETY: `yd` is this function's own buffer (zeroed: a build that writes nothing fails),
     // apart from `xd`. A launch the device refuses (resources, configuration) only keeps the
     // build unused.
@@ -215,6 +206,22 @@ pub(super) fn check_pool_on_device(
         )));
     }
     Ok(None)
+}
+
+/// The 2×2 max-pool (floor) of NHWC `v` `[n, h, w, c]`.
+fn pool2_max(v: &[f32], [n, h, w, c]: [usize; 4]) -> Vec<f32> {
+    let (ph, pw) = (h / 2, w / 2);
+    let mut out = vec![0f32; n * ph * pw * c];
+    for (p, px_out) in out.chunks_mut(c).enumerate() {
+        let (i, py, px) = (p / (ph * pw), (p / pw) % ph, p % pw);
+        for (o, y) in px_out.iter_mut().enumerate() {
+            *y = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                .iter()
+                .map(|&(dy, dx)| v[((i * h + 2 * py + dy) * w + 2 * px + dx) * c + o])
+                .fold(f32::NEG_INFINITY, f32::max);
+        }
+    }
+    out
 }
 
 /// A device check's input and CPU reference: `n·h·w` pixels of FP16 in [0, 1) from `seed` in
@@ -380,13 +387,14 @@ fn check_wg_on_device(
 }
 
 /// `y` = ReLU(conv(`x`) · `descale[0]` + bias) by the wgmma conv's E4M3 `build` (one of
-/// [`ConvWgBuild::E4M3`]) on the layer's E4M3 filter packed for it (`wpack`): `x` E4M3 codes `[rows, h, w, cin]` at a device address,
-/// `y` FP16 or (`e4m3_out`) E4M3 codes of the output times `mult[0]`, `[rows, h, w, cout]`, at a
-/// device address.
+/// [`ConvWgBuild::E4M3`]) on the layer's E4M3 filter packed for it (`wpack`): `x` E4M3 codes
+/// `[rows, h, w, cin]` at a device address, `y` FP16 or (`e4m3_out`) E4M3 codes of the output
+/// times `mult[0]`, `[rows, h, w, cout]`, or with `pool` its 2×2 max-pool `[rows, h/2, w/2,
+/// cout]`, at a device address.
 ///
 /// # Safety
-/// `x` and `y` must be live device allocations holding the layer's input and output at `dims`,
-/// apart; nothing else may use `y` until the launch is done.
+/// `x` and `y` must be live device allocations holding the layer's input and output (pooled
+/// with `pool`) at `dims`, apart; nothing else may use `y` until the launch is done.
 pub(super) unsafe fn launch_fp8(
     dev: &Dev,
     kernels: &Kernels,
@@ -394,13 +402,18 @@ pub(super) unsafe fn launch_fp8(
     (build, wpack): (ConvWgBuild, &CudaSlice<u8>),
     dims @ [rows, h, w]: [usize; 3],
     (descale, mult): (&CudaView<'_, f32>, &CudaView<'_, f32>),
-    (x, e4m3_out, y): (u64, bool, u64),
+    (x, (e4m3_out, pool), y): (u64, (bool, bool), u64),
 ) -> Result<()> {
     let pixels = rows * h * w;
-    let (x, y) = ((x, pixels * layer.cin_s), (y, pixels * layer.cout));
+    let outputs = if pool {
+        rows * (h / 2) * (w / 2)
+    } else {
+        pixels
+    };
+    let (x, y) = ((x, pixels * layer.cin_s), (y, outputs * layer.cout));
     let chans = [layer.cin_s, layer.cout];
     let (s, b) = (&dev.stream, &layer.bias32);
-    let how = (true, e4m3_out);
+    let how = (true, e4m3_out, pool);
     // SAFETY: the caller's, passed on.
     unsafe {
         let scales = (descale, mult);
@@ -417,8 +430,8 @@ const FP8_ACCUMULATION: f32 = 1.0 / 1024.0;
 /// The wgmma conv's E4M3 `build` against the CPU on the layer's own FP8 filter (`codes`, KRSC,
 /// and packed, `wpack`) and bias, on random E4M3 input, at a descale and multiplier of its own:
 /// FP16 out (within FP16 rounding and [`FP8_ACCUMULATION`]), then E4M3 out (codes of the output
-/// times the multiplier, some saturated: the same code or, at a rounding boundary, the next).
-/// `None` when it matches; else why not.
+/// times the multiplier, some saturated: the same code or, at a rounding boundary, the next),
+/// each plain and (the pooled build) 2×2 max-pooled. `None` when it matches; else why not.
 pub(super) fn check_fp8_on_device(
     dev: &Dev,
     kernels: &Kernels,
@@ -459,17 +472,29 @@ pub(super) fn check_fp8_on_device(
         .enumerate()
         .map(|(i, &s)| (s * descale + bias[i % cout]).max(0.0))
         .collect();
-    let slack = |i: usize| FP8_ACCUMULATION * descale * magnitudes[i];
-    for e4m3_out in [false, true] {
+    let slacks: Vec<f32> = magnitudes
+        .iter()
+        .map(|m| FP8_ACCUMULATION * descale * m)
+        .collect();
+    // Pooled: the window's max; off by at most the largest slack of the window.
+    let nhwc = [n, h, w, cout];
+    let pooled = (pool2_max(&want, nhwc), pool2_max(&slacks, nhwc));
+    for (pool, e4m3_out) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (want, slacks) = if pool {
+            (&pooled.0, &pooled.1)
+        } else {
+            (&want, &slacks)
+        };
+        let slack = |i: usize| slacks[i];
         // A zeroed output of its own each time: a build that writes nothing fails.
-        let yd = dev.alloc::<f16>(pixels * cout, "the FP8 wgmma conv check's output")?;
+        let yd = dev.alloc::<f16>(want.len(), "the FP8 wgmma conv check's output")?;
         let (d, m) = (sd.slice(0..1), sd.slice(1..2));
         let (xp, yp) = (ptr(&xd, &dev.stream), ptr(&yd, &dev.stream));
         // SAFETY: `xd` and `yd` are this function's own buffers, apart, of the check's sizes
         // (the E4M3 output takes the first half of `yd`'s bytes). A launch the device refuses
         // only keeps the kernel unused.
         let launched = unsafe {
-            let io = (xp, e4m3_out, yp);
+            let io = (xp, (e4m3_out, pool), yp);
             launch_fp8(
                 dev,
                 kernels,
@@ -488,16 +513,17 @@ pub(super) fn check_fp8_on_device(
         dev.finish_within("the FP8 wgmma conv's device check", CHECK_LIMIT)?;
         let why = if e4m3_out {
             let half = dev.download(&yd, yd.len() / 2, "the FP8 wgmma conv check's output")?;
-            first_code_mismatch_by(bytemuck::cast_slice(&half), &want, multiplier, (slack, 98))
+            first_code_mismatch_by(bytemuck::cast_slice(&half), want, multiplier, (slack, 98))
         } else {
             let got = dev.download(&yd, yd.len(), "the FP8 wgmma conv check's output")?;
-            first_mismatch_by(&got, &want, slack)
+            first_mismatch_by(&got, want, slack)
         };
         if let Some(why) = why {
             return Ok(Some(format!(
-                "the FP8 wgmma conv ({build:?}, {cs} → {cout} channels, {} out) differs from the \
-                 CPU on this device: {why}",
-                if e4m3_out { "E4M3" } else { "FP16" }
+                "the FP8 wgmma conv ({build:?}, {cs} → {cout} channels, {} out{}) differs from \
+                 the CPU on this device: {why}",
+                if e4m3_out { "E4M3" } else { "FP16" },
+                if pool { ", pooled" } else { "" }
             )));
         }
     }

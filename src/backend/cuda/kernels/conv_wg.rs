@@ -65,11 +65,14 @@ impl ConvWgBuild {
     /// both.
     pub const E4M3: [ConvWgBuild; 2] = [ConvWgBuild::N128, ConvWgBuild::N128Pair];
 
-    /// Its E4M3-input kernel's `extern "C"` name (None: no such build).
-    pub fn e4m3_kernel(self) -> Option<&'static str> {
-        match self {
-            ConvWgBuild::N128 => Some("conv3x3_wg_e4m3_n128"),
-            ConvWgBuild::N128Pair => Some("conv3x3_wg_e4m3_n128_pair"),
+    /// Its E4M3-input kernel's `extern "C"` name, with the 2×2 max-pool after the conv when
+    /// `pool` (None: no such build).
+    pub fn e4m3_kernel(self, pool: bool) -> Option<&'static str> {
+        match (self, pool) {
+            (ConvWgBuild::N128, false) => Some("conv3x3_wg_e4m3_n128"),
+            (ConvWgBuild::N128Pair, false) => Some("conv3x3_wg_e4m3_n128_pair"),
+            (ConvWgBuild::N128, true) => Some("conv3x3_wg_e4m3_pool_n128"),
+            (ConvWgBuild::N128Pair, true) => Some("conv3x3_wg_e4m3_pool_n128_pair"),
             _ => None,
         }
     }
@@ -94,14 +97,14 @@ impl ConvWgBuild {
         }
     }
 
-    /// Every conv kernel of the builds with its dynamic shared memory (the pooled ones are
-    /// [`ConvPoolVariant`]'s).
+    /// Every conv kernel of the builds with its dynamic shared memory (the FP16 pooled ones
+    /// are [`ConvPoolVariant`]'s; the E4M3 ones, pooled or not, here).
     pub fn kernels() -> impl Iterator<Item = (&'static str, usize)> {
-        Self::ALL.into_iter().map(|b| (b.kernel(), b.smem())).chain(
-            Self::E4M3
-                .into_iter()
-                .filter_map(|b| Some((b.e4m3_kernel()?, b.smem()))),
-        )
+        let e4m3 = Self::E4M3.into_iter().flat_map(|b| [(b, false), (b, true)]);
+        Self::ALL
+            .into_iter()
+            .map(|b| (b.kernel(), b.smem()))
+            .chain(e4m3.filter_map(|(b, pool)| Some((b.e4m3_kernel(pool)?, b.smem()))))
     }
 
     /// Output channels per work item.
@@ -163,7 +166,7 @@ pub fn conv3x3_wg_pack_filter<T: Copy>(
     if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % bn != 0 {
         return None;
     }
-    if (e4m3 && build.e4m3_kernel().is_none()) || filter.len() != cout * 9 * cin {
+    if (e4m3 && build.e4m3_kernel(false).is_none()) || filter.len() != cout * 9 * cin {
         return None;
     }
     let (per_chunk, per_slice) = (
@@ -207,23 +210,29 @@ pub fn conv3x3_wg_launch(
 /// `conv3x3_wg_e4m3_n128` (`build` one of [`ConvWgBuild::E4M3`]): the same on E4M3 `x` and the
 /// filter packed for it (bytes), the sums promoted to f32 after every 64 input channels, times
 /// `descale[0]` before the bias; out FP16, or with `e4m3_out` E4M3 codes of the output times
-/// `mult[0]` (the next FP8 conv's multiplier) in `y`'s first `len` bytes. Buffers `[x, packed
-/// filter, bias, descale, mult, y]`; `y`'s length in its own elements (bytes when `e4m3_out`,
-/// else FP16).
+/// `mult[0]` (the next FP8 conv's multiplier) in `y`'s first `len` bytes. With `pool`
+/// (`conv3x3_wg_e4m3_pool_n128`, ReLU), `y` is the 2×2 max-pool of that, `[n, h/2, w/2, cout]`.
+/// Buffers `[x, packed filter, bias, descale, mult, y]`; `y`'s length in its own elements
+/// (bytes when `e4m3_out`, else FP16).
 pub fn conv3x3_wg_e4m3_launch(
     build: ConvWgBuild,
     [x_len, wpack_len, bias_len, descale_len, mult_len, y_len]: [usize; 6],
     nhw: [usize; 3],
     chans: [usize; 2],
-    relu: bool,
-    e4m3_out: bool,
+    (relu, e4m3_out, pool): (bool, bool, bool),
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
-    let op = e4m3_kernel(build)?;
+    let op = e4m3_kernel(build, pool)?;
     need(op, "descale", descale_len, 1)?;
     need(op, "mult", mult_len, 1)?;
+    if pool && !relu {
+        return Err(invalid(op, "the pooled build applies ReLU".into()));
+    }
     let lens = [x_len, wpack_len, bias_len, y_len];
-    let kind = Kind::E4m3 { out_e4m3: e4m3_out };
+    let kind = Kind::E4m3 {
+        out_e4m3: e4m3_out,
+        pool,
+    };
     wg_launch(build, lens, kind, nhw, chans, relu, limits)
 }
 
@@ -249,9 +258,9 @@ pub fn conv3x3_wg_pool_launch(
     )
 }
 
-/// `build`'s E4M3 kernel, or an error naming the build that has none.
-fn e4m3_kernel(build: ConvWgBuild) -> Result<&'static str> {
-    build.e4m3_kernel().ok_or_else(|| {
+/// `build`'s E4M3 kernel (`pool`: the pooled one), or an error naming the build that has none.
+fn e4m3_kernel(build: ConvWgBuild, pool: bool) -> Result<&'static str> {
+    build.e4m3_kernel(pool).ok_or_else(|| {
         invalid(
             "conv3x3_wg_e4m3",
             format!("no E4M3 build {build:?} (N = 128 only)"),
@@ -264,8 +273,8 @@ fn e4m3_kernel(build: ConvWgBuild) -> Result<&'static str> {
 enum Kind {
     /// FP16 in and out.
     Half,
-    /// E4M3 in; out E4M3 when true, else FP16.
-    E4m3 { out_e4m3: bool },
+    /// E4M3 in; out E4M3 when `out_e4m3`, else FP16; the 2×2 max-pool of it when `pool`.
+    E4m3 { out_e4m3: bool, pool: bool },
     /// FP16 in, the 2×2 max-pool out.
     Pool,
 }
@@ -284,10 +293,10 @@ fn wg_launch(
     let e4m3 = matches!(kind, Kind::E4m3 { .. });
     let op = match kind {
         Kind::Pool => build.pool_kernel(),
-        Kind::E4m3 { .. } => e4m3_kernel(build)?,
+        Kind::E4m3 { pool, .. } => e4m3_kernel(build, pool)?,
         Kind::Half => build.kernel(),
     };
-    let pool = kind == Kind::Pool;
+    let pool = matches!(kind, Kind::Pool | Kind::E4m3 { pool: true, .. });
     if pool && (h < 2 || w < 2) {
         return Err(invalid(
             op,
@@ -344,7 +353,14 @@ fn wg_launch(
     args.extend([I32(n_i), I32(h_i), I32(w_i), I32(cin_i), I32(cout_i)]);
     match kind {
         Kind::Half => args.extend([I32(relu as i32), Write(3)]),
-        Kind::E4m3 { out_e4m3 } => args.extend([I32(relu as i32), I32(out_e4m3 as i32), Write(5)]),
+        Kind::E4m3 {
+            out_e4m3,
+            pool: false,
+        } => args.extend([I32(relu as i32), I32(out_e4m3 as i32), Write(5)]),
+        Kind::E4m3 {
+            out_e4m3,
+            pool: true,
+        } => args.extend([I32(out_e4m3 as i32), Write(5)]),
         Kind::Pool => args.push(Write(3)),
     }
     Ok(KernelLaunch {
@@ -452,7 +468,7 @@ impl Kernels {
 
     /// [`conv3x3_wg_e4m3_launch`] of `build` (one of [`ConvWgBuild::E4M3`], the filter packed
     /// for it) on device addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
-    /// (`e4m3_out`) E4M3 (`y.1` elements of its type), so that the codes may sit in the first
+    /// (`e4m3_out`) E4M3 (`y.1` elements of its type; `how` = (relu, e4m3_out, pool)), so that the codes may sit in the first
     /// bytes of an FP16 buffer; on at most `max_blocks` blocks when given. An error without
     /// sm_90a kernels or the shared memory, or an `x` or packed filter not 16-byte aligned.
     ///
@@ -468,11 +484,11 @@ impl Kernels {
         (descale, mult): (&M, &M),
         nhw: [usize; 3],
         chans: [usize; 2],
-        (relu, e4m3_out): (bool, bool),
+        how: (bool, bool, bool),
         (y, y_len): (u64, usize),
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = e4m3_kernel(build)?;
+        let op = e4m3_kernel(build, how.2)?;
         let lens = [
             x_len,
             wpack.len(),
@@ -482,7 +498,7 @@ impl Kernels {
             y_len,
         ];
         let limits = self.limits_on(max_blocks);
-        let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, relu, e4m3_out, &limits)?;
+        let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, how, &limits)?;
         let (f_p, _f) = wpack.device_ptr(stream);
         aligned16(op, [("x", x), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
@@ -507,7 +523,7 @@ mod tests {
         assert_eq!(ConvWgBuild::for_layer(48, 128, false), None);
         assert_eq!(ConvWgBuild::for_layer(64, 256, true), Some(N128));
         assert_eq!(ConvWgBuild::E4M3, [N128, N128Pair]);
-        assert!(N256.e4m3_kernel().is_none() && N256Pair.e4m3_kernel().is_none());
+        assert!(N256.e4m3_kernel(false).is_none() && N256Pair.e4m3_kernel(true).is_none());
         assert_eq!(ConvWgBuild::for_layer(64, 64, true), None);
         assert_eq!(ConvWgBuild::for_layer(32, 256, true), None);
         assert_eq!((N128.smem(), N256.smem()), (198_144, 197_632));

@@ -103,6 +103,8 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_wg_n256",
     "conv3x3_wg_e4m3_n128",
     "conv3x3_wg_e4m3_n128_pair",
+    "conv3x3_wg_e4m3_pool_n128",
+    "conv3x3_wg_e4m3_pool_n128_pair",
     "conv3x3_wg_pool_n128",
     "conv3x3_wg_pool_n256",
     "conv3x3_wg_n128_pair",
