@@ -129,11 +129,25 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
     };
     // A conv run with the max-pool after it in one kernel (where forwards fuse them): its ms
     // holds the pool's too, and the pool's own is only the gap between two timing events.
-    let fused = |stage: usize| -> Option<&Value> {
-        backend["fused_pools"]["layers"].as_array().and_then(|l| {
+    // The kernel that ran conv stage `stage` with the max-pool after it (FP16, or FP8 as the
+    // route ran it), and the two apart (ms).
+    let fused = |stage: usize| -> Option<(Value, f64)> {
+        let fp16 = backend["fused_pools"]["layers"].as_array().and_then(|l| {
             l.iter()
                 .find(|f| f["stage"] == json!(stage) && f["fused"] == json!(true))
-        })
+        });
+        let apart =
+            |f: &Value| f["conv_ms"].as_f64().unwrap_or(0.0) + f["pool_ms"].as_f64().unwrap_or(0.0);
+        let fp8 = || {
+            let l = backend["fp8_fused_pools"].as_array()?;
+            let f = l.iter().find(|f| f["stage"] == json!(stage))?;
+            let o = f["outs"]
+                .as_array()?
+                .iter()
+                .find(|o| o["runs"] == json!(true))?;
+            Some((o["algo"].clone(), o["apart_ms"].as_f64().unwrap_or(0.0)))
+        };
+        fp16.map(|f| (f["algo"].clone(), apart(f))).or_else(fp8)
     };
     Ok(costs
         .iter()
@@ -176,12 +190,11 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                     v["e4m3_out_plan"] = p["e4m3_out"].clone();
                 }
             }
-            if let Some(f) = fused(i) {
-                v["algo"] = f["algo"].clone();
+            let with_pool = fused(i);
+            if let Some((algo, apart_ms)) = &with_pool {
+                v["algo"] = algo.clone();
                 v["with_pool"] = json!(costs.get(i + 1).map(|p| &p.name));
-                v["apart_ms"] = json!(round3(
-                    f["conv_ms"].as_f64().unwrap_or(0.0) + f["pool_ms"].as_f64().unwrap_or(0.0)
-                ));
+                v["apart_ms"] = json!(round3(*apart_ms));
             }
             // Under FP8: how this stage ran (FP8 or not, its activations E4M3 or FP16).
             if let Some(route) = backend["fp8_route"].as_object() {
@@ -198,7 +211,7 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                         true => v["fp8_algo"].clone(),
                         false => v["fp8_half_algo"].clone(),
                     };
-                    if has("fp8", i) && !form.is_null() {
+                    if has("fp8", i) && !form.is_null() && with_pool.is_none() {
                         v["fp16_algo"] = v["algo"].clone();
                         v["algo"] = form;
                     }

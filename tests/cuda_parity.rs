@@ -1042,6 +1042,18 @@ fn fp8_twin_case(
                 c.stage
             );
         }
+        // Each block's last conv that runs FP8 runs with its pool, by the pooled E4M3 build
+        // (preferred: kept whatever its time), in the format the route writes; the twin below
+        // computes them apart, which pooling's commuting with the rounding makes the same.
+        let pools = &report["fp8_fused_pools"];
+        println!("FP8 fused pools: {pools}");
+        for f in pools.as_array().expect("fp8_fused_pools") {
+            let stage = f["stage"].as_u64().expect("stage") as usize;
+            let runs = f["outs"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o["runs"] == true));
+            assert_eq!(runs, route.fp8.contains(&stage), "stage {stage}: {f}");
+        }
     }
     for &stage in keep {
         assert!(

@@ -126,11 +126,18 @@ impl Net {
 
     /// The shape with the conv + pool pairs `fused` says run as one kernel.
     fn shape_with<'a>(&'a self, fused: &'a [bool]) -> PlanShape<'a> {
+        self.shape_fused(fused, &[])
+    }
+
+    /// The same, and the FP8 convs + pools `fp8_fused` says run as one kernel (per output
+    /// format).
+    fn shape_fused<'a>(&'a self, fused: &'a [bool], fp8_fused: &'a [[bool; 2]]) -> PlanShape<'a> {
         PlanShape {
             is_conv: &self.is_conv,
             dims: &self.dims,
             fp8_filters: &self.capable,
             fused_pool: fused,
+            fp8_fused_pool: fp8_fused,
         }
     }
 
@@ -698,42 +705,64 @@ impl<'n> Device<'n> {
                 }
                 self.last_out = Some(y);
             }
-            Step::ConvPool { stage, rows, x, y } => {
+            Step::ConvPool {
+                stage,
+                rows,
+                route,
+                x,
+                y,
+            } => {
                 if !net.is_conv[stage] || net.is_conv.get(stage + 1) != Some(&false) {
                     return Err("a fused conv + pool on other stages".into());
                 }
                 let (d, pooled) = (net.dims[stage], net.dims[stage + 1]);
-                need(x, Format::F16)?;
-                need(y, Format::F16)?;
+                // FP16 in and out, or (an FP8 route) E4M3 in, out as the route says.
+                let e4m3 = |yes: bool| if yes { Format::E4m3 } else { Format::F16 };
+                need(x, e4m3(route.fp8))?;
+                need(y, e4m3(route.fp8 && route.e4m3_out))?;
+                if !route.fp8 && (route.e4m3_in || route.e4m3_out) {
+                    return Err("an FP16 conv + pool on E4M3".into());
+                }
                 exact(x, rows * d.in_len())?;
                 exact(y, rows * pooled.out_len())?;
-                Self::io(x, y)?;
+                if x.buf != Buf::Fp8Input {
+                    Self::io(x, y)?;
+                }
                 // The kernel copies its input in 16-byte chunks.
                 if x.at % 16 != 0 {
                     return Err(format!("{x:?}: a fused conv input not 16-byte aligned"));
                 }
-                let (bytes, _) = self.read(x)?;
+                let (bytes, held) = self.read(x)?;
+                if route.fp8 && held != Held::E4m3At(stage) {
+                    return Err(format!(
+                        "an FP8 conv + pool at stage {stage} reading codes of {held:?}"
+                    ));
+                }
                 self.consume(x);
+                let values: Vec<f32> = match x.format {
+                    Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
+                    Format::F16 => f16_values(&bytes),
+                };
                 let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
-                let route = StageRoute {
-                    conv: true,
-                    ..StageRoute::default()
+                let conv_route = match route.fp8 {
+                    true => route,
+                    false => StageRoute {
+                        conv: true,
+                        ..StageRoute::default()
+                    },
                 };
-                let conv = match conv_stage(
-                    net,
-                    stage,
-                    rows,
-                    route,
-                    false,
-                    &f16_values(&bytes),
-                    &scales,
-                ) {
-                    Activations::F16(v) => v,
-                    Activations::E4m3(_) => return Err("an FP16 conv wrote codes".into()),
-                };
-                // What the kernel computes: the conv's FP16 values, pooled.
-                let v = pool(&conv, rows, &pooled, |a, b| if b > a { b } else { a });
-                self.write(y, bytemuck::cast_slice(&v), Held::F16)?;
+                // What the kernel computes: the conv's values in its output type, pooled.
+                match conv_stage(net, stage, rows, conv_route, false, &values, &scales) {
+                    Activations::F16(conv) => {
+                        let v = pool(&conv, rows, &pooled, |a, b| if b > a { b } else { a });
+                        self.write(y, bytemuck::cast_slice(&v), Held::F16)?;
+                    }
+                    Activations::E4m3(codes) => {
+                        let next = route.next.ok_or("an E4M3 output with no next conv")?;
+                        let v = pool(&codes, rows, &pooled, max_e4m3);
+                        self.write(y, &v, Held::E4m3At(next))?;
+                    }
+                }
                 self.last_out = Some(y);
                 self.fused_conv = Some(stage);
             }
@@ -1238,6 +1267,52 @@ fn fused_pools_match_the_reference() {
         let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);
         assert_same(&out, Format::F16, want.out(), &what);
         assert_stages(&dev, &want, &what);
+    }
+    // FP8 convs with their pools in one kernel (the pooled E4M3 build) where the shape has it
+    // for the output the route writes: whole and in sub-batches (blocks 1–2's last pool, E4M3,
+    // packed by the fused kernel as it would be by the pool). Every conv that may runs FP8,
+    // E4M3 between; then stage 4 with an FP16-output plan only (fused, FP16 out), and the same
+    // with a shape that has the E4M3-output build only (stage 4 keeps its pool apart).
+    let fp8_pools = |p: &FeaturePlan| {
+        step_stages(p, |s| match *s {
+            Step::ConvPool { stage, route, .. } if route.fp8 => Some(stage),
+            _ => None,
+        })
+    };
+    let half_only = Fp8Forms {
+        half_out: true,
+        ..Fp8Forms::default()
+    };
+    let both_formats: Vec<[bool; 2]> = fused.iter().map(|&f| [f, f]).collect();
+    let e4m3_only: Vec<[bool; 2]> = fused.iter().map(|&f| [false, f]).collect();
+    for (forms, fp8_fused) in [
+        ([BOTH; 6], &both_formats),
+        ([BOTH, BOTH, BOTH, half_only, BOTH, BOTH], &both_formats),
+        ([BOTH, BOTH, BOTH, half_only, BOTH, BOTH], &e4m3_only),
+    ] {
+        let routes = plan::route_preferring(&net_forms(&net, forms), &net.capable);
+        let shape8 = net.shape_fused(&fused, fp8_fused);
+        let fused8: Vec<usize> = (0..n)
+            .filter(|&i| fused[i] && routes[i].fp8 && fp8_fused[i][routes[i].e4m3_out as usize])
+            .collect();
+        assert!(!fused8.is_empty(), "{routes:?}");
+        for sub in [None, Some(2), Some(4)] {
+            let what = format!("FP8 fused pools {fp8_fused:?}, routes {routes:?}, sub {sub:?}");
+            let prefix = sub.map(|rows| Prefix { end, rows });
+            let p = plan::features(&shape8, MASK_ROWS, prefix, Some(&routes), None).unwrap();
+            let chunks = sub.map_or(1, |r| MASK_ROWS / r);
+            let mut want: Vec<usize> = Vec::new();
+            for _ in 0..chunks {
+                want.extend(fused8.iter().filter(|&&s| sub.is_some() && s < end));
+            }
+            want.extend(fused8.iter().filter(|&&s| sub.is_none() || s >= end));
+            assert_eq!(fp8_pools(&p), want, "{what}");
+            dev.forward(&p, &x, 0);
+            let want = reference(&net, &x, MASK_ROWS, Some(&routes), None, &scales);
+            let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);
+            assert_same(&out, Format::F16, want.out(), &what);
+            assert_stages(&dev, &want, &what);
+        }
     }
     // Base forwards: a captured conv or pool keeps its pair apart; every FP8 input is measured.
     for (cap, want) in [

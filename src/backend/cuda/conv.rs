@@ -208,6 +208,9 @@ pub(super) struct ConvPlans {
     /// `--precision fp8`, per (pool stage, rows): the max-pool's ms on FP16 values and on E4M3
     /// codes ([`time_fp8_passes`]).
     pool_ms: HashMap<(usize, usize), [f32; 2]>,
+    /// `--precision fp8`: the FP8 convs tried with their max-pool in one kernel
+    /// ([`time_fp8_passes`]), kept or not.
+    pub fp8_fused_pools: Vec<Fp8FusedPool>,
 }
 
 impl ConvPlans {
@@ -238,12 +241,29 @@ impl ConvPlans {
             identity: false,
         };
         let mut costs = *self.fp8_costs.get(&key)?;
+        // (Negative where a fused kernel is kept though slower: preferred, in tests.)
         if let Some(f) = self.fused_pools.iter().find(|f| f.stage == stage && f.kept) {
-            // (Negative where the fused kernel is kept though slower: preferred, in tests.)
             let saves = f.conv_ms + f.pool_ms - f.ms;
             costs.fused_pool_saves = saves * rows as f32 / f.rows as f32;
         }
+        if let Some(f) = self.fp8_fused_pools.iter().find(|f| f.stage == stage) {
+            for (saves, out) in costs.fp8_pool_saves.iter_mut().zip(&f.outs) {
+                if let Some(o) = out.as_ref().filter(|o| o.kept) {
+                    *saves = (o.apart_ms - o.ms) * rows as f32 / f.rows as f32;
+                }
+            }
+        }
         Some(StageCosts::Conv(costs))
+    }
+
+    /// The pooled E4M3 build that runs FP8 conv stage `stage` with its max-pool, per output
+    /// format (FP16, E4M3), where it was kept.
+    pub fn fp8_pool_fused(&self, stage: usize) -> [Option<ConvWgBuild>; 2] {
+        let f = self.fp8_fused_pools.iter().find(|f| f.stage == stage);
+        [0, 1].map(|i| {
+            let out = f.and_then(|f| f.outs[i].as_ref());
+            out.filter(|o| o.kept).map(|o| o.build)
+        })
     }
 
     /// The FP8 plans of `key` a forward may run.
@@ -830,6 +850,7 @@ pub(super) fn plan_all(
                 fp8_e4m3_out: e4m3.as_ref().map(|p| p.1),
                 convert: None,
                 fused_pool_saves: 0.0,
+                fp8_pool_saves: [0.0; 2],
             };
             out.fp8_costs.insert(key, costs);
         }
@@ -912,7 +933,7 @@ impl Fp8Run<'_> {
     ///
     /// # Safety
     /// `input` must hold the layer's input and `y` its output at `dims` in their types, apart.
-    unsafe fn execute_wg(
+    pub(super) unsafe fn execute_wg(
         &mut self,
         dev: &Dev,
         (build, layer): (ConvWgBuild, &DevConv),
@@ -1245,6 +1266,26 @@ pub(super) struct FusedPool {
     pub kept: bool,
 }
 
+/// An FP8 conv tried with the max-pool after it in one kernel (the pooled E4M3 wgmma build), at
+/// `rows` rows (the full mask batch), per output format (FP16, E4M3).
+#[derive(Clone, Debug)]
+pub(super) struct Fp8FusedPool {
+    pub stage: usize,
+    pub rows: usize,
+    pub outs: [Option<Fp8FusedOut>; 2],
+}
+
+/// One output format of an [`Fp8FusedPool`]: the fastest build and its time, the conv's FP8 form
+/// of that output plus the pool on it apart, and whether forwards may run it (faster, or the
+/// hand-written convs preferred).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Fp8FusedOut {
+    pub build: ConvWgBuild,
+    pub ms: f32,
+    pub apart_ms: f32,
+    pub kept: bool,
+}
+
 /// After [`plan_all`]: every post-ReLU conv followed by a max-pool that the fused kernel can run
 /// is timed in each build at `rows` rows (the full mask batch) against its chosen plan's time
 /// plus the pool's, on the arena `bufs` (random input in the first), and recorded in
@@ -1349,23 +1390,122 @@ fn fused_choice(
     (variant, ms, prefer || ms < apart_ms)
 }
 
-/// After [`plan_all`], under `--precision fp8`: the passes a route weighs besides the convs, timed
-/// at every masked-forward batch size `rows` on the arena `bufs` (random data) — each FP8
-/// layer's input quantized (FP16 → E4M3) and dequantized (E4M3 → FP16), each max-pool on FP16
-/// values and on E4M3 codes — into the keys' route costs (and their plan choices, for the
-/// report) and `plans.pool_ms`.
+/// After [`plan_all`] and [`plan_fused_pools`], under `--precision fp8`: the passes a route
+/// weighs besides the convs, timed at every masked-forward batch size `rows` on the arena `bufs`
+/// (random data) — each FP8 layer's input quantized (FP16 → E4M3) and dequantized (E4M3 →
+/// FP16), each max-pool on FP16 values and on E4M3 codes — into the keys' route costs (and their
+/// plan choices, for the report) and `plans.pool_ms`; then, at the full mask batch `rows_max`,
+/// each FP8 conv before a pool in the pooled E4M3 builds that passed their checks, against its
+/// FP8 form and the pool apart (`plans.fp8_fused_pools`). `next_fp8`: per stage, the next conv
+/// that may run FP8 (whose multiplier an E4M3 output is at).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn time_fp8_passes(
     dev: &Dev,
     kernels: &Kernels,
-    convs: &[Option<DevConv>],
-    dims: &[StageDims],
+    (convs, dims): (&[Option<DevConv>], &[StageDims]),
+    (rows, rows_max): (&[usize], usize),
+    (direct, checks): (DirectUse, &mut DirectChecks),
+    (state, next_fp8): (&mut Fp8State, &[Option<usize>]),
+    bufs: &mut [CudaSlice<f16>; 2],
+    plans: &mut ConvPlans,
+) -> Result<()> {
+    let timer = EventPair::new(dev)?;
+    time_conversions(
+        dev,
+        &timer,
+        kernels,
+        (convs, dims),
+        rows,
+        state,
+        bufs,
+        plans,
+    )?;
+    for (stage, layer) in convs.iter().enumerate() {
+        let Some(layer) = layer else { continue };
+        let key = ConvKey {
+            stage,
+            rows: rows_max,
+            identity: false,
+        };
+        let pooled = convs.get(stage + 1).is_some_and(Option::is_none);
+        let (Some(costs), Some(&pool_ms)) = (
+            plans.fp8_costs.get(&key),
+            plans.pool_ms.get(&(stage + 1, rows_max)),
+        ) else {
+            continue;
+        };
+        if !pooled {
+            continue;
+        }
+        let forms = [costs.fp8, costs.fp8_e4m3_out];
+        let builds = fp8_wg_builds(direct, checks, dev, kernels, layer, state, stage)?;
+        if builds.is_empty() {
+            continue;
+        }
+        let d = dims[stage];
+        let n = rows_max * d.in_len();
+        let [bx, by] = &*bufs;
+        state.quantize_input(kernels, &dev.stream, stage, &bx.slice(..n))?;
+        let (x8, y) = (ptr(&state.x8, &dev.stream), ptr(by, &dev.stream));
+        let mut outs = [None; 2];
+        for (i, out) in outs.iter_mut().enumerate() {
+            let (Some(form_ms), e4m3_out) = (forms[i], i == 1) else {
+                continue;
+            };
+            let mut best: Option<(ConvWgBuild, f32)> = None;
+            for &build in &builds {
+                let op = format!("timing the FP8 conv + pool {build:?} (stage {stage})");
+                let mut run = Fp8Run {
+                    kernels,
+                    state: &mut *state,
+                    stage,
+                    next: next_fp8.get(stage).copied().flatten(),
+                };
+                let ms = time_launch(dev, &timer, &op, || {
+                    let dims = [rows_max, d.in_h, d.in_w];
+                    // SAFETY: the FP8 input buffer holds the stage's quantized input; the arena's
+                    // second buffer holds ≥ rows_max rows of its (pooled) output.
+                    unsafe {
+                        let input = ConvInput::E4m3(x8);
+                        run.execute_wg(dev, (build, layer), input, y, dims, (e4m3_out, true))
+                    }
+                })?;
+                if best.is_none_or(|b| ms < b.1) {
+                    best = Some((build, ms));
+                }
+            }
+            if let Some((build, ms)) = best {
+                let apart_ms = form_ms + pool_ms[i];
+                let kept = ms < apart_ms || direct == DirectUse::Prefer;
+                *out = Some(Fp8FusedOut {
+                    build,
+                    ms,
+                    apart_ms,
+                    kept,
+                });
+            }
+        }
+        plans.fp8_fused_pools.push(Fp8FusedPool {
+            stage,
+            rows: rows_max,
+            outs,
+        });
+    }
+    Ok(())
+}
+
+/// [`time_fp8_passes`]'s conversion passes and pools.
+#[allow(clippy::too_many_arguments)]
+fn time_conversions(
+    dev: &Dev,
+    timer: &EventPair,
+    kernels: &Kernels,
+    (convs, dims): (&[Option<DevConv>], &[StageDims]),
     rows: &[usize],
     state: &mut Fp8State,
     bufs: &mut [CudaSlice<f16>; 2],
     plans: &mut ConvPlans,
 ) -> Result<()> {
-    let timer = EventPair::new(dev)?;
     for &r in rows {
         for (stage, d) in dims.iter().enumerate() {
             let [bx, by] = &mut *bufs;
@@ -1373,11 +1513,11 @@ pub(super) fn time_fp8_passes(
                 // The pool's input is the conv's output before it: the arena holds it either way.
                 let (n, m) = (r * d.in_len(), r * d.out_len());
                 let op = format!("timing the max-pool of stage {stage} (batch {r})");
-                let f16_ms = time_launch(dev, &timer, &op, || {
+                let f16_ms = time_launch(dev, timer, &op, || {
                     let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
                     kernels.maxpool2(&dev.stream, &x, r, d.in_h, d.in_w, d.in_c, &mut y)
                 })?;
-                let e4m3_ms = time_launch(dev, &timer, &op, || {
+                let e4m3_ms = time_launch(dev, timer, &op, || {
                     let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
                     // SAFETY: the first n (m) bytes of buffers of n (m) FP16 values; any byte is
                     // a valid u8.
@@ -1400,10 +1540,10 @@ pub(super) fn time_fp8_passes(
             }
             let n = r * d.in_len();
             let op = format!("timing the FP8 conversion passes of stage {stage} (batch {r})");
-            let quantize = time_launch(dev, &timer, &op, || {
+            let quantize = time_launch(dev, timer, &op, || {
                 state.quantize_input(kernels, &dev.stream, stage, &bx.slice(..n))
             })?;
-            let dequantize = time_launch(dev, &timer, &op, || {
+            let dequantize = time_launch(dev, timer, &op, || {
                 let codes = state.x8.slice(..n);
                 let mut y = by.slice_mut(..n);
                 let m = state.multiplier(stage);

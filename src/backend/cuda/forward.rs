@@ -12,7 +12,7 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use half::f16;
 
 use super::blas;
-use super::conv::{ConvInput, ConvKey, ConvRun};
+use super::conv::{ConvInput, ConvKey, ConvRun, Fp8Run};
 use super::conv_direct;
 use super::cudnn::{self, ActDesc};
 use super::device::{blas_err, drv_err, ptr, verbose, Dev};
@@ -233,11 +233,15 @@ impl Pass<'_> {
         let fused_pool: Vec<bool> = (0..features.len())
             .map(|i| self.prep.convs.pool_fused(i).is_some())
             .collect();
+        let fp8_fused_pool: Vec<[bool; 2]> = (0..features.len())
+            .map(|i| self.prep.convs.fp8_pool_fused(i).map(|b| b.is_some()))
+            .collect();
         build(&PlanShape {
             is_conv: &is_conv,
             dims: &self.prep.dims,
             fp8_filters: &fp8_filters,
             fused_pool: &fused_pool,
+            fp8_fused_pool: &fp8_fused_pool,
         })
     }
 
@@ -367,8 +371,46 @@ impl Pass<'_> {
             Step::ConvPool {
                 stage,
                 rows,
+                route,
                 x: xs,
                 y: ys,
+            } if route.fp8 => {
+                let layer = conv_layer(self.dm, stage)?;
+                let build = convs.fp8_pool_fused(stage)[route.e4m3_out as usize];
+                let (Some(build), Some(f)) = (build, fp8.as_mut()) else {
+                    return Err(Error::Invalid(format!(
+                        "stage {stage}: no FP8 conv + pool planned"
+                    )));
+                };
+                // E4M3 codes: the FP8 input buffer's, or the previous stage's in the arena.
+                let x = match xs.buf {
+                    Buf::Fp8Input => ptr(
+                        &f.x8.try_slice(xs.bytes()).ok_or_else(|| out_of_range(xs))?,
+                        stream,
+                    ),
+                    _ => ptr(&io(x, bufs, xs, ys)?.0, stream),
+                };
+                let y = ptr(&view_mut(bufs, ys)?, stream);
+                let d = dims[stage];
+                let dims = [rows, d.in_h, d.in_w];
+                let mut run = Fp8Run {
+                    kernels,
+                    state: f,
+                    stage,
+                    next: route.next,
+                };
+                let (input, out) = (ConvInput::E4m3(x), (route.e4m3_out, true));
+                // SAFETY: the plan's spans: `x` the stage's E4M3 input, `y` its pooled output in
+                // the other buffer (io checked them apart), nothing else using `y` until the
+                // launch is done.
+                unsafe { run.execute_wg(self.dev, (build, layer), input, y, dims, out) }?;
+            }
+            Step::ConvPool {
+                stage,
+                rows,
+                x: xs,
+                y: ys,
+                ..
             } => {
                 let layer = conv_layer(self.dm, stage)?;
                 let variant = convs.pool_fused(stage).ok_or_else(|| {

@@ -140,6 +140,7 @@ impl Fp8Forms {
             fp8_e4m3_out: free(self.e4m3_out),
             convert: capable.then_some([1.0, 1.0]),
             fused_pool_saves: 0.0,
+            fp8_pool_saves: [0.0; 2],
         }
     }
 }
@@ -162,6 +163,8 @@ pub struct ConvCosts {
     /// What running it with the max-pool after it as one kernel saves (FP16 in and out, where
     /// that kernel was kept).
     pub fused_pool_saves: f32,
+    /// The same for the FP8 conv, by output format (FP16, E4M3): the pooled E4M3 build.
+    pub fp8_pool_saves: [f32; 2],
 }
 
 /// What running one feature stage costs in each way (see [`route`]).
@@ -191,6 +194,7 @@ impl StageCosts {
                 fp8_e4m3_out: x(c.fp8_e4m3_out),
                 convert: c.convert.map(|[q, d]| [q * k, d * k]),
                 fused_pool_saves: c.fused_pool_saves * k,
+                fp8_pool_saves: c.fp8_pool_saves.map(|v| v * k),
             }),
         }
     }
@@ -216,7 +220,8 @@ pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
 /// over the two formats an activation can have between stages (FP16, or E4M3 at the next conv's
 /// multiplier). Each conv runs FP16 or FP8 and writes either format where it has such a plan;
 /// an input in the other format costs its conversion pass; a pool keeps its input's format at
-/// that format's cost; an FP16 conv + pool on FP16 may save the fused kernel's time. An E4M3
+/// that format's cost; a conv + pool may save a fused kernel's time (FP16 on FP16, or FP8 into
+/// either format). An E4M3
 /// activation only enters a conv that has FP8 filters (its scale is measured), an FP8 conv has
 /// them too, and the features end FP16 (the head reads them). Returns the routes and their total
 /// cost; of equal costs into one state, the first offered stays (FP16 input first, then the
@@ -263,11 +268,15 @@ pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
                         offer(E4M3, false, into_fp16 + ms);
                     }
                     // (FP8 quantizes its input at its own scale: only with FP8 filters.)
+                    let fused8 = |fout: usize| match pooled_next {
+                        true => c.fp8_pool_saves[fout],
+                        false => 0.0,
+                    };
                     if let (Some(ms), true) = (c.fp8, c.convert.is_some()) {
-                        offer(F16, true, into_fp8 + ms);
+                        offer(F16, true, into_fp8 + ms - fused8(F16));
                     }
                     if let (Some(ms), true) = (c.fp8_e4m3_out, c.convert.is_some()) {
-                        offer(E4M3, true, into_fp8 + ms);
+                        offer(E4M3, true, into_fp8 + ms - fused8(E4M3));
                     }
                 }
             }
@@ -447,10 +456,12 @@ pub enum Step {
         y: Span,
     },
     /// Conv stage `stage` (+ bias, + ReLU) and the 2×2 max-pool of stage `stage + 1` in one
-    /// kernel, on `rows` rows: FP16 `x`, the pooled FP16 `y`.
+    /// kernel, on `rows` rows, as `route` says: FP16 `x`, the pooled FP16 `y`; or (an FP8 route)
+    /// E4M3 `x`, `y` FP16 or E4M3 at stage `route.next`'s multiplier.
     ConvPool {
         stage: usize,
         rows: usize,
+        route: StageRoute,
         x: Span,
         y: Span,
     },
@@ -483,6 +494,9 @@ pub struct PlanShape<'a> {
     /// Per feature stage: a conv that runs with the max-pool after it in one kernel where the
     /// forward allows (FP16 in and out, neither captured); empty: none.
     pub fused_pool: &'a [bool],
+    /// Per feature stage: a conv that runs FP8 with the max-pool after it in one kernel where
+    /// its route writes FP16 (`[0]`) or E4M3 (`[1]`); empty: none.
+    pub fp8_fused_pool: &'a [[bool; 2]],
 }
 
 /// The activations a base forward keeps: stage `stage`'s output (before the ReLU when
@@ -527,6 +541,7 @@ pub fn features(
     let mut p = Planner {
         shape,
         steps: Vec::new(),
+        packed_pool: None,
     };
     let mut first = 0;
     let mut cur = None;
@@ -572,6 +587,7 @@ pub fn prefix(
     let mut p = Planner {
         shape,
         steps: Vec::new(),
+        packed_pool: None,
     };
     let out = p.prefix(rows, end, sub, routes)?;
     Ok(FeaturePlan {
@@ -583,16 +599,19 @@ pub fn prefix(
 fn check_shape(shape: &PlanShape<'_>, routes: Option<&[StageRoute]>) -> Result<()> {
     let n = shape.dims.len();
     let fp8_ok = shape.fp8_filters.is_empty() || shape.fp8_filters.len() == n;
-    let fused_ok = shape.fused_pool.is_empty() || shape.fused_pool.len() == n;
+    let fused_ok = (shape.fused_pool.is_empty() || shape.fused_pool.len() == n)
+        && (shape.fp8_fused_pool.is_empty() || shape.fp8_fused_pool.len() == n);
     let routes_ok = routes.is_none_or(|r| {
         r.len() == n && r.iter().zip(shape.is_conv).all(|(r, &conv)| r.conv == conv)
     });
     if shape.is_conv.len() != n || !fp8_ok || !routes_ok || !fused_ok {
         return Err(Error::Invalid(format!(
-            "forward plan: {n} stages, {} kinds, {} FP8 flags, {} fused-pool flags, {:?} routes",
+            "forward plan: {n} stages, {} kinds, {} FP8 flags, {} + {} fused-pool flags, {:?} \
+             routes",
             shape.is_conv.len(),
             shape.fp8_filters.len(),
             shape.fused_pool.len(),
+            shape.fp8_fused_pool.len(),
             routes.map(<[_]>::len)
         )));
     }
@@ -602,6 +621,9 @@ fn check_shape(shape: &PlanShape<'_>, routes: Option<&[StageRoute]>) -> Result<(
 struct Planner<'s, 'a> {
     shape: &'s PlanShape<'a>,
     steps: Vec<Step>,
+    /// The pool stage ending sub-batched blocks 1–2 whose E4M3 output is packed (a fused conv
+    /// before it writes there the same way).
+    packed_pool: Option<usize>,
 }
 
 impl Planner<'_, '_> {
@@ -629,13 +651,14 @@ impl Planner<'_, '_> {
         // same buffer, each at its own rows; an E4M3 output of the last stage (a pool) is
         // packed instead, the layout the full batch after it reads as one.
         let chunked = step < rows;
+        let packed_last = |stage: usize| chunked && routes.is_some_and(|r| r[stage].e4m3_out);
+        self.packed_pool = end.checked_sub(1).filter(|&last| packed_last(last));
         let mut cur = None;
         for chunk in 0..rows / step {
             let mut c = None;
             let mut stage = 0;
             while stage < end {
-                let packed =
-                    chunked && stage + 1 == end && routes.is_some_and(|r| r[stage].e4m3_out);
+                let packed = stage + 1 == end && packed_last(stage);
                 let (out, done) = self.stage(stage, c, step, chunk * step, None, routes, packed)?;
                 (c, stage) = (Some(out), done);
             }
@@ -674,7 +697,17 @@ impl Planner<'_, '_> {
             let pooled = self.shape.dims[stage + 1].out_len();
             let y = Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled);
             self.amax(stage, x, capture);
-            self.steps.push(Step::ConvPool { stage, rows, x, y });
+            let route = StageRoute {
+                conv: true,
+                ..StageRoute::default()
+            };
+            self.steps.push(Step::ConvPool {
+                stage,
+                rows,
+                route,
+                x,
+                y,
+            });
             return Ok((next, stage + 2));
         }
         let route = routes.map(|r| r[stage]).unwrap_or_default();
@@ -727,6 +760,21 @@ impl Planner<'_, '_> {
                 }
                 (false, _) => x16,
             };
+            if self.fuses_fp8_pool(stage, capture, routes) {
+                let pooled = self.shape.dims[stage + 1].out_len();
+                let mut y = Span::rows(output, e4m3(route.e4m3_out), row0, rows, pooled);
+                if self.packed_pool == Some(stage + 1) {
+                    y.at = row0 * pooled;
+                }
+                self.steps.push(Step::ConvPool {
+                    stage,
+                    rows,
+                    route,
+                    x,
+                    y,
+                });
+                return Ok((next, stage + 2));
+            }
             let pre = capture.is_some_and(|c| c.pre_relu);
             let y = Span::rows(output, e4m3(route.e4m3_out), row0, rows, out_len);
             self.steps.push(Step::Conv {
@@ -785,6 +833,28 @@ impl Planner<'_, '_> {
             && capture.is_none_or(|c| c.stage != stage && c.stage != stage + 1)
     }
 
+    /// Whether conv stage `stage` runs FP8 with the max-pool after it: its route runs it FP8,
+    /// the shape has the pooled build for the format it writes, nothing captured.
+    fn fuses_fp8_pool(
+        &self,
+        stage: usize,
+        capture: Option<CaptureAt>,
+        routes: Option<&[StageRoute]>,
+    ) -> bool {
+        let sh = self.shape;
+        let Some(r) = routes.map(|r| r[stage]) else {
+            return false;
+        };
+        r.conv
+            && r.fp8
+            && sh.is_conv.get(stage + 1) == Some(&false)
+            && sh
+                .fp8_fused_pool
+                .get(stage)
+                .is_some_and(|f| f[r.e4m3_out as usize])
+            && capture.is_none()
+    }
+
     /// A base forward measures the FP8 layers' inputs (the real rows only): stage `stage`'s FP16
     /// input `x16`.
     fn amax(&mut self, stage: usize, x16: Span, capture: Option<CaptureAt>) {
@@ -829,6 +899,7 @@ mod tests {
             fp8_e4m3_out,
             convert: Some(convert),
             fused_pool_saves: 0.0,
+            fp8_pool_saves: [0.0; 2],
         })
     }
 
@@ -875,12 +946,12 @@ mod tests {
                     };
                     let fused = !r.fp8 && !e4m3 && !r.e4m3_out;
                     let pooled = matches!(stages.get(i + 1), Some(StageCosts::Pool { .. }));
-                    form + convert
-                        - if fused && pooled {
-                            c.fused_pool_saves
-                        } else {
-                            0.0
-                        }
+                    let saves = match (pooled, r.fp8) {
+                        (true, true) => c.fp8_pool_saves[r.e4m3_out as usize],
+                        (true, false) if fused => c.fused_pool_saves,
+                        _ => 0.0,
+                    };
+                    form + convert - saves
                 }
             };
             e4m3 = r.e4m3_out;
@@ -1030,6 +1101,7 @@ mod tests {
                         fp8_e4m3_out: g.maybe(1).filter(|_| capable),
                         convert: capable.then(|| [g.ms() / 4.0, g.ms() / 4.0]),
                         fused_pool_saves: if g.below(3) == 0 { g.ms() / 4.0 } else { 0.0 },
+                        fp8_pool_saves: [g.ms() / 8.0, g.ms() / 8.0],
                     })
                 })
                 .collect();

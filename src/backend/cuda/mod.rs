@@ -1197,6 +1197,23 @@ impl Backend for CudaBackend {
                     "fused": f.kept && forward_plan::pair_runs_fp16(routes.as_deref(), f.stage),
                 })).collect::<Vec<_>>(),
             },
+            // Under --precision fp8: FP8 convs tried with their max-pool in one kernel (the
+            // pooled E4M3 wgmma build), per output format, against the conv's FP8 form and the
+            // pool apart, at the full mask batch; `runs`: that batch's route runs it.
+            "fp8_fused_pools": p.convs.fp8_fused_pools.iter().map(|f| {
+                let route = routes.as_deref().and_then(|r| r.get(f.stage).copied());
+                let outs: Vec<_> = f.outs.iter().zip(["fp16", "e4m3"]).enumerate()
+                    .filter_map(|(i, (o, format))| o.map(|o| json!({
+                        "out": format,
+                        "algo": format!("{} E4M3 pooled {:?}", conv_direct::WG_NAME, o.build),
+                        "ms": o.ms,
+                        "apart_ms": o.apart_ms,
+                        "kept": o.kept,
+                        "runs": o.kept && route.is_some_and(|r| r.fp8 && r.e4m3_out == (i == 1)),
+                    })))
+                    .collect();
+                json!({"stage": f.stage, "pool_stage": f.stage + 1, "rows": f.rows, "outs": outs})
+            }).collect::<Vec<_>>(),
             "graph_api_search": {
                 "fp16": p.convs.graph_search.to_json(),
                 "fp8": p.convs.fp8_search.to_json(),

@@ -249,14 +249,14 @@ impl CudaBackend {
             conv::time_fp8_passes(
                 dev,
                 &self.kernels,
-                &dm.convs,
-                &dims,
-                masks.sizes(),
-                state,
+                (&dm.convs, &dims),
+                (masks.sizes(), plan.max_masks),
+                (self.direct_use, &mut self.direct_check),
+                (state, &next_fp8),
                 &mut bufs,
                 &mut convs,
             )?;
-            lap(&mut setup, "FP8 conversion and pool timing");
+            lap(&mut setup, "FP8 conversion, pool and fused pool timing");
         }
         // A cache that cannot be written costs the next run its plan search, nothing more.
         self.plan_cache_error = self.plan_cache.save().err();
