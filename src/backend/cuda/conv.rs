@@ -740,6 +740,7 @@ pub(super) fn plan_all(
                     layer,
                     f.state,
                     key.stage,
+                    false,
                 )?,
                 false => Vec::new(),
             };
@@ -1091,10 +1092,19 @@ impl<K: Ord + Copy> Checks<K> {
 
 /// The fused conv + pool's checks, per build.
 pub(super) type PoolChecks = Checks<ConvPoolVariant>;
-/// The hand-written conv's checks, per input type, layer shape and build (E4M3 input — the
-/// wgmma conv's FP8 builds —, stored input channels, output channels, the wgmma build or None
-/// for the first conv's kernel): a build the device disagrees with leaves the others used.
-pub(super) type DirectChecks = Checks<(bool, usize, usize, Option<ConvWgBuild>)>;
+/// The hand-written conv's checks, per kind, layer shape and build ([`CheckedAs`], stored input
+/// channels, output channels, the wgmma build or None for the first conv's kernel): a build the
+/// device disagrees with leaves the others used.
+pub(super) type DirectChecks = Checks<(CheckedAs, usize, usize, Option<ConvWgBuild>)>;
+
+/// What a hand-written conv's device check covers: FP16 input; E4M3 input (the wgmma conv's
+/// FP8 builds); E4M3 input with the 2×2 max-pool (their pooled kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum CheckedAs {
+    Half,
+    E4m3,
+    E4m3Pool,
+}
 
 /// The hand-written conv's builds that may run `layer` ([`DirectKernel::candidates`]): not
 /// turned off, the layer's shape and the device their own, and each one's device check for
@@ -1110,7 +1120,7 @@ fn direct_builds(
     let kind = DirectKernel::of(layer, kernels).filter(|_| direct != DirectUse::Off);
     let mut passed = Vec::new();
     for candidate in kind.map(|k| k.candidates(layer)).unwrap_or_default() {
-        let key = (false, layer.cin_s, layer.cout, candidate.build());
+        let key = (CheckedAs::Half, layer.cin_s, layer.cout, candidate.build());
         let fallback = format!("{} is not used", candidate.name());
         if checked(checks.of(key), &fallback, || {
             conv_direct::check_on_device(dev, kernels, layer, candidate)
@@ -1122,9 +1132,10 @@ fn direct_builds(
 }
 
 /// The wgmma conv's E4M3 builds ([`ConvWgBuild::E4M3`]) that may run `layer`'s FP8 forms
-/// (feature stage `stage`): not turned off, the device runs them, the stage has its packed FP8
-/// filter, and each one's device check for layers of this shape passed (once per shape and
-/// build, kept in `checks`).
+/// (feature stage `stage`; `pool`: with the 2×2 max-pool after it): not turned off, the device
+/// runs them, the stage has its packed FP8 filter, and each one's device check (of that kernel)
+/// for layers of this shape passed (once per shape and build, kept in `checks`).
+#[allow(clippy::too_many_arguments)]
 fn fp8_wg_builds(
     direct: DirectUse,
     checks: &mut DirectChecks,
@@ -1133,6 +1144,7 @@ fn fp8_wg_builds(
     layer: &DevConv,
     state: &Fp8State,
     stage: usize,
+    pool: bool,
 ) -> Result<Vec<ConvWgBuild>> {
     let (Some(wpack), Some(codes)) = (&state.wg_filters[stage], &state.filters[stage]) else {
         return Ok(Vec::new());
@@ -1142,10 +1154,16 @@ fn fp8_wg_builds(
         .into_iter()
         .filter(|&b| kernels.runs_conv_wg(b));
     for build in runs.filter(|_| direct != DirectUse::Off) {
-        let key = (true, layer.cin_s, layer.cout, Some(build));
-        let fallback = format!("the FP8 wgmma conv {build:?} is not used");
+        let kind = if pool {
+            CheckedAs::E4m3Pool
+        } else {
+            CheckedAs::E4m3
+        };
+        let key = (kind, layer.cin_s, layer.cout, Some(build));
+        let fallback = format!("the FP8 wgmma conv {build:?} ({kind:?}) is not used");
         if checked(checks.of(key), &fallback, || {
-            conv_direct::check_fp8_on_device(dev, kernels, layer, (build, wpack), codes)
+            let io = ((build, wpack), pool);
+            conv_direct::check_fp8_on_device(dev, kernels, layer, io, codes)
         })? {
             passed.push(build);
         }
@@ -1438,7 +1456,10 @@ pub(super) fn time_fp8_passes(
             continue;
         }
         let forms = [costs.fp8, costs.fp8_e4m3_out];
-        let builds = fp8_wg_builds(direct, checks, dev, kernels, layer, state, stage)?;
+        if forms.iter().all(Option::is_none) {
+            continue;
+        }
+        let builds = fp8_wg_builds(direct, checks, dev, kernels, layer, state, stage, true)?;
         if builds.is_empty() {
             continue;
         }

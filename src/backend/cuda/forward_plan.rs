@@ -738,6 +738,7 @@ impl Planner<'_, '_> {
         let output = Buf::Arena(next);
         let x16 = Span::rows(input, Format::F16, row0, rows, in_len);
         self.amax(stage, x16, capture);
+        let fp8_pooled = self.fuses_fp8_pool(stage, capture, routes);
         let capture = capture.filter(|c| c.stage == stage);
         if self.shape.is_conv[stage] {
             if packed_out {
@@ -760,7 +761,7 @@ impl Planner<'_, '_> {
                 }
                 (false, _) => x16,
             };
-            if self.fuses_fp8_pool(stage, capture, routes) {
+            if fp8_pooled {
                 let pooled = self.shape.dims[stage + 1].out_len();
                 let mut y = Span::rows(output, e4m3(route.e4m3_out), row0, rows, pooled);
                 if self.packed_pool == Some(stage + 1) {

@@ -1162,13 +1162,18 @@ impl Backend for CudaBackend {
             // The hand-written convs (the first conv's; the wgmma conv's on sm_90a, its E4M3
             // builds' under --precision fp8): the use setting and their checks on this device,
             // once per backend, layer shape and build ("8→64", "cin→cout N256Pair", "E4M3
-            // cin→cout N128"), and all together (null: no layer they could run yet).
+            // cin→cout N128", "E4M3 pooled cin→cout N128"), and all together (null: no layer
+            // they could run yet).
             "direct_conv": {
                 "use": format!("{:?}", self.direct_use).to_lowercase(),
                 "check": check_json(&self.direct_check.overall()),
                 "checks": self.direct_check.outcomes()
-                    .map(|((e4m3, cin, cout, build), c)| {
-                        let e4m3 = if e4m3 { "E4M3 " } else { "" };
+                    .map(|((kind, cin, cout, build), c)| {
+                        let e4m3 = match kind {
+                            conv::CheckedAs::Half => "",
+                            conv::CheckedAs::E4m3 => "E4M3 ",
+                            conv::CheckedAs::E4m3Pool => "E4M3 pooled ",
+                        };
                         let build = build.map(|b| format!(" {b:?}")).unwrap_or_default();
                         (format!("{e4m3}{cin}→{cout}{build}"), check_json(c))
                     })
