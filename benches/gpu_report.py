@@ -853,6 +853,18 @@ def graph_search_lines(eng):
                 ", ".join("%s %s" % (k, _short(str(v), 80)) for k, v in checks.items()) or "no build",
                 "; ".join(parts) or "no layer timed"))
             L.append("")
+        f8 = [x for x in (b.get("fp8_fused_pools") or []) if isinstance(x, dict)]
+        if f8:
+            parts = []
+            for x in f8:
+                for o in x.get("outs") or []:
+                    if isinstance(o, dict):
+                        parts.append("stage %s %s out (%s): %s ms vs %s ms apart, %s" % (
+                            x.get("stage"), o.get("out"), o.get("algo"), fmt_ms(_float(o.get("ms"))),
+                            fmt_ms(_float(o.get("apart_ms"))),
+                            "runs" if o.get("runs") else ("kept" if o.get("kept") else "not kept")))
+            L.append("FP8 conv + max-pool in the %s run: %s." % (label, "; ".join(parts) or "none timed"))
+            L.append("")
         # Where the set-up's seconds went (the backend's setup_s: phase, seconds).
         phases = [x for x in (b.get("setup_s") or []) if isinstance(x, dict)]
         if phases:
