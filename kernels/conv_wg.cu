@@ -378,6 +378,17 @@ __device__ __forceinline__ void conv3x3_wg_f16(const f16raw* x, const f16raw* wp
                                            nullptr, nullptr, n, h, w, cin, cout, relu, y);
 }
 
+// The E4M3 builds' entry: the multiplier read only for an E4M3 output.
+template <bool POOL, bool PAIR>
+__device__ __forceinline__ void conv3x3_wg_e8(const unsigned char* x, const unsigned char* wpack,
+                                              const float* bias, const float* descale,
+                                              const float* mult, int n, int h, int w, int cin,
+                                              int cout, int relu, int e4m3_out,
+                                              unsigned char* y) {
+    conv3x3_wg_body<128, true, POOL, PAIR>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n,
+                                           h, w, cin, cout, relu, y);
+}
+
 // sm_90a only (wgmma): elsewhere they trap, and the launcher refuses them first.
 extern "C" __global__ void __launch_bounds__(256, 1)
     conv3x3_wg_n128(const f16raw* __restrict__ x, const f16raw* __restrict__ wpack,
@@ -446,8 +457,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                          const float* __restrict__ descale, const float* __restrict__ mult, int n,
                          int h, int w, int cin, int cout, int relu, int e4m3_out,
                          unsigned char* __restrict__ y) {
-    conv3x3_wg_body<128, true, false, false>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
-                                             n, h, w, cin, cout, relu, y);
+    conv3x3_wg_e8<false, false>(x, wpack, bias, descale, mult, n, h, w, cin, cout, relu, e4m3_out,
+                                y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -456,8 +467,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                               const float* __restrict__ bias, const float* __restrict__ descale,
                               const float* __restrict__ mult, int n, int h, int w, int cin,
                               int cout, int relu, int e4m3_out, unsigned char* __restrict__ y) {
-    conv3x3_wg_body<128, true, false, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
-                                            n, h, w, cin, cout, relu, y);
+    conv3x3_wg_e8<false, true>(x, wpack, bias, descale, mult, n, h, w, cin, cout, relu, e4m3_out,
+                               y);
 }
 
 // E4M3 in, the conv's 2×2 max-pool out (ReLU always; `--precision fp8`, a block's last conv when
@@ -468,8 +479,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                               const float* __restrict__ bias, const float* __restrict__ descale,
                               const float* __restrict__ mult, int n, int h, int w, int cin,
                               int cout, int e4m3_out, unsigned char* __restrict__ y) {
-    conv3x3_wg_body<128, true, true, false>(x, wpack, bias, descale, e4m3_out ? mult : nullptr,
-                                            n, h, w, cin, cout, 1, y);
+    conv3x3_wg_e8<true, false>(x, wpack, bias, descale, mult, n, h, w, cin, cout, 1, e4m3_out, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -479,6 +489,5 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                                    const float* __restrict__ descale,
                                    const float* __restrict__ mult, int n, int h, int w, int cin,
                                    int cout, int e4m3_out, unsigned char* __restrict__ y) {
-    conv3x3_wg_body<128, true, true, true>(x, wpack, bias, descale, e4m3_out ? mult : nullptr, n,
-                                           h, w, cin, cout, 1, y);
+    conv3x3_wg_e8<true, true>(x, wpack, bias, descale, mult, n, h, w, cin, cout, 1, e4m3_out, y);
 }

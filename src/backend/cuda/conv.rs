@@ -752,8 +752,8 @@ pub(super) fn plan_all(
                     stage: key.stage,
                     next,
                 };
-                let shape = ([key.rows, d.in_h, d.in_w], input_e4m3, e4m3_out);
-                time_wg_fp8(dev, &timer, (&wg_builds, layer), run, shape, arena)
+                let shape = ([key.rows, d.in_h, d.in_w], input_e4m3, (e4m3_out, false));
+                time_wg_fp8(dev, &timer, (&wg_builds, layer), run, shape, arena.bufs)
             };
             if let (true, Some(_), None) = (wg, next, f8.wg_e4m3) {
                 f8.wg_e4m3 = Some(wg_timing(true, f.state, &arena)?);
@@ -1153,12 +1153,12 @@ fn fp8_wg_builds(
     let runs = ConvWgBuild::E4M3
         .into_iter()
         .filter(|&b| kernels.runs_conv_wg(b));
+    let kind = if pool {
+        CheckedAs::E4m3Pool
+    } else {
+        CheckedAs::E4m3
+    };
     for build in runs.filter(|_| direct != DirectUse::Off) {
-        let kind = if pool {
-            CheckedAs::E4m3Pool
-        } else {
-            CheckedAs::E4m3
-        };
         let key = (kind, layer.cin_s, layer.cout, Some(build));
         let fallback = format!("the FP8 wgmma conv {build:?} ({kind:?}) is not used");
         if checked(checks.of(key), &fallback, || {
@@ -1172,18 +1172,19 @@ fn fp8_wg_builds(
 }
 
 /// The fastest of the wgmma conv's E4M3 `builds` (those that passed their checks) and its
-/// milliseconds, on `dims` rows of the arena, FP16 or (`e4m3_out`) E4M3 out, with the
-/// quantize pass of its input unless that arrives E4M3 (`input_e4m3`: then quantized once
-/// before), as the graph API's FP8 plans are timed. None: no builds.
+/// milliseconds, on `dims` rows of the arena buffers `bufs` (random data), FP16 or (`e4m3_out`)
+/// E4M3 out (with `pool`, the pooled kernels), with the quantize pass of its input unless that
+/// arrives E4M3 (`input_e4m3`: then quantized once before), as the graph API's FP8 plans are
+/// timed. None: no builds.
 fn time_wg_fp8(
     dev: &Dev,
     timer: &EventPair,
     (builds, layer): (&[ConvWgBuild], &DevConv),
     mut run: Fp8Run<'_>,
-    (dims, input_e4m3, e4m3_out): ([usize; 3], bool, bool),
-    arena: &TuneArena<'_>,
+    (dims, input_e4m3, out): ([usize; 3], bool, (bool, bool)),
+    bufs: &[CudaSlice<f16>; 2],
 ) -> Result<Option<(ConvWgBuild, f32)>> {
-    let [bx, by] = arena.bufs;
+    let [bx, by] = bufs;
     let x = bx.slice(..dims.iter().product::<usize>() * layer.cin_s);
     if input_e4m3 {
         run.state
@@ -1192,7 +1193,11 @@ fn time_wg_fp8(
     let (x8, y) = (ptr(&run.state.x8, &dev.stream), ptr(by, &dev.stream));
     let mut best: Option<(ConvWgBuild, f32)> = None;
     for &build in builds {
-        let op = format!("timing the FP8 wgmma conv {build:?} (batch {})", dims[0]);
+        let pooled = if out.1 { " + pool" } else { "" };
+        let op = format!(
+            "timing the FP8 wgmma conv{pooled} {build:?} (batch {})",
+            dims[0]
+        );
         let ms = time_launch(dev, timer, &op, || {
             let input = match input_e4m3 {
                 true => ConvInput::E4m3(x8),
@@ -1201,7 +1206,7 @@ fn time_wg_fp8(
             // SAFETY: the arena's buffers hold ≥ rows rows of the stage's input and output
             // (FP16, so an E4M3 output fits too), apart; the FP8 input buffer holds ≥ rows rows
             // of it.
-            unsafe { run.execute_wg(dev, (build, layer), input, y, dims, (e4m3_out, false)) }
+            unsafe { run.execute_wg(dev, (build, layer), input, y, dims, out) }
         })?;
         if best.is_none_or(|b| ms < b.1) {
             best = Some((build, ms));
@@ -1445,16 +1450,13 @@ pub(super) fn time_fp8_passes(
             rows: rows_max,
             identity: false,
         };
-        let pooled = convs.get(stage + 1).is_some_and(Option::is_none);
+        // (Pool timings exist for pool stages only: a conv followed by one.)
         let (Some(costs), Some(&pool_ms)) = (
             plans.fp8_costs.get(&key),
             plans.pool_ms.get(&(stage + 1, rows_max)),
         ) else {
             continue;
         };
-        if !pooled {
-            continue;
-        }
         let forms = [costs.fp8, costs.fp8_e4m3_out];
         if forms.iter().all(Option::is_none) {
             continue;
@@ -1464,38 +1466,18 @@ pub(super) fn time_fp8_passes(
             continue;
         }
         let d = dims[stage];
-        let n = rows_max * d.in_len();
-        let [bx, by] = &*bufs;
-        state.quantize_input(kernels, &dev.stream, stage, &bx.slice(..n))?;
-        let (x8, y) = (ptr(&state.x8, &dev.stream), ptr(by, &dev.stream));
         let mut outs = [None; 2];
         for (i, out) in outs.iter_mut().enumerate() {
-            let (Some(form_ms), e4m3_out) = (forms[i], i == 1) else {
-                continue;
+            let Some(form_ms) = forms[i] else { continue };
+            let run = Fp8Run {
+                kernels,
+                state: &mut *state,
+                stage,
+                next: next_fp8.get(stage).copied().flatten(),
             };
-            let mut best: Option<(ConvWgBuild, f32)> = None;
-            for &build in &builds {
-                let op = format!("timing the FP8 conv + pool {build:?} (stage {stage})");
-                let mut run = Fp8Run {
-                    kernels,
-                    state: &mut *state,
-                    stage,
-                    next: next_fp8.get(stage).copied().flatten(),
-                };
-                let ms = time_launch(dev, &timer, &op, || {
-                    let dims = [rows_max, d.in_h, d.in_w];
-                    // SAFETY: the FP8 input buffer holds the stage's quantized input; the arena's
-                    // second buffer holds ≥ rows_max rows of its (pooled) output.
-                    unsafe {
-                        let input = ConvInput::E4m3(x8);
-                        run.execute_wg(dev, (build, layer), input, y, dims, (e4m3_out, true))
-                    }
-                })?;
-                if best.is_none_or(|b| ms < b.1) {
-                    best = Some((build, ms));
-                }
-            }
-            if let Some((build, ms)) = best {
+            let shape = ([rows_max, d.in_h, d.in_w], true, (i == 1, true));
+            let timed = time_wg_fp8(dev, &timer, (&builds, layer), run, shape, bufs)?;
+            if let Some((build, ms)) = timed {
                 let apart_ms = form_ms + pool_ms[i];
                 let kept = ms < apart_ms || direct == DirectUse::Prefer;
                 *out = Some(Fp8FusedOut {

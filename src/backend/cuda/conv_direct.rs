@@ -479,14 +479,12 @@ pub(super) fn check_fp8_on_device(
         .collect();
     // Pooled: the window's max; off by at most the largest slack of the window.
     let nhwc = [n, h, w, cout];
-    let pooled = (pool2_max(&want, nhwc), pool2_max(&slacks, nhwc));
+    let (want, slacks) = match pool {
+        true => (pool2_max(&want, nhwc), pool2_max(&slacks, nhwc)),
+        false => (want, slacks),
+    };
+    let slack = |i: usize| slacks[i];
     for e4m3_out in [false, true] {
-        let (want, slacks) = if pool {
-            (&pooled.0, &pooled.1)
-        } else {
-            (&want, &slacks)
-        };
-        let slack = |i: usize| slacks[i];
         // A zeroed output of its own each time: a build that writes nothing fails.
         let yd = dev.alloc::<f16>(want.len(), "the FP8 wgmma conv check's output")?;
         let (d, m) = (sd.slice(0..1), sd.slice(1..2));
@@ -514,10 +512,10 @@ pub(super) fn check_fp8_on_device(
         dev.finish_within("the FP8 wgmma conv's device check", CHECK_LIMIT)?;
         let why = if e4m3_out {
             let half = dev.download(&yd, yd.len() / 2, "the FP8 wgmma conv check's output")?;
-            first_code_mismatch_by(bytemuck::cast_slice(&half), want, multiplier, (slack, 98))
+            first_code_mismatch_by(bytemuck::cast_slice(&half), &want, multiplier, (slack, 98))
         } else {
             let got = dev.download(&yd, yd.len(), "the FP8 wgmma conv check's output")?;
-            first_mismatch_by(&got, want, slack)
+            first_mismatch_by(&got, &want, slack)
         };
         if let Some(why) = why {
             return Ok(Some(format!(

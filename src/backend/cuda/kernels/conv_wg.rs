@@ -467,10 +467,11 @@ impl Kernels {
     }
 
     /// [`conv3x3_wg_e4m3_launch`] of `build` (one of [`ConvWgBuild::E4M3`], the filter packed
-    /// for it) on device addresses: `x` E4M3 codes (`x.1` bytes), `y` FP16 or
-    /// (`e4m3_out`) E4M3 (`y.1` elements of its type; `how` = (relu, e4m3_out, pool)), so that the codes may sit in the first
-    /// bytes of an FP16 buffer; on at most `max_blocks` blocks when given. An error without
-    /// sm_90a kernels or the shared memory, or an `x` or packed filter not 16-byte aligned.
+    /// for it; `how` = (relu, e4m3_out, pool)) on device addresses: `x` E4M3 codes (`x.1`
+    /// bytes), `y` FP16 or (`e4m3_out`) E4M3 (`y.1` elements of its type), so that the codes
+    /// may sit in the first bytes of an FP16 buffer; on at most `max_blocks` blocks when given.
+    /// An error without sm_90a kernels or the shared memory, or an `x` or packed filter not
+    /// 16-byte aligned.
     ///
     /// # Safety
     /// `x` and `y` must be live device allocations of at least their lengths, apart; `y` is
@@ -488,7 +489,6 @@ impl Kernels {
         (y, y_len): (u64, usize),
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        let op = e4m3_kernel(build, how.2)?;
         let lens = [
             x_len,
             wpack.len(),
@@ -500,7 +500,7 @@ impl Kernels {
         let limits = self.limits_on(max_blocks);
         let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, how, &limits)?;
         let (f_p, _f) = wpack.device_ptr(stream);
-        aligned16(op, [("x", x), ("the packed filter", f_p)])?;
+        aligned16(launch.kernel, [("x", x), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
         let (d_p, _d) = descale.device_ptr(stream);
         let (m_p, _m) = mult.device_ptr(stream);
