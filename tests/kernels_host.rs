@@ -1018,55 +1018,46 @@ fn conv3x3_wg_e4m3_matches_host() {
         }
     }
     assert!(saturated > 0, "no case saturates the E4M3 output");
-    // Refused: input channels not a multiple of 64, missing scales, outputs not of 128.
-    let launch = |cin: usize, cout: usize, scales: usize| {
-        let lens = [16 * cin, 9 * cin * cout, cout, scales, scales, 16 * cout];
-        let build = k::ConvWgBuild::E4M3[0];
-        let how = (true, false, false);
-        k::conv3x3_wg_e4m3_launch(build, lens, [1, 4, 4], [cin, cout], how, &LIMITS)
+    // Refused: input channels not a multiple of 64, missing scales, outputs not of 128, a
+    // build with no E4M3 kernel; the pooled one without ReLU or a 2×2 window.
+    let launch = |build, [cin, cout]: [usize; 2], [n, h, w]: [usize; 3], scales, how| {
+        let (_, _, pool) = how;
+        let outputs = if pool {
+            n * (h / 2) * (w / 2)
+        } else {
+            n * h * w
+        };
+        let lens = [
+            n * h * w * cin,
+            9 * cin * cout,
+            cout,
+            scales,
+            scales,
+            outputs * cout,
+        ];
+        k::conv3x3_wg_e4m3_launch(build, lens, [n, h, w], [cin, cout], how, &LIMITS)
     };
-    let e = launch(32, 256, 1).unwrap_err().to_string();
+    let refused = |build, chans, nhw, scales, how| {
+        launch(build, chans, nhw, scales, how)
+            .unwrap_err()
+            .to_string()
+    };
+    let (n128, plain) = (k::ConvWgBuild::N128, (true, false, false));
+    let e = refused(n128, [32, 256], [1, 4, 4], 1, plain);
     assert!(
         e.contains("32 → 256") && e.contains("multiples of 64"),
         "{e}"
     );
-    let e = launch(64, 64, 1).unwrap_err().to_string();
+    let e = refused(n128, [64, 64], [1, 4, 4], 1, plain);
     assert!(e.contains("64 → 64"), "{e}");
-    let e = launch(64, 256, 0).unwrap_err().to_string();
+    let e = refused(n128, [64, 256], [1, 4, 4], 0, plain);
     assert!(e.contains("`descale` has 0"), "{e}");
-    assert!(launch(64, 256, 1).is_ok());
-    let lens = [16 * 64, 9 * 64 * 256, 256, 1, 1, 16 * 256];
-    let n256 = k::ConvWgBuild::N256;
-    let how = (true, false, false);
-    let e = k::conv3x3_wg_e4m3_launch(n256, lens, [1, 4, 4], [64, 256], how, &LIMITS)
-        .unwrap_err()
-        .to_string();
+    assert!(launch(n128, [64, 256], [1, 4, 4], 1, plain).is_ok());
+    let e = refused(k::ConvWgBuild::N256, [64, 256], [1, 4, 4], 1, plain);
     assert!(e.contains("no E4M3 build N256"), "{e}");
-    // The pooled build: ReLU only, a 2×2 window at least.
-    let n128 = k::ConvWgBuild::N128;
-    let lens = [16 * 64, 9 * 64 * 256, 256, 1, 1, 4 * 256];
-    let e = k::conv3x3_wg_e4m3_launch(
-        n128,
-        lens,
-        [1, 4, 4],
-        [64, 256],
-        (false, false, true),
-        &LIMITS,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(n128, [64, 256], [1, 4, 4], 1, (false, false, true));
     assert!(e.contains("applies ReLU"), "{e}");
-    let lens = [8 * 64, 9 * 64 * 256, 256, 1, 1, 4 * 256];
-    let e = k::conv3x3_wg_e4m3_launch(
-        n128,
-        lens,
-        [1, 1, 8],
-        [64, 256],
-        (true, false, true),
-        &LIMITS,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(n128, [64, 256], [1, 1, 8], 1, (true, false, true));
     assert!(e.contains("no 2×2 pooling window"), "{e}");
 }
 
