@@ -424,3 +424,212 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                          f16raw* __restrict__ y) {
     conv3x3_c64_pool_wg2_body(x, filter, bias, n, h, w, y);
 }
+
+// conv3x3_block1_pool_wg2: a VGG's whole first block, conv1_1 → ReLU → conv1_2 → ReLU →
+// MaxPool2d(2, 2), as one kernel. x [n, h, w, 8] FP16 (3 real channels stored as 8, channel 3
+// zero: the masked input), filter1 KRSC [64][3][3][8] (its channels 4–7 are not read: the
+// launcher's caller runs it only for a first conv of at most 4 real channels), bias1 [64] f32,
+// filter2 KRSC [64][3][3][64], bias2 [64] f32; y [n, h/2, w/2, 64] FP16.
+//
+// Why: apart, conv1_1 writes 1.64 GB per batch of 256 at 224² (its floor is that write, about
+// 0.4 ms at HBM speed) and conv1_2 reads it back. Here each tile's conv1_1 output exists only in
+// shared memory: the 18×18 halo that conv3x3_c64_pool_wg2 copies from memory is computed instead,
+// from a 20×20-pixel tile of the 8-channel input (6.4 KB), so the block reads 0.21 GB and writes
+// the pooled 0.41 GB. The price: conv1_1 is computed on 324 pixels per 256 (the halo overlaps the
+// neighbours'), by mma.sync with K = 9 taps × 4 channels = 36 padded to 48 (3 k-steps), about 12 %
+// of conv1_2's tensor work per tile.
+//
+// Two warpgroups per block on tiles of their own, as in _wg2: one group's conv1_1 (mma.sync) and
+// epilogue overlap the other's conv1_2 (wgmma). Per group and tile: wait for its input tile (its
+// copies were queued during the previous tile's conv1_2), conv1_1 into the halo (zeros where the
+// halo is outside the image: conv1_2's padding), queue the next tile's input copies, conv1_2 by
+// cp_tile_wgmma, pool and store by cp_pool_store.
+//
+// conv1_1 as a GEMM per tile: M = 324 halo pixels (21 m-tiles of 16, the last partial; warp w of
+// the group takes m-tiles w, w + 4, ..), N = 64 (8 n-tiles), K = 48: k index 16·s + kk is tap
+// 4·s + kk / 4, channel kk % 4 (taps past 8 are zero). A lane's A fragment register holds two
+// channels of one input pixel: one 32-bit shared load. The B fragments sit in shared memory in
+// mma order (CB_W1_BYTES), read into registers once per tile.
+#define CB_IN 20
+#define CB_IN_BYTES (CB_IN * CB_IN * 16)
+#define CB_W1_BYTES (3 * 4 * 32 * 16)
+#define CB_HALO_PIXELS (CP_HALO * CP_HALO)
+#define CB_SMEM (CP_W_BYTES + 2 * CP_HALO_BYTES + 2 * CP_STAGE_BYTES + 2 * 64 * 4 + CB_W1_BYTES + \
+                 2 * CB_IN_BYTES)
+
+// Queue the copies of tile `t`'s 20×20 input pixels (rows 16·ty − 2 .., columns 16·tx − 2 ..),
+// 16 bytes each, zeros outside the image, by thread `tid` of `threads`.
+__device__ __forceinline__ void cb_input_load(unsigned char* in, const f16raw* __restrict__ x,
+                                              CpTile t, int h, int w, int tid, int threads) {
+    const int y0 = 16 * t.ty - 2, x0 = 16 * t.tx - 2;
+    for (int q = tid; q < CB_IN * CB_IN; q += threads) {
+        const int r = q / CB_IN, col = q - r * CB_IN;
+        const int gy = y0 + r, gx = x0 + col;
+        const bool inside = gy >= 0 && gy < h && gx >= 0 && gx < w;
+        const f16raw* src = inside ? x + (((t.img * h + gy) * w + gx) << 3) : x;
+        cp_async16(in + (q << 4), src, inside);
+    }
+}
+
+// conv1_1's B fragments for mma_16816: entry (s·4 + jp)·32 + L holds lane L's fragments of
+// k-step s for n-tiles 2jp and 2jp + 1 (filter rows 16·jp + g and 16·jp + 8 + g): b[0] is k
+// 2t, 2t + 1 (tap 4s + t / 2, channels 2(t % 2), + 1), b[1] the same 2 taps on. Zero past tap 8.
+__device__ __forceinline__ void cb_filter1_load(uint4* dst, const f16raw* __restrict__ filter1) {
+    const bool f4 = is_aligned(filter1, 4);
+    for (int e = threadIdx.x; e < 3 * 4 * 32; e += blockDim.x) {
+        const int lane = e & 31, jp = (e >> 5) & 3, s = e >> 7;
+        const int g = lane >> 2, t = lane & 3;
+        const int tap_lo = 4 * s + (t >> 1), tap_hi = tap_lo + 2, c0 = 2 * (t & 1);
+        u32 v[4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = 16 * jp + 8 * half + g;
+            const f16raw* base = filter1 + (i64)row * 9 * 8 + c0;
+            v[2 * half] = tap_lo < 9 ? load_pair(base, 8 * tap_lo, f4) : 0u;
+            v[2 * half + 1] = tap_hi < 9 ? load_pair(base, 8 * tap_hi, f4) : 0u;
+        }
+        dst[e] = make_uint4(v[0], v[1], v[2], v[3]);
+    }
+}
+
+__device__ __forceinline__ int opaque_i32(int v) {
+#ifndef SCORECAM_HOST_EMULATION
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+#endif
+    return v;
+}
+
+// conv1_1 of tile `t` into `halo` (the layout cp_a_row reads): + bias1, ReLU, FP16; zeros at halo
+// pixels outside the image. `in` holds the tile's 20×20 input pixels; warp `warp` of the group.
+__device__ __forceinline__ void cb_conv1(unsigned char* halo, const unsigned char* in,
+                                         const uint4* w1, const float* bias1_s, CpTile t, int h,
+                                         int w, int warp, int lane_in) {
+    // The lane through an opaque move, so that what this phase derives from it (addresses,
+    // taps) is recomputed per tile instead of held in registers through conv1_2's wgmma
+    // (ptxas spilled there otherwise).
+    const int lane = opaque_i32(lane_in);
+    const int g = lane >> 2, tq = lane & 3;
+    uint4 bw[3][4];
+#pragma unroll
+    for (int s = 0; s < 3; ++s)
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) bw[s][jp] = w1[(s * 4 + jp) * 32 + lane];
+    // This lane's taps per k-step (low and high half of k), as input-pixel offsets; -1 past tap 8.
+    int off[3][2];
+#pragma unroll
+    for (int s = 0; s < 3; ++s)
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+            const int tap = 4 * s + 2 * hi + (tq >> 1);
+            off[s][hi] = tap < 9 ? (tap / 3) * CB_IN + tap % 3 : -1;
+        }
+    const u32* in32 = reinterpret_cast<const u32*>(in) + (tq & 1);  // channels 2(t % 2), + 1
+    const int y0 = 16 * t.ty - 1, x0 = 16 * t.tx - 1;
+#pragma unroll 1
+    for (int mt = warp; mt * 16 < CB_HALO_PIXELS; mt += 4) {
+        int p[2], base[2];
+        bool inside[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            p[r] = 16 * mt + g + 8 * r;
+            const int q = p[r] < CB_HALO_PIXELS ? p[r] : 0;
+            const int hr = q / CP_HALO, hc = q - hr * CP_HALO;
+            base[r] = hr * CB_IN + hc;
+            const int gy = y0 + hr, gx = x0 + hc;
+            inside[r] = gy >= 0 && gy < h && gx >= 0 && gx < w;
+        }
+        float acc[32];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            acc[4 * j] = acc[4 * j + 2] = bias1_s[8 * j + 2 * tq];
+            acc[4 * j + 1] = acc[4 * j + 3] = bias1_s[8 * j + 2 * tq + 1];
+        }
+#pragma unroll
+        for (int s = 0; s < 3; ++s) {
+            u32 a[4];
+#pragma unroll
+            for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    a[2 * hi + r] = off[s][hi] >= 0 ? in32[4 * (base[r] + off[s][hi])] : 0u;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                u32 b[2];
+                b[0] = (j & 1) ? bw[s][j >> 1].z : bw[s][j >> 1].x;
+                b[1] = (j & 1) ? bw[s][j >> 1].w : bw[s][j >> 1].y;
+                mma_16816(&acc[4 * j], a, b);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (p[r] >= CB_HALO_PIXELS) continue;
+            unsigned char* px = halo + (p[r] << 7) + 4 * tq;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const u32 v = inside[r] ? pack2(fmaxf(acc[4 * j + 2 * r], 0.0f),
+                                                fmaxf(acc[4 * j + 2 * r + 1], 0.0f))
+                                        : 0u;
+                *reinterpret_cast<u32*>(px + ((j ^ (p[r] & 7)) << 4)) = v;
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void conv3x3_block1_pool_wg2_body(
+    const f16raw* __restrict__ x, const f16raw* __restrict__ filter1,
+    const float* __restrict__ bias1, const f16raw* __restrict__ filter2,
+    const float* __restrict__ bias2, int n, int h, int w, f16raw* __restrict__ y) {
+    extern __shared__ uint4 cp_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(cp_smem);
+    const int group = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);  // as in _wg2
+    const int gtid = threadIdx.x & 127;
+    const int lane = threadIdx.x & 31, warp = gtid >> 5;
+    unsigned char* halo = smem + CP_W_BYTES + group * CP_HALO_BYTES;
+    unsigned char* stage_base = smem + CP_W_BYTES + 2 * CP_HALO_BYTES;
+    u32* staged = reinterpret_cast<u32*>(stage_base + group * CP_STAGE_BYTES) +
+                  warp * 2 * 8 * CP_STAGE_ROW;
+    float* bias2_s = reinterpret_cast<float*>(stage_base + 2 * CP_STAGE_BYTES);
+    float* bias1_s = bias2_s + 64;
+    uint4* w1 = reinterpret_cast<uint4*>(bias1_s + 64);
+    unsigned char* in = reinterpret_cast<unsigned char*>(w1) + CB_W1_BYTES + group * CB_IN_BYTES;
+
+    const CpGrid grid(n, h, w);
+    const i64 tiles = grid.tiles;
+    const i64 stride = 2 * (i64)gridDim.x;
+
+    i64 tile = 2 * (i64)blockIdx.x + group;
+    if (tile < tiles) cb_input_load(in, x, grid.at(tile), h, w, gtid, 128);
+    cp_async_commit();
+    cp_filter_load<true>(smem, filter2);
+    cb_filter1_load(w1, filter1);
+    if (threadIdx.x < 64) {
+        bias2_s[threadIdx.x] = bias2[threadIdx.x];
+        bias1_s[threadIdx.x] = bias1[threadIdx.x];
+    }
+    const u64 desc0 = wgmma_desc_kmajor(smem, 128, 256);
+    __syncthreads();  // the filters and biases (the last block-wide barrier)
+
+    const bool y16 = is_aligned(y, 16);
+    for (; tile < tiles; tile += stride) {  // uniform within the group
+        const CpTile tc = grid.at(tile);
+        cp_async_wait_0();          // this thread's copies of the input tile have landed
+        warpgroup_sync(1 + group);  // the group's; and its last conv1_2 read the halo
+        cb_conv1(halo, in, w1, bias1_s, tc, h, w, warp, lane);
+        warpgroup_sync(1 + group);  // the halo is whole; the input tile is read
+        const i64 next = tile + stride;
+        if (next < tiles) cb_input_load(in, x, grid.at(next), h, w, gtid, 128);
+        cp_async_commit();
+        float acc[4][32];
+        cp_tile_wgmma(acc, halo, desc0, warp, lane, CpNoCopies{});
+        cp_pool_store<2>(acc, bias2_s, staged, y, grid, tc, y16, warp);
+    }
+}
+
+// sm_90a only (wgmma), as the other wgmma builds.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv3x3_block1_pool_wg2(const f16raw* __restrict__ x, const f16raw* __restrict__ filter1,
+                            const float* __restrict__ bias1, const f16raw* __restrict__ filter2,
+                            const float* __restrict__ bias2, int n, int h, int w,
+                            f16raw* __restrict__ y) {
+    conv3x3_block1_pool_wg2_body(x, filter1, bias1, filter2, bias2, n, h, w, y);
+}

@@ -681,6 +681,82 @@ fn conv3x3_c64_pool_matches_host() {
     assert!(e.contains("conv3x3_wg_pool_launch"), "{e}");
 }
 
+/// The whole first block as one kernel (conv1_1 → ReLU → FP16 → conv1_2 → ReLU → 2×2 max-pool)
+/// against the CPU's two convs, conv1_1's output rounded to FP16 as the unfused path stores it:
+/// one whole tile; odd sizes with partial tiles on both edges (the halo's pixels outside the image
+/// must be conv1_2's zero padding, not conv1_1 of zeros: relu(bias1) > 0 here) and more tiles
+/// than groups on one and on two blocks; the smallest input; unaligned filters and output (the
+/// 2-byte filter loads, the byte-wise stores).
+fn conv3x3_block1_pool_matches_host() {
+    let (cs, c) = (k::CONV_CIN8_IN, k::CONV_POOL_C);
+    let (weight1, filter1) = conv_weights([c, 3, cs], 1.0 / 2.0, 61);
+    let (weight2, filter2) = conv_weights([c, c, c], 1.0 / 8.0, 62);
+    // Biases mostly positive, so that a halo pixel outside the image computed as conv1_1 of the
+    // zero padding (relu(bias1)) instead of zero would show.
+    let bias1: Vec<f32> = common::values(c, 63).iter().map(|v| v + 0.5).collect();
+    let bias2 = common::values(c, 64);
+    for (n, h, w, blocks, misalign) in [
+        (1usize, 16usize, 16usize, 1u32, 0usize),
+        (2, 37, 35, 1, 2),
+        (1, 19, 50, 2, 0),
+        (1, 2, 3, 1, 0),
+    ] {
+        let (x_nchw, x) = nchw_and_nhwc([n, 3, h, w], cs, 65 + h as u64);
+        let mut conv1 = vec![0f32; n * c * h * w];
+        cpu::conv3x3_into(&x_nchw, n, 3, h, w, &weight1, &bias1, c, true, &mut conv1);
+        let conv1: Vec<f32> = conv1.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let mut conv2 = vec![0f32; n * c * h * w];
+        cpu::conv3x3_into(&conv1, n, c, h, w, &weight2, &bias2, c, true, &mut conv2);
+        let want = pool2_of_fp16(&conv2, [n, c, h, w]);
+        let (ph, pw) = (h / 2, w / 2);
+        let y_len = n * ph * pw * c;
+        let limits = LaunchLimits {
+            sm_count: blocks,
+            ..LIMITS
+        };
+        let lens = [x.len(), filter1.len(), c, filter2.len(), c, y_len];
+        let launch = k::conv3x3_block1_pool_launch(lens, [n, h, w], &limits);
+        let bufs = [
+            HostBuf::misaligned(&x, 0),
+            HostBuf::misaligned(&filter1, misalign),
+            HostBuf::misaligned(&bias1, 0),
+            HostBuf::misaligned(&filter2, misalign),
+            HostBuf::misaligned(&bias2, 0),
+        ];
+        let out = HostBuf::misaligned(&vec![f16::NAN; y_len], misalign);
+        let got: Vec<f16> = run_into(launch, &bufs.iter().collect::<Vec<_>>(), out);
+        let got = nhwc_f16_to_nchw(&got, n, c, ph, pw, c);
+        let what = format!("block1 {n}×{h}×{w} on {blocks} +{misalign}");
+        assert_close(&got, &want, 4e-3, 4e-3, &what);
+    }
+    // Refused: no 2×2 window, a short input or output, no sm_90a kernels, a device without the
+    // shared memory.
+    let launch = |x: usize, y: usize, nhw, limits: &LaunchLimits| {
+        k::conv3x3_block1_pool_launch([x, 9 * 64 * 8, 64, 9 * 64 * 64, 64, y], nhw, limits)
+    };
+    let refused =
+        |x, y, nhw, limits: &LaunchLimits| launch(x, y, nhw, limits).unwrap_err().to_string();
+    let e = refused(64 * 8, 64, [1, 1, 64], &LIMITS);
+    assert!(e.contains("1×64"), "{e}");
+    let e = refused(64 * 8 - 1, 16 * 64, [1, 8, 8], &LIMITS);
+    assert!(e.contains("`x` has 511"), "{e}");
+    let e = refused(64 * 8, 15 * 64, [1, 8, 8], &LIMITS);
+    assert!(e.contains("`y` has 960"), "{e}");
+    let no_wgmma = LaunchLimits {
+        wgmma: false,
+        ..LIMITS
+    };
+    let e = refused(64 * 8, 16 * 64, [1, 8, 8], &no_wgmma);
+    assert!(e.contains("sm_90a"), "{e}");
+    let small = LaunchLimits {
+        conv_smem: k::CONV_BLOCK1_SMEM - 1,
+        ..LIMITS
+    };
+    let e = refused(64 * 8, 16 * 64, [1, 8, 8], &small);
+    assert!(e.contains("shared memory"), "{e}");
+    assert!(launch(64 * 8, 16 * 64, [1, 8, 8], &LIMITS).is_ok());
+}
+
 // ---------------------------------------------------------------------------------------------
 // conv_wg.cu
 
@@ -1697,6 +1773,7 @@ fn main() -> std::process::ExitCode {
         fill_uniform_f16_matches_host,
         conv3x3_cin8_matches_host,
         conv3x3_c64_pool_matches_host,
+        conv3x3_block1_pool_matches_host,
         conv3x3_wg_matches_host,
         conv3x3_wg_e4m3_matches_host,
         conv3x3_wg_pool_matches_host,

@@ -136,7 +136,11 @@ fn compiles_wgmma_for_sm_90a_only() {
         String::from_utf8(image).expect("PTX is text")
     };
     let a = ptx("compute_90a");
-    assert_eq!(a.matches(wgmma).count(), 2 * 144, "compute_90a: wg and wg2");
+    assert_eq!(
+        a.matches(wgmma).count(),
+        3 * 144,
+        "compute_90a: wg, wg2, block1"
+    );
     for n in [128, 256] {
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16");
         // 2 per stage in conv3x3_wg_n{n} and _pool_n{n}, 4 per step of two in their _pair builds

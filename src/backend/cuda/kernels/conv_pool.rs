@@ -7,6 +7,7 @@ use half::f16;
 
 use super::{
     invalid, need, nhwc_args, prod, ConvWgBuild, KernelArg, KernelLaunch, Kernels, LaunchLimits,
+    CONV_CIN8_IN,
 };
 use crate::error::Result;
 
@@ -18,6 +19,13 @@ pub const CONV_POOL_SMEM: usize = 36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 64 * 36
 /// The same for the two-warpgroup build (`CP_SMEM_WG2`): one halo and staging rows per group.
 pub const CONV_POOL_SMEM_WG2: usize =
     36 * 4 * 32 * 16 + 2 * 18 * 18 * 128 + 2 * 64 * 36 * 4 + 64 * 4;
+
+/// The whole first block (`conv3x3_block1_pool_wg2`, `CB_SMEM`): the fused conv + pool's
+/// two-group layout, plus both groups' 20×20-pixel input tiles, conv1_1's B fragments and bias.
+pub const CONV_BLOCK1_SMEM: usize =
+    CONV_POOL_SMEM_WG2 + 64 * 4 + 3 * 4 * 32 * 16 + 2 * 20 * 20 * 16;
+/// Its kernel's `extern "C"` name.
+pub const CONV_BLOCK1_KERNEL: &str = "conv3x3_block1_pool_wg2";
 
 /// The builds of a conv fused with the 2×2 max-pool after it. For 64 → 64 channels
 /// (`kernels/conv_pool.cu`), by `mma.sync` (sm_80+): 4 warps of 4 conv rows (more work per
@@ -182,6 +190,70 @@ pub fn conv3x3_c64_pool_launch(
     })
 }
 
+/// `conv3x3_block1_pool_wg2`: a VGG's first block as one kernel, `y` `[n, h/2, w/2, 64]` =
+/// MaxPool2d(2, 2)(ReLU(conv2(ReLU(conv1(`x`))))), FP16 NHWC: `x` `[n, h, w, 8]` (3 real
+/// channels, channel 3 zero), `filter1` KRSC `[64, 3, 3, 8]` of which channels 0–3 are read
+/// (the caller runs it only for a first conv of at most 4 real channels), `filter2` KRSC
+/// `[64, 3, 3, 64]`, biases `[64]` f32; conv1's output is rounded to FP16 after its ReLU, as the
+/// two convs apart store it. sm_90a only (wgmma). Persistent blocks of two warpgroups, one per
+/// SM, over tiles of 8×8 pooled pixels. Buffers: `[x, filter1, bias1, filter2, bias2, y]`,
+/// lengths in elements; `x` must be 16-byte aligned (checked where its address is known,
+/// [`Kernels::conv3x3_block1_pool`]).
+pub fn conv3x3_block1_pool_launch(
+    [x_len, f1_len, b1_len, f2_len, b2_len, y_len]: [usize; 6],
+    [n, h, w]: [usize; 3],
+    limits: &LaunchLimits,
+) -> Result<KernelLaunch> {
+    let op = CONV_BLOCK1_KERNEL;
+    if CONV_BLOCK1_SMEM > limits.conv_smem {
+        return Err(invalid(
+            op,
+            format!("the device cannot give a block {CONV_BLOCK1_SMEM} bytes of shared memory"),
+        ));
+    }
+    if !limits.wgmma {
+        return Err(invalid(
+            op,
+            "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
+        ));
+    }
+    if h < 2 || w < 2 {
+        return Err(invalid(
+            op,
+            format!("a {h}×{w} input has no 2×2 pooling window"),
+        ));
+    }
+    let (cin, c) = (CONV_CIN8_IN, CONV_POOL_C);
+    let [n_i, h_i, w_i, _] = nhwc_args(op, n, h, w, c)?;
+    need(op, "x", x_len, prod(op, &[n, h, w, cin])?)?;
+    need(op, "filter1", f1_len, c * 9 * cin)?;
+    need(op, "bias1", b1_len, c)?;
+    need(op, "filter2", f2_len, c * 9 * c)?;
+    need(op, "bias2", b2_len, c)?;
+    need(op, "y", y_len, prod(op, &[n, h / 2, w / 2, c])?)?;
+    // Persistent, two tiles at a time per block (one per group).
+    let tiles = prod(op, &[n, (h / 2).div_ceil(8), (w / 2).div_ceil(8)])?;
+    let grid = tiles.div_ceil(2).clamp(1, limits.sm_count.max(1) as usize) as u32;
+    use KernelArg::*;
+    Ok(KernelLaunch {
+        kernel: op,
+        grid,
+        block: 256,
+        shared_mem_bytes: CONV_BLOCK1_SMEM as u32,
+        args: vec![
+            Read(0),
+            Read(1),
+            Read(2),
+            Read(3),
+            Read(4),
+            I32(n_i),
+            I32(h_i),
+            I32(w_i),
+            Write(5),
+        ],
+    })
+}
+
 impl Kernels {
     /// Whether the kernels were built for sm_90a, where the `wgmma` builds run.
     pub fn has_wgmma(&self) -> bool {
@@ -233,5 +305,43 @@ impl Kernels {
         let (b_p, _b) = bias.device_ptr(stream);
         let (y_p, _y) = y.device_ptr(stream);
         self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
+    }
+
+    /// Whether this device runs [`conv3x3_block1_pool_launch`]'s kernel (sm_90a, its shared
+    /// memory).
+    pub fn runs_block1(&self) -> bool {
+        self.has_wgmma() && CONV_BLOCK1_SMEM <= self.limits.conv_smem
+    }
+
+    /// [`conv3x3_block1_pool_launch`], on at most `max_blocks` blocks when given; an error where
+    /// the device does not run it or `x` is not 16-byte aligned. `(filter, bias)` per conv.
+    ///
+    /// # Safety
+    /// As [`Kernels::conv3x3_c64_pool`].
+    pub unsafe fn conv3x3_block1_pool<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &X,
+        [(f1, b1), (f2, b2)]: [(&CudaSlice<f16>, &CudaSlice<f32>); 2],
+        nhw: [usize; 3],
+        y: &Y,
+        max_blocks: Option<u32>,
+    ) -> Result<()> {
+        let op = CONV_BLOCK1_KERNEL;
+        let lens = [x.len(), f1.len(), b1.len(), f2.len(), b2.len(), y.len()];
+        let launch = conv3x3_block1_pool_launch(lens, nhw, &self.limits_on(max_blocks))?;
+        let (x_p, _x) = x.device_ptr(stream);
+        if x_p % 16 != 0 {
+            return Err(invalid(
+                op,
+                format!("`x` at {x_p:#x} is not 16-byte aligned"),
+            ));
+        }
+        let (f1_p, _f1) = f1.device_ptr(stream);
+        let (b1_p, _b1) = b1.device_ptr(stream);
+        let (f2_p, _f2) = f2.device_ptr(stream);
+        let (b2_p, _b2) = b2.device_ptr(stream);
+        let (y_p, _y) = y.device_ptr(stream);
+        self.run(stream, &launch, &[x_p, f1_p, b1_p, f2_p, b2_p, y_p])
     }
 }

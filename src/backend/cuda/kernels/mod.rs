@@ -52,7 +52,8 @@ pub use self::conv_cin8::{
     conv3x3_cin8_e4m3_launch, conv3x3_cin8_launch, CONV_CIN8_IN, CONV_CIN8_OUT,
 };
 pub use self::conv_pool::{
-    conv3x3_c64_pool_launch, ConvPoolVariant, CONV_POOL_C, CONV_POOL_SMEM, CONV_POOL_SMEM_WG2,
+    conv3x3_block1_pool_launch, conv3x3_c64_pool_launch, ConvPoolVariant, CONV_BLOCK1_KERNEL,
+    CONV_BLOCK1_SMEM, CONV_POOL_C, CONV_POOL_SMEM, CONV_POOL_SMEM_WG2,
 };
 pub use self::conv_wg::{
     conv3x3_wg_e4m3_launch, conv3x3_wg_launch, conv3x3_wg_pack_filter, conv3x3_wg_pool_launch,
@@ -99,6 +100,7 @@ const KERNEL_NAMES: &[&str] = &[
     "conv3x3_c64_pool_w8",
     "conv3x3_c64_pool_wg",
     "conv3x3_c64_pool_wg2",
+    "conv3x3_block1_pool_wg2",
     "conv3x3_wg_n128",
     "conv3x3_wg_n256",
     "conv3x3_wg_e4m3_n128",
@@ -147,6 +149,7 @@ pub fn conv_smem_kernels() -> impl Iterator<Item = (&'static str, usize)> {
     ConvPoolVariant::ALL
         .into_iter()
         .map(|v| (v.kernel(), v.smem()))
+        .chain([(CONV_BLOCK1_KERNEL, CONV_BLOCK1_SMEM)])
         .chain(ConvWgBuild::kernels())
 }
 
