@@ -853,6 +853,16 @@ def graph_search_lines(eng):
                 ", ".join("%s %s" % (k, _short(str(v), 80)) for k, v in checks.items()) or "no build",
                 "; ".join(parts) or "no layer timed"))
             L.append("")
+        fb = b.get("fused_block")
+        if isinstance(fb, dict) and fb.get("check") is not None:
+            timed = ("stages %s-%s: one kernel %s ms vs %s ms apart, %s" % (
+                fb.get("stage"), (fb.get("stage") or 0) + 2, fmt_ms(_float(fb.get("ms"))),
+                fmt_ms(_float(fb.get("apart_ms"))),
+                "runs" if fb.get("runs") else ("kept, not run here" if fb.get("kept") else "not kept"))
+                if fb.get("ms") is not None else "not timed")
+            L.append("Whole first block in the %s run (%s): device check %s; %s." % (
+                label, fb.get("algo"), _short(str(fb.get("check")), 160), timed))
+            L.append("")
         f8 = [x for x in (b.get("fp8_fused_pools") or []) if isinstance(x, dict)]
         if f8:
             parts = []
@@ -1138,7 +1148,11 @@ def selftest():
         with open(os.path.join(d2, "engine_fp8.json"), "w") as f:
             json.dump({"ms_per_image": {"1": 15.0, "8": 9.75, "32": 9.5},
                        "masked_forward_tflops": {"8": 1500.0}, "device": "x",
-                       "backend": {"graph_api_search": {
+                       "backend": {
+                           "fused_block": {"check": "passed", "algo": "hand-written block", "stage": 0,
+                                           "rows": 256, "ms": 1.5, "apart_ms": 3.5, "kept": True,
+                                           "runs": True},
+                           "graph_api_search": {
                            "fp16": {"graphs_built": 9, "graphs_refused": 0, "configs_offered": 40,
                                     "finalize_failed": 4, "over_workspace": 0, "execute_failed": 0,
                                     "plans_timed": 45, "errors": []},
@@ -1167,6 +1181,8 @@ def selftest():
               "finalize, 0 over the workspace cap, 0 failed to run, 0 plans timed, 3 searches skipped or cut short "
               "by the time budget (first error: finalizing engine "
               "config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED))" in tab2, "graph search line %r" % tab2)
+        check("Whole first block in the FP8 run (hand-written block): device check passed; stages 0-2: "
+              "one kernel 1.50 ms vs 3.50 ms apart, runs." in tab2, "fused block line")
         check("error: skipped: PEERS_COMPILE=0" in tab2, "compile skipped row")
         tg2 = {x["target"]: x["met"] for x in r2["targets"]["targets"]}
         check(tg2["FP8 ms/image at 8 images"] is True and tg2["FP8 map correlation with FP16, lowest image"] is True

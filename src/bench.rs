@@ -149,6 +149,12 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
         };
         fp16.map(|f| (f["algo"].clone(), apart(f))).or_else(fp8)
     };
+    // The first block run as one kernel: its first stage, where forwards run it.
+    let block = &backend["fused_block"];
+    let block_at = block["stage"]
+        .as_u64()
+        .filter(|_| block["runs"] == json!(true))
+        .map(|s| s as usize);
     Ok(costs
         .iter()
         .zip(&ms)
@@ -161,8 +167,10 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                 "rows": rows,
                 "ms": round3(ms),
             });
-            // A fused pool is the stage right after its conv.
-            let fused_into = i.checked_sub(1).filter(|&conv| fused(conv).is_some());
+            // A fused pool is the stage right after its conv; a fused block's second conv and
+            // pool the two after its first.
+            let in_block = block_at.filter(|&b| i == b + 1 || i == b + 2);
+            let fused_into = in_block.or_else(|| i.checked_sub(1).filter(|&c| fused(c).is_some()));
             if let Some(conv) = fused_into {
                 v["fused_into"] = json!(costs[conv].name);
             } else if c.flops > 0 && secs > 0.0 {
@@ -190,11 +198,18 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                     v["e4m3_out_plan"] = p["e4m3_out"].clone();
                 }
             }
-            let with_pool = fused(i);
+            let with_pool = fused(i).filter(|_| in_block.is_none());
             if let Some((algo, apart_ms)) = &with_pool {
                 v["algo"] = algo.clone();
                 v["with_pool"] = json!(costs.get(i + 1).map(|p| &p.name));
                 v["apart_ms"] = json!(round3(*apart_ms));
+            }
+            if block_at == Some(i) {
+                v["algo"] = block["algo"].clone();
+                v["with_block"] = json!(costs
+                    .get(i + 1..i + 3)
+                    .map(|r| { r.iter().map(|p| p.name.clone()).collect::<Vec<_>>() }));
+                v["apart_ms"] = json!(round3(block["apart_ms"].as_f64().unwrap_or(0.0)));
             }
             // Under FP8: how this stage ran (FP8 or not, its activations E4M3 or FP16).
             if let Some(route) = backend["fp8_route"].as_object() {

@@ -684,7 +684,23 @@ fn direct_conv_matches_cpu() {
             .filter(|l| l["fused"] == true)
             .filter_map(|l| l["stage"].as_u64().map(|s| s as usize))
             .collect();
+        // On sm_90a the whole first block runs as one kernel (preferred), so conv1_2's own
+        // fused pool does not.
+        let pooled_convs: Vec<usize> = pooled_convs
+            .into_iter()
+            .filter(|&i| !wg || i != 1)
+            .collect();
         assert_eq!(fused_stages, pooled_convs, "{fused}");
+        let block = &report["fused_block"];
+        println!("fused block: {block}");
+        if wg {
+            assert_eq!(block["check"], "passed", "{block}");
+            assert_eq!(block["stage"], 0, "{block}");
+            assert_eq!(block["kept"], true, "{block}");
+            assert_eq!(block["runs"], true, "{block}");
+        } else {
+            assert!(block["check"].is_null() && block["ms"].is_null(), "{block}");
+        }
         let a = model.capture_shape(cap, s);
         let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
         let (glv, gav) = logits_and_capture(&mut g, &gx, n, classes, a);
@@ -704,6 +720,26 @@ fn direct_conv_matches_cpu() {
         );
         println!("pre_relu {pre_relu}: conv1_1 NMSE {e:.2e}, plans {hand_written:?}");
     }
+    // A forward whose capture is past the first block runs the block as one kernel (sm_90a):
+    // its logits are the CPU's.
+    let cap = model.default_capture();
+    let mut g = gpu();
+    g.set_direct_conv(DirectUse::Prefer);
+    g.prepare(&model, plan(&model, n, n, cap)).unwrap();
+    c.prepare(&model, plan(&model, n, n, cap)).unwrap();
+    let runs = g.report()["fused_block"]["runs"] == true;
+    let a = model.capture_shape(cap, s);
+    let gx = g.upload_f32(&[n, 3, s, s], &x).unwrap();
+    let (glv, _) = logits_and_capture(&mut g, &gx, n, classes, a);
+    let (clv, _) = logits_and_capture(&mut c, &cx, n, classes, a);
+    let layers = model.weight_layers_from_top().len();
+    let e = check_nmse(
+        &glv,
+        &clv,
+        fp16_nmse_limit(layers),
+        "logits with the hand-written convs and the first block as one kernel",
+    );
+    println!("first block as one kernel: {runs}, logits NMSE {e:.2e}");
     let mut g = gpu();
     g.set_direct_conv(DirectUse::Off);
     g.prepare(&model, plan(&model, n, n, model.default_capture()))
@@ -718,6 +754,8 @@ fn direct_conv_matches_cpu() {
     assert!(report["fused_pools"]["check"].is_null());
     assert_eq!(report["fused_pools"]["checks"], serde_json::json!({}));
     assert_eq!(report["fused_pools"]["layers"], serde_json::json!([]));
+    assert!(report["fused_block"]["check"].is_null());
+    assert_eq!(report["fused_block"]["runs"], false);
 }
 
 /// The graph-API plan choices a first prepare searched for are what a second one (a new backend,

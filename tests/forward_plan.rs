@@ -138,6 +138,7 @@ impl Net {
             fp8_filters: &self.capable,
             fused_pool: fused,
             fp8_fused_pool: fp8_fused,
+            fused_block: &[],
         }
     }
 
@@ -430,8 +431,9 @@ struct Device<'n> {
     /// `StageDone`: (stage, bytes, format).
     last_out: Option<Span>,
     done: Vec<(usize, Vec<u8>, Format)>,
-    /// A conv stage that ran with its pool: its own output never existed (no `done` entry).
-    fused_conv: Option<usize>,
+    /// Conv stages that ran with their pool (or a fused block's two): their own outputs never
+    /// existed (no `done` entry).
+    fused_conv: Vec<usize>,
 }
 
 impl<'n> Device<'n> {
@@ -465,7 +467,7 @@ impl<'n> Device<'n> {
             acts: Vec::new(),
             last_out: None,
             done: Vec::new(),
-            fused_conv: None,
+            fused_conv: Vec::new(),
         }
     }
 
@@ -484,7 +486,7 @@ impl<'n> Device<'n> {
         self.acts = vec![f16::from_f32(-7.0); acts_len];
         self.done.clear();
         self.last_out = None;
-        self.fused_conv = None;
+        self.fused_conv.clear();
         for (i, step) in plan.steps.iter().enumerate() {
             self.step(step)
                 .unwrap_or_else(|e| panic!("step {i} {step:?}: {e}"));
@@ -764,7 +766,47 @@ impl<'n> Device<'n> {
                     }
                 }
                 self.last_out = Some(y);
-                self.fused_conv = Some(stage);
+                self.fused_conv = vec![stage];
+            }
+            Step::BlockPool { stage, rows, x, y } => {
+                let pattern = [true, true, false].map(Some);
+                if (0..3)
+                    .map(|i| net.is_conv.get(stage + i).copied())
+                    .ne(pattern)
+                {
+                    return Err("a fused block on other stages".into());
+                }
+                let (d, pooled) = (net.dims[stage], net.dims[stage + 2]);
+                need(x, Format::F16)?;
+                need(y, Format::F16)?;
+                exact(x, rows * d.in_len())?;
+                exact(y, rows * pooled.out_len())?;
+                Self::io(x, y)?;
+                // The kernel copies its input in 16-byte chunks.
+                if x.at % 16 != 0 {
+                    return Err(format!("{x:?}: a fused block input not 16-byte aligned"));
+                }
+                let values = f16_values(&self.read(x)?.0);
+                self.consume(x);
+                let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
+                let fp16 = StageRoute {
+                    conv: true,
+                    ..StageRoute::default()
+                };
+                // What the kernel computes: the two convs' FP16 values (the first one's rounded
+                // as stored apart), pooled.
+                let run = |stage: usize, v: &[f32]| match conv_stage(
+                    net, stage, rows, fp16, false, v, &scales,
+                ) {
+                    Activations::F16(v) => Ok(v),
+                    Activations::E4m3(_) => Err("an FP16 conv wrote E4M3"),
+                };
+                let first: Vec<f32> = run(stage, &values)?.iter().map(|v| v.to_f32()).collect();
+                let second = run(stage + 1, &first)?;
+                let v = pool(&second, rows, &pooled, |a, b| if b > a { b } else { a });
+                self.write(y, bytemuck::cast_slice(&v), Held::F16)?;
+                self.last_out = Some(y);
+                self.fused_conv = vec![stage, stage + 1];
             }
             Step::Pool { stage, rows, x, y } => {
                 let d = net.dims[stage];
@@ -814,7 +856,9 @@ impl<'n> Device<'n> {
             }
             Step::StageDone { stage } => {
                 let out = self.last_out.ok_or("a stage done before any output")?;
-                if self.fused_conv.take() != Some(stage) {
+                if let Some(at) = self.fused_conv.iter().position(|&s| s == stage) {
+                    self.fused_conv.remove(at);
+                } else {
                     self.done.push((stage, self.read(out)?.0, out.format));
                 }
             }
@@ -1204,6 +1248,78 @@ fn marked_stages(p: &FeaturePlan) -> Vec<usize> {
     })
 }
 
+/// The first block (stages 0–2: conv, conv, pool) runs as one step where the shape says so and
+/// the forward allows (all three FP16, none captured, and a base forward need not measure the
+/// second conv's input), before the second conv's own fused pool, and changes no value: masked
+/// forwards whole and in sub-batches; not under a route that runs its second conv FP8, nor in
+/// base forwards capturing inside it or measuring the second conv's FP8 input.
+fn fused_blocks_match_the_reference() {
+    let net = Net::new();
+    let (mut dev, scales) = base_forward(&net, capture(8, false));
+    let n = net.dims.len();
+    let fused: Vec<bool> = (0..n)
+        .map(|i| net.is_conv[i] && net.is_conv.get(i + 1) == Some(&false))
+        .collect();
+    let block: Vec<bool> = (0..n).map(|i| i == 0).collect();
+    let shape = PlanShape {
+        fused_block: &block,
+        ..net.shape_with(&fused)
+    };
+    let blocks = |p: &FeaturePlan| {
+        step_stages(p, |s| match *s {
+            Step::BlockPool { stage, .. } => Some(stage),
+            _ => None,
+        })
+    };
+    let end = net.prefix_end();
+    let x = input(MASK_ROWS, 13, MASK_ROWS);
+    let mut forms = [Fp8Forms::default(); 6];
+    forms[1] = BOTH;
+    let fp8_routes = plan::route_preferring(&net_forms(&net, forms), &net.capable);
+    assert!(fp8_routes[1].fp8, "stage 1 runs FP8");
+    for (routes, sub, want_blocks, want_pools) in [
+        (None, None, vec![0], vec![4, 6]),
+        (None, Some(2), vec![0; 4], vec![4, 4, 4, 4, 6]),
+        // Stage 1 runs FP8: conv, FP8 conv, pool apart.
+        (Some(&fp8_routes[..]), None, vec![], vec![4, 6]),
+    ] {
+        let what = format!("fused block, routes {routes:?}, sub-batch {sub:?}");
+        let prefix = sub.map(|rows| Prefix { end, rows });
+        let p = plan::features(&shape, MASK_ROWS, prefix, routes, None).unwrap();
+        assert_eq!(blocks(&p), want_blocks, "{what}");
+        assert_eq!(fused_stages(&p), want_pools, "{what}");
+        let first = if sub.is_some() { end } else { 0 };
+        assert_eq!(
+            marked_stages(&p),
+            (first..n).collect::<Vec<_>>(),
+            "{what}: marks"
+        );
+        dev.forward(&p, &x, 0);
+        let want = reference(&net, &x, MASK_ROWS, routes, None, &scales);
+        let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);
+        assert_same(&out, Format::F16, want.out(), &what);
+        assert_stages(&dev, &want, &what);
+    }
+    // Base forwards: stage 1 has FP8 filters here (its input is measured), so no block; a
+    // net without FP8 filters runs it unless the capture is inside it.
+    assert!(net.capable[1]);
+    let base = |capable: &[bool], at: usize| {
+        let shape = PlanShape {
+            fp8_filters: capable,
+            ..shape
+        };
+        let p = plan::features(&shape, BASE_ROWS, None, None, Some(capture(at, false))).unwrap();
+        blocks(&p)
+    };
+    assert_eq!(base(&net.capable, 8), Vec::<usize>::new());
+    let none = vec![false; n];
+    assert_eq!(base(&none, 8), vec![0]);
+    for at in 0..3 {
+        assert_eq!(base(&none, at), Vec::<usize>::new(), "capture at {at}");
+    }
+    assert_eq!(base(&none, 3), vec![0]);
+}
+
 /// Convs run with their max-pool as one step wherever the shape says so and the forward
 /// allows (both FP16, neither captured), and change no value: masked forwards whole and in
 /// sub-batches, under an FP8 route, and base forwards (which still measure every FP8 input).
@@ -1426,6 +1542,7 @@ fn main() -> std::process::ExitCode {
         prefix_plans_match_the_reference,
         random_routes_match_the_reference,
         fused_pools_match_the_reference,
+        fused_blocks_match_the_reference,
     ];
     trials.push(common::trial(
         "plans_refuse_what_cannot_run",

@@ -202,6 +202,8 @@ pub(super) struct ConvPlans {
     pub pass_s: [(&'static str, f64); 3],
     /// The convs tried with their max-pool fused ([`plan_fused_pools`]), kept or not.
     pub fused_pools: Vec<FusedPool>,
+    /// The first block tried as one kernel ([`plan_fused_block`]), kept or not.
+    pub fused_block: Option<FusedBlock>,
     /// `--precision fp8`, per masked-forward key: what each way of running it costs (ms), the
     /// input of [`forward_plan::route`].
     fp8_costs: HashMap<ConvKey, ConvCosts>,
@@ -227,6 +229,14 @@ impl ConvPlans {
             .map(|f| f.variant)
     }
 
+    /// Whether conv stage `stage`, the conv after it and the max-pool after that run as one
+    /// kernel ([`FusedBlock`]) where forwards allow.
+    pub fn block_fused(&self, stage: usize) -> bool {
+        self.fused_block
+            .as_ref()
+            .is_some_and(|b| b.stage == stage && b.kept)
+    }
+
     /// What running feature stage `stage` at `rows` rows each way costs a forward (ms): a conv's
     /// forms as timed (the fused conv + pool's saving included, scaled from the batch it was
     /// timed at), a pool's two formats. None where the tuning left it untimed.
@@ -245,6 +255,13 @@ impl ConvPlans {
         if let Some(f) = self.fused_pools.iter().find(|f| f.stage == stage && f.kept) {
             let saves = f.conv_ms + f.pool_ms - f.ms;
             costs.fused_pool_saves = saves * rows as f32 / f.rows as f32;
+        }
+        if let Some(b) = self
+            .fused_block
+            .as_ref()
+            .filter(|b| b.stage == stage && b.kept)
+        {
+            costs.block_saves = Some((b.apart_ms - b.ms) * rows as f32 / b.rows as f32);
         }
         if let Some(f) = self.fp8_fused_pools.iter().find(|f| f.stage == stage) {
             for (saves, out) in costs.fp8_pool_saves.iter_mut().zip(&f.outs) {
@@ -852,6 +869,7 @@ pub(super) fn plan_all(
                 convert: None,
                 fused_pool_saves: 0.0,
                 fp8_pool_saves: [0.0; 2],
+                block_saves: None,
             };
             out.fp8_costs.insert(key, costs);
         }
@@ -1289,6 +1307,21 @@ pub(super) struct FusedPool {
     pub kept: bool,
 }
 
+/// A VGG's first block (conv stage `stage`, the 64 → 64 conv after it, the 2×2 max-pool after
+/// that) tried as one kernel ([`conv_direct::launch_block1`]), at `rows` rows (the full mask
+/// batch).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FusedBlock {
+    pub stage: usize,
+    pub rows: usize,
+    pub ms: f32,
+    /// The three stages as the tuning runs them otherwise: the first conv's chosen plan, and the
+    /// second conv with its pool (fused where that was kept, else apart).
+    pub apart_ms: f32,
+    /// Forwards run it: faster than apart, or preferred (`SCORECAM_CONV_DIRECT=prefer`).
+    pub kept: bool,
+}
+
 /// An FP8 conv tried with the max-pool after it in one kernel (the pooled E4M3 wgmma build), at
 /// `rows` rows (the full mask batch), per output format (FP16, E4M3).
 #[derive(Clone, Debug)]
@@ -1395,6 +1428,98 @@ pub(super) fn plan_fused_pools(
             kept,
         });
     }
+    Ok(())
+}
+
+/// After [`plan_fused_pools`]: the first conv stage whose block the whole-first-block kernel
+/// can run (a conv of at most 4 real input channels → 64, a 64 → 64 conv, a max-pool) is timed
+/// as one kernel at `rows` rows (the full mask batch) on the arena `bufs` against the three
+/// stages as planned (the first conv's chosen plan; the second with its pool fused where kept,
+/// else its plan plus the pool), and recorded in `plans.fused_block`; a forward's plan then runs
+/// the block as one step where its route runs all three FP16 and nothing in it is captured. The
+/// kernel's device check runs first, once per backend (`check`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn plan_fused_block(
+    dev: &Dev,
+    kernels: &Kernels,
+    convs: &[Option<DevConv>],
+    dims: &[StageDims],
+    rows: usize,
+    (direct, check): (DirectUse, &mut DirectCheck),
+    bufs: &mut [CudaSlice<f16>; 2],
+    plans: &mut ConvPlans,
+) -> Result<()> {
+    if direct == DirectUse::Off {
+        return Ok(());
+    }
+    let block = (0..convs.len().saturating_sub(2)).find_map(|stage| {
+        let (first, second) = (convs[stage].as_ref()?, convs[stage + 1].as_ref()?);
+        let pooled = convs[stage + 2].is_none();
+        (pooled && conv_direct::block1_applies(first, second, kernels))
+            .then_some((stage, [first, second]))
+    });
+    let Some((stage, layers)) = block else {
+        return Ok(());
+    };
+    let chosen_ms = |stage: usize| {
+        plans
+            .choices
+            .iter()
+            .find(|c| c.stage == stage && c.rows == rows && !c.identity)
+            .and_then(|c| c.ms)
+    };
+    let (Some(first_ms), Some(second_ms)) = (chosen_ms(stage), chosen_ms(stage + 1)) else {
+        return Ok(());
+    };
+    let fallback = "the first block runs as its convs and pool";
+    if !checked(check, fallback, || {
+        conv_direct::check_block1_on_device(dev, kernels, layers)
+    })? {
+        return Ok(());
+    }
+    let timer = EventPair::new(dev)?;
+    let d = dims[stage];
+    let [bx, by] = &mut *bufs;
+    let pooled = plans.fused_pools.iter().find(|f| f.stage == stage + 1);
+    let rest_ms = match pooled {
+        Some(f) if f.kept => f.ms,
+        Some(f) => f.conv_ms + f.pool_ms,
+        None => {
+            let p = dims[stage + 2];
+            let op = format!(
+                "timing the max-pool after features stage {} (batch {rows})",
+                stage + 1
+            );
+            second_ms
+                + time_launch(dev, &timer, &op, || {
+                    let (x, mut y) = (bx.slice(..), by.slice_mut(..));
+                    kernels.maxpool2(&dev.stream, &x, rows, p.in_h, p.in_w, p.in_c, &mut y)
+                })?
+        }
+    };
+    let op = format!("timing the whole first block (batch {rows})");
+    let dims3 = [rows, d.in_h, d.in_w];
+    let ms = time_launch(dev, &timer, &op, || {
+        // SAFETY: as in `time_direct`.
+        unsafe { conv_direct::launch_block1(dev, kernels, layers, dims3, (&*bx, &*by), None) }
+    })?;
+    let apart_ms = first_ms + rest_ms;
+    let kept = direct == DirectUse::Prefer || ms < apart_ms;
+    if verbose() {
+        eprintln!(
+            "cuda: first block (stages {stage}–{}), batch {rows}: one kernel {ms:.3} ms, apart \
+             {apart_ms:.3} ms: {}",
+            stage + 2,
+            if kept { "one kernel" } else { "apart" }
+        );
+    }
+    plans.fused_block = Some(FusedBlock {
+        stage,
+        rows,
+        ms,
+        apart_ms,
+        kept,
+    });
     Ok(())
 }
 

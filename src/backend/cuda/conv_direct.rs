@@ -208,6 +208,82 @@ pub(super) fn check_pool_on_device(
     Ok(None)
 }
 
+/// How plans and reports name the whole-first-block kernel.
+pub(super) const BLOCK1_NAME: &str =
+    "hand-written conv3x3_block1_pool_wg2 (wgmma, conv+ReLU → conv+ReLU → 2×2 max-pool)";
+
+/// Whether the whole-first-block kernel can run `first` (8 stored input channels of which at
+/// most 4 real, since it reads only those → 64), `second` (64 → 64) and the 2×2 max-pool after
+/// them as one launch on this device.
+pub(super) fn block1_applies(first: &DevConv, second: &DevConv, kernels: &Kernels) -> bool {
+    first.cin_s == CONV_CIN8_IN
+        && first.cin <= 4
+        && first.cout == CONV_POOL_C
+        && second.cin_s == CONV_POOL_C
+        && second.cout == CONV_POOL_C
+        && kernels.runs_block1()
+}
+
+/// `y` `[rows, h/2, w/2, 64]` = max-pool 2×2 of ReLU(`second`(ReLU(`first`(`x` `[rows, h, w,
+/// 8]`)))), FP16, by the whole-first-block kernel (on at most `max_blocks` blocks when given).
+///
+/// # Safety
+/// As [`launch`].
+pub(super) unsafe fn launch_block1<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
+    dev: &Dev,
+    kernels: &Kernels,
+    [first, second]: [&DevConv; 2],
+    dims: [usize; 3],
+    (x, y): (&X, &Y),
+    max_blocks: Option<u32>,
+) -> Result<()> {
+    let convs = [
+        (&first.filter, &first.bias32),
+        (&second.filter, &second.bias32),
+    ];
+    // SAFETY: the caller's, passed on.
+    unsafe { kernels.conv3x3_block1_pool(&dev.stream, x, convs, dims, y, max_blocks) }
+}
+
+/// The whole-first-block kernel on random input on the device (the fused conv + pool's check
+/// images: partial tiles on both edges, each block round its tile loop several times) against
+/// the CPU: [`reference_nhwc`] of `first`, ReLU, rounded to FP16 (what the convs apart store),
+/// then of `second`, ReLU, rounded, pooled. `None` when they match; else why not, and the
+/// kernel is not used.
+pub(super) fn check_block1_on_device(
+    dev: &Dev,
+    kernels: &Kernels,
+    [first, second]: [&DevConv; 2],
+) -> Result<Option<String>> {
+    let dims @ [n, h, w] = POOL_CHECK_DIMS;
+    let c = second.cout;
+    let (xd, conv1) = check_input(dev, first, dims, 0xB10C_F00D)?;
+    let mid: Vec<f16> = conv1.iter().map(|v| f16::from_f32(v.max(0.0))).collect();
+    let filter = dev.download(&second.filter, second.filter.len(), "the conv filter")?;
+    let bias = dev.download(&second.bias32, c, "the conv bias")?;
+    let conv2 = reference_nhwc(&mid, &filter, &bias, dims, [second.cin_s, c], true);
+    let rounded: Vec<f32> = conv2.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let want = pool2_max(&rounded, [n, h, w, c]);
+    let yd = dev.alloc::<f16>(n * (h / 2) * (w / 2) * c, "the first block check's output")?;
+    // SAFETY: `yd` is this function's own buffer (zeroed: a kernel that writes nothing fails),
+    // apart from `xd`. A launch the device refuses only keeps the kernel unused.
+    let blocks = Some(POOL_CHECK_BLOCKS);
+    let layers = [first, second];
+    if let Err(e) = unsafe { launch_block1(dev, kernels, layers, dims, (&xd, &yd), blocks) } {
+        return Ok(Some(format!(
+            "the whole-first-block kernel did not launch on this device: {e}"
+        )));
+    }
+    dev.finish_within("the first block kernel's device check", CHECK_LIMIT)?;
+    let got = dev.download(&yd, yd.len(), "the first block check's output")?;
+    if let Some(why) = first_mismatch_by(&got, &want, |i| 2e-3 * want[i].abs()) {
+        return Ok(Some(format!(
+            "the whole-first-block kernel differs from the CPU on this device: {why}"
+        )));
+    }
+    Ok(None)
+}
+
 /// The 2×2 max-pool (floor) of NHWC `v` `[n, h, w, c]`.
 fn pool2_max(v: &[f32], [n, h, w, c]: [usize; 4]) -> Vec<f32> {
     let (ph, pw) = (h / 2, w / 2);

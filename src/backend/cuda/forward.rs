@@ -236,12 +236,16 @@ impl Pass<'_> {
         let fp8_fused_pool: Vec<[bool; 2]> = (0..features.len())
             .map(|i| self.prep.convs.fp8_pool_fused(i).map(|b| b.is_some()))
             .collect();
+        let fused_block: Vec<bool> = (0..features.len())
+            .map(|i| self.prep.convs.block_fused(i))
+            .collect();
         build(&PlanShape {
             is_conv: &is_conv,
             dims: &self.prep.dims,
             fp8_filters: &fp8_filters,
             fused_pool: &fused_pool,
             fp8_fused_pool: &fp8_fused_pool,
+            fused_block: &fused_block,
         })
     }
 
@@ -431,6 +435,26 @@ impl Pass<'_> {
                         (&xv, &yv),
                         None,
                     )
+                }?;
+            }
+            Step::BlockPool {
+                stage,
+                rows,
+                x: xs,
+                y: ys,
+            } => {
+                if !convs.block_fused(stage) {
+                    return Err(Error::Invalid(format!(
+                        "stage {stage}: no fused first block planned"
+                    )));
+                }
+                let layers = [conv_layer(self.dm, stage)?, conv_layer(self.dm, stage + 1)?];
+                let d = dims[stage];
+                let (xv, yv) = io(x, bufs, xs, ys)?;
+                let dims = [rows, d.in_h, d.in_w];
+                // SAFETY: as for the fused conv + pool.
+                unsafe {
+                    conv_direct::launch_block1(self.dev, kernels, layers, dims, (&xv, &yv), None)
                 }?;
             }
             Step::Pool {

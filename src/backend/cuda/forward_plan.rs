@@ -141,6 +141,7 @@ impl Fp8Forms {
             convert: capable.then_some([1.0, 1.0]),
             fused_pool_saves: 0.0,
             fp8_pool_saves: [0.0; 2],
+            block_saves: None,
         }
     }
 }
@@ -165,6 +166,10 @@ pub struct ConvCosts {
     pub fused_pool_saves: f32,
     /// The same for the FP8 conv, by output format (FP16, E4M3): the pooled E4M3 build.
     pub fp8_pool_saves: [f32; 2],
+    /// What running it, the conv after it and the max-pool after that as one kernel saves
+    /// against the three apart (the second conv's fused pool counted), all FP16 in and out,
+    /// where that kernel was kept (None: not kept; negative where kept though slower).
+    pub block_saves: Option<f32>,
 }
 
 /// What running one feature stage costs in each way (see [`route`]).
@@ -195,13 +200,14 @@ impl StageCosts {
                 convert: c.convert.map(|[q, d]| [q * k, d * k]),
                 fused_pool_saves: c.fused_pool_saves * k,
                 fp8_pool_saves: c.fp8_pool_saves.map(|v| v * k),
+                block_saves: x(c.block_saves),
             }),
         }
     }
 }
 
-/// What every stage run FP16 costs (the fused conv + pool's savings counted): the route
-/// [`route`] never does worse than.
+/// What every stage run FP16 costs (the fused conv + pool's and the fused block's savings
+/// counted): the route [`route`] never does worse than.
 pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
     stages
         .iter()
@@ -210,10 +216,20 @@ pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
             StageCosts::Pool { f16, .. } => *f16,
             StageCosts::Conv(c) => {
                 let pooled = matches!(stages.get(i + 1), Some(StageCosts::Pool { .. }));
-                c.fp16 - if pooled { c.fused_pool_saves } else { 0.0 }
+                let block = block_saves(stages, i).unwrap_or(0.0);
+                c.fp16 - if pooled { c.fused_pool_saves } else { 0.0 } - block
             }
         })
         .sum()
+}
+
+/// The saving of the fused block that starts at stage `i` (a conv with `block_saves`, then a
+/// conv, then a pool), if one does.
+pub fn block_saves(stages: &[StageCosts], i: usize) -> Option<f32> {
+    match stages.get(i..i + 3)? {
+        [StageCosts::Conv(c), StageCosts::Conv(_), StageCosts::Pool { .. }] => c.block_saves,
+        _ => None,
+    }
 }
 
 /// The route of one forward's feature stages that costs least in all, by dynamic programming
@@ -221,7 +237,9 @@ pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
 /// multiplier). Each conv runs FP16 or FP8 and writes either format where it has such a plan;
 /// an input in the other format costs its conversion pass; a pool keeps its input's format at
 /// that format's cost; a conv + pool may save a fused kernel's time (FP16 on FP16, or FP8 into
-/// either format). An E4M3
+/// either format), and so may a whole first block run FP16 (conv, conv, pool: a third state,
+/// "FP16 inside the block", carries its start to the pool, so that every all-FP16 path through
+/// a kept block counts it, as the plan then runs it). An E4M3
 /// activation only enters a conv that has FP8 filters (its scale is measured), an FP8 conv has
 /// them too, and the features end FP16 (the head reads them). Returns the routes and their total
 /// cost; of equal costs into one state, the first offered stays (FP16 input first, then the
@@ -229,27 +247,42 @@ pub fn fp16_cost(stages: &[StageCosts]) -> f32 {
 pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
     const F16: usize = 0;
     const E4M3: usize = 1;
-    // A choice at one stage: (format in, format out, runs FP8).
+    // FP16, every stage since a fused block's first conv run FP16 (that block then runs).
+    const BLOCK: usize = 2;
+    // A choice at one stage: (state in, state out, runs FP8).
     type Choice = (usize, usize, bool);
     let n = stages.len();
-    // best[b][format]: the least cost to reach boundary b (before stage b) in that format, and
+    // best[b][state]: the least cost to reach boundary b (before stage b) in that state, and
     // the choice at stage b − 1 that got there.
-    let mut best: Vec<[Option<(f32, Choice)>; 2]> = vec![[None, None]; n + 1];
+    let mut best: Vec<[Option<(f32, Choice)>; 3]> = vec![[None, None, None]; n + 1];
     best[0][F16] = Some((0.0, (F16, F16, false)));
     for (i, stage) in stages.iter().enumerate() {
-        for fin in [F16, E4M3] {
-            let Some((at, _)) = best[i][fin] else {
+        for state in [F16, E4M3, BLOCK] {
+            let Some((at, _)) = best[i][state] else {
                 continue;
             };
+            // The activation's format (BLOCK is FP16).
+            let fin = if state == E4M3 { E4M3 } else { F16 };
             let mut offer = |fout: usize, fp8: bool, cost: f32| {
                 let total = at + cost;
                 let slot = &mut best[i + 1][fout];
                 if slot.is_none_or(|(c, _)| total < c) {
-                    *slot = Some((total, (fin, fout, fp8)));
+                    *slot = Some((total, (state, fout, fp8)));
                 }
             };
+            // The FP16 conv's way out: into (or on in) a kept block, else plain FP16.
+            let starts_block = state == F16 && block_saves(stages, i).is_some();
+            let in_block = state == BLOCK && i >= 1 && block_saves(stages, i - 1).is_some();
+            let f16_out = if starts_block || in_block { BLOCK } else { F16 };
             match *stage {
-                StageCosts::Pool { f16, e4m3 } => offer(fin, false, [f16, e4m3][fin]),
+                StageCosts::Pool { f16, e4m3 } => {
+                    // A block's pool: the block's saving, back to plain FP16.
+                    let saves = match state == BLOCK && i >= 2 {
+                        true => block_saves(stages, i - 2).unwrap_or(0.0),
+                        false => 0.0,
+                    };
+                    offer(fin, false, [f16, e4m3][fin] - saves)
+                }
                 StageCosts::Conv(c) => {
                     if fin == E4M3 && c.convert.is_none() {
                         continue;
@@ -263,7 +296,7 @@ pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
                     } else {
                         0.0
                     };
-                    offer(F16, false, into_fp16 + c.fp16 - fused);
+                    offer(f16_out, false, into_fp16 + c.fp16 - fused);
                     if let Some(ms) = c.fp16_e4m3_out {
                         offer(E4M3, false, into_fp16 + ms);
                     }
@@ -282,18 +315,18 @@ pub fn route(stages: &[StageCosts]) -> (Vec<StageRoute>, f32) {
             }
         }
     }
-    // Back from the FP16 end.
+    // Back from the FP16 end (a block ends at its pool, in plain FP16).
     let mut routes = vec![StageRoute::default(); n];
     let total = best[n][F16].map_or(0.0, |(c, _)| c);
-    let mut format = F16;
+    let mut state = F16;
     for i in (0..n).rev() {
-        let (_, (fin, fout, fp8)) = best[i + 1][format].expect("a reached state has a choice");
+        let (_, (sin, sout, fp8)) = best[i + 1][state].expect("a reached state has a choice");
         let r = &mut routes[i];
         r.conv = matches!(stages[i], StageCosts::Conv(_));
         r.fp8 = fp8;
-        r.e4m3_in = fin == E4M3;
-        r.e4m3_out = fout == E4M3;
-        format = fin;
+        r.e4m3_in = sin == E4M3;
+        r.e4m3_out = sout == E4M3;
+        state = sin;
     }
     // The next conv of each conv: the multiplier its E4M3 output is at.
     let mut next = None;
@@ -465,6 +498,15 @@ pub enum Step {
         x: Span,
         y: Span,
     },
+    /// Conv stage `stage` (+ bias, ReLU), conv stage `stage + 1` (+ bias, ReLU) and the 2×2
+    /// max-pool of stage `stage + 2` in one kernel on `rows` rows: FP16 `x`, the pooled FP16
+    /// `y` (a VGG's first block).
+    BlockPool {
+        stage: usize,
+        rows: usize,
+        x: Span,
+        y: Span,
+    },
     /// 2×2 max-pool of `rows` rows, FP16 or E4M3 codes (both spans alike).
     Pool {
         stage: usize,
@@ -497,6 +539,9 @@ pub struct PlanShape<'a> {
     /// Per feature stage: a conv that runs FP8 with the max-pool after it in one kernel where
     /// its route writes FP16 (`[0]`) or E4M3 (`[1]`); empty: none.
     pub fp8_fused_pool: &'a [[bool; 2]],
+    /// Per feature stage: a conv that runs with the conv and the max-pool after it in one
+    /// kernel where the forward allows (all three FP16, none captured); empty: none.
+    pub fused_block: &'a [bool],
 }
 
 /// The activations a base forward keeps: stage `stage`'s output (before the ReLU when
@@ -600,18 +645,20 @@ fn check_shape(shape: &PlanShape<'_>, routes: Option<&[StageRoute]>) -> Result<(
     let n = shape.dims.len();
     let fp8_ok = shape.fp8_filters.is_empty() || shape.fp8_filters.len() == n;
     let fused_ok = (shape.fused_pool.is_empty() || shape.fused_pool.len() == n)
-        && (shape.fp8_fused_pool.is_empty() || shape.fp8_fused_pool.len() == n);
+        && (shape.fp8_fused_pool.is_empty() || shape.fp8_fused_pool.len() == n)
+        && (shape.fused_block.is_empty() || shape.fused_block.len() == n);
     let routes_ok = routes.is_none_or(|r| {
         r.len() == n && r.iter().zip(shape.is_conv).all(|(r, &conv)| r.conv == conv)
     });
     if shape.is_conv.len() != n || !fp8_ok || !routes_ok || !fused_ok {
         return Err(Error::Invalid(format!(
-            "forward plan: {n} stages, {} kinds, {} FP8 flags, {} + {} fused-pool flags, {:?} \
-             routes",
+            "forward plan: {n} stages, {} kinds, {} FP8 flags, {} + {} fused-pool flags, {} \
+             fused-block flags, {:?} routes",
             shape.is_conv.len(),
             shape.fp8_filters.len(),
             shape.fused_pool.len(),
             shape.fp8_fused_pool.len(),
+            shape.fused_block.len(),
             routes.map(<[_]>::len)
         )));
     }
@@ -684,6 +731,22 @@ impl Planner<'_, '_> {
     ) -> Result<(usize, usize)> {
         let d = self.shape.dims[stage];
         let (in_len, out_len) = (d.in_len(), d.out_len());
+        // The whole first block as one step.
+        if self.fuses_block(stage, capture, routes) {
+            let next = cur.map_or(0, |c| 1 - c);
+            let x = Span::rows(
+                cur.map_or(Buf::Input, Buf::Arena),
+                Format::F16,
+                row0,
+                rows,
+                in_len,
+            );
+            let pooled = self.shape.dims[stage + 2].out_len();
+            let y = Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled);
+            self.amax(stage, x, capture);
+            self.steps.push(Step::BlockPool { stage, rows, x, y });
+            return Ok((next, stage + 3));
+        }
         // The conv and the max-pool after it as one step.
         if self.fuses_pool(stage, capture, routes) && !packed_out {
             let next = cur.map_or(0, |c| 1 - c);
@@ -834,6 +897,28 @@ impl Planner<'_, '_> {
             && capture.is_none_or(|c| c.stage != stage && c.stage != stage + 1)
     }
 
+    /// Whether conv stage `stage` runs as one kernel with the conv and the max-pool after it:
+    /// the shape says so, all three run FP16 ([`pair_runs_fp16`]), none is captured, and a base
+    /// forward need not measure the second conv's input (the block never stores it).
+    fn fuses_block(
+        &self,
+        stage: usize,
+        capture: Option<CaptureAt>,
+        routes: Option<&[StageRoute]>,
+    ) -> bool {
+        let sh = self.shape;
+        sh.fused_block.get(stage) == Some(&true)
+            && sh.is_conv[stage]
+            && sh.is_conv.get(stage + 1) == Some(&true)
+            && sh.is_conv.get(stage + 2) == Some(&false)
+            && pair_runs_fp16(routes, stage)
+            && pair_runs_fp16(routes, stage + 1)
+            && capture.is_none_or(|c| {
+                (c.stage < stage || c.stage > stage + 2)
+                    && sh.fp8_filters.get(stage + 1) != Some(&true)
+            })
+    }
+
     /// Whether conv stage `stage` runs FP8 with the max-pool after it: its route runs it FP8,
     /// the shape has the pooled build for the format it writes, nothing captured.
     fn fuses_fp8_pool(
@@ -901,6 +986,7 @@ mod tests {
             convert: Some(convert),
             fused_pool_saves: 0.0,
             fp8_pool_saves: [0.0; 2],
+            block_saves: None,
         })
     }
 
@@ -955,6 +1041,13 @@ mod tests {
                     form + convert - saves
                 }
             };
+            // A kept block whose three stages all run FP16 runs as one kernel.
+            let fp16 = |r: &StageRoute| !r.fp8 && !r.e4m3_in && !r.e4m3_out;
+            if let Some(saves) = block_saves(stages, i) {
+                if routes[i..i + 3].iter().all(fp16) {
+                    total -= saves;
+                }
+            }
             e4m3 = r.e4m3_out;
         }
         (!e4m3).then_some(total)
@@ -1066,6 +1159,43 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_first_block_runs_fp16_where_it_saves_more_than_fp8_does() {
+        // conv1_1 (no FP8 filters), conv1_2 (FP8 saves 0.3 with its quantize), pool1, conv2_1.
+        let conv1_1 = |block_saves| {
+            StageCosts::Conv(ConvCosts {
+                fp16: 1.0,
+                block_saves,
+                ..ConvCosts::default()
+            })
+        };
+        let mut stages = [
+            conv1_1(None),
+            conv(2.0, Some(1.5), None, [0.2, 0.2]),
+            pool(0.5, 0.3),
+            conv(1.0, None, None, [0.1, 0.1]),
+        ];
+        let (r, ms) = route(&stages);
+        assert!(r[1].fp8, "{r:?}");
+        assert!((ms - (1.0 + 0.2 + 1.5 + 0.5 + 1.0)).abs() < 1e-5, "{ms}");
+        // The block saves 1.0 against the three apart: all FP16.
+        stages[0] = conv1_1(Some(1.0));
+        let (r, ms) = route(&stages);
+        assert!(
+            r.iter().all(|s| !s.fp8 && !s.e4m3_in && !s.e4m3_out),
+            "{r:?}"
+        );
+        assert!((ms - (1.0 + 2.0 + 0.5 - 1.0 + 1.0)).abs() < 1e-5, "{ms}");
+        assert!((fp16_cost(&stages) - ms).abs() < 1e-5);
+        // Kept though slower (preferred): an all-FP16 path pays it, so FP8 wins here, and the
+        // all-FP16 cost counts it.
+        stages[0] = conv1_1(Some(-0.5));
+        let (r, ms) = route(&stages);
+        assert!(r[1].fp8, "{r:?}");
+        assert!((ms - 4.2).abs() < 1e-5, "{ms}");
+        assert!((fp16_cost(&stages) - 5.0).abs() < 1e-5);
+    }
+
+    #[test]
     fn the_route_is_the_cheapest_valid_one() {
         // Random stage lists and costs, some forms missing, some convs without FP8 filters:
         // the search's route is valid, costs what it says, and no route costs less.
@@ -1103,6 +1233,8 @@ mod tests {
                         convert: capable.then(|| [g.ms() / 4.0, g.ms() / 4.0]),
                         fused_pool_saves: if g.below(3) == 0 { g.ms() / 4.0 } else { 0.0 },
                         fp8_pool_saves: [g.ms() / 8.0, g.ms() / 8.0],
+                        // Kept, now and then though slower (preferred): negative.
+                        block_saves: (g.below(3) == 0).then(|| g.ms() - 0.4),
                     })
                 })
                 .collect();

@@ -226,6 +226,8 @@ pub struct CudaBackend {
     direct_use: DirectUse,
     direct_check: conv::DirectChecks,
     pool_check: conv::PoolChecks,
+    /// The whole-first-block kernel's device check (once per backend).
+    block_check: conv::DirectCheck,
     /// Graph-API plan choices remembered between runs, and why the last save failed, if it did.
     plan_cache: PlanCache,
     plan_cache_error: Option<String>,
@@ -360,6 +362,7 @@ impl CudaBackend {
             direct_use: DirectUse::from_env(),
             direct_check: conv::DirectChecks::default(),
             pool_check: conv::PoolChecks::default(),
+            block_check: None,
             plan_cache: PlanCache::open(&device_identity),
             plan_cache_error: None,
             precision: Precision::Fp16,
@@ -1108,6 +1111,13 @@ impl Backend for CudaBackend {
         let costed = (self.model.as_ref())
             .and_then(|m| p.fp8_routes_costed(&m.model, rows, p.prefix_for(rows)));
         let routes = costed.as_ref().map(|c| c.0.clone());
+        // Where a full mask batch's forward runs the first block as one kernel.
+        let block_runs = p.convs.fused_block.filter(|b| b.kept).and_then(|b| {
+            let r = routes.as_deref();
+            let fp16 = forward_plan::pair_runs_fp16(r, b.stage)
+                && forward_plan::pair_runs_fp16(r, b.stage + 1);
+            fp16.then_some(b.stage)
+        });
         let plans: Vec<serde_json::Value> = p
             .convs
             .choices()
@@ -1199,8 +1209,24 @@ impl Backend for CudaBackend {
                     "conv_ms": f.conv_ms,
                     "pool_ms": f.pool_ms,
                     "kept": f.kept,
-                    "fused": f.kept && forward_plan::pair_runs_fp16(routes.as_deref(), f.stage),
+                    "fused": f.kept
+                        && forward_plan::pair_runs_fp16(routes.as_deref(), f.stage)
+                        && block_runs.is_none_or(|b| b + 1 != f.stage),
                 })).collect::<Vec<_>>(),
+            },
+            // A VGG's first block (conv, conv, max-pool) tried as one kernel at the full mask
+            // batch: its device check, its time, the three apart as planned otherwise (the
+            // second conv's fused pool counted where kept), whether the tuning kept it, and
+            // whether a full mask batch's forward runs it (its route runs all three FP16).
+            "fused_block": {
+                "check": check_json(&self.block_check),
+                "algo": conv_direct::BLOCK1_NAME,
+                "stage": p.convs.fused_block.map(|b| b.stage),
+                "rows": p.convs.fused_block.map(|b| b.rows),
+                "ms": p.convs.fused_block.map(|b| b.ms),
+                "apart_ms": p.convs.fused_block.map(|b| b.apart_ms),
+                "kept": p.convs.fused_block.map(|b| b.kept),
+                "runs": block_runs.is_some(),
             },
             // Under --precision fp8: FP8 convs tried with their max-pool in one kernel (the
             // pooled E4M3 wgmma build), per output format, against the conv's FP8 form and the

@@ -245,6 +245,17 @@ impl CudaBackend {
             &mut convs,
         )?;
         lap(&mut setup, "fused conv + pool timing");
+        conv::plan_fused_block(
+            dev,
+            &self.kernels,
+            &dm.convs,
+            &dims,
+            plan.max_masks,
+            (self.direct_use, &mut self.block_check),
+            &mut bufs,
+            &mut convs,
+        )?;
+        lap(&mut setup, "fused first block timing");
         if let Some(state) = fp8.as_mut() {
             conv::time_fp8_passes(
                 dev,

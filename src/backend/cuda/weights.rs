@@ -15,6 +15,8 @@ use crate::model::{FeatureStage, Vgg, POOLED};
 
 /// A conv layer on the device.
 pub(super) struct DevConv {
+    /// Input channels: the model's, and as stored (the first conv's 3 stored as `CPAD`).
+    pub cin: usize,
     pub cin_s: usize,
     pub cout: usize,
     pub filter: CudaSlice<f16>,
@@ -113,6 +115,7 @@ pub(super) fn upload_model(dev: &Dev, model: &Arc<Vgg>, pack_wg: bool) -> Result
                 let bdesc = TensorDesc::nhwc_f16(1, l.cout, 1, 1)
                     .map_err(|e| dnn_err(&format!("{name}: bias descriptor"), e))?;
                 convs.push(Some(DevConv {
+                    cin: l.cin,
                     cin_s: cs,
                     cout: l.cout,
                     filter,
