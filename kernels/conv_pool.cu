@@ -366,22 +366,43 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 // and landing during its pool and stores. Only the filter load is block-wide; afterwards each
 // group syncs its own 128 threads (named barrier 1 + group).
 #define CP_SMEM_WG2 (CP_W_BYTES + 2 * CP_HALO_BYTES + 2 * CP_STAGE_BYTES + 64 * 4)
+
+// The calling thread's place in a block of two warpgroups on tiles of their own, and its
+// group's part of the shared memory: the filter, one halo per group, one set of staging rows per
+// group (2 pooled rows × 8 pixels per warp), the bias.
+struct CpGroup {
+    int group, gtid, lane, warp;  // warp within the group
+    unsigned char* halo;
+    u32* staged;
+    float* bias_s;
+};
+
+__device__ __forceinline__ CpGroup cp_group(unsigned char* smem) {
+    CpGroup g;
+    // The group read through a shuffle, so that the compiler knows it (and the tile loop) to be
+    // uniform in the warp: wgmma in a loop it thinks divergent are serialized (ptxas C7519).
+    g.group = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
+    g.gtid = threadIdx.x & 127;
+    g.lane = threadIdx.x & 31;
+    g.warp = g.gtid >> 5;
+    g.halo = smem + CP_W_BYTES + g.group * CP_HALO_BYTES;
+    unsigned char* stage_base = smem + CP_W_BYTES + 2 * CP_HALO_BYTES;
+    g.staged = reinterpret_cast<u32*>(stage_base + g.group * CP_STAGE_BYTES) +
+               g.warp * 2 * 8 * CP_STAGE_ROW;
+    g.bias_s = reinterpret_cast<float*>(stage_base + 2 * CP_STAGE_BYTES);
+    return g;
+}
 __device__ __forceinline__ void conv3x3_c64_pool_wg2_body(const f16raw* __restrict__ x,
                                                           const f16raw* __restrict__ filter,
                                                           const float* __restrict__ bias, int n,
                                                           int h, int w, f16raw* __restrict__ y) {
     extern __shared__ uint4 cp_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(cp_smem);
-    // The group read through a shuffle, so that the compiler knows it (and the tile loop) to be
-    // uniform in the warp: wgmma in a loop it thinks divergent are serialized (ptxas C7519).
-    const int group = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
-    const int gtid = threadIdx.x & 127;
-    const int lane = threadIdx.x & 31, warp = gtid >> 5;  // warp within the group
-    unsigned char* halo = smem + CP_W_BYTES + group * CP_HALO_BYTES;
-    unsigned char* stage_base = smem + CP_W_BYTES + 2 * CP_HALO_BYTES;
-    u32* staged = reinterpret_cast<u32*>(stage_base + group * CP_STAGE_BYTES) +
-                  warp * 2 * 8 * CP_STAGE_ROW;  // 2 pooled rows × 8 pixels per warp
-    float* bias_s = reinterpret_cast<float*>(stage_base + 2 * CP_STAGE_BYTES);
+    const CpGroup gr = cp_group(smem);
+    const int group = gr.group, gtid = gr.gtid, lane = gr.lane, warp = gr.warp;
+    unsigned char* halo = gr.halo;
+    u32* staged = gr.staged;
+    float* bias_s = gr.bias_s;
 
     const CpGrid grid(n, h, w);
     const i64 tiles = grid.tiles;
@@ -581,14 +602,11 @@ __device__ __forceinline__ void conv3x3_block1_pool_wg2_body(
     const float* __restrict__ bias2, int n, int h, int w, f16raw* __restrict__ y) {
     extern __shared__ uint4 cp_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(cp_smem);
-    const int group = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);  // as in _wg2
-    const int gtid = threadIdx.x & 127;
-    const int lane = threadIdx.x & 31, warp = gtid >> 5;
-    unsigned char* halo = smem + CP_W_BYTES + group * CP_HALO_BYTES;
-    unsigned char* stage_base = smem + CP_W_BYTES + 2 * CP_HALO_BYTES;
-    u32* staged = reinterpret_cast<u32*>(stage_base + group * CP_STAGE_BYTES) +
-                  warp * 2 * 8 * CP_STAGE_ROW;
-    float* bias2_s = reinterpret_cast<float*>(stage_base + 2 * CP_STAGE_BYTES);
+    const CpGroup gr = cp_group(smem);  // _wg2's layout, then the first conv's own
+    const int group = gr.group, gtid = gr.gtid, lane = gr.lane, warp = gr.warp;
+    unsigned char* halo = gr.halo;
+    u32* staged = gr.staged;
+    float* bias2_s = gr.bias_s;
     float* bias1_s = bias2_s + 64;
     uint4* w1 = reinterpret_cast<uint4*>(bias1_s + 64);
     unsigned char* in = reinterpret_cast<unsigned char*>(w1) + CB_W1_BYTES + group * CB_IN_BYTES;

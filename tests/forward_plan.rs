@@ -1248,6 +1248,29 @@ fn marked_stages(p: &FeaturePlan) -> Vec<usize> {
     })
 }
 
+/// A masked forward of plan `p` on `x`: every stage from `first` is marked done, and the
+/// features and every full-batch stage equal the reference's under `routes` and `scales`.
+fn forward_matches(
+    dev: &mut Device<'_>,
+    p: &FeaturePlan,
+    (x, first): (&[f16], usize),
+    (routes, scales): (Option<&[StageRoute]>, &[Scale]),
+    what: &str,
+) {
+    let net = dev.net;
+    let n = net.dims.len();
+    assert_eq!(
+        marked_stages(p),
+        (first..n).collect::<Vec<_>>(),
+        "{what}: marks"
+    );
+    dev.forward(p, x, 0);
+    let want = reference(net, x, MASK_ROWS, routes, None, scales);
+    let out = dev.output(p.out, MASK_ROWS * out_len(net), Format::F16);
+    assert_same(&out, Format::F16, want.out(), what);
+    assert_stages(dev, &want, what);
+}
+
 /// The first block (stages 0–2: conv, conv, pool) runs as one step where the shape says so and
 /// the forward allows (all three FP16, none captured, and a base forward need not measure the
 /// second conv's input), before the second conv's own fused pool, and changes no value: masked
@@ -1289,16 +1312,7 @@ fn fused_blocks_match_the_reference() {
         assert_eq!(blocks(&p), want_blocks, "{what}");
         assert_eq!(fused_stages(&p), want_pools, "{what}");
         let first = if sub.is_some() { end } else { 0 };
-        assert_eq!(
-            marked_stages(&p),
-            (first..n).collect::<Vec<_>>(),
-            "{what}: marks"
-        );
-        dev.forward(&p, &x, 0);
-        let want = reference(&net, &x, MASK_ROWS, routes, None, &scales);
-        let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);
-        assert_same(&out, Format::F16, want.out(), &what);
-        assert_stages(&dev, &want, &what);
+        forward_matches(&mut dev, &p, (&x, first), (routes, &scales), &what);
     }
     // Base forwards: stage 1 has FP8 filters here (its input is measured), so no block; a
     // net without FP8 filters runs it unless the capture is inside it.
@@ -1373,16 +1387,7 @@ fn fused_pools_match_the_reference() {
         );
         // Every full-batch stage is marked, a fused pool's with its conv's.
         let first = if sub.is_some() { end } else { 0 };
-        assert_eq!(
-            marked_stages(&p),
-            (first..n).collect::<Vec<_>>(),
-            "{what}: marks"
-        );
-        dev.forward(&p, &x, 0);
-        let want = reference(&net, &x, MASK_ROWS, routes, None, &scales);
-        let out = dev.output(p.out, MASK_ROWS * out_len(&net), Format::F16);
-        assert_same(&out, Format::F16, want.out(), &what);
-        assert_stages(&dev, &want, &what);
+        forward_matches(&mut dev, &p, (&x, first), (routes, &scales), &what);
     }
     // FP8 convs with their pools in one kernel (the pooled E4M3 build) where the shape has it
     // for the output the route writes: whole and in sub-batches (blocks 1–2's last pool, E4M3,

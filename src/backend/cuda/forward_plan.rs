@@ -733,45 +733,23 @@ impl Planner<'_, '_> {
         let (in_len, out_len) = (d.in_len(), d.out_len());
         // The whole first block as one step.
         if self.fuses_block(stage, capture, routes) {
-            let next = cur.map_or(0, |c| 1 - c);
-            let x = Span::rows(
-                cur.map_or(Buf::Input, Buf::Arena),
-                Format::F16,
-                row0,
-                rows,
-                in_len,
-            );
-            let pooled = self.shape.dims[stage + 2].out_len();
-            let y = Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled);
-            self.amax(stage, x, capture);
-            self.steps.push(Step::BlockPool { stage, rows, x, y });
-            return Ok((next, stage + 3));
+            let make = |x, y| Step::BlockPool { stage, rows, x, y };
+            return Ok(self.fused_fp16(stage..stage + 3, cur, (rows, row0), capture, make));
         }
         // The conv and the max-pool after it as one step.
         if self.fuses_pool(stage, capture, routes) && !packed_out {
-            let next = cur.map_or(0, |c| 1 - c);
-            let x = Span::rows(
-                cur.map_or(Buf::Input, Buf::Arena),
-                Format::F16,
-                row0,
-                rows,
-                in_len,
-            );
-            let pooled = self.shape.dims[stage + 1].out_len();
-            let y = Span::rows(Buf::Arena(next), Format::F16, row0, rows, pooled);
-            self.amax(stage, x, capture);
             let route = StageRoute {
                 conv: true,
                 ..StageRoute::default()
             };
-            self.steps.push(Step::ConvPool {
+            let make = |x, y| Step::ConvPool {
                 stage,
                 rows,
                 route,
                 x,
                 y,
-            });
-            return Ok((next, stage + 2));
+            };
+            return Ok(self.fused_fp16(stage..stage + 2, cur, (rows, row0), capture, make));
         }
         let route = routes.map(|r| r[stage]).unwrap_or_default();
         let e4m3 = |yes: bool| if yes { Format::E4m3 } else { Format::F16 };
@@ -878,6 +856,33 @@ impl Planner<'_, '_> {
             }
         }
         Ok((next, stage + 1))
+    }
+
+    /// Stages `stages` as one FP16 kernel (a conv and its pool, or a whole block) on `rows` rows
+    /// from `row0`: `make` the step from its input (arena buffer `cur`, None: the input) and its
+    /// output (the last stage's, in the other buffer). Returns that buffer and the next stage.
+    fn fused_fp16(
+        &mut self,
+        stages: Range<usize>,
+        cur: Option<usize>,
+        (rows, row0): (usize, usize),
+        capture: Option<CaptureAt>,
+        make: impl FnOnce(Span, Span) -> Step,
+    ) -> (usize, usize) {
+        let next = cur.map_or(0, |c| 1 - c);
+        let in_len = self.shape.dims[stages.start].in_len();
+        let x = Span::rows(
+            cur.map_or(Buf::Input, Buf::Arena),
+            Format::F16,
+            row0,
+            rows,
+            in_len,
+        );
+        let out_len = self.shape.dims[stages.end - 1].out_len();
+        let y = Span::rows(Buf::Arena(next), Format::F16, row0, rows, out_len);
+        self.amax(stages.start, x, capture);
+        self.steps.push(make(x, y));
+        (next, stages.end)
     }
 
     /// Whether conv stage `stage` runs with the max-pool after it: the shape says so, and both

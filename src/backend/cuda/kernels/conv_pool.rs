@@ -6,8 +6,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::f16;
 
 use super::{
-    invalid, need, nhwc_args, prod, ConvWgBuild, KernelArg, KernelLaunch, Kernels, LaunchLimits,
-    CONV_CIN8_IN,
+    aligned16, invalid, need, nhwc_args, prod, ConvWgBuild, KernelArg, KernelLaunch, Kernels,
+    LaunchLimits, CONV_CIN8_IN,
 };
 use crate::error::Result;
 
@@ -295,12 +295,7 @@ impl Kernels {
         let lens = [x.len(), filter.len(), bias.len(), y.len()];
         let launch = conv3x3_c64_pool_launch(variant, lens, nhw, &self.limits_on(max_blocks))?;
         let (x_p, _x) = x.device_ptr(stream);
-        if x_p % 16 != 0 {
-            return Err(invalid(
-                op,
-                format!("`x` at {x_p:#x} is not 16-byte aligned"),
-            ));
-        }
+        aligned16(op, &[("`x`", x_p)])?;
         let (f_p, _f) = filter.device_ptr(stream);
         let (b_p, _b) = bias.device_ptr(stream);
         let (y_p, _y) = y.device_ptr(stream);
@@ -331,12 +326,7 @@ impl Kernels {
         let lens = [x.len(), f1.len(), b1.len(), f2.len(), b2.len(), y.len()];
         let launch = conv3x3_block1_pool_launch(lens, nhw, &self.limits_on(max_blocks))?;
         let (x_p, _x) = x.device_ptr(stream);
-        if x_p % 16 != 0 {
-            return Err(invalid(
-                op,
-                format!("`x` at {x_p:#x} is not 16-byte aligned"),
-            ));
-        }
+        aligned16(op, &[("`x`", x_p)])?;
         let (f1_p, _f1) = f1.device_ptr(stream);
         let (b1_p, _b1) = b1.device_ptr(stream);
         let (f2_p, _f2) = f2.device_ptr(stream);

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::f16;
 
-use super::{invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits};
+use super::{
+    aligned16, invalid, need, nhwc_args, prod, KernelArg, KernelLaunch, Kernels, LaunchLimits,
+};
 use crate::error::Result;
 
 /// Bytes of input channels per pixel and pipeline stage: `cin` × the element's bytes must be a
@@ -372,18 +374,6 @@ fn wg_launch(
     })
 }
 
-/// The kernels copy `x` and the packed filter in 16-byte chunks: both device addresses must be
-/// 16-byte aligned.
-fn aligned16(op: &str, ptrs: [(&str, u64); 2]) -> Result<()> {
-    match ptrs.iter().find(|(_, p)| p % 16 != 0) {
-        Some((what, p)) => Err(invalid(
-            op,
-            format!("{what} at {p:#x} is not 16-byte aligned"),
-        )),
-        None => Ok(()),
-    }
-}
-
 impl Kernels {
     /// Whether this device runs `build` of the wgmma conv: sm_90a kernels and the shared memory.
     pub fn runs_conv_wg(&self, build: ConvWgBuild) -> bool {
@@ -439,7 +429,7 @@ impl Kernels {
         let launch = launch(lens, &self.limits_on(max_blocks))?;
         let (x_p, _x) = x.device_ptr(stream);
         let (f_p, _f) = wpack.device_ptr(stream);
-        aligned16(launch.kernel, [("x", x_p), ("the packed filter", f_p)])?;
+        aligned16(launch.kernel, &[("`x`", x_p), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
         let (y_p, _y) = y.device_ptr(stream);
         self.run(stream, &launch, &[x_p, f_p, b_p, y_p])
@@ -500,7 +490,7 @@ impl Kernels {
         let limits = self.limits_on(max_blocks);
         let launch = conv3x3_wg_e4m3_launch(build, lens, nhw, chans, how, &limits)?;
         let (f_p, _f) = wpack.device_ptr(stream);
-        aligned16(launch.kernel, [("x", x), ("the packed filter", f_p)])?;
+        aligned16(launch.kernel, &[("`x`", x), ("the packed filter", f_p)])?;
         let (b_p, _b) = bias.device_ptr(stream);
         let (d_p, _d) = descale.device_ptr(stream);
         let (m_p, _m) = mult.device_ptr(stream);

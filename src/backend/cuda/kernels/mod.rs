@@ -447,6 +447,18 @@ fn prod(op: &str, dims: &[usize]) -> Result<usize> {
 }
 
 /// `what` (a view of `len` elements) must hold at least `needed` elements.
+/// Kernels that copy a buffer in 16-byte chunks need its device address 16-byte aligned: an
+/// error naming the first of `ptrs` (name, address) that is not.
+fn aligned16(op: &str, ptrs: &[(&str, u64)]) -> Result<()> {
+    match ptrs.iter().find(|(_, p)| p % 16 != 0) {
+        Some((what, p)) => Err(invalid(
+            op,
+            format!("{what} at {p:#x} is not 16-byte aligned"),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
     if len >= needed {
         Ok(())
