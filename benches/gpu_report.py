@@ -837,6 +837,25 @@ def graph_search_lines(eng):
                 ", ".join("%s %s" % (k, _short(str(v), 80)) for k, v in checks.items())
                 or "per shape: not reported"))
             L.append("")
+        # The wgmma convs (and the fused first block) timed again on half the SMs: a ratio near
+        # 2 says each SM's own work limits the kernel, one well under 2 a limit the SMs share
+        # (L2 or memory bandwidth).
+        scaling = []
+        for x in b.get("plans") or []:
+            if isinstance(x, dict) and x.get("direct_half_grid_ms") is not None and x.get("direct_ms"):
+                scaling.append("stage %s %s → %s ms (×%.2f)" % (
+                    x.get("stage"), fmt_ms(_float(x.get("direct_ms"))),
+                    fmt_ms(_float(x.get("direct_half_grid_ms"))),
+                    _float(x.get("direct_half_grid_ms")) / _float(x.get("direct_ms"))))
+        fb = b.get("fused_block")
+        if isinstance(fb, dict) and fb.get("half_grid_ms") is not None and fb.get("ms"):
+            scaling.append("first block %s → %s ms (×%.2f)" % (
+                fmt_ms(_float(fb.get("ms"))), fmt_ms(_float(fb.get("half_grid_ms"))),
+                _float(fb.get("half_grid_ms")) / _float(fb.get("ms"))))
+        if scaling:
+            L.append("Hand-written kernels on all SMs → half of them in the %s run (×2: each SM's "
+                     "own work limits it; well under: L2 or memory): %s." % (label, "; ".join(scaling)))
+            L.append("")
         fp = b.get("fused_pools")
         if isinstance(fp, dict) and fp.get("check") is not None:
             parts = ["stage %s %s: fused %s ms (builds %s) vs %s + %s ms apart, %s" % (
@@ -1151,7 +1170,11 @@ def selftest():
                        "backend": {
                            "fused_block": {"check": "passed", "algo": "hand-written block", "stage": 0,
                                            "rows": 256, "ms": 1.5, "apart_ms": 3.5, "kept": True,
-                                           "runs": True},
+                                           "runs": True, "half_grid_ms": 2.7},
+                           "plans": [{"stage": 5, "rows": 256, "direct_ms": 0.8,
+                                      "direct_half_grid_ms": 1.2},
+                                     {"stage": 7, "rows": 256, "direct_ms": 0.5,
+                                      "direct_half_grid_ms": None}],
                            "graph_api_search": {
                            "fp16": {"graphs_built": 9, "graphs_refused": 0, "configs_offered": 40,
                                     "finalize_failed": 4, "over_workspace": 0, "execute_failed": 0,
@@ -1183,6 +1206,9 @@ def selftest():
               "config #0: CudnnError(CUDNN_STATUS_NOT_SUPPORTED))" in tab2, "graph search line %r" % tab2)
         check("Whole first block in the FP8 run (hand-written block): device check passed; stages 0-2: "
               "one kernel 1.50 ms vs 3.50 ms apart, runs." in tab2, "fused block line")
+        check("Hand-written kernels on all SMs → half of them in the FP8 run (×2: each SM's own work "
+              "limits it; well under: L2 or memory): stage 5 0.80 → 1.20 ms (×1.50); first block 1.50 → "
+              "2.70 ms (×1.80)." in tab2, "half-grid line")
         check("error: skipped: PEERS_COMPILE=0" in tab2, "compile skipped row")
         tg2 = {x["target"]: x["met"] for x in r2["targets"]["targets"]}
         check(tg2["FP8 ms/image at 8 images"] is True and tg2["FP8 map correlation with FP16, lowest image"] is True

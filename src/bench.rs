@@ -184,6 +184,7 @@ fn layers(engine: &mut Engine, model: &Vgg, backend: &Value) -> Result<Vec<Value
                     "legacy_ms",
                     "graph_ms",
                     "direct_ms",
+                    "direct_half_grid_ms",
                     "fp8_ms",
                     "e4m3_out_ms",
                     "fp8_algo",

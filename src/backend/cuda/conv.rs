@@ -145,6 +145,8 @@ pub struct PlanChoice {
     pub graph_ms: Option<f32>,
     /// The hand-written conv's time, where it runs ([`super::conv_direct`]).
     pub direct_ms: Option<f32>,
+    /// The wgmma conv's time on half the SMs, at the full mask batch ([`half_grid`]).
+    pub direct_half_grid_ms: Option<f32>,
     /// `--precision fp8`: the fastest FP8 plan's time with an FP16 output (its input already
     /// E4M3), and whether the key has FP8 plans a masked forward's route may run.
     pub fp8_ms: Option<f32>,
@@ -381,6 +383,8 @@ struct Tuned {
     /// The fastest hand-written build of the layer's ([`DirectKernel::candidates`]) and its time.
     direct: Option<DirectKernel>,
     direct_ms: Option<f32>,
+    /// The wgmma conv's fastest build at the full mask batch on half the SMs ([`half_grid`]).
+    direct_half_grid_ms: Option<f32>,
 }
 
 /// What the FP8 tuning of one shape found, for inputs arriving E4M3 or FP16 (the timing
@@ -573,12 +577,44 @@ pub(super) fn plan_all(
             let out = DirectOut::Half {
                 identity: key.identity,
             };
-            let ms = time_direct(dev, &timer, (kernels, candidate), layer, dims, out, &arena)?;
+            let ms = time_direct(
+                dev,
+                &timer,
+                (kernels, candidate),
+                layer,
+                dims,
+                out,
+                &arena,
+                None,
+            )?;
             if fastest.is_none_or(|(_, best)| ms < best) {
                 fastest = Some((candidate, ms));
             }
         }
         let (direct_kind, direct_ms) = (fastest.map(|f| f.0), fastest.map(|f| f.1));
+        // At the full mask batch, the wgmma conv's fastest build again on half the SMs: what
+        // limits it (each SM's own work, or the L2 or memory the SMs share).
+        let wgmma = direct_kind.and_then(DirectKernel::build).is_some();
+        let direct_half_grid_ms = match (direct_kind, half_grid(kernels)) {
+            (Some(kind), Some(blocks)) if wgmma && key.rows == graph.1 => {
+                let dims = [key.rows, d.in_h, d.in_w];
+                let out = DirectOut::Half {
+                    identity: key.identity,
+                };
+                let arena = &arena;
+                Some(time_direct(
+                    dev,
+                    &timer,
+                    (kernels, kind),
+                    layer,
+                    dims,
+                    out,
+                    arena,
+                    Some(blocks),
+                )?)
+            }
+            _ => None,
+        };
         tuned.insert(
             shape,
             Tuned {
@@ -588,6 +624,7 @@ pub(super) fn plan_all(
                 graph: None,
                 direct: direct_kind,
                 direct_ms,
+                direct_half_grid_ms,
             },
         );
         shapes.push((shape, key));
@@ -786,7 +823,9 @@ pub(super) fn plan_all(
                         let m = f.state.multiplier(next);
                         let out = DirectOut::E4m3(&m);
                         let with = (kernels, kind);
-                        Some(time_direct(dev, &timer, with, layer, dims, out, &arena)?)
+                        Some(time_direct(
+                            dev, &timer, with, layer, dims, out, &arena, None,
+                        )?)
                     }
                     _ => None,
                 });
@@ -884,6 +923,7 @@ pub(super) fn plan_all(
             legacy_ms: t.legacy_ms,
             graph_ms: t.graph.as_ref().map(|g| g.1),
             direct_ms: t.direct_ms,
+            direct_half_grid_ms: t.direct_half_grid_ms,
             fp8_ms: half.as_ref().map(|p| p.1),
             fp8: half_kept || e4m3_kept,
             e4m3_out_ms: e4m3.as_ref().or(fp16_e4m3.as_ref()).map(|p| p.1),
@@ -1256,7 +1296,9 @@ fn checked(
 }
 
 /// Milliseconds of the hand-written conv writing `out` on `rows` rows of the arena (random
-/// input; median of [`TIMED_RUNS`] after a warm-up), as cuDNN's candidates are timed.
+/// input; median of [`TIMED_RUNS`] after a warm-up), as cuDNN's candidates are timed; the wgmma
+/// conv on at most `max_blocks` blocks when given.
+#[allow(clippy::too_many_arguments)]
 fn time_direct(
     dev: &Dev,
     timer: &EventPair,
@@ -1265,14 +1307,25 @@ fn time_direct(
     dims: [usize; 3],
     out: DirectOut<'_, '_>,
     arena: &TuneArena<'_>,
+    max_blocks: Option<u32>,
 ) -> Result<f32> {
     let [bx, by] = arena.bufs;
     let op = format!("timing the hand-written conv {kind:?} (batch {})", dims[0]);
     time_launch(dev, timer, &op, || {
         // SAFETY: the arena's buffers are apart and hold ≥ rows rows of every stage's input and
         // output; nothing else runs on them during the tuning.
-        unsafe { conv_direct::launch(dev, kernels, layer, kind, dims, out, (bx, by)) }
+        let xy = (bx, by);
+        unsafe { conv_direct::launch(dev, kernels, layer, kind, dims, out, xy, max_blocks) }
     })
+}
+
+/// The blocks of a half-grid timing: half the SMs. A persistent kernel that takes about twice
+/// as long there is held back by each SM's own work; one that takes much less than twice as
+/// long, by something the SMs share (L2 or memory bandwidth). None where the device has too
+/// few SMs for the figure to mean anything.
+pub(super) fn half_grid(kernels: &Kernels) -> Option<u32> {
+    let sms = kernels.sm_count();
+    (sms >= 8).then_some(sms / 2)
 }
 
 /// Milliseconds of `launch` (median of [`TIMED_RUNS`] after a warm-up).
@@ -1320,6 +1373,8 @@ pub(super) struct FusedBlock {
     pub apart_ms: f32,
     /// Forwards run it: faster than apart, or preferred (`SCORECAM_CONV_DIRECT=prefer`).
     pub kept: bool,
+    /// Its time on half the SMs ([`half_grid`]).
+    pub half_grid_ms: Option<f32>,
 }
 
 /// An FP8 conv tried with the max-pool after it in one kernel (the pooled E4M3 wgmma build), at
@@ -1503,6 +1558,14 @@ pub(super) fn plan_fused_block(
         // SAFETY: as in `time_direct`.
         unsafe { conv_direct::launch_block1(dev, kernels, layers, dims3, (&*bx, &*by), None) }
     })?;
+    let half_grid_ms = match half_grid(kernels) {
+        Some(blocks) => Some(time_launch(dev, &timer, &op, || {
+            // SAFETY: as above.
+            let xy = (&*bx, &*by);
+            unsafe { conv_direct::launch_block1(dev, kernels, layers, dims3, xy, Some(blocks)) }
+        })?),
+        None => None,
+    };
     let apart_ms = first_ms + rest_ms;
     let kept = direct == DirectUse::Prefer || ms < apart_ms;
     if verbose() {
@@ -1519,6 +1582,7 @@ pub(super) fn plan_fused_block(
         ms,
         apart_ms,
         kept,
+        half_grid_ms,
     });
     Ok(())
 }
@@ -2170,6 +2234,7 @@ impl ConvRun<'_> {
                     dims,
                     DirectOut::E4m3(&m),
                     (*x, &*y),
+                    None,
                 )
             };
         }
@@ -2256,7 +2321,8 @@ impl ConvRun<'_> {
                     identity: key.identity,
                 };
                 let (dev, kernels) = (self.dev, self.kernels);
-                unsafe { conv_direct::launch(dev, kernels, layer, *kind, dims, out, (x, &*y)) }?;
+                let xy = (x, &*y);
+                unsafe { conv_direct::launch(dev, kernels, layer, *kind, dims, out, xy, None) }?;
             }
         }
         Ok(())
@@ -2326,6 +2392,7 @@ impl ConvRun<'_> {
                         legacy_ms: None,
                         graph_ms: None,
                         direct_ms: None,
+                        direct_half_grid_ms: None,
                         fp8_ms: None,
                         fp8: false,
                         e4m3_out_ms: None,

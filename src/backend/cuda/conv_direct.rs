@@ -335,11 +335,13 @@ pub(super) enum DirectOut<'m, 'v> {
 
 /// `y` `[rows, h, w, cout]` (FP16, or E4M3 in its first bytes) = conv(`x` `[rows, h, w, cin]`) +
 /// bias, as `out` says, by the hand-written conv `kind` (one of [`DirectKernel::candidates`] of
-/// the layer's).
+/// the layer's); the wgmma conv on at most `max_blocks` blocks when given (the first conv's
+/// kernel sizes its own grid).
 ///
 /// # Safety
 /// `y` is written through a read pointer (as cuDNN's outputs are): nothing else may use it
 /// until the launch is done, and it must not overlap `x`.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     dev: &Dev,
     kernels: &Kernels,
@@ -348,6 +350,7 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     dims: [usize; 3],
     out: DirectOut<'_, '_>,
     (x, y): (&X, &Y),
+    max_blocks: Option<u32>,
 ) -> Result<()> {
     let (s, f, b) = (&dev.stream, &layer.filter, &layer.bias32);
     // SAFETY: the caller's, passed on; an E4M3 output takes the first of y's 2·len bytes.
@@ -363,7 +366,8 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
             (DirectKernel::Wg(build), DirectOut::Half { identity }) => {
                 let packed = layer.wg_packed(build)?;
                 let chans = [layer.cin_s, layer.cout];
-                kernels.conv3x3_wg(s, build, x, (packed, b), dims, chans, !identity, y, None)
+                let relu = !identity;
+                kernels.conv3x3_wg(s, build, x, (packed, b), dims, chans, relu, y, max_blocks)
             }
             (DirectKernel::Wg(_), DirectOut::E4m3(_)) => Err(Error::Invalid(format!(
                 "no hand-written conv with an E4M3 output for {} → {} channels on this device",
@@ -623,6 +627,7 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
                 CHECK_DIMS,
                 out,
                 (&xd, &yd),
+                None,
             )
         }?;
         dev.finish_within(what, CHECK_LIMIT)

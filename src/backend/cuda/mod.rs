@@ -1134,6 +1134,10 @@ impl Backend for CudaBackend {
                     "legacy_ms": c.legacy_ms,
                     "graph_ms": c.graph_ms,
                     "direct_ms": c.direct_ms,
+                    // The same on half the SMs (full mask batch, wgmma conv): about twice
+                    // `direct_ms` where each SM's own work limits it, much less where L2 or
+                    // memory bandwidth does.
+                    "direct_half_grid_ms": c.direct_half_grid_ms,
                     "fp8_ms": c.fp8_ms,
                     "e4m3_out_ms": c.e4m3_out_ms,
                     "direct_e4m3_ms": c.direct_e4m3_ms,
@@ -1225,6 +1229,7 @@ impl Backend for CudaBackend {
                 "rows": p.convs.fused_block.map(|b| b.rows),
                 "ms": p.convs.fused_block.map(|b| b.ms),
                 "apart_ms": p.convs.fused_block.map(|b| b.apart_ms),
+                "half_grid_ms": p.convs.fused_block.and_then(|b| b.half_grid_ms),
                 "kept": p.convs.fused_block.map(|b| b.kept),
                 "runs": block_runs.is_some(),
             },
