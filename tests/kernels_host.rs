@@ -779,6 +779,33 @@ fn conv3x3_wg_matches_host() {
         (k::ConvWgBuild::N256, [32, 256], [3, 9, 11], 2, false, 2),
         (k::ConvWgBuild::N256, [64, 256], [3, 1, 20], 2, true, 0),
         (k::ConvWgBuild::N128, [32, 128], [2, 20, 1], 1, false, 2),
+        // The tall builds (items of 256 pixels; the layer's own packing, N = 256 read by
+        // halves): a partial item, several items on one block and on two, without ReLU.
+        (k::ConvWgBuild::M256N128, [64, 128], [1, 9, 13], 1, true, 0),
+        (
+            k::ConvWgBuild::M256N128,
+            [32, 256],
+            [2, 13, 23],
+            1,
+            false,
+            2,
+        ),
+        (
+            k::ConvWgBuild::M256N128Pair,
+            [64, 256],
+            [3, 9, 11],
+            2,
+            true,
+            0,
+        ),
+        (
+            k::ConvWgBuild::M256N128Pair,
+            [128, 128],
+            [3, 9, 21],
+            1,
+            false,
+            0,
+        ),
         // The paired builds (64·k input channels): stages two at a time.
         (k::ConvWgBuild::N128Pair, [64, 128], [2, 7, 10], 1, true, 0),
         (
@@ -864,6 +891,11 @@ fn conv3x3_wg_pool_matches_host() {
         (k::ConvWgBuild::N128, [32, 256], [2, 2, 3], 1, 0),
         (k::ConvWgBuild::N256Pair, [64, 256], [3, 10, 7], 2, 2),
         (k::ConvWgBuild::N128Pair, [128, 128], [2, 9, 13], 1, 0),
+        // The tall builds (items of 64 pooled pixels): 128 outputs (one block of its own
+        // packing), 256 (the N = 256 packing read by halves); several items on one block.
+        (k::ConvWgBuild::M256N128, [64, 128], [2, 9, 13], 1, 0),
+        (k::ConvWgBuild::M256N128, [32, 256], [3, 10, 23], 1, 2),
+        (k::ConvWgBuild::M256N128Pair, [64, 256], [3, 10, 7], 2, 0),
     ] {
         let (weight, filter) = conv_weights([cout, cin, cin], 1.0 / 8.0, 71 + cin as u64);
         let bias = common::values(cout, 72);

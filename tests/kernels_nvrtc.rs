@@ -143,9 +143,11 @@ fn compiles_wgmma_for_sm_90a_only() {
     );
     for n in [128, 256] {
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16");
-        // 2 per stage in conv3x3_wg_n{n} and _pool_n{n}, 4 per step of two in their _pair builds
-        let what = format!("compute_90a: conv3x3_wg_n{n}, _pool_n{n}, and their pair builds");
-        assert_eq!(a.matches(&ss).count(), 2 * 2 + 2 * 4, "{what}");
+        // 2 per stage in conv3x3_wg_n{n} and _pool_n{n}, 4 per step of two in their _pair builds;
+        // N = 128 also the tall builds (_m256n128): twice as many, 2 row groups per warpgroup
+        let what = format!("compute_90a: conv3x3_wg_n{n}, _pool_n{n}, their pair and tall builds");
+        let tall = if n == 128 { 2 * 4 + 2 * 8 } else { 0 };
+        assert_eq!(a.matches(&ss).count(), 2 * 2 + 2 * 4 + tall, "{what}");
         let e8 = format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3");
         // 2 per stage in conv3x3_wg_e4m3_n128; its pair build's steps of two and of one: 4 + 2;
         // the same again in the pooled builds

@@ -1177,7 +1177,10 @@ fn direct_builds(
 ) -> Result<Vec<DirectKernel>> {
     let kind = DirectKernel::of(layer, kernels).filter(|_| direct != DirectUse::Off);
     let mut passed = Vec::new();
-    for candidate in kind.map(|k| k.candidates(layer)).unwrap_or_default() {
+    for candidate in kind
+        .map(|k| k.candidates(layer, kernels))
+        .unwrap_or_default()
+    {
         let key = (CheckedAs::Half, layer.cin_s, layer.cout, candidate.build());
         let fallback = format!("{} is not used", candidate.name());
         if checked(checks.of(key), &fallback, || {

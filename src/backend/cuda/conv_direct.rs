@@ -97,12 +97,14 @@ impl DirectKernel {
     }
 
     /// The builds the tuning times for `layer` (its kernel from [`Self::of`]): the wgmma conv
-    /// also in its paired build where the layer allows.
-    pub fn candidates(self, layer: &DevConv) -> Vec<DirectKernel> {
+    /// also in its paired build where the layer allows, and in the tall builds
+    /// ([`ConvWgBuild::candidates`]), those the device runs.
+    pub fn candidates(self, layer: &DevConv, kernels: &Kernels) -> Vec<DirectKernel> {
         match self {
             DirectKernel::Wg(build) => build
-                .with_pair(layer.cin_s)
+                .candidates(layer.cin_s)
                 .into_iter()
+                .filter(|b| kernels.runs_conv_wg(*b))
                 .map(DirectKernel::Wg)
                 .collect(),
             other => vec![other],
@@ -124,8 +126,9 @@ pub(super) fn pool_builds(layer: &DevConv, kernels: &Kernels) -> Vec<ConvPoolVar
     }
     match DirectKernel::of(layer, kernels) {
         Some(DirectKernel::Wg(build)) => build
-            .with_pair(layer.cin_s)
+            .candidates(layer.cin_s)
             .into_iter()
+            .filter(|b| kernels.runs_conv_wg(*b))
             .map(ConvPoolVariant::of_wg)
             .collect(),
         _ => Vec::new(),
@@ -419,11 +422,10 @@ fn check_wg_on_device(
         Ok(packed) => packed,
         Err(e) => return Ok(Some(e.to_string())),
     };
-    let (chans, b, blocks) = (
-        [layer.cin_s, layer.cout],
-        &layer.bias32,
-        Some(WG_CHECK_BLOCKS),
-    );
+    // (A tall build has 2 items per block of output channels here: one block takes them all,
+    // so that its ring goes on from one item into the next.)
+    let blocks = if build.tall() { 1 } else { WG_CHECK_BLOCKS };
+    let (chans, b, blocks) = ([layer.cin_s, layer.cout], &layer.bias32, Some(blocks));
     // On a zeroed output: a build that writes nothing fails.
     {
         let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;

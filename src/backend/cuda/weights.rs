@@ -31,11 +31,11 @@ pub(super) struct DevConv {
 }
 
 impl DevConv {
-    /// The filter packed for the wgmma conv's `build` (the packing depends on its N only), or
-    /// an error naming the layer when it has none.
+    /// The filter packed for the wgmma conv's `build` (the packing depends on its N only; the
+    /// tall build reads any), or an error naming the layer when it has none.
     pub fn wg_packed(&self, build: ConvWgBuild) -> Result<&CudaSlice<f16>> {
         match &self.wg_filter {
-            Some((packed_for, packed)) if packed_for.n() == build.n() => Ok(packed),
+            Some((packed_for, packed)) if build.reads_packing(*packed_for) => Ok(packed),
             _ => Err(Error::Invalid(format!(
                 "the {} → {} channel conv has no filter packed for the wgmma conv's {build:?}",
                 self.cin_s, self.cout

@@ -45,10 +45,12 @@ pub enum ConvPoolVariant {
     WgPoolN256,
     WgPoolN128Pair,
     WgPoolN256Pair,
+    WgPoolM256N128,
+    WgPoolM256N128Pair,
 }
 
 impl ConvPoolVariant {
-    pub const ALL: [ConvPoolVariant; 8] = [
+    pub const ALL: [ConvPoolVariant; 10] = [
         ConvPoolVariant::W4,
         ConvPoolVariant::W8,
         ConvPoolVariant::Wg,
@@ -57,6 +59,8 @@ impl ConvPoolVariant {
         ConvPoolVariant::WgPoolN256,
         ConvPoolVariant::WgPoolN128Pair,
         ConvPoolVariant::WgPoolN256Pair,
+        ConvPoolVariant::WgPoolM256N128,
+        ConvPoolVariant::WgPoolM256N128Pair,
     ];
 
     /// Its kernel's `extern "C"` name.
@@ -70,6 +74,8 @@ impl ConvPoolVariant {
             ConvPoolVariant::WgPoolN256 => ConvWgBuild::N256.pool_kernel(),
             ConvPoolVariant::WgPoolN128Pair => ConvWgBuild::N128Pair.pool_kernel(),
             ConvPoolVariant::WgPoolN256Pair => ConvWgBuild::N256Pair.pool_kernel(),
+            ConvPoolVariant::WgPoolM256N128 => ConvWgBuild::M256N128.pool_kernel(),
+            ConvPoolVariant::WgPoolM256N128Pair => ConvWgBuild::M256N128Pair.pool_kernel(),
         }
     }
 
@@ -80,6 +86,8 @@ impl ConvPoolVariant {
             ConvPoolVariant::WgPoolN256 => Some(ConvWgBuild::N256),
             ConvPoolVariant::WgPoolN128Pair => Some(ConvWgBuild::N128Pair),
             ConvPoolVariant::WgPoolN256Pair => Some(ConvWgBuild::N256Pair),
+            ConvPoolVariant::WgPoolM256N128 => Some(ConvWgBuild::M256N128),
+            ConvPoolVariant::WgPoolM256N128Pair => Some(ConvWgBuild::M256N128Pair),
             _ => None,
         }
     }
@@ -91,6 +99,8 @@ impl ConvPoolVariant {
             ConvWgBuild::N256 => ConvPoolVariant::WgPoolN256,
             ConvWgBuild::N128Pair => ConvPoolVariant::WgPoolN128Pair,
             ConvWgBuild::N256Pair => ConvPoolVariant::WgPoolN256Pair,
+            ConvWgBuild::M256N128 => ConvPoolVariant::WgPoolM256N128,
+            ConvWgBuild::M256N128Pair => ConvPoolVariant::WgPoolM256N128Pair,
         }
     }
 

@@ -13,36 +13,70 @@ use crate::error::Result;
 /// Bytes of input channels per pixel and pipeline stage: `cin` × the element's bytes must be a
 /// multiple (32 FP16 or 64 E4M3 channels).
 pub const CONV_WG_STAGE_BYTES: usize = 64;
-/// Output pixels per work item.
-const PIXELS_PER_ITEM: usize = 128;
-/// Bytes of one stage's A operand (the kernel's `CW_A_BYTES`): 4 planes of 128 pixels × 16
-/// bytes, 2080 bytes apart.
-const A_BYTES: usize = 4 * 2080;
-
-/// The builds: N = 128 or 256 output channels per work item (a multiple of it is needed), one
-/// stage per step or (`…Pair`) two: the wait, the proxy fence and the block barrier once per 4
-/// MMAs instead of 2, the copies 2 stages less far ahead (FP16: input channels a multiple of 64;
-/// E4M3: each slice's 9 stages as 4 pairs and one). Both are timed; the same packed filter
-/// serves both.
+/// The builds: work items of 128 pixels × N = 128 or 256 output channels (a multiple of N is
+/// needed), or (`M256N128`, FP16 only: the tall build) 256 pixels × 128 channels, half the
+/// filter bytes per operation of 128 × 256 for twice the input bytes; one stage per step or
+/// (`…Pair`) two: the wait, the proxy fence and the block barrier once per 4 MMAs instead of 2,
+/// the copies 2 stages less far ahead (FP16: input channels a multiple of 64; E4M3: each
+/// slice's 9 stages as 4 pairs and one). All are timed; the layer's one packed filter (that of
+/// [`Self::for_layer`]'s build) serves them all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConvWgBuild {
     N128,
     N256,
     N128Pair,
     N256Pair,
+    M256N128,
+    M256N128Pair,
 }
 
 impl ConvWgBuild {
-    pub const ALL: [ConvWgBuild; 4] = [
+    pub const ALL: [ConvWgBuild; 6] = [
         ConvWgBuild::N128,
         ConvWgBuild::N256,
         ConvWgBuild::N128Pair,
         ConvWgBuild::N256Pair,
+        ConvWgBuild::M256N128,
+        ConvWgBuild::M256N128Pair,
     ];
 
     /// Whether it takes stages two at a time.
     pub fn pair(self) -> bool {
-        matches!(self, ConvWgBuild::N128Pair | ConvWgBuild::N256Pair)
+        matches!(
+            self,
+            ConvWgBuild::N128Pair | ConvWgBuild::N256Pair | ConvWgBuild::M256N128Pair
+        )
+    }
+
+    /// Whether it is a tall build (items of 256 pixels).
+    pub fn tall(self) -> bool {
+        matches!(self, ConvWgBuild::M256N128 | ConvWgBuild::M256N128Pair)
+    }
+
+    /// Output pixels per work item.
+    pub fn pixels(self) -> usize {
+        if self.tall() {
+            256
+        } else {
+            128
+        }
+    }
+
+    /// Whether it reads a filter packed for `packed_for` (blocks of that build's N): its own N,
+    /// or for the tall build any (it reads blocks of 256 by halves).
+    pub fn reads_packing(self, packed_for: ConvWgBuild) -> bool {
+        self.tall() || packed_for.n() == self.n()
+    }
+
+    /// The FP16 builds the tuning times for a layer of `cin` input channels that `self` (a build
+    /// of [`Self::for_layer`]) fits: [`Self::with_pair`]'s, then the tall build and its pair
+    /// (where `cin` allows it) on the same packed filter.
+    pub fn candidates(self, cin: usize) -> Vec<ConvWgBuild> {
+        let mut all = self.with_pair(cin);
+        if !self.tall() {
+            all.extend(ConvWgBuild::M256N128.with_pair(cin));
+        }
+        all
     }
 
     /// The builds that may run a layer of `cin` FP16 input channels that `self` (a build of
@@ -52,6 +86,7 @@ impl ConvWgBuild {
         let twin = match self {
             ConvWgBuild::N128 => ConvWgBuild::N128Pair,
             ConvWgBuild::N256 => ConvWgBuild::N256Pair,
+            ConvWgBuild::M256N128 => ConvWgBuild::M256N128Pair,
             paired => paired,
         };
         let even = (2 * cin).is_multiple_of(2 * CONV_WG_STAGE_BYTES);
@@ -86,6 +121,8 @@ impl ConvWgBuild {
             ConvWgBuild::N256 => "conv3x3_wg_n256",
             ConvWgBuild::N128Pair => "conv3x3_wg_n128_pair",
             ConvWgBuild::N256Pair => "conv3x3_wg_n256_pair",
+            ConvWgBuild::M256N128 => "conv3x3_wg_m256n128",
+            ConvWgBuild::M256N128Pair => "conv3x3_wg_m256n128_pair",
         }
     }
 
@@ -96,6 +133,8 @@ impl ConvWgBuild {
             ConvWgBuild::N256 => "conv3x3_wg_pool_n256",
             ConvWgBuild::N128Pair => "conv3x3_wg_pool_n128_pair",
             ConvWgBuild::N256Pair => "conv3x3_wg_pool_n256_pair",
+            ConvWgBuild::M256N128 => "conv3x3_wg_pool_m256n128",
+            ConvWgBuild::M256N128Pair => "conv3x3_wg_pool_m256n128_pair",
         }
     }
 
@@ -112,16 +151,18 @@ impl ConvWgBuild {
     /// Output channels per work item.
     pub fn n(self) -> usize {
         match self {
-            ConvWgBuild::N128 | ConvWgBuild::N128Pair => 128,
             ConvWgBuild::N256 | ConvWgBuild::N256Pair => 256,
+            _ => 128,
         }
     }
 
     /// Its dynamic shared memory per block, bytes (the kernel's `CwShape::SMEM`): a ring of 12
-    /// or 8 stages.
+    /// stages (128 × 128) or 8 (128 × 256, 256 × 128), each the A operand (4 planes of the
+    /// item's pixels × 16 bytes, + 32 bytes of padding each) and the filter block (N × 64 bytes).
     pub fn smem(self) -> usize {
-        let stages = if self.n() == 128 { 12 } else { 8 };
-        stages * (A_BYTES + 64 * self.n())
+        let (m, n) = (self.pixels(), self.n());
+        let stages = if m * n >= 128 * 256 { 8 } else { 12 };
+        stages * (4 * (16 * m + 32) + 64 * n)
     }
 
     /// The build for a layer (input `e4m3` or FP16): for FP16 the wider N where `cout` is a
@@ -164,8 +205,10 @@ pub fn conv3x3_wg_pack_filter<T: Copy>(
     [cin, cout]: [usize; 2],
     e4m3: bool,
 ) -> Option<Vec<T>> {
-    let bn = build.n();
-    if ConvWgBuild::for_layer(cin, cout, e4m3).is_none() || cout % bn != 0 {
+    let own = ConvWgBuild::for_layer(cin, cout, e4m3)?;
+    // The tall build reads the layer's own packing.
+    let bn = if build.tall() { own.n() } else { build.n() };
+    if cout % bn != 0 {
         return None;
     }
     if (e4m3 && build.e4m3_kernel(false).is_none()) || filter.len() != cout * 9 * cin {
@@ -341,8 +384,8 @@ fn wg_launch(
     need(op, "bias", bias_len, cout)?;
     // Output pixels, and per item.
     let (units, per_item) = match pool {
-        true => (prod(op, &[n, h / 2, w / 2])?, PIXELS_PER_ITEM / 4),
-        false => (pixels, PIXELS_PER_ITEM),
+        true => (prod(op, &[n, h / 2, w / 2])?, build.pixels() / 4),
+        false => (pixels, build.pixels()),
     };
     need(op, "y", y_len, prod(op, &[units, cout])?)?;
     let items = units.div_ceil(per_item) * (cout / build.n());
@@ -353,8 +396,16 @@ fn wg_launch(
         args.extend([Read(3), Read(4)]);
     }
     args.extend([I32(n_i), I32(h_i), I32(w_i), I32(cin_i), I32(cout_i)]);
+    // The tall build reads the layer's own packing (the `for_layer` build's blocks of N).
+    let packing = ConvWgBuild::for_layer(cin, cout, e4m3).map(ConvWgBuild::n);
+    let pack_n = build.tall().then_some(I32(packing.unwrap_or(128) as i32));
     match kind {
-        Kind::Half => args.extend([I32(relu as i32), Write(3)]),
+        Kind::Half => args.extend(
+            [I32(relu as i32)]
+                .into_iter()
+                .chain(pack_n)
+                .chain([Write(3)]),
+        ),
         Kind::E4m3 {
             out_e4m3,
             pool: false,
@@ -363,7 +414,7 @@ fn wg_launch(
             out_e4m3,
             pool: true,
         } => args.extend([I32(out_e4m3 as i32), Write(5)]),
-        Kind::Pool => args.push(Write(3)),
+        Kind::Pool => args.extend(pack_n.into_iter().chain([Write(3)])),
     }
     Ok(KernelLaunch {
         kernel: op,
@@ -522,6 +573,71 @@ mod tests {
         assert_eq!(N128.with_pair(32), [N128]);
         assert_eq!(N128Pair.with_pair(64), [N128Pair]);
         assert!(ConvWgBuild::ALL.iter().all(|b| b.smem() <= 232_448));
+        // The tall builds: 256 pixels × 128, 8 stages of 4 × (256 × 16 + 32) + 8192 bytes, FP16
+        // only, timed after the layer's own build and its pair, on the layer's packing.
+        assert_eq!(
+            (M256N128.smem(), M256N128.n(), M256N128.pixels()),
+            (197_632, 128, 256)
+        );
+        assert!(M256N128.e4m3_kernel(false).is_none() && M256N128Pair.e4m3_kernel(true).is_none());
+        assert_eq!(
+            N256.candidates(64),
+            [N256, N256Pair, M256N128, M256N128Pair]
+        );
+        assert_eq!(N128.candidates(32), [N128, M256N128]);
+        assert!(M256N128.reads_packing(N256) && M256N128Pair.reads_packing(N128));
+        assert!(!N128.reads_packing(N256) && N256Pair.reads_packing(N256));
+    }
+
+    /// The tall build packs (and reads) the layer's own packing: blocks of 256 for a layer of
+    /// 256·k outputs.
+    #[test]
+    fn the_tall_build_reads_the_layers_own_packing() {
+        let (cin, cout) = (32usize, 256usize);
+        let filter: Vec<usize> = (0..cout * 9 * cin).collect();
+        let own = conv3x3_wg_pack_filter(ConvWgBuild::N256, &filter, [cin, cout], false);
+        let tall = conv3x3_wg_pack_filter(ConvWgBuild::M256N128, &filter, [cin, cout], false);
+        assert_eq!(tall, own);
+        let limits = LaunchLimits {
+            sm_count: 132,
+            masks_smem: 0,
+            conv_smem: 232_448,
+            wgmma: true,
+        };
+        let lens = [16 * cin, filter.len(), cout, 16 * cout];
+        let l = conv3x3_wg_launch(
+            ConvWgBuild::M256N128,
+            lens,
+            [1, 4, 4],
+            [cin, cout],
+            true,
+            &limits,
+        )
+        .unwrap();
+        // relu, then the packing's N, then y; one item per block of 128 output channels.
+        assert_eq!(
+            l.args[8..],
+            [KernelArg::I32(1), KernelArg::I32(256), KernelArg::Write(3)]
+        );
+        assert_eq!(l.grid, 2);
+        let p = conv3x3_wg_pool_launch(
+            ConvWgBuild::M256N128Pair,
+            lens,
+            [1, 4, 4],
+            [64, 128],
+            &limits,
+        );
+        assert!(p.is_err(), "16·cin values are too few for 64 channels");
+        let lens = [16 * 64, 9 * 64 * 128, 128, 4 * 128];
+        let p = conv3x3_wg_pool_launch(
+            ConvWgBuild::M256N128Pair,
+            lens,
+            [1, 4, 4],
+            [64, 128],
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(p.args[8..], [KernelArg::I32(128), KernelArg::Write(3)]);
     }
 
     /// Stage s of item block nt holds, at chunk c, row o, element e: filter row nt·N + o, tap
