@@ -1248,6 +1248,13 @@ fn marked_stages(p: &FeaturePlan) -> Vec<usize> {
     })
 }
 
+/// Per stage: a conv followed by a pool (what a shape may run with its pool in one kernel).
+fn pooled_convs(net: &Net) -> Vec<bool> {
+    (0..net.dims.len())
+        .map(|i| net.is_conv[i] && net.is_conv.get(i + 1) == Some(&false))
+        .collect()
+}
+
 /// A masked forward of plan `p` on `x`: every stage from `first` is marked done, and the
 /// features and every full-batch stage equal the reference's under `routes` and `scales`.
 fn forward_matches(
@@ -1280,9 +1287,7 @@ fn fused_blocks_match_the_reference() {
     let net = Net::new();
     let (mut dev, scales) = base_forward(&net, capture(8, false));
     let n = net.dims.len();
-    let fused: Vec<bool> = (0..n)
-        .map(|i| net.is_conv[i] && net.is_conv.get(i + 1) == Some(&false))
-        .collect();
+    let fused = pooled_convs(&net);
     let block: Vec<bool> = (0..n).map(|i| i == 0).collect();
     let shape = PlanShape {
         fused_block: &block,
@@ -1341,9 +1346,7 @@ fn fused_pools_match_the_reference() {
     let net = Net::new();
     let (mut dev, scales) = base_forward(&net, capture(8, false));
     let n = net.dims.len();
-    let fused: Vec<bool> = (0..n)
-        .map(|i| net.is_conv[i] && net.is_conv.get(i + 1) == Some(&false))
-        .collect();
+    let fused = pooled_convs(&net);
     let shape = net.shape_with(&fused);
     let end = net.prefix_end();
     let x = input(MASK_ROWS, 11, MASK_ROWS);

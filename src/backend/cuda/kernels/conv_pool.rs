@@ -145,27 +145,7 @@ pub fn conv3x3_c64_pool_launch(
                 .into(),
         ));
     }
-    if variant.smem() > limits.conv_smem {
-        return Err(invalid(
-            op,
-            format!(
-                "the device cannot give a block {} bytes of shared memory",
-                variant.smem()
-            ),
-        ));
-    }
-    if variant.wgmma() && !limits.wgmma {
-        return Err(invalid(
-            op,
-            "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
-        ));
-    }
-    if h < 2 || w < 2 {
-        return Err(invalid(
-            op,
-            format!("a {h}×{w} input has no 2×2 pooling window"),
-        ));
-    }
+    pooled_conv_fits(op, (variant.smem(), variant.wgmma()), [h, w], limits)?;
     let c = CONV_POOL_C;
     let [n_i, h_i, w_i, _] = nhwc_args(op, n, h, w, c)?;
     need(op, "x", x_len, prod(op, &[n, h, w, c])?)?;
@@ -215,24 +195,7 @@ pub fn conv3x3_block1_pool_launch(
     limits: &LaunchLimits,
 ) -> Result<KernelLaunch> {
     let op = CONV_BLOCK1_KERNEL;
-    if CONV_BLOCK1_SMEM > limits.conv_smem {
-        return Err(invalid(
-            op,
-            format!("the device cannot give a block {CONV_BLOCK1_SMEM} bytes of shared memory"),
-        ));
-    }
-    if !limits.wgmma {
-        return Err(invalid(
-            op,
-            "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
-        ));
-    }
-    if h < 2 || w < 2 {
-        return Err(invalid(
-            op,
-            format!("a {h}×{w} input has no 2×2 pooling window"),
-        ));
-    }
+    pooled_conv_fits(op, (CONV_BLOCK1_SMEM, true), [h, w], limits)?;
     let (cin, c) = (CONV_CIN8_IN, CONV_POOL_C);
     let [n_i, h_i, w_i, _] = nhwc_args(op, n, h, w, c)?;
     need(op, "x", x_len, prod(op, &[n, h, w, cin])?)?;
@@ -262,6 +225,35 @@ pub fn conv3x3_block1_pool_launch(
             Write(5),
         ],
     })
+}
+
+/// The fused kernels' device and shape checks: the `smem` bytes of shared memory per block, the
+/// sm_90a module where it needs `wgmma`, a 2×2 pooling window in an `h × w` input.
+fn pooled_conv_fits(
+    op: &str,
+    (smem, wgmma): (usize, bool),
+    [h, w]: [usize; 2],
+    limits: &LaunchLimits,
+) -> Result<()> {
+    if smem > limits.conv_smem {
+        return Err(invalid(
+            op,
+            format!("the device cannot give a block {smem} bytes of shared memory"),
+        ));
+    }
+    if wgmma && !limits.wgmma {
+        return Err(invalid(
+            op,
+            "wgmma needs the kernels built for sm_90a (a Hopper GPU)".into(),
+        ));
+    }
+    if h < 2 || w < 2 {
+        return Err(invalid(
+            op,
+            format!("a {h}×{w} input has no 2×2 pooling window"),
+        ));
+    }
+    Ok(())
 }
 
 impl Kernels {
