@@ -125,7 +125,9 @@ fp16_rc=$?
 # A hand-written kernel that faults on the device poisons the process's CUDA context, and with it
 # every figure of the bench. Then the bench runs again without the newest of them, the Hopper
 # wgmma builds (kernels for plain sm_90: the report's `kernels_arch`), and if it fails again with
-# cuDNN only (`direct_conv.use: off`); the benches after it keep the setting that worked.
+# cuDNN only (`direct_conv.use: off`); the benches after it keep the setting that worked. Before
+# those, where the failed try's errors name a hand-written kernel (a device check that hung or
+# faulted), once more without just that kernel.
 # steps.tsv keeps each failed try, their outputs the *_failed* files. A timeout is retried without
 # the wgmma builds only (a kernel that hangs: the engine stops a hung device check by itself
 # after 20 s, but a hang in a timed launch runs to the limit); a second timeout is not retried.
@@ -143,6 +145,15 @@ retry_fp16() {  # retry_fp16 STEP VAR VALUE: keep the failed try's files, set VA
     "$bin" bench --backend cuda --images 1,8,32 --json
   fp16_rc=$?
 }
+# A device check that hung or faulted names its kernel: first the same bench without that one
+# kernel (SCORECAM_SKIP_KERNELS), so that the other hand-written builds are still measured.
+culprit() {
+  grep -oE 'conv3x3_[a-z0-9_]+' "$out/engine_fp16.err" 2> /dev/null | tail -n 1
+}
+k=$(culprit)
+if { fp16_failed || fp16_timed_out; } && [ -n "$k" ] && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
+  retry_fp16 "engine_fp16_skip_$k" SCORECAM_SKIP_KERNELS "${SCORECAM_SKIP_KERNELS:+$SCORECAM_SKIP_KERNELS,}$k"
+fi
 if { fp16_failed || fp16_timed_out; } && [ "${SCORECAM_WGMMA:-on}" != off ] &&
   [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
   retry_fp16 engine_fp16_no_wgmma SCORECAM_WGMMA off

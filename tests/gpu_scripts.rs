@@ -50,8 +50,10 @@ fn gpu_shell_scripts_parse() {
 /// `gpu_check.sh` with a fake bundle whose engine hangs unless `SCORECAM_WGMMA=off` (as a
 /// wgmma kernel that never finishes would) or, in a second run, fails fast unless cuDNN only:
 /// the FP16 bench is retried without the wgmma builds after its timeout, and without every
-/// hand-written conv after two failures; the benches after it keep the setting that worked;
-/// the figures come from the try that worked, the failed tries' files are kept.
+/// hand-written conv after two failures; in a third, fails naming a kernel (a hung device check)
+/// unless that kernel is skipped: retried without just that kernel. The benches after it keep
+/// the setting that worked; the figures come from the try that worked, the failed tries' files
+/// are kept.
 fn gpu_check_retries_a_hung_or_failed_engine() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("scorecam-gpu-check-{}", std::process::id()));
@@ -88,6 +90,7 @@ fn gpu_check_retries_a_hung_or_failed_engine() {
             ])
             .env_remove("SCORECAM_WGMMA")
             .env_remove("SCORECAM_CONV_DIRECT")
+            .env_remove("SCORECAM_SKIP_KERNELS")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -139,6 +142,21 @@ fn gpu_check_retries_a_hung_or_failed_engine() {
         Some("0"),
         "{s:?}"
     );
+    assert_eq!(rc(&s, "engine_fp8").as_deref(), Some("0"), "{s:?}");
+    // A device check that hung names its kernel: the next try skips just that one, and works;
+    // no try without the wgmma builds; the FP8 bench keeps the skip.
+    let named = r#"case "$SCORECAM_SKIP_KERNELS" in
+  *conv3x3_block1_pool_wg2*) echo '{"ok": 1}' ;;
+  *) echo 'error: CUDA: the first block kernel device check (conv3x3_block1_pool_wg2): not finished after 20 s' >&2; exit 1 ;;
+esac"#;
+    let s = steps(named);
+    assert_eq!(rc(&s, "engine_fp16").as_deref(), Some("1"), "{s:?}");
+    assert_eq!(
+        rc(&s, "engine_fp16_skip_conv3x3_block1_pool_wg2").as_deref(),
+        Some("0"),
+        "{s:?}"
+    );
+    assert_eq!(rc(&s, "engine_fp16_no_wgmma"), None, "{s:?}");
     assert_eq!(rc(&s, "engine_fp8").as_deref(), Some("0"), "{s:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::device::{ptr, Dev};
 use super::kernels::{
-    e4m3_from_f32, ConvPoolVariant, ConvWgBuild, Kernels, CONV_CIN8_IN, CONV_CIN8_OUT, CONV_POOL_C,
+    e4m3_from_f32, ConvPoolVariant, ConvWgBuild, Kernels, CONV_BLOCK1_KERNEL, CONV_CIN8_IN,
+    CONV_CIN8_OUT, CONV_POOL_C,
 };
 use super::weights::DevConv;
 use crate::backend::fp8::e4m3_to_f32;
@@ -201,7 +202,11 @@ pub(super) fn check_pool_on_device(
             "the fused conv + pool ({variant:?}) did not launch on this device: {e}"
         )));
     }
-    dev.finish_within("the fused conv + pool's device check", CHECK_LIMIT)?;
+    let what = format!(
+        "the fused conv + pool's device check ({})",
+        variant.kernel()
+    );
+    dev.finish_within(&what, CHECK_LIMIT)?;
     let got = dev.download(&yd, yd.len(), "the fused conv check's output")?;
     if let Some(why) = first_mismatch(&got, &want) {
         return Ok(Some(format!(
@@ -277,7 +282,8 @@ pub(super) fn check_block1_on_device(
             "the whole-first-block kernel did not launch on this device: {e}"
         )));
     }
-    dev.finish_within("the first block kernel's device check", CHECK_LIMIT)?;
+    let what = format!("the first block kernel's device check ({CONV_BLOCK1_KERNEL})");
+    dev.finish_within(&what, CHECK_LIMIT)?;
     let got = dev.download(&yd, yd.len(), "the first block check's output")?;
     if let Some(why) = first_mismatch_by(&got, &want, |i| 2e-3 * want[i].abs()) {
         return Ok(Some(format!(
@@ -380,6 +386,9 @@ pub(super) unsafe fn launch<X: DevicePtr<f16>, Y: DevicePtr<f16>>(
     }
 }
 
+/// The first conv's kernels, FP16 and E4M3 out (checked, and skipped, together).
+const CIN8_KERNELS: [&str; 2] = ["conv3x3_cin8", "conv3x3_cin8_e4m3"];
+
 /// Images of the device check: two of 223×227, so that a partial last tile of 16 pixels and
 /// every border are met, and every warp of the launch's grid (at most 3 blocks of 4 warps per
 /// SM) runs more than one tile on GPUs of up to 260 SMs.
@@ -452,7 +461,8 @@ fn check_wg_on_device(
                     "the wgmma conv ({build:?}) did not launch on this device: {e}"
                 )));
             }
-            dev.finish_within("the wgmma conv's device check", CHECK_LIMIT)?;
+            let what = format!("the wgmma conv's device check ({})", build.kernel());
+            dev.finish_within(&what, CHECK_LIMIT)?;
             let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
             if let Some(why) = first_mismatch(&got, want) {
                 return Ok(Some(format!(
@@ -591,7 +601,9 @@ pub(super) fn check_fp8_on_device(
                 "the FP8 wgmma conv ({build:?}) did not launch on this device: {e}"
             )));
         }
-        dev.finish_within("the FP8 wgmma conv's device check", CHECK_LIMIT)?;
+        let kernel = build.e4m3_kernel(pool).unwrap_or("conv3x3_wg_e4m3");
+        let what = format!("the FP8 wgmma conv's device check ({kernel})");
+        dev.finish_within(&what, CHECK_LIMIT)?;
         let why = if e4m3_out {
             let half = dev.download(&yd, yd.len() / 2, "the FP8 wgmma conv check's output")?;
             first_code_mismatch_by(bytemuck::cast_slice(&half), &want, multiplier, (slack, 98))
@@ -613,6 +625,9 @@ pub(super) fn check_fp8_on_device(
 
 /// The first conv's kernel against the CPU: FP16 out without and with ReLU, E4M3 out.
 fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result<Option<String>> {
+    if let Some(k) = CIN8_KERNELS.into_iter().find(|k| kernels.skips(k)) {
+        return Ok(Some(format!("{k} is named in SCORECAM_SKIP_KERNELS")));
+    }
     let [n, h, w] = CHECK_DIMS;
     let (xd, pre_relu) = check_input(dev, layer, CHECK_DIMS, 0xC0DE)?;
     let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the direct conv check's output")?;
@@ -637,7 +652,7 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     for (identity, want) in [(true, &pre_relu), (false, &relu)] {
         run(
             DirectOut::Half { identity },
-            "the first conv's device check",
+            "the first conv's device check (conv3x3_cin8)",
         )?;
         let got = dev.download(&yd, yd.len(), "the direct conv check's output")?;
         if let Some(why) = first_mismatch(&got, want) {
@@ -653,7 +668,7 @@ fn check_cin8_on_device(dev: &Dev, kernels: &Kernels, layer: &DevConv) -> Result
     let m = md.as_view();
     run(
         DirectOut::E4m3(&m),
-        "the first conv's device check (E4M3 out)",
+        "the first conv's device check (conv3x3_cin8_e4m3)",
     )?;
     let half = dev.download(&yd, yd.len() / 2, "the direct conv check's E4M3 output")?;
     let got: &[u8] = bytemuck::cast_slice(&half);

@@ -213,7 +213,8 @@ impl Dev {
                         msg: format!(
                             "not finished after {} s: a hand-written kernel seems hung on this \
                              device, whose CUDA context cannot be used again; run with \
-                             SCORECAM_WGMMA=off (no Hopper wgmma kernels) or \
+                             SCORECAM_SKIP_KERNELS set to the kernel named here, or \
+                             SCORECAM_WGMMA=off (no Hopper wgmma kernels), or \
                              SCORECAM_CONV_DIRECT=off (cuDNN only)",
                             limit.as_secs()
                         ),

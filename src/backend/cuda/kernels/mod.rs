@@ -237,6 +237,40 @@ pub struct Kernels {
     mma: bool,
     /// Resident blocks per SM of the masks kernels, by (kernel, shared memory bytes).
     masks_occupancy: Mutex<HashMap<(&'static str, usize), u32>>,
+    /// Hand-written conv kernels this process must not launch ([`skipped_kernels`]).
+    skipped: Vec<&'static str>,
+}
+
+/// `SCORECAM_SKIP_KERNELS`: hand-written conv kernels (their `extern "C"` names, comma- or
+/// space-separated) this process must not launch: their device checks then refuse them, and
+/// cuDNN or another build runs those layers. For a kernel that hangs or faults on some device
+/// (that error names it): the rest keep running, instead of every wgmma build going with
+/// `SCORECAM_WGMMA=off`. A name that is no conv kernel of this build is an error, not a no-op.
+pub fn skipped_kernels(value: Option<&str>) -> Result<Vec<&'static str>> {
+    let mut skipped = Vec::new();
+    for name in value
+        .unwrap_or("")
+        .split([',', ' '])
+        .filter(|n| !n.is_empty())
+    {
+        let known = KERNEL_NAMES
+            .iter()
+            .find(|k| **k == name && k.starts_with("conv3x3_"))
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "SCORECAM_SKIP_KERNELS names `{name}`, which is no hand-written conv kernel \
+                     of this build (they are: {})",
+                    KERNEL_NAMES
+                        .iter()
+                        .filter(|k| k.starts_with("conv3x3_"))
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        skipped.push(*known);
+    }
+    Ok(skipped)
 }
 
 impl Kernels {
@@ -244,6 +278,7 @@ impl Kernels {
     /// `sm_XY`, so a newer NVRTC than the driver does not matter), load the module, look up the
     /// functions. Errors: `Error::CudaUnavailable` with NVRTC's log on a compile failure.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let skipped = skipped_kernels(std::env::var("SCORECAM_SKIP_KERNELS").ok().as_deref())?;
         nvrtc::ensure_nvrtc()?;
         let (major, minor) = ctx
             .compute_capability()
@@ -324,11 +359,17 @@ impl Kernels {
             arch,
             mma: major >= 8,
             masks_occupancy: Mutex::new(HashMap::new()),
+            skipped,
         })
     }
 
     /// The launch limits with the grid kept to `max_blocks` blocks when given (the device checks
     /// of the persistent kernels make each block go round several tiles).
+    /// Whether `kernel` is one this process must not launch ([`skipped_kernels`]).
+    pub fn skips(&self, kernel: &str) -> bool {
+        self.skipped.contains(&kernel)
+    }
+
     fn limits_on(&self, max_blocks: Option<u32>) -> LaunchLimits {
         let sm_count = self.limits.sm_count;
         LaunchLimits {
@@ -368,6 +409,12 @@ impl Kernels {
         buffers: &[cudarc::driver::sys::CUdeviceptr],
     ) -> Result<()> {
         let op = launch.kernel;
+        if self.skips(op) {
+            return Err(invalid(
+                op,
+                "not launched: named in SCORECAM_SKIP_KERNELS".into(),
+            ));
+        }
         self.check_stream(op, stream)?;
         let func = self
             .functions
@@ -476,6 +523,25 @@ fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// `SCORECAM_SKIP_KERNELS`: conv kernel names, comma- or space-separated; anything else
+    /// (a typo, a kernel that is no conv) an error naming it.
+    #[test]
+    fn skipped_kernels_are_conv_kernels_of_this_build() {
+        assert_eq!(skipped_kernels(None).unwrap(), Vec::<&str>::new());
+        assert_eq!(skipped_kernels(Some(" ,")).unwrap(), Vec::<&str>::new());
+        assert_eq!(
+            skipped_kernels(Some("conv3x3_block1_pool_wg2, conv3x3_wg_m256n128")).unwrap(),
+            ["conv3x3_block1_pool_wg2", "conv3x3_wg_m256n128"]
+        );
+        for bad in ["conv3x3_wg_m256", "masks"] {
+            let e = skipped_kernels(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{bad}`")) && e.contains("conv3x3_cin8"),
+                "{e}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]
