@@ -145,14 +145,20 @@ retry_fp16() {  # retry_fp16 STEP VAR VALUE: keep the failed try's files, set VA
     "$bin" bench --backend cuda --images 1,8,32 --json
   fp16_rc=$?
 }
-# A device check that hung or faulted names its kernel: first the same bench without that one
-# kernel (SCORECAM_SKIP_KERNELS), so that the other hand-written builds are still measured.
+# A device check that hung or faulted names its kernel ("device check (conv3x3_…)"): first the
+# same bench without that one kernel (SCORECAM_SKIP_KERNELS), so that the other hand-written
+# builds are still measured; if that fails too, the skip is dropped again.
 culprit() {
-  grep -oE 'conv3x3_[a-z0-9_]+' "$out/engine_fp16.err" 2> /dev/null | tail -n 1
+  grep -oE 'device check \(conv3x3_[a-z0-9_]+\)' "$out/engine_fp16.err" 2> /dev/null |
+    tail -n 1 | sed -E 's/.*\((conv3x3_[a-z0-9_]+)\)/\1/'
 }
 k=$(culprit)
-if { fp16_failed || fp16_timed_out; } && [ -n "$k" ] && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
+if fp16_failed && [ -n "$k" ] && [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then
+  skipped_before=${SCORECAM_SKIP_KERNELS-}
   retry_fp16 "engine_fp16_skip_$k" SCORECAM_SKIP_KERNELS "${SCORECAM_SKIP_KERNELS:+$SCORECAM_SKIP_KERNELS,}$k"
+  if [ "$fp16_rc" != 0 ]; then
+    if [ -n "$skipped_before" ]; then export SCORECAM_SKIP_KERNELS=$skipped_before; else unset SCORECAM_SKIP_KERNELS; fi
+  fi
 fi
 if { fp16_failed || fp16_timed_out; } && [ "${SCORECAM_WGMMA:-on}" != off ] &&
   [ "${SCORECAM_CONV_DIRECT:-auto}" != off ]; then

@@ -154,15 +154,18 @@ struct CwLoader {
             cp_async16_l1(stage + chunk * S::A_PLANE + ((threadIdx.x >> 2) + 64 * e) * 16, src,
                           inside);
         }
-        // The item's BN filter rows: packed block nt / halves, its rows (nt % halves)·BN on, per
-        // chunk (pack_n a multiple of BN; halves is 1 unless the tall build reads 256-row blocks).
-        const int halves = wk.pack_n / BN, half = nt % halves;
+        // The item's BN filter rows: packed block nt >> shift, its rows (nt & halves − 1)·BN on,
+        // per chunk. Only the tall build (BM 256, BN 128) may read blocks of 256 rows (pack_n 256:
+        // two halves); for the others pack_n is BN, a constant.
+        const int pack_n = BM == 256 ? wk.pack_n : BN;
+        const int shift = pack_n == 2 * BN ? 1 : 0;
+        const int half = nt & ((1 << shift) - 1);
         const unsigned char* b =
-            wpack + ((i64)(nt / halves) * wk.kst + kk) * (wk.pack_n * 64) + half * BN * 16;
+            wpack + ((i64)(nt >> shift) * wk.kst + kk) * (pack_n * 64) + half * BN * 16;
 #pragma unroll
         for (int q = 0; q < BN / 64; ++q) {
             const int u = threadIdx.x + 256 * q;  // chunk u / BN, row u % BN
-            const int src = (u / BN) * wk.pack_n + u % BN;
+            const int src = (u / BN) * pack_n + u % BN;
             cp_async16(stage + S::A_BYTES + u * 16, b + src * 16, true);
         }
         if (++kk == wk.kst) {

@@ -158,6 +158,25 @@ esac"#;
     );
     assert_eq!(rc(&s, "engine_fp16_no_wgmma"), None, "{s:?}");
     assert_eq!(rc(&s, "engine_fp8").as_deref(), Some("0"), "{s:?}");
+    // The named kernel is not the only trouble: the skip's try fails too, and the try without
+    // the wgmma builds runs without the skip (which it would refuse here).
+    let worse = r#"if [ "$SCORECAM_WGMMA" = off ]; then
+  if [ -n "$SCORECAM_SKIP_KERNELS" ]; then exit 2; else echo '{"ok": 1}'; fi
+else
+  echo 'error: CUDA: the wgmma conv device check (conv3x3_wg_n256): not finished after 20 s' >&2; exit 1
+fi"#;
+    let s = steps(worse);
+    assert_eq!(
+        rc(&s, "engine_fp16_skip_conv3x3_wg_n256").as_deref(),
+        Some("1"),
+        "{s:?}"
+    );
+    assert_eq!(
+        rc(&s, "engine_fp16_no_wgmma").as_deref(),
+        Some("0"),
+        "{s:?}"
+    );
+    assert_eq!(rc(&s, "engine_fp8").as_deref(), Some("0"), "{s:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

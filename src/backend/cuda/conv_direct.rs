@@ -170,6 +170,9 @@ const POOL_CHECK_BLOCKS: u32 = 3;
 /// two of 13×11, 60 pooled pixels, 2 items of 32 per block of output channels on 1 block.
 const WG_POOL_CHECK_DIMS: [usize; 3] = [2, 13, 11];
 const WG_POOL_CHECK_BLOCKS: u32 = 1;
+/// The tall builds' (items of 64 pooled pixels): two of 13×21, 120 pooled pixels, 2 items per
+/// block of output channels.
+const WG_TALL_POOL_CHECK_DIMS: [usize; 3] = [2, 13, 21];
 
 /// The fused conv + pool's `variant` on random input on the device against [`reference_nhwc`]
 /// (ReLU, rounded to FP16, then pooled) on the layer's own filter and bias. `None` when they
@@ -181,6 +184,7 @@ pub(super) fn check_pool_on_device(
     variant: ConvPoolVariant,
 ) -> Result<Option<String>> {
     let (dims @ [n, h, w], blocks) = match variant.wg_build() {
+        Some(b) if b.tall() => (WG_TALL_POOL_CHECK_DIMS, WG_POOL_CHECK_BLOCKS),
         Some(_) => (WG_POOL_CHECK_DIMS, WG_POOL_CHECK_BLOCKS),
         None => (POOL_CHECK_DIMS, POOL_CHECK_BLOCKS),
     };

@@ -731,8 +731,9 @@ impl Planner<'_, '_> {
     ) -> Result<(usize, usize)> {
         let d = self.shape.dims[stage];
         let (in_len, out_len) = (d.in_len(), d.out_len());
-        // The whole first block as one step.
-        if self.fuses_block(stage, capture, routes) {
+        // The whole first block as one step (never the end of a packed prefix: a pool's
+        // E4M3 output, which the block does not write).
+        if self.fuses_block(stage, capture, routes) && !packed_out {
             let make = |x, y| Step::BlockPool { stage, rows, x, y };
             return Ok(self.fused_fp16(stage..stage + 3, cur, (rows, row0), capture, make));
         }

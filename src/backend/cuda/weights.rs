@@ -35,7 +35,15 @@ impl DevConv {
     /// tall build reads any), or an error naming the layer when it has none.
     pub fn wg_packed(&self, build: ConvWgBuild) -> Result<&CudaSlice<f16>> {
         match &self.wg_filter {
-            Some((packed_for, packed)) if build.reads_packing(*packed_for) => Ok(packed),
+            // (The tall build's launcher gives it the layer's own packing's N.)
+            Some((packed_for, packed))
+                if build.reads_packing(*packed_for)
+                    && (!build.tall()
+                        || ConvWgBuild::for_layer(self.cin_s, self.cout, false)
+                            == Some(*packed_for)) =>
+            {
+                Ok(packed)
+            }
             _ => Err(Error::Invalid(format!(
                 "the {} → {} channel conv has no filter packed for the wgmma conv's {build:?}",
                 self.cin_s, self.cout

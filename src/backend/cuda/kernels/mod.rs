@@ -363,13 +363,13 @@ impl Kernels {
         })
     }
 
-    /// The launch limits with the grid kept to `max_blocks` blocks when given (the device checks
-    /// of the persistent kernels make each block go round several tiles).
     /// Whether `kernel` is one this process must not launch ([`skipped_kernels`]).
     pub fn skips(&self, kernel: &str) -> bool {
         self.skipped.contains(&kernel)
     }
 
+    /// The launch limits with the grid kept to `max_blocks` blocks when given (the device checks
+    /// of the persistent kernels make each block go round several tiles).
     fn limits_on(&self, max_blocks: Option<u32>) -> LaunchLimits {
         let sm_count = self.limits.sm_count;
         LaunchLimits {
@@ -497,7 +497,6 @@ fn prod(op: &str, dims: &[usize]) -> Result<usize> {
         .ok_or_else(|| invalid(op, format!("size {dims:?} overflows")))
 }
 
-/// `what` (a view of `len` elements) must hold at least `needed` elements.
 /// Kernels that copy a buffer in 16-byte chunks need its device address 16-byte aligned: an
 /// error naming the first of `ptrs` (name, address) that is not.
 fn aligned16(op: &str, ptrs: &[(&str, u64)]) -> Result<()> {
@@ -510,6 +509,7 @@ fn aligned16(op: &str, ptrs: &[(&str, u64)]) -> Result<()> {
     }
 }
 
+/// `what` (a view of `len` elements) must hold at least `needed` elements.
 fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
     if len >= needed {
         Ok(())
