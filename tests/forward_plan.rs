@@ -478,6 +478,25 @@ impl<'n> Device<'n> {
         }
     }
 
+    /// Every stage's scales now.
+    fn scales(&self) -> Vec<Scale> {
+        (0..self.net.dims.len()).map(|i| self.scale(i)).collect()
+    }
+
+    /// A conv step's input `x` as values, read and consumed: FP16, or E4M3 codes that must be
+    /// at stage `stage`'s multiplier (`what` names the step in the error).
+    fn take_values(&mut self, x: Span, stage: usize, what: &str) -> Result<Vec<f32>, String> {
+        let (bytes, held) = self.read(x)?;
+        if x.format == Format::E4m3 && held != Held::E4m3At(stage) {
+            return Err(format!("{what} at stage {stage} reading codes of {held:?}"));
+        }
+        self.consume(x);
+        Ok(match x.format {
+            Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
+            Format::F16 => f16_values(&bytes),
+        })
+    }
+
     /// Runs `plan` on input `x`, with `acts` room for `acts_len` captured values. What an
     /// earlier forward left in the buffers stays there, but may not be read.
     fn forward(&mut self, plan: &FeaturePlan, x: &[f16], acts_len: usize) {
@@ -686,18 +705,8 @@ impl<'n> Device<'n> {
                 if let Some(s) = [x, y].into_iter().find(|s| s.at % 16 != 0) {
                     return Err(format!("{s:?}: a conv tensor not 16-byte aligned"));
                 }
-                let (bytes, held) = self.read(x)?;
-                if x.format == Format::E4m3 && held != Held::E4m3At(stage) {
-                    return Err(format!(
-                        "an FP8 conv at stage {stage} reading codes of {held:?}"
-                    ));
-                }
-                self.consume(x);
-                let values: Vec<f32> = match x.format {
-                    Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
-                    Format::F16 => f16_values(&bytes),
-                };
-                let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
+                let values = self.take_values(x, stage, "an FP8 conv")?;
+                let scales = self.scales();
                 match conv_stage(net, stage, rows, route, identity, &values, &scales) {
                     Activations::F16(v) => self.write(y, bytemuck::cast_slice(&v), Held::F16)?,
                     Activations::E4m3(c) => {
@@ -734,18 +743,9 @@ impl<'n> Device<'n> {
                 if x.at % 16 != 0 {
                     return Err(format!("{x:?}: a fused conv input not 16-byte aligned"));
                 }
-                let (bytes, held) = self.read(x)?;
-                if route.fp8 && held != Held::E4m3At(stage) {
-                    return Err(format!(
-                        "an FP8 conv + pool at stage {stage} reading codes of {held:?}"
-                    ));
-                }
-                self.consume(x);
-                let values: Vec<f32> = match x.format {
-                    Format::E4m3 => bytes.iter().map(|&b| e4m3_to_f32(b)).collect(),
-                    Format::F16 => f16_values(&bytes),
-                };
-                let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
+                // (x is E4M3 exactly when the route runs FP8: `need` above.)
+                let values = self.take_values(x, stage, "an FP8 conv + pool")?;
+                let scales = self.scales();
                 let conv_route = match route.fp8 {
                     true => route,
                     false => StageRoute {
@@ -786,9 +786,8 @@ impl<'n> Device<'n> {
                 if x.at % 16 != 0 {
                     return Err(format!("{x:?}: a fused block input not 16-byte aligned"));
                 }
-                let values = f16_values(&self.read(x)?.0);
-                self.consume(x);
-                let scales: Vec<Scale> = (0..net.dims.len()).map(|i| self.scale(i)).collect();
+                let values = self.take_values(x, stage, "a fused block")?;
+                let scales = self.scales();
                 let fp16 = StageRoute {
                     conv: true,
                     ..StageRoute::default()

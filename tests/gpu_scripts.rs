@@ -147,7 +147,7 @@ fn gpu_check_retries_a_hung_or_failed_engine() {
     // no try without the wgmma builds; the FP8 bench keeps the skip.
     let named = r#"case "$SCORECAM_SKIP_KERNELS" in
   *conv3x3_block1_pool_wg2*) echo '{"ok": 1}' ;;
-  *) echo 'error: CUDA: the first block kernel device check (conv3x3_block1_pool_wg2): not finished after 20 s' >&2; exit 1 ;;
+  *) echo 'error: CUDA: the whole-first-block kernel, device check (conv3x3_block1_pool_wg2): not finished after 20 s' >&2; exit 1 ;;
 esac"#;
     let s = steps(named);
     assert_eq!(rc(&s, "engine_fp16").as_deref(), Some("1"), "{s:?}");
@@ -163,7 +163,7 @@ esac"#;
     let worse = r#"if [ "$SCORECAM_WGMMA" = off ]; then
   if [ -n "$SCORECAM_SKIP_KERNELS" ]; then exit 2; else echo '{"ok": 1}'; fi
 else
-  echo 'error: CUDA: the wgmma conv device check (conv3x3_wg_n256): not finished after 20 s' >&2; exit 1
+  echo 'error: CUDA: the wgmma conv (N256), device check (conv3x3_wg_n256): not finished after 20 s' >&2; exit 1
 fi"#;
     let s = steps(worse);
     assert_eq!(

@@ -253,22 +253,23 @@ impl ConvPlans {
             identity: false,
         };
         let mut costs = *self.fp8_costs.get(&key)?;
-        // (Negative where a fused kernel is kept though slower: preferred, in tests.)
+        // A fused kernel's saving, timed at `timed` rows, at these rows. (Negative where it is
+        // kept though slower: preferred, in tests.)
+        let at_rows = |saves: f32, timed: usize| saves * rows as f32 / timed as f32;
         if let Some(f) = self.fused_pools.iter().find(|f| f.stage == stage && f.kept) {
-            let saves = f.conv_ms + f.pool_ms - f.ms;
-            costs.fused_pool_saves = saves * rows as f32 / f.rows as f32;
+            costs.fused_pool_saves = at_rows(f.conv_ms + f.pool_ms - f.ms, f.rows);
         }
         if let Some(b) = self
             .fused_block
             .as_ref()
             .filter(|b| b.stage == stage && b.kept)
         {
-            costs.block_saves = Some((b.apart_ms - b.ms) * rows as f32 / b.rows as f32);
+            costs.block_saves = Some(at_rows(b.apart_ms - b.ms, b.rows));
         }
         if let Some(f) = self.fp8_fused_pools.iter().find(|f| f.stage == stage) {
             for (saves, out) in costs.fp8_pool_saves.iter_mut().zip(&f.outs) {
                 if let Some(o) = out.as_ref().filter(|o| o.kept) {
-                    *saves = (o.apart_ms - o.ms) * rows as f32 / f.rows as f32;
+                    *saves = at_rows(o.apart_ms - o.ms, f.rows);
                 }
             }
         }
@@ -572,11 +573,11 @@ pub(super) fn plan_all(
         )?;
         // The hand-written conv where it runs: each of its builds timed, the fastest kept.
         let mut fastest: Option<(DirectKernel, f32)> = None;
+        let dims = [key.rows, d.in_h, d.in_w];
+        let out = DirectOut::Half {
+            identity: key.identity,
+        };
         for candidate in direct_builds(direct, direct_check, dev, kernels, layer)? {
-            let dims = [key.rows, d.in_h, d.in_w];
-            let out = DirectOut::Half {
-                identity: key.identity,
-            };
             let ms = time_direct(
                 dev,
                 &timer,
@@ -597,10 +598,6 @@ pub(super) fn plan_all(
         let wgmma = direct_kind.and_then(DirectKernel::build).is_some();
         let direct_half_grid_ms = match (direct_kind, half_grid(kernels)) {
             (Some(kind), Some(blocks)) if wgmma && key.rows == graph.1 => {
-                let dims = [key.rows, d.in_h, d.in_w];
-                let out = DirectOut::Half {
-                    identity: key.identity,
-                };
                 let arena = &arena;
                 Some(time_direct(
                     dev,
@@ -1448,12 +1445,15 @@ pub(super) fn plan_fused_pools(
             return Ok(());
         }
         let d = dims[stage];
+        let pool_ms = time_pool(
+            dev,
+            &timer,
+            kernels,
+            (stage + 1, dims[stage + 1]),
+            rows,
+            bufs,
+        )?;
         let [bx, by] = &mut *bufs;
-        let op = format!("timing the max-pool after features stage {stage} (batch {rows})");
-        let pool_ms = time_launch(dev, &timer, &op, || {
-            let (x, mut y) = (bx.slice(..), by.slice_mut(..));
-            kernels.maxpool2(&dev.stream, &x, rows, d.out_h, d.out_w, d.out_c, &mut y)
-        })?;
         let mut builds_ms = Vec::new();
         for variant in builds {
             let op = format!("timing the fused conv + pool {variant:?} (batch {rows})");
@@ -1487,6 +1487,25 @@ pub(super) fn plan_fused_pools(
         });
     }
     Ok(())
+}
+
+/// Milliseconds of the 2×2 max-pool of feature stage `stage` (geometry `d`) on `rows` rows of
+/// FP16 values, from the arena's first buffer (random data) into its second.
+fn time_pool(
+    dev: &Dev,
+    timer: &EventPair,
+    kernels: &Kernels,
+    (stage, d): (usize, StageDims),
+    rows: usize,
+    bufs: &mut [CudaSlice<f16>; 2],
+) -> Result<f32> {
+    let [bx, by] = &mut *bufs;
+    let (n, m) = (rows * d.in_len(), rows * d.out_len());
+    let op = format!("timing the max-pool of stage {stage} (batch {rows})");
+    time_launch(dev, timer, &op, || {
+        let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
+        kernels.maxpool2(&dev.stream, &x, rows, d.in_h, d.in_w, d.in_c, &mut y)
+    })
 }
 
 /// After [`plan_fused_pools`]: the first conv stage whose block the whole-first-block kernel
@@ -1537,24 +1556,16 @@ pub(super) fn plan_fused_block(
     }
     let timer = EventPair::new(dev)?;
     let d = dims[stage];
-    let [bx, by] = &mut *bufs;
     let pooled = plans.fused_pools.iter().find(|f| f.stage == stage + 1);
     let rest_ms = match pooled {
         Some(f) if f.kept => f.ms,
         Some(f) => f.conv_ms + f.pool_ms,
         None => {
-            let p = dims[stage + 2];
-            let op = format!(
-                "timing the max-pool after features stage {} (batch {rows})",
-                stage + 1
-            );
-            second_ms
-                + time_launch(dev, &timer, &op, || {
-                    let (x, mut y) = (bx.slice(..), by.slice_mut(..));
-                    kernels.maxpool2(&dev.stream, &x, rows, p.in_h, p.in_w, p.in_c, &mut y)
-                })?
+            let pool = (stage + 2, dims[stage + 2]);
+            second_ms + time_pool(dev, &timer, kernels, pool, rows, bufs)?
         }
     };
+    let [bx, by] = &mut *bufs;
     let op = format!("timing the whole first block (batch {rows})");
     let dims3 = [rows, d.in_h, d.in_w];
     let ms = time_launch(dev, &timer, &op, || {
@@ -1703,15 +1714,12 @@ fn time_conversions(
 ) -> Result<()> {
     for &r in rows {
         for (stage, d) in dims.iter().enumerate() {
-            let [bx, by] = &mut *bufs;
             if convs[stage].is_none() {
                 // The pool's input is the conv's output before it: the arena holds it either way.
+                let f16_ms = time_pool(dev, timer, kernels, (stage, *d), r, bufs)?;
+                let [bx, by] = &mut *bufs;
                 let (n, m) = (r * d.in_len(), r * d.out_len());
-                let op = format!("timing the max-pool of stage {stage} (batch {r})");
-                let f16_ms = time_launch(dev, timer, &op, || {
-                    let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
-                    kernels.maxpool2(&dev.stream, &x, r, d.in_h, d.in_w, d.in_c, &mut y)
-                })?;
+                let op = format!("timing the max-pool of stage {stage} on E4M3 (batch {r})");
                 let e4m3_ms = time_launch(dev, timer, &op, || {
                     let (x, mut y) = (bx.slice(..n), by.slice_mut(..m));
                     // SAFETY: the first n (m) bytes of buffers of n (m) FP16 values; any byte is
@@ -1725,6 +1733,7 @@ fn time_conversions(
                 plans.pool_ms.insert((stage, r), [f16_ms, e4m3_ms]);
                 continue;
             }
+            let [bx, by] = &mut *bufs;
             let key = ConvKey {
                 stage,
                 rows: r,

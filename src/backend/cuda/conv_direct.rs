@@ -201,16 +201,11 @@ pub(super) fn check_pool_on_device(
     // apart from `xd`. A launch the device refuses (resources, configuration) only keeps the
     // build unused.
     let blocks = Some(blocks);
-    if let Err(e) = unsafe { launch_pool(dev, kernels, layer, variant, dims, (&xd, &yd), blocks) } {
-        return Ok(Some(format!(
-            "the fused conv + pool ({variant:?}) did not launch on this device: {e}"
-        )));
+    let what = format!("the fused conv + pool ({variant:?})");
+    let launch = || unsafe { launch_pool(dev, kernels, layer, variant, dims, (&xd, &yd), blocks) };
+    if let Some(why) = launch_checked(dev, (&what, variant.kernel()), launch)? {
+        return Ok(Some(why));
     }
-    let what = format!(
-        "the fused conv + pool's device check ({})",
-        variant.kernel()
-    );
-    dev.finish_within(&what, CHECK_LIMIT)?;
     let got = dev.download(&yd, yd.len(), "the fused conv check's output")?;
     if let Some(why) = first_mismatch(&got, &want) {
         return Ok(Some(format!(
@@ -281,19 +276,33 @@ pub(super) fn check_block1_on_device(
     // apart from `xd`. A launch the device refuses only keeps the kernel unused.
     let blocks = Some(POOL_CHECK_BLOCKS);
     let layers = [first, second];
-    if let Err(e) = unsafe { launch_block1(dev, kernels, layers, dims, (&xd, &yd), blocks) } {
-        return Ok(Some(format!(
-            "the whole-first-block kernel did not launch on this device: {e}"
-        )));
+    let launch = || unsafe { launch_block1(dev, kernels, layers, dims, (&xd, &yd), blocks) };
+    let what = ("the whole-first-block kernel", CONV_BLOCK1_KERNEL);
+    if let Some(why) = launch_checked(dev, what, launch)? {
+        return Ok(Some(why));
     }
-    let what = format!("the first block kernel's device check ({CONV_BLOCK1_KERNEL})");
-    dev.finish_within(&what, CHECK_LIMIT)?;
     let got = dev.download(&yd, yd.len(), "the first block check's output")?;
     if let Some(why) = first_mismatch_by(&got, &want, |i| 2e-3 * want[i].abs()) {
         return Ok(Some(format!(
             "the whole-first-block kernel differs from the CPU on this device: {why}"
         )));
     }
+    Ok(None)
+}
+
+/// A device check's launch of `kernel` (`what` names the build), then the wait for it:
+/// `Some(why)` where the device refused the launch (resources, configuration: that build is
+/// then not used); an error where it hung or faulted, the CUDA context then lost, naming the
+/// kernel so that `SCORECAM_SKIP_KERNELS` can leave it out (`gpu_check.sh` reads it there).
+fn launch_checked(
+    dev: &Dev,
+    (what, kernel): (&str, &str),
+    launch: impl FnOnce() -> Result<()>,
+) -> Result<Option<String>> {
+    if let Err(e) = launch() {
+        return Ok(Some(format!("{what} did not launch on this device: {e}")));
+    }
+    dev.finish_within(&format!("{what}, device check ({kernel})"), CHECK_LIMIT)?;
     Ok(None)
 }
 
@@ -440,43 +449,28 @@ fn check_wg_on_device(
     let blocks = if build.tall() { 1 } else { WG_CHECK_BLOCKS };
     let (chans, b, blocks) = ([layer.cin_s, layer.cout], &layer.bias32, Some(blocks));
     // On a zeroed output: a build that writes nothing fails.
-    {
-        let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;
-        for (identity, want) in [(true, &pre_relu), (false, &relu)] {
-            let relu = !identity;
-            // SAFETY: `yd` is this function's own buffer, apart from `xd`. A launch the device
-            // refuses only keeps the kernel unused.
-            let launched = unsafe {
-                let s = &dev.stream;
-                kernels.conv3x3_wg(
-                    s,
-                    build,
-                    &xd,
-                    (packed, b),
-                    WG_CHECK_DIMS,
-                    chans,
-                    relu,
-                    &yd,
-                    blocks,
-                )
-            };
-            if let Err(e) = launched {
-                return Ok(Some(format!(
-                    "the wgmma conv ({build:?}) did not launch on this device: {e}"
-                )));
-            }
-            let what = format!("the wgmma conv's device check ({})", build.kernel());
-            dev.finish_within(&what, CHECK_LIMIT)?;
-            let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
-            if let Some(why) = first_mismatch(&got, want) {
-                return Ok(Some(format!(
-                    "the wgmma conv ({build:?}, {} → {} channels) differs from the CPU on this \
-                     device ({}): {why}",
-                    layer.cin_s,
-                    layer.cout,
-                    if identity { "no ReLU" } else { "ReLU" }
-                )));
-            }
+    let yd = dev.alloc::<f16>(n * h * w * layer.cout, "the wgmma conv check's output")?;
+    let what = format!("the wgmma conv ({build:?})");
+    for (identity, want) in [(true, &pre_relu), (false, &relu)] {
+        let relu = !identity;
+        // SAFETY: `yd` is this function's own buffer, apart from `xd`.
+        let launch = || unsafe {
+            let s = &dev.stream;
+            let io = (packed, b);
+            kernels.conv3x3_wg(s, build, &xd, io, WG_CHECK_DIMS, chans, relu, &yd, blocks)
+        };
+        if let Some(why) = launch_checked(dev, (&what, build.kernel()), launch)? {
+            return Ok(Some(why));
+        }
+        let got = dev.download(&yd, yd.len(), "the wgmma conv check's output")?;
+        if let Some(why) = first_mismatch(&got, want) {
+            return Ok(Some(format!(
+                "the wgmma conv ({build:?}, {} → {} channels) differs from the CPU on this \
+                 device ({}): {why}",
+                layer.cin_s,
+                layer.cout,
+                if identity { "no ReLU" } else { "ReLU" }
+            )));
         }
     }
     Ok(None)
@@ -588,26 +582,24 @@ pub(super) fn check_fp8_on_device(
         // SAFETY: `xd` and `yd` are this function's own buffers, apart, of the check's sizes
         // (the E4M3 output takes the first half of `yd`'s bytes). A launch the device refuses
         // only keeps the kernel unused.
-        let launched = unsafe {
+        let launch = || unsafe {
             let io = (xp, (e4m3_out, pool), yp);
+            let scales = (&d, &m);
             launch_fp8(
                 dev,
                 kernels,
                 layer,
                 (build, wpack),
                 WG_CHECK_DIMS,
-                (&d, &m),
+                scales,
                 io,
             )
         };
-        if let Err(e) = launched {
-            return Ok(Some(format!(
-                "the FP8 wgmma conv ({build:?}) did not launch on this device: {e}"
-            )));
-        }
+        let what = format!("the FP8 wgmma conv ({build:?})");
         let kernel = build.e4m3_kernel(pool).unwrap_or("conv3x3_wg_e4m3");
-        let what = format!("the FP8 wgmma conv's device check ({kernel})");
-        dev.finish_within(&what, CHECK_LIMIT)?;
+        if let Some(why) = launch_checked(dev, (&what, kernel), launch)? {
+            return Ok(Some(why));
+        }
         let why = if e4m3_out {
             let half = dev.download(&yd, yd.len() / 2, "the FP8 wgmma conv check's output")?;
             first_code_mismatch_by(bytemuck::cast_slice(&half), &want, multiplier, (slack, 98))

@@ -404,6 +404,12 @@ pub fn pair_runs_fp16(routes: Option<&[StageRoute]>, stage: usize) -> bool {
     fp16(stage) && fp16(stage + 1)
 }
 
+/// Whether stages `stage` … `stage + 2` all run FP16 under `routes`: only then may a conv, the
+/// conv after it and the max-pool after that run as one kernel (a fused first block).
+pub fn block_runs_fp16(routes: Option<&[StageRoute]>, stage: usize) -> bool {
+    pair_runs_fp16(routes, stage) && pair_runs_fp16(routes, stage + 1)
+}
+
 /// A buffer a step reads or writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Buf {
@@ -904,7 +910,7 @@ impl Planner<'_, '_> {
     }
 
     /// Whether conv stage `stage` runs as one kernel with the conv and the max-pool after it:
-    /// the shape says so, all three run FP16 ([`pair_runs_fp16`]), none is captured, and a base
+    /// the shape says so, all three run FP16 ([`block_runs_fp16`]), none is captured, and a base
     /// forward need not measure the second conv's input (the block never stores it).
     fn fuses_block(
         &self,
@@ -917,8 +923,7 @@ impl Planner<'_, '_> {
             && sh.is_conv[stage]
             && sh.is_conv.get(stage + 1) == Some(&true)
             && sh.is_conv.get(stage + 2) == Some(&false)
-            && pair_runs_fp16(routes, stage)
-            && pair_runs_fp16(routes, stage + 1)
+            && block_runs_fp16(routes, stage)
             && capture.is_none_or(|c| {
                 (c.stage < stage || c.stage > stage + 2)
                     && sh.fp8_filters.get(stage + 1) != Some(&true)
@@ -1047,10 +1052,10 @@ mod tests {
                     form + convert - saves
                 }
             };
-            // A kept block whose three stages all run FP16 runs as one kernel.
-            let fp16 = |r: &StageRoute| !r.fp8 && !r.e4m3_in && !r.e4m3_out;
+            // A kept block whose three stages all run FP16 runs as one kernel (the planner's
+            // test: `fuses_block`).
             if let Some(saves) = block_saves(stages, i) {
-                if routes[i..i + 3].iter().all(fp16) {
+                if block_runs_fp16(Some(routes), i) {
                     total -= saves;
                 }
             }

@@ -1112,12 +1112,9 @@ impl Backend for CudaBackend {
             .and_then(|m| p.fp8_routes_costed(&m.model, rows, p.prefix_for(rows)));
         let routes = costed.as_ref().map(|c| c.0.clone());
         // Where a full mask batch's forward runs the first block as one kernel.
-        let block_runs = p.convs.fused_block.filter(|b| b.kept).and_then(|b| {
-            let r = routes.as_deref();
-            let fp16 = forward_plan::pair_runs_fp16(r, b.stage)
-                && forward_plan::pair_runs_fp16(r, b.stage + 1);
-            fp16.then_some(b.stage)
-        });
+        let block_runs = (p.convs.fused_block)
+            .filter(|b| b.kept && forward_plan::block_runs_fp16(routes.as_deref(), b.stage))
+            .map(|b| b.stage);
         let plans: Vec<serde_json::Value> = p
             .convs
             .choices()

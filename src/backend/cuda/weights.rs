@@ -31,16 +31,12 @@ pub(super) struct DevConv {
 }
 
 impl DevConv {
-    /// The filter packed for the wgmma conv's `build` (the packing depends on its N only; the
-    /// tall build reads any), or an error naming the layer when it has none.
+    /// The filter packed for the wgmma conv's `build` ([`ConvWgBuild::reads_packing`]), or an
+    /// error naming the layer when it has none.
     pub fn wg_packed(&self, build: ConvWgBuild) -> Result<&CudaSlice<f16>> {
         match &self.wg_filter {
-            // (The tall build's launcher gives it the layer's own packing's N.)
             Some((packed_for, packed))
-                if build.reads_packing(*packed_for)
-                    && (!build.tall()
-                        || ConvWgBuild::for_layer(self.cin_s, self.cout, false)
-                            == Some(*packed_for)) =>
+                if build.reads_packing(*packed_for, [self.cin_s, self.cout]) =>
             {
                 Ok(packed)
             }

@@ -62,10 +62,15 @@ impl ConvWgBuild {
         }
     }
 
-    /// Whether it reads a filter packed for `packed_for` (blocks of that build's N): its own N,
-    /// or for the tall build any (it reads blocks of 256 by halves).
-    pub fn reads_packing(self, packed_for: ConvWgBuild) -> bool {
-        self.tall() || packed_for.n() == self.n()
+    /// Whether it reads a filter of a `[cin, cout]` layer packed for `packed_for` (blocks of that
+    /// build's N): its own N; for the tall build the layer's own packing, that of
+    /// [`Self::for_layer`]'s build (its launcher gives the kernel that N; it reads blocks of 256
+    /// by halves).
+    pub fn reads_packing(self, packed_for: ConvWgBuild, [cin, cout]: [usize; 2]) -> bool {
+        match self.tall() {
+            true => ConvWgBuild::for_layer(cin, cout, false) == Some(packed_for),
+            false => packed_for.n() == self.n(),
+        }
     }
 
     /// The FP16 builds the tuning times for a layer of `cin` input channels that `self` (a build
@@ -585,8 +590,14 @@ mod tests {
             [N256, N256Pair, M256N128, M256N128Pair]
         );
         assert_eq!(N128.candidates(32), [N128, M256N128]);
-        assert!(M256N128.reads_packing(N256) && M256N128Pair.reads_packing(N128));
-        assert!(!N128.reads_packing(N256) && N256Pair.reads_packing(N256));
+        assert!(M256N128.reads_packing(N256, [64, 256]));
+        assert!(M256N128Pair.reads_packing(N128, [64, 128]));
+        assert!(
+            !M256N128.reads_packing(N128, [64, 256]),
+            "not the layer's own packing"
+        );
+        let [a, b] = [64, 256];
+        assert!(!N128.reads_packing(N256, [a, b]) && N256Pair.reads_packing(N256, [a, b]));
     }
 
     /// The tall build packs (and reads) the layer's own packing: blocks of 256 for a layer of

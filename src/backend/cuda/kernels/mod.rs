@@ -247,30 +247,27 @@ pub struct Kernels {
 /// (that error names it): the rest keep running, instead of every wgmma build going with
 /// `SCORECAM_WGMMA=off`. A name that is no conv kernel of this build is an error, not a no-op.
 pub fn skipped_kernels(value: Option<&str>) -> Result<Vec<&'static str>> {
-    let mut skipped = Vec::new();
-    for name in value
+    let convs = || {
+        KERNEL_NAMES
+            .iter()
+            .copied()
+            .filter(|k| k.starts_with("conv3x3_"))
+    };
+    let names = value
         .unwrap_or("")
         .split([',', ' '])
-        .filter(|n| !n.is_empty())
-    {
-        let known = KERNEL_NAMES
-            .iter()
-            .find(|k| **k == name && k.starts_with("conv3x3_"))
-            .ok_or_else(|| {
+        .filter(|n| !n.is_empty());
+    names
+        .map(|name| {
+            convs().find(|k| *k == name).ok_or_else(|| {
                 Error::Usage(format!(
                     "SCORECAM_SKIP_KERNELS names `{name}`, which is no hand-written conv kernel \
                      of this build (they are: {})",
-                    KERNEL_NAMES
-                        .iter()
-                        .filter(|k| k.starts_with("conv3x3_"))
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    convs().collect::<Vec<_>>().join(", ")
                 ))
-            })?;
-        skipped.push(*known);
-    }
-    Ok(skipped)
+            })
+        })
+        .collect()
 }
 
 impl Kernels {
