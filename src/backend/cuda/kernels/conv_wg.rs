@@ -631,23 +631,20 @@ mod tests {
             [KernelArg::I32(1), KernelArg::I32(256), KernelArg::Write(3)]
         );
         assert_eq!(l.grid, 2);
-        let p = conv3x3_wg_pool_launch(
-            ConvWgBuild::M256N128Pair,
-            lens,
-            [1, 4, 4],
-            [64, 128],
-            &limits,
+        let pool = |lens| {
+            conv3x3_wg_pool_launch(
+                ConvWgBuild::M256N128Pair,
+                lens,
+                [1, 4, 4],
+                [64, 128],
+                &limits,
+            )
+        };
+        assert!(
+            pool(lens).is_err(),
+            "16·cin values are too few for 64 channels"
         );
-        assert!(p.is_err(), "16·cin values are too few for 64 channels");
-        let lens = [16 * 64, 9 * 64 * 128, 128, 4 * 128];
-        let p = conv3x3_wg_pool_launch(
-            ConvWgBuild::M256N128Pair,
-            lens,
-            [1, 4, 4],
-            [64, 128],
-            &limits,
-        )
-        .unwrap();
+        let p = pool([16 * 64, 9 * 64 * 128, 128, 4 * 128]).unwrap();
         assert_eq!(p.args[8..], [KernelArg::I32(128), KernelArg::Write(3)]);
     }
 
